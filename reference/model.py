@@ -1,0 +1,433 @@
+"""The DeepSeek-V3/V2 model in JAX with Flax NNX: jit-compiled, float32 or bfloat16.
+
+Each decoder layer declares its weights once, from ``reference.params`` (Hugging
+Face names and shapes); initialisation, checkpoint loading and the NumPy
+reference all follow that one declaration. The compute functions below take
+``w`` — anything indexable by those names (an NNX layer or a plain dict) — so
+the same code runs the model, the tests and the golden dumps.
+
+MLA comes in two forms that give the same numbers:
+  naive     keys/values expanded per head from the latent (training/prefill form);
+  absorbed  W_uk folded into the query and W_uv into the output, attention done in
+            the R=512-dim latent space: the cache holds only c_kv [R] and k_pe [P]
+            per token (DeepSeek's own inference code).
+MoE: exact top-k dispatch (no capacity, no dropped tokens); tokens are sorted by
+expert into blocks and a loop visits only the blocks in use, so the work is
+proportional to the selected experts, not to all E.
+
+einsum letters: b batch, t query tokens, s key tokens, d hidden, h heads,
+n nope dim, p rope dim, a value dim, r latent rank, e experts, f ffn, v vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from reference.config import ModelConfig
+from reference.numpy_ref import rope_frequencies
+from reference.params import global_shapes, layer_shapes, mtp_extra_shapes
+
+F32 = jnp.float32
+NEG_INF = -jnp.inf
+
+
+def _attr(hf_name: str) -> str:
+    return hf_name.replace(".", "__")
+
+
+def _init_value(name: str, shape, dtype, key, std: float):
+    if name.endswith("norm.weight"):
+        return jnp.ones(shape, dtype)
+    if name.endswith("e_score_correction_bias") or name.endswith(".bias"):
+        return jnp.zeros(shape, F32 if "e_score" in name else dtype)
+    return (jax.random.normal(key, shape, F32) * std).astype(dtype)
+
+
+def _param_dtype(name: str, dtype):
+    # The balancing bias is added to sigmoid scores in [0, 1]: keep it in float32.
+    return F32 if name.endswith("e_score_correction_bias") else dtype
+
+
+class Weights(nnx.Module):
+    """Named weights declared by a {hf_name: shape} dict; ``w[name]`` reads one."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], dtype, rngs: nnx.Rngs, std: float = 0.02):
+        for name, shape in shapes.items():
+            setattr(self, _attr(name), nnx.Param(_init_value(name, shape, _param_dtype(name, dtype), rngs.params(), std)))
+
+    def __getitem__(self, name: str):
+        return getattr(self, _attr(name))[...]
+
+    def __contains__(self, name: str) -> bool:
+        return hasattr(self, _attr(name))
+
+    def get(self, name, default=None):
+        return self[name] if name in self else default
+
+    def names(self) -> list[str]:
+        return [k.replace("__", ".") for k, v in vars(self).items() if isinstance(v, nnx.Param)]
+
+
+class Prefixed:
+    """View of a flat {hf_name: array} dict under a prefix: Prefixed(w, 'model.layers.3.')."""
+
+    def __init__(self, w, prefix: str):
+        self.w, self.prefix = w, prefix
+
+    def __getitem__(self, name):
+        return self.w[self.prefix + name]
+
+    def __contains__(self, name):
+        return (self.prefix + name) in self.w
+
+    def get(self, name, default=None):
+        return self.w.get(self.prefix + name, default)
+
+
+# ---------------------------------------------------------------- primitives
+def _mm(cfg_dtype):
+    """Matmul precision: full float32 for the oracle, native for bf16."""
+    return jax.lax.Precision.HIGHEST if cfg_dtype == F32 else jax.lax.Precision.DEFAULT
+
+
+def linear(x, w, precision=None):
+    """x @ w.T with w in [out, in] (checkpoint layout), accumulated in float32."""
+    y = jnp.einsum("...i,oi->...o", x, w.astype(x.dtype), precision=precision,
+                   preferred_element_type=F32)
+    return y.astype(x.dtype)
+
+
+def rms_norm(x, weight, eps):
+    xf = x.astype(F32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (weight.astype(F32) * xf).astype(x.dtype)
+
+
+def rope_tables(cfg: ModelConfig, positions):
+    """cos, sin [B, T, P/2] (float32) for positions [B, T]; frequencies from the NumPy reference."""
+    inv_freq, att = rope_frequencies(cfg)
+    ang = positions.astype(F32)[..., None] * jnp.asarray(inv_freq, F32)
+    return jnp.cos(ang) * att, jnp.sin(ang) * att
+
+
+def apply_rope(x, cos, sin):
+    """Interleaved-pair rotation, output kept interleaved (see numpy_ref.apply_rope_interleaved)."""
+    while cos.ndim < x.ndim:
+        cos, sin = cos[..., None, :], sin[..., None, :]
+    xf = x.astype(F32)
+    x1, x2 = xf[..., 0::2], xf[..., 1::2]
+    out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------- MLA
+def mla_project(w, cfg: ModelConfig, x, positions, prec):
+    """Shared first half of MLA: q_nope [B,T,H,N], q_pe [B,T,H,P], c_kv [B,T,R], k_pe [B,T,P]."""
+    B, T, _ = x.shape
+    H, N, P, R = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+    if cfg.q_lora_rank is None:
+        q = linear(x, w["q_proj.weight"], prec)
+    else:
+        q = linear(rms_norm(linear(x, w["q_a_proj.weight"], prec), w["q_a_layernorm.weight"], cfg.rms_norm_eps),
+                   w["q_b_proj.weight"], prec)
+    q = q.reshape(B, T, H, N + P)
+    kv = linear(x, w["kv_a_proj_with_mqa.weight"], prec)
+    c_kv = rms_norm(kv[..., :R], w["kv_a_layernorm.weight"], cfg.rms_norm_eps)
+    cos, sin = rope_tables(cfg, positions)
+    return q[..., :N], apply_rope(q[..., N:], cos, sin), c_kv, apply_rope(kv[..., R:], cos, sin)
+
+
+def _softmax_attend(scores, mask):
+    scores = jnp.where(mask[:, None], scores, NEG_INF)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def attention_mask(q_pos, k_pos, k_valid=None):
+    """[B, T, S]: key s visible to query t iff k_pos <= q_pos (causal by position)."""
+    m = k_pos[:, None, :] <= q_pos[:, :, None]
+    if k_valid is not None:
+        m = m & k_valid[:, None, :]
+    return m
+
+
+def mla_naive(w, cfg: ModelConfig, q_nope, q_pe, c_kv, k_pe, mask, prec):
+    """Expand keys/values per head from the latent, then ordinary attention. Returns [B,T,H*A]."""
+    B, S, _ = c_kv.shape
+    H, N, A = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
+    kvb = linear(c_kv, w["kv_b_proj.weight"], prec).reshape(B, S, H, N + A)
+    k_nope, v = kvb[..., :N], kvb[..., N:]
+    scores = (jnp.einsum("bthn,bshn->bhts", q_nope, k_nope, precision=prec, preferred_element_type=F32)
+              + jnp.einsum("bthp,bsp->bhts", q_pe, k_pe, precision=prec, preferred_element_type=F32))
+    p = _softmax_attend(scores * cfg.softmax_scale, mask)
+    o = jnp.einsum("bhts,bsha->btha", p.astype(v.dtype), v, precision=prec, preferred_element_type=F32)
+    return o.reshape(o.shape[0], o.shape[1], -1).astype(q_nope.dtype)
+
+
+def mla_absorbed(w, cfg: ModelConfig, q_nope, q_pe, c_kv, k_pe, mask, prec):
+    """Attention in the latent space: q_nope W_uk -> [B,T,H,R]; scores against c_kv; out via W_uv."""
+    H, N, A, R = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    wkv = w["kv_b_proj.weight"].reshape(H, N + A, R)
+    w_uk, w_uv = wkv[:, :N].astype(q_nope.dtype), wkv[:, N:].astype(q_nope.dtype)
+    q_lat = jnp.einsum("bthn,hnr->bthr", q_nope, w_uk, precision=prec, preferred_element_type=F32).astype(q_nope.dtype)
+    scores = (jnp.einsum("bthr,bsr->bhts", q_lat, c_kv, precision=prec, preferred_element_type=F32)
+              + jnp.einsum("bthp,bsp->bhts", q_pe, k_pe, precision=prec, preferred_element_type=F32))
+    p = _softmax_attend(scores * cfg.softmax_scale, mask)
+    o_lat = jnp.einsum("bhts,bsr->bthr", p.astype(c_kv.dtype), c_kv, precision=prec, preferred_element_type=F32)
+    o = jnp.einsum("bthr,har->btha", o_lat.astype(q_nope.dtype), w_uv, precision=prec, preferred_element_type=F32)
+    return o.reshape(o.shape[0], o.shape[1], -1).astype(q_nope.dtype)
+
+
+# ---------------------------------------------------------------------- MoE
+def route(w, cfg: ModelConfig, x):
+    """Router in float32. x [M, D] -> logits [M, E], ids [M, k], weights [M, k] (see numpy_ref.gate)."""
+    E, k, G, kg = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+    logits = jnp.einsum("md,ed->me", x.astype(F32), w["gate.weight"].astype(F32),
+                        precision=jax.lax.Precision.HIGHEST)
+    scores = jax.nn.sigmoid(logits) if cfg.scoring_func == "sigmoid" else jax.nn.softmax(logits, axis=-1)
+    choice = scores
+    if cfg.topk_method == "noaux_tc":
+        choice = scores + w["gate.e_score_correction_bias"].astype(F32)
+    if cfg.topk_method != "greedy" and G > 1:
+        grouped = choice.reshape(-1, G, E // G)
+        if cfg.topk_method == "noaux_tc":
+            group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)
+        else:
+            group_score = grouped.max(-1)
+        keep = jax.nn.one_hot(jax.lax.top_k(group_score, kg)[1], G, dtype=jnp.bool_).any(-2)
+        # -inf, not 0: a biased score may be negative and must never lose to a masked expert.
+        choice = jnp.where(jnp.repeat(keep, E // G, axis=-1), choice, NEG_INF)
+    ids = jax.lax.top_k(choice, k)[1]
+    wts = jnp.take_along_axis(scores, ids, axis=-1)  # unbiased scores
+    if cfg.scoring_func == "sigmoid":
+        if cfg.norm_topk_prob:
+            wts = wts / (wts.sum(-1, keepdims=True) + 1e-20)
+        wts = wts * cfg.routed_scaling_factor
+    elif cfg.norm_topk_prob and k > 1:
+        wts = wts / (wts.sum(-1, keepdims=True) + 1e-20)
+    else:
+        wts = wts * cfg.routed_scaling_factor
+    return logits, ids, wts
+
+
+def swiglu(x, wg, wu, wd, prec):
+    return linear(jax.nn.silu(linear(x, wg, prec)) * linear(x, wu, prec), wd, prec)
+
+
+def block_size(num_assignments: int, num_experts: int) -> int:
+    """Rows per expert block: ~the mean rows per expert, a power of two in [1, 128]."""
+    mean = max(1, num_assignments // num_experts)
+    return int(min(128, 2 ** math.floor(math.log2(mean))))
+
+
+def routed_experts(w, x, ids, wts, num_experts: int, prec):
+    """Exact sum_k wts[m,k] * Expert_{ids[m,k]}(x[m]) with work proportional to the k selected.
+
+    Assignments are sorted by expert and laid out in blocks of C rows, each block
+    belonging to one expert (padding rows carry weight 0). A while-loop visits only
+    the blocks in use: every loaded expert weight is used, unused experts are never
+    read. x [M, D], ids/wts [M, k] -> [M, D].
+    """
+    M, D = x.shape
+    k = ids.shape[1]
+    A = M * k
+    C = block_size(A, num_experts)
+    G = -(-A // C) + min(num_experts, A)  # static bound on the number of blocks
+    e_flat = ids.reshape(-1)
+    order = jnp.argsort(e_flat, stable=True)
+    e_sorted = e_flat[order]
+    counts = jnp.bincount(e_flat, length=num_experts)
+    blocks_per_e = -(-counts // C)
+    block_start = jnp.cumsum(blocks_per_e) - blocks_per_e  # first block of each expert
+    n_blocks = blocks_per_e.sum()
+    row_start = jnp.cumsum(counts) - counts  # first sorted row of each expert
+    rank = jnp.arange(A) - row_start[e_sorted]  # position within its expert
+    dest = (block_start[e_sorted] + rank // C) * C + rank % C  # padded row of each assignment
+    src_tok = jnp.zeros(G * C, jnp.int32).at[dest].set((order // k).astype(jnp.int32))
+    src_wt = jnp.zeros(G * C, F32).at[dest].set(wts.reshape(-1)[order].astype(F32))
+    blk_expert = jnp.zeros(G, jnp.int32).at[block_start[e_sorted] + rank // C].set(e_sorted.astype(jnp.int32))
+    xp = x[src_tok]  # [G*C, D]
+    wg, wu, wd = w["experts.gate_proj.weight"], w["experts.up_proj.weight"], w["experts.down_proj.weight"]
+
+    def body(i, out):
+        e = blk_expert[i]
+        xb = jax.lax.dynamic_slice_in_dim(xp, i * C, C)
+        yb = swiglu(xb, wg[e], wu[e], wd[e], prec)
+        return jax.lax.dynamic_update_slice_in_dim(out, yb, i * C, axis=0)
+
+    y = jax.lax.fori_loop(0, n_blocks, body, jnp.zeros((G * C, D), x.dtype))
+    y = y.astype(F32) * src_wt[:, None]
+    return jnp.zeros((M, D), F32).at[src_tok].add(y).astype(x.dtype)
+
+
+def moe(w, cfg: ModelConfig, x, prec, capture: dict | None = None):
+    shape = x.shape
+    xf = x.reshape(-1, shape[-1])
+    logits, ids, wts = route(w, cfg, xf)
+    out = routed_experts(w, xf, ids, wts, cfg.n_routed_experts, prec)
+    if cfg.n_shared_experts:
+        out = out + swiglu(xf, w["shared_experts.gate_proj.weight"], w["shared_experts.up_proj.weight"],
+                           w["shared_experts.down_proj.weight"], prec)
+    if capture is not None:
+        capture.update(router_logits=logits.reshape(*shape[:-1], -1), topk_ids=ids.reshape(*shape[:-1], -1),
+                       topk_weights=wts.reshape(*shape[:-1], -1))
+    return out.reshape(shape)
+
+
+# ------------------------------------------------------------------ layers
+def decoder_layer(w, cfg: ModelConfig, i: int, h, positions, cache=None, *, mla_form="absorbed",
+                  prec=None, capture: dict | None = None, k_valid=None):
+    """One pre-norm block: h + MLA(norm(h)); then + MoE/MLP(norm(h)).
+
+    cache: None (attend within h only) or a dict {'c_kv': [B,S,R], 'k_pe': [B,S,P]}
+    that the new latents are written into at ``positions``; the new cache is returned.
+    """
+    B = h.shape[0]
+    with jax.named_scope(f"layer{i}_mla"):
+        x = rms_norm(h, w["input_layernorm.weight"], cfg.rms_norm_eps)
+        sa = Prefixed(w, "self_attn.")
+        q_nope, q_pe, c_kv, k_pe = mla_project(sa, cfg, x, positions, prec)
+        if cache is None:
+            keys_c, keys_p, k_pos = c_kv, k_pe, positions
+        else:
+            b_idx = jnp.arange(B)[:, None]
+            keys_c = cache["c_kv"].at[b_idx, positions].set(c_kv.astype(cache["c_kv"].dtype))
+            keys_p = cache["k_pe"].at[b_idx, positions].set(k_pe.astype(cache["k_pe"].dtype))
+            cache = {"c_kv": keys_c, "k_pe": keys_p}
+            S = keys_c.shape[1]
+            k_pos = jnp.broadcast_to(jnp.arange(S), (B, S))
+            keys_c, keys_p = keys_c.astype(h.dtype), keys_p.astype(h.dtype)
+        mask = attention_mask(positions, k_pos, k_valid)
+        attend = mla_absorbed if mla_form == "absorbed" else mla_naive
+        a = linear(attend(sa, cfg, q_nope, q_pe, keys_c, keys_p, mask, prec), sa["o_proj.weight"], prec)
+        h = h + a
+    with jax.named_scope(f"layer{i}_{'moe' if cfg.is_moe_layer(i) else 'mlp'}"):
+        x = rms_norm(h, w["post_attention_layernorm.weight"], cfg.rms_norm_eps)
+        m = Prefixed(w, "mlp.")
+        cap = {} if capture is not None else None
+        if cfg.is_moe_layer(i):
+            y = moe(m, cfg, x, prec, cap)
+        else:
+            y = swiglu(x, m["gate_proj.weight"], m["up_proj.weight"], m["down_proj.weight"], prec)
+        h = h + y
+    if capture is not None:
+        capture[f"layers.{i}.attn_out"] = a
+        capture[f"layers.{i}.hidden"] = h
+        capture.update({f"layers.{i}.{k}": v for k, v in cap.items()})
+    return h, cache
+
+
+# ------------------------------------------------------------------- model
+class DeepseekModel(nnx.Module):
+    """DeepSeek-V3/V2 causal LM. Weights: ``self.globals`` (embedding, final norm, head),
+    ``self.layers[i]`` (one Weights per decoder layer), ``self.mtp`` (MTP modules, optional)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype=F32, rngs: nnx.Rngs | None = None, with_mtp: bool = False,
+                 std: float = 0.02):
+        if cfg.arch != "deepseek":
+            raise ValueError(f"{cfg.name}: the JAX model implements DeepSeek MLA+MoE; dense "
+                             "models are described for the simulator only")
+        rngs = rngs or nnx.Rngs(0)
+        self.cfg = cfg
+        self.dtype = dtype
+        self.globals = Weights(global_shapes(cfg), dtype, rngs, std)
+        self.layers = nnx.List([Weights(layer_shapes(cfg, i), dtype, rngs, std) for i in range(cfg.num_hidden_layers)])
+        n_mtp = cfg.num_nextn_predict_layers if with_mtp else 0
+        self.mtp = nnx.List([Weights({**layer_shapes(cfg, cfg.num_hidden_layers + j), **mtp_extra_shapes(cfg)},
+                                     dtype, rngs, std) for j in range(n_mtp)])
+
+    # -- names <-> arrays (checkpoint layout)
+    def hf_items(self):
+        """(hf_name, nnx.Param) for every weight, in checkpoint naming."""
+        for n in self.globals.names():
+            yield n, getattr(self.globals, _attr(n))
+        for i, lw in enumerate(self.layers):
+            for n in lw.names():
+                yield f"model.layers.{i}.{n}", getattr(lw, _attr(n))
+        for j, mw in enumerate(self.mtp):
+            for n in mw.names():
+                yield f"model.layers.{self.cfg.num_hidden_layers + j}.{n}", getattr(mw, _attr(n))
+
+    def load_hf(self, tensors: dict[str, Any]):
+        """Set every weight from a {hf_name: array} dict (shapes must match exactly)."""
+        for name, p in self.hf_items():
+            a = tensors[name]
+            if tuple(a.shape) != tuple(p.shape):
+                raise ValueError(f"tensor {name}: shape {tuple(a.shape)} != expected {tuple(p.shape)}")
+            p.value = jnp.asarray(a, p.dtype)
+        return self
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {n: np.asarray(p[...]) for n, p in self.hf_items()}
+
+    def __call__(self, tokens, positions=None, cache=None, *, mla_form="absorbed", capture: dict | None = None,
+                 return_hidden: bool = False, k_valid=None):
+        return forward(self, tokens, positions, cache, mla_form=mla_form, capture=capture,
+                       return_hidden=return_hidden, k_valid=k_valid)
+
+
+def forward(model: DeepseekModel, tokens, positions=None, cache=None, *, mla_form="absorbed",
+            capture: dict | None = None, return_hidden: bool = False, k_valid=None):
+    """tokens [B, T] -> logits [B, T, V] float32 (and the new cache when one is given).
+
+    positions [B, T] default to 0..T-1. cache: list (one per layer) of
+    {'c_kv','k_pe'} arrays of shape [B, S, R] / [B, S, P].
+    """
+    cfg, g = model.cfg, model.globals
+    prec = _mm(model.dtype)
+    B, T = tokens.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+    h = g["model.embed_tokens.weight"][tokens].astype(model.dtype)
+    new_cache = []
+    for i, lw in enumerate(model.layers):
+        h, c = decoder_layer(lw, cfg, i, h, positions, None if cache is None else cache[i], mla_form=mla_form,
+                             prec=prec, capture=capture, k_valid=k_valid)
+        new_cache.append(c)
+    hn = rms_norm(h, g["model.norm.weight"], cfg.rms_norm_eps)
+    head = g["model.embed_tokens.weight"] if cfg.tie_word_embeddings else g["lm_head.weight"]
+    logits = linear(hn, head, prec).astype(F32)
+    out = (logits,)
+    if cache is not None:
+        out += (new_cache,)
+    if return_hidden:
+        out += (hn,)
+    return out[0] if len(out) == 1 else out
+
+
+def mtp_logits(model: DeepseekModel, tokens, h_main, positions=None, depth: int = 0, cache=None):
+    """MTP module `depth`: hidden h_t (after the final norm) + embedding of token t+1 -> logits for t+2.
+
+    tokens [B, T] are the *next* tokens (t+1) aligned with h_main [B, T, D].
+    Returns logits [B, T, V] (and the new MTP cache when one is given).
+    """
+    cfg, g, w = model.cfg, model.globals, model.mtp[depth]
+    prec = _mm(model.dtype)
+    B, T = tokens.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+    emb = g["model.embed_tokens.weight"][tokens].astype(model.dtype)
+    x = jnp.concatenate([rms_norm(emb, w["enorm.weight"], cfg.rms_norm_eps),
+                         rms_norm(h_main.astype(model.dtype), w["hnorm.weight"], cfg.rms_norm_eps)], axis=-1)
+    x = linear(x, w["eh_proj.weight"], prec)
+    x, c = decoder_layer(w, cfg, cfg.num_hidden_layers + depth, x, positions, cache, prec=prec)
+    head = g["model.embed_tokens.weight"] if cfg.tie_word_embeddings else g["lm_head.weight"]
+    logits = linear(rms_norm(x, w["shared_head.norm.weight"], cfg.rms_norm_eps), head, prec).astype(F32)
+    return logits if cache is None else (logits, c)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "mla_form"))
+def _jit_forward(graphdef, state, tokens, mla_form):
+    return forward(nnx.merge(graphdef, state), tokens, mla_form=mla_form)
+
+
+def jit_forward(model: DeepseekModel, tokens, mla_form: str = "absorbed"):
+    """Compiled full forward (no cache): logits [B, T, V]."""
+    graphdef, state = nnx.split(model)
+    return _jit_forward(graphdef, state, jnp.asarray(tokens), mla_form)

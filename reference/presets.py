@@ -1,0 +1,171 @@
+"""Named model configurations, transcribed from the published config.json files.
+
+Sources: the config.json of each Hugging Face repository
+(deepseek-ai/DeepSeek-V3, deepseek-ai/DeepSeek-V2, deepseek-ai/DeepSeek-V2-Lite,
+moonshotai/Moonlight-16B-A3B, moonshotai/Kimi-K2-Instruct, Qwen/Qwen2.5-*,
+meta-llama/Llama-3.*). Small presets ("tiny-*", "small-*") exist for tests and
+benchmarks; they exercise the same code paths (groups, YaRN, dense-first-k).
+"""
+
+from __future__ import annotations
+
+from reference.config import ConfigError, ModelConfig, RopeScaling
+
+_V3_YARN = RopeScaling(factor=40.0, original_max_position_embeddings=4096, beta_fast=32.0,
+                       beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)
+_V2_YARN = RopeScaling(factor=40.0, original_max_position_embeddings=4096, beta_fast=32.0,
+                       beta_slow=1.0, mscale=0.707, mscale_all_dim=0.707)
+
+
+def _v3(**kw) -> ModelConfig:
+    return ModelConfig(**kw)
+
+
+def _v2(**kw) -> ModelConfig:
+    base = dict(topk_method="group_limited_greedy", scoring_func="softmax", norm_topk_prob=False,
+                rope_scaling=_V2_YARN, rms_norm_eps=1e-6)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def _dense(**kw) -> ModelConfig:
+    base = dict(arch="dense", n_routed_experts=0, n_shared_experts=0, q_lora_rank=None,
+                rope_scaling=None, tie_word_embeddings=False, num_nextn_predict_layers=0)
+    base.update(kw)
+    base.setdefault("first_k_dense_replace", base["num_hidden_layers"])
+    return ModelConfig(**base)
+
+
+def _qwen(**kw):
+    return _dense(attention_bias=True, rope_theta=1e6, vocab_size=152064, head_dim=128,
+                  num_key_value_heads=8, rms_norm_eps=1e-6, max_position_embeddings=32768, **kw)
+
+
+def _llama(**kw):
+    base = dict(rope_theta=500000.0, vocab_size=128256, head_dim=128, num_key_value_heads=8,
+                rms_norm_eps=1e-5, max_position_embeddings=131072)
+    base.update(kw)
+    return _dense(**base)
+
+
+_PRESETS = {
+    "deepseek-v3": lambda: _v3(
+        name="deepseek-v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+        moe_intermediate_size=2048, num_hidden_layers=61, first_k_dense_replace=3,
+        num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=256,
+        n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4,
+        topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True,
+        routed_scaling_factor=2.5, rope_theta=10000.0, rope_scaling=_V3_YARN,
+        max_position_embeddings=163840, rms_norm_eps=1e-6, num_nextn_predict_layers=1),
+    "deepseek-v2": lambda: _v2(
+        name="deepseek-v2", vocab_size=102400, hidden_size=5120, intermediate_size=12288,
+        moe_intermediate_size=1536, num_hidden_layers=60, first_k_dense_replace=1,
+        num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=160,
+        n_shared_experts=2, num_experts_per_tok=6, n_group=8, topk_group=3,
+        routed_scaling_factor=16.0, max_position_embeddings=163840),
+    "deepseek-v2-lite": lambda: _v2(
+        name="deepseek-v2-lite", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+        moe_intermediate_size=1408, num_hidden_layers=27, first_k_dense_replace=1,
+        num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None, kv_lora_rank=512,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64,
+        n_shared_experts=2, num_experts_per_tok=6, n_group=1, topk_group=1, topk_method="greedy",
+        routed_scaling_factor=1.0, max_position_embeddings=163840),
+    "moonlight-16b-a3b": lambda: _v3(
+        name="moonlight-16b-a3b", vocab_size=163840, hidden_size=2048, intermediate_size=11264,
+        moe_intermediate_size=1408, num_hidden_layers=27, first_k_dense_replace=1,
+        num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None, kv_lora_rank=512,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64,
+        n_shared_experts=2, num_experts_per_tok=6, n_group=1, topk_group=1,
+        routed_scaling_factor=2.446, rope_theta=50000.0, rope_scaling=None,
+        max_position_embeddings=8192, rms_norm_eps=1e-5, num_nextn_predict_layers=0),
+    "kimi-k2": lambda: _v3(
+        name="kimi-k2", vocab_size=163840, hidden_size=7168, intermediate_size=18432,
+        moe_intermediate_size=2048, num_hidden_layers=61, first_k_dense_replace=1,
+        num_attention_heads=64, num_key_value_heads=64, q_lora_rank=1536, kv_lora_rank=512,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=384,
+        n_shared_experts=1, num_experts_per_tok=8, n_group=1, topk_group=1,
+        routed_scaling_factor=2.827, rope_theta=50000.0,
+        rope_scaling=RopeScaling(factor=32.0, original_max_position_embeddings=4096, beta_fast=1.0,
+                                 beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0),
+        max_position_embeddings=131072, rms_norm_eps=1e-6, num_nextn_predict_layers=0),
+    # ---- dense GQA comparison models (simulator and published comparisons)
+    "qwen2.5-14b": lambda: _qwen(name="qwen2.5-14b", hidden_size=5120, intermediate_size=13824,
+                                 num_hidden_layers=48, num_attention_heads=40),
+    "qwen2.5-72b": lambda: _qwen(name="qwen2.5-72b", hidden_size=8192, intermediate_size=29568,
+                                 num_hidden_layers=80, num_attention_heads=64),
+    "llama-3.2-3b": lambda: _llama(name="llama-3.2-3b", hidden_size=3072, intermediate_size=8192,
+                                   num_hidden_layers=28, num_attention_heads=24,
+                                   tie_word_embeddings=True),
+    "llama-3.1-8b": lambda: _llama(name="llama-3.1-8b", hidden_size=4096, intermediate_size=14336,
+                                   num_hidden_layers=32, num_attention_heads=32),
+    "llama-3.1-70b": lambda: _llama(name="llama-3.1-70b", hidden_size=8192, intermediate_size=28672,
+                                    num_hidden_layers=80, num_attention_heads=64),
+    "llama-3.1-405b": lambda: _llama(name="llama-3.1-405b", hidden_size=16384,
+                                     intermediate_size=53248, num_hidden_layers=126,
+                                     num_attention_heads=128),
+    # ---- small presets for tests and benchmarks (same code paths as the real ones)
+    "tiny-v3": lambda: _v3(
+        name="tiny-v3", vocab_size=256, hidden_size=64, intermediate_size=96,
+        moe_intermediate_size=32, num_hidden_layers=3, first_k_dense_replace=1,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=32,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=16,
+        n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, rope_scaling=RopeScaling(
+            factor=4.0, original_max_position_embeddings=32, beta_fast=32.0, beta_slow=1.0,
+            mscale=1.0, mscale_all_dim=1.0),
+        max_position_embeddings=128, num_nextn_predict_layers=1),
+    "tiny-v2": lambda: _v2(
+        name="tiny-v2", vocab_size=256, hidden_size=64, intermediate_size=96,
+        moe_intermediate_size=32, num_hidden_layers=3, first_k_dense_replace=1,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=32,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=16,
+        n_shared_experts=2, num_experts_per_tok=3, n_group=4, topk_group=2,
+        routed_scaling_factor=1.5, rope_scaling=RopeScaling(
+            factor=4.0, original_max_position_embeddings=32, beta_fast=32.0, beta_slow=1.0,
+            mscale=0.707, mscale_all_dim=0.707), max_position_embeddings=128),
+    "tiny-v2-lite": lambda: _v2(
+        name="tiny-v2-lite", vocab_size=256, hidden_size=64, intermediate_size=96,
+        moe_intermediate_size=32, num_hidden_layers=2, first_k_dense_replace=1,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=32,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
+        n_shared_experts=2, num_experts_per_tok=2, n_group=1, topk_group=1, topk_method="greedy",
+        routed_scaling_factor=1.0, max_position_embeddings=128),
+    # ~0.5B parameters, ~0.1B activated: the CPU benchmark model.
+    "small-v3": lambda: _v3(
+        name="small-v3", vocab_size=32000, hidden_size=1024, intermediate_size=2816,
+        moe_intermediate_size=704, num_hidden_layers=8, first_k_dense_replace=1,
+        num_attention_heads=8, num_key_value_heads=8, q_lora_rank=384, kv_lora_rank=256,
+        qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=32,
+        n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, rope_scaling=None, max_position_embeddings=4096,
+        num_nextn_predict_layers=1),
+}
+_ALIASES = {"deepseek-r1": "deepseek-v3", "deepseek-v3-0324": "deepseek-v3",
+            "deepseek-r1-distill-qwen-14b": "qwen2.5-14b", "kimi-k2-instruct": "kimi-k2",
+            "moonlight": "moonlight-16b-a3b"}
+
+
+def preset_names() -> list[str]:
+    return sorted(_PRESETS) + sorted(_ALIASES)
+
+
+def get_preset(name: str) -> ModelConfig:
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in _PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; known: {', '.join(preset_names())}")
+    cfg = _PRESETS[key]()
+    if name.lower() != key:
+        cfg = cfg.replace(name=name.lower())
+    cfg.validate(f"preset {name}")
+    return cfg
+
+
+def load_config(name_or_path: str) -> ModelConfig:
+    """A preset name, a config.json path, or a checkpoint directory."""
+    from pathlib import Path
+    p = Path(name_or_path)
+    if p.exists():
+        return ModelConfig.from_json(p)
+    return get_preset(name_or_path)
