@@ -1,0 +1,216 @@
+"""`dsref hw ...` subcommands: list / show / probe the hardware catalog.
+
+The main CLI calls ``register(subparsers)``; every handler is attached with
+``set_defaults(func=handler)`` and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from .catalog import CatalogError, Device, Figure, list_devices, load_device
+from .systems import Cluster, Node, load_system
+
+_PREFIXES = ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1.0, ""), (1e-3, "m"), (1e-6, "u"), (1e-9, "n"))
+
+HW_HELP = """\
+Hardware catalog. Every number is a datasheet (or measured) figure with a
+source and a confidence (high / medium / low / measured):
+  peak FLOP/s  dense tensor throughput per precision (no 2:4 sparsity);
+               int precisions are in OP/s (TOPS)
+  memory       device memory capacity (HBM/GDDR/DRAM) and its peak bandwidth
+  intra-node   per-device bandwidth into the scale-up fabric (NVLink, HCCS,
+               UB, ICI, PCIe), one direction
+  network      per-device scale-out bandwidth (InfiniBand/RoCE/Ethernet NIC),
+               one direction
+  price        typical rental price per device-hour, where published
+'unknown' means no source we could verify publishes the figure."""
+
+
+def _si(value: float | None, unit: str) -> str:
+    if value is None:
+        return "unknown"
+    for scale, prefix in _PREFIXES:
+        if abs(value) >= scale:
+            return f"{value / scale:.4g} {prefix}{unit}"
+    return f"{value:.4g} {unit}"
+
+
+def _fmt_figure(fig: Figure) -> str:
+    if fig.unit_si == "USD/h":
+        return "unknown" if fig.value is None else f"{fig.value:.2f} USD/h"
+    if fig.unit_si == "fraction":
+        return f"{fig.value:.2f}"
+    if fig.unit_si == "B" and fig.value is not None:
+        return _si(fig.value, "B")
+    return _si(fig.value, fig.unit_si)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _safe_peak(dev: Device, precision: str) -> float | None:
+    try:
+        return dev.peak(precision)
+    except CatalogError:
+        return None
+
+
+def device_summary(dev: Device) -> dict[str, Any]:
+    """JSON-ready summary of a device (SI units)."""
+    return {
+        "id": dev.id,
+        "name": dev.name,
+        "vendor": dev.vendor,
+        "device_class": dev.device_class,
+        "peak_bf16_flops": _safe_peak(dev, "bf16"),
+        "peak_flops": dev.peak_flops,
+        "memory_bytes": dev.memory_bytes,
+        "memory_bandwidth": dev.memory_bandwidth,
+        "intra_node_bandwidth": dev.intra_node_bandwidth,
+        "network_bandwidth": dev.network_bandwidth,
+        "power_w": dev.power_w,
+        "price_usd_per_hour": dev.price_usd_per_hour,
+        "unknown": dev.unknown_figures,
+        "source_file": dev.source_file,
+    }
+
+
+def _figure_json(fig: Figure) -> dict[str, Any]:
+    return {
+        "value": fig.value, "unit": fig.unit_si, "as_written": fig.raw, "direction": fig.direction,
+        "unidirectional": fig.unidirectional if fig.direction else None,
+        "source": fig.source, "confidence": fig.confidence,
+    }
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    try:
+        devices = list_devices()
+    except CatalogError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps([device_summary(d) for d in devices], indent=2))
+        return 0
+    rows = []
+    for d in devices:
+        price = d.price_usd_per_hour
+        rows.append([
+            d.id, d.device_class, _si(_safe_peak(d, "bf16"), "FLOP/s"), _si(d.memory_bytes, "B"),
+            _si(d.memory_bandwidth, "B/s"), _si(d.intra_node_bandwidth, "B/s"),
+            _si(d.network_bandwidth, "B/s"), "-" if price is None else f"{price:.2f}",
+        ])
+    header = ["id", "class", "bf16 dense", "memory", "mem BW", "intra-node/dir", "network/dir", "USD/h"]
+    print(_table(rows, header))
+    print("\n`dsref hw show ID` lists every figure with its source; 'unknown' = not published.")
+    return 0
+
+
+def _show_device(dev: Device, as_json: bool) -> int:
+    if as_json:
+        out = device_summary(dev)
+        out["figures"] = {k: _figure_json(f) for k, f in dev.figures.items()}
+        out["efficiency_overrides"] = {k: _figure_json(f) for k, f in dev.efficiency_overrides.items()}
+        out["notes"] = dev.notes
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{dev.name}  [{dev.id}, {dev.device_class}, {dev.vendor}]")
+    if dev.notes:
+        print(dev.notes)
+    rows = []
+    for key, fig in dev.figures.items():
+        shown = _fmt_figure(fig)
+        if fig.direction == "bidirectional" and fig.value is not None:
+            shown += f" bidir = {_si(fig.unidirectional, fig.unit_si)}/dir"
+        rows.append([key, shown, fig.raw, fig.confidence, fig.source])
+    for op, fig in dev.efficiency_overrides.items():
+        rows.append([f"efficiency.{op}", _fmt_figure(fig), "", fig.confidence, fig.source])
+    print(_table(rows, ["figure", "value (SI)", "as written", "confidence", "source"]))
+    print(f"\nfrom {dev.source_file}")
+    return 0
+
+
+def _show_system(sys_: Node | Cluster, as_json: bool) -> int:
+    if as_json:
+        base = {"name": sys_.name, "kind": type(sys_).__name__.lower(), "description": sys_.description,
+                "num_devices": sys_.num_devices, "device": sys_.device.id,
+                "figures": {k: _figure_json(f) for k, f in sys_.figures.items()},
+                "source_file": sys_.source_file}
+        if isinstance(sys_, Cluster):
+            base.update(node=sys_.node.name, num_nodes=sys_.num_nodes, topology=sys_.topology, planes=sys_.planes)
+        else:
+            base.update(devices_per_node=sys_.devices_per_node, fabric=sys_.fabric, nics_per_node=sys_.nics_per_node,
+                        network_bandwidth_per_device=sys_.network_bandwidth_per_device)
+        print(json.dumps(base, indent=2))
+        return 0
+    print(f"{sys_.name}: {sys_.description}")
+    print(f"{sys_.num_devices} x {sys_.device.id}")
+    rows = [[k, _fmt_figure(f), f.direction or "", f.confidence, f.source] for k, f in sys_.figures.items()]
+    print(_table(rows, ["figure", "value (SI)", "direction", "confidence", "source"]))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    try:
+        dev = load_device(args.name)
+    except CatalogError as dev_exc:
+        try:
+            return _show_system(load_system(args.name), args.json)
+        except CatalogError:
+            print(f"error: {dev_exc}", file=sys.stderr)
+            return 1
+    return _show_device(dev, args.json)
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from .probe import write_probe  # imports numpy/jax only when probing
+
+    path = write_probe(args.out, quick=args.quick)
+    dev = load_device(path)
+    print(f"wrote {path}")
+    return _show_device(dev, as_json=False)
+
+
+def cmd_hw_help(args: argparse.Namespace) -> int:
+    args.hw_parser.print_help()
+    return 2
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``hw`` subcommand (list / show / probe) to a CLI."""
+    hw = subparsers.add_parser(
+        "hw", help="hardware catalog: list, show and probe devices",
+        description=HW_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    hw.set_defaults(func=cmd_hw_help, hw_parser=hw)
+    sub = hw.add_subparsers(dest="hw_command")
+
+    p_list = sub.add_parser("list", help="one line per device: dense bf16 peak, memory, bandwidths, price",
+                            description=HW_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p_list.add_argument("--json", action="store_true", help="print a JSON list (SI units: FLOP/s, B, B/s, W, USD/h)")
+    p_list.set_defaults(func=cmd_list)
+
+    p_show = sub.add_parser("show", help="every figure of one device (or system preset) with unit, source, confidence")
+    p_show.add_argument("name", help="device id (see `hw list`), 'host', a path to a .toml, or a system preset name")
+    p_show.add_argument("--json", action="store_true", help="print JSON (SI units)")
+    p_show.set_defaults(func=cmd_show)
+
+    p_probe = sub.add_parser(
+        "probe", help="measure this machine (memory bandwidth, matmul FLOP/s, cores, RAM) and save it as device 'host'",
+        description="Measures achieved (not peak) rates: multi-threaded numpy read bandwidth over a 1 GiB array and "
+                    "JAX matmul FLOP/s in fp32 and bf16; writes $DSREF_HOME/devices/host.toml "
+                    "(default ~/.cache/dsref/devices/host.toml).",
+    )
+    p_probe.add_argument("--out", default=None, help="write the device file here instead of the host path")
+    p_probe.add_argument("--quick", action="store_true", help="small sizes, ~3 s, rough numbers (for tests)")
+    p_probe.set_defaults(func=cmd_probe)
+    return hw
