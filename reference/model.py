@@ -97,11 +97,16 @@ def _mm(cfg_dtype):
     return jax.lax.Precision.HIGHEST if cfg_dtype == F32 else jax.lax.Precision.DEFAULT
 
 
+def einsum(spec, a, b, precision=None):
+    """einsum accumulating in float32 where the backend supports it for the input dtype
+    (XLA:CPU has no bf16 x bf16 -> f32 dot; it accumulates bf16 dots in f32 internally)."""
+    acc = F32 if (a.dtype == F32 or jax.default_backend() != "cpu") else None
+    return jnp.einsum(spec, a, b, precision=precision, preferred_element_type=acc)
+
+
 def linear(x, w, precision=None):
-    """x @ w.T with w in [out, in] (checkpoint layout), accumulated in float32."""
-    y = jnp.einsum("...i,oi->...o", x, w.astype(x.dtype), precision=precision,
-                   preferred_element_type=F32)
-    return y.astype(x.dtype)
+    """x @ w.T with w in [out, in] (checkpoint layout)."""
+    return einsum("...i,oi->...o", x, w.astype(x.dtype), precision).astype(x.dtype)
 
 
 def rms_norm(x, weight, eps):
@@ -163,10 +168,10 @@ def mla_naive(w, cfg: ModelConfig, q_nope, q_pe, c_kv, k_pe, mask, prec):
     H, N, A = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
     kvb = linear(c_kv, w["kv_b_proj.weight"], prec).reshape(B, S, H, N + A)
     k_nope, v = kvb[..., :N], kvb[..., N:]
-    scores = (jnp.einsum("bthn,bshn->bhts", q_nope, k_nope, precision=prec, preferred_element_type=F32)
-              + jnp.einsum("bthp,bsp->bhts", q_pe, k_pe, precision=prec, preferred_element_type=F32))
+    scores = (einsum("bthn,bshn->bhts", q_nope, k_nope, prec)
+              + einsum("bthp,bsp->bhts", q_pe, k_pe, prec))
     p = _softmax_attend(scores * cfg.softmax_scale, mask)
-    o = jnp.einsum("bhts,bsha->btha", p.astype(v.dtype), v, precision=prec, preferred_element_type=F32)
+    o = einsum("bhts,bsha->btha", p.astype(v.dtype), v, prec)
     return o.reshape(o.shape[0], o.shape[1], -1).astype(q_nope.dtype)
 
 
@@ -175,12 +180,12 @@ def mla_absorbed(w, cfg: ModelConfig, q_nope, q_pe, c_kv, k_pe, mask, prec):
     H, N, A, R = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
     wkv = w["kv_b_proj.weight"].reshape(H, N + A, R)
     w_uk, w_uv = wkv[:, :N].astype(q_nope.dtype), wkv[:, N:].astype(q_nope.dtype)
-    q_lat = jnp.einsum("bthn,hnr->bthr", q_nope, w_uk, precision=prec, preferred_element_type=F32).astype(q_nope.dtype)
-    scores = (jnp.einsum("bthr,bsr->bhts", q_lat, c_kv, precision=prec, preferred_element_type=F32)
-              + jnp.einsum("bthp,bsp->bhts", q_pe, k_pe, precision=prec, preferred_element_type=F32))
+    q_lat = einsum("bthn,hnr->bthr", q_nope, w_uk, prec).astype(q_nope.dtype)
+    scores = (einsum("bthr,bsr->bhts", q_lat, c_kv, prec)
+              + einsum("bthp,bsp->bhts", q_pe, k_pe, prec))
     p = _softmax_attend(scores * cfg.softmax_scale, mask)
-    o_lat = jnp.einsum("bhts,bsr->bthr", p.astype(c_kv.dtype), c_kv, precision=prec, preferred_element_type=F32)
-    o = jnp.einsum("bthr,har->btha", o_lat.astype(q_nope.dtype), w_uv, precision=prec, preferred_element_type=F32)
+    o_lat = einsum("bhts,bsr->bthr", p.astype(c_kv.dtype), c_kv, prec)
+    o = einsum("bthr,har->btha", o_lat.astype(q_nope.dtype), w_uv, prec)
     return o.reshape(o.shape[0], o.shape[1], -1).astype(q_nope.dtype)
 
 
@@ -235,8 +240,32 @@ def routed_experts(w, x, ids, wts, num_experts: int, prec):
     read. x [M, D], ids/wts [M, k] -> [M, D].
     """
     M, D = x.shape
+    C, G, src_tok, dest_order, blk_expert, n_blocks = dispatch_plan(ids, num_experts)
+    src_wt = jnp.zeros(G * C, F32).at[dest_order[0]].set(wts.reshape(-1)[dest_order[1]].astype(F32))
+    xp = x[src_tok]  # [G*C, D]
+    wg, wu, wd = w["experts.gate_proj.weight"], w["experts.up_proj.weight"], w["experts.down_proj.weight"]
+
+    def body(i, out):
+        e = blk_expert[i]
+        xb = jax.lax.dynamic_slice_in_dim(xp, i * C, C)
+        yb = swiglu(xb, wg[e], wu[e], wd[e], prec)
+        return jax.lax.dynamic_update_slice_in_dim(out, yb, i * C, axis=0)
+
+    y = jax.lax.fori_loop(0, n_blocks, body, jnp.zeros((G * C, D), x.dtype))
+    y = y.astype(F32) * src_wt[:, None]
+    return jnp.zeros((M, D), F32).at[src_tok].add(y).astype(x.dtype)
+
+
+def dispatch_plan(ids, num_experts: int):
+    """Lay the M*k (token, expert) assignments out in expert-pure blocks of C rows.
+
+    Returns C, G (static bound on blocks), src_tok [G*C] (token of each padded row;
+    padding rows point at token 0 and get weight 0), (dest, order) (padded row of each
+    sorted assignment, and the assignment it came from), blk_expert [G], n_blocks
+    (blocks in use = sum_e ceil(count_e / C) <= ceil(M*k/C) + distinct experts).
+    """
     k = ids.shape[1]
-    A = M * k
+    A = ids.shape[0] * k
     C = block_size(A, num_experts)
     G = -(-A // C) + min(num_experts, A)  # static bound on the number of blocks
     e_flat = ids.reshape(-1)
@@ -250,20 +279,8 @@ def routed_experts(w, x, ids, wts, num_experts: int, prec):
     rank = jnp.arange(A) - row_start[e_sorted]  # position within its expert
     dest = (block_start[e_sorted] + rank // C) * C + rank % C  # padded row of each assignment
     src_tok = jnp.zeros(G * C, jnp.int32).at[dest].set((order // k).astype(jnp.int32))
-    src_wt = jnp.zeros(G * C, F32).at[dest].set(wts.reshape(-1)[order].astype(F32))
     blk_expert = jnp.zeros(G, jnp.int32).at[block_start[e_sorted] + rank // C].set(e_sorted.astype(jnp.int32))
-    xp = x[src_tok]  # [G*C, D]
-    wg, wu, wd = w["experts.gate_proj.weight"], w["experts.up_proj.weight"], w["experts.down_proj.weight"]
-
-    def body(i, out):
-        e = blk_expert[i]
-        xb = jax.lax.dynamic_slice_in_dim(xp, i * C, C)
-        yb = swiglu(xb, wg[e], wu[e], wd[e], prec)
-        return jax.lax.dynamic_update_slice_in_dim(out, yb, i * C, axis=0)
-
-    y = jax.lax.fori_loop(0, n_blocks, body, jnp.zeros((G * C, D), x.dtype))
-    y = y.astype(F32) * src_wt[:, None]
-    return jnp.zeros((M, D), F32).at[src_tok].add(y).astype(x.dtype)
+    return C, G, src_tok, (dest, order), blk_expert, n_blocks
 
 
 def moe(w, cfg: ModelConfig, x, prec, capture: dict | None = None):
@@ -360,7 +377,7 @@ class DeepseekModel(nnx.Module):
             a = tensors[name]
             if tuple(a.shape) != tuple(p.shape):
                 raise ValueError(f"tensor {name}: shape {tuple(a.shape)} != expected {tuple(p.shape)}")
-            p.value = jnp.asarray(a, p.dtype)
+            p[...] = jnp.asarray(a, p.dtype)
         return self
 
     def state_dict(self) -> dict[str, np.ndarray]:
