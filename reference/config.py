@@ -54,7 +54,7 @@ class ModelConfig:
     Qwen/LLaMA comparison models (used by the simulator only).
     """
 
-    name: str = "custom"
+    name: str = field(default="custom", compare=False)
     arch: str = "deepseek"
     vocab_size: int = 129280
     hidden_size: int = 7168
@@ -159,8 +159,9 @@ class ModelConfig:
             if f.name in ("extra", "name", "arch"):
                 continue
             v = getattr(self, f.name)
-            if f.name == "rope_scaling":
-                v = None if v is None else {k: val for k, val in dataclasses.asdict(v).items()}
+            if f.name == "rope_scaling" and v is not None:
+                v = {k: val for k, val in dataclasses.asdict(v).items() if val is not None}
+                v["rope_type"] = v["type"]
             if f.name == "head_dim" and v is None:
                 continue
             d[f.name] = v
@@ -168,6 +169,9 @@ class ModelConfig:
             v2 = self.scoring_func == "softmax"
             d.setdefault("model_type", "deepseek_v2" if v2 else "deepseek_v3")
             d.setdefault("architectures", ["DeepseekV2ForCausalLM" if v2 else "DeepseekV3ForCausalLM"])
+        else:
+            d.setdefault("model_type", "qwen2" if self.attention_bias else "llama")
+            d["_dsref_arch"] = "dense"
         d["_dsref_name"] = self.name
         return d
 
@@ -323,7 +327,8 @@ def _from_hf_dict(d: dict[str, Any], source: str, name: str | None) -> ModelConf
         for k in ("n_routed_experts", "n_shared_experts"):
             if k in d and d[k] is None:
                 kw[k] = 0
-    kw["extra"] = {k: v for k, v in d.items() if k not in known and k not in ("rope_parameters", "_dsref_name")}
+    kw["extra"] = {k: v for k, v in d.items()
+                   if k not in known and k not in ("rope_parameters", "_dsref_name", "_dsref_arch")}
     try:
         cfg = ModelConfig(**kw)
     except TypeError as e:  # pragma: no cover - defensive
