@@ -1,0 +1,280 @@
+"""Checkpoint reading/writing against transformers' own save_pretrained/from_pretrained.
+
+Tolerances: float32 checkpoints, float32 compute: max|ours - theirs| / max|theirs|
+<= 1e-5. A bf16 checkpoint loaded into float32 is compared with transformers
+running float32 on the same bf16 weights (also 1e-5); against the original
+float32 weights the bf16 rounding (2^-9 relative per weight) allows 3e-2.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from flax import nnx  # noqa: E402
+
+from reference import numpy_ref  # noqa: E402
+from reference.checkpoint import (  # noqa: E402
+    CheckpointError, _grid, dequantize_fp8_blockwise, describe_checkpoint, load_checkpoint,
+    quantize_fp8_blockwise, read_tensors, save_checkpoint, tokenizer_path)
+from reference.config import ConfigError  # noqa: E402
+from reference.model import DeepseekModel, forward, jit_forward, mtp_logits  # noqa: E402
+from reference.presets import get_preset  # noqa: E402
+
+TOKENS = np.random.default_rng(7).integers(0, 256, (2, 11))
+BLOCK = (16, 24)  # partial blocks on tiny-v3: kv_a_proj_with_mqa [40, 64] -> grid 3 x 3
+
+
+def _rel(a, b):
+    return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
+
+
+def _hf_model(cfg, seed):
+    torch.set_num_threads(2)
+    torch.manual_seed(seed)
+    v2 = cfg.scoring_func == "softmax"
+    C = transformers.DeepseekV2Config if v2 else transformers.DeepseekV3Config
+    M = transformers.DeepseekV2ForCausalLM if v2 else transformers.DeepseekV3ForCausalLM
+    hc = C(**cfg.to_hf_dict())
+    hc._attn_implementation = "eager"
+    m = M(hc).eval()
+    with torch.no_grad():
+        for n, p in list(m.named_parameters()) + list(m.named_buffers()):
+            if n.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif n.endswith("e_score_correction_bias"):
+                p.copy_(0.2 * torch.randn_like(p))  # non-zero: selection depends on it
+            elif p.dtype.is_floating_point and "inv_freq" not in n:
+                p.normal_(0.0, 0.1)
+    return m
+
+
+def _hf_logits(m, tokens=TOKENS):
+    with torch.no_grad():
+        return m(torch.as_tensor(tokens)).logits.float().numpy()
+
+
+def _from_pretrained(d, cfg):
+    M = transformers.DeepseekV2ForCausalLM if cfg.scoring_func == "softmax" else transformers.DeepseekV3ForCausalLM
+    return M.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="session")
+def hf_ckpts(tmp_path_factory):
+    """transformers-written checkpoints: {case: (dir, cfg, reference logits)}."""
+    out = {}
+    for case, preset, kw in [("v3-f32", "tiny-v3", {}),
+                             ("v2-f32-sharded", "tiny-v2", {"max_shard_size": "150KB"}),
+                             ("v2lite-f32", "tiny-v2-lite", {})]:
+        cfg = get_preset(preset)
+        m = _hf_model(cfg, seed=len(out))
+        d = tmp_path_factory.mktemp(case)
+        m.save_pretrained(d, **kw)
+        out[case] = (d, cfg, _hf_logits(m))
+        if case == "v3-f32":  # same model, bf16 and sharded
+            d16 = tmp_path_factory.mktemp("v3-bf16-sharded")
+            m.to(torch.bfloat16).save_pretrained(d16, max_shard_size="150KB")
+            out["v3-bf16-sharded"] = (d16, cfg, out[case][2])
+    return out
+
+
+@pytest.fixture(scope="session")
+def v3(hf_ckpts):
+    d, cfg, ref = hf_ckpts["v3-f32"]
+    cfg2, model = load_checkpoint(d)
+    return d, cfg2, model, ref
+
+
+# ------------------------------------------------------------- transformers -> ours
+def test_save_pretrained_layout_is_per_expert(hf_ckpts):
+    info = describe_checkpoint(hf_ckpts["v3-f32"][0])
+    assert info["expert_layout"] == "per_expert" and info["num_files"] == 1
+    assert info["dtypes"] == {"F32": info["num_tensors"]} and not info["quantized"]
+    sharded = describe_checkpoint(hf_ckpts["v3-bf16-sharded"][0])
+    assert sharded["num_files"] > 1 and sharded["index"].endswith("model.safetensors.index.json")
+    assert set(sharded["dtypes"]) <= {"BF16", "F32"}
+
+
+@pytest.mark.parametrize("case", ["v3-f32", "v2-f32-sharded", "v2lite-f32"])
+def test_transformers_checkpoint_logits_match(hf_ckpts, v3, case):
+    d, cfg, ref = hf_ckpts[case]
+    model = v3[2] if case == "v3-f32" else load_checkpoint(d)[1]
+    assert _rel(jit_forward(model, TOKENS), ref) <= 1e-5
+
+
+def test_bf16_sharded_checkpoint(hf_ckpts):
+    d, cfg, ref32 = hf_ckpts["v3-bf16-sharded"]
+    _, model = load_checkpoint(d)  # float32 model from bf16 weights
+    same_weights = _hf_logits(_from_pretrained(d, cfg))
+    ours = jit_forward(model, TOKENS)
+    assert _rel(ours, same_weights) <= 1e-5
+    assert _rel(ours, ref32) <= 3e-2
+    import jax.numpy as jnp
+    _, m16 = load_checkpoint(d, dtype=jnp.bfloat16)  # bf16 model: the stored bits, no re-rounding
+    raw = _torch_raw(d)
+    for name in ["model.layers.0.self_attn.q_b_proj.weight", "lm_head.weight"]:
+        got = dict(m16.hf_items())[name].get_value()
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(got), raw[name])
+    e = dict(m16.hf_items())["model.layers.1.mlp.experts.gate_proj.weight"].get_value()
+    np.testing.assert_array_equal(np.asarray(e[3]), raw["model.layers.1.mlp.experts.3.gate_proj.weight"])
+
+
+def test_read_tensors_stacks_experts(hf_ckpts, v3):
+    from safetensors.numpy import load_file
+    d, cfg, model, _ = v3
+    got = dict(read_tensors(d, cfg))
+    assert set(got) == {n for n, _ in model.hf_items()}
+    raw = load_file(str(d / "model.safetensors"))
+    stacked = got["model.layers.2.mlp.experts.up_proj.weight"]
+    assert stacked.shape == (cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size)
+    for e in (0, 5, cfg.n_routed_experts - 1):
+        np.testing.assert_array_equal(stacked[e], raw[f"model.layers.2.mlp.experts.{e}.up_proj.weight"])
+    bias = got["model.layers.1.mlp.gate.e_score_correction_bias"]
+    assert np.abs(bias).min() > 0
+    np.testing.assert_array_equal(model.layers[1]["mlp.gate.e_score_correction_bias"], bias)
+
+
+def test_with_mtp_requires_mtp_tensors(hf_ckpts):
+    d = hf_ckpts["v3-f32"][0]  # transformers does not store the MTP layer
+    with pytest.raises(CheckpointError, match=r"model\.layers\.3\..*missing") as e:
+        load_checkpoint(d, with_mtp=True)
+    assert "model.safetensors" in str(e.value)
+
+
+# ------------------------------------------------------------- ours -> transformers
+@pytest.mark.parametrize("layout,shard", [("per_expert", 120_000), ("fused", None)])
+def test_writer_roundtrip_through_transformers(v3, tmp_path, layout, shard):
+    d, cfg, model, _ = v3
+    out = save_checkpoint(model, cfg, tmp_path / "w", dtype="float32", max_shard_bytes=shard,
+                          expert_layout=layout)
+    info = describe_checkpoint(out)
+    assert info["expert_layout"] == layout and (info["num_files"] > 1) == (shard is not None)
+    ours = np.asarray(jit_forward(model, TOKENS))
+    assert _rel(_hf_logits(_from_pretrained(out, cfg)), ours) <= 1e-5
+    _, back = load_checkpoint(out)
+    np.testing.assert_array_equal(jit_forward(back, TOKENS), ours)
+
+
+def test_writer_bf16_keeps_bias_float32(v3, tmp_path):
+    d, cfg, model, _ = v3
+    out = save_checkpoint(model, cfg, tmp_path / "b")
+    got = dict(read_tensors(out))
+    assert got["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == np.float32
+    assert got["model.layers.1.self_attn.q_a_proj.weight"].dtype == ml_dtypes.bfloat16
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+# ------------------------------------------------------------------------- FP8
+def _block_loop_dequant(q, s, block):
+    """Direct NumPy dequantization, one block at a time (the definition)."""
+    out = np.empty(q.shape, np.float32)
+    br, bc = block
+    for i in range(s.shape[0]):
+        for j in range(s.shape[1]):
+            blk = (slice(i * br, (i + 1) * br), slice(j * bc, (j + 1) * bc))
+            out[blk] = q[blk].astype(np.float32) * s[i, j]
+    return out
+
+
+def test_fp8_quantizer_partial_blocks():
+    w = np.random.default_rng(0).standard_normal((40, 70)).astype(np.float32) * 3
+    w[16:32, 24:48] = 0.0  # an all-zero block: scale 1, no division by zero
+    q, s = quantize_fp8_blockwise(w, BLOCK)
+    assert q.dtype == ml_dtypes.float8_e4m3fn and s.dtype == np.float32 and s.shape == (3, 3)
+    assert s[1, 1] == 1.0 and np.all(np.isfinite(q.astype(np.float32)))
+    np.testing.assert_array_equal(s[2, 2], np.abs(w[32:, 48:]).max() / np.float32(448))
+    deq = dequantize_fp8_blockwise(q, s, BLOCK)
+    np.testing.assert_array_equal(deq, _block_loop_dequant(q, s, BLOCK))
+    # e4m3: 3 mantissa bits -> relative error <= 2^-4; subnormal spacing 2^-9 (times the block scale)
+    s_full = np.repeat(np.repeat(s, BLOCK[0], 0), BLOCK[1], 1)[:40, :70]
+    assert np.all(np.abs(deq - w) <= np.abs(w) / 16 + s_full * 2.0 ** -9)
+    q3, s3 = quantize_fp8_blockwise(np.stack([w, 2 * w]), BLOCK)  # leading (expert) dims
+    assert s3.shape == (2, 3, 3)
+    np.testing.assert_array_equal(s3[0], s)
+    np.testing.assert_array_equal(q3[0].astype(np.float32), q.astype(np.float32))
+    with pytest.raises(ValueError, match="scale_inv shape"):
+        dequantize_fp8_blockwise(q, s[:2], BLOCK)
+
+
+@pytest.fixture(scope="session")
+def fp8_ckpt(tmp_path_factory):
+    """Our FP8 writer on a random tiny-v3 with its MTP layer, weight_block_size [16, 24]."""
+    cfg = get_preset("tiny-v3")
+    rng = np.random.default_rng(3)
+    shapes = {n: p.shape for n, p in nnx.eval_shape(lambda: DeepseekModel(cfg, with_mtp=True)).hf_items()}
+    model = {n: (1 + 0.2 * rng.standard_normal(s) if n.endswith("norm.weight") else 0.1 * rng.standard_normal(s))
+             .astype(np.float32) for n, s in shapes.items()}
+    d = save_checkpoint(model, cfg, tmp_path_factory.mktemp("fp8"), dtype="fp8", fp8_block_size=BLOCK,
+                        max_shard_bytes=60_000)
+    return d, cfg
+
+
+def _torch_raw(d):
+    """All tensors via safetensors' torch backend (an independent reader), as NumPy."""
+    from safetensors import safe_open
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                t = h.get_tensor(k)
+                if t.dtype == torch.float8_e4m3fn:
+                    out[k] = t.view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn)
+                elif t.dtype == torch.bfloat16:
+                    out[k] = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+                else:
+                    out[k] = t.numpy()
+    return out
+
+
+def test_fp8_checkpoint_layout(fp8_ckpt):
+    d, cfg = fp8_ckpt
+    conf = json.loads((d / "config.json").read_text())
+    assert conf["quantization_config"] == {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                           "weight_block_size": [16, 24]}
+    raw = _torch_raw(d)
+    kv = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
+    assert raw[kv].dtype == ml_dtypes.float8_e4m3fn and raw[kv + "_scale_inv"].shape == (3, 3)
+    assert raw["model.layers.1.mlp.experts.7.down_proj.weight_scale_inv"].shape == _grid((64, 32), BLOCK)
+    assert raw["model.layers.3.eh_proj.weight"].dtype == ml_dtypes.float8_e4m3fn
+    for keep in ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
+                 "model.layers.1.mlp.gate.weight", "model.layers.0.input_layernorm.weight",
+                 "model.layers.0.self_attn.kv_a_layernorm.weight", "model.layers.3.embed_tokens.weight",
+                 "model.layers.3.shared_head.head.weight", "model.layers.3.enorm.weight"]:
+        assert raw[keep].dtype == ml_dtypes.bfloat16, keep
+        assert keep + "_scale_inv" not in raw
+    assert raw["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == np.float32
+    info = describe_checkpoint(d)
+    assert info["quantized"] and info["dtypes"]["F8_E4M3"] > 0 and info["num_files"] > 1
+
+
+def test_fp8_dequant_bit_exact_and_model_matches_numpy(fp8_ckpt):
+    d, cfg = fp8_ckpt
+    raw = _torch_raw(d)
+    got = dict(read_tensors(d, with_mtp=True))
+    for name in ["model.layers.0.self_attn.kv_a_proj_with_mqa.weight", "model.layers.2.self_attn.q_b_proj.weight",
+                 "model.layers.0.mlp.down_proj.weight", "model.layers.3.eh_proj.weight"]:
+        np.testing.assert_array_equal(got[name], _block_loop_dequant(raw[name], raw[name + "_scale_inv"], BLOCK))
+    stacked = got["model.layers.2.mlp.experts.gate_proj.weight"]
+    for e in range(cfg.n_routed_experts):
+        n = f"model.layers.2.mlp.experts.{e}.gate_proj.weight"
+        np.testing.assert_array_equal(stacked[e], _block_loop_dequant(raw[n], raw[n + "_scale_inv"], BLOCK))
+    cfg2, model = load_checkpoint(d, with_mtp=True)
+    w64 = {k: np.asarray(v, np.float64) for k, v in got.items()}
+    ref, h_ref = numpy_ref.forward(TOKENS, w64, cfg2, return_hidden=True)
+    fwd = nnx.jit(lambda m, t: forward(m, t, return_hidden=True))
+    logits, h = fwd(model, TOKENS)
+    assert _rel(logits, ref) <= 1e-5
+    mtp_ref = numpy_ref.mtp_forward(TOKENS, h_ref, w64, cfg2)  # predicts t+2 at position t
+    assert _rel(nnx.jit(mtp_logits)(model, TOKENS[:, 1:], h[:, :-1]), mtp_ref) <= 1e-5
+    _, no_mtp = load_checkpoint(d)  # MTP layer skipped
+    assert len(no_mtp.mtp) == 0
+    assert _rel(fwd(no_mtp, TOKENS)[0], np.asarray(logits)) <= 1e-6
+    with pytest.raises(CheckpointError, match="dequant='refuse'"):
+        load_checkpoint(d, dequant="refuse")
