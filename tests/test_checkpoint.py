@@ -278,3 +278,156 @@ def test_fp8_dequant_bit_exact_and_model_matches_numpy(fp8_ckpt):
     assert _rel(fwd(no_mtp, TOKENS)[0], np.asarray(logits)) <= 1e-6
     with pytest.raises(CheckpointError, match="dequant='refuse'"):
         load_checkpoint(d, dequant="refuse")
+
+
+# ---------------------------------------------------------------- bad input
+def _variant(src, dst, edit=None, keep_raw=False):
+    """Copy a checkpoint directory, editing its tensors {name: array} (single file, numpy writer)."""
+    from safetensors.numpy import save_file
+    dst.mkdir()
+    shutil.copy(src / "config.json", dst / "config.json")
+    t = {k: np.array(v) for k, v in _torch_raw(src).items()}
+    if edit:
+        edit(t)
+    save_file(t, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def _raises(path, *needles, err=CheckpointError, **kw):
+    with pytest.raises(err) as e:
+        load_checkpoint(path, **kw)
+    msg = str(e.value)
+    for n in needles:
+        assert str(n) in msg, (n, msg)
+    return msg
+
+
+def test_refuses_pickle(tmp_path, hf_ckpts):
+    d = tmp_path / "pt"
+    d.mkdir()
+    shutil.copy(hf_ckpts["v3-f32"][0] / "config.json", d / "config.json")
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    msg = _raises(d, d / "pytorch_model.bin", "never unpickle", "safetensors")
+    assert "never unpickle" in _raises(d / "pytorch_model.bin", d / "pytorch_model.bin")
+    (tmp_path / "m.ckpt").write_bytes(b"x")
+    assert "never unpickle" in _raises(tmp_path / "m.ckpt")
+    assert msg
+
+
+X = "model.layers.1.mlp.experts.5.up_proj.weight"
+Q = "model.layers.0.self_attn.q_a_proj.weight"
+
+
+@pytest.mark.parametrize("case,edit,needles", [
+    ("missing", lambda t: t.pop(X), [X, "missing", "model.safetensors"]),
+    ("extra", lambda t: t.__setitem__("model.layers.1.mlp.bogus.weight", np.zeros(3, np.float32)),
+     ["model.layers.1.mlp.bogus.weight", "unexpected", "model.safetensors"]),
+    ("extra-layer", lambda t: t.__setitem__("model.layers.9.input_layernorm.weight", np.ones(64, np.float32)),
+     ["model.layers.9.input_layernorm.weight", "unexpected"]),
+    ("shape", lambda t: t.__setitem__(Q, np.zeros((48, 63), np.float32)), [Q, "(48, 63)", "(48, 64)", "config.json"]),
+    ("stack-shape", lambda t: t.__setitem__(X, np.zeros((33, 64), np.float32)), [X, "(33, 64)"]),
+    ("int", lambda t: t.__setitem__(Q, np.zeros((48, 64), np.int32)), [Q, "I32", "floating-point"]),
+    ("fp8-no-scale", lambda t: t.__setitem__(Q, np.zeros((48, 64), ml_dtypes.float8_e4m3fn)),
+     [Q, "float8", "quantization_config"]),
+    ("nan", lambda t: t[Q].__setitem__((3, 4), np.nan), [Q, "NaN or Inf"]),
+    ("inf-bias", lambda t: t["model.layers.2.mlp.gate.e_score_correction_bias"].__setitem__(0, np.inf),
+     ["model.layers.2.mlp.gate.e_score_correction_bias", "NaN or Inf"]),
+])
+def test_bad_tensors(hf_ckpts, tmp_path, case, edit, needles):
+    d = _variant(hf_ckpts["v3-f32"][0], tmp_path / case, edit)
+    msg = _raises(d, *needles)
+    assert str(d) in msg
+
+
+@pytest.mark.parametrize("case,edit,needles", [
+    ("no-scale", lambda t: t.pop(Q + "_scale_inv"), [Q + "_scale_inv", "float8 without its scale"]),
+    ("scale-shape", lambda t: t.__setitem__(Q + "_scale_inv", np.ones((3, 2), np.float32)),
+     [Q + "_scale_inv", "(3, 2)", "(3, 3)"]),
+    ("nan-scale", lambda t: t[Q + "_scale_inv"].__setitem__((0, 0), np.nan), [Q, "after dequantization"]),
+    ("stray-scale", lambda t: t.__setitem__("model.norm.weight_scale_inv", np.ones((1, 1), np.float32)),
+     ["model.norm.weight_scale_inv", "unexpected"]),
+])
+def test_bad_fp8(fp8_ckpt, tmp_path, case, edit, needles):
+    d = _variant(fp8_ckpt[0], tmp_path / case, edit)
+    assert str(d) in _raises(d, *needles, with_mtp=True)
+
+
+def test_truncated_and_corrupt_files(hf_ckpts, tmp_path):
+    src = hf_ckpts["v3-f32"][0]
+    data = (src / "model.safetensors").read_bytes()
+    for case, blob, needle in [("short-data", data[:-100], "truncated"), ("short-header", data[:50], "truncated"),
+                               ("tiny", data[:5], "truncated"),
+                               ("garbage-header", data[:8] + b"{not json" + data[17:], "corrupt")]:
+        d = tmp_path / case
+        d.mkdir()
+        shutil.copy(src / "config.json", d / "config.json")
+        (d / "model.safetensors").write_bytes(blob)
+        msg = _raises(d, needle, d / "model.safetensors")
+        if case == "short-data":  # names the tensor whose bytes are missing
+            assert "tensor '" in msg
+
+
+def test_index_pointing_to_missing_shard(hf_ckpts, tmp_path):
+    d = tmp_path / "sh"
+    shutil.copytree(hf_ckpts["v2-f32-sharded"][0], d)
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    (d / shard).unlink()
+    name = next(k for k, v in index["weight_map"].items() if v == shard)
+    _raises(d, "model.safetensors.index.json", shard, "missing shard", f"'{name}'")
+    index["weight_map"][name] = "elsewhere.safetensors"  # listed shard lacks a tensor it is said to hold
+    shutil.copy(hf_ckpts["v2-f32-sharded"][0] / shard, d / shard)
+    (d / "elsewhere.safetensors").write_bytes((d / shard).read_bytes())
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    _raises(d, "elsewhere.safetensors", "not listed for this shard", "tensor '")
+
+
+def test_bad_config(hf_ckpts, tmp_path):
+    d = tmp_path / "cfg"
+    shutil.copytree(hf_ckpts["v3-f32"][0], d)
+    (d / "config.json").write_text("{bad json")
+    _raises(d, d / "config.json", "not valid JSON", err=ConfigError)
+    conf = json.loads((hf_ckpts["v3-f32"][0] / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**conf, "hidden_size": "64"}))
+    _raises(d, d / "config.json", "hidden_size", err=ConfigError)
+    (d / "config.json").write_text(json.dumps({**conf, "quantization_config": {"quant_method": "awq"}}))
+    _raises(d, d / "config.json", "quantization_config.quant_method")
+    (d / "config.json").write_text(json.dumps({**conf, "quantization_config": {
+        "quant_method": "fp8", "weight_block_size": [128]}}))
+    _raises(d, d / "config.json", "weight_block_size")
+    (d / "config.json").write_text(json.dumps({**conf, "hidden_size": 32}))  # contradicts the tensors
+    _raises(d, "model.embed_tokens.weight", "(256, 64)", "(256, 32)", d / "model.safetensors")
+
+
+def test_writer_rejects_bad_tensors(v3, tmp_path):
+    d, cfg, model, _ = v3
+    sd = model.state_dict()
+    sd.pop(Q)
+    with pytest.raises(CheckpointError, match=Q):
+        save_checkpoint(sd, cfg, tmp_path / "a")
+    sd[Q] = np.zeros((48, 65), np.float32)
+    with pytest.raises(CheckpointError, match=r"\(48, 65\)"):
+        save_checkpoint(sd, cfg, tmp_path / "b")
+    sd[Q] = np.zeros((48, 64), np.float32)
+    sd["model.layers.0.bogus.weight"] = np.zeros(2, np.float32)
+    with pytest.raises(CheckpointError, match="bogus"):
+        save_checkpoint(sd, cfg, tmp_path / "c")
+
+
+def test_tokenizer_path_and_describe(hf_ckpts, tmp_path):
+    d = tmp_path / "tok"
+    shutil.copytree(hf_ckpts["v3-f32"][0], d)
+    assert tokenizer_path(d) is None
+    (d / "tokenizer.json").write_text("{}")
+    assert tokenizer_path(d) == d / "tokenizer.json"
+    info = describe_checkpoint(d)
+    assert info["tokenizer"] == str(d / "tokenizer.json") and info["num_layers_stored"] == 3
+    assert info["tensor_bytes"] == 4 * sum(np.prod(s) for s in _shapes_hf(hf_ckpts["v3-f32"][1]))
+
+
+def _shapes_hf(cfg):
+    from reference.params import global_shapes, layer_shapes
+    out = list(global_shapes(cfg).values())
+    for i in range(cfg.num_hidden_layers):
+        out += list(layer_shapes(cfg, i).values())
+    return out
