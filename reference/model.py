@@ -47,7 +47,10 @@ def _init_value(name: str, shape, dtype, key, std: float):
         return jnp.ones(shape, dtype)
     if name.endswith("e_score_correction_bias") or name.endswith(".bias"):
         return jnp.zeros(shape, F32 if "e_score" in name else dtype)
-    return (jax.random.normal(key, shape, F32) * std).astype(dtype)
+    # numpy's generator, seeded from the explicit JAX key: jax.random would compile one
+    # kernel per distinct shape (seconds for a small model), numpy draws at memory speed.
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).tolist())
+    return jnp.asarray((rng.standard_normal(shape, np.float32) * std)).astype(dtype)
 
 
 def _param_dtype(name: str, dtype):
@@ -162,17 +165,26 @@ def attention_mask(q_pos, k_pos, k_valid=None):
     return m
 
 
-def mla_naive(w, cfg: ModelConfig, q_nope, q_pe, c_kv, k_pe, mask, prec):
-    """Expand keys/values per head from the latent, then ordinary attention. Returns [B,T,H*A]."""
+def expand_kv(w, cfg: ModelConfig, c_kv, k_pe, prec=None):
+    """Naive MLA: per-head keys [B,S,H,N+P] (k_pe shared by all heads) and values [B,S,H,A]."""
     B, S, _ = c_kv.shape
     H, N, A = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
     kvb = linear(c_kv, w["kv_b_proj.weight"], prec).reshape(B, S, H, N + A)
-    k_nope, v = kvb[..., :N], kvb[..., N:]
-    scores = (einsum("bthn,bshn->bhts", q_nope, k_nope, prec)
-              + einsum("bthp,bsp->bhts", q_pe, k_pe, prec))
-    p = _softmax_attend(scores * cfg.softmax_scale, mask)
+    k = jnp.concatenate([kvb[..., :N], jnp.broadcast_to(k_pe[:, :, None, :], (B, S, H, k_pe.shape[-1]))], -1)
+    return k, kvb[..., N:]
+
+
+def attend_expanded(cfg: ModelConfig, q, k, v, mask, prec):
+    """Ordinary multi-head attention: q [B,T,H,N+P], k [B,S,H,N+P], v [B,S,H,A] -> [B,T,H*A]."""
+    p = _softmax_attend(einsum("bthq,bshq->bhts", q, k, prec) * cfg.softmax_scale, mask)
     o = einsum("bhts,bsha->btha", p.astype(v.dtype), v, prec)
-    return o.reshape(o.shape[0], o.shape[1], -1).astype(q_nope.dtype)
+    return o.reshape(o.shape[0], o.shape[1], -1).astype(q.dtype)
+
+
+def mla_naive(w, cfg: ModelConfig, q_nope, q_pe, c_kv, k_pe, mask, prec):
+    """Expand keys/values per head from the latent, then ordinary attention. Returns [B,T,H*A]."""
+    k, v = expand_kv(w, cfg, c_kv, k_pe, prec)
+    return attend_expanded(cfg, jnp.concatenate([q_nope, q_pe], -1), k, v, mask, prec)
 
 
 def mla_absorbed(w, cfg: ModelConfig, q_nope, q_pe, c_kv, k_pe, mask, prec):
@@ -310,19 +322,27 @@ def decoder_layer(w, cfg: ModelConfig, i: int, h, positions, cache=None, *, mla_
         x = rms_norm(h, w["input_layernorm.weight"], cfg.rms_norm_eps)
         sa = Prefixed(w, "self_attn.")
         q_nope, q_pe, c_kv, k_pe = mla_project(sa, cfg, x, positions, prec)
+        b_idx = jnp.arange(B)[:, None]
         if cache is None:
-            keys_c, keys_p, k_pos = c_kv, k_pe, positions
+            k_pos = positions
         else:
-            b_idx = jnp.arange(B)[:, None]
-            keys_c = cache["c_kv"].at[b_idx, positions].set(c_kv.astype(cache["c_kv"].dtype))
-            keys_p = cache["k_pe"].at[b_idx, positions].set(k_pe.astype(cache["k_pe"].dtype))
-            cache = {"c_kv": keys_c, "k_pe": keys_p}
-            S = keys_c.shape[1]
+            S = next(iter(cache.values())).shape[1]
             k_pos = jnp.broadcast_to(jnp.arange(S), (B, S))
-            keys_c, keys_p = keys_c.astype(h.dtype), keys_p.astype(h.dtype)
         mask = attention_mask(positions, k_pos, k_valid)
-        attend = mla_absorbed if mla_form == "absorbed" else mla_naive
-        a = linear(attend(sa, cfg, q_nope, q_pe, keys_c, keys_p, mask, prec), sa["o_proj.weight"], prec)
+        if cache is not None and "k" in cache:
+            # expanded (naive) cache: per-head keys and values, written at `positions`
+            k, v = expand_kv(sa, cfg, c_kv, k_pe, prec)
+            cache = {n: cache[n].at[b_idx, positions].set(t.astype(cache[n].dtype)) for n, t in (("k", k), ("v", v))}
+            o = attend_expanded(cfg, jnp.concatenate([q_nope, q_pe], -1), cache["k"].astype(h.dtype),
+                                cache["v"].astype(h.dtype), mask, prec)
+        else:
+            if cache is not None:  # latent cache: c_kv and k_pe only
+                cache = {"c_kv": cache["c_kv"].at[b_idx, positions].set(c_kv.astype(cache["c_kv"].dtype)),
+                         "k_pe": cache["k_pe"].at[b_idx, positions].set(k_pe.astype(cache["k_pe"].dtype))}
+                c_kv, k_pe = cache["c_kv"].astype(h.dtype), cache["k_pe"].astype(h.dtype)
+            attend = mla_absorbed if mla_form == "absorbed" else mla_naive
+            o = attend(sa, cfg, q_nope, q_pe, c_kv, k_pe, mask, prec)
+        a = linear(o, sa["o_proj.weight"], prec)
         h = h + a
     with jax.named_scope(f"layer{i}_{'moe' if cfg.is_moe_layer(i) else 'mlp'}"):
         x = rms_norm(h, w["post_attention_layernorm.weight"], cfg.rms_norm_eps)
@@ -433,10 +453,11 @@ def mtp_logits(model: DeepseekModel, tokens, h_main, positions=None, depth: int 
     x = jnp.concatenate([rms_norm(emb, w["enorm.weight"], cfg.rms_norm_eps),
                          rms_norm(h_main.astype(model.dtype), w["hnorm.weight"], cfg.rms_norm_eps)], axis=-1)
     x = linear(x, w["eh_proj.weight"], prec)
-    x, c = decoder_layer(w, cfg, cfg.num_hidden_layers + depth, x, positions, cache, prec=prec)
+    x, c = decoder_layer(w, cfg, cfg.num_hidden_layers + depth, x, positions,
+                         None if cache is None else cache[0], prec=prec)
     head = g["model.embed_tokens.weight"] if cfg.tie_word_embeddings else g["lm_head.weight"]
     logits = linear(rms_norm(x, w["shared_head.norm.weight"], cfg.rms_norm_eps), head, prec).astype(F32)
-    return logits if cache is None else (logits, c)
+    return logits if cache is None else (logits, [c])
 
 
 @partial(jax.jit, static_argnames=("graphdef", "mla_form"))

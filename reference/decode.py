@@ -1,0 +1,246 @@
+"""Cached decoding and generation: prefill, then one token (or an MTP-verified pair) per step.
+
+The absorbed-MLA cache holds, per layer, the normalised latent c_kv [B, S, R] and the
+rotated shared key k_pe [B, S, P] — nothing per head. The naive cache (expanded keys
+[B, S, H, N+P] and values [B, S, H, A]) exists for comparison.
+
+Shapes are static under jit: prompts are right-padded to a power-of-two bucket and
+the cache length S is bucketed too, so a session compiles a handful of programs.
+Padded positions write junk into cache slots beyond each sequence's length; the
+causal-by-position mask (key position <= query position) never shows them, and
+decoding overwrites them before they become visible.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from reference.model import DeepseekModel, forward, mtp_logits
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Smallest power of two >= max(n, minimum)."""
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def init_cache(model: DeepseekModel, batch: int, length: int, form: str = "absorbed", dtype=None,
+               layers: int | None = None):
+    """Zeroed cache, one dict per layer. form 'absorbed' (latent) or 'naive' (expanded)."""
+    cfg = model.cfg
+    dtype = dtype or model.dtype
+    n = cfg.num_hidden_layers if layers is None else layers
+    if form == "absorbed":
+        shapes = {"c_kv": (batch, length, cfg.kv_lora_rank), "k_pe": (batch, length, cfg.qk_rope_head_dim)}
+    else:
+        H = cfg.num_attention_heads
+        shapes = {"k": (batch, length, H, cfg.qk_head_dim), "v": (batch, length, H, cfg.v_head_dim)}
+    return [{k: jnp.zeros(s, dtype) for k, s in shapes.items()} for _ in range(n)]
+
+
+def cache_bytes(cache) -> int:
+    return int(sum(a.size * a.dtype.itemsize for layer in cache for a in layer.values()))
+
+
+# ------------------------------------------------------------------ compiled steps
+@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _step(graphdef, state, tokens, positions, cache):
+    """Run tokens [B, T] at positions [B, T] through the cached model: (logits, hidden, cache)."""
+    model = nnx.merge(graphdef, state)
+    logits, cache, hidden = forward(model, tokens, positions, cache, return_hidden=True)
+    return logits, hidden, cache
+
+
+@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _mtp_step(graphdef, state, next_tokens, hidden, positions, cache):
+    model = nnx.merge(graphdef, state)
+    return mtp_logits(model, next_tokens, hidden, positions, cache=cache)
+
+
+@partial(jax.jit, static_argnames=("top_k",))
+def sample(logits, key, temperature, top_k: int, top_p):
+    """Next token from logits [B, V]: greedy when temperature == 0, else temperature,
+    then top-k (0 = off), then nucleus top-p (1 = off) sampling."""
+    greedy = jnp.argmax(logits, -1)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    if top_k:
+        kth = jax.lax.top_k(scaled, top_k)[0][..., -1:]
+        scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
+    order = jnp.argsort(-scaled, axis=-1)
+    sorted_logits = jnp.take_along_axis(scaled, order, -1)
+    probs = jax.nn.softmax(sorted_logits, -1)
+    # keep the smallest prefix whose mass reaches top_p (always the first token)
+    keep_sorted = (jnp.cumsum(probs, -1) - probs) < top_p
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    scaled = jnp.where(keep, scaled, -jnp.inf)
+    drawn = jax.random.categorical(key, scaled, axis=-1)
+    return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+
+
+# ------------------------------------------------------------------ generation
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # generated ids per prompt (prompt excluded, stop token included)
+    prefill_s: float
+    decode_s: float
+    prompt_tokens: int
+    new_tokens: int
+    steps: int
+    mtp_accepted: int = 0
+    mtp_drafted: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else float("nan")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # tokens produced by decode steps (the first new token comes from the prefill)
+        n = self.new_tokens - len(self.tokens)
+        return n / self.decode_s if self.decode_s > 0 else float("nan")
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.mtp_accepted / self.mtp_drafted if self.mtp_drafted else None
+
+
+def _prefill(gd, state, prompts, S, form, model):
+    B = len(prompts)
+    lens = np.array([len(p) for p in prompts])
+    T = bucket(int(lens.max()))
+    toks = np.zeros((B, T), np.int32)
+    for b, p in enumerate(prompts):
+        toks[b, : len(p)] = p
+    pos = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
+    cache = init_cache(model, B, S, form)
+    logits, hidden, cache = _step(gd, state, jnp.asarray(toks), jnp.asarray(pos), cache)
+    return toks, lens, logits, hidden, cache
+
+
+def generate(model: DeepseekModel, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_tokens=(), form: str = "absorbed",
+             use_mtp: bool = False, on_token=None) -> GenerationResult:
+    """Generate for a batch of prompts (lists of ids, any lengths). Seeded and reproducible.
+
+    on_token(batch_index, token_id) is called as tokens are produced (streaming).
+    use_mtp: self-speculative decoding with the MTP module (greedy only): the MTP
+    head drafts one token, the main model verifies it together with the next one.
+    """
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    V = model.cfg.vocab_size
+    if any(t < 0 or t >= V for p in prompts for t in p):
+        raise ValueError(f"token ids must be in [0, vocab_size={V})")
+    if use_mtp:
+        if temperature > 0:
+            raise ValueError("MTP self-speculative decoding is implemented for greedy decoding (temperature 0)")
+        if not len(model.mtp):
+            raise ValueError("use_mtp needs a model loaded with its MTP module (with_mtp=True)")
+        return _generate_mtp(model, prompts, max_new_tokens, stop_tokens, form, on_token)
+    gd, state = nnx.split(model)
+    B = len(prompts)
+    stop = set(int(s) for s in stop_tokens)
+    S = bucket(max(len(p) for p in prompts) + max_new_tokens + 1)
+    key = jax.random.key(seed)
+    t0 = time.perf_counter()
+    toks, lens, logits, _, cache = _prefill(gd, state, prompts, S, form, model)
+    last = logits[jnp.arange(B), jnp.asarray(lens - 1)]
+    key, sub = jax.random.split(key)
+    nxt = np.asarray(sample(last, sub, temperature, top_k, top_p))
+    t1 = time.perf_counter()
+    out = [[] for _ in range(B)]
+    done = np.zeros(B, bool)
+    pos = lens.copy()
+    steps = 0
+    while True:
+        for b in range(B):
+            if not done[b]:
+                out[b].append(int(nxt[b]))
+                if on_token:
+                    on_token(b, int(nxt[b]))
+                done[b] = int(nxt[b]) in stop or len(out[b]) >= max_new_tokens
+        if done.all():
+            break
+        logits, _, cache = _step(gd, state, jnp.asarray(nxt[:, None]), jnp.asarray(pos[:, None].astype(np.int32)),
+                                 cache)
+        key, sub = jax.random.split(key)
+        nxt = np.asarray(sample(logits[:, 0], sub, temperature, top_k, top_p))
+        pos = pos + 1
+        steps += 1
+    t2 = time.perf_counter()
+    return GenerationResult(out, t1 - t0, t2 - t1, int(lens.sum()), sum(map(len, out)), steps)
+
+
+def _generate_mtp(model, prompts, max_new_tokens, stop_tokens, form, on_token) -> GenerationResult:
+    """Greedy self-speculative decoding with MTP depth 0 (see module docstring).
+
+    Invariant per sequence b: tokens x_0..x_{n-1} are in the main cache, x_n (the last
+    emitted token) is not yet, and d is the MTP draft for x_{n+1}. A step runs the
+    main model on [x_n, d] at [n, n+1]: its prediction y at n is the true x_{n+1};
+    if y == d the prediction at n+1 is x_{n+2} too (two tokens for one step). The
+    MTP module then consumes (h_n, x_{n+1}) and (h_{n+1}, x_{n+2}) and drafts again.
+    A rejected draft leaves junk at position n+1 that the next step overwrites.
+    """
+    gd, state = nnx.split(model)
+    B = len(prompts)
+    stop = set(int(s) for s in stop_tokens)
+    S = bucket(max(len(p) for p in prompts) + max_new_tokens + 3)
+    bidx = np.arange(B)
+    t0 = time.perf_counter()
+    toks, lens, logits, hidden, cache = _prefill(gd, state, prompts, S, form, model)
+    x_n = np.asarray(jnp.argmax(logits[bidx, lens - 1], -1)).astype(np.int32)
+    # MTP prefill: position t pairs h_t with x_{t+1} (x_n appended after the prompt)
+    nxt_toks = np.zeros_like(toks)
+    nxt_toks[:, :-1] = toks[:, 1:]
+    nxt_toks[bidx, lens - 1] = x_n
+    T = toks.shape[1]
+    pos_all = jnp.asarray(np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)))
+    mcache = init_cache(model, B, S, form, layers=1)
+    mlog, mcache = _mtp_step(gd, state, jnp.asarray(nxt_toks), hidden, pos_all, mcache)
+    draft = np.asarray(jnp.argmax(mlog[bidx, lens - 1], -1)).astype(np.int32)
+    t1 = time.perf_counter()
+    out = [[] for _ in range(B)]
+    done = np.zeros(B, bool)
+    n = lens.copy()  # position of x_n
+
+    def emit(b, t):
+        if not done[b]:
+            out[b].append(int(t))
+            if on_token:
+                on_token(b, int(t))
+            done[b] = int(t) in stop or len(out[b]) >= max_new_tokens
+
+    for b in range(B):
+        emit(b, x_n[b])
+    steps = accepted = drafted = 0
+    while not done.all():
+        pos = np.stack([n, n + 1], 1).astype(np.int32)
+        logits, hidden, cache = _step(gd, state, jnp.asarray(np.stack([x_n, draft], 1)), jnp.asarray(pos), cache)
+        pred = np.asarray(jnp.argmax(logits, -1)).astype(np.int32)  # [B, 2]
+        ok = pred[:, 0] == draft
+        steps += 1
+        drafted += int((~done).sum())
+        accepted += int((ok & ~done).sum())
+        for b in range(B):
+            emit(b, pred[b, 0])
+            if ok[b]:
+                emit(b, pred[b, 1])
+        # next x_n: pred[:,1] if accepted (at n+2) else pred[:,0] (at n+1)
+        new_x = np.where(ok, pred[:, 1], pred[:, 0]).astype(np.int32)
+        m_in = np.stack([pred[:, 0], np.where(ok, pred[:, 1], 0)], 1).astype(np.int32)
+        mlog, mcache = _mtp_step(gd, state, jnp.asarray(m_in), hidden, jnp.asarray(pos), mcache)
+        draft = np.asarray(jnp.argmax(mlog[bidx, ok.astype(np.int64)], -1)).astype(np.int32)
+        n = n + 1 + ok
+        x_n = new_x
+    t2 = time.perf_counter()
+    return GenerationResult(out, t1 - t0, t2 - t1, int(lens.sum()), sum(map(len, out)), steps,
+                            mtp_accepted=accepted, mtp_drafted=drafted)
