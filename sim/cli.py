@@ -1,0 +1,84 @@
+"""`dsref sim ...`: the cost model and simulator on the command line.
+
+    dsref sim local --model M --device D --quant Q [--context L] [--batch B] [--prompt-tokens T] [--json]
+
+Other simulator commands live in their own modules (``sim.serve_cli``,
+``sim.train_cli``); each exposes ``register(sim_subparsers)`` and is added here
+when it exists. Heavy imports (numpy, jax) happen inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+
+# (subcommand, module) pairs contributed by other modules, in help order.
+SUBCOMMAND_MODULES = (("serve", "sim.serve_cli"), ("train", "sim.train_cli"))
+
+
+def _gb(x) -> str:
+    return "n/a" if x is None else f"{x / 1e9:,.2f} GB"
+
+
+def cmd_local(args) -> int:
+    from sim.local import estimate
+    r = estimate(args.model, args.device, args.quant, context=args.context, batch=args.batch,
+                 prompt_tokens=args.prompt_tokens)
+    if args.json:
+        print(json.dumps(r, indent=2, default=float))
+        return 0 if r["fits"] else 1
+    print(f"{r['model']} on {r['device']} ({r['quant']}, {r['weights_bits_per_weight']:.2f} bits/weight), "
+          f"batch {r['batch']}, context {r['context']}, prompt {r['prompt_tokens']}")
+    print(f"  memory    required {_gb(r['memory_required_bytes'])} = weights {_gb(r['weights_bytes'])} + KV cache "
+          f"{_gb(r['kv_cache_bytes'])} + activations {_gb(r['activation_bytes'])}; available "
+          f"{_gb(r['memory_available_bytes'])}")
+    if r.get("bytes_on_host") is not None:
+        print(f"  placement {r['gpu_layers']} layers on the accelerator ({_gb(r['bytes_on_device'])}), "
+              f"{_gb(r['bytes_on_host'])} in host memory")
+    if not r["fits"]:
+        print(f"  {r['message']}")
+        return 1
+    print(f"  decode    {r['decode_tokens_per_s']:,.2f} tokens/s ({r['decode_step_s'] * 1e3:,.1f} ms/step; "
+          f"{_gb(r['decode_bytes_per_step'])} moved, {r['decode_flops_per_step'] / 1e9:,.1f} GFLOP per step)")
+    print(f"  prefill   {r['prefill_tokens_per_s']:,.1f} tokens/s ({r['prefill_s']:,.2f} s for the prompt)")
+    print("  decode time by op kind:")
+    for kind, d in sorted(r["decode_breakdown"].items(), key=lambda kv: -kv[1]["time_s"]):
+        ai = d["intensity_flop_per_byte"]
+        print(f"    {kind:12s} {d['time_s'] * 1e3:9.2f} ms  {d['bound']}-bound  "
+              f"intensity {'-' if ai is None else f'{ai:,.1f}'} FLOP/B")
+    return 0
+
+
+def register_local(sub) -> None:
+    p = sub.add_parser("local", help="tokens/s and memory of one model on one machine (roofline)",
+                       description="Batch decode and prefill throughput and the memory budget of MODEL on "
+                       "DEVICE: a catalog device id (h800, raspberry-pi-5, radeon-pro-w7700, host, ...) or a "
+                       "node preset (raspberry-pi-5-w7700: partial offload, llama.cpp -ngl style). Exit code 1 "
+                       "when the model does not fit.")
+    p.add_argument("--model", required=True, help="preset name or checkpoint directory")
+    p.add_argument("--device", required=True, help="device id, 'host', or node preset")
+    p.add_argument("--quant", default="bf16", help="fp32, bf16, fp8, int8, q8_0, q4_k_m (default bf16)")
+    p.add_argument("--context", type=int, default=4096, help="tokens in the KV cache while decoding")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for the prefill rate")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_local)
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add `sim` (with `local`, and `serve`/`train` when their modules exist)."""
+    sim = subparsers.add_parser("sim", help="cost model and simulator: local, serve, train",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = sim.add_subparsers(dest="sim_command", metavar="SIM_COMMAND")
+    register_local(sub)
+    for _name, mod in SUBCOMMAND_MODULES:
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name == mod:
+                continue
+            raise
+        m.register(sub)
+    sim.set_defaults(func=lambda args: (sim.print_help(), 2)[1])
+    return sim

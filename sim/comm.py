@@ -1,0 +1,164 @@
+"""Communication volumes of a parallel plan (bytes sent per device per step).
+
+Formulas
+  * Ring all-reduce of X bytes over n devices: each device sends 2(n-1)/n * X
+    (reduce-scatter + all-gather, Patarasuk & Yuan 2009; the nccl-tests "bus
+    bandwidth" convention). Reduce-scatter or all-gather alone: (n-1)/n * X.
+  * TP (Megatron-LM, Shoeybi et al. 2019): two all-reduces of the layer output
+    [tokens, D] per layer in the forward pass (after attention, after the MLP).
+  * EP dispatch/combine (DeepSeek-V3 tech report sec. 3.2, DeepEP): each token is
+    sent to the devices holding its k experts. Node-limited routing sends a token
+    to at most M nodes; over the scale-out network it travels once per remote node
+    (then fans out over NVLink inside the node), so the inter-node dispatch bytes
+    per token are min(k, M, nodes) * (nodes-1)/nodes * D * dispatch_bytes.
+    Dispatch is FP8 (1 B + 128-element fp32 scales), combine BF16 (2 B).
+  * PP: one activation tensor [tokens, D] per stage boundary per micro-batch.
+  * DP with ZeRO-1 (Rajbhandari et al. 2020): reduce-scatter of the gradients and
+    all-gather of the updated parameters, each (n-1)/n of the bytes.
+  * Prefill-to-decode disaggregation: the prompt's KV cache, kv bytes/token x tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from reference.config import ModelConfig
+
+FP8_BYTES = 1.0
+BF16_BYTES = 2.0
+FP32_BYTES = 4.0
+FP8_SCALE_GROUP = 128  # DeepSeek-V3: one fp32 scale per 1x128 activation tile (tech report sec. 3.3)
+DISPATCH_FP8_BYTES = FP8_BYTES + FP32_BYTES / FP8_SCALE_GROUP
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """Degrees of parallelism and the routing limit.
+
+    devices_per_node: devices sharing the fast intra-node fabric.
+    node_limit: M, the most nodes a token's experts may span (DeepSeek-V3: 4); None = unlimited.
+    """
+
+    tp: int = 1
+    ep: int = 1
+    pp: int = 1
+    dp: int = 1
+    devices_per_node: int = 8
+    node_limit: int | None = None
+    dispatch_bytes: float = DISPATCH_FP8_BYTES
+    combine_bytes: float = BF16_BYTES
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+@dataclass(frozen=True)
+class CommOp:
+    """Bytes one device sends for one collective, ``count`` times per step.
+
+    link: 'intra' (NVLink/HCCS/...) or 'inter' (scale-out NIC) or 'pcie';
+    collective: 'all_reduce' | 'all_to_all' | 'p2p' (selects the efficiency entry).
+    """
+
+    name: str
+    bytes: float
+    link: str
+    collective: str
+    count: int = 1
+    participants: int = 1
+
+
+def ring_allreduce_bytes(nbytes: float, n: int) -> float:
+    """Bytes each device sends in a ring all-reduce: 2(n-1)/n * nbytes."""
+    return 0.0 if n <= 1 else 2.0 * (n - 1) / n * nbytes
+
+
+def ring_gather_bytes(nbytes: float, n: int) -> float:
+    """Reduce-scatter or all-gather alone: (n-1)/n * nbytes."""
+    return 0.0 if n <= 1 else (n - 1) / n * nbytes
+
+
+def tp_comm(cfg: ModelConfig, tokens: int, tp: int, act_bytes: float, devices_per_node: int = 8) -> list[CommOp]:
+    """Forward-pass TP all-reduces: 2 per layer of [tokens, D]."""
+    if tp <= 1:
+        return []
+    x = tokens * cfg.hidden_size * act_bytes
+    link = "intra" if tp <= devices_per_node else "inter"
+    return [CommOp("tp_allreduce", ring_allreduce_bytes(x, tp), link, "all_reduce",
+                   count=2 * cfg.num_hidden_layers, participants=tp)]
+
+
+def ep_dispatch_per_token(cfg: ModelConfig, plan: ParallelPlan) -> dict[str, float]:
+    """Bytes one token sends per MoE layer for dispatch and combine, split intra/inter node."""
+    k, D, ep, dpn = cfg.num_experts_per_tok, cfg.hidden_size, plan.ep, plan.devices_per_node
+    if ep <= 1:
+        return {"dispatch_intra": 0.0, "dispatch_inter": 0.0, "combine_intra": 0.0, "combine_inter": 0.0}
+    nodes = max(1, ep // dpn)
+    local = min(dpn, ep)
+    if nodes > 1:
+        m = k if plan.node_limit is None else min(k, plan.node_limit)
+        inter_copies = min(m, nodes) * (nodes - 1) / nodes
+    else:
+        inter_copies = 0.0
+    intra_copies = k * (local - 1) / local  # expert copies that take one hop inside a node
+    out = {}
+    for kind, b in (("dispatch", plan.dispatch_bytes), ("combine", plan.combine_bytes)):
+        out[f"{kind}_intra"] = intra_copies * D * b
+        out[f"{kind}_inter"] = inter_copies * D * b
+    return out
+
+
+def ep_comm(cfg: ModelConfig, tokens_per_device: int, plan: ParallelPlan) -> list[CommOp]:
+    """All-to-all dispatch + combine for every MoE layer (forward)."""
+    if plan.ep <= 1 or not cfg.is_moe:
+        return []
+    per = ep_dispatch_per_token(cfg, plan)
+    n = cfg.num_moe_layers
+    ops = []
+    for key, v in per.items():
+        if v:
+            link = key.split("_")[1]
+            ops.append(CommOp(f"ep_{key}", v * tokens_per_device, link, "all_to_all", count=n,
+                              participants=plan.ep))
+    return ops
+
+
+def pp_comm(cfg: ModelConfig, tokens_per_microbatch: int, microbatches: int, pp: int, act_bytes: float) -> list[CommOp]:
+    """Stage-boundary activations sent by one stage per step (forward)."""
+    if pp <= 1:
+        return []
+    return [CommOp("pp_activations", tokens_per_microbatch * cfg.hidden_size * act_bytes, "inter", "p2p",
+                   count=microbatches, participants=2)]
+
+
+def dp_zero1_comm(param_count_per_device: float, dp: int, grad_bytes: float = BF16_BYTES,
+                  param_bytes: float = BF16_BYTES) -> list[CommOp]:
+    """ZeRO-1: gradient reduce-scatter + parameter all-gather, once per step."""
+    if dp <= 1:
+        return []
+    return [CommOp("dp_grad_reduce_scatter", ring_gather_bytes(param_count_per_device * grad_bytes, dp),
+                   "inter", "all_reduce", participants=dp),
+            CommOp("dp_param_all_gather", ring_gather_bytes(param_count_per_device * param_bytes, dp),
+                   "inter", "all_reduce", participants=dp)]
+
+
+def kv_transfer_bytes(cfg: ModelConfig, prompt_tokens: int, kv_bytes: float = BF16_BYTES,
+                      absorbed: bool = True) -> float:
+    """Prefill-to-decode transfer of one prompt's KV cache (all layers)."""
+    return cfg.kv_cache_bytes_per_token(kv_bytes, absorbed=absorbed) * prompt_tokens
+
+
+def training_comm(cfg: ModelConfig, plan: ParallelPlan, tokens_per_device: int, microbatches: int,
+                  act_bytes: float = BF16_BYTES) -> list[CommOp]:
+    """Communication of one training step: forward + backward (the backward mirrors
+    TP all-reduces, EP all-to-alls and PP sends), plus ZeRO-1 DP traffic."""
+    fwd = (tp_comm(cfg, tokens_per_device, plan.tp, act_bytes, plan.devices_per_node)
+           + ep_comm(cfg, tokens_per_device, plan)
+           + pp_comm(cfg, tokens_per_device // max(1, microbatches), microbatches, plan.pp, act_bytes))
+    out = []
+    for op in fwd:
+        out.append(op)
+        out.append(CommOp(op.name + "_bwd", op.bytes, op.link, op.collective, op.count, op.participants))
+    params = cfg.param_counts()["total_params"] / (plan.tp * plan.pp * max(1, plan.ep if cfg.is_moe else 1))
+    return out + dp_zero1_comm(params, plan.dp)

@@ -1,0 +1,375 @@
+"""Operation lists (FLOPs and bytes) of prefill, decode and training steps.
+
+Everything is derived from ``reference.config.ModelConfig`` and the weight shapes
+of ``reference.params`` (one source of truth); bytes per weight come from a
+``sim.quant.QuantPlan``. Letters follow reference/config.py: B batch, T new
+tokens per sequence, S keys, D hidden, H heads, K kv heads, R latent rank,
+Q q_lora_rank, N nope dim, P rope dim, A value dim, E experts, k experts/token,
+F expert / MLP width, V vocab. M = B*T tokens in the step.
+
+Counting conventions
+  * A matmul [m, n] x [n, p] is 2*m*n*p FLOPs.
+  * Attention: scores 2*M*H*d_qk*S_eff, values 2*M*H*d_v*S_eff, where S_eff is
+    the mean number of keys a query computes against. attn_impl="flash" skips
+    fully masked tiles (FlashAttention / FlashMLA): S_eff = prefix + (T+1)/2 for
+    causal prefill, prefix + 1 for decode. attn_impl="masked" computes all key
+    slots and masks afterwards (what reference/model.py does): S_eff = keys.
+  * MLA absorbed: q_nope is mapped into the latent space (2*M*H*N*R), scores run
+    over R+P dims and the value product over R dims per head, the output is
+    mapped back (2*M*H*R*A); the cache read is (R+P) values per token per layer.
+    MLA naive: kv_b_proj expands the latent of *every key* (2*B*S*R*H*(N+A), i.e.
+    over all L cached tokens at each decode step), then ordinary attention.
+  * Elementwise ops count the arithmetic per element of the reference code
+    (constants below); transcendentals (exp, rsqrt, sigmoid's exp) are not FLOPs,
+    as in XLA's HloCostAnalysis.
+  * Training: backward = 2x forward for every op (activation gradient +
+    weight gradient, each one forward-sized product: Kaplan et al. 2020 "6N").
+    Recomputation adds forward work: "selective" the attention core
+    (FlashAttention recomputes scores in backward), "full" every layer forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from reference.config import ModelConfig
+from reference.params import attention_shapes, global_shapes, layer_shapes
+from sim import moe_stats
+from sim.quant import BITS_PER_BYTE, QuantPlan, get_plan
+
+KINDS = ("gemm", "attention", "norm", "elementwise", "router", "embed", "head", "moe_gemm")
+
+# Per-element arithmetic of the reference implementation (reference/model.py).
+RMSNORM_FLOPS_PER_ELEM = 4   # x*x, mean-reduce, x*rsqrt(.), weight*x
+ROPE_FLOPS_PER_ELEM = 3      # x1*cos - x2*sin (2 mul + 1 add per output)
+SOFTMAX_FLOPS_PER_ELEM = 6   # scale, (nope+pe) add, max-reduce, subtract, sum-reduce, divide
+SILU_MUL_FLOPS_PER_ELEM = 5  # x*sigmoid(x) (negate, add, divide, multiply) * up
+RESIDUAL_FLOPS_PER_ELEM = 1
+ROUTER_FLOPS_PER_SCORE = 4   # scoring function, bias add, group masking, normalisation
+COMBINE_FLOPS_PER_ELEM = 2   # weight * expert output, scatter-add into the token
+
+BACKWARD_FLOPS_RATIO = 2     # dgrad + wgrad per forward product (Kaplan et al. 2020)
+# AdamW with fp32 master weights: read grad (bf16) and param, m, v (fp32); write param, m, v.
+ADAM_STATE_BYTES = 4 + 4 + 4          # fp32 master weight, first and second moment
+ADAM_GRAD_BYTES = 2                    # bf16 gradient
+ADAM_FLOPS_PER_PARAM = 12              # m, v updates, bias corrections, sqrt, divide, decay, step
+
+
+@dataclass(frozen=True)
+class Op:
+    """One operation of a step. Numbers are per occurrence; totals multiply by ``count``."""
+
+    name: str
+    layer: int | None
+    kind: str
+    flops: float
+    weight_bytes: float = 0.0
+    act_bytes_read: float = 0.0
+    act_bytes_written: float = 0.0
+    kv_bytes_read: float = 0.0
+    kv_bytes_written: float = 0.0
+    count: int = 1
+    precision: str = "bf16"
+    phase: str = "fwd"  # fwd | bwd | recompute | optim
+
+    @property
+    def bytes(self) -> float:
+        return (self.weight_bytes + self.act_bytes_read + self.act_bytes_written
+                + self.kv_bytes_read + self.kv_bytes_written)
+
+    @property
+    def intensity(self) -> float:
+        """Arithmetic intensity, FLOP per byte of memory traffic."""
+        return self.flops / self.bytes if self.bytes else float("inf")
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """The shape of one forward pass: B sequences, T new tokens each, ``prefix`` cached tokens.
+
+    key_slots: keys held per sequence (default prefix + T); attn_impl 'flash' or
+    'masked'; logits 'all' or 'last' (inference prefill needs only the last).
+    """
+
+    batch: int
+    tokens: int
+    prefix: int = 0
+    key_slots: int | None = None
+    attn_impl: str = "flash"
+    logits: str = "all"
+    mla_form: str = "absorbed"
+
+    @property
+    def m(self) -> int:
+        return self.batch * self.tokens
+
+    @property
+    def keys(self) -> int:
+        return self.key_slots if self.key_slots is not None else self.prefix + self.tokens
+
+    @property
+    def keys_per_query(self) -> float:
+        """S_eff: mean keys each query computes against."""
+        if self.attn_impl == "masked":
+            return float(self.keys)
+        if self.attn_impl != "flash":
+            raise ValueError(f"attn_impl must be 'flash' or 'masked', got {self.attn_impl!r}")
+        return self.prefix + (self.tokens + 1) / 2
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class _Weights:
+    """Stored bytes of each weight tensor of a layer, under a plan."""
+
+    def __init__(self, cfg: ModelConfig, plan: QuantPlan):
+        self.cfg, self.plan = cfg, plan
+        self._layers: dict[int, dict[str, float]] = {}
+
+    def layer(self, i: int) -> dict[str, float]:
+        if i not in self._layers:
+            n = self.cfg.num_hidden_layers
+            self._layers[i] = {k: _numel(s) * self.plan.weight_bits(k, s, i, n) / BITS_PER_BYTE
+                               for k, s in layer_shapes(self.cfg, i).items()}
+        return self._layers[i]
+
+    def glob(self, name: str) -> float:
+        s = global_shapes(self.cfg)[name]
+        return _numel(s) * self.plan.weight_bits(name, s, None, self.cfg.num_hidden_layers) / BITS_PER_BYTE
+
+
+def _gemm(name, layer, m, k_in, n_out, wbytes, ab, prec, kind="gemm") -> Op:
+    return Op(name, layer, kind, 2.0 * m * k_in * n_out, wbytes, m * k_in * ab, m * n_out * ab, precision=prec)
+
+
+def _elem(name, layer, n_elems, flops_per, ab, kind="elementwise", wbytes=0.0, prec="fp32") -> Op:
+    return Op(name, layer, kind, float(n_elems * flops_per), wbytes, n_elems * ab, n_elems * ab, precision=prec)
+
+
+# --------------------------------------------------------------------- attention
+def _mla_ops(cfg: ModelConfig, plan: QuantPlan, w: dict[str, float], i: int, sh: StepShape) -> list[Op]:
+    D, H, R, P = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    N, A = cfg.qk_nope_head_dim, cfg.v_head_dim
+    M, B, ab, gp, ap = sh.m, sh.batch, plan.act_bytes, plan.gemm_precision, plan.attn_precision
+    kvb = plan.kv_bytes
+    ops: list[Op] = []
+    if cfg.q_lora_rank is None:
+        ops.append(_gemm("q_proj", i, M, D, H * (N + P), w["self_attn.q_proj.weight"], ab, gp))
+    else:
+        Q = cfg.q_lora_rank
+        ops.append(_gemm("q_a_proj", i, M, D, Q, w["self_attn.q_a_proj.weight"], ab, gp))
+        ops.append(_elem("q_a_layernorm", i, M * Q, RMSNORM_FLOPS_PER_ELEM, ab, "norm",
+                         w["self_attn.q_a_layernorm.weight"]))
+        ops.append(_gemm("q_b_proj", i, M, Q, H * (N + P), w["self_attn.q_b_proj.weight"], ab, gp))
+    ops.append(_gemm("kv_a_proj_with_mqa", i, M, D, R + P, w["self_attn.kv_a_proj_with_mqa.weight"], ab, gp))
+    ops.append(_elem("kv_a_layernorm", i, M * R, RMSNORM_FLOPS_PER_ELEM, ab, "norm",
+                     w["self_attn.kv_a_layernorm.weight"]))
+    ops.append(_elem("rope", i, M * (H + 1) * P, ROPE_FLOPS_PER_ELEM, ab))
+    S, Se = sh.keys, sh.keys_per_query
+    cache_read = B * S * (R + P) * kvb
+    cache_write = M * (R + P) * kvb
+    scores = M * H * Se
+    w_kvb = w["self_attn.kv_b_proj.weight"]
+    if sh.mla_form == "absorbed":
+        ops.append(_gemm("q_absorb", i, M * H, N, R, w_kvb * N / (N + A), ab, gp))
+        ops.append(Op("mla_attention", i, "attention", 2.0 * scores * (R + P) + 2.0 * scores * R,
+                      0.0, M * H * (R + P) * ab, M * H * R * ab, cache_read, cache_write, precision=plan.attn_precision))
+        ops.append(_elem("softmax", i, scores, SOFTMAX_FLOPS_PER_ELEM, 0.0))
+        ops.append(_gemm("out_absorb", i, M * H, R, A, w_kvb * A / (N + A), ab, gp))
+    elif sh.mla_form == "naive":
+        ops.append(Op("kv_b_expand", i, "gemm", 2.0 * B * S * R * H * (N + A), w_kvb,
+                      act_bytes_written=B * S * H * (N + A) * ab, kv_bytes_read=cache_read,
+                      kv_bytes_written=cache_write, precision=gp))
+        ops.append(Op("attention", i, "attention", 2.0 * scores * (N + P) + 2.0 * scores * A, 0.0,
+                      M * H * (N + P) * ab + B * S * (H * (N + A) + P) * ab, M * H * A * ab,
+                      precision=plan.attn_precision))
+        ops.append(_elem("softmax", i, scores, SOFTMAX_FLOPS_PER_ELEM, 0.0))
+    else:
+        raise ValueError(f"mla_form must be 'absorbed' or 'naive', got {sh.mla_form!r}")
+    ops.append(_gemm("o_proj", i, M, H * A, D, w["self_attn.o_proj.weight"], ab, gp))
+    return ops
+
+
+def _gqa_ops(cfg: ModelConfig, plan: QuantPlan, w: dict[str, float], i: int, sh: StepShape) -> list[Op]:
+    D, H, K, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dense_head_dim
+    M, B, ab, gp = sh.m, sh.batch, plan.act_bytes, plan.gemm_precision
+    ops = [_gemm("q_proj", i, M, D, H * hd, w["self_attn.q_proj.weight"], ab, gp),
+           _gemm("k_proj", i, M, D, K * hd, w["self_attn.k_proj.weight"], ab, gp),
+           _gemm("v_proj", i, M, D, K * hd, w["self_attn.v_proj.weight"], ab, gp)]
+    if cfg.attention_bias:
+        ops.append(_elem("qkv_bias", i, M * (H + 2 * K) * hd, RESIDUAL_FLOPS_PER_ELEM, ab, wbytes=sum(
+            w[f"self_attn.{p}_proj.bias"] for p in "qkv")))
+    ops.append(_elem("rope", i, M * (H + K) * hd, ROPE_FLOPS_PER_ELEM, ab))
+    S, Se = sh.keys, sh.keys_per_query
+    scores = M * H * Se
+    ops.append(Op("attention", i, "attention", 2.0 * scores * hd * 2, 0.0, M * H * hd * ab, M * H * hd * ab,
+                  B * S * 2 * K * hd * plan.kv_bytes, M * 2 * K * hd * plan.kv_bytes, precision=plan.attn_precision))
+    ops.append(_elem("softmax", i, scores, SOFTMAX_FLOPS_PER_ELEM, 0.0))
+    ops.append(_gemm("o_proj", i, M, H * hd, D, w["self_attn.o_proj.weight"], ab, gp))
+    return ops
+
+
+# --------------------------------------------------------------------------- FFN
+def _mlp_ops(prefix: str, i: int, M: float, D: int, F: int, w: dict[str, float], ab, gp, kind="gemm") -> list[Op]:
+    return [_gemm(f"{prefix}gate_proj", i, M, D, F, w[f"mlp.{prefix}gate_proj.weight"], ab, gp, kind),
+            _gemm(f"{prefix}up_proj", i, M, D, F, w[f"mlp.{prefix}up_proj.weight"], ab, gp, kind),
+            _elem(f"{prefix}silu_mul", i, M * F, SILU_MUL_FLOPS_PER_ELEM, ab),
+            _gemm(f"{prefix}down_proj", i, M, F, D, w[f"mlp.{prefix}down_proj.weight"], ab, gp, kind)]
+
+
+def routed_expert_flops(cfg: ModelConfig, rows: float) -> float:
+    """FLOPs of ``rows`` (token, expert) rows through one SwiGLU expert (3 matmuls + silu*mul)."""
+    D, F = cfg.hidden_size, cfg.moe_intermediate_size
+    return rows * (3 * 2.0 * D * F + SILU_MUL_FLOPS_PER_ELEM * F)
+
+
+def _moe_ops(cfg: ModelConfig, plan: QuantPlan, w: dict[str, float], i: int, M: int, shares) -> list[Op]:
+    D, E, k, F = cfg.hidden_size, cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
+    ab, gp = plan.act_bytes, plan.gemm_precision
+    router_w = w["mlp.gate.weight"] + w.get("mlp.gate.e_score_correction_bias", 0.0)
+    ops = [_gemm("router", i, M, D, E, router_w, ab, "fp32", "router"),
+           _elem("router_scores", i, M * E, ROUTER_FLOPS_PER_SCORE, 4)]
+    touched = moe_stats.expected_distinct(shares, E, k, M)
+    per_expert = sum(v for n, v in w.items() if ".experts." in n) / E
+    rows = M * k
+    ops.append(Op("routed_experts", i, "moe_gemm", rows * 3 * 2.0 * D * F, touched * per_expert,
+                  rows * D * ab * 2 + rows * F * ab * 2, rows * D * ab + rows * F * ab * 2, precision=gp))
+    ops.append(_elem("routed_silu_mul", i, rows * F, SILU_MUL_FLOPS_PER_ELEM, ab))
+    ops.append(_elem("moe_combine", i, rows * D, COMBINE_FLOPS_PER_ELEM, ab))
+    if cfg.n_shared_experts:
+        ops += _mlp_ops("shared_experts.", i, M, D, F * cfg.n_shared_experts, w, ab, gp)
+    return ops
+
+
+# --------------------------------------------------------------------- the model
+def forward_ops(cfg: ModelConfig, plan: QuantPlan | str, sh: StepShape, moe_shares=None) -> list[Op]:
+    """Every operation of one forward pass of shape ``sh`` (embedding to logits)."""
+    plan = get_plan(plan) if isinstance(plan, str) else plan
+    weights = _Weights(cfg, plan)
+    M, D, ab = sh.m, cfg.hidden_size, plan.act_bytes
+    emb_row = weights.glob("model.embed_tokens.weight") / cfg.vocab_size
+    ops = [Op("embed", None, "embed", 0.0, M * emb_row, M * 4, M * D * ab, precision="fp32")]
+    for i in range(cfg.num_hidden_layers):
+        w = weights.layer(i)
+        ops.append(_elem("input_layernorm", i, M * D, RMSNORM_FLOPS_PER_ELEM, ab, "norm", w["input_layernorm.weight"]))
+        ops += _mla_ops(cfg, plan, w, i, sh) if cfg.arch == "deepseek" else _gqa_ops(cfg, plan, w, i, sh)
+        ops.append(_elem("attn_residual", i, M * D, RESIDUAL_FLOPS_PER_ELEM, ab))
+        ops.append(_elem("post_attention_layernorm", i, M * D, RMSNORM_FLOPS_PER_ELEM, ab, "norm",
+                         w["post_attention_layernorm.weight"]))
+        if cfg.is_moe_layer(i):
+            ops += _moe_ops(cfg, plan, w, i, M, moe_shares)
+        else:
+            ops += _mlp_ops("", i, M, D, cfg.intermediate_size, w, ab, plan.gemm_precision)
+        ops.append(_elem("mlp_residual", i, M * D, RESIDUAL_FLOPS_PER_ELEM, ab))
+    n_logits = M if sh.logits == "all" else sh.batch
+    ops.append(_elem("final_norm", None, n_logits * D, RMSNORM_FLOPS_PER_ELEM, ab, "norm",
+                     weights.glob("model.norm.weight")))
+    head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    ops.append(_gemm("lm_head", None, n_logits, D, cfg.vocab_size, weights.glob(head), ab,
+                     plan.gemm_precision, "head"))
+    return ops
+
+
+def prefill_ops(cfg: ModelConfig, plan: QuantPlan | str, batch: int, tokens: int, prefix: int = 0, *,
+                mla_form: str = "naive", attn_impl: str = "flash", logits: str = "last", moe_shares=None) -> list[Op]:
+    """Prefill of ``batch`` sequences of ``tokens`` new tokens after ``prefix`` cached ones.
+
+    DeepSeek prefills in the naive (expanded, MHA-like) MLA form: fewer FLOPs per
+    key when T is long; pass mla_form='absorbed' for the latent form.
+    """
+    sh = StepShape(batch, tokens, prefix, attn_impl=attn_impl, logits=logits, mla_form=mla_form)
+    return forward_ops(cfg, plan, sh, moe_shares)
+
+
+def decode_ops(cfg: ModelConfig, plan: QuantPlan | str, batch: int, context: int, *, mla_form: str = "absorbed",
+               attn_impl: str = "flash", key_slots: int | None = None, moe_shares=None) -> list[Op]:
+    """One decode step: ``batch`` sequences with ``context`` cached tokens each, one new token.
+
+    The new token attends to context + 1 keys. key_slots (with attn_impl='masked')
+    models an implementation that computes over a fixed-size cache.
+    """
+    sh = StepShape(batch, 1, context, key_slots=key_slots, attn_impl=attn_impl, logits="all", mla_form=mla_form)
+    return forward_ops(cfg, plan, sh, moe_shares)
+
+
+def training_ops(cfg: ModelConfig, plan: QuantPlan | str, batch: int, seq: int, *, recompute: str = "none",
+                 mla_form: str = "naive", include_optimizer: bool = True) -> list[Op]:
+    """One training step on ``batch`` sequences of ``seq`` tokens (forward + backward [+ recompute] + AdamW).
+
+    recompute: 'none', 'selective' (attention core recomputed in backward) or
+    'full' (every layer's forward recomputed).
+    """
+    plan = get_plan(plan) if isinstance(plan, str) else plan
+    if recompute not in ("none", "selective", "full"):
+        raise ValueError(f"recompute must be none, selective or full, got {recompute!r}")
+    fwd = forward_ops(cfg, plan, StepShape(batch, seq, 0, logits="all", mla_form=mla_form), None)
+    ops = list(fwd)
+    for op in fwd:
+        ops.append(replace(op, name=op.name + "_bwd", phase="bwd", flops=BACKWARD_FLOPS_RATIO * op.flops,
+                           weight_bytes=2 * op.weight_bytes,
+                           act_bytes_read=op.act_bytes_read + op.act_bytes_written,
+                           act_bytes_written=op.act_bytes_read, kv_bytes_read=op.kv_bytes_written,
+                           kv_bytes_written=0.0))
+        redo = (recompute == "full" and op.layer is not None) or (
+            recompute == "selective" and op.kind == "attention")
+        if redo:
+            ops.append(replace(op, name=op.name + "_recompute", phase="recompute"))
+    if include_optimizer:
+        n = cfg.param_counts()["total_params"]
+        ops.append(Op("adamw", None, "elementwise", float(ADAM_FLOPS_PER_PARAM * n), 0.0,
+                      n * (ADAM_STATE_BYTES + ADAM_GRAD_BYTES), n * ADAM_STATE_BYTES, precision="fp32",
+                      phase="optim"))
+    return ops
+
+
+# ----------------------------------------------------------------------- totals
+def totals(ops: list[Op]) -> dict:
+    """Sums over ops (x count), overall and per kind."""
+    out = {"flops": 0.0, "weight_bytes": 0.0, "act_bytes": 0.0, "kv_bytes": 0.0, "bytes": 0.0, "by_kind": {}}
+    for op in ops:
+        c = op.count
+        out["flops"] += op.flops * c
+        out["weight_bytes"] += op.weight_bytes * c
+        out["act_bytes"] += (op.act_bytes_read + op.act_bytes_written) * c
+        out["kv_bytes"] += (op.kv_bytes_read + op.kv_bytes_written) * c
+        out["bytes"] += op.bytes * c
+        k = out["by_kind"].setdefault(op.kind, {"flops": 0.0, "bytes": 0.0, "weight_bytes": 0.0})
+        k["flops"] += op.flops * c
+        k["bytes"] += op.bytes * c
+        k["weight_bytes"] += op.weight_bytes * c
+    return out
+
+
+MATMUL_KINDS = ("gemm", "attention", "router", "head", "moe_gemm")
+
+
+def matmul_flops(ops: list[Op]) -> float:
+    """FLOPs of products only (the convention of published per-token figures)."""
+    return sum(op.flops * op.count for op in ops if op.kind in MATMUL_KINDS)
+
+
+def training_flops_per_token(cfg: ModelConfig, seq: int = 4096, recompute: str = "none") -> float:
+    """Matmul FLOPs per trained token: forward + backward (3x forward) of all products,
+    causal attention (each query sees (T+1)/2 keys on average), sequence ``seq``.
+
+    With recompute='none' this is 6 * activated params + 3 * causal attention, the
+    convention that reproduces the DeepSeek ISCA'25 table (250 GFLOPs V3, 155 V2).
+    """
+    ops = training_ops(cfg, "bf16", 1, seq, recompute=recompute, include_optimizer=False)
+    return matmul_flops(ops) / seq
+
+
+def weight_bytes_total(cfg: ModelConfig, plan: QuantPlan | str) -> float:
+    """Stored bytes of all main-model weights under ``plan``."""
+    from sim.quant import model_weight_bytes
+    plan = get_plan(plan) if isinstance(plan, str) else plan
+    return model_weight_bytes(cfg, plan)["total"]
+
+
+def attention_weight_names(cfg: ModelConfig) -> list[str]:
+    return ["self_attn." + k for k in attention_shapes(cfg)]

@@ -1,0 +1,216 @@
+"""Single-machine inference estimate: decode and prefill tokens/s, memory needed vs available.
+
+Targets are a catalog device id (``h800``, ``raspberry-pi-5``, ``host`` ...) or a
+node preset (``raspberry-pi-5-w7700``: a host CPU plus one accelerator;
+``h800-node``: several accelerators used tensor-parallel over their fabric).
+
+Memory needed = weights at the plan's real bits (sim/quant.py) + KV cache at
+the given context for every sequence + the activation working set: llama.cpp
+and XLA reuse one compute buffer for the graph, so it is the largest single op's
+inputs + outputs in the prefill chunk plus the fp32 logits. Operating-system and
+runtime reservations are not modelled (no cited figure); the margin is reported.
+
+Partial offload (llama.cpp ``-ngl``): when the weights do not fit in the
+accelerator, the last layers go to it (llama.cpp assigns layers
+[n_layer - ngl, n_layer) to the GPU); the embedding, and the output layer unless
+every layer fits, stay in host memory. Ops of host layers run at the host CPU's
+peaks and memory bandwidth, ops of device layers at the device's; the hidden
+state crosses PCIe twice per step (into and out of the device layers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from reference.config import ModelConfig
+from reference.presets import load_config
+from sim import costmodel, roofline
+from sim.comm import CommOp, tp_comm
+from sim.quant import QuantPlan, get_plan, model_weight_bytes
+
+LOGITS_BYTES = 4  # fp32 logits (both llama.cpp and reference/model.py return float32)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What runs the model: ``device`` holds the weights it can; ``host`` (a CPU
+    Device) holds the rest. n_devices > 1: tensor-parallel accelerators in a node."""
+
+    name: str
+    device: object
+    host: object | None = None
+    host_memory_bytes: float | None = None
+    host_memory_bandwidth: float | None = None
+    pcie_bandwidth: float | None = None
+    n_devices: int = 1
+    node: object | None = None
+
+
+def resolve_target(name: str) -> Target:
+    """A device id / device file / 'host', else a system (node) preset."""
+    from hwmodels.catalog import CatalogError, load_device
+    try:
+        return Target(name, load_device(name))
+    except CatalogError as dev_err:
+        if name == "host":  # the probe file is missing: the device error says what to run
+            raise
+        try:
+            from hwmodels.systems import load_system
+        except ImportError:  # pragma: no cover - systems module not present
+            raise dev_err from None
+        try:
+            sys_ = load_system(name)
+        except CatalogError as sys_err:
+            raise ValueError(f"{name!r} is neither a device ({dev_err}) nor a system ({sys_err})") from None
+    node = getattr(sys_, "node", sys_)
+    if node is not sys_:
+        raise ValueError(f"{name!r} is a cluster; `sim local` takes a device or a single node")
+    host = node.host_cpu
+    return Target(name, node.device, host, node.host_memory_bytes, node.host_memory_bandwidth,
+                  node.pcie_bandwidth, node.devices_per_node, node)
+
+
+def _layer_bytes(cfg: ModelConfig, plan: QuantPlan, context: int, batch: int) -> list[float]:
+    w = model_weight_bytes(cfg, plan)["layers"]
+    kv_layer = cfg.kv_cache_bytes_per_token(plan.kv_bytes) / cfg.num_hidden_layers * context * batch
+    return [x + kv_layer for x in w]
+
+
+def activation_bytes(cfg: ModelConfig, plan: QuantPlan, batch: int, prompt_tokens: int) -> float:
+    """Largest single op's activations (in + out) in the prefill chunk, plus the fp32 logits."""
+    ops = costmodel.prefill_ops(cfg, plan, batch, prompt_tokens, logits="last")
+    act = max(op.act_bytes_read + op.act_bytes_written for op in ops)
+    return act + batch * cfg.vocab_size * LOGITS_BYTES
+
+
+def memory_plan(cfg: ModelConfig, plan: QuantPlan, tgt: Target, context: int, batch: int, prompt_tokens: int) -> dict:
+    wb = model_weight_bytes(cfg, plan)
+    kv = cfg.kv_cache_bytes_per_token(plan.kv_bytes) * context * batch
+    act = activation_bytes(cfg, plan, batch, prompt_tokens)
+    required = wb["total"] + kv + act
+    dev_mem = tgt.device.require("memory_bytes") * tgt.n_devices
+    host_mem = tgt.host_memory_bytes if tgt.host is not None else None
+    if tgt.host is not None and host_mem is None:
+        host_mem = tgt.host.memory_bytes
+    available = dev_mem + (host_mem or 0.0)
+    out = {"weights_bytes": wb["total"], "weights_bits_per_weight": wb["bits_per_weight"], "kv_cache_bytes": kv,
+           "activation_bytes": act, "memory_required_bytes": required, "memory_available_bytes": available,
+           "device_memory_bytes": dev_mem, "host_memory_bytes": host_mem}
+    n = cfg.num_hidden_layers
+    if tgt.host is None:
+        out.update(fits=required <= dev_mem, gpu_layers=n, head_on_device=True)
+        return out
+    # Partial offload: the device keeps the activation buffer, then the last layers that fit.
+    per_layer = _layer_bytes(cfg, plan, context, batch)
+    free = dev_mem - act
+    gpu_layers = 0
+    for b in reversed(per_layer):
+        if b > free:
+            break
+        free -= b
+        gpu_layers += 1
+    head_bytes = wb["globals"] - _embed_bytes(cfg, plan)
+    head_on_device = gpu_layers == n and head_bytes <= free
+    on_device = act + sum(per_layer[n - gpu_layers:]) + (head_bytes if head_on_device else 0.0)
+    on_host = required - on_device
+    out.update(fits=on_host <= (host_mem or 0.0), gpu_layers=gpu_layers, head_on_device=head_on_device,
+               bytes_on_device=on_device, bytes_on_host=on_host)
+    return out
+
+
+def _embed_bytes(cfg, plan) -> float:
+    from reference.params import global_shapes
+    s = global_shapes(cfg)["model.embed_tokens.weight"]
+    return s[0] * s[1] * plan.weight_bits("model.embed_tokens.weight", s, None, cfg.num_hidden_layers) / 8
+
+
+def _split_time(ops, tgt: Target, gpu_layers: int, head_on_device: bool, n_layers: int, tokens: int,
+                act_bytes: float, hidden: int, cfg: ModelConfig):
+    """Step time with ops placed on the device or on the host (partial offload) or TP over a node."""
+    first_gpu = n_layers - gpu_layers
+    if tgt.host is None or gpu_layers == n_layers and head_on_device:
+        dev_ops = [op for op in ops if op.kind != "embed"] if tgt.host is not None else ops
+        host_ops = [op for op in ops if op.kind == "embed"] if tgt.host is not None else []
+    else:
+        def on_dev(op):
+            if op.layer is None:
+                return op.kind != "embed" and head_on_device
+            return op.layer >= first_gpu
+        dev_ops = [op for op in ops if on_dev(op)]
+        host_ops = [op for op in ops if not on_dev(op)]
+    n = tgt.n_devices
+    if n > 1:  # tensor parallel: each device does 1/n of the work
+        from dataclasses import replace
+        dev_ops = [replace(op, flops=op.flops / n, weight_bytes=op.weight_bytes / n,
+                           kv_bytes_read=op.kv_bytes_read / n, kv_bytes_written=op.kv_bytes_written / n)
+                   for op in dev_ops]
+    comm: list[CommOp] = []
+    if n > 1:
+        comm += tp_comm(cfg, tokens, n, act_bytes, n)
+    if tgt.host is not None and host_ops and dev_ops:
+        comm.append(CommOp("pcie_hidden_state", tokens * hidden * act_bytes, "pcie", "pcie", count=2))
+    dev_t = roofline.step_time(dev_ops, tgt.device, comm, node=tgt.node)
+    host_t = None
+    if host_ops:
+        host_t = roofline.step_time(host_ops, tgt.host, memory_bandwidth=tgt.host_memory_bandwidth)
+    return dev_t, host_t
+
+
+def _merge_kinds(*steps) -> dict:
+    out: dict = {}
+    for s in steps:
+        if s is None:
+            continue
+        for k, d in s.by_kind().items():
+            o = out.setdefault(k, {"time_s": 0.0, "flops": 0.0, "bytes": 0.0, "memory_bound_time_s": 0.0})
+            for f in o:
+                o[f] += d[f]
+    for d in out.values():
+        d["intensity_flop_per_byte"] = d["flops"] / d["bytes"] if d["bytes"] else None
+        d["bound"] = "memory" if d["memory_bound_time_s"] >= d["time_s"] / 2 else "compute"
+    return out
+
+
+def estimate(model: str | ModelConfig, device: str, quant: str = "bf16", *, context: int = 4096, batch: int = 1,
+             prompt_tokens: int = 512) -> dict:
+    """Decode and prefill throughput and the memory budget of ``model`` on ``device``.
+
+    context: tokens in the KV cache during decode (and the cache to allocate);
+    prompt_tokens: the prefill length. Returns a JSON-ready dict.
+    """
+    cfg = load_config(model) if isinstance(model, str) else model
+    plan = get_plan(quant)
+    tgt = resolve_target(device)
+    mem = memory_plan(cfg, plan, tgt, context, batch, prompt_tokens)
+    out = {"model": cfg.name, "device": tgt.name, "quant": plan.name, "context": context, "batch": batch,
+           "prompt_tokens": prompt_tokens, **mem}
+    gb = 1e9
+    if not mem["fits"]:
+        out.update(decode_tokens_per_s=None, prefill_tokens_per_s=None, decode_step_s=None,
+                   message=(f"{cfg.name} ({plan.name}) does not fit on {tgt.name}: needs "
+                            f"{mem['memory_required_bytes'] / gb:.1f} GB (weights {mem['weights_bytes'] / gb:.1f} GB"
+                            f" + KV cache {mem['kv_cache_bytes'] / gb:.2f} GB + activations "
+                            f"{mem['activation_bytes'] / gb:.2f} GB), available "
+                            f"{mem['memory_available_bytes'] / gb:.1f} GB"))
+        return out
+    n = cfg.num_hidden_layers
+    dec = costmodel.decode_ops(cfg, plan, batch, context)
+    d_dev, d_host = _split_time(dec, tgt, mem["gpu_layers"], mem["head_on_device"], n, batch,
+                                plan.act_bytes, cfg.hidden_size, cfg)
+    t_dec = d_dev.time_s + (d_host.time_s if d_host else 0.0)
+    pre = costmodel.prefill_ops(cfg, plan, batch, prompt_tokens, logits="last")
+    p_dev, p_host = _split_time(pre, tgt, mem["gpu_layers"], mem["head_on_device"], n, batch * prompt_tokens,
+                                plan.act_bytes, cfg.hidden_size, cfg)
+    t_pre = p_dev.time_s + (p_host.time_s if p_host else 0.0)
+    tot = costmodel.totals(dec)
+    out.update(
+        decode_step_s=t_dec, decode_tokens_per_s=batch / t_dec, prefill_s=t_pre,
+        prefill_tokens_per_s=batch * prompt_tokens / t_pre,
+        decode_flops_per_step=tot["flops"], decode_bytes_per_step=tot["bytes"],
+        decode_weight_bytes_per_step=tot["weight_bytes"], decode_kv_bytes_per_step=tot["kv_bytes"],
+        decode_breakdown=_merge_kinds(d_dev, d_host), prefill_breakdown=_merge_kinds(p_dev, p_host),
+        decode_comm_s=d_dev.comm_time_s, decode_host_s=d_host.time_s if d_host else 0.0,
+        memory_margin_bytes=mem["memory_available_bytes"] - mem["memory_required_bytes"],
+        message=(f"fits: {mem['memory_required_bytes'] / gb:.1f} GB of {mem['memory_available_bytes'] / gb:.1f} GB"
+                 + (f"; {mem['gpu_layers']}/{n} layers on {tgt.device.id}" if tgt.host is not None else "")))
+    return out
