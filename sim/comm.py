@@ -20,7 +20,7 @@ Formulas
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from reference.config import ModelConfig
 
@@ -151,14 +151,30 @@ def kv_transfer_bytes(cfg: ModelConfig, prompt_tokens: int, kv_bytes: float = BF
 
 def training_comm(cfg: ModelConfig, plan: ParallelPlan, tokens_per_device: int, microbatches: int,
                   act_bytes: float = BF16_BYTES) -> list[CommOp]:
-    """Communication of one training step: forward + backward (the backward mirrors
-    TP all-reduces, EP all-to-alls and PP sends), plus ZeRO-1 DP traffic."""
-    fwd = (tp_comm(cfg, tokens_per_device, plan.tp, act_bytes, plan.devices_per_node)
-           + ep_comm(cfg, tokens_per_device, plan)
-           + pp_comm(cfg, tokens_per_device // max(1, microbatches), microbatches, plan.pp, act_bytes))
+    """Communication of one device in one training step: forward + backward (the backward
+    mirrors TP all-reduces, EP all-to-alls and PP sends) for the layers of its pipeline
+    stage, plus ZeRO-1 DP traffic. tokens_per_device: tokens the device processes per step."""
+    per_stage = [replace(op, count=-(-op.count // plan.pp))  # a PP stage holds 1/pp of the layers
+                 for op in tp_comm(cfg, tokens_per_device, plan.tp, act_bytes, plan.devices_per_node)
+                 + ep_comm(cfg, tokens_per_device, plan)]
+    fwd = per_stage + pp_comm(cfg, tokens_per_device // max(1, microbatches), microbatches, plan.pp, act_bytes)
     out = []
     for op in fwd:
         out.append(op)
         out.append(CommOp(op.name + "_bwd", op.bytes, op.link, op.collective, op.count, op.participants))
-    params = cfg.param_counts()["total_params"] / (plan.tp * plan.pp * max(1, plan.ep if cfg.is_moe else 1))
-    return out + dp_zero1_comm(params, plan.dp)
+    return out + dp_zero1_comm(params_per_device(cfg, plan), plan.dp)
+
+
+def params_per_device(cfg: ModelConfig, plan: ParallelPlan) -> float:
+    """Parameters one device holds: routed experts split over EP x PP, the rest over TP x PP."""
+    from reference.params import layer_shapes
+    expert = 0
+    for i in range(cfg.num_hidden_layers):
+        for name, shape in layer_shapes(cfg, i).items():
+            if ".experts." in name:
+                n = 1
+                for d in shape:
+                    n *= d
+                expert += n
+    rest = cfg.param_counts()["total_params"] - expert
+    return expert / (plan.ep * plan.pp) + rest / (plan.tp * plan.pp)

@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from reference.config import ModelConfig
-from reference.params import attention_shapes, global_shapes, layer_shapes
+from reference.params import global_shapes, layer_shapes
 from sim import moe_stats
 from sim.quant import BITS_PER_BYTE, QuantPlan, get_plan
 
@@ -371,5 +371,19 @@ def weight_bytes_total(cfg: ModelConfig, plan: QuantPlan | str) -> float:
     return model_weight_bytes(cfg, plan)["total"]
 
 
-def attention_weight_names(cfg: ModelConfig) -> list[str]:
-    return ["self_attn." + k for k in attention_shapes(cfg)]
+def model_summary(cfg: ModelConfig, plan: QuantPlan | str = "bf16", *, context: int = 4096,
+                  train_seq: int = 4096) -> dict:
+    """Whole-model totals: parameters, stored weight bytes, KV bytes per token, and FLOPs and
+    bytes per token of a batch-1 decode step at ``context``, a prefill of ``context`` tokens
+    and a training step (matmul FLOPs, ISCA'25 convention)."""
+    plan = get_plan(plan) if isinstance(plan, str) else plan
+    dec = totals(decode_ops(cfg, plan, 1, context))
+    pre = totals(prefill_ops(cfg, plan, 1, context))
+    pc = cfg.param_counts()
+    return {"model": cfg.name, "plan": plan.name, "total_params": pc["total_params"],
+            "activated_params": pc["activated_params"], "weight_bytes": weight_bytes_total(cfg, plan),
+            "kv_bytes_per_token": cfg.kv_cache_bytes_per_token(plan.kv_bytes),
+            "decode_flops_per_token": dec["flops"], "decode_bytes_per_token": dec["bytes"],
+            "decode_weight_bytes_per_token": dec["weight_bytes"],
+            "prefill_flops_per_token": pre["flops"] / context, "prefill_bytes_per_token": pre["bytes"] / context,
+            "training_flops_per_token": training_flops_per_token(cfg, train_seq)}

@@ -64,6 +64,15 @@ def test_training_convention_is_6n_plus_causal_attention():
     assert costmodel.training_flops_per_token(cfg, seq) == pytest.approx(6 * n_act + 3 * att, rel=1e-9)
 
 
+def test_model_summary_v3():
+    d = costmodel.model_summary(get_preset("deepseek-v3"), "fp8")
+    assert d["kv_bytes_per_token"] == 70_272
+    # Decode FLOPs/token ~ 2 x activated params (+ attention over 4096 keys, absorbed form).
+    assert 2 * d["activated_params"] < d["decode_flops_per_token"] < 2.5 * 2 * d["activated_params"]
+    assert d["decode_weight_bytes_per_token"] < d["weight_bytes"] / 10  # only the touched experts
+    assert d["training_flops_per_token"] == pytest.approx(250e9, rel=0.01)
+
+
 def test_recomputation_adds_forward_work():
     cfg = get_preset("tiny-v3")
     none = costmodel.matmul_flops(costmodel.training_ops(cfg, "bf16", 2, 64, recompute="none"))
@@ -188,6 +197,18 @@ def test_comm_formulas():
     assert comm.kv_transfer_bytes(cfg, 1000) == 70_272 * 1000
     zero = comm.dp_zero1_comm(1e9, 4)
     assert sum(c.bytes for c in zero) == pytest.approx(2 * 0.75 * 2e9)
+
+
+def test_training_comm_per_stage_and_params_per_device():
+    cfg = get_preset("deepseek-v3")
+    plan = comm.ParallelPlan(ep=64, pp=16, dp=128, node_limit=4)
+    total = cfg.param_counts()["total_params"]
+    ppd = comm.params_per_device(cfg, plan)
+    assert total / (64 * 16) < ppd < total / 16
+    ops = {c.name: c for c in comm.training_comm(cfg, plan, 4096, 16)}
+    assert ops["ep_dispatch_inter"].count == -(-cfg.num_moe_layers // 16)
+    assert ops["ep_combine_inter_bwd"].bytes == ops["ep_combine_inter"].bytes
+    assert ops["dp_grad_reduce_scatter"].bytes == pytest.approx(127 / 128 * ppd * 2)
 
 
 # ------------------------------------------------------------------- roofline
