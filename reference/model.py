@@ -49,6 +49,8 @@ def _init_value(name: str, shape, dtype, key, std: float):
         return jnp.zeros(shape, F32 if "e_score" in name else dtype)
     # numpy's generator, seeded from the explicit JAX key: jax.random would compile one
     # kernel per distinct shape (seconds for a small model), numpy draws at memory speed.
+    if isinstance(key, jax.core.Tracer):  # abstract init (nnx.eval_shape): shapes only
+        return (jax.random.normal(key, shape, F32) * std).astype(dtype)
     rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).tolist())
     return jnp.asarray((rng.standard_normal(shape, np.float32) * std)).astype(dtype)
 
