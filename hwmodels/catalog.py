@@ -25,6 +25,7 @@ an ``[efficiency.<op>]`` table in the device file.
 from __future__ import annotations
 
 import math
+import functools
 import os
 import re
 import tomllib
@@ -252,8 +253,17 @@ def _parse_efficiency_entry(raw: Any, file: str | os.PathLike, name: str) -> Fig
 
 
 def load_efficiency_table(path: str | os.PathLike | None = None) -> dict[tuple[str, str], Figure]:
-    """Read efficiency.toml: {(device_class, op_type): Figure}; every pair required."""
+    """Read efficiency.toml: {(device_class, op_type): Figure}; every pair required.
+
+    Parsed once per (path, modification time): the cost model asks for factors per op.
+    """
     file = Path(path) if path is not None else EFFICIENCY_FILE
+    return dict(_load_efficiency_cached(str(file), file.stat().st_mtime_ns if file.exists() else 0))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_efficiency_cached(file_name: str, _mtime: int) -> dict[tuple[str, str], Figure]:
+    file = Path(file_name)
     data = read_toml(file)
     out: dict[tuple[str, str], Figure] = {}
     for cls in data:
