@@ -1,0 +1,155 @@
+"""`dsref golden`, `dsref compare`, `dsref conformance`: the oracle's command line (docs/oracle.md).
+
+Exit status: 0 within tolerance / all cases pass, 1 out of tolerance / a case fails
+or errors, 2 bad input (missing file, not safetensors, shape mismatch, bad tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+_DTYPES = ("float32", "bf16", "fp8", "float64")
+
+
+def _overrides(args) -> dict[str, float]:
+    from reference.oracle import OracleError
+    out: dict[str, float] = {}
+    if getattr(args, "rtol", None) is not None:
+        out["rel"] = args.rtol
+    if getattr(args, "atol", None) is not None:
+        out["atol"] = args.atol
+    for item in getattr(args, "tol", None) or []:
+        key, sep, val = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[key.strip()] = float(val)
+        except ValueError:
+            raise OracleError(f"--tol {item!r}: expected NAME=NUMBER, e.g. rel=1e-3, cos=0.999, "
+                              "routing=0.02, logits.rel=2e-2") from None
+    return out
+
+
+def _add_tol_args(p):
+    p.add_argument("--rtol", type=float, help="max relative error max|ref-cand|/max|ref| for every tensor")
+    p.add_argument("--atol", type=float, help="max absolute error for every tensor (default: not checked)")
+    p.add_argument("--tol", action="append", metavar="NAME=VAL",
+                   help="one tolerance: rel, cos, routing, atol, or per tensor kind (logits.rel, hidden.cos, "
+                        "topk_ids.routing, ...); repeatable")
+
+
+def cmd_golden(args) -> int:
+    from reference import oracle
+    tokens = oracle.load_tokens(args.tokens)
+    out = oracle.write_golden(args.checkpoint, tokens, args.out, args.dtype)
+    t, _ = oracle.read_dump(out)
+    print(f"wrote {out}: {len(t)} tensors ({args.dtype}), logits {list(t['logits'].shape)}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from reference import oracle
+    rep = oracle.compare_files(args.reference, args.candidate, args.dtype, _overrides(args))
+    if args.json:
+        print(json.dumps(rep.to_json(), indent=2))
+    else:
+        print(oracle.format_report(rep))
+    return 0 if rep.ok else 1
+
+
+def _engine(args):
+    from reference import conformance
+    if args.engine_cmd:
+        return conformance.CommandEngine(args.engine_cmd, dtype=args.dtype or "float32")
+    if args.engine == "transformers":
+        from reference.hf_adapter import TransformersEngine
+        return TransformersEngine()
+    return conformance.ReferenceEngine({"dsref": "float32", "dsref-bf16": "bfloat16",
+                                        "dsref-float64": "float64"}[args.engine])
+
+
+def _print_results(results, name, as_json) -> int:
+    from reference import conformance
+    if as_json:
+        print(json.dumps(conformance.results_json(results, name), indent=2, default=str))
+    else:
+        print(conformance.format_results(results, name))
+    return 1 if any(r.status in ("fail", "error") for r in results) else 0
+
+
+def cmd_conformance(args) -> int:
+    from reference import conformance
+    if args.action == "list":
+        for c in conformance.CASES:
+            print(f"{c.letter} {c.name:<22} {c.targets}")
+        return 0
+    if args.action == "write":
+        out = conformance.write_kit(args.dir, args.cases)
+        print(f"wrote {len(conformance.kit_cases(out))} cases to {out}")
+        return 0
+    conformance.kit_cases(args.dir)  # a clear error for a directory that is not a kit
+    if args.action == "run":
+        eng = _engine(args)
+        res = conformance.grade_kit(args.dir, eng, args.cases, args.dtype, _overrides(args), args.save)
+        return _print_results(res, getattr(eng, "name", "engine"), args.json)
+    # grade
+    res = conformance.grade_outputs(args.dir, args.candidate_dir, args.dtype or "float32", _overrides(args))
+    return _print_results(res, str(args.candidate_dir), args.json)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("golden", help="run the reference and dump logits + per-layer tensors (safetensors)",
+                       description="Run the reference on token ids and write logits, per-layer attn_out/hidden "
+                       "and MoE routing (topk sorted by expert id) to one safetensors file with metadata. "
+                       "float64 = NumPy reference, float32 = JAX model.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (config.json + safetensors)")
+    p.add_argument("--tokens", required=True, help="token ids [batch, seq], integer .npy")
+    p.add_argument("--out", required=True, help="output .safetensors")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.set_defaults(func=cmd_golden)
+
+    p = sub.add_parser("compare", help="compare a candidate dump with a reference dump",
+                       description="Per tensor: max abs/rel error, cosine, routing mismatch; names the first "
+                       "layer out of tolerance. Exit 0 within tolerance, 1 not, 2 bad input.")
+    p.add_argument("reference")
+    p.add_argument("candidate")
+    p.add_argument("--dtype", choices=_DTYPES, help="candidate's dtype: picks default tolerances "
+                   "(default: the candidate's metadata, else float32)")
+    _add_tol_args(p)
+    p.add_argument("--json", action="store_true", help="print a machine-readable report")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("conformance", help="adversarial conformance kit for other engines",
+                       description="write DIR: the cases (checkpoint, tokens, golden, case.json). run DIR: run "
+                       "an engine on every case and grade it. grade DIR --candidate-dir OUTS: grade dumps "
+                       "OUTS/<case>.safetensors an engine already wrote. Exit 1 if any case fails.")
+    p.add_argument("action", choices=("list", "write", "run", "grade"))
+    p.add_argument("dir", nargs="?", help="kit directory")
+    p.add_argument("--cases", nargs="+", help="case names or letters (default: all)")
+    p.add_argument("--engine", choices=("dsref", "dsref-bf16", "dsref-float64", "transformers"), default="dsref")
+    p.add_argument("--engine-cmd", help='command template, e.g. "mytool --checkpoint {checkpoint} --tokens '
+                   '{tokens} --out {out}" (writes a dump .safetensors)')
+    p.add_argument("--candidate-dir", help="grade: directory with <case>.safetensors dumps")
+    p.add_argument("--save", help="run: also write each engine dump to SAVE/<case>.safetensors")
+    p.add_argument("--dtype", choices=_DTYPES, help="tolerance set (default: the engine's dtype)")
+    _add_tol_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_conformance_checked)
+
+
+def _conformance_checked(args) -> int:
+    from reference.oracle import OracleError
+    if args.action != "list" and not args.dir:
+        raise OracleError(f"conformance {args.action}: the kit directory DIR is required")
+    if args.action == "grade" and not args.candidate_dir:
+        raise OracleError("conformance grade: --candidate-dir is required")
+    if args.action == "grade" and not Path(args.candidate_dir).is_dir():
+        raise OracleError(f"{args.candidate_dir}: no such directory")
+    return cmd_conformance(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from reference.cli import main
+    sys.exit(main())
