@@ -1,0 +1,320 @@
+"""Thin adapter: fast per-device step times under a parallel plan, *from* the cost model.
+
+The simulator evaluates a step time at every simulated step (hundreds of
+thousands per run), so it cannot rebuild ``sim.costmodel.forward_ops`` (1,300+
+ops, ~6 ms for DeepSeek-V3) each time. Nothing here is a new cost formula:
+
+1. Every op of ``costmodel.forward_ops`` has FLOPs and bytes that are affine in
+   five shape features of the step, x = [1, M, B, M*S_eff, B*S] (M = B*T new
+   tokens, B sequences, S_eff mean keys per query, S keys per sequence; see the
+   counting conventions in sim/costmodel.py). ``OpTable.build`` evaluates the
+   cost model at a handful of shapes and solves for the coefficients, then
+   *checks* that they reproduce the cost model exactly (ValueError otherwise).
+   Sums over requests of different lengths are then exact sums of per-request
+   features (the cost model itself takes one uniform shape).
+2. Seconds per FLOP and per byte of each op come from ``sim.roofline.op_time``
+   (peaks and efficiencies from the hardware catalog); communication times from
+   ``sim.comm`` volumes through ``sim.roofline.comm_time``.
+3. The parallel plan (what the cost model does not cover yet): DP attention
+   (each device runs the attention/dense part for its own sequences), TP
+   (non-expert FLOPs, weight and activation bytes / tp; the MLA latent cache is
+   not split by TP), EP (routed-expert rows = all tokens of the EP group * k /
+   ep per device, balanced as with DeepSeek's EPLB; expert weight bytes = the
+   local expert replicas a step touches, uniform routing), PP (layer ranges).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from reference.config import ModelConfig
+from reference.params import layer_shapes
+from sim import costmodel, roofline
+from sim.comm import CommOp, ParallelPlan, ep_comm, tp_comm
+from sim.costmodel import StepShape
+from sim.moe_stats import expected_distinct_uniform
+from sim.quant import BITS_PER_BYTE, QuantPlan, get_plan
+
+N_FEATURES = 5
+# Shapes (batch, new tokens, prefix) at which the cost model is sampled for the fit:
+# more rows than features and well conditioned; small so that sampling is cheap.
+_FIT_SHAPES = ((1, 1, 0), (2, 3, 5), (3, 7, 11), (1, 16, 100), (4, 2, 50), (5, 9, 3), (2, 33, 7), (7, 1, 1000))
+# Training ops have no prefix (features M and B*S coincide; the least-squares fit is exact on that subspace).
+_TRAIN_FIT_SHAPES = ((1, 1, 0), (2, 3, 0), (3, 7, 0), (1, 16, 0), (4, 2, 0), (5, 9, 0), (2, 33, 0), (7, 5, 0))
+_FIT_RTOL = 1e-7
+MOE_KIND = "moe_gemm"
+WEIGHT_KINDS = ("gemm", "moe_gemm", "head", "router")  # ops whose backward has a weight-gradient half
+
+
+def features(batch: float, tokens: float, prefix: float) -> np.ndarray:
+    """x = [1, M, B, M*S_eff, B*S] for B sequences of T new tokens after ``prefix`` cached (flash attention)."""
+    m = batch * tokens
+    return np.array([1.0, m, batch, m * (prefix + (tokens + 1) / 2.0), batch * (prefix + tokens)])
+
+
+def request_features(tokens: np.ndarray, prefix: np.ndarray) -> np.ndarray:
+    """Per-request feature rows (B = 1 each); sum the rows of a batch to get its features."""
+    t = np.asarray(tokens, float)
+    p = np.asarray(prefix, float)
+    return np.stack([np.ones_like(t), t, np.ones_like(t), t * (p + (t + 1) / 2.0), p + t], axis=-1)
+
+
+@dataclass(frozen=True)
+class OpTable:
+    """Affine coefficients of every op of one forward pass (per occurrence x count).
+
+    flops/act/kv: [n_ops, 5] coefficients; weight: [n_ops] constant bytes (for MoE
+    ops: bytes per touched expert); spf / spb: seconds per FLOP / per byte from
+    sim.roofline.op_time; layer: -1 embedding side, L head side, else the layer.
+    """
+
+    names: tuple[str, ...]
+    kinds: tuple[str, ...]
+    layer: np.ndarray
+    count: np.ndarray
+    flops: np.ndarray
+    act: np.ndarray
+    kv: np.ndarray
+    weight: np.ndarray
+    moe_weight: np.ndarray
+    spf: np.ndarray
+    spb: np.ndarray
+    is_moe: np.ndarray
+    has_weight_grad: np.ndarray
+
+    phase: tuple[str, ...] = ()
+
+    @staticmethod
+    def build(cfg: ModelConfig, quant: QuantPlan | str, device, *, mla_form: str, logits: str,
+              training: bool = False) -> "OpTable":
+        """Fit the ops of ``costmodel.forward_ops`` (or, training=True, of ``costmodel.training_ops``
+        without recomputation and optimizer: forward + backward, prefix 0)."""
+        plan = get_plan(quant) if isinstance(quant, str) else quant
+        X, runs = [], []
+        shapes = _TRAIN_FIT_SHAPES if training else _FIT_SHAPES
+        for b, t, p in shapes:
+            X.append(features(b, t, p))
+            if training:
+                runs.append(costmodel.training_ops(cfg, plan, b, t, recompute="none", mla_form=mla_form,
+                                                   include_optimizer=False))
+            else:
+                runs.append(costmodel.forward_ops(cfg, plan, StepShape(b, t, p, logits=logits, mla_form=mla_form)))
+        X = np.array(X)
+        ops0 = runs[0]
+        n = len(ops0)
+        if any(len(r) != n for r in runs):
+            raise ValueError("cost model op list changes length with the shape; the adapter cannot fit it")
+        m_vals = np.array([b * t for b, t, _ in shapes], float)
+
+        def fit(getter):
+            Y = np.array([[getter(op) for op in r] for r in runs])  # [shapes, ops]
+            coef, *_ = np.linalg.lstsq(X, Y, rcond=None)
+            err = np.abs(X @ coef - Y).max(axis=0)
+            bad = err > _FIT_RTOL * (np.abs(Y).max(axis=0) + 1.0)
+            return coef.T, bad
+
+        flops, bad_f = fit(lambda o: o.flops)
+        act, bad_a = fit(lambda o: o.act_bytes_read + o.act_bytes_written)
+        kv, bad_k = fit(lambda o: o.kv_bytes_read + o.kv_bytes_written)
+        is_moe = np.array([o.kind == MOE_KIND for o in ops0])
+        E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        weight, bad_w = fit(lambda o: 0.0 if o.kind == MOE_KIND else o.weight_bytes)
+        moe_w = np.zeros(n)
+        for i in np.flatnonzero(is_moe):
+            ws = np.array([r[i].weight_bytes for r in runs])
+            per = ws / np.array([expected_distinct_uniform(E, k, mv) for mv in m_vals])
+            if np.ptp(per) > _FIT_RTOL * per.max():
+                raise ValueError(f"op {ops0[i].name}: expert weight bytes not proportional to experts touched")
+            moe_w[i] = per[0]
+        bad = bad_f | bad_a | bad_k | bad_w
+        if bad.any():
+            raise ValueError(f"cost model op {ops0[int(np.argmax(bad))].name} is not affine in the shape features")
+        spf, spb = _rates(ops0, device)
+        L = cfg.num_hidden_layers
+        layer = np.array([(-1 if o.name == "embed" else L) if o.layer is None else o.layer for o in ops0])
+        return OpTable(tuple(o.name for o in ops0), tuple(o.kind for o in ops0), layer,
+                       np.array([o.count for o in ops0], float), flops, act, kv, weight, moe_w, spf, spb, is_moe,
+                       np.array([o.kind in WEIGHT_KINDS and o.weight_bytes > 0 for o in ops0]),
+                       tuple(o.phase for o in ops0))
+
+
+def _rates(ops, device) -> tuple[np.ndarray, np.ndarray]:
+    """Seconds per FLOP and per byte of each op, from sim.roofline.op_time."""
+    cache: dict = {}
+    spf, spb = [], []
+    for o in ops:
+        key = (o.kind, o.precision)
+        if key not in cache:
+            unit = replace(o, flops=1.0, weight_bytes=1.0, act_bytes_read=0.0, act_bytes_written=0.0,
+                           kv_bytes_read=0.0, kv_bytes_written=0.0, count=1)
+            t = roofline.op_time(unit, device)
+            cache[key] = (t.compute_s, t.memory_s)
+        spf.append(cache[key][0])
+        spb.append(cache[key][1])
+    return np.array(spf), np.array(spb)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Parallel plan of one instance (serving) or one training replica.
+
+    devices: devices of the instance; attn_dp: DP-attention ranks (sequences are
+    spread over them); tp; ep: expert-parallel degree; pp: pipeline stages;
+    expert_slots: routed experts + redundant replicas (must be divisible by ep);
+    node_limit: DeepSeek node-limited routing M (None = unlimited).
+    """
+
+    devices: int
+    attn_dp: int
+    tp: int = 1
+    ep: int = 1
+    pp: int = 1
+    expert_slots: int = 0
+    devices_per_node: int = 8
+    node_limit: int | None = None
+
+
+class StepCost:
+    """Per-device time of one forward pass of a batch, for one phase (prefill or decode).
+
+    time(x, moe_tokens_total) -> (compute_s, comm_s) for per-device features x
+    (already divided over the DP-attention ranks), with ``moe_tokens_total`` tokens
+    routed across the EP group.
+    """
+
+    def __init__(self, cfg: ModelConfig, quant: QuantPlan | str, device, plan: Plan, *, mla_form: str,
+                 logits: str, node=None, latency_s: dict | None = None, layers: tuple[int, int] | None = None,
+                 table: OpTable | None = None, rows: np.ndarray | None = None, scale: np.ndarray | None = None):
+        """layers: [lo, hi) layer range (embedding with lo = 0, head with hi = L); rows: extra op mask;
+        scale: per-op multiplier of FLOPs and bytes (e.g. the weight-gradient half of a backward op)."""
+        self.cfg, self.device, self.plan, self.node = cfg, device, plan, node
+        self.quant = get_plan(quant) if isinstance(quant, str) else quant
+        self.latency_s = latency_s or {}
+        self.table = table or OpTable.build(cfg, self.quant, device, mla_form=mla_form, logits=logits)
+        t = self.table
+        L = cfg.num_hidden_layers
+        lo, hi = layers if layers is not None else (0, L)
+        keep = (t.layer >= lo) & (t.layer < hi)
+        if lo == 0:
+            keep |= t.layer == -1
+        if hi == L:
+            keep |= t.layer == L
+        if rows is not None:
+            keep &= rows
+        sc = np.ones(len(t.names)) if scale is None else np.asarray(scale, float)
+        self.moe_layer_fraction = (sum(cfg.is_moe_layer(i) for i in range(lo, hi)) / cfg.num_moe_layers
+                                   if cfg.num_moe_layers else 0.0)
+        tp = plan.tp
+        kv_div = tp if cfg.arch == "dense" else 1
+        dense = keep & ~t.is_moe
+        moe = keep & t.is_moe
+        # non-MoE byte coefficients merged: activation/tp + KV/kv_div + weight/tp
+        scd, scm = sc[dense][:, None], sc[moe][:, None]
+        self._d = _compress(t.flops[dense] / tp * scd,
+                            (t.act[dense] / tp + t.kv[dense] / kv_div + t.weight[dense] / tp) * scd,
+                            t.spf[dense], t.spb[dense], t.count[dense])
+        self._m = (t.flops[moe] * scm, (t.act[moe] + t.weight[moe]) * scm, t.moe_weight[moe] * sc[moe],
+                   t.spf[moe], t.spb[moe], t.count[moe])
+        self._comm_affine: tuple[float, float] | None = None
+        self.layer_fraction = (hi - lo) / L
+        E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.slots = plan.expert_slots or E
+        self.local_slots = self.slots / max(plan.ep, 1)
+
+    # ------------------------------------------------------------------ compute
+    def compute_s(self, x: np.ndarray, moe_tokens_total: float) -> float:
+        """Roofline compute time of the per-device features ``x`` (sum over ops of max(compute, memory))."""
+        f, b, spf, spb, c = self._d
+        total = float(np.dot(np.maximum((f @ x) * spf, (b @ x) * spb), c))
+        if len(self._m[0]):
+            fm, am, wm, spfm, spbm, cm = self._m
+            ep = max(self.plan.ep, 1)
+            m_dev = moe_tokens_total / ep  # tokens whose rows land on one EP device (balanced)
+            xm = np.array([0.0, m_dev, 0.0, 0.0, 0.0])
+            touched = self.local_slots * (1.0 - (1.0 - self.cfg.num_experts_per_tok / self.slots)
+                                          ** moe_tokens_total) if moe_tokens_total > 0 else 0.0
+            total += float(np.dot(np.maximum((fm @ xm) * spfm, ((am @ xm) + wm * touched) * spbm), cm))
+        return total
+
+    # -------------------------------------------------------------------- comm
+    def _comm_exact(self, tokens: int) -> float:
+        p = self.plan
+        cp = ParallelPlan(tp=p.tp, ep=p.ep, pp=p.pp, dp=p.attn_dp, devices_per_node=p.devices_per_node,
+                          node_limit=p.node_limit)
+        ops: list[CommOp] = ep_comm(self.cfg, tokens, cp)
+        ep_t = sum(roofline.comm_time(c, self.device, node=self.node, latency_s=self.latency_s) for c in ops)
+        tp_t = sum(roofline.comm_time(c, self.device, node=self.node, latency_s=self.latency_s)
+                   for c in tp_comm(self.cfg, tokens, p.tp, self.quant.act_bytes, p.devices_per_node))
+        return (ep_t * self.moe_layer_fraction + tp_t * self.layer_fraction)
+
+    def comm_s(self, tokens_per_device: float) -> float:
+        """EP dispatch/combine and TP all-reduce time of one forward pass (sim.comm volumes through
+        sim.roofline.comm_time). Volumes are linear in tokens and each call adds a fixed latency, so
+        the time is affine in tokens: evaluated exactly at 1 and 1025 tokens once, then interpolated
+        (exact at every token count; the catalog is not re-read per step)."""
+        if tokens_per_device <= 0:
+            return 0.0
+        if self._comm_affine is None:
+            t1, t2 = self._comm_exact(1), self._comm_exact(1025)
+            slope = (t2 - t1) / 1024
+            self._comm_affine = (t1 - slope, slope)
+        a, b = self._comm_affine
+        return a + b * tokens_per_device
+
+    def step(self, x: np.ndarray, moe_tokens_total: float, tokens_per_device: float, *,
+             two_microbatch: bool = False) -> tuple[float, float, float]:
+        """(total, compute, comm) seconds. two_microbatch: the batch is split in two halves whose
+        compute overlaps the other half's all-to-all: max(2 * compute(half), comm(all))."""
+        if two_microbatch:
+            c = 2.0 * self.compute_s(x / 2.0, moe_tokens_total / 2.0)
+            m = self.comm_s(tokens_per_device)
+            return max(c, m), c, m
+        c = self.compute_s(x, moe_tokens_total)
+        m = self.comm_s(tokens_per_device)
+        return c + m, c, m
+
+
+# ------------------------------------------------------------------ memory
+def weight_bytes_per_device(cfg: ModelConfig, quant: QuantPlan | str, plan: Plan) -> dict[str, float]:
+    """Stored weight bytes on one device: routed experts split over EP (with redundant
+    replicas), everything else (attention, dense MLP, shared experts, norms, router,
+    embedding, head) replicated over DP ranks and divided by TP; layers divided by PP."""
+    q = get_plan(quant) if isinstance(quant, str) else quant
+    from reference.params import global_shapes
+    L = cfg.num_hidden_layers
+    expert = other = 0.0
+    for i in range(L):
+        for name, shape in layer_shapes(cfg, i).items():
+            b = _numel(shape) * q.weight_bits(name, shape, i, L) / BITS_PER_BYTE
+            if ".experts." in name:
+                expert += b
+            else:
+                other += b
+    glob = sum(_numel(s) * q.weight_bits(k, s, None, L) / BITS_PER_BYTE for k, s in global_shapes(cfg).items())
+    E = cfg.n_routed_experts
+    slots = plan.expert_slots or E
+    expert_dev = expert / max(E, 1) * slots / max(plan.ep, 1) if E else 0.0
+    other_dev = other / plan.tp
+    per_dev = (expert_dev + other_dev) / plan.pp + glob / plan.tp
+    return {"experts": expert_dev / plan.pp, "non_expert": other_dev / plan.pp, "globals": glob / plan.tp,
+            "total": per_dev}
+
+
+def _compress(f, b, spf, spb, count):
+    """Merge ops with identical coefficients and rates (e.g. the same op in every MoE layer):
+    their roofline times are identical, so one row with the summed count is exact."""
+    rows = np.concatenate([f, b, spf[:, None], spb[:, None]], axis=1)
+    uniq, inv = np.unique(rows, axis=0, return_inverse=True)
+    cnt = np.zeros(len(uniq))
+    np.add.at(cnt, inv.ravel(), count)
+    n = f.shape[1]
+    return uniq[:, :n], uniq[:, n:2 * n], uniq[:, 2 * n], uniq[:, 2 * n + 1], cnt
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,68 @@
+"""`dsref sim train`: the training-step simulator on the command line (registered by sim/cli.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def _print_train(r: dict) -> None:
+    print(f"{r['scenario']}: {r['model']} on {r['devices']:,} x {r['device']}, {r['schedule']} PP{r['pp']} "
+          f"DP{r['dp']} EP{r['ep']} TP{r['tp']}, {r['micro_batches_per_step']} micro-batches of "
+          f"{r['micro_batch_sequences']} x {r['seq_len']} tokens per DP rank")
+    print(f"  step time        {r['step_time_s']:.3f} s (pipeline {r['pipeline_time_s']:.3f} s, "
+          f"bubble {r['bubble_fraction']:.1%})")
+    print(f"  MFU              {r['mfu']:.1%} of {r['mfu_peak']}; {r['mfu_vs_fp8_peak']:.1%} of the fp8 peak")
+    print(f"  throughput       {r['tokens_per_s']:,.0f} tokens/s, {r['tokens_per_day'] / 1e9:,.1f}B tokens/day")
+    cost = "n/a" if r["cost_usd"] is None else f"${r['cost_usd'] / 1e6:,.3f}M"
+    print(f"  token budget     {r['token_budget'] / 1e12:,.2f}T tokens: {r['device_hours'] / 1e6:,.3f}M device-hours, "
+          f"{r['days']:.1f} days, {cost}")
+    b = r["breakdown"]
+    print(f"  per micro-batch  stage 1 forward {b['stage_forward_compute_s'][1] * 1e3:.1f} ms compute + "
+          f"{b['stage_forward_comm_s'][1] * 1e3:.1f} ms all-to-all; p2p send {b['p2p_send_s'] * 1e3:.2f} ms")
+    print(f"  simulator        {r['events']:,} events in {r['sim_wall_s']:.3f} s")
+
+
+def cmd_train(args) -> int:
+    from sim import scenario as scn
+    from sim import train
+    if not args.scenario:
+        raise scn.ScenarioError("<command line>: field 'scenario': give --scenario NAME|FILE")
+    over: dict = {}
+    if args.nodes is not None:
+        over["nodes"] = args.nodes
+    if args.schedule:
+        over["schedule"] = args.schedule
+    sc = scn.load(args.scenario, over or None)
+    if sc.kind != "train":
+        raise scn.ScenarioError(f"{sc.source}: field 'kind': '{sc.kind}' scenario; use `dsref sim {sc.kind}`")
+    sim = train.TrainSim(sc, record=bool(args.trace or args.plot))
+    r = sim.run()
+    if args.trace:
+        from sim import trace
+        trace.write(args.trace, trace.train_trace(sim))
+    if args.plot:
+        from sim.sim_plots import plot_train_timeline
+        plot_train_timeline(sim, args.plot)
+    if args.json:
+        print(json.dumps(r, default=float))
+    else:
+        _print_train(r)
+        for what, path in (("trace", args.trace), ("plot", args.plot)):
+            if path:
+                print(f"  {what} written to {path}", file=sys.stderr)
+    return 0
+
+
+def register(sim_subparsers) -> None:
+    p = sim_subparsers.add_parser(
+        "train", help="discrete-event simulation of one training step (1F1B / DualPipe pipelines)",
+        description="Simulate one training step of SCENARIO at micro-batch granularity and extrapolate to the "
+                    "scenario's token budget: step time, bubble, MFU, device-hours, cost.")
+    p.add_argument("--scenario", help="built-in scenario name or path to a .toml file")
+    p.add_argument("--nodes", type=int, default=None, help="number of nodes (default: the whole system)")
+    p.add_argument("--schedule", choices=("dualpipe", "1f1b"), help="override the pipeline schedule")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--trace", metavar="OUT.json", help="write a Chrome/Perfetto trace of the pipeline")
+    p.add_argument("--plot", metavar="OUT.png", help="pipeline timeline plot")
+    p.set_defaults(func=cmd_train)

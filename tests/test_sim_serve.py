@@ -1,0 +1,199 @@
+"""The serving simulator: closed forms, queueing theory, reproducibility, errors, traces, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from hwmodels.catalog import load_device
+from hwmodels.systems import load_system
+from reference.presets import get_preset
+from sim import costmodel, roofline, trace
+from sim.comm import CommOp, kv_transfer_bytes
+from sim.scenario import ScenarioError, from_dict, load
+from sim.serve import ServeSim, simulate
+from sim.stepcost import OpTable, Plan, StepCost, features
+
+SMALL = "deepseek-v2-lite"   # fits one H800 in bf16 (~31 GB)
+
+
+def _one_device(mode: str, prompt=1000, output=8, hit=0.3, **extra) -> dict:
+    inst = {"instances": 1, "devices": 1, "ep": 1, "token_budget_per_device": 4096}
+    d = {"kind": "serve", "model": SMALL, "quant": "bf16", "system": "h800-node", "mode": mode,
+         "duration_s": 50.0, "ctx_quantum_tokens": 0,
+         "workload": {"arrival": "constant", "rate_per_s": 0.01, "prefix_cache_hit_rate": hit,
+                      "prompt_tokens": {"dist": "fixed", "mean": prompt},
+                      "output_tokens": {"dist": "fixed", "mean": output}}}
+    if mode == "disaggregated":
+        d["prefill"], d["decode"] = dict(inst), dict(inst)
+    else:
+        d["aggregated"] = dict(inst)
+    d.update(extra)
+    return d
+
+
+def _expected(prompt, output, hit):
+    cfg, dev = get_preset(SMALL), load_device("h800")
+    cached = math.floor(prompt * hit)
+    prefill = roofline.step_time(costmodel.prefill_ops(cfg, "bf16", 1, prompt - cached, cached), dev).time_s
+    steps = [roofline.step_time(costmodel.decode_ops(cfg, "bf16", 1, prompt + i), dev).time_s
+             for i in range(output - 1)]
+    node = load_system("h800-node")
+    kv = roofline.comm_time(CommOp("kv", kv_transfer_bytes(cfg, prompt, 2.0), "inter", "p2p"), dev, node=node)
+    return prefill, float(np.mean(steps)), kv
+
+
+def test_stepcost_reproduces_cost_model():
+    cfg, dev = get_preset("deepseek-v3"), load_device("h800")
+    for form, logits, shapes in (("naive", "last", [(1, 1000, 0), (3, 512, 2048)]),
+                                 ("absorbed", "all", [(1, 1, 100), (64, 1, 5000)])):
+        sc = StepCost(cfg, "fp8", dev, Plan(1, 1), mla_form=form, logits=logits)
+        for b, t, p in shapes:
+            ops = costmodel.forward_ops(cfg, "fp8", costmodel.StepShape(b, t, p, logits=logits, mla_form=form))
+            ref = roofline.step_time(ops, dev).time_s
+            assert sc.compute_s(features(b, t, p), b * t) == pytest.approx(ref, rel=1e-9)
+
+
+def test_training_table_fits_exactly():
+    cfg, dev = get_preset(SMALL), load_device("h800")
+    OpTable.build(cfg, "bf16", dev, mla_form="naive", logits="all", training=True)  # raises if not affine
+
+
+def test_single_request_disaggregated_matches_roofline():
+    prompt, output, hit = 1000, 8, 0.3
+    sc = from_dict(_one_device("disaggregated", prompt, output, hit))
+    sim = ServeSim(sc)
+    r = sim.run()
+    assert r["requests_arrived"] == 1 and r["requests_finished"] == 1
+    prefill, tpot, kv = _expected(prompt, output, hit)
+    assert r["ttft_p50_s"] == pytest.approx(prefill + kv, rel=1e-9)
+    assert kv > 0
+    assert r["tpot_p50_s"] == pytest.approx(tpot, rel=1e-9)
+
+
+def test_single_request_aggregated_matches_roofline():
+    prompt, output, hit = 777, 5, 0.0
+    r = simulate(from_dict(_one_device("aggregated", prompt, output, hit)))
+    prefill, tpot, _ = _expected(prompt, output, hit)
+    assert r["ttft_p50_s"] == pytest.approx(prefill, rel=1e-9)
+    assert r["tpot_p50_s"] == pytest.approx(tpot, rel=1e-9)
+
+
+def test_md1_mean_wait_matches_pollaczek_khinchine():
+    """Poisson arrivals, one server, deterministic service S, one request per step: M/D/1.
+    Pollaczek-Khinchine: W_q = rho * S / (2 (1 - rho))."""
+    S, lam = 0.01, 60.0
+    d = _one_device("aggregated", prompt=100, output=1, hit=0.0)
+    d["workload"]["arrival"] = "poisson"
+    d["workload"]["rate_per_s"] = lam
+    d["aggregated"]["max_requests_per_step"] = 1
+    d["test_hooks"] = {"prefill_service_s": S}
+    d["duration_s"] = 500.0
+    sc = from_dict(d)
+    rho = lam * S
+    wq = rho * S / (2 * (1 - rho))
+    sim = ServeSim(sc, seed=7)
+    r = sim.run()
+    assert r["requests_finished"] > 25_000
+    assert r["ttft_mean_s"] - S == pytest.approx(wq, rel=0.06)
+    # a real discrete-event run: every arrival and every service completion is an event
+    assert r["events"] >= 2 * r["requests_finished"]
+
+
+def test_same_seed_same_result_and_seed_matters():
+    sc = load("single-node-h800")
+    a = simulate(sc, duration_s=15, seed=3)
+    b = simulate(sc, duration_s=15, seed=3)
+    c = simulate(sc, duration_s=15, seed=4)
+    for k in ("output_tokens_per_s", "ttft_p99_s", "tpot_p50_s", "events", "requests_arrived"):
+        assert a[k] == b[k]
+    assert a["requests_arrived"] != c["requests_arrived"]
+
+
+def test_kv_cache_limits_force_waits_and_preemptions():
+    d = _one_device("aggregated", prompt=2000, output=3000, hit=0.0)
+    d["workload"]["arrival"] = "poisson"
+    d["workload"]["rate_per_s"] = 5.0
+    d["aggregated"]["activation_reserve_bytes"] = 79.5e9 - 31.4e9 - 0.7e9  # leave a ~20k-token KV cache
+    d["duration_s"] = 40.0
+    sc = from_dict(d)
+    cap = sc.kv_capacity("aggregated")["kv_tokens_per_instance"]
+    assert 0 < cap < 40_000
+    r = simulate(sc)
+    assert r["preemptions"] > 0 or r["kv_blocked_steps"] > 0
+
+
+@pytest.mark.parametrize("patch, field", [
+    ({"model": "deepseek-v3", "aggregated": {"devices": 8, "ep": 8}}, "aggregated.nodes"),
+    ({"aggregated": {"devices": 1, "ep": 3}}, "aggregated.ep"),
+    ({"aggregated": {"devices": 0, "nodes": 0}}, "aggregated.nodes"),
+    ({"workload": {"rate_per_s": -1.0}}, "workload.rate_per_s"),
+    ({"system": "no-such-device"}, "system"),
+    ({"model": "no-such-model"}, "model"),
+    ({"aggregated": {"tokens": 3}}, "aggregated.tokens"),
+])
+def test_scenario_errors_name_the_field(patch, field):
+    d = _one_device("aggregated")
+    for k, v in patch.items():
+        if isinstance(v, dict):
+            d[k] = {**d.get(k, {}), **v}
+        else:
+            d[k] = v
+    with pytest.raises(ScenarioError) as e:
+        from_dict(d, "test.toml")
+    assert str(e.value).startswith(f"test.toml: field '{field}'")
+
+
+def test_model_too_big_message():
+    d = _one_device("aggregated")
+    d["model"] = "deepseek-v3"
+    d["aggregated"].update(devices=8, ep=8)
+    with pytest.raises(ScenarioError, match="does not fit in memory"):
+        from_dict(d, "big.toml")
+
+
+def test_builtin_scenarios_validate():
+    for name in ("deepseek-day6", "sglang-h100", "cloudmatrix-384", "single-node-h800"):
+        assert load(name).kind == "serve"
+
+
+def test_day6_short_run_is_plausible():
+    r = simulate(load("deepseek-day6"), duration_s=20)
+    assert r["nodes"] == 222
+    assert r["input_tokens_per_s_per_node"] > 10_000
+    assert r["output_tokens_per_s_per_node"] > 1_000
+    assert r["cost_usd_per_million_output_tokens"] > 0
+    assert r["events"] > 1000
+
+
+def test_serve_trace_structure(tmp_path):
+    sim = ServeSim(load("single-node-h800"), duration_s=10, record=True)
+    sim.run()
+    tr = trace.serve_trace(sim)
+    trace.validate(tr)
+    xs = [e for e in tr["traceEvents"] if e["ph"] == "X"]
+    assert xs and all(e["dur"] > 0 for e in xs)
+    assert any(e["ph"] == "C" for e in tr["traceEvents"])
+    p = tmp_path / "t.json"
+    trace.write(p, tr)
+    trace.validate(json.loads(p.read_text()))
+    with pytest.raises(ValueError):
+        trace.validate({"traceEvents": [{"name": "x", "ph": "X", "pid": 1, "tid": 1, "ts": 0}]})
+
+
+def test_cli_json_is_clean(capsys):
+    from reference.cli import main
+    assert main(["sim", "serve", "--scenario", "single-node-h800", "--duration", "5", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    for k in ("input_tokens_per_s_per_node", "output_tokens_per_s_per_node", "ttft_p50_s", "ttft_p99_s",
+              "tpot_p50_s", "tpot_p99_s", "cost_usd_per_million_output_tokens", "events", "sim_wall_s"):
+        assert k in r
+
+
+def test_cli_error_names_field(capsys):
+    from reference.cli import main
+    assert main(["sim", "serve", "--scenario", "no-such-scenario"]) == 2
+    assert "field 'scenario'" in capsys.readouterr().err
