@@ -267,6 +267,11 @@ class _Reader:
             mm = self._maps[info.file] = np.memmap(info.file, dtype=np.uint8, mode="r")
         return mm[info.start:info.end].view(_ST_DTYPES[info.dtype]).reshape(info.shape)
 
+    def release(self) -> None:
+        """Drop the maps: once the consumer has let go of a layer's views, its pages leave
+        this process's resident set (else every touched page of every shard stays counted)."""
+        self._maps.clear()
+
 
 def tokenizer_path(path: str | Path) -> Path | None:
     """tokenizer.json in a checkpoint directory, or None."""
@@ -381,6 +386,7 @@ class _Plan:
 
     def run(self) -> Iterator[tuple[str, np.ndarray]]:
         for group in self.groups:
+            a = None
             cache: dict[str, np.ndarray] = {}  # fused gate_up read once per layer, then dropped
             for e in group:
                 if e.how == "stack":
@@ -395,7 +401,9 @@ class _Plan:
                 elif e.how == "up":
                     a = a[:, a.shape[1] // 2:]
                 yield e.name, a
-            del cache
+            cache.clear()
+            a = None  # noqa: F841 - drop the last view before unmapping
+            self.r.release()
 
 
 def read_tensors(path: str | Path, cfg: ModelConfig | None = None, *, with_mtp: bool = False,

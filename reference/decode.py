@@ -57,6 +57,16 @@ def _step(graphdef, state, tokens, positions, cache):
     return logits, hidden, cache
 
 
+@partial(jax.jit, static_argnames=("graphdef", "greedy", "top_k"), donate_argnames=("cache",))
+def _decode_step(graphdef, state, tokens, positions, cache, key, temperature, top_p, greedy: bool, top_k: int):
+    """One decode step fused with sampling: one dispatch per generated token."""
+    model = nnx.merge(graphdef, state)
+    logits, cache = forward(model, tokens, positions, cache)
+    last = logits[:, -1]
+    nxt = jnp.argmax(last, -1).astype(jnp.int32) if greedy else sample(last, key, temperature, top_k, top_p)
+    return nxt, cache
+
+
 @partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def _mtp_step(graphdef, state, next_tokens, hidden, positions, cache):
     model = nnx.merge(graphdef, state)
@@ -170,10 +180,10 @@ def generate(model: DeepseekModel, prompts: list[list[int]], max_new_tokens: int
                 done[b] = int(nxt[b]) in stop or len(out[b]) >= max_new_tokens
         if done.all():
             break
-        logits, _, cache = _step(gd, state, jnp.asarray(nxt[:, None]), jnp.asarray(pos[:, None].astype(np.int32)),
-                                 cache)
         key, sub = jax.random.split(key)
-        nxt = np.asarray(sample(logits[:, 0], sub, temperature, top_k, top_p))
+        nxt, cache = _decode_step(gd, state, jnp.asarray(nxt[:, None]), jnp.asarray(pos[:, None].astype(np.int32)),
+                                  cache, sub, temperature, top_p, temperature <= 0, top_k)
+        nxt = np.asarray(nxt)
         pos = pos + 1
         steps += 1
     t2 = time.perf_counter()

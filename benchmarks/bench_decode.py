@@ -1,0 +1,158 @@
+"""Decode and prefill speed of the JAX reference against transformers, same model, same CPU.
+
+Scenario: the `small-v3` preset (DeepSeek-V3 structure: MLA with q_lora, 32 routed experts in
+4 groups, top-4, 1 shared, 1 dense layer, MTP off; 0.59B parameters, 0.16B activated), random
+weights, float32, batch 1. Both engines get the same weights and the same threads
+(torch.set_num_threads = XLA's CPU threads = the cores this process may use).
+
+Measured, median of --repeats runs after a warm-up:
+  prefill tokens/s   one forward pass over a --prompt-len prompt (ours: jit, bucketed)
+  decode tokens/s    greedy generation of --new-tokens tokens, minus the prefill
+  achieved bandwidth activated weight bytes per token (every weight a token multiplies,
+                     k of E experts, LM head; float32) x decode tokens/s, against the
+                     machine's read bandwidth measured by hwmodels.probe (numpy sum over a
+                     1 GiB array, one thread per core)
+  load peak memory   peak RSS growth while loading a checkpoint written by our writer, in a
+                     fresh process, against the bytes of the weights in memory
+
+Run:  python benchmarks/bench_decode.py [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def _median_time(fn, repeats):
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts), ts
+
+
+def bench(preset: str, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+    import jax
+    import numpy as np
+    import torch
+    from flax import nnx
+
+    from hwmodels.probe import core_count, measure_memory_bandwidth
+    from reference.decode import generate
+    from reference.model import DeepseekModel
+    from reference.presets import get_preset
+    from tests.conftest import hf_state_to_ours, make_hf_model
+
+    threads = core_count()
+    torch.set_num_threads(threads)
+    cfg = get_preset(preset)
+    hf = make_hf_model(cfg, seed=0, std=0.02, bias_scale=0.01)
+    ours = DeepseekModel(cfg, rngs=nnx.Rngs(0)).load_hf(hf_state_to_ours(hf.state_dict(), cfg))
+    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, prompt_len).tolist()
+    pt = torch.as_tensor([prompt])
+
+    # ours: warm-up compiles the prefill bucket and the decode step
+    generate(ours, [prompt], new_tokens)
+    runs = [generate(ours, [prompt], new_tokens) for _ in range(repeats)]
+    ours_prefill = statistics.median(r.prefill_tokens_per_s for r in runs)
+    ours_decode = statistics.median(r.decode_tokens_per_s for r in runs)
+    ours_tokens = runs[0].tokens[0]
+
+    # transformers: prefill = one forward; decode = (generate - prefill) / (new_tokens - 1)
+    with torch.no_grad():
+        hf(pt)
+        t_pre, _ = _median_time(lambda: hf(pt), repeats)
+        gen = lambda: hf.generate(pt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)
+        hf_tokens = gen()[0, prompt_len:].tolist()
+        t_gen, _ = _median_time(gen, repeats)
+    hf_prefill = prompt_len / t_pre
+    hf_decode = (new_tokens - 1) / max(t_gen - t_pre, 1e-9)
+
+    bw = measure_memory_bandwidth(1 << 30, 5, threads)
+    active_bytes = cfg.param_counts()["activated_params"] * 4
+    return {
+        "preset": preset, "params": cfg.param_counts()["total_params"],
+        "activated_params": cfg.param_counts()["activated_params"], "dtype": "float32",
+        "threads": threads, "jax": jax.__version__, "torch": torch.__version__,
+        "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
+        "ours_prefill_tokens_per_s": ours_prefill, "ours_decode_tokens_per_s": ours_decode,
+        "hf_prefill_tokens_per_s": hf_prefill, "hf_decode_tokens_per_s": hf_decode,
+        "decode_speedup": ours_decode / hf_decode, "prefill_speedup": ours_prefill / hf_prefill,
+        "same_greedy_tokens": ours_tokens == hf_tokens,
+        "activated_bytes_per_token": active_bytes,
+        "measured_read_bandwidth_Bps": bw,
+        "ours_decode_bandwidth_Bps": active_bytes * ours_decode,
+        "ours_decode_bandwidth_fraction": active_bytes * ours_decode / bw,
+    }
+
+
+_LOAD_SNIPPET = """
+import json, resource, sys
+import jax.numpy as jnp
+from reference.checkpoint import load_checkpoint
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+cfg, model = load_checkpoint(sys.argv[1], dtype=jnp.float32)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+weights = sum(p[...].nbytes for _, p in model.hf_items())
+print(json.dumps({"rss_before_load": base, "rss_peak": peak, "weights_in_memory_bytes": weights}))
+"""
+
+
+def bench_load(preset: str) -> dict:
+    from flax import nnx
+
+    from reference.checkpoint import save_checkpoint
+    from reference.model import DeepseekModel
+    from reference.presets import get_preset
+    cfg = get_preset(preset)
+    with tempfile.TemporaryDirectory() as d:
+        save_checkpoint(DeepseekModel(cfg, rngs=nnx.Rngs(0)), cfg, d, dtype="float32", max_shard_bytes=256 << 20)
+        files = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".safetensors"))
+        out = subprocess.run([sys.executable, "-c", _LOAD_SNIPPET, d], capture_output=True, text=True, check=True,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r["checkpoint_file_bytes"] = files
+    r["peak_growth_over_weights"] = (r["rss_peak"] - r["rss_before_load"]) / r["weights_in_memory_bytes"]
+    return r
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small-v3")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = bench(a.preset, a.prompt_len, a.new_tokens, a.repeats)
+    r["load"] = bench_load(a.preset)
+    if a.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"{r['preset']}: {r['params'] / 1e9:.2f}B params ({r['activated_params'] / 1e9:.3f}B activated), "
+          f"float32, {r['threads']} threads, median of {r['repeats']}")
+    print(f"  prefill ({r['prompt_len']} tok): ours {r['ours_prefill_tokens_per_s']:8.1f} tok/s   "
+          f"transformers {r['hf_prefill_tokens_per_s']:8.1f} tok/s   x{r['prefill_speedup']:.2f}")
+    print(f"  decode (batch 1):   ours {r['ours_decode_tokens_per_s']:8.2f} tok/s   "
+          f"transformers {r['hf_decode_tokens_per_s']:8.2f} tok/s   x{r['decode_speedup']:.2f}")
+    print(f"  decode moves {r['ours_decode_bandwidth_Bps'] / 1e9:.1f} GB/s of activated weights = "
+          f"{r['ours_decode_bandwidth_fraction']:.0%} of the measured {r['measured_read_bandwidth_Bps'] / 1e9:.1f} GB/s")
+    print(f"  same greedy tokens as transformers: {r['same_greedy_tokens']}")
+    ld = r["load"]
+    print(f"  load: weights {ld['weights_in_memory_bytes'] / 1e9:.2f} GB, peak RSS growth "
+          f"{(ld['rss_peak'] - ld['rss_before_load']) / 1e9:.2f} GB ({ld['peak_growth_over_weights']:.2f}x weights)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
