@@ -66,16 +66,17 @@ def bench(preset: str, prompt_len: int, new_tokens: int, repeats: int) -> dict:
     ours_decode = statistics.median(r.decode_tokens_per_s for r in runs)
     ours_tokens = runs[0].tokens[0]
 
-    # transformers: prefill = one forward; decode = (generate - prefill) / (new_tokens - 1)
+    # transformers: prefill = one forward; decode = (generate(n) - generate(1)) / (n - 1)
     with torch.no_grad():
         hf(pt)
         t_pre, _ = _median_time(lambda: hf(pt), repeats)
-        gen = lambda: hf.generate(pt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                  eos_token_id=None, pad_token_id=0)
-        hf_tokens = gen()[0, prompt_len:].tolist()
-        t_gen, _ = _median_time(gen, repeats)
+        gen = lambda n: hf.generate(pt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                    eos_token_id=None, pad_token_id=0)
+        hf_tokens = gen(new_tokens)[0, prompt_len:].tolist()
+        t_gen, _ = _median_time(lambda: gen(new_tokens), repeats)
+        t_one, _ = _median_time(lambda: gen(1), repeats)
     hf_prefill = prompt_len / t_pre
-    hf_decode = (new_tokens - 1) / max(t_gen - t_pre, 1e-9)
+    hf_decode = (new_tokens - 1) / (t_gen - t_one)
 
     bw = measure_memory_bandwidth(1 << 30, 5, threads)
     active_bytes = cfg.param_counts()["activated_params"] * 4
@@ -96,12 +97,13 @@ def bench(preset: str, prompt_len: int, new_tokens: int, repeats: int) -> dict:
 
 
 _LOAD_SNIPPET = """
-import json, resource, sys
+import json, sys
 import jax.numpy as jnp
 from reference.checkpoint import load_checkpoint
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+hwm = lambda: next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
+base = hwm()
 cfg, model = load_checkpoint(sys.argv[1], dtype=jnp.float32)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = hwm()
 weights = sum(p[...].nbytes for _, p in model.hf_items())
 print(json.dumps({"rss_before_load": base, "rss_peak": peak, "weights_in_memory_bytes": weights}))
 """
@@ -122,6 +124,7 @@ def bench_load(preset: str) -> dict:
     r = json.loads(out.stdout.strip().splitlines()[-1])
     r["checkpoint_file_bytes"] = files
     r["peak_growth_over_weights"] = (r["rss_peak"] - r["rss_before_load"]) / r["weights_in_memory_bytes"]
+    r["method"] = "VmHWM from /proc/self/status in a fresh process, before and after load_checkpoint"
     return r
 
 
