@@ -75,11 +75,16 @@ class Case:
 
 CASES: tuple[Case, ...] = (
     Case("rope-pair-layout", "a", "RoPE on interleaved pairs (x0,x1),(x2,x3).. (DeepSeek) vs rotate-half "
-         "pairs (x_i, x_i+P/2)", dict(qk_rope_head_dim=8, rope_theta=100.0), "rope_half", 1, tokens=(2, 16)),
-    Case("yarn-mscale", "b", "YaRN: blended frequencies, cos/sin factor mscale/mscale_all_dim, and "
+         "pairs (x_i, x_i+P/2); with a YaRN frequency blend (ramp over dims 0..3 of P/2=4) and its cos/sin "
+         "factor (mscale_all_dim 0: no softmax temperature, that is case b)",
+         dict(qk_rope_head_dim=8, rope_theta=100.0, max_position_embeddings=256, rope_scaling=RopeScaling(
+             factor=4.0, original_max_position_embeddings=64, beta_fast=32.0, beta_slow=1.0, mscale=1.0,
+             mscale_all_dim=0.0)), "rope_half", 1, tokens=(2, 16)),
+    Case("yarn-mscale", "b", "YaRN temperature: cos/sin factor mscale/mscale_all_dim, and "
          "mscale(all_dim)^2 on the whole softmax scale (not only the rope part, not missing)",
          dict(rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=8, beta_fast=32.0,
-                                       beta_slow=1.0, mscale=0.8, mscale_all_dim=1.2)), "mscale_rope_only", 2,
+                                       beta_slow=1.0, mscale=0.8, mscale_all_dim=1.2),
+              max_position_embeddings=32), "mscale_rope_only", 2,
          tokens=(2, 16)),
     Case("group-mask-neg-bias", "c", "group-limited routing masks dropped groups with -inf, not 0 "
          "(biased scores here are all < 0)", dict(n_group=4, topk_group=2, num_experts_per_tok=1),
@@ -247,7 +252,13 @@ FAULTS = {
     "bias_bf16": "e_score_correction_bias rounded to bf16",
     "dense_first_k_ignored": "first_k_dense_replace ignored: every layer treated as MoE",
     "q_lora_assumed": "q_lora assumed on: q = q_b(RMSNorm(q_a(x))) with q_a = identity, unit norm, q_b = q_proj",
+    # two more mistakes, each caught by one case as well
+    "yarn_no_blend": "YaRN frequencies not blended (plain RoPE frequencies, YaRN cos/sin factor kept)",
+    "mscale_missing": "YaRN mscale(all_dim)^2 missing from the softmax scale",
 }
+# The case each fault must fail (and no other).
+FAULT_CASE = {**{c.fault: c.name for c in CASES}, "yarn_no_blend": "rope-pair-layout",
+              "mscale_missing": "yarn-mscale"}
 
 
 def _faulty_gate(x, w, cfg: ModelConfig, prefix: str, fault: str):
@@ -335,6 +346,17 @@ def inject(fault: str):
             st.enter_context(mock.patch.object(numpy_ref, "mla", mla))
             st.enter_context(mock.patch.object(numpy_ref, "apply_rope_interleaved", rope))
             st.enter_context(mock.patch.object(ModelConfig, "softmax_scale", property(unscaled)))
+        elif fault == "yarn_no_blend":
+            orig_freq = numpy_ref.rope_frequencies
+
+            def freqs(cfg):
+                inv, att = orig_freq(cfg)
+                dim = cfg.qk_rope_head_dim
+                return 1.0 / cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim), att
+            st.enter_context(mock.patch.object(numpy_ref, "rope_frequencies", freqs))
+        elif fault == "mscale_missing":
+            st.enter_context(mock.patch.object(ModelConfig, "softmax_scale",
+                                               property(lambda cfg: cfg.qk_head_dim ** -0.5)))
         elif fault in ("group_mask_zero", "weights_from_biased", "norm_flag_ignored", "no_routed_scaling",
                        "bias_bf16"):
             st.enter_context(mock.patch.object(

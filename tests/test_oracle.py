@@ -12,7 +12,7 @@ from reference import conformance, numpy_ref, oracle
 from reference.cli import main
 from reference.config import ModelConfig
 
-CASE_OF_FAULT = {c.fault: c.name for c in conformance.CASES}
+CASE_OF_FAULT = conformance.FAULT_CASE
 
 
 @pytest.fixture(scope="session")
@@ -70,14 +70,19 @@ def test_each_fault_fails_exactly_its_case(kit, fault):
         assert r.status == "fail" and r.first_failing_layer == 0
 
 
+def test_every_fault_has_a_case():
+    assert set(conformance.FAULT_CASE) == set(conformance.FAULTS)
+    assert set(conformance.FAULT_CASE.values()) == {c.name for c in conformance.CASES}
+
+
 def test_fault_injection_restores_everything(kit):
     before = (numpy_ref.apply_rope_interleaved, numpy_ref.gate, numpy_ref.mla, ModelConfig.softmax_scale,
-              ModelConfig.is_moe_layer)
+              ModelConfig.is_moe_layer, numpy_ref.rope_frequencies)
     for f in conformance.FAULTS:
         with conformance.inject(f):
             pass
     after = (numpy_ref.apply_rope_interleaved, numpy_ref.gate, numpy_ref.mla, ModelConfig.softmax_scale,
-             ModelConfig.is_moe_layer)
+             ModelConfig.is_moe_layer, numpy_ref.rope_frequencies)
     assert before == after
     with pytest.raises(ValueError, match="unknown fault"):
         conformance.BrokenReference("nope")
