@@ -156,14 +156,50 @@ def build_case(case: Case, out: str | Path) -> Path:
     golden = oracle.run_reference(ck, tokens, "float64")  # from the weights as stored (fp8 dequantized)
     oracle.write_dump(golden, out / "golden.safetensors",
                       oracle.golden_metadata(stored, tokens, "float64", case=case.name))
+    margins = routing_margins(golden, stored, dict(read_tensors(ck, stored)))
     meta = {"name": case.name, "letter": case.letter, "targets": case.targets, "fault": case.fault,
             "seed": case.seed, "config_hash": oracle.config_hash(stored), "tokens_shape": list(tokens.shape),
             "checkpoint_dtype": "fp8" if case.fp8_block else "float32",
             "fp8_block": list(case.fp8_block) if case.fp8_block else None,
             "tolerances": oracle.TOLERANCES,
+            "routing_margin": margins,
             "grading": "oracle.compare_dumps(golden, candidate, engine dtype): every tensor within the "
                        "engine dtype's tolerance"}
     (out / "case.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def routing_margins(golden: dict[str, np.ndarray], cfg: ModelConfig, w: dict[str, np.ndarray]) -> dict[str, float]:
+    """Per MoE layer, the smallest gap (over tokens) deciding the routing in float64: between the
+    topk_group-th and next group score, and between the k-th and next selection score. A float32
+    engine's rounding (~1e-7 relative) must stay well below it for routing to be reproducible."""
+    out = {}
+    E, k, G, kg = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+    for i in range(cfg.num_hidden_layers):
+        if not cfg.is_moe_layer(i):
+            continue
+        logits = golden[f"layers.{i}.router_logits"].reshape(-1, E).astype(np.float64)
+        if cfg.scoring_func == "sigmoid":
+            choice = 1.0 / (1.0 + np.exp(-logits))
+        else:
+            choice = np.exp(logits - logits.max(-1, keepdims=True))
+            choice /= choice.sum(-1, keepdims=True)
+        if cfg.topk_method == "noaux_tc":
+            choice = choice + np.asarray(w[f"model.layers.{i}.mlp.gate.e_score_correction_bias"], np.float64)
+        gaps = []
+        if cfg.topk_method != "greedy" and G > 1:
+            grouped = choice.reshape(-1, G, E // G)
+            gs = (-np.sort(-grouped, -1)[..., :2].sum(-1) if cfg.topk_method == "noaux_tc" else grouped.max(-1))
+            if kg < G:
+                srt_g = -np.sort(-gs, -1)
+                gaps.append(srt_g[:, kg - 1] - srt_g[:, kg])
+            mask = np.ones_like(gs, bool)
+            np.put_along_axis(mask, np.argsort(-gs, -1, kind="stable")[:, :kg], False, -1)
+            choice = np.where(np.repeat(mask, E // G, -1), -np.inf, choice)
+        srt = -np.sort(-choice, -1)
+        if k < E and np.isfinite(srt[:, k]).all():
+            gaps.append(srt[:, k - 1] - srt[:, k])
+        out[f"layers.{i}"] = float(min(g.min() for g in gaps)) if gaps else float("inf")
     return out
 
 

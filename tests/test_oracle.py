@@ -40,6 +40,8 @@ def test_kit_layout(kit):
         assert meta["targets"] and meta["fault"] in conformance.FAULTS
         size = sum(p.stat().st_size for p in (kit / n).rglob("*") if p.is_file())
         assert size < 2_000_000
+        # routing is decided by gaps far above float32 rounding, so a float32 engine must reproduce it
+        assert all(1e-6 < m < 1 for m in meta["routing_margin"].values()), meta["routing_margin"]
     assert json.loads((kit / "fp8-partial-blocks/checkpoint/config.json").read_text())[
         "quantization_config"]["weight_block_size"] == [20, 12]
 
