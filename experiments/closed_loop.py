@@ -1,0 +1,87 @@
+"""Closed loop on this machine: measure the JAX reference model, compare with sim.local.
+
+1. Probe the host (hwmodels.probe.write_probe, the `dsref hw probe` logic) into a
+   temporary DSREF_HOME-style directory: achieved matmul FLOP/s and memory bandwidth.
+2. Run reference.decode.generate on a small preset (default ``small-v3``, float32,
+   random weights) with a fixed prompt: one warm-up call (jit compilation), then the
+   median of ``repeats`` timed calls; prefill tokens/s = prompt tokens / prefill time,
+   decode tokens/s = decode-step tokens / decode time (GenerationResult).
+3. Predict both with ``sim.local.estimate(model, device=<the probed host.toml>,
+   quant='fp32', context=prompt + new/2, prompt_tokens=prompt)`` and report the signed
+   error (target: within 25%).
+
+Known differences between what runs and what is modelled (reported, not corrected):
+the reference decode attends over its whole bucketed cache (masked), the estimate
+counts prompt + position keys (flash); jit dispatch overhead per step is not modelled.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGET = 0.25
+FULL = {"model": "small-v3", "prompt": 128, "new": 64, "repeats": 3, "quick_probe": False}
+FAST = {"model": "tiny-v3", "prompt": 16, "new": 8, "repeats": 2, "quick_probe": True}
+
+
+def measure_generate(model_name: str, prompt: int, new: int, repeats: int) -> dict:
+    """Median prefill / decode tokens/s of reference.decode.generate (after one warm-up)."""
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from reference.decode import generate
+    from reference.model import DeepseekModel
+    from reference.presets import get_preset
+    cfg = get_preset(model_name)
+    model = DeepseekModel(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    toks = [rng.integers(0, cfg.vocab_size, prompt).tolist()]
+    generate(model, toks, new)  # compile + warm-up
+    runs = [generate(model, toks, new) for _ in range(repeats)]
+    return {"prefill_tokens_per_s": statistics.median(r.prefill_tokens_per_s for r in runs),
+            "decode_tokens_per_s": statistics.median(r.decode_tokens_per_s for r in runs),
+            "prefill_s": [r.prefill_s for r in runs], "decode_s": [r.decode_s for r in runs],
+            "new_tokens": runs[0].new_tokens}
+
+
+def run_closed_loop(*, fast: bool = False, progress: bool = True, probe_dir: str | None = None) -> dict:
+    from hwmodels.catalog import load_device_file
+    from hwmodels.probe import write_probe
+    from sim.local import estimate
+    p = FAST if fast else FULL
+
+    def say(msg):
+        if progress:
+            print(f"closed loop: {msg}", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(probe_dir) if probe_dir else Path(tmp)
+        say("probing this machine (dsref hw probe logic)")
+        t0 = time.perf_counter()
+        host_file = write_probe(base / "devices" / "host.toml", quick=p["quick_probe"])
+        dev = load_device_file(host_file)
+        probe = {"memory_bandwidth_GBps": dev.memory_bandwidth / 1e9,
+                 "fp32_GFLOPs": dev.peak_flops.get("fp32", float("nan")) / 1e9,
+                 "cores": dev.cores, "name": dev.name, "probe_s": time.perf_counter() - t0,
+                 "quick": p["quick_probe"]}
+        say(f"running {p['model']} (prompt {p['prompt']}, {p['new']} new tokens, median of {p['repeats']})")
+        meas = measure_generate(p["model"], p["prompt"], p["new"], p["repeats"])
+        ctx = p["prompt"] + p["new"] // 2
+        est = estimate(p["model"], str(host_file), "fp32", context=ctx, prompt_tokens=p["prompt"])
+    out = {"model": p["model"], "quant": "fp32", "prompt_tokens": p["prompt"], "new_tokens": p["new"],
+           "repeats": p["repeats"], "context": ctx, "probe": probe, "target_abs_error": TARGET}
+    for k in ("prefill", "decode"):
+        m, q = meas[f"{k}_tokens_per_s"], est[f"{k}_tokens_per_s"]
+        out[k] = {"measured_tokens_per_s": m, "predicted_tokens_per_s": q, "error": (q - m) / m}
+    out["decode_bytes_per_step"] = est["decode_bytes_per_step"]
+    out["decode_flops_per_step"] = est["decode_flops_per_step"]
+    return out
+
+
+if __name__ == "__main__":
+    import json
+    print(json.dumps(run_closed_loop(fast="--fast" in sys.argv), indent=1))

@@ -1,0 +1,241 @@
+"""Run every experiment, compare with the published claims, write docs/validation.{md,json} + plots.
+
+``dsref validate`` (experiments/cli.py) and ``python -m experiments.validate`` call
+``main``. Error statistics (median / max absolute signed error) cover records with
+status 'predicted' only; 'derived' (arithmetic on inputs) and 'not_modelled' records
+are listed but not counted.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from experiments.registry import EXPERIMENTS, INPUT_IDS, Record, load_claims
+
+TARGET_MEDIAN = 0.10
+TARGET_MAX = 0.30
+BANDS = (0.10, 0.30)
+
+
+def run_all(*, progress: bool = True, fast: bool = False, only: list[str] | None = None) -> list[Record]:
+    """Every experiment's records, in registry order; tqdm on stderr when ``progress``."""
+    import importlib
+    claims = load_claims()
+    todo = [(m, f) for m, f in EXPERIMENTS if only is None or m.rsplit(".", 1)[1] in only]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(todo), unit="exp", file=sys.stderr, leave=False)
+    out: list[Record] = []
+    for mod, fn in todo:
+        if bar is not None:
+            bar.set_description(mod.rsplit(".", 1)[1])
+        out += getattr(importlib.import_module(mod), fn)(claims, fast=fast)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def summary(records: list[Record]) -> dict:
+    errs = [abs(r.error) for r in records if r.status == "predicted" and r.error is not None]
+    worst = max((r for r in records if r.status == "predicted" and r.error is not None),
+                key=lambda r: abs(r.error), default=None)
+    return {"n_predicted": len(errs),
+            "median_abs_error": statistics.median(errs) if errs else None,
+            "max_abs_error": max(errs) if errs else None,
+            "max_abs_error_id": worst.key if worst else None,
+            "within_10pct": sum(e <= 0.10 for e in errs), "within_30pct": sum(e <= 0.30 for e in errs)}
+
+
+def to_json(records: list[Record]) -> dict:
+    s = summary(records)
+    return {"claims": [r.to_dict() for r in records], **s, "inputs": INPUT_IDS,
+            "targets": {"median_abs_error": TARGET_MEDIAN, "max_abs_error": TARGET_MAX}}
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "--"
+    if isinstance(x, str):
+        return x
+    ax = abs(x)
+    if ax == 0:
+        return "0"
+    if ax >= 1e5 or ax < 1e-2:
+        return f"{x:.3g}"
+    return f"{x:,.4g}" if ax < 1000 else f"{x:,.0f}"
+
+
+def _err(e) -> str:
+    return "--" if e is None else f"{e:+.1%}"
+
+
+def table(records: list[Record]) -> str:
+    rows = [("id", "predicted", "published", "unit", "error", "status")]
+    for r in records:
+        rows.append((r.key, _fmt(r.predicted), _fmt(r.published), r.unit[:34], _err(r.error), r.status))
+    w = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(row)) for row in rows)
+
+
+# ------------------------------------------------------------------ plots
+def plot_scatter(records: list[Record], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    pts = [r for r in records if r.status == "predicted" and r.error is not None and r.predicted > 0]
+    fig, ax = plt.subplots(figsize=(7, 6.5))
+    # normalise each claim by its published value's order of magnitude? no: plot raw on log-log
+    x = np.array([r.published for r in pts])
+    y = np.array([r.predicted for r in pts])
+    lo, hi = min(x.min(), y.min()) / 3, max(x.max(), y.max()) * 3
+    g = np.geomspace(lo, hi, 100)
+    ax.plot(g, g, "k-", lw=1, label="y = x")
+    for b, a in zip(BANDS, (0.25, 0.12)):
+        ax.fill_between(g, g * (1 - b), g * (1 + b), color="tab:green", alpha=a, lw=0, label=f"±{b:.0%}")
+    colors = ["tab:red" if abs(r.error) > TARGET_MAX else "tab:orange" if abs(r.error) > TARGET_MEDIAN
+              else "tab:blue" for r in pts]
+    ax.scatter(x, y, c=colors, s=28, zorder=3)
+    for r, xi, yi in zip(pts, x, y):
+        ax.annotate(r.key, (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel("published (claim's unit)")
+    ax.set_ylabel("predicted (same unit)")
+    ax.set_title("Simulated vs published (predicted claims)")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_errors(records: list[Record], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    pts = [r for r in records if r.status == "predicted" and r.error is not None]
+    fig, ax = plt.subplots(figsize=(7, 0.28 * len(pts) + 1.2))
+    y = range(len(pts))
+    errs = [r.error * 100 for r in pts]
+    colors = ["tab:red" if abs(e) > 30 else "tab:orange" if abs(e) > 10 else "tab:blue" for e in errs]
+    ax.barh(list(y), errs, color=colors)
+    ax.set_yticks(list(y))
+    ax.set_yticklabels([r.key for r in pts], fontsize=7)
+    for b in (10, 30):
+        ax.axvline(b, color="gray", ls="--", lw=0.8)
+        ax.axvline(-b, color="gray", ls="--", lw=0.8)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.invert_yaxis()
+    ax.set_xlabel("signed error (predicted - published) / published, %")
+    ax.set_xscale("symlog", linthresh=100, linscale=2)
+    ticks = [t for t in (-100, -50, -30, -10, 0, 10, 30, 50, 100, 300, 1000) if t >= min(errs + [0]) - 10]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(t) for t in ticks], fontsize=7)
+    ax.set_title("Error per predicted claim (dashed: ±10%, ±30%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------ markdown
+def markdown(records: list[Record], closed_loop: dict | None = None) -> str:
+    from experiments import docs_text
+    s = summary(records)
+    lines = [docs_text.HEADER.format(
+        n=s["n_predicted"], med=_err(s["median_abs_error"]).lstrip("+"), mx=_err(s["max_abs_error"]).lstrip("+"),
+        mxid=s["max_abs_error_id"], w10=s["within_10pct"], w30=s["within_30pct"])]
+    lines.append("| id | predicted | published | unit | error | status |\n|---|---:|---:|---|---:|---|")
+    for r in records:
+        lines.append(f"| `{r.key}` | {_fmt(r.predicted)} | {_fmt(r.published)} | {r.unit} | {_err(r.error)} | "
+                     f"{r.status} |")
+    lines.append("\n![predicted vs published](img/validation_scatter.png)\n")
+    lines.append("![errors](img/validation_errors.png)\n")
+    lines.append("## Readings and mechanisms\n")
+    for r in records:
+        txt = f"- **`{r.key}`** ({r.status}). {r.note}"
+        if r.reading:
+            txt += f" *Reading:* {r.reading}."
+        lines.append(txt)
+    lines.append("\n## Claims treated as inputs\n")
+    lines.append("These published figures are what the scenarios take as given; no experiment predicts them.\n")
+    for cid, why in INPUT_IDS.items():
+        lines.append(f"- `{cid}`: {why}")
+    lines.append(docs_text.MISSES)
+    lines.append(docs_text.closed_loop_section(closed_loop))
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(records: list[Record], out_dir: Path, closed_loop: dict | None = None) -> dict:
+    out_dir = Path(out_dir)
+    img = out_dir / "img"
+    img.mkdir(parents=True, exist_ok=True)
+    plot_scatter(records, img / "validation_scatter.png")
+    plot_errors(records, img / "validation_errors.png")
+    data = to_json(records)
+    if closed_loop is not None:
+        data["closed_loop"] = closed_loop
+    (out_dir / "validation.json").write_text(json.dumps(data, indent=1, default=float) + "\n")
+    (out_dir / "validation.md").write_text(markdown(records, closed_loop))
+    return data
+
+
+def load_closed_loop(out_dir: Path) -> dict | None:
+    """The closed-loop result kept in a previous validation.json (so a plain run keeps the section)."""
+    p = Path(out_dir) / "validation.json"
+    if p.exists():
+        try:
+            return json.loads(p.read_text()).get("closed_loop")
+        except (json.JSONDecodeError, OSError):
+            return None
+    return None
+
+
+def main(*, as_json: bool = False, out_dir: str | None = "docs", closed_loop: bool = False,
+         whatif: bool = False, fast: bool = False) -> int:
+    records = run_all(progress=not as_json, fast=fast)
+    cl = None
+    if closed_loop:
+        from experiments.closed_loop import run_closed_loop
+        cl = run_closed_loop(fast=fast, progress=not as_json)
+    elif out_dir:
+        cl = load_closed_loop(Path(out_dir))
+    data = write_outputs(records, Path(out_dir), cl) if out_dir else {**to_json(records), "closed_loop": cl}
+    if whatif:
+        from experiments import whatif as wi
+        wi.main(out_dir=out_dir or "docs", fast=fast)
+    if as_json:
+        print(json.dumps({k: v for k, v in data.items()}, indent=1, default=float))
+        return 0
+    print(table(records))
+    s = summary(records)
+    print(f"\npredicted claims: {s['n_predicted']}; median |error| {_err(s['median_abs_error']).lstrip('+')} "
+          f"(target <= {TARGET_MEDIAN:.0%}); max |error| {_err(s['max_abs_error']).lstrip('+')} "
+          f"({s['max_abs_error_id']}; target <= {TARGET_MAX:.0%})")
+    if cl:
+        for k in ("prefill", "decode"):
+            c = cl[k]
+            print(f"closed loop {k}: measured {c['measured_tokens_per_s']:.1f} tok/s, predicted "
+                  f"{c['predicted_tokens_per_s']:.1f}, error {_err(c['error'])}")
+    if out_dir:
+        print(f"wrote {out_dir}/validation.md, {out_dir}/validation.json, {out_dir}/img/validation_*.png")
+    return 0
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--out-dir", default="docs")
+    ap.add_argument("--closed-loop", action="store_true")
+    ap.add_argument("--whatif", action="store_true")
+    ap.add_argument("--fast", action="store_true")
+    a = ap.parse_args()
+    sys.exit(main(as_json=a.json, out_dir=a.out_dir, closed_loop=a.closed_loop, whatif=a.whatif, fast=a.fast))
