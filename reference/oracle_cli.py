@@ -42,7 +42,9 @@ def _add_tol_args(p):
 
 def cmd_golden(args) -> int:
     from reference import oracle
+    from reference.checkpoint import read_config
     tokens = oracle.load_tokens(args.tokens)
+    oracle.check_tokens(tokens, read_config(args.checkpoint), str(args.tokens))
     out = oracle.write_golden(args.checkpoint, tokens, args.out, args.dtype)
     t, _ = oracle.read_dump(out)
     print(f"wrote {out}: {len(t)} tensors ({args.dtype}), logits {list(t['logits'].shape)}")
@@ -65,7 +67,12 @@ def _engine(args):
         return conformance.CommandEngine(args.engine_cmd, dtype=args.dtype or "float32")
     if args.engine == "transformers":
         from reference.hf_adapter import TransformersEngine
-        return TransformersEngine()
+        try:
+            return TransformersEngine()
+        except ImportError as e:
+            from reference.oracle import OracleError
+            raise OracleError(f"--engine transformers needs torch and transformers ({e}); install the test "
+                              "extra: pip install torch==2.13.0 -e '.[test]'") from None
     return conformance.ReferenceEngine({"dsref": "float32", "dsref-bf16": "bfloat16",
                                         "dsref-float64": "float64"}[args.engine])
 
