@@ -101,6 +101,10 @@ def cmd_info(args) -> int:
     from reference.presets import load_config
     cfg = load_config(args.model)
     d = info_dict(cfg)
+    from pathlib import Path
+    if Path(args.model).is_dir():
+        from reference.checkpoint import describe_checkpoint
+        d["checkpoint"] = describe_checkpoint(args.model)
     if args.check and cfg.arch == "deepseek":
         d["self_check"] = self_check(cfg)
     if args.json:
@@ -130,6 +134,9 @@ def cmd_info(args) -> int:
     else:
         print(f"  attention         GQA {cfg.num_attention_heads} q / {cfg.num_key_value_heads} kv heads, "
               f"head_dim {cfg.dense_head_dim}; KV cache (bf16) {kv:,.0f} B/token")
+    if "checkpoint" in d:
+        ck = d["checkpoint"]
+        print(f"  checkpoint        {json.dumps({k: v for k, v in ck.items() if not isinstance(v, (list, dict))})}")
     if "self_check" in d:
         sc = d["self_check"]
         print(f"  self-check        forward pass of {sc['model']} ({sc['params']:,} params, tokens "

@@ -65,6 +65,7 @@ def cmd_generate(args) -> int:
         "decode_tokens_per_s": res.decode_tokens_per_s,
         "prefill_s": res.prefill_s, "decode_s": res.decode_s, "decode_steps": res.steps,
         "mtp_acceptance_rate": res.acceptance_rate,
+        "kv_cache_bytes_per_token": int(cfg.kv_cache_bytes_per_token(jnp.dtype(dtype).itemsize)),
         "note": "first call includes jit compilation; see benchmarks/bench_decode.py for steady-state rates",
     }
     if tok is not None:

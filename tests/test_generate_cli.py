@@ -64,3 +64,11 @@ def test_generate_mtp_and_errors(ckpt, capsys):
     assert main(["generate", "--checkpoint", str(d), "--tokens", "1,999999"]) == 2
     assert "vocab_size" in capsys.readouterr().err
     assert main(["generate", "--checkpoint", str(d / "missing"), "--tokens", "1"]) == 2
+
+
+def test_info_on_checkpoint_directory(ckpt, capsys):
+    d, model, _ = ckpt
+    assert main(["info", str(d), "--json", "--no-check"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["total_params"] == model.cfg.param_counts()["total_params"]
+    assert out["checkpoint"]["num_tensors"] > 0 and out["checkpoint"]["quantized"] is False
