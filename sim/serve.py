@@ -460,9 +460,13 @@ class Instance:
 
     def run_decode(self):
         env, sh = self.sim.env, self.sim.sh
+        rec = self.sim.rec
+        tps, kv_cap, running = self.tps, self.kv_cap, self.running
+        timeout, decode_time, admit, retire = env.timeout, self.decode_time, self._admit, self._retire
         while True:
-            self._admit()
-            n = len(self.running)
+            if self.ready or self.waiting:
+                admit()
+            n = len(running)
             if n == 0:
                 nxt = self.next_ready()
                 self.wake = env.event()
@@ -472,17 +476,18 @@ class Instance:
                 yield self.wake
                 self.sleep_until = math.inf
                 continue
-            dt, comp = self.decode_time(n, self.s0 + n * self.tps * self.step_idx)
+            dt, comp = decode_time(n, self.s0 + n * tps * self.step_idx)
             start = env.now
-            yield env.timeout(dt)
+            yield timeout(dt)
             self.busy_s += dt
             self.compute_s += comp
             self.steps += 1
-            if self.sim.rec.on:
-                self.sim.rec.span(self.role, self.name, "decode", start, dt, {"batch": n})
-            sh.tokens_out += n * self.tps
-            self._retire()
-            self._preempt_if_full()
+            if rec.on:
+                rec.span(self.role, self.name, "decode", start, dt, {"batch": n})
+            sh.tokens_out += n * tps
+            retire()
+            if self.s0 + len(running) * (tps * self.step_idx + 1.0) > kv_cap:
+                self._preempt_if_full()
 
     def run_aggregated(self):
         env, sh, wl = self.sim.env, self.sim.sh, self.sim.wl
@@ -630,6 +635,7 @@ class ServeSim:
 
     def run(self) -> dict:
         wall0 = time.perf_counter()
+        cpu0 = time.process_time()
         sc = self.sc
         self.wl = make_workload(sc, self.duration, self.seed)
         self.env = env = simpy.Environment()
@@ -659,6 +665,7 @@ class ServeSim:
         out = self.metrics()
         out["events"] = events
         out["sim_wall_s"] = wall
+        out["sim_cpu_s"] = time.process_time() - cpu0  # CPU time of this process: robust to a busy machine
         out["events_per_s"] = events / wall if wall > 0 else None
         return out
 

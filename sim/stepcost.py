@@ -128,6 +128,10 @@ class OpTable:
             if np.ptp(per) > _FIT_RTOL * per.max():
                 raise ValueError(f"op {ops0[i].name}: expert weight bytes not proportional to experts touched")
             moe_w[i] = per[0]
+        if training:  # prefix 0: B*S == M for every training shape; fold that column into M
+            for arr in (flops, act, kv, weight):
+                arr[:, 1] += arr[:, 4]
+                arr[:, 4] = 0.0
         bad = bad_f | bad_a | bad_k | bad_w
         if bad.any():
             raise ValueError(f"cost model op {ops0[int(np.argmax(bad))].name} is not affine in the shape features")
@@ -217,6 +221,20 @@ class StepCost:
                             t.spf[dense], t.spb[dense], t.count[dense])
         self._m = (t.flops[moe] * scm, (t.act[moe] + t.weight[moe]) * scm, t.moe_weight[moe] * sc[moe],
                    t.spf[moe], t.spb[moe], t.count[moe])
+        # fast evaluation: rows pre-multiplied by their seconds per FLOP / byte, stacked [compute; memory]
+        f, b, spf, spb, cnt = self._d
+        self._n = len(cnt)
+        self._stack = np.vstack([f * spf[:, None], b * spb[:, None]])
+        self._count = cnt
+        fm, bm, wm, spfm, spbm, cm = self._m
+        if len(cm) and (np.abs(fm[:, 2:]).max() > _FIT_RTOL * np.abs(fm[:, 1]).max()
+                        or np.abs(bm[:, 2:]).max() > _FIT_RTOL * np.abs(bm[:, 1]).max()):
+            raise ValueError("routed-expert op depends on more than the token count; the EP model needs updating")
+        rows: dict = {}
+        for i in range(len(cm)):
+            key = (fm[i, 0] * spfm[i], fm[i, 1] * spfm[i], bm[i, 0] * spbm[i], bm[i, 1] * spbm[i], wm[i] * spbm[i])
+            rows[key] = rows.get(key, 0.0) + cm[i]
+        self._moe_rows = [k + (v,) for k, v in rows.items()]
         self._comm_affine: tuple[float, float] | None = None
         self.layer_fraction = (hi - lo) / L
         E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
@@ -226,16 +244,14 @@ class StepCost:
     # ------------------------------------------------------------------ compute
     def compute_s(self, x: np.ndarray, moe_tokens_total: float) -> float:
         """Roofline compute time of the per-device features ``x`` (sum over ops of max(compute, memory))."""
-        f, b, spf, spb, c = self._d
-        total = float(np.dot(np.maximum((f @ x) * spf, (b @ x) * spb), c))
-        if len(self._m[0]):
-            fm, am, wm, spfm, spbm, cm = self._m
-            ep = max(self.plan.ep, 1)
-            m_dev = moe_tokens_total / ep  # tokens whose rows land on one EP device (balanced)
-            xm = np.array([0.0, m_dev, 0.0, 0.0, 0.0])
+        y = self._stack @ x
+        total = float(np.dot(np.maximum(y[:self._n], y[self._n:]), self._count))
+        if self._moe_rows:
+            m_dev = moe_tokens_total / max(self.plan.ep, 1)  # tokens whose rows land on one EP device (balanced)
             touched = self.local_slots * (1.0 - (1.0 - self.cfg.num_experts_per_tok / self.slots)
                                           ** moe_tokens_total) if moe_tokens_total > 0 else 0.0
-            total += float(np.dot(np.maximum((fm @ xm) * spfm, ((am @ xm) + wm * touched) * spbm), cm))
+            for cf0, cf1, cb0, cb1, cw, cnt in self._moe_rows:
+                total += cnt * max(cf0 + cf1 * m_dev, cb0 + cb1 * m_dev + cw * touched)
         return total
 
     # -------------------------------------------------------------------- comm

@@ -57,9 +57,13 @@ def test_stepcost_reproduces_cost_model():
             assert sc.compute_s(features(b, t, p), b * t) == pytest.approx(ref, rel=1e-9)
 
 
-def test_training_table_fits_exactly():
+def test_training_table_reproduces_cost_model():
     cfg, dev = get_preset(SMALL), load_device("h800")
-    OpTable.build(cfg, "bf16", dev, mla_form="naive", logits="all", training=True)  # raises if not affine
+    table = OpTable.build(cfg, "bf16", dev, mla_form="naive", logits="all", training=True)
+    sc = StepCost(cfg, "bf16", dev, Plan(1, 1), mla_form="naive", logits="all", table=table)
+    for b, t in ((1, 4096), (2, 1000)):
+        ref = roofline.step_time(costmodel.training_ops(cfg, "bf16", b, t, include_optimizer=False), dev).time_s
+        assert sc.compute_s(features(b, t, 0), b * t) == pytest.approx(ref, rel=1e-9)
 
 
 def test_single_request_disaggregated_matches_roofline():
