@@ -17,6 +17,7 @@ counts prompt + position keys (flash); jit dispatch overhead per step is not mod
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import tempfile
@@ -24,11 +25,13 @@ import time
 from pathlib import Path
 
 TARGET = 0.25
-FULL = {"model": "small-v3", "prompt": 128, "new": 64, "repeats": 3, "quick_probe": False}
-FAST = {"model": "tiny-v3", "prompt": 16, "new": 8, "repeats": 2, "quick_probe": True}
+FULL = {"model": "small-v3", "prompt": 128, "new": 64, "repeats": 3, "quick_probe": False,
+        # diagnostic: the same preset with every layer's FFN dense (no MoE dispatch loop)
+        "variants": (("small-v3, every layer dense (diagnostic)", {"first_k_dense_replace": 8}),)}
+FAST = {"model": "tiny-v3", "prompt": 16, "new": 8, "repeats": 2, "quick_probe": True, "variants": ()}
 
 
-def measure_generate(model_name: str, prompt: int, new: int, repeats: int) -> dict:
+def measure_generate(cfg, prompt: int, new: int, repeats: int) -> dict:
     """Median prefill / decode tokens/s of reference.decode.generate (after one warm-up)."""
     import jax.numpy as jnp
     import numpy as np
@@ -36,8 +39,6 @@ def measure_generate(model_name: str, prompt: int, new: int, repeats: int) -> di
 
     from reference.decode import generate
     from reference.model import DeepseekModel
-    from reference.presets import get_preset
-    cfg = get_preset(model_name)
     model = DeepseekModel(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
     toks = [rng.integers(0, cfg.vocab_size, prompt).tolist()]
@@ -52,6 +53,7 @@ def measure_generate(model_name: str, prompt: int, new: int, repeats: int) -> di
 def run_closed_loop(*, fast: bool = False, progress: bool = True, probe_dir: str | None = None) -> dict:
     from hwmodels.catalog import load_device_file
     from hwmodels.probe import write_probe
+    from reference.presets import get_preset
     from sim.local import estimate
     p = FAST if fast else FULL
 
@@ -68,17 +70,27 @@ def run_closed_loop(*, fast: bool = False, progress: bool = True, probe_dir: str
                  "fp32_GFLOPs": dev.peak_flops.get("fp32", float("nan")) / 1e9,
                  "cores": dev.cores, "name": dev.name, "probe_s": time.perf_counter() - t0,
                  "quick": p["quick_probe"]}
-        say(f"running {p['model']} (prompt {p['prompt']}, {p['new']} new tokens, median of {p['repeats']})")
-        meas = measure_generate(p["model"], p["prompt"], p["new"], p["repeats"])
         ctx = p["prompt"] + p["new"] // 2
-        est = estimate(p["model"], str(host_file), "fp32", context=ctx, prompt_tokens=p["prompt"])
-    out = {"model": p["model"], "quant": "fp32", "prompt_tokens": p["prompt"], "new_tokens": p["new"],
-           "repeats": p["repeats"], "context": ctx, "probe": probe, "target_abs_error": TARGET}
-    for k in ("prefill", "decode"):
-        m, q = meas[f"{k}_tokens_per_s"], est[f"{k}_tokens_per_s"]
-        out[k] = {"measured_tokens_per_s": m, "predicted_tokens_per_s": q, "error": (q - m) / m}
-    out["decode_bytes_per_step"] = est["decode_bytes_per_step"]
-    out["decode_flops_per_step"] = est["decode_flops_per_step"]
+        base = get_preset(p["model"])
+        out = {"model": p["model"], "quant": "fp32", "prompt_tokens": p["prompt"], "new_tokens": p["new"],
+               "repeats": p["repeats"], "context": ctx, "probe": probe, "target_abs_error": TARGET, "variants": [],
+               "load_average_at_start": list(os.getloadavg())}
+        for label, change in ((p["model"], None),) + tuple(p["variants"]):
+            cfg = base.replace(**change) if change else base
+            say(f"running {label} (prompt {p['prompt']}, {p['new']} new tokens, median of {p['repeats']})")
+            meas = measure_generate(cfg, p["prompt"], p["new"], p["repeats"])
+            est = estimate(cfg, str(host_file), "fp32", context=ctx, prompt_tokens=p["prompt"])
+            row = {"label": label, "config_change": change or {},
+                   "decode_bytes_per_step": est["decode_bytes_per_step"],
+                   "decode_flops_per_step": est["decode_flops_per_step"]}
+            for k in ("prefill", "decode"):
+                m, q = meas[f"{k}_tokens_per_s"], est[f"{k}_tokens_per_s"]
+                row[k] = {"measured_tokens_per_s": m, "predicted_tokens_per_s": q, "error": (q - m) / m}
+            if change:
+                out["variants"].append(row)
+            else:
+                out.update(row)
+    out["load_average_at_end"] = list(os.getloadavg())
     return out
 
 

@@ -11,7 +11,10 @@ Readings
     decode pool, not prefill, is the bottleneck.
   * Prefill tokens count cache hits, as the claim says (sim.serve counts every prompt
     token a prefill instance completes, cached or computed).
-  * Output speed per request: 1 / mean TPOT at the published load (MTP included).
+  * Output speed per request: 1 / mean TPOT in the decode-saturation run -- the same
+    operating point as d6_decode_node_tps, so both decode figures describe one state of
+    the pool (at the published load the pool is under-used and requests run ~5x faster;
+    reported in the note).
   * d6_cost and d6_revenue are arithmetic on published inputs (nodes, price, token
     volumes, R1 list prices): status 'derived', excluded from the error statistics.
 """
@@ -32,17 +35,18 @@ R1_PRICE_INPUT_MISS = 0.55
 R1_PRICE_OUTPUT = 2.19
 
 
-def simulate_day6(duration_s: float) -> dict:
-    """At-load run and the two saturation runs; returns the three metric dicts."""
+def simulate_day6(duration_s: float, saturation_s: float) -> dict:
+    """At-load run and the two saturation runs (which need longer to fill the decode pool's KV
+    cache: at 120 s it is still ramping); returns the three metric dicts."""
     from sim import scenario, serve
     sc = scenario.load(SCENARIO)
     rate = sc["workload"]["rate_per_s"]
     load = serve.simulate(sc, duration_s=duration_s)
     pre = serve.simulate(sc.with_overrides({"workload": {"rate_per_s": rate * PREFILL_SAT_RATE}}),
-                         duration_s=duration_s)
+                         duration_s=saturation_s)
     dec_sc = sc.with_overrides({"workload": {"rate_per_s": rate * DECODE_SAT_RATE},
                                 "prefill": {"instances": sc["prefill"]["instances"] * DECODE_SAT_PREFILL_UNITS}})
-    dec = serve.simulate(dec_sc, duration_s=duration_s)
+    dec = serve.simulate(dec_sc, duration_s=saturation_s)
     return {"load": load, "prefill_sat": pre, "decode_sat": dec}
 
 
@@ -53,9 +57,9 @@ def revenue_usd_per_day(input_b: float, hit_b: float, output_b: float) -> float:
 
 def run(claims: dict, *, fast: bool = False) -> list[Record]:
     from hwmodels.catalog import load_device
-    runs = simulate_day6(20.0 if fast else 120.0)
+    runs = simulate_day6(20.0, 20.0) if fast else simulate_day6(120.0, 300.0)
     load, pre, dec = runs["load"], runs["prefill_sat"], runs["decode_sat"]
-    dur = f"{load['duration_s']:.0f} simulated s per run"
+    dur = f"{pre['duration_s']:.0f} simulated s"
     out = [
         record(claims, "d6_prefill_node_tps", pre["input_tokens_per_s_per_node"],
                reading="saturated prefill capacity per prefill node; counts prefix-cache hits (as the claim)",
@@ -68,9 +72,12 @@ def run(claims: dict, *, fast: bool = False) -> list[Record]:
                      f"{load['output_tokens_per_s_per_node']:.0f}/node (= load / 126 nodes)")),
     ]
     lo, hi = claims["d6_output_speed"]["value"]
-    out.append(record(claims, "d6_output_speed", 1.0 / load["tpot_mean_s"], part="mid", published=(lo + hi) / 2,
-                      reading="1 / mean TPOT at the published load, compared with the midpoint of 20-22",
-                      note=f"mean TPOT {load['tpot_mean_s'] * 1e3:.1f} ms incl. MTP (1.85 tokens per decode step)"))
+    out.append(record(claims, "d6_output_speed", 1.0 / dec["tpot_mean_s"], part="mid", published=(lo + hi) / 2,
+                      reading=("1 / mean TPOT at the decode-saturation operating point (the d6_decode_node_tps run), "
+                               "compared with the midpoint of 20-22"),
+                      note=(f"mean TPOT {dec['tpot_mean_s'] * 1e3:.1f} ms incl. MTP (1.85 tokens per decode step); "
+                            f"at the published load on the 126 decode nodes: TPOT {load['tpot_mean_s'] * 1e3:.1f} ms "
+                            f"= {1 / load['tpot_mean_s']:.0f} tokens/s per request")))
     nodes = claims["d6_nodes"]["value"]["avg"]
     price = load_device("h800").price_usd_per_hour
     cost = nodes * GPUS_PER_NODE * HOURS_PER_DAY * price

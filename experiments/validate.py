@@ -160,7 +160,8 @@ def markdown(records: list[Record], closed_loop: dict | None = None) -> str:
     lines.append("![errors](img/validation_errors.png)\n")
     lines.append("## Readings and mechanisms\n")
     for r in records:
-        txt = f"- **`{r.key}`** ({r.status}). {r.note}"
+        note = r.note.rstrip()
+        txt = f"- **`{r.key}`** ({r.status}). {note}" + ("" if not note or note.endswith(".") else ".")
         if r.reading:
             txt += f" *Reading:* {r.reading}."
         lines.append(txt)

@@ -15,12 +15,13 @@ from pathlib import Path
 
 SERVE_TARGETS = (  # (label, system preset, quant, device_split)
     ("H800", "h800-node", "fp8", 1),
+    ("H100", "h100-node", "fp8", 1),
     ("H20", None, "fp8", 1),
     ("H200", "h200-node", "fp8", 1),
     ("B200", "b200-node", "fp8", 1),
     ("Ascend 910C", "ascend-910c-node", "int8", 2),
 )
-CATALOG_DEVICE = {"H800": "h800", "H20": "h20", "H200": "h200", "B200": "b200", "Ascend 910C": "ascend-910c"}
+CATALOG_DEVICE = {"H800": "h800", "H100": "h100", "H20": "h20", "H200": "h200", "B200": "b200", "Ascend 910C": "ascend-910c"}
 SLO_TOKENS_PER_S = 20.0   # Day-6: 20-22 output tokens/s per request (the low end as the SLO)
 MEAN_KV = 4989            # Day-6: average KV length per output token
 PROMPT, HIT = 4383, 0.563  # the deepseek-day6 scenario's mean prompt and prefix-cache hit rate
@@ -80,7 +81,7 @@ def serving_cost_table() -> list[dict]:
         row = {"device": label, "catalog_id": dev.id, "quant": quant, "price_usd_per_hour": dev.price_usd_per_hour,
                "price_source": dev.figures["price"].source if "price" in dev.figures else "not in the catalog"}
         if system is None:
-            row["note"] = "no node preset for this device in hwmodels/data/systems (fabric, NICs unknown): not simulated"
+            row["note"] = "no node preset for this device in hwmodels/data/systems (fabric, NICs unknown)"
             rows.append(row)
             continue
         cap = serving_capacity(system, quant, split)
@@ -106,11 +107,13 @@ def _plot_cost(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = iter([("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."), ("v", "-"), ("x", "--")])
     for r in rows:
         h = r.get("chip_hours_per_million_output")
         if h is None:
             continue
-        ax.plot(PRICE_GRID, [h * p for p in PRICE_GRID], marker="o", ms=3, label=r["device"])
+        mk, ls = next(styles)
+        ax.plot(PRICE_GRID, [h * p for p in PRICE_GRID], marker=mk, ls=ls, ms=4, label=r["device"])
         if r["price_usd_per_hour"]:
             ax.scatter([r["price_usd_per_hour"]], [h * r["price_usd_per_hour"]], s=60, marker="*", zorder=3)
     ax.set_xlabel("rental price, USD per chip-hour (parameter)")
@@ -149,6 +152,11 @@ def write_serving_page(out_dir: Path) -> list[dict]:
                  f"{f(r.get('decode_tokens_per_s_per_chip'))} | {r.get('decode_batch_per_device')} | "
                  f"{f(r.get('chip_hours_per_million_output'), 3)} | {r['price_usd_per_hour'] or 'unknown'} | "
                  f"{f(r.get('usd_per_million_output'), 3)} |")
+    L.append("\nReading the table: prefill is compute-bound (H100, H200 have the same peak; the H800 pays for its "
+             "400 GB/s NVLink in the intra-node all-to-all); decode batches are capped by the 20 tokens/s "
+             "per-request floor because each step is bound by the EP all-to-all over 400 Gb/s InfiniBand "
+             "(the same NIC on every NVIDIA node here), so extra HBM bandwidth or capacity (H200, B200) "
+             "buys little in this deployment shape; the 910C reaches that floor at a smaller batch (slower steps).\n")
     L.append("\nWhere the catalog has no rental price (H20, H200, B200, Ascend 910C: none with a citable source "
              "in hwmodels/data/devices), the cost is shown as a function of the price per chip-hour:\n")
     L.append("![cost vs price](img/whatif_serving_cost.png)\n")
