@@ -2,9 +2,9 @@
 on the ``deepseek-v3-pretrain`` scenario (2048 H800, DualPipe PP16, EP64, ZeRO-1 DP128,
 FP8, seq 4096, batch 15,360, 14.8T tokens) and the same simulator at 32K / 128K.
 
-Context extension (TR sec. 4.3, as we read it; not re-verified against the PDF here):
-two stages of 1000 steps each, 32K sequences with batch 1920, then 128K with batch 480,
-i.e. 62.9B tokens per stage. The parallel layout used for them is not published:
+Context extension (TR sec. 4.3 "Long Context Extension", checked against the report's LaTeX
+source as mirrored in public repositories): two phases of 1000 steps each, 32K sequences with
+batch 1920, then 128K with batch 480, i.e. 62.9B tokens per phase. The parallel layout used for them is not published:
 batch 1920 (480) does not split into DualPipe's >= 2 x PP = 32 micro-batches on 128 DP
 ranks, so we keep the pre-training layout with the minimum 32 micro-batches of one
 sequence per rank (global batch 4096) and charge the TR's token count at the simulated
@@ -79,7 +79,7 @@ def run(claims: dict, *, fast: bool = False) -> list[Record]:
     ctx_h = sum(s["device_hours"] for s in ctx)
     out.append(record(
         claims, "dsv3_tr_ctxext_gpuh", ctx_h,
-        reading=("TR sec. 4.3 as read: 1000 steps at 32K x batch 1920, then 1000 at 128K x batch 480 "
+        reading=("TR sec. 4.3: 1000 steps at 32K x batch 1920, then 1000 at 128K x batch 480 "
                  "(62.9B tokens each); layout: pre-training PP16/EP64/DP128 DualPipe with 32 micro-batches"),
         note="; ".join(f"{s['seq_len'] // 1024}K: {s['device_hours'] / 1e3:.0f}K GPU-h, MFU {s['mfu']:.0%}"
                        for s in ctx)))
