@@ -53,22 +53,22 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    rows = [bench_serve(s, args.duration) for s in args.scales]
-    if args.hour:
-        rows.append(bench_serve(1, 3600.0))
-    tr = bench_train()
+    runs = [(s, args.duration) for s in args.scales] + ([(1, 3600.0)] if args.hour else [])
     if args.json:
-        print(json.dumps({"serve": rows, "train": tr, "loadavg_1min": load0}, indent=1))
+        rows = [bench_serve(s, d) for s, d in runs]
+        print(json.dumps({"serve": rows, "train": bench_train(), "loadavg_1min": load0}, indent=1))
         return 0
     print(f"Machine: {platform.processor() or platform.machine()}, Python {platform.python_version()}, "
           f"1-min load average at start {load0:.2f} on {os.cpu_count()} cores\n")
     print("| deployment | nodes | simulated | requests | events | setup (s) | run wall (s) | run CPU (s) | "
           "events per CPU-s | simulated s per wall s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    for s, d in runs:
+        r = bench_serve(s, d)
         print(f"| {r['scale']}x day-6 | {r['nodes']:.0f} | {r['simulated_s']:.0f} s | {r['requests']:,} | "
               f"{r['events']:,} | {r['setup_s']:.1f} | {r['run_wall_s']:.1f} | {r['run_cpu_s']:.1f} | "
-              f"{r['events_per_cpu_s']:,.0f} | {r['simulated_s_per_wall_s']:.1f} |")
+              f"{r['events_per_cpu_s']:,.0f} | {r['simulated_s_per_wall_s']:.1f} |", flush=True)
+    tr = bench_train()
     print(f"\nTraining step (deepseek-v3-pretrain, 2,048 GPUs, 120 micro-batches, DualPipe): "
           f"{tr['events']:,} events, {tr['wall_s']:.2f} s including the cost-table fit "
           f"({tr['run_wall_s']:.3f} s of simulation)")

@@ -38,6 +38,7 @@ Model
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import sys
@@ -57,6 +58,7 @@ SECONDS_PER_HOUR = 3600.0
 TOKENS_PER_MILLION = 1e6
 PROGRESS_MIN_WALL_S = 2.0  # show a progress bar only for runs expected to take longer
 MAX_TRACE_EVENTS = 200_000
+DISPATCH_MIN_CHUNK = 32  # a prefill batch is split over at most len(batch) / 32 decode instances
 
 
 # ---------------------------------------------------------------- workload
@@ -183,10 +185,13 @@ class Instance:
 
     Decode bookkeeping: requests arrive in *chunks* (what one prefill step hands to
     this instance: a list of (ready time, id, context, generated, remaining) sorted
-    by ready time). ``running`` maps id -> (join step, finish step, context at join,
-    generated at join); the finish step is fixed at join (every step advances every
-    request by ``tps`` tokens), so retirement is one dictionary pop per step, and the
-    summed context is s0 + n * tps * step (s0 = sum of context at join - tps * join step).
+    by ready time). A request's finish step is fixed when it joins (every step
+    advances every request by ``tps`` tokens): ``finish[step]`` holds the ids that
+    finish then and the sum of their s0 terms, so retiring is one dictionary pop per
+    step with no per-request work; the summed context is s0 + n * tps * step (s0 = sum
+    of context at join - tps * join step). ``order`` lists (id, join step, finish step,
+    context, generated) in join order for LIFO preemption (finished entries skipped,
+    pruned now and then).
     Plain Python containers: a decode step joins/retires only a few requests, where
     NumPy's per-call overhead would dominate.
     """
@@ -209,7 +214,9 @@ class Instance:
         self.two_mb = r["two_microbatch_overlap"]
         self.ready: list = []          # chunks in KV transfer: [position, list of tuples]
         self.waiting: deque = deque()  # (id, context, generated, remaining) waiting for KV space / a slot
-        self.running: dict = {}
+        self.n_run = 0
+        self.order: list = []
+        self.pending = 0               # requests in transfer or waiting
         self.finish: dict = {}         # step -> [ids]
         self.step_idx = 0
         self.s0 = 0.0
@@ -314,16 +321,16 @@ class Instance:
             prompts = np.concatenate([np.array([r[1] for r in retries], float), wl.prompt[a:b].astype(float)])
             sh.tokens_in += float(prompts[len(retries):].sum()) + sum(r[1] - r[3] + 1 for r in retries)
             dur = sim.kv_s_per_token * prompts + sim.kv_latency_s
+            # grid [rows, L]: request j in row j // L, column j % L = lane (lane_i + j) % L
             rows = -(-n_req // L)
-            order = (self.lane_i + np.arange(n_req)) % L
-            # position of request j in the padded [rows, L] grid: row j // L of lane order[j]
-            grid = np.zeros((rows, L))
-            grid[np.arange(n_req) // L, order] = dur
-            ends = np.maximum(self.lanes, now) + np.cumsum(grid, axis=0)
-            t_done = ends[np.arange(n_req) // L, order]
-            used_lanes = np.zeros(L, bool)
-            used_lanes[order] = True
-            self.lanes = np.where(used_lanes, ends[-1], self.lanes)
+            pad = np.zeros(rows * L)
+            pad[:n_req] = dur
+            lanes_r = np.roll(self.lanes, -self.lane_i)
+            ends = np.maximum(lanes_r, now) + np.cumsum(pad.reshape(rows, L), axis=0)
+            t_done = ends.ravel()[:n_req]
+            cols = min(n_req, L)
+            lanes_r[:cols] = ends[-1, :cols]
+            self.lanes = np.roll(lanes_r, self.lane_i)
             self.lane_i = (self.lane_i + n_req) % L
             nr = len(retries)
             if b > a:
@@ -344,24 +351,27 @@ class Instance:
 
     def _dispatch(self, items: list):
         """Assign transferred requests [(ready time, id, context, generated, remaining)] to decode
-        instances round-robin over the instances sorted by load (least loaded first); wake sleeping ones."""
+        instances: round-robin over the least-loaded instances (as many as give chunks of at least
+        DISPATCH_MIN_CHUNK requests); wake sleeping ones at their first ready time."""
         if not items:
             return
         env = self.sim.env
-        decs = sorted(self.sim.decoders, key=Instance.load)
-        k = len(decs)
+        decs = self.sim.decoders
+        k = max(1, min(len(decs), len(items) // DISPATCH_MIN_CHUNK))
+        decs = heapq.nsmallest(k, decs, key=Instance.load) if k < len(decs) else sorted(decs, key=Instance.load)
         for i, d in enumerate(decs):
             ch = sorted(items[i::k])
             if not ch:
                 continue
             d.ready.append([0, ch])
+            d.pending += len(ch)
             t0 = ch[0][0]
             if t0 < d.sleep_until and not d.wake.triggered:
                 d.sleep_until = t0
                 env.process(_wake_at(env, d, t0))
 
     def load(self) -> int:
-        return len(self.running) + len(self.waiting) + sum(len(c[1]) - c[0] for c in self.ready)
+        return self.n_run + self.pending
 
     def next_ready(self) -> float:
         return min((c[1][c[0]][0] for c in self.ready), default=math.inf)
@@ -392,46 +402,58 @@ class Instance:
             self.ready = keep
         if not waiting:
             return
-        running, finish, tps, step = self.running, self.finish, self.tps, self.step_idx
-        n = len(running)
+        finish, tps, step = self.finish, self.tps, self.step_idx
+        n = self.n_run
         s0 = self.s0
         room = self.kv_cap - (s0 + n * tps * step)  # KV tokens still free
         slots = self.max_batch - n
         ceil = math.ceil
         popleft = waiting.popleft
+        order = self.order
+        joined = 0
         while waiting and slots > 0:
             rid, ctx, gen, remaining = item = popleft()
             if ctx + 1 > room:
-                if not running:  # can never fit on this instance
+                if n + joined == 0:  # can never fit on this instance
                     self.sim.sh.rejected += 1
+                    self.pending -= 1
                     continue
                 waiting.appendleft(item)
                 self.sim.sh.kv_blocked_steps += 1
                 break
             fs = step + (ceil(remaining / tps - 1e-9) if remaining > tps else 1)
-            running[rid] = (step, fs, ctx, gen)
-            lst = finish.get(fs)
-            if lst is None:
-                finish[fs] = [rid]
+            c = ctx - tps * step
+            b = finish.get(fs)
+            if b is None:
+                finish[fs] = [[rid], c]
             else:
-                lst.append(rid)
-            s0 += ctx - tps * step
+                b[0].append(rid)
+                b[1] += c
+            order.append((rid, step, fs, ctx, gen))
+            s0 += c
             room -= ctx
             slots -= 1
+            joined += 1
         self.s0 = s0
+        self.n_run = n + joined
+        self.pending -= joined
 
     def _preempt_if_full(self):
-        running = self.running
-        n = len(running)
         tps, step = self.tps, self.step_idx
-        used = self.s0 + n * (tps * step + 1.0)  # + the tokens the next step writes
-        sh, wl = self.sim.sh, self.sim.wl
-        while n > 1 and used > self.kv_cap:
-            rid, (join, _fs, ctx, gen) = running.popitem()  # newest first (LIFO, as vLLM)
+        used = self.s0 + self.n_run * (tps * step + 1.0)  # + the tokens the next step writes
+        sh, wl, order = self.sim.sh, self.sim.wl, self.order
+        while self.n_run > 1 and used > self.kv_cap:
+            rid, join, fs, ctx, gen = order.pop()  # newest first (LIFO, as vLLM)
+            if fs <= step:
+                continue  # already finished
+            c = ctx - tps * join
+            b = self.finish[fs]
+            b[0].remove(rid)
+            b[1] -= c
             g = math.floor(gen + tps * (step - join))
-            self.s0 -= ctx - tps * join
+            self.s0 -= c
             used -= ctx + tps * (step - join) + 1.0
-            n -= 1
+            self.n_run -= 1
             sh.preemptions += 1
             prompt = int(wl.prompt[rid]) + g - 1  # recompute preemption: everything but the last token
             sh.retry.append((rid, prompt, int(wl.cached[rid]), g))
@@ -439,34 +461,28 @@ class Instance:
                 sh.idle.pop().succeed()
 
     def _retire(self):
-        """Advance the step counter; retire requests that reached their output length."""
+        """Advance the step counter; retire the requests whose finish step this is."""
         self.step_idx += 1
-        step = self.step_idx
-        lst = self.finish.pop(step, None)
-        if not lst:
+        b = self.finish.pop(self.step_idx, None)
+        if b is None:
             return
-        running, tps = self.running, self.tps
-        done = []
-        s0 = self.s0
-        for rid in lst:
-            e = running.get(rid)
-            if e is None or e[1] != step:
-                continue  # preempted (and maybe re-joined with another finish step)
-            del running[rid]
-            s0 -= e[2] - tps * e[0]
-            done.append(rid)
-        self.s0 = s0
-        self.sim.sh.done[done] = self.sim.env.now
+        ids, c = b
+        self.s0 -= c
+        self.n_run -= len(ids)
+        self.sim.sh.done[ids] = self.sim.env.now
+        if len(self.order) > 2 * self.n_run + 4096:  # drop finished entries
+            step = self.step_idx
+            self.order = [e for e in self.order if e[2] > step]
 
     def run_decode(self):
         env, sh = self.sim.env, self.sim.sh
         rec = self.sim.rec
-        tps, kv_cap, running = self.tps, self.kv_cap, self.running
+        tps, kv_cap = self.tps, self.kv_cap
         timeout, decode_time, admit, retire = env.timeout, self.decode_time, self._admit, self._retire
         while True:
             if self.ready or self.waiting:
                 admit()
-            n = len(running)
+            n = self.n_run
             if n == 0:
                 nxt = self.next_ready()
                 self.wake = env.event()
@@ -486,14 +502,14 @@ class Instance:
                 rec.span(self.role, self.name, "decode", start, dt, {"batch": n})
             sh.tokens_out += n * tps
             retire()
-            if self.s0 + len(running) * (tps * self.step_idx + 1.0) > kv_cap:
+            if self.s0 + self.n_run * (tps * self.step_idx + 1.0) > kv_cap:
                 self._preempt_if_full()
 
     def run_aggregated(self):
         env, sh, wl = self.sim.env, self.sim.sh, self.sim.wl
         while True:
             self._admit()
-            n = len(self.running)
+            n = self.n_run
             used = self.s0 + n * self.tps * self.step_idx
             budget = self.budget - n * self.tps
             retries, (a, b) = [], (sh.head, sh.head)
@@ -524,6 +540,7 @@ class Instance:
             sh.tokens_in += float(wl.prompt[a:b].sum()) + sum(r[1] - r[3] + 1 for r in retries)
             for r in retries:
                 self.waiting.append((r[0], r[1], r[3], int(wl.output[r[0]]) - r[3]))
+                self.pending += 1
             if b > a:
                 sh.first[a:b] = now
                 sh.tokens_out += b - a
@@ -531,6 +548,7 @@ class Instance:
                 one = out <= 1
                 sh.done[a:b][one] = now
                 keep = np.flatnonzero(~one)
+                self.pending += len(keep)
                 self.waiting.extend(zip((keep + a).tolist(), wl.prompt[a:b][keep].tolist(), [1] * len(keep),
                                         (out[keep] - 1).tolist()))
             self._preempt_if_full()
@@ -625,7 +643,7 @@ class ServeSim:
         env, sh = self.env, self.sh
         while True:
             q = sh.queued()
-            run = sum(len(d.running) for d in self.decoders)
+            run = sum(d.n_run for d in self.decoders)
             dq = sum(d.load() for d in self.decoders) - run
             self.samples.append((env.now, q, dq, run))
             if self.rec.on:

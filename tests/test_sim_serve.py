@@ -201,3 +201,23 @@ def test_cli_error_names_field(capsys):
     from reference.cli import main
     assert main(["sim", "serve", "--scenario", "no-such-scenario"]) == 2
     assert "field 'scenario'" in capsys.readouterr().err
+
+
+def test_jsonl_trace_workload(tmp_path):
+    p = tmp_path / "reqs.jsonl"
+    rows = [{"t": 0.0, "prompt_tokens": 500, "output_tokens": 4, "cached_tokens": 200},
+            {"t": 5.0, "prompt_tokens": 300, "output_tokens": 2},
+            {"t": 99.0, "prompt_tokens": 100, "output_tokens": 2}]   # after the window: ignored
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    d = _one_device("aggregated")
+    d["workload"] = {"arrival": "trace", "trace": str(p)}
+    d["duration_s"] = 20.0
+    r = simulate(from_dict(d))
+    assert r["requests_arrived"] == 2 and r["requests_finished"] == 2
+    cfg, dev = get_preset(SMALL), load_device("h800")
+    first = roofline.step_time(costmodel.prefill_ops(cfg, "bf16", 1, 300, 200), dev).time_s
+    second = roofline.step_time(costmodel.prefill_ops(cfg, "bf16", 1, 300, 0), dev).time_s
+    assert r["ttft_p50_s"] == pytest.approx((first + second) / 2, rel=1e-9)
+    p.write_text('{"t": 0, "prompt_tokens": 0, "output_tokens": 1}\n')
+    with pytest.raises(ScenarioError, match="line 1"):
+        simulate(from_dict(d))
