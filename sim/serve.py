@@ -41,6 +41,8 @@ from __future__ import annotations
 import heapq
 import json
 import math
+from bisect import bisect_right
+from operator import itemgetter
 import sys
 import time
 from collections import deque
@@ -58,6 +60,7 @@ SECONDS_PER_HOUR = 3600.0
 TOKENS_PER_MILLION = 1e6
 PROGRESS_MIN_WALL_S = 2.0  # show a progress bar only for runs expected to take longer
 MAX_TRACE_EVENTS = 200_000
+_ready_time = itemgetter(0)
 DISPATCH_MIN_CHUNK = 32  # a prefill batch is split over at most len(batch) / 32 decode instances
 
 
@@ -213,7 +216,7 @@ class Instance:
         self.mtp = r["mtp_acceptance"] > 0
         self.two_mb = r["two_microbatch_overlap"]
         self.ready: list = []          # chunks in KV transfer: [position, list of tuples]
-        self.waiting: deque = deque()  # (id, context, generated, remaining) waiting for KV space / a slot
+        self.waiting: deque = deque()  # (ready time, id, context, generated, remaining) waiting for KV / a slot
         self.n_run = 0
         self.order: list = []
         self.pending = 0               # requests in transfer or waiting
@@ -393,9 +396,10 @@ class Instance:
             for c in self.ready:
                 pos, ch = c
                 n = len(ch)
-                while pos < n and ch[pos][0] <= now:
-                    waiting.append(ch[pos][1:])
-                    pos += 1
+                k = bisect_right(ch, now, lo=pos, key=_ready_time)
+                if k > pos:
+                    waiting.extend(ch[pos:k])
+                    pos = k
                 if pos < n:
                     c[0] = pos
                     keep.append(c)
@@ -412,7 +416,7 @@ class Instance:
         order = self.order
         joined = 0
         while waiting and slots > 0:
-            rid, ctx, gen, remaining = item = popleft()
+            _t, rid, ctx, gen, remaining = item = popleft()
             if ctx + 1 > room:
                 if n + joined == 0:  # can never fit on this instance
                     self.sim.sh.rejected += 1
@@ -539,7 +543,7 @@ class Instance:
             now = env.now
             sh.tokens_in += float(wl.prompt[a:b].sum()) + sum(r[1] - r[3] + 1 for r in retries)
             for r in retries:
-                self.waiting.append((r[0], r[1], r[3], int(wl.output[r[0]]) - r[3]))
+                self.waiting.append((now, r[0], r[1], r[3], int(wl.output[r[0]]) - r[3]))
                 self.pending += 1
             if b > a:
                 sh.first[a:b] = now
@@ -549,7 +553,8 @@ class Instance:
                 sh.done[a:b][one] = now
                 keep = np.flatnonzero(~one)
                 self.pending += len(keep)
-                self.waiting.extend(zip((keep + a).tolist(), wl.prompt[a:b][keep].tolist(), [1] * len(keep),
+                self.waiting.extend(zip([now] * len(keep), (keep + a).tolist(), wl.prompt[a:b][keep].tolist(),
+                                        [1] * len(keep),
                                         (out[keep] - 1).tolist()))
             self._preempt_if_full()
 
