@@ -96,18 +96,19 @@ Target: within {cl['target_abs_error']:.0%}. {verdict}
 """
 
 
-MISS_DIAGNOSIS = """ This machine is shared with other jobs (the load average is recorded in
-validation.json; the probe's fp32 matmul rate ranged from ~50 to ~170 GFLOP/s between runs and the probe
-and the model run at different moments), so single-run errors move by tens of percent: small-v3 decode
-came out +144%, +84% and +2% in three runs. What is stable is the ratio between the two rows: the same
-preset with every FFN dense -- same attention, cache, sampling and vocabulary, similar bytes per
-token -- decodes 1.7-2.5x faster and prefills 1.5-4x faster than small-v3 in every run, while the
-estimate says they should be about equally fast. So the reference's routed-expert loop
-(reference/model.py `routed_experts`: a `fori_loop` over expert blocks that indexes the stacked expert
-weights with a dynamic slice) costs far more on XLA-CPU than the bytes and FLOPs it moves, which
-sim.local (an ideal grouped-GEMM runtime) does not see. A smaller vocabulary (1K instead of 32K,
-measured separately) does not change the prefill rate, so the all-position logits are not the cause.
-Recommended: run the closed loop on a quiet machine; a per-op dispatch-overhead figure measured by
-hwmodels.probe (used by sim.roofline for the host); a faster expert dispatch in the reference (e.g.
-gather the touched experts' weights once per step).
+MISS_DIAGNOSIS = """ What the runs show (table above; earlier runs in docs/performance.md):
+**decode is within target** on a quiet machine (the rate of a memory-bound step follows the probed
+bandwidth), **prefill is not**. On a quiet machine (2026-11-23 12:26 UTC, 1-min load 0.0) small-v3
+decode came out +10% and prefill +256%; the same preset with every FFN dense prefilled at +84%.
+On a loaded machine single runs moved by tens of percent (decode +144%, +84%, +2% in three runs),
+because the probe and the model run at different moments.
+The prefill miss is the reference, not the cost model: sim.local assumes grouped GEMMs at the
+probed matmul rate, while the reference's exact MoE dispatch (reference/model.py `routed_experts`:
+a `fori_loop` over expert-pure blocks of 16-64 rows) runs small GEMMs one block at a time, at
+25-35 GFLOP/s on XLA:CPU against ~85-180 GFLOP/s for one large GEMM (benchmarks in
+docs/performance.md). Even the all-dense variant misses (+84%): at 128 tokens XLA:CPU's GEMMs of
+the projections (M = 128) stay well below the probe's 4096-square matmul rate. Not fitted away:
+sim.local keeps the probe's rate. What would close it: a grouped-GEMM kernel in the reference
+(gathering the touched experts' weights into one array was measured slower: a copy per step), and
+a probe that measures GEMM rate at the shapes the model uses.
 """
