@@ -161,15 +161,21 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("--no-check", dest="check", action="store_false",
                     help="skip the self-check forward pass of a scaled-down model of the same structure")
     pi.set_defaults(func=cmd_info)
-    for mod in _SUBCOMMAND_MODULES:
+    register_modules(sub, _SUBCOMMAND_MODULES)
+    return p
+
+
+def register_modules(subparsers, modules) -> None:
+    """Call ``register(subparsers)`` of each module that exists (a missing module is skipped;
+    an import error inside an existing one is raised)."""
+    for mod in modules:
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:
             if e.name == mod:
                 continue
             raise
-        m.register(sub)
-    return p
+        m.register(subparsers)
 
 
 def main(argv=None) -> int:

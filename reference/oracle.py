@@ -151,7 +151,6 @@ def _jit_capture(graphdef, state, tokens):
 
 def jax_outputs(model, tokens: np.ndarray) -> dict[str, np.ndarray]:
     """The JAX model's logits and per-layer captures, under jit (capture is returned as an output)."""
-    import jax
     import jax.numpy as jnp
     from flax import nnx
     graphdef, state = nnx.split(model)

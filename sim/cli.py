@@ -10,7 +10,6 @@ when it exists. Heavy imports (numpy, jax) happen inside the handlers.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 
 # (subcommand, module) pairs contributed by other modules, in help order.
@@ -72,13 +71,25 @@ def register(subparsers) -> argparse.ArgumentParser:
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = sim.add_subparsers(dest="sim_command", metavar="SIM_COMMAND")
     register_local(sub)
-    for _name, mod in SUBCOMMAND_MODULES:
-        try:
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name == mod:
-                continue
-            raise
-        m.register(sub)
+    from reference.cli import register_modules
+    register_modules(sub, [mod for _name, mod in SUBCOMMAND_MODULES])
     sim.set_defaults(func=lambda args: (sim.print_help(), 2)[1])
     return sim
+
+
+def emit_outputs(args, result: dict, print_text, write_trace, write_plot) -> int:
+    """Common tail of `sim serve` / `sim train`: optional trace and plot files, then JSON or text."""
+    import json
+    import sys
+    if args.trace:
+        write_trace(args.trace)
+    if args.plot:
+        write_plot(args.plot)
+    if args.json:
+        print(json.dumps(result, default=float))
+    else:
+        print_text(result)
+        for what, path in (("trace", args.trace), ("plot", args.plot)):
+            if path:
+                print(f"  {what} written to {path}", file=sys.stderr)
+    return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 
 def _fmt(x, unit="", scale=1.0, digits=1):
@@ -72,20 +71,15 @@ def cmd_serve(args) -> int:
     sim = serve.ServeSim(sc, duration_s=args.duration, seed=args.seed, record=bool(args.trace or args.plot),
                          progress=progress)
     r = sim.run()
-    if args.trace:
-        from sim import trace
-        trace.write(args.trace, trace.serve_trace(sim))
-    if args.plot:
-        from sim.sim_plots import plot_serve_timeline
-        plot_serve_timeline(sim, r, args.plot)
-    if args.json:
-        print(json.dumps(r, default=float))
-    else:
-        _print_serve(r)
-        for what, path in (("trace", args.trace), ("plot", args.plot)):
-            if path:
-                print(f"  {what} written to {path}", file=sys.stderr)
-    return 0
+    from sim import trace
+    from sim.cli import emit_outputs
+    return emit_outputs(args, r, _print_serve, lambda path: trace.write(path, trace.serve_trace(sim)),
+                        lambda path: _plot(sim, r, path))
+
+
+def _plot(sim, r, path):
+    from sim.sim_plots import plot_serve_timeline  # matplotlib only when a plot is asked for
+    plot_serve_timeline(sim, r, path)
 
 
 def register(sim_subparsers) -> None:

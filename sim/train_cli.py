@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import sys
 
 
 def _print_train(r: dict) -> None:
@@ -38,20 +36,15 @@ def cmd_train(args) -> int:
         raise scn.ScenarioError(f"{sc.source}: field 'kind': '{sc.kind}' scenario; use `dsref sim {sc.kind}`")
     sim = train.TrainSim(sc, record=bool(args.trace or args.plot))
     r = sim.run()
-    if args.trace:
-        from sim import trace
-        trace.write(args.trace, trace.train_trace(sim))
-    if args.plot:
-        from sim.sim_plots import plot_train_timeline
-        plot_train_timeline(sim, args.plot)
-    if args.json:
-        print(json.dumps(r, default=float))
-    else:
-        _print_train(r)
-        for what, path in (("trace", args.trace), ("plot", args.plot)):
-            if path:
-                print(f"  {what} written to {path}", file=sys.stderr)
-    return 0
+    from sim import trace
+    from sim.cli import emit_outputs
+    return emit_outputs(args, r, _print_train, lambda path: trace.write(path, trace.train_trace(sim)),
+                        lambda path: _plot(sim, path))
+
+
+def _plot(sim, path):
+    from sim.sim_plots import plot_train_timeline  # matplotlib only when a plot is asked for
+    plot_train_timeline(sim, path)
 
 
 def register(sim_subparsers) -> None:
