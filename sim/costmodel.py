@@ -155,7 +155,7 @@ def _elem(name, layer, n_elems, flops_per, ab, kind="elementwise", wbytes=0.0, p
 def _mla_ops(cfg: ModelConfig, plan: QuantPlan, w: dict[str, float], i: int, sh: StepShape) -> list[Op]:
     D, H, R, P = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
     N, A = cfg.qk_nope_head_dim, cfg.v_head_dim
-    M, B, ab, gp, ap = sh.m, sh.batch, plan.act_bytes, plan.gemm_precision, plan.attn_precision
+    M, B, ab, gp = sh.m, sh.batch, plan.act_bytes, plan.gemm_precision
     kvb = plan.kv_bytes
     ops: list[Op] = []
     if cfg.q_lora_rank is None:

@@ -237,7 +237,7 @@ class StepCost:
         self._moe_rows = [k + (v,) for k, v in rows.items()]
         self._comm_affine: tuple[float, float] | None = None
         self.layer_fraction = (hi - lo) / L
-        E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        E = cfg.n_routed_experts
         self.slots = plan.expert_slots or E
         self.local_slots = self.slots / max(plan.ep, 1)
 
