@@ -14,7 +14,7 @@ decoding overwrites them before they become visible.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import jax
@@ -104,7 +104,6 @@ class GenerationResult:
     steps: int
     mtp_accepted: int = 0
     mtp_drafted: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def prefill_tokens_per_s(self) -> float:
