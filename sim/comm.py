@@ -12,6 +12,10 @@ Formulas
     (then fans out over NVLink inside the node), so the inter-node dispatch bytes
     per token are min(k, M, nodes) * (nodes-1)/nodes * D * dispatch_bytes.
     Dispatch is FP8 (1 B + 128-element fp32 scales), combine BF16 (2 B).
+    The inter-node and intra-node legs of one dispatch (or combine) run at the same
+    time on different links (tech report sec. 3.2.2: "IB and NVLink communications
+    are fully overlapped"; DeepEP's normal kernels forward RDMA -> NVLink in a
+    pipeline): ops sharing a ``group`` cost the slowest of them (``grouped_time``).
   * PP: one activation tensor [tokens, D] per stage boundary per micro-batch.
   * DP with ZeRO-1 (Rajbhandari et al. 2020): reduce-scatter of the gradients and
     all-gather of the updated parameters, each (n-1)/n of the bytes.
@@ -67,6 +71,19 @@ class CommOp:
     collective: str
     count: int = 1
     participants: int = 1
+    group: str = ""  # ops with the same non-empty group run concurrently on different links
+
+
+def grouped_time(ops, time_of) -> float:
+    """Total seconds of ``ops``: ungrouped ops add up; within a group the slowest op counts."""
+    total, groups = 0.0, {}
+    for c in ops:
+        t = time_of(c)
+        if c.group:
+            groups[c.group] = max(groups.get(c.group, 0.0), t)
+        else:
+            total += t
+    return total + sum(groups.values())
 
 
 def ring_allreduce_bytes(nbytes: float, n: int) -> float:
@@ -120,7 +137,7 @@ def ep_comm(cfg: ModelConfig, tokens_per_device: int, plan: ParallelPlan) -> lis
         if v:
             link = key.split("_")[1]
             ops.append(CommOp(f"ep_{key}", v * tokens_per_device, link, "all_to_all", count=n,
-                              participants=plan.ep))
+                              participants=plan.ep, group=f"ep_{key.split('_')[0]}"))
     return ops
 
 

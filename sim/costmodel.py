@@ -271,7 +271,7 @@ def forward_ops(cfg: ModelConfig, plan: QuantPlan | str, sh: StepShape, moe_shar
                      weights.glob("model.norm.weight")))
     head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
     ops.append(_gemm("lm_head", None, n_logits, D, cfg.vocab_size, weights.glob(head), ab,
-                     plan.gemm_precision, "head"))
+                     plan.head_precision or plan.gemm_precision, "head"))
     return ops
 
 

@@ -64,7 +64,9 @@ class QuantPlan:
     """How a model is stored and computed.
 
     name: plan id. gemm_precision: key for Device.peak() of weight matmuls;
-    attn_precision: of attention score/value products; act_bytes: activation
+    attn_precision: of attention score/value products; head_precision: of the LM
+    head (DeepSeek-V3 FP8 keeps the output head in BF16, tech report sec. 3.3.1);
+    act_bytes: activation
     element size; kv_bytes: KV-cache element size; runtime: 'llama.cpp' for the
     GGUF formats (CPU/consumer GPU runtimes), else 'framework'.
     """
@@ -76,6 +78,7 @@ class QuantPlan:
     kv_bytes: float
     runtime: str = "framework"
     description: str = ""
+    head_precision: str = ""  # LM-head matmul precision ("" = gemm_precision)
 
     def weight_bits(self, name: str, shape: tuple[int, ...], layer: int | None, n_layers: int) -> float:
         """Bits per element of one weight tensor (scales included).
@@ -155,9 +158,11 @@ PLANS: dict[str, QuantPlan] = {
     "bf16": QuantPlan("bf16", "bf16", "bf16", 2, 2, description="bf16 weights, activations and KV cache"),
     "fp8": QuantPlan("fp8", "fp8", "bf16", 2, 2,
                      description="DeepSeek-V3 FP8: E4M3 GEMM weights + fp32 128x128 block scales; "
-                                 "bf16 attention, activations, KV cache, embedding/head/router"),
+                                 "bf16 attention, activations, KV cache, embedding/head/router",
+                     head_precision="bf16"),
     "int8": QuantPlan("int8", "int8", "bf16", 2, 2,
-                      description="W8A8: int8 weights with per-output-channel 16-bit scales"),
+                      description="W8A8: int8 weights with per-output-channel 16-bit scales",
+                      head_precision="bf16"),
     "q8_0": QuantPlan("q8_0", "int8", "fp32", 4, 2, runtime="llama.cpp",
                       description="llama.cpp Q8_0 (8.5 bpw), f16 KV cache"),
     "q4_k_m": QuantPlan("q4_k_m", "int8", "fp32", 4, 2, runtime="llama.cpp",

@@ -82,6 +82,10 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "recompute": "selective",   # none | selective (RMSNorm + MLA up-projections) | full
     "ep_overlap": True,         # EP all-to-all hidden behind compute (DualPipe: only in F&B chunk pairs)
     "dp_overlap": True,         # ZeRO-1 gradient reduce-scatter overlapped with the last backward chunk
+    "comm_reserved_cores": 0,   # cores (GPU SMs) the EP communication kernels hold while they overlap compute
+    "mtp": False,               # train the model's MTP module(s) too (on the last pipeline stage)
+    "stage_split": "even",      # even (first stages take the remainder) | balanced (min-max stage compute)
+    "goodput": 1.0,             # share of the reserved device time that is productive training
     "token_budget": 14.8e12,
     "test_hooks": {"forward_s": 0.0, "backward_s": 0.0, "weight_s": 0.0, "p2p_s": -1.0},
 }
@@ -350,6 +354,8 @@ class Scenario:
             raise _err(s, "schedule", f"must be 'dualpipe' or '1f1b', got {d['schedule']!r}")
         if d["recompute"] not in ("none", "selective", "full"):
             raise _err(s, "recompute", f"must be none, selective or full, got {d['recompute']!r}")
+        if d["stage_split"] not in ("even", "balanced"):
+            raise _err(s, "stage_split", f"must be 'even' or 'balanced', got {d['stage_split']!r}")
         if n % (d["pp"] * d["tp"]):
             raise _err(s, "pp", f"pp {d['pp']} x tp {d['tp']} does not divide the {n} devices")
         dp = n // (d["pp"] * d["tp"])
@@ -364,6 +370,14 @@ class Scenario:
             raise _err(s, "global_batch", f"{d['global_batch']} sequences do not split into DP {dp} ranks x "
                        f"micro-batches of {d['micro_batch']}")
         m = int(per_rank) // d["micro_batch"]
+        rc = d["comm_reserved_cores"]
+        if rc < 0 or (rc and (dev.cores is None or rc >= dev.cores)):
+            raise _err(s, "comm_reserved_cores", f"{rc} reserved of the device's {dev.cores} cores "
+                       f"({dev.source_file}: field 'cores')")
+        if d["mtp"] and cfg.num_nextn_predict_layers < 1:
+            raise _err(s, "mtp", f"model {cfg.name} has no MTP module (num_nextn_predict_layers = 0)")
+        if not 0.0 < d["goodput"] <= 1.0:
+            raise _err(s, "goodput", f"must be in (0, 1], got {d['goodput']}")
         if d["schedule"] == "dualpipe":
             if d["pp"] % 2:
                 raise _err(s, "pp", "DualPipe needs an even number of stages")

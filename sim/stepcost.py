@@ -32,7 +32,7 @@ import numpy as np
 from reference.config import ModelConfig
 from reference.params import layer_shapes
 from sim import costmodel, roofline
-from sim.comm import CommOp, ParallelPlan, ep_comm, tp_comm
+from sim.comm import CommOp, ParallelPlan, ep_comm, grouped_time, tp_comm
 from sim.costmodel import StepShape
 from sim.moe_stats import expected_distinct_uniform
 from sim.quant import BITS_PER_BYTE, QuantPlan, get_plan
@@ -260,7 +260,8 @@ class StepCost:
         cp = ParallelPlan(tp=p.tp, ep=p.ep, pp=p.pp, dp=p.attn_dp, devices_per_node=p.devices_per_node,
                           node_limit=p.node_limit)
         ops: list[CommOp] = ep_comm(self.cfg, tokens, cp)
-        ep_t = sum(roofline.comm_time(c, self.device, node=self.node, latency_s=self.latency_s) for c in ops)
+        ep_t = grouped_time(ops, lambda c: roofline.comm_time(c, self.device, node=self.node,
+                                                              latency_s=self.latency_s))
         tp_t = sum(roofline.comm_time(c, self.device, node=self.node, latency_s=self.latency_s)
                    for c in tp_comm(self.cfg, tokens, p.tp, self.quant.act_bytes, p.devices_per_node))
         return (ep_t * self.moe_layer_fraction + tp_t * self.layer_fraction)

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import simpy
 
-from reference.params import global_shapes, layer_shapes
+from reference.params import global_shapes, layer_shapes, mtp_extra_shapes
 from sim import costmodel, roofline
 from sim.comm import dp_zero1_comm, pp_comm
 from sim.scenario import Scenario, ScenarioError
@@ -159,6 +159,31 @@ class StageTimes:
     w_c: float
 
 
+def balanced_ranges(costs, pp: int) -> list[tuple[int, int]]:
+    """Contiguous ranges of ``len(costs)`` layers over ``pp`` stages (each >= 1 layer) that minimise
+    the most expensive stage (linear partition by dynamic programming; ties: the earliest split).
+    costs[i]: layer i's per-micro-batch compute, with the embedding folded into the first layer and
+    the head (and MTP) into the last, so the stages holding them get fewer layers."""
+    n = len(costs)
+    if not 1 <= pp <= n:
+        raise ValueError(f"{pp} stages for {n} layers")
+    pre = np.concatenate([[0.0], np.cumsum(costs)])
+    best = np.full((pp + 1, n + 1), np.inf)
+    cut = np.zeros((pp + 1, n + 1), int)
+    best[0, 0] = 0.0
+    for k in range(1, pp + 1):
+        for j in range(k, n - (pp - k) + 1):
+            i = np.arange(k - 1, j)
+            v = np.maximum(best[k - 1, i], pre[j] - pre[i])
+            a = int(np.argmin(v))
+            best[k, j], cut[k, j] = v[a], i[a]
+    out, j = [], n
+    for k in range(pp, 0, -1):
+        out.append((int(cut[k, j]), j))
+        j = cut[k, j]
+    return out[::-1]
+
+
 def stage_ranges(L: int, pp: int) -> list[tuple[int, int]]:
     """Contiguous layer ranges, as even as possible (the first stages take the remainder)."""
     base, rem = divmod(L, pp)
@@ -170,11 +195,16 @@ def stage_ranges(L: int, pp: int) -> list[tuple[int, int]]:
     return out
 
 
-def stage_params(cfg, lo: int, hi: int, first: bool, last: bool) -> tuple[float, float]:
-    """(non-expert, routed-expert) parameters of a stage (reference/params.py shapes)."""
+def stage_params(cfg, lo: int, hi: int, first: bool, last: bool, mtp: bool = False) -> tuple[float, float]:
+    """(non-expert, routed-expert) parameters of a stage (reference/params.py shapes); mtp: the last
+    stage also holds the MTP module(s) (decoder layer + eh_proj and norms; head and embedding shared)."""
     dense = expert = 0.0
-    for i in range(lo, hi):
-        for name, shape in layer_shapes(cfg, i).items():
+    L = cfg.num_hidden_layers
+    layers = [layer_shapes(cfg, i) for i in range(lo, hi)]
+    if mtp and last:
+        layers += [{**layer_shapes(cfg, L + j), **mtp_extra_shapes(cfg)} for j in range(cfg.num_nextn_predict_layers)]
+    for shapes in layers:
+        for name, shape in shapes.items():
             n = float(np.prod(shape))
             if ".experts." in name:
                 expert += n
@@ -232,14 +262,15 @@ class TrainSim:
         else:
             names = np.array(table.names)
             recomp = fwd & ((np.array(table.kinds) == "norm") | np.isin(names, UP_PROJECTIONS))
-        plan = Plan(devices=self.ep, attn_dp=self.ep, tp=self.tp, ep=self.ep, pp=self.pp,
-                    expert_slots=cfg.n_routed_experts, devices_per_node=self.node.devices_per_node,
-                    node_limit=self.sc["node_limit"] or None)
+        plan = self._plan = Plan(devices=self.ep, attn_dp=self.ep, tp=self.tp, ep=self.ep, pp=self.pp,
+                                 expert_slots=cfg.n_routed_experts, devices_per_node=self.node.devices_per_node,
+                                 node_limit=self.sc["node_limit"] or None)
         x = np.array([1.0, self.tokens_mb, self.mbs, self.mbs * self.seq * (self.seq + 1) / 2.0, self.tokens_mb])
         moe_total = self.tokens_mb * self.ep
         kw = dict(mla_form="naive", logits="all", node=self.node, latency_s=self.lat, table=table)
-        out = []
-        for lo, hi in self.ranges:
+        L = cfg.num_hidden_layers
+
+        def times(lo, hi):
             f = StepCost(cfg, self.quant, dev, plan, layers=(lo, hi), rows=fwd, **kw)
             b_scale = np.where(bwd & wgt, half, 1.0)
             b = StepCost(cfg, self.quant, dev, plan, layers=(lo, hi), rows=bwd, scale=b_scale, **kw)
@@ -247,14 +278,50 @@ class TrainSim:
                          **kw)
             r = StepCost(cfg, self.quant, dev, plan, layers=(lo, hi), rows=recomp, **kw)
             f_c = f.compute_s(x, moe_total)
+            b_c = b.compute_s(x, moe_total) + r.compute_s(x, moe_total)
+            w_c = w.compute_s(x, moe_total)
             comm = f.comm_s(self.tokens_mb)
-            out.append(StageTimes(f_c, comm, b.compute_s(x, moe_total) + r.compute_s(x, moe_total), comm,
-                                  w.compute_s(x, moe_total)))
+            if self.sc["mtp"] and hi == L:
+                f_c, b_c, w_c, comm = (v + e for v, e in zip((f_c, b_c, w_c, comm), self._mtp_times(table, x, kw)))
+            return StageTimes(f_c, comm, b_c, comm, w_c)
+
+        if self.sc["stage_split"] == "balanced":
+            # stage costs are sums over their layers (embedding with layer 0, head and MTP with layer L-1)
+            costs = [t.f_c + t.b_c + t.w_c for t in (times(i, i + 1) for i in range(L))]
+            self.ranges = balanced_ranges(costs, self.pp)
+        out = [times(lo, hi) for lo, hi in self.ranges]
         ops = pp_comm(cfg, self.tokens_mb, 1, self.pp, self.quant.act_bytes)
         self.p2p_s = sum(roofline.comm_time(c, dev, node=self.node, latency_s=self.lat) for c in ops)
-        L = cfg.num_hidden_layers
-        self.params = [stage_params(cfg, lo, hi, lo == 0, hi == L) for lo, hi in self.ranges]
+        self.params = [stage_params(cfg, lo, hi, lo == 0, hi == L, self.sc["mtp"]) for lo, hi in self.ranges]
         return out
+
+    def _mtp_times(self, table: OpTable, x: np.ndarray, kw: dict) -> tuple[float, float, float, float]:
+        """(F, B, W compute, EP comm) of the MTP module(s) on the last stage, per micro-batch.
+
+        Each MTP depth is one more transformer layer plus the shared output head on every
+        token (tech report sec. 2.2), costed as the model's last layer + head; its eh_proj
+        (2D x D per token, ~8% of the module's FLOPs for V3) and two RMSNorms are not counted.
+        """
+        cfg, plan_ = self.cfg, self._plan
+        L, depth = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
+        phase = np.array(table.phase)
+        fwd, bwd = phase == "fwd", phase == "bwd"
+        half = 1.0 / costmodel.BACKWARD_FLOPS_RATIO
+        last = (L - 1, L)
+        moe_total = self.tokens_mb * self.ep
+        f = StepCost(cfg, self.quant, self.device, plan_, layers=last, rows=fwd, **kw)
+        b = StepCost(cfg, self.quant, self.device, plan_, layers=last, rows=bwd,
+                     scale=np.where(bwd & table.has_weight_grad, half, 1.0), **kw)
+        w = StepCost(cfg, self.quant, self.device, plan_, layers=last, rows=bwd & table.has_weight_grad,
+                     scale=np.full(len(phase), half), **kw)
+        return (depth * f.compute_s(x, moe_total), depth * b.compute_s(x, moe_total),
+                depth * w.compute_s(x, moe_total), depth * f.comm_s(self.tokens_mb))
+
+    def _compute_share(self) -> float:
+        """Share of the device's cores left to compute while EP communication kernels run
+        (DeepSeek-V3 reserves 20 of the H800's 132 SMs for them, tech report sec. 3.2.2)."""
+        rc = self.sc["comm_reserved_cores"]
+        return 1.0 if not rc else (self.device.cores - rc) / self.device.cores
 
     def _chunk(self, rank: int, task) -> float:
         st = self.stages
@@ -267,7 +334,7 @@ class TrainSim:
         if kind == "FB":
             a, b = st[stage(task[1][0])], st[stage(task[2][0])]
             c, m = a.f_c + b.b_c + b.w_c, a.f_m + b.b_m
-            return max(c, m) if ov else c + m
+            return max(c / self._compute_share(), m) if ov else c + m
         s = st[stage(task[1])]
         if kind == "F":
             c, m = s.f_c, s.f_m
@@ -277,7 +344,7 @@ class TrainSim:
             c, m = s.b_c + s.w_c, s.b_m
         else:
             return s.w_c
-        return max(c, m) if (ov and not dual) else c + m
+        return max(c / self._compute_share(), m) if (ov and not dual) else c + m
 
     def _dp_tail(self, rank: int) -> dict:
         """ZeRO-1 reduce-scatter, AdamW on the shard, all-gather for this rank's parameters."""
@@ -390,7 +457,8 @@ class TrainSim:
         model_flops = flops_tok * tokens
         peaks = {p: dev.peak(p) for p in ("bf16", "fp8")}
         tok_s = tokens / step
-        dev_hours = sc["token_budget"] / tok_s / SECONDS_PER_HOUR * self.n_dev
+        good = sc["goodput"]
+        dev_hours = sc["token_budget"] / (tok_s * good) / SECONDS_PER_HOUR * self.n_dev
         price = dev.price_usd_per_hour
         st = self.stages
         return {
@@ -405,9 +473,11 @@ class TrainSim:
             "model_flops_per_token": flops_tok,
             "model_flops_note": "costmodel.training_flops_per_token: 3x forward matmul FLOPs incl. causal attention, "
                                 "no recomputation",
-            "tokens_per_s": tok_s, "tokens_per_day": tok_s * SECONDS_PER_DAY,
+            "tokens_per_s": tok_s, "tokens_per_day": tok_s * good * SECONDS_PER_DAY, "goodput": good,
             "token_budget": sc["token_budget"], "device_hours": dev_hours,
-            "days": sc["token_budget"] / tok_s / SECONDS_PER_DAY,
+            "device_hours_at_full_goodput": dev_hours * good,
+            "days": sc["token_budget"] / (tok_s * good) / SECONDS_PER_DAY,
+            "compute_share_while_communicating": self._compute_share(), "mtp": sc["mtp"],
             "cost_usd": dev_hours * price if price is not None else None,
             "breakdown": {
                 "stage_forward_compute_s": [s.f_c for s in st], "stage_forward_comm_s": [s.f_m for s in st],

@@ -10,7 +10,7 @@ import pytest
 from hwmodels.catalog import load_device
 from sim import trace
 from sim.scenario import ScenarioError, from_dict, load
-from sim.train import TrainSim, schedule_1f1b, schedule_dualpipe, simulate, stage_ranges
+from sim.train import TrainSim, balanced_ranges, schedule_1f1b, schedule_dualpipe, simulate, stage_ranges
 
 
 def _uniform(schedule: str, pp: int, m: int, f=1.0, b=2.0, w=0.0, p2p=0.0, **extra) -> dict:
@@ -113,7 +113,75 @@ def test_train_trace_structure(tmp_path):
     trace.validate(json.loads(p.read_text()))
 
 
+def _brute_min_max(costs, pp):
+    """Smallest achievable max stage cost over every contiguous split (exhaustive)."""
+    from itertools import combinations
+    n = len(costs)
+    best = float("inf")
+    for cuts in combinations(range(1, n), pp - 1):
+        b = (0,) + cuts + (n,)
+        best = min(best, max(sum(costs[b[i]:b[i + 1]]) for i in range(pp)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_balanced_ranges_is_optimal(seed):
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    costs = list(rng.uniform(0.1, 3.0, size=9))
+    for pp in (1, 2, 4, 9):
+        r = balanced_ranges(costs, pp)
+        assert r[0][0] == 0 and r[-1][1] == 9 and all(a[1] == b[0] and a[0] < a[1] for a, b in zip(r, r[1:]))
+        assert max(sum(costs[lo:hi]) for lo, hi in r) == pytest.approx(_brute_min_max(costs, pp))
+    with pytest.raises(ValueError):
+        balanced_ranges(costs, 10)
+
+
+def test_v3_mechanisms_each_move_the_result():
+    """MTP, reserved SMs and goodput (the V3 scenario's tech-report mechanisms) each cost time;
+    the balanced split beats the even one once the last stage carries the head and MTP."""
+    sc = load("deepseek-v3-pretrain")
+    base = simulate(sc)
+    assert sc["mtp"] and sc["comm_reserved_cores"] == 20 and sc["stage_split"] == "balanced"
+    no_mtp = simulate(sc.with_overrides({"mtp": False}))
+    assert no_mtp["step_time_s"] < base["step_time_s"]
+    all_sms = simulate(sc.with_overrides({"comm_reserved_cores": 0}))
+    assert all_sms["step_time_s"] < base["step_time_s"]
+    assert base["compute_share_while_communicating"] == pytest.approx(112 / 132)
+    even = simulate(sc.with_overrides({"stage_split": "even"}))
+    assert even["step_time_s"] > base["step_time_s"]
+    full = simulate(sc.with_overrides({"goodput": 1.0}))
+    assert full["step_time_s"] == base["step_time_s"]
+    assert base["device_hours"] == pytest.approx(full["device_hours"] / 0.9)
+    assert base["device_hours_at_full_goodput"] == pytest.approx(full["device_hours"])
+
+
+def test_ep_intra_and_inter_legs_overlap():
+    """Dispatch (and combine) over NVLink and InfiniBand run at once: the slower leg counts."""
+    from reference.presets import get_preset
+    from sim.comm import CommOp, ParallelPlan, ep_comm, grouped_time
+    ops = ep_comm(get_preset("deepseek-v3"), 4096, ParallelPlan(ep=64, node_limit=4))
+    assert {c.group for c in ops} == {"ep_dispatch", "ep_combine"}
+    t = {c.name: float(i + 1) for i, c in enumerate(ops)}
+    want = sum(max(t[c.name] for c in ops if c.group == g) for g in ("ep_dispatch", "ep_combine"))
+    assert grouped_time(ops, lambda c: t[c.name]) == want
+    lone = CommOp("pp", 1.0, "inter", "p2p")
+    assert grouped_time(ops + [lone, lone], lambda c: t.get(c.name, 2.5)) == want + 5.0
+
+
+def test_fp8_plan_keeps_the_head_in_bf16():
+    from reference.presets import get_preset
+    from sim import costmodel
+    ops = costmodel.decode_ops(get_preset("tiny-v3"), "fp8", 1, 8)
+    assert [o.precision for o in ops if o.kind == "head"] == ["bf16"]
+    assert {o.precision for o in ops if o.kind == "moe_gemm"} == {"fp8"}
+
+
 @pytest.mark.parametrize("patch, field", [
+    ({"comm_reserved_cores": 132}, "comm_reserved_cores"),  # all of the H800's 132 SMs
+    ({"mtp": True, "model": "llama-3.2-3b"}, "mtp"),
+    ({"goodput": 0.0}, "goodput"),
+    ({"stage_split": "greedy"}, "stage_split"),
     ({"ep": 3, "devices": 8, "pp": 2}, "ep"),
     ({"schedule": "dualpipe", "pp": 3, "devices": 6}, "pp"),
     ({"global_batch": 7}, "global_batch"),
