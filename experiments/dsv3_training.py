@@ -67,7 +67,9 @@ def run(claims: dict, *, fast: bool = False) -> list[Record]:
     tokens_T = pre["token_budget"] / 1e12
     gpuh = pre["device_hours"]
     plan = (f"sim.train on {PRETRAIN}: step {pre['step_time_s']:.2f} s, bubble {pre['bubble_fraction']:.1%}, "
-            f"MFU {pre['mfu']:.1%} of BF16 peak ({pre['mfu_vs_fp8_peak']:.1%} of FP8)")
+            f"MFU {pre['mfu']:.1%} of BF16 peak ({pre['mfu_vs_fp8_peak']:.1%} of FP8); MTP on the last stage, "
+            f"{pre['compute_share_while_communicating']:.0%} of the SMs computing while the all-to-all runs, "
+            f"goodput {pre['goodput']:.2f} (at 1.0: {pre['device_hours_at_full_goodput'] / 1e6:.2f}M GPU-h)")
     out = [
         record(claims, "dsv3_tr_pretrain_gpuh", gpuh, note=plan,
                reading="final batch 15,360 throughout (the ramp over the first 469B tokens is ignored)"),

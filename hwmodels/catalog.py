@@ -61,7 +61,7 @@ PEAK_FALLBACK: Mapping[str, tuple[str, ...]] = {
 }
 
 #: Operation types that have an efficiency factor.
-EFFICIENCY_OPS = ("gemm", "memory", "attention", "all_to_all", "all_reduce", "pcie")
+EFFICIENCY_OPS = ("gemm", "memory", "attention", "all_to_all", "all_reduce", "pcie", "overlap")
 
 _BITS_PER_BYTE = 8
 

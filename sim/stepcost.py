@@ -236,6 +236,7 @@ class StepCost:
             rows[key] = rows.get(key, 0.0) + cm[i]
         self._moe_rows = [k + (v,) for k, v in rows.items()]
         self._comm_affine: tuple[float, float] | None = None
+        self._overlap: float | None = None
         self.layer_fraction = (hi - lo) / L
         E = cfg.n_routed_experts
         self.slots = plan.expert_slots or E
@@ -283,11 +284,15 @@ class StepCost:
     def step(self, x: np.ndarray, moe_tokens_total: float, tokens_per_device: float, *,
              two_microbatch: bool = False) -> tuple[float, float, float]:
         """(total, compute, comm) seconds. two_microbatch: the batch is split in two halves whose
-        compute overlaps the other half's all-to-all: max(2 * compute(half), comm(all))."""
+        compute overlaps the other half's all-to-all; the catalog's ``overlap`` efficiency is the
+        share of the shorter of the two that is hidden: max(C, M) + (1 - overlap) * min(C, M)
+        with C = 2 * compute(half), M = comm(all) (overlap = 1: perfect, 0: none)."""
         if two_microbatch:
             c = 2.0 * self.compute_s(x / 2.0, moe_tokens_total / 2.0)
             m = self.comm_s(tokens_per_device)
-            return max(c, m), c, m
+            if self._overlap is None:
+                self._overlap = self.device.efficiency("overlap")
+            return max(c, m) + (1.0 - self._overlap) * min(c, m), c, m
         c = self.compute_s(x, moe_tokens_total)
         m = self.comm_s(tokens_per_device)
         return c + m, c, m

@@ -57,6 +57,27 @@ def test_stepcost_reproduces_cost_model():
             assert sc.compute_s(features(b, t, p), b * t) == pytest.approx(ref, rel=1e-9)
 
 
+def test_two_microbatch_overlap_uses_the_catalog_share():
+    """TBO step = max(C, M) + (1 - overlap) * min(C, M), overlap from efficiency.toml (gpu.overlap)."""
+    from dataclasses import replace
+
+    from hwmodels.catalog import Figure
+    cfg, dev = get_preset("deepseek-v3"), load_device("h800")
+    plan = Plan(devices=72, attn_dp=72, ep=72, expert_slots=288, devices_per_node=8)
+    per = 128
+    x = features(per, 1, 4000)
+    moe = per * 72
+    sc = StepCost(cfg, "fp8", dev, plan, mla_form="absorbed", logits="all", node=load_system("h800-node"))
+    tot, c, m = sc.step(x, moe, per, two_microbatch=True)
+    eta = dev.efficiency("overlap")
+    assert 0 < eta < 1 and c > 0 and m > 0
+    assert tot == pytest.approx(max(c, m) + (1 - eta) * min(c, m), rel=1e-12)
+    perfect = replace(dev, efficiency_overrides={"overlap": Figure(1.0, "", "test", "high")}, id="h800-perfect")
+    sc1 = StepCost(cfg, "fp8", perfect, plan, mla_form="absorbed", logits="all", node=load_system("h800-node"))
+    assert sc1.step(x, moe, per, two_microbatch=True)[0] == pytest.approx(max(c, m), rel=1e-9)
+    assert sc.step(x, moe, per)[0] == pytest.approx(sc.compute_s(x, moe) + m, rel=1e-12)
+
+
 def test_training_table_reproduces_cost_model():
     cfg, dev = get_preset(SMALL), load_device("h800")
     table = OpTable.build(cfg, "bf16", dev, mla_form="naive", logits="all", training=True)
