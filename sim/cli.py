@@ -1,6 +1,7 @@
 """`dsref sim ...`: the cost model and simulator on the command line.
 
-    dsref sim local --model M --device D --quant Q [--context L] [--batch B] [--prompt-tokens T] [--json]
+    dsref sim local --model M --device D --quant Q [--context L] [--batch B] [--prompt-tokens T]
+                    [--mla-form absorbed|expanded_cache] [--json]
 
 Other simulator commands live in their own modules (``sim.serve_cli``,
 ``sim.train_cli``); each exposes ``register(sim_subparsers)`` and is added here
@@ -23,7 +24,7 @@ def _gb(x) -> str:
 def cmd_local(args) -> int:
     from sim.local import estimate
     r = estimate(args.model, args.device, args.quant, context=args.context, batch=args.batch,
-                 prompt_tokens=args.prompt_tokens)
+                 prompt_tokens=args.prompt_tokens, mla_form=args.mla_form)
     if args.json:
         print(json.dumps(r, indent=2, default=float))
         return 0 if r["fits"] else 1
@@ -41,6 +42,10 @@ def cmd_local(args) -> int:
     print(f"  decode    {r['decode_tokens_per_s']:,.2f} tokens/s ({r['decode_step_s'] * 1e3:,.1f} ms/step; "
           f"{_gb(r['decode_bytes_per_step'])} moved, {r['decode_flops_per_step'] / 1e9:,.1f} GFLOP per step)")
     print(f"  prefill   {r['prefill_tokens_per_s']:,.1f} tokens/s ({r['prefill_s']:,.2f} s for the prompt)")
+    if r.get("graph_nodes"):
+        per_node = r["decode_overhead_s"] / r["graph_nodes"] * 1e6
+        print(f"  runtime   {r['graph_nodes']} llama.cpp graph nodes x {per_node:.1f} us = "
+              f"{r['decode_overhead_s'] * 1e3:,.1f} ms per step" + ("" if per_node else " (no measured per-node cost)"))
     print("  decode time by op kind:")
     for kind, d in sorted(r["decode_breakdown"].items(), key=lambda kv: -kv[1]["time_s"]):
         ai = d["intensity_flop_per_byte"]
@@ -61,6 +66,8 @@ def register_local(sub) -> None:
     p.add_argument("--context", type=int, default=4096, help="tokens in the KV cache while decoding")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for the prefill rate")
+    p.add_argument("--mla-form", default="absorbed", choices=("absorbed", "expanded_cache"),
+                   help="KV-cache layout of MLA models: latent (default) or llama.cpp's pre-April-2025 expanded K/V")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_local)
 

@@ -19,6 +19,8 @@ Counting conventions
     mapped back (2*M*H*R*A); the cache read is (R+P) values per token per layer.
     MLA naive: kv_b_proj expands the latent of *every key* (2*B*S*R*H*(N+A), i.e.
     over all L cached tokens at each decode step), then ordinary attention.
+    MLA expanded_cache (llama.cpp before April 2025): only the new tokens are
+    expanded; the cache holds H*(N+P) keys and H*A values per token and layer.
   * Elementwise ops count the arithmetic per element of the reference code
     (constants below); transcendentals (exp, rsqrt, sigmoid's exp) are not FLOPs,
     as in XLA's HloCostAnalysis.
@@ -35,7 +37,7 @@ from dataclasses import dataclass, replace
 from reference.config import ModelConfig
 from reference.params import global_shapes, layer_shapes
 from sim import moe_stats
-from sim.quant import BITS_PER_BYTE, QuantPlan, get_plan
+from sim.quant import BITS_PER_BYTE, QuantPlan, get_plan, weight_role
 
 KINDS = ("gemm", "attention", "norm", "elementwise", "router", "embed", "head", "moe_gemm")
 
@@ -140,7 +142,8 @@ class _Weights:
 
     def glob(self, name: str) -> float:
         s = global_shapes(self.cfg)[name]
-        return _numel(s) * self.plan.weight_bits(name, s, None, self.cfg.num_hidden_layers) / BITS_PER_BYTE
+        return _numel(s) * self.plan.weight_bits(weight_role(self.cfg, name), s, None,
+                                                 self.cfg.num_hidden_layers) / BITS_PER_BYTE
 
 
 def _gemm(name, layer, m, k_in, n_out, wbytes, ab, prec, kind="gemm") -> Op:
@@ -189,8 +192,19 @@ def _mla_ops(cfg: ModelConfig, plan: QuantPlan, w: dict[str, float], i: int, sh:
                       M * H * (N + P) * ab + B * S * (H * (N + A) + P) * ab, M * H * A * ab,
                       precision=plan.attn_precision))
         ops.append(_elem("softmax", i, scores, SOFTMAX_FLOPS_PER_ELEM, 0.0))
+    elif sh.mla_form == "expanded_cache":
+        # llama.cpp before its MLA support (ggml-org/llama.cpp PR #12801, April 2025): kv_b_proj
+        # expands only the new tokens, and the cache holds the expanded keys H*(N+P) (rope part
+        # repeated per head) and values H*A, which every decode step reads back.
+        ops.append(Op("kv_b_proj", i, "gemm", 2.0 * M * R * H * (N + A), weight_bytes=w_kvb,
+                      act_bytes_read=M * R * ab, act_bytes_written=M * H * (N + A) * ab,
+                      kv_bytes_written=M * H * (N + P + A) * kvb, precision=gp))
+        ops.append(Op("attention", i, "attention", 2.0 * scores * (N + P) + 2.0 * scores * A,
+                      act_bytes_read=M * H * (N + P) * ab, act_bytes_written=M * H * A * ab,
+                      kv_bytes_read=B * S * H * (N + P + A) * kvb, precision=plan.attn_precision))
+        ops.append(_elem("softmax", i, scores, SOFTMAX_FLOPS_PER_ELEM, 0.0))
     else:
-        raise ValueError(f"mla_form must be 'absorbed' or 'naive', got {sh.mla_form!r}")
+        raise ValueError(f"mla_form must be 'absorbed', 'naive' or 'expanded_cache', got {sh.mla_form!r}")
     ops.append(_gemm("o_proj", i, M, H * A, D, w["self_attn.o_proj.weight"], ab, gp))
     return ops
 

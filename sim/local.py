@@ -2,7 +2,19 @@
 
 Targets are a catalog device id (``h800``, ``raspberry-pi-5``, ``host`` ...) or a
 node preset (``raspberry-pi-5-w7700``: a host CPU plus one accelerator;
-``h800-node``: several accelerators used tensor-parallel over their fabric).
+``h800-node``: several accelerators used tensor-parallel over their fabric; a node whose
+host_cpu is its own device, e.g. ``ampereone-server``, is that CPU alone).
+
+KV-cache layout (``mla_form``, MLA models only): 'absorbed' caches the latent
+(kv_lora_rank + rope dim per token and layer); 'expanded_cache' caches the expanded
+keys and values (heads x (nope + rope) + heads x v_head_dim), which is what llama.cpp did
+before its MLA support (ggml-org/llama.cpp PR #12801, April 2025; e.g. the DeepSeek-R1 log
+in ikawrakow/ik_llama.cpp issue #285, mainline build 4905: "KV self size = 9760 MiB, K
+(f16): 5856 MiB, V (f16): 3904 MiB" for 2048 cells = 128 x (192 + 128) x 2 B x 61 layers).
+The memory plan and the decode/prefill bytes use the same layout.
+
+llama.cpp runtime (plans with runtime 'llama.cpp'): each step also pays graph nodes x the
+target's measured per-node overhead (sim/llama_cpp.py, hwmodels/data/llama_cpp_overhead.toml).
 
 Memory needed = weights at the plan's real bits (sim/quant.py) + KV cache at
 the given context for every sequence + the activation working set: llama.cpp
@@ -15,7 +27,8 @@ accelerator, the last layers go to it (llama.cpp assigns layers
 [n_layer - ngl, n_layer) to the GPU); the embedding, and the output layer unless
 every layer fits, stay in host memory. Ops of host layers run at the host CPU's
 peaks and memory bandwidth, ops of device layers at the device's; the hidden
-state crosses PCIe twice per step (into and out of the device layers).
+state crosses PCIe into the device layers, and back out unless the output layer is on
+the device, in which case the fp32 logits cross instead (llama.cpp copies them to the host).
 """
 
 from __future__ import annotations
@@ -24,9 +37,9 @@ from dataclasses import dataclass
 
 from reference.config import ModelConfig
 from reference.presets import load_config
-from sim import costmodel, roofline
+from sim import costmodel, llama_cpp, roofline
 from sim.comm import CommOp, tp_comm
-from sim.quant import QuantPlan, get_plan, model_weight_bytes
+from sim.quant import BITS_PER_BYTE, QuantPlan, get_plan, model_weight_bytes, weight_role
 
 LOGITS_BYTES = 4  # fp32 logits (both llama.cpp and reference/model.py return float32)
 
@@ -66,13 +79,27 @@ def resolve_target(name: str) -> Target:
     if node is not sys_:
         raise ValueError(f"{name!r} is a cluster; `sim local` takes a device or a single node")
     host = node.host_cpu
+    if host is not None and host.id == node.device.id:  # a CPU-only node: the CPU is the device
+        if node.devices_per_node != 1:
+            raise ValueError(f"{name!r}: a CPU-only node must have devices_per_node = 1")
+        return Target(name, node.device, node=node)
     return Target(name, node.device, host, node.host_memory_bytes, node.host_memory_bandwidth,
                   node.pcie_bandwidth, node.devices_per_node, node)
 
 
-def _layer_bytes(cfg: ModelConfig, plan: QuantPlan, context: int, batch: int) -> list[float]:
+MLA_FORMS = ("absorbed", "expanded_cache")
+
+
+def kv_bytes_per_token(cfg: ModelConfig, plan: QuantPlan, mla_form: str = "absorbed") -> float:
+    """KV-cache bytes per token (all layers) in the given cache layout."""
+    if mla_form not in MLA_FORMS:
+        raise ValueError(f"mla_form must be one of {MLA_FORMS}, got {mla_form!r}")
+    return cfg.kv_cache_bytes_per_token(plan.kv_bytes, absorbed=mla_form == "absorbed")
+
+
+def _layer_bytes(cfg: ModelConfig, plan: QuantPlan, context: int, batch: int, mla_form: str) -> list[float]:
     w = model_weight_bytes(cfg, plan)["layers"]
-    kv_layer = cfg.kv_cache_bytes_per_token(plan.kv_bytes) / cfg.num_hidden_layers * context * batch
+    kv_layer = kv_bytes_per_token(cfg, plan, mla_form) / cfg.num_hidden_layers * context * batch
     return [x + kv_layer for x in w]
 
 
@@ -83,9 +110,10 @@ def activation_bytes(cfg: ModelConfig, plan: QuantPlan, batch: int, prompt_token
     return act + batch * cfg.vocab_size * LOGITS_BYTES
 
 
-def memory_plan(cfg: ModelConfig, plan: QuantPlan, tgt: Target, context: int, batch: int, prompt_tokens: int) -> dict:
+def memory_plan(cfg: ModelConfig, plan: QuantPlan, tgt: Target, context: int, batch: int, prompt_tokens: int,
+                mla_form: str = "absorbed") -> dict:
     wb = model_weight_bytes(cfg, plan)
-    kv = cfg.kv_cache_bytes_per_token(plan.kv_bytes) * context * batch
+    kv = kv_bytes_per_token(cfg, plan, mla_form) * context * batch
     act = activation_bytes(cfg, plan, batch, prompt_tokens)
     required = wb["total"] + kv + act
     dev_mem = tgt.device.require("memory_bytes") * tgt.n_devices
@@ -101,7 +129,7 @@ def memory_plan(cfg: ModelConfig, plan: QuantPlan, tgt: Target, context: int, ba
         out.update(fits=required <= dev_mem, gpu_layers=n, head_on_device=True)
         return out
     # Partial offload: the device keeps the activation buffer, then the last layers that fit.
-    per_layer = _layer_bytes(cfg, plan, context, batch)
+    per_layer = _layer_bytes(cfg, plan, context, batch, mla_form)
     free = dev_mem - act
     gpu_layers = 0
     for b in reversed(per_layer):
@@ -121,11 +149,12 @@ def memory_plan(cfg: ModelConfig, plan: QuantPlan, tgt: Target, context: int, ba
 def _embed_bytes(cfg, plan) -> float:
     from reference.params import global_shapes
     s = global_shapes(cfg)["model.embed_tokens.weight"]
-    return s[0] * s[1] * plan.weight_bits("model.embed_tokens.weight", s, None, cfg.num_hidden_layers) / 8
+    bits = plan.weight_bits(weight_role(cfg, "model.embed_tokens.weight"), s, None, cfg.num_hidden_layers)
+    return s[0] * s[1] * bits / BITS_PER_BYTE
 
 
 def _split_time(ops, tgt: Target, gpu_layers: int, head_on_device: bool, n_layers: int, tokens: int,
-                act_bytes: float, hidden: int, cfg: ModelConfig):
+                act_bytes: float, hidden: int, cfg: ModelConfig, logit_rows: int):
     """Step time with ops placed on the device or on the host (partial offload) or TP over a node."""
     first_gpu = n_layers - gpu_layers
     if tgt.host is None or gpu_layers == n_layers and head_on_device:
@@ -148,7 +177,11 @@ def _split_time(ops, tgt: Target, gpu_layers: int, head_on_device: bool, n_layer
     if n > 1:
         comm += tp_comm(cfg, tokens, n, act_bytes, n)
     if tgt.host is not None and host_ops and dev_ops:
-        comm.append(CommOp("pcie_hidden_state", tokens * hidden * act_bytes, "pcie", "pcie", count=2))
+        # into the device layers; back out to the host's output layer, or the logits come out
+        comm.append(CommOp("pcie_hidden_state", tokens * hidden * act_bytes, "pcie", "pcie",
+                           count=1 if head_on_device else 2))
+        if head_on_device:
+            comm.append(CommOp("pcie_logits", logit_rows * cfg.vocab_size * LOGITS_BYTES, "pcie", "pcie"))
     dev_t = roofline.step_time(dev_ops, tgt.device, comm, node=tgt.node)
     host_t = None
     if host_ops:
@@ -171,19 +204,36 @@ def _merge_kinds(*steps) -> dict:
     return out
 
 
+def runtime_overhead(cfg: ModelConfig, plan: QuantPlan, tgt: Target) -> dict:
+    """Per-graph fixed cost of the runtime on this target: llama.cpp graph nodes x the
+    target's measured per-node overhead; zero for other runtimes or unmeasured targets."""
+    if plan.runtime != "llama.cpp":
+        return {"graph_nodes": None, "per_node_s": 0.0, "per_graph_s": 0.0, "source": "not a llama.cpp plan"}
+    nodes = llama_cpp.graph_nodes(cfg)
+    fig = llama_cpp.per_node_overhead(tgt.name, tgt.device.id)
+    if fig is None:
+        return {"graph_nodes": nodes, "per_node_s": 0.0, "per_graph_s": 0.0,
+                "source": f"no measured llama.cpp per-node overhead for {tgt.name} (not modelled)"}
+    return {"graph_nodes": nodes, "per_node_s": fig.value, "per_graph_s": nodes * fig.value,
+            "source": f"{fig.source} (confidence {fig.confidence})"}
+
+
 def estimate(model: str | ModelConfig, device: str, quant: str = "bf16", *, context: int = 4096, batch: int = 1,
-             prompt_tokens: int = 512) -> dict:
+             prompt_tokens: int = 512, mla_form: str = "absorbed") -> dict:
     """Decode and prefill throughput and the memory budget of ``model`` on ``device``.
 
     context: tokens in the KV cache during decode (and the cache to allocate);
-    prompt_tokens: the prefill length. Returns a JSON-ready dict.
+    prompt_tokens: the prefill length; mla_form: the KV-cache layout of MLA models
+    ('absorbed' latent or llama.cpp's pre-April-2025 'expanded_cache'). Returns a JSON-ready dict.
     """
     cfg = load_config(model) if isinstance(model, str) else model
     plan = get_plan(quant)
     tgt = resolve_target(device)
-    mem = memory_plan(cfg, plan, tgt, context, batch, prompt_tokens)
+    if cfg.arch != "deepseek":
+        mla_form = "absorbed"  # no MLA: the GQA cache has one layout
+    mem = memory_plan(cfg, plan, tgt, context, batch, prompt_tokens, mla_form)
     out = {"model": cfg.name, "device": tgt.name, "quant": plan.name, "context": context, "batch": batch,
-           "prompt_tokens": prompt_tokens, **mem}
+           "prompt_tokens": prompt_tokens, "mla_form": mla_form, **mem}
     gb = 1e9
     if not mem["fits"]:
         out.update(decode_tokens_per_s=None, prefill_tokens_per_s=None, decode_step_s=None,
@@ -194,14 +244,17 @@ def estimate(model: str | ModelConfig, device: str, quant: str = "bf16", *, cont
                             f"{mem['memory_available_bytes'] / gb:.1f} GB"))
         return out
     n = cfg.num_hidden_layers
-    dec = costmodel.decode_ops(cfg, plan, batch, context)
+    ovh = runtime_overhead(cfg, plan, tgt)
+    dec = costmodel.decode_ops(cfg, plan, batch, context, mla_form=mla_form)
     d_dev, d_host = _split_time(dec, tgt, mem["gpu_layers"], mem["head_on_device"], n, batch,
-                                plan.act_bytes, cfg.hidden_size, cfg)
-    t_dec = d_dev.time_s + (d_host.time_s if d_host else 0.0)
-    pre = costmodel.prefill_ops(cfg, plan, batch, prompt_tokens, logits="last")
+                                plan.act_bytes, cfg.hidden_size, cfg, batch)
+    t_dec = d_dev.time_s + (d_host.time_s if d_host else 0.0) + ovh["per_graph_s"]
+    pre_form = "expanded_cache" if mla_form == "expanded_cache" else "naive"
+    pre = costmodel.prefill_ops(cfg, plan, batch, prompt_tokens, logits="last", mla_form=pre_form)
     p_dev, p_host = _split_time(pre, tgt, mem["gpu_layers"], mem["head_on_device"], n, batch * prompt_tokens,
-                                plan.act_bytes, cfg.hidden_size, cfg)
-    t_pre = p_dev.time_s + (p_host.time_s if p_host else 0.0)
+                                plan.act_bytes, cfg.hidden_size, cfg, batch)
+    t_pre = (p_dev.time_s + (p_host.time_s if p_host else 0.0)
+             + ovh["per_graph_s"] * llama_cpp.graphs_per_step(prompt_tokens))
     tot = costmodel.totals(dec)
     out.update(
         decode_step_s=t_dec, decode_tokens_per_s=batch / t_dec, prefill_s=t_pre,
@@ -210,6 +263,7 @@ def estimate(model: str | ModelConfig, device: str, quant: str = "bf16", *, cont
         decode_weight_bytes_per_step=tot["weight_bytes"], decode_kv_bytes_per_step=tot["kv_bytes"],
         decode_breakdown=_merge_kinds(d_dev, d_host), prefill_breakdown=_merge_kinds(p_dev, p_host),
         decode_comm_s=d_dev.comm_time_s, decode_host_s=d_host.time_s if d_host else 0.0,
+        graph_nodes=ovh["graph_nodes"], decode_overhead_s=ovh["per_graph_s"], overhead_source=ovh["source"],
         memory_margin_bytes=mem["memory_available_bytes"] - mem["memory_required_bytes"],
         message=(f"fits: {mem['memory_required_bytes'] / gb:.1f} GB of {mem['memory_available_bytes'] / gb:.1f} GB"
                  + (f"; {mem['gpu_layers']}/{n} layers on {tgt.device.id}" if tgt.host is not None else "")))

@@ -17,7 +17,7 @@ Sources for the formats:
         Q6_K: 210 B / 256 = 6.5625 bpw
   * Q4_K_M is the real per-tensor mix of llama.cpp's ``llama_tensor_get_type``
     (src/llama-quant.cpp), not an average: Q4_K by default; ``output.weight``
-    (LM head) Q6_K; ``attn_v`` and ``ffn_down`` (dense, shared and routed
+    (LM head, or a tied embedding) Q6_K; ``attn_v`` and ``ffn_down`` (dense, shared and routed
     experts) Q6_K in the layers picked by ``use_more_bits`` (the first and last
     eighth of the layers and every third layer in between); rows whose length is
     not a multiple of the 256-weight super-block fall back to Q5_0 / Q8_0; 1-D
@@ -178,6 +178,17 @@ def get_plan(name: str) -> QuantPlan:
     return PLANS[key]
 
 
+def weight_role(cfg, name: str) -> str:
+    """The tensor name whose storage rule applies to global weight ``name``.
+
+    A tied input embedding is also the output layer, and llama.cpp quantises it as one
+    (llama-quant.cpp ``llama_tensor_get_type``: ``token_embd`` takes the output type when
+    the model has no separate ``output.weight``; Q4_K_M -> Q6_K). Every other plan
+    stores embedding and head alike, so the mapping changes nothing for them.
+    """
+    return "lm_head.weight" if name == "model.embed_tokens.weight" and cfg.tie_word_embeddings else name
+
+
 def model_weight_bytes(cfg, plan: QuantPlan) -> dict[str, float]:
     """Stored weight bytes of the main model under ``plan`` (from reference/params.py shapes).
 
@@ -185,7 +196,8 @@ def model_weight_bytes(cfg, plan: QuantPlan) -> dict[str, float]:
     """
     from reference.params import global_shapes, layer_shapes
     n = cfg.num_hidden_layers
-    glob = sum(_numel(s) * plan.weight_bits(k, s, None, n) for k, s in global_shapes(cfg).items()) / BITS_PER_BYTE
+    glob = sum(_numel(s) * plan.weight_bits(weight_role(cfg, k), s, None, n)
+               for k, s in global_shapes(cfg).items()) / BITS_PER_BYTE
     layers = [sum(_numel(s) * plan.weight_bits(k, s, i, n) for k, s in layer_shapes(cfg, i).items()) / BITS_PER_BYTE
               for i in range(n)]
     total = glob + sum(layers)

@@ -224,7 +224,7 @@ def test_device_efficiency_override():
     assert "gemm" in pi.efficiency_overrides
     assert pi.efficiency("gemm") == pi.efficiency_overrides["gemm"].value
     assert pi.efficiency("gemm") != efficiency("cpu", "gemm")
-    assert pi.efficiency("memory") == efficiency("cpu", "memory")
+    assert pi.efficiency("attention") == efficiency("cpu", "attention")  # no override: the class value
     with pytest.raises(CatalogError, match="op type"):
         efficiency("gpu", "teleport")
 
