@@ -19,34 +19,35 @@ within 30%.** Targets: median <= 10%, none above 30%.
 """
 
 MISSES = """
-## Misses and why
+## Largest remaining gaps and why
 
 - **Training (`dsv3_tr_pretrain_gpuh`, `_gpuh_per_T`, `_days_per_T`, `_total_gpuh`, `_cost_total`):
-  about -30%; `_ctxext_gpuh` about -36%.** sim.train finds DeepSeek-V3's step faster than the report
-  implies: MFU ~56% of BF16 peak simulated vs 39% implied by 2.664M GPU-hours (250 GFLOPs/token x
-  14.8T tokens). Every DualPipe F&B chunk pair is bound by the EP all-to-all (per micro-batch: forward
-  compute ~19 ms, forward all-to-all ~47 ms), so the result hinges on the all-to-all model; with the
-  all-to-all not overlapped at all (`ep_overlap = false`) the same simulator gives 2.89M (+9%), so the
-  published figure lies between "fully hidden" and "not hidden". Mechanisms sim.train does not have
-  (recommended, in sim/train.py and sim/stepcost.py, not edited here): (1) expert load imbalance -- the
-  busiest EP rank sets each all-to-all and each expert GEMM (sim.moe_stats has the expected-max-load
-  model; sim.stepcost assumes perfect balance); (2) DeepSeek reserves 20 of the H800's 132 SMs for
-  communication (TR sec. 3.2.2), so overlapped compute runs at <= 112/132 of peak (no effect while
-  the pairs are comm-bound, as simulated); (3) the batch-size ramp (3,072 -> 15,360 over 469B tokens)
-  and fine-grained FP8 overheads (per-tile quantisation, the 128-element promotion to CUDA cores, TR
-  sec. 3.3). Also, sim.roofline sums the NVLink and IB parts of one all-to-all although DeepEP drives
-  them concurrently -- correcting that alone would make the prediction faster still. The
-  context-extension stages also use a layout we had to assume (see the reading). Not tuned.
-- **`d6_prefill_node_tps` (+54%) and `d6_decode_node_tps` (+60%).** Read as saturated capacity: the
-  production figures are daily averages at the operating point DeepSeek autoscaled to; the simulator's
-  are the most its hardware model sustains (decode: ~100 sequences per GPU, KV-cache limited). At the
-  published load the per-node figures match by construction (the scenario sizes the pools from them):
-  a consistency check, not a prediction. At the decode-saturation point the simulated per-request speed
-  (`d6_output_speed`, 24 tokens/s) is close to the published 20-22 while the per-node throughput is 60%
-  higher, i.e. the simulated decode step is faster than production's at the same batch: the same
-  all-to-all / kernel-efficiency question as training (per-kernel launch latency at small per-expert
-  batches and the all-to-all's latency floor are not in sim.roofline). At the published load on the
-  published 126 decode nodes the simulated pool is under-used and requests run at ~100 tokens/s.
+  about -12%; `_ctxext_gpuh` about -20%.** (Was -30% / -36%.) What closed most of it, each a published
+  mechanism of the V3 recipe, none fitted: the MTP module is trained with the model on the last stage
+  with the output head (TR sec. 2.2), and the output head runs in BF16 (sec. 3.3.1); the EP all-to-all
+  kernels hold 20 of the H800's 132 SMs while they overlap compute (sec. 3.2.2); FP8 GEMM efficiency is
+  DeepGEMM's own median at V3's shapes (0.56 of peak, not the generic 0.70); stage compute is balanced
+  (the head + MTP stage still dominates); goodput 0.90 is an assumption taken from Llama 3's reported
+  ">90% effective training time" (at 1.0 the prediction is -21%). Correcting a bug the other way: the
+  NVLink and IB legs of one all-to-all now run concurrently (DeepEP; before, they were summed), so the
+  F&B pairs are compute-bound (forward compute ~27 ms vs all-to-all ~31 ms per 4-layer stage and
+  micro-batch). Not modelled: the batch-size ramp (3% of the tokens), expert load imbalance (sim.stepcost
+  assumes EPLB-perfect balance), FP8 quantisation/transposition kernels, the DP all-gather overlap.
+  Context extension also runs on a layout we had to assume (see the reading); at 32K-128K it is
+  attention-bound, where one gpu.attention factor (0.55) serves forward and backward alike.
+- **`d6_decode_node_tps` (+24%) and `d6_prefill_node_tps` (+17%).** (Was +60% / +54%.) Read as
+  saturated capacity; the production figures are daily averages at the operating point DeepSeek
+  autoscaled to. The main correction: two-micro-batch overlap hides only part of the shorter of compute
+  and communication (gpu.overlap = 0.5, from SGLang's measured TBO ablation on 96 H100 -- not from these
+  claims). Cross-check against idealised measurements: DeepSeek's own profile (balanced routing, 128
+  sequences/GPU, KV 4,096, EP128) gives 18,598 decode tokens/s per node, the model (EP144) 20.7k
+  (+11%); SGLang's decode at 256 sequences/GPU, KV 2,000, 22,282 per node, the model 26.3k (+18%). Production is slower
+  than either profile (SGLang notes DeepSeek's prefill profile is ~2x its production figure): expert
+  imbalance after EPLB, uneven prompt lengths across DP ranks and scheduling gaps are not modelled.
+  `d6_output_speed` is the speed of a running request at that saturation point (decode tokens/s per
+  running sequence): 1 / TPOT of the same run would also count the wait for a decode slot that the
+  deliberately overloaded run creates. At the published load on the published 126 decode nodes the
+  simulated pool is under-used and requests run at ~45-65 tokens/s.
 - **Geerling edge claims (`geer_*`, now within 30%).** Three mechanisms, each from outside the claims
   (experiments/edge_devices.py): (1) llama.cpp's per-token fixed cost: one ggml graph per step (902 to
   5,025 nodes, sim/llama_cpp.py) with a barrier (CPU) or a host-recorded dispatch (Vulkan) per node;
