@@ -157,11 +157,17 @@ def write_serving_page(out_dir: Path) -> list[dict]:
                  f"{f(r.get('decode_tokens_per_s_per_chip'))} | {r.get('decode_batch_per_device')} | "
                  f"{f(r.get('chip_hours_per_million_output'), 3)} | {r['price_usd_per_hour'] or 'unknown'} | "
                  f"{f(r.get('usd_per_million_output'), 3)} |")
-    L.append("\nReading the table: prefill is compute-bound (H100, H200 have the same peak; the H800 pays for its "
-             "400 GB/s NVLink in the intra-node all-to-all); decode batches are capped by the 20 tokens/s "
-             "per-request floor because each step is bound by the EP all-to-all over 400 Gb/s InfiniBand "
-             "(the same NIC on every NVIDIA node here), so extra HBM bandwidth or capacity (H200, B200) "
-             "buys little in this deployment shape; the 910C reaches that floor at a smaller batch (slower steps).\n")
+    by = {r["device"]: r for r in rows if "prefill_tokens_per_s_per_chip" in r}
+    h800, h100 = by.get("H800"), by.get("H100")
+    if h800 and h100:
+        d = h800["prefill_tokens_per_s_per_chip"] / h100["prefill_tokens_per_s_per_chip"] - 1
+        nv = ("the H800's 400 GB/s NVLink costs nothing here: the NVLink leg of each all-to-all runs "
+              "concurrently with the slower InfiniBand leg" if abs(d) < 0.01 else
+              f"the H800's 400 GB/s NVLink costs it {-d:.0%} of the H100's prefill rate")
+        L.append(f"\nReading the table: H800 and H100 share peaks and NICs, and {nv}. Decode batches stop "
+                 "where a request would drop below 20 tokens/s (or where the KV cache is full): each step "
+                 "pays the EP all-to-all over the node's 400 Gb/s InfiniBand NICs (the same on every NVIDIA "
+                 "node here), so extra HBM bandwidth or capacity (H200, B200) buys less than its ratio.\n")
     L.append("\nWhere the catalog has no rental price (H20, H200, B200, Ascend 910C: none with a citable source "
              "in hwmodels/data/devices), the cost is shown as a function of the price per chip-hour:\n")
     L.append("![cost vs price](img/whatif_serving_cost.png)\n")
