@@ -20,6 +20,19 @@ Bad data raises :class:`CatalogError` naming the file and the field.
 Efficiency factors (achievable fraction of peak per device class and op type)
 live in ``hwmodels/data/efficiency.toml`` and can be overridden per device with
 an ``[efficiency.<op>]`` table in the device file.
+
+A device file may also give how its GEMM rate depends on the row count M of an
+[M, K] x [K, N] product (``dsref hw probe`` measures it for the host)::
+
+    [gemm_rows_efficiency]
+    rows = [1, 16, 128, 2048]        # increasing positive integers
+    value = [0.08, 0.4, 0.85, 0.9]   # fraction of peak x efficiency.gemm at that M
+    unit = "fraction"
+    source = "..."
+    confidence = "measured"
+
+Between points the factor is interpolated linearly in log2(M); outside them the
+nearest point is used. Devices without the table have no row dependence.
 """
 
 from __future__ import annotations
@@ -333,9 +346,71 @@ _INT_UNITS = ("OP/s", "FLOP/s")
 _DEVICE_KEYS = {
     "id", "name", "vendor", "device_class", "notes", "cores", "flops",
     "memory_capacity", "memory_bandwidth", "intra_node_bandwidth", "intra_node_link",
-    "network_bandwidth", "power", "price", "efficiency",
+    "network_bandwidth", "power", "price", "efficiency", "gemm_rows_efficiency",
 }
 _REQUIRED_FIGURES = ("memory_capacity", "memory_bandwidth", "power")
+
+
+@dataclass(frozen=True)
+class GemmRowsCurve:
+    """GEMM efficiency as a function of the row count M (``[gemm_rows_efficiency]``).
+
+    values[i]: achieved GEMM rate at ``rows[i]`` rows as a fraction of
+    ``peak x efficiency("gemm")`` (may exceed 1 where a shape beats the
+    reference measurement).
+    """
+
+    rows: tuple[int, ...]
+    values: tuple[float, ...]
+    source: str
+    confidence: str
+
+    def at(self, rows: float) -> float:
+        """Factor at ``rows`` rows: linear in log2(rows) between points, clamped outside."""
+        if not rows > 0:
+            raise ValueError(f"GEMM row count must be positive, got {rows!r}")
+        if rows <= self.rows[0]:
+            return self.values[0]
+        if rows >= self.rows[-1]:
+            return self.values[-1]
+        for (r0, v0), (r1, v1) in zip(zip(self.rows, self.values), zip(self.rows[1:], self.values[1:])):
+            if rows <= r1:
+                f = (math.log2(rows) - math.log2(r0)) / (math.log2(r1) - math.log2(r0))
+                return v0 + f * (v1 - v0)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def parse_gemm_rows_curve(raw: Any, file: str | os.PathLike, name: str = "gemm_rows_efficiency") -> GemmRowsCurve:
+    """Validate a ``[gemm_rows_efficiency]`` table (see the module docstring)."""
+    if not isinstance(raw, dict):
+        raise _err(file, name, f"must be a table with rows/value/unit/source/confidence, got {type(raw).__name__}")
+    allowed = {"rows", "value", "unit", "source", "confidence"}
+    extra = sorted(set(raw) - allowed)
+    if extra:
+        raise _err(file, name, f"unexpected key(s) {extra}; allowed: {sorted(allowed)}")
+    for key in sorted(allowed):
+        if key not in raw:
+            raise _err(file, f"{name}.{key}", "missing")
+    if raw["unit"] != "fraction":
+        raise _err(file, f"{name}.unit", f"must be \"fraction\", got {raw['unit']!r}")
+    source = raw["source"]
+    if not isinstance(source, str) or not source.strip():
+        raise _err(file, f"{name}.source", "must be a non-empty string")
+    if raw["confidence"] not in CONFIDENCES:
+        raise _err(file, f"{name}.confidence", f"{raw['confidence']!r} not one of {list(CONFIDENCES)}")
+    rows, values = raw["rows"], raw["value"]
+    if not isinstance(rows, list) or not rows:
+        raise _err(file, f"{name}.rows", "must be a non-empty list of row counts")
+    if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in rows):
+        raise _err(file, f"{name}.rows", f"row counts must be integers >= 1, got {rows!r}")
+    if any(b <= a for a, b in zip(rows, rows[1:])):
+        raise _err(file, f"{name}.rows", f"row counts must be strictly increasing, got {rows!r}")
+    if not isinstance(values, list) or len(values) != len(rows):
+        raise _err(file, f"{name}.value", f"must be a list of {len(rows)} numbers (one per row count)")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise _err(file, f"{name}.value", f"factors must be finite positive numbers, got {v!r}")
+    return GemmRowsCurve(tuple(rows), tuple(float(v) for v in values), source, raw["confidence"])
 
 
 @dataclass(frozen=True)
@@ -365,6 +440,7 @@ class Device:
     notes: str = ""
     cores: int | None = None
     efficiency_overrides: dict[str, Figure] = field(default_factory=dict)
+    gemm_rows_curve: GemmRowsCurve | None = None
 
     @property
     def unknown_figures(self) -> list[str]:
@@ -411,6 +487,10 @@ class Device:
     def efficiency(self, op_type: str) -> float:
         """Efficiency factor for this device (own override, else class default)."""
         return efficiency(self.device_class, op_type, device=self)
+
+    def gemm_rows_efficiency(self, rows: float) -> float:
+        """GEMM rate factor at ``rows`` rows per call (1.0 when the file has no curve)."""
+        return self.gemm_rows_curve.at(rows) if self.gemm_rows_curve is not None else 1.0
 
     def require(self, attr: str) -> float:
         """Return a numeric attribute, raising CatalogError if it is unknown."""
@@ -469,6 +549,8 @@ def parse_device(data: Mapping[str, Any], file: str | os.PathLike) -> Device:
             raise _err(file, f"efficiency.{op}", f"unknown op type; expected one of {list(EFFICIENCY_OPS)}")
         overrides[op] = _parse_efficiency_entry(raw, file, f"efficiency.{op}")
 
+    curve = parse_gemm_rows_curve(data["gemm_rows_efficiency"], file) if "gemm_rows_efficiency" in data else None
+
     def uni(key: str) -> float | None:
         fig = figures.get(key)
         return fig.unidirectional if fig else None
@@ -491,6 +573,7 @@ def parse_device(data: Mapping[str, Any], file: str | os.PathLike) -> Device:
         notes=notes,
         cores=cores,
         efficiency_overrides=overrides,
+        gemm_rows_curve=curve,
     )
 
 

@@ -10,6 +10,16 @@ Method (all results are medians over several timed repetitions):
 * matmul FLOP/s: ``jax.jit(jnp.matmul)`` on square n x n matrices, float32 and
   bfloat16, timed after a warm-up call with ``block_until_ready``;
   FLOPs = 2 n^3.  This is an achieved rate, not a datasheet peak.
+* GEMM rate against the row count M: one jitted chain of ``chain`` float32
+  products x <- x W_i^T, x [M, K], W_i [K, K] distinct and stored [out, in] as
+  reference/model.py ``linear`` reads its weights, for each M in ``rows``;
+  FLOPs = 2 M K^2 per product.  The chain's weights (64 MiB in full mode) exceed
+  common last-level caches, so each product streams its weight from memory as a
+  model's layers do, and one dispatch covers the chain.  Written as the fraction
+  of the square fp32 rate (``[gemm_rows_efficiency]``, see hwmodels/catalog.py):
+  small-M products pay the weight traffic and per-call costs that a 2048-square
+  matmul hides, which is what a prefill of a few hundred tokens or a
+  mixture-of-experts window of a few rows runs into.
 * cores: ``os.sched_getaffinity`` (falls back to ``os.cpu_count``).
 * memory capacity: ``MemTotal`` from /proc/meminfo.
 
@@ -22,6 +32,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import statistics
@@ -37,11 +48,19 @@ from .catalog import host_device_path
 
 _KIB = 1024
 
-# Probe sizes: (array bytes for the bandwidth test, matmul n, repetitions).
-# Full mode: 1 GiB array (>> any CPU cache), n=2048, 5 repeats.
-# Quick mode (tests): 64 MiB array, n=256, 3 repeats -- a rough figure only.
-FULL = {"array_bytes": 2**30, "matmul_n": 2048, "repeats": 5}
-QUICK = {"array_bytes": 64 * 2**20, "matmul_n": 256, "repeats": 3}
+# Probe sizes: (array bytes for the bandwidth test, matmul n, repetitions; GEMM-rows chain).
+# Full mode: 1 GiB array (>> any CPU cache), n=2048, 5 repeats; row counts from a decode
+# step (1) through mixture-of-experts windows (4-64) and prefill chunks (128-2048), K=1024
+# (the hidden size of the small presets), 16 distinct 4 MiB weights = 64 MiB per chain.
+# Quick mode (tests): 64 MiB array, n=256, 3 repeats, a short small chain -- rough figures only.
+# rows_min_s: a row count's chain is timed over at least this many seconds of calls (at least
+# `repeats` calls, at most _MAX_ROWS_REPEATS): a small-M chain takes milliseconds, and on a
+# shared machine a median of 5 such calls moved by tens of percent between runs.
+FULL = {"array_bytes": 2**30, "matmul_n": 2048, "repeats": 5,
+        "rows": (1, 4, 8, 16, 32, 64, 128, 256, 512, 2048), "rows_k": 1024, "rows_chain": 16, "rows_min_s": 0.3}
+QUICK = {"array_bytes": 64 * 2**20, "matmul_n": 256, "repeats": 3,
+         "rows": (1, 16, 128), "rows_k": 256, "rows_chain": 4, "rows_min_s": 0.0}
+_MAX_ROWS_REPEATS = 100
 
 #: llama.cpp-class CPU decode reaches ~60-80% of STREAM bandwidth; the probe
 #: measures a STREAM-like read, so the host's memory efficiency is this
@@ -59,6 +78,7 @@ class ProbeResult:
     vendor: str
     date: str
     quick: bool
+    gemm_rows_flops: dict[int, float] | None = None  # row count M -> fp32 FLOP/s (see module docstring)
 
 
 def _median_time(fn: Callable[[], object], repeats: int) -> float:
@@ -135,6 +155,35 @@ def measure_matmul_flops(n: int, repeats: int) -> dict[str, float]:
     return out
 
 
+def measure_gemm_rows_flops(rows, k: int, chain: int, repeats: int, min_s: float = 0.0) -> dict[int, float]:
+    """Achieved fp32 FLOP/s of x [M, k] times ``chain`` distinct [k, k] weights, per M in ``rows``
+    (median of at least ``repeats`` calls and of at least ``min_s`` seconds of calls)."""
+    import jax
+    import jax.numpy as jnp
+
+    if not rows or any(int(m) < 1 for m in rows) or k < 1 or chain < 1:
+        raise ValueError(f"GEMM-rows probe needs row counts >= 1, k >= 1 and chain >= 1 (got {rows}, {k}, {chain})")
+
+    @jax.jit
+    def run(x, ws):
+        for w in ws:  # x W^T with W [out, in], as reference/model.py linear
+            x = jnp.einsum("mi,oi->mo", x, w, precision=jax.lax.Precision.HIGHEST)
+        return x
+
+    keys = jax.random.split(jax.random.PRNGKey(1), chain + 1)
+    # N(0, 1/k) entries keep the activations' scale along the chain (no overflow or denormals)
+    ws = [jax.random.normal(key, (k, k), jnp.float32) / np.sqrt(k) for key in keys[1:]]
+    out = {}
+    for m in rows:
+        x = jax.random.normal(keys[0], (int(m), k), jnp.float32)
+        run(x, ws).block_until_ready()  # compile + warm-up
+        t1 = _median_time(lambda: run(x, ws).block_until_ready(), 1)
+        n = max(repeats, min(_MAX_ROWS_REPEATS, math.ceil(min_s / t1)))
+        t = _median_time(lambda: run(x, ws).block_until_ready(), n)
+        out[int(m)] = 2.0 * m * k * k * chain / t
+    return out
+
+
 def run_probe(*, quick: bool = False) -> ProbeResult:
     cfg = QUICK if quick else FULL
     cores = core_count()
@@ -148,6 +197,8 @@ def run_probe(*, quick: bool = False) -> ProbeResult:
         vendor=vendor,
         date=_dt.date.today().isoformat(),
         quick=quick,
+        gemm_rows_flops=measure_gemm_rows_flops(cfg["rows"], cfg["rows_k"], cfg["rows_chain"], cfg["repeats"],
+                                                cfg["rows_min_s"]),
     )
 
 
@@ -188,6 +239,22 @@ def to_toml(r: ProbeResult) -> str:
                          "the host peak is the measured matmul rate, so no further derating", "medium"))
     parts.append(_figure("efficiency.memory", _DECODE_VS_STREAM, "fraction",
                          "llama.cpp CPU decode reaches ~60-80% of STREAM bandwidth; the probe measures a STREAM-like read", "low"))
+    if r.gemm_rows_flops:
+        ref = r.matmul_flops["fp32"]
+        rows = sorted(r.gemm_rows_flops)
+        k, chain = cfg["rows_k"], cfg["rows_chain"]
+        rates = ", ".join(f"M={m} {r.gemm_rows_flops[m] / 1e9:.1f}" for m in rows)
+        curve_src = (f"{src}: fp32 jax.jit chains of {chain} products [M,{k}]x[{k},{k}] (distinct weights "
+                     f"stored [out,in], {chain * k * k * 4 // 2**20} MiB per chain), median of >= {cfg['repeats']} "
+                     f"calls and >= {cfg['rows_min_s']} s, "
+                     f"as a fraction of flops.fp32; GFLOP/s: {rates}")
+        parts.append(
+            "\n[gemm_rows_efficiency]\n"
+            f"rows = [{', '.join(str(m) for m in rows)}]\n"
+            f"value = [{', '.join(format(r.gemm_rows_flops[m] / ref, '.4g') for m in rows)}]\n"
+            'unit = "fraction"\n'
+            f"source = {_q(curve_src)}\n"
+            'confidence = "measured"\n')
     return "".join(parts)
 
 

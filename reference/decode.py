@@ -57,6 +57,18 @@ def _step(graphdef, state, tokens, positions, cache):
     return logits, hidden, cache
 
 
+@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _prefill_step(graphdef, state, tokens, positions, cache, last):
+    """Prefill tokens [B, T] (positions 0..T-1) into an empty cache: (logits [B, V] at index
+    ``last`` [B] of each sequence, hidden [B, T, D], cache). Attention runs within the prompt in
+    the naive (expanded) MLA form -- DeepSeek's prefill form, cheaper than the latent form when
+    every key is new -- instead of over all S cache slots, and the LM head only at ``last``."""
+    model = nnx.merge(graphdef, state)
+    logits, cache, hidden = forward(model, tokens, positions, cache, mla_form="naive", chunk_only=True,
+                                    logits_at=last, return_hidden=True)
+    return logits, hidden, cache
+
+
 @partial(jax.jit, static_argnames=("graphdef", "greedy", "top_k"), donate_argnames=("cache",))
 def _decode_step(graphdef, state, tokens, positions, cache, key, temperature, top_p, greedy: bool, top_k: int):
     """One decode step fused with sampling: one dispatch per generated token."""
@@ -129,7 +141,8 @@ def _prefill(gd, state, prompts, S, form, model):
         toks[b, : len(p)] = p
     pos = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
     cache = init_cache(model, B, S, form)
-    logits, hidden, cache = _step(gd, state, jnp.asarray(toks), jnp.asarray(pos), cache)
+    logits, hidden, cache = _prefill_step(gd, state, jnp.asarray(toks), jnp.asarray(pos), cache,
+                                          jnp.asarray(lens - 1, jnp.int32))
     return toks, lens, logits, hidden, cache
 
 
@@ -161,8 +174,7 @@ def generate(model: DeepseekModel, prompts: list[list[int]], max_new_tokens: int
     S = bucket(max(len(p) for p in prompts) + max_new_tokens + 1)
     key = jax.random.key(seed)
     t0 = time.perf_counter()
-    toks, lens, logits, _, cache = _prefill(gd, state, prompts, S, form, model)
-    last = logits[jnp.arange(B), jnp.asarray(lens - 1)]
+    toks, lens, last, _, cache = _prefill(gd, state, prompts, S, form, model)
     key, sub = jax.random.split(key)
     nxt = np.asarray(sample(last, sub, temperature, top_k, top_p))
     t1 = time.perf_counter()
@@ -206,7 +218,7 @@ def _generate_mtp(model, prompts, max_new_tokens, stop_tokens, form, on_token) -
     bidx = np.arange(B)
     t0 = time.perf_counter()
     toks, lens, logits, hidden, cache = _prefill(gd, state, prompts, S, form, model)
-    x_n = np.asarray(jnp.argmax(logits[bidx, lens - 1], -1)).astype(np.int32)
+    x_n = np.asarray(jnp.argmax(logits, -1)).astype(np.int32)  # logits at each prompt's last position
     # MTP prefill: position t pairs h_t with x_{t+1} (x_n appended after the prompt)
     nxt_toks = np.zeros_like(toks)
     nxt_toks[:, :-1] = toks[:, 1:]

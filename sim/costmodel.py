@@ -21,6 +21,14 @@ Counting conventions
     over all L cached tokens at each decode step), then ordinary attention.
     MLA expanded_cache (llama.cpp before April 2025): only the new tokens are
     expanded; the cache holds H*(N+P) keys and H*A values per token and layer.
+  * GEMM rows: every matmul op records ``gemm_rows``, the M of each GEMM call it
+    is made of (tokens for projections, tokens per head for the absorbed
+    per-head products, keys for kv_b_expand, one window of routed-expert rows),
+    and ``gemm_padding``, rows computed / rows counted (routed experts: each
+    touched expert's rows run in windows of C rows, ``expert_window_rows``, as
+    reference/model.py ``routed_experts`` does; expected whole windows from each
+    expert's Binomial(M, p_e) row count). Only devices with a measured GEMM-rows
+    curve use them (sim/roofline.py); FLOPs and bytes do not change.
   * Elementwise ops count the arithmetic per element of the reference code
     (constants below); transcendentals (exp, rsqrt, sigmoid's exp) are not FLOPs,
     as in XLA's HloCostAnalysis.
@@ -32,7 +40,10 @@ Counting conventions
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
+
+import numpy as np
 
 from reference.config import ModelConfig
 from reference.params import global_shapes, layer_shapes
@@ -73,6 +84,8 @@ class Op:
     count: int = 1
     precision: str = "bf16"
     phase: str = "fwd"  # fwd | bwd | recompute | optim
+    gemm_rows: float | None = None  # M of each GEMM call (None: not a GEMM); see "GEMM rows" above
+    gemm_padding: float = 1.0  # GEMM rows computed / rows counted (>= 1)
 
     @property
     def bytes(self) -> float:
@@ -146,8 +159,10 @@ class _Weights:
                                                  self.cfg.num_hidden_layers) / BITS_PER_BYTE
 
 
-def _gemm(name, layer, m, k_in, n_out, wbytes, ab, prec, kind="gemm") -> Op:
-    return Op(name, layer, kind, 2.0 * m * k_in * n_out, wbytes, m * k_in * ab, m * n_out * ab, precision=prec)
+def _gemm(name, layer, m, k_in, n_out, wbytes, ab, prec, kind="gemm", rows=None) -> Op:
+    """[m, k_in] x [k_in, n_out]; rows: M of each GEMM call when the product is batched (default m)."""
+    return Op(name, layer, kind, 2.0 * m * k_in * n_out, wbytes, m * k_in * ab, m * n_out * ab, precision=prec,
+              gemm_rows=float(m if rows is None else rows))
 
 
 def _elem(name, layer, n_elems, flops_per, ab, kind="elementwise", wbytes=0.0, prec="fp32") -> Op:
@@ -179,15 +194,15 @@ def _mla_ops(cfg: ModelConfig, plan: QuantPlan, w: dict[str, float], i: int, sh:
     scores = M * H * Se
     w_kvb = w["self_attn.kv_b_proj.weight"]
     if sh.mla_form == "absorbed":
-        ops.append(_gemm("q_absorb", i, M * H, N, R, w_kvb * N / (N + A), ab, gp))
+        ops.append(_gemm("q_absorb", i, M * H, N, R, w_kvb * N / (N + A), ab, gp, rows=M))  # one [M,N]x[N,R] per head
         ops.append(Op("mla_attention", i, "attention", 2.0 * scores * (R + P) + 2.0 * scores * R,
                       0.0, M * H * (R + P) * ab, M * H * R * ab, cache_read, cache_write, precision=plan.attn_precision))
         ops.append(_elem("softmax", i, scores, SOFTMAX_FLOPS_PER_ELEM, 0.0))
-        ops.append(_gemm("out_absorb", i, M * H, R, A, w_kvb * A / (N + A), ab, gp))
+        ops.append(_gemm("out_absorb", i, M * H, R, A, w_kvb * A / (N + A), ab, gp, rows=M))
     elif sh.mla_form == "naive":
         ops.append(Op("kv_b_expand", i, "gemm", 2.0 * B * S * R * H * (N + A), w_kvb,
                       act_bytes_written=B * S * H * (N + A) * ab, kv_bytes_read=cache_read,
-                      kv_bytes_written=cache_write, precision=gp))
+                      kv_bytes_written=cache_write, precision=gp, gemm_rows=float(B * S)))
         ops.append(Op("attention", i, "attention", 2.0 * scores * (N + P) + 2.0 * scores * A, 0.0,
                       M * H * (N + P) * ab + B * S * (H * (N + A) + P) * ab, M * H * A * ab,
                       precision=plan.attn_precision))
@@ -242,6 +257,40 @@ def routed_expert_flops(cfg: ModelConfig, rows: float) -> float:
     return rows * (3 * 2.0 * D * F + SILU_MUL_FLOPS_PER_ELEM * F)
 
 
+#: Largest routed-expert window (rows per GEMM call) of reference/model.py ``block_size``.
+MAX_EXPERT_WINDOW = 128
+
+
+def expert_window_rows(assignments: float, experts: int) -> int:
+    """Rows per routed-expert GEMM window as reference/model.py ``block_size`` picks them: the
+    mean rows per expert (assignments / experts, floored) rounded down to a power of two, in
+    [1, MAX_EXPERT_WINDOW]."""
+    mean = max(1, int(assignments) // experts)
+    return min(MAX_EXPERT_WINDOW, 1 << (mean.bit_length() - 1))
+
+
+def expected_expert_windows(shares, num_experts: int, k: int, n_tokens: float, window: int) -> float:
+    """Expected windows of ``window`` rows over all experts: sum_e E[ceil(c_e / window)] with
+    c_e ~ Binomial(n_tokens, p_e), p_e = k/E (uniform) or min(1, k * share_e) (sim.moe_stats)."""
+    n = int(round(n_tokens))
+    if n <= 0:
+        return 0.0
+    if shares is None:
+        probs: tuple[float, ...] = (k / num_experts,) * num_experts
+    else:
+        probs = tuple(float(p) for p in moe_stats.touch_probabilities(shares, k))
+    return _expected_windows(n, probs, window)
+
+
+@functools.lru_cache(maxsize=256)
+def _expected_windows(n: int, probs: tuple[float, ...], window: int) -> float:
+    uniq, mult = np.unique(np.asarray(probs), return_counts=True)
+    cdf = moe_stats._binom_cdf_table(n, uniq)  # [distinct p, n + 1]
+    # E[ceil(c / C)] = sum_{j >= 0} P(c > j C)
+    tail = 1.0 - cdf[:, ::window]
+    return float(np.sum(mult * np.clip(tail, 0.0, 1.0).sum(axis=1)))
+
+
 def _moe_ops(cfg: ModelConfig, plan: QuantPlan, w: dict[str, float], i: int, M: int, shares) -> list[Op]:
     D, E, k, F = cfg.hidden_size, cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
     ab, gp = plan.act_bytes, plan.gemm_precision
@@ -251,8 +300,11 @@ def _moe_ops(cfg: ModelConfig, plan: QuantPlan, w: dict[str, float], i: int, M: 
     touched = moe_stats.expected_distinct(shares, E, k, M)
     per_expert = sum(v for n, v in w.items() if ".experts." in n) / E
     rows = M * k
+    window = expert_window_rows(rows, E)
+    padding = expected_expert_windows(shares, E, k, M, window) * window / rows if rows else 1.0
     ops.append(Op("routed_experts", i, "moe_gemm", rows * 3 * 2.0 * D * F, touched * per_expert,
-                  rows * D * ab * 2 + rows * F * ab * 2, rows * D * ab + rows * F * ab * 2, precision=gp))
+                  rows * D * ab * 2 + rows * F * ab * 2, rows * D * ab + rows * F * ab * 2, precision=gp,
+                  gemm_rows=float(window), gemm_padding=max(1.0, padding)))
     ops.append(_elem("routed_silu_mul", i, rows * F, SILU_MUL_FLOPS_PER_ELEM, ab))
     ops.append(_elem("moe_combine", i, rows * D, COMBINE_FLOPS_PER_ELEM, ab))
     if cfg.n_shared_experts:

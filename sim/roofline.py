@@ -12,6 +12,13 @@ gemm / moe_gemm / head / router / embed / norm / elementwise -> "gemm",
 attention -> "attention", every byte -> "memory"; collectives: all_reduce ->
 "all_reduce", all_to_all and point-to-point sends -> "all_to_all", host<->device
 copies -> "pcie". Nothing here is tuned to reproduce a throughput claim.
+
+GEMM row dependence: on a device whose file has a ``[gemm_rows_efficiency]``
+curve (``dsref hw probe`` measures one for the host), an op that carries
+``gemm_rows`` (the M of each of its GEMM calls, sim/costmodel.py) runs at
+peak x eff_gemm x curve(gemm_rows), and its FLOPs are multiplied by
+``gemm_padding`` (rows computed / rows needed, e.g. routed-expert windows padded
+to whole blocks). Devices without a curve ignore both fields.
 """
 
 from __future__ import annotations
@@ -112,10 +119,16 @@ def op_time(op: Op, device, *, memory_bandwidth: float | None = None,
     effs: precomputed ``device_efficiencies(device)``.
     """
     effs = effs or device_efficiencies(device)
-    peak = peak_rate(device, op.precision) * effs[compute_efficiency_type(op.kind)]
+    eff_type = compute_efficiency_type(op.kind)
+    peak = peak_rate(device, op.precision) * effs[eff_type]
+    flops = op.flops
+    curve = getattr(device, "gemm_rows_curve", None)
+    if curve is not None and eff_type == "gemm" and op.gemm_rows is not None and flops:
+        peak *= curve.at(op.gemm_rows)
+        flops *= op.gemm_padding
     bw = (memory_bandwidth if memory_bandwidth is not None else device.require("memory_bandwidth"))
     bw *= effs["memory"]
-    return OpTime(op, op.flops / peak if op.flops else 0.0, op.bytes / bw if op.bytes else 0.0)
+    return OpTime(op, flops / peak if flops else 0.0, op.bytes / bw if op.bytes else 0.0)
 
 
 def link_bandwidth(device, link: str, node=None) -> float:

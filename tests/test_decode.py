@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from reference.decode import _step, bucket, cache_bytes, generate, init_cache, sample
+from reference.decode import _prefill_step, _step, bucket, cache_bytes, generate, init_cache, sample
 from reference.model import DeepseekModel, jit_forward
 from reference.presets import get_preset
 
@@ -51,6 +51,30 @@ def test_cached_decode_equals_full_forward(tiny, form):
         for b in range(B):
             np.testing.assert_allclose(np.asarray(logits[b, 0]), full[b][cur[b]], rtol=2e-5, atol=2e-5)
         cur += 1
+
+
+@pytest.mark.parametrize("form", ["absorbed", "naive"])
+def test_prefill_step_equals_cached_step(tiny, form):
+    """The prefill (attention within the prompt, naive MLA form, LM head at the last position only)
+    gives the logits and cache of the general cached step over all cache slots."""
+    cfg = tiny.cfg
+    rng = np.random.default_rng(1)
+    lens = np.array([5, 16, 11])
+    B, T, S = 3, 16, 32
+    toks = np.zeros((B, T), np.int32)
+    for b in range(B):
+        toks[b, : lens[b]] = rng.integers(0, cfg.vocab_size, lens[b])
+    pos = jnp.asarray(np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)))
+    gd, state = nnx.split(tiny)
+    ref_logits, ref_hidden, ref_cache = _step(gd, state, jnp.asarray(toks), pos, init_cache(tiny, B, S, form))
+    logits, hidden, cache = _prefill_step(gd, state, jnp.asarray(toks), pos, init_cache(tiny, B, S, form),
+                                          jnp.asarray(lens - 1, jnp.int32))
+    assert logits.shape == (B, cfg.vocab_size)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits)[np.arange(B), lens - 1], rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(hidden), np.asarray(ref_hidden), rtol=2e-5, atol=2e-5)
+    for a, b in zip(cache, ref_cache):
+        for name in a:
+            np.testing.assert_allclose(np.asarray(a[name]), np.asarray(b[name]), rtol=2e-5, atol=2e-5)
 
 
 def test_latent_cache_bytes():
