@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 
 import jax
 import jax.numpy as jnp
@@ -49,16 +49,14 @@ def cache_bytes(cache) -> int:
 
 
 # ------------------------------------------------------------------ compiled steps
-@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _step(graphdef, state, tokens, positions, cache):
+def _step_fn(graphdef, state, tokens, positions, cache):
     """Run tokens [B, T] at positions [B, T] through the cached model: (logits, hidden, cache)."""
     model = nnx.merge(graphdef, state)
     logits, cache, hidden = forward(model, tokens, positions, cache, return_hidden=True)
     return logits, hidden, cache
 
 
-@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _prefill_step(graphdef, state, tokens, positions, cache, last):
+def _prefill_fn(graphdef, state, tokens, positions, cache, last):
     """Prefill tokens [B, T] (positions 0..T-1) into an empty cache: (logits [B, V] at index
     ``last`` [B] of each sequence, hidden [B, T, D], cache). Attention runs within the prompt in
     the naive (expanded) MLA form -- DeepSeek's prefill form, cheaper than the latent form when
@@ -69,8 +67,7 @@ def _prefill_step(graphdef, state, tokens, positions, cache, last):
     return logits, hidden, cache
 
 
-@partial(jax.jit, static_argnames=("graphdef", "greedy", "top_k"), donate_argnames=("cache",))
-def _decode_step(graphdef, state, tokens, positions, cache, key, temperature, top_p, greedy: bool, top_k: int):
+def _decode_fn(graphdef, state, tokens, positions, cache, key, temperature, top_p, greedy: bool, top_k: int):
     """One decode step fused with sampling: one dispatch per generated token."""
     model = nnx.merge(graphdef, state)
     logits, cache = forward(model, tokens, positions, cache)
@@ -79,10 +76,37 @@ def _decode_step(graphdef, state, tokens, positions, cache, key, temperature, to
     return nxt, cache
 
 
-@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _mtp_step(graphdef, state, next_tokens, hidden, positions, cache):
+def _mtp_fn(graphdef, state, next_tokens, hidden, positions, cache):
     model = nnx.merge(graphdef, state)
     return mtp_logits(model, next_tokens, hidden, positions, cache=cache)
+
+
+_CACHE_ARG = {"donate_argnames": ("cache",)}
+
+
+@dataclass(frozen=True)
+class _Steps:
+    """The jitted steps of one model structure; each takes (state, ...) with the cache donated."""
+
+    step: object
+    prefill: object
+    decode: object
+    mtp: object
+
+
+@lru_cache(maxsize=16)
+def _steps_for(graphdef) -> _Steps:
+    """The compiled steps with ``graphdef`` bound, built once per model structure.
+
+    Passed as a static jit argument instead, the NNX GraphDef is hashed and compared at
+    every call: the Python side of a small-v3 decode step took 2-3 ms that way against
+    ~1 ms bound (2-core EPYC; the step itself computes for ~25-30 ms), paid before each
+    step can start since the next token comes back to the host first.
+    """
+    return _Steps(step=jax.jit(partial(_step_fn, graphdef), **_CACHE_ARG),
+                  prefill=jax.jit(partial(_prefill_fn, graphdef), **_CACHE_ARG),
+                  decode=jax.jit(partial(_decode_fn, graphdef), static_argnames=("greedy", "top_k"), **_CACHE_ARG),
+                  mtp=jax.jit(partial(_mtp_fn, graphdef), **_CACHE_ARG))
 
 
 @partial(jax.jit, static_argnames=("top_k",))
@@ -132,7 +156,7 @@ class GenerationResult:
         return self.mtp_accepted / self.mtp_drafted if self.mtp_drafted else None
 
 
-def _prefill(gd, state, prompts, S, form, model):
+def _prefill(fns: _Steps, state, prompts, S, form, model):
     B = len(prompts)
     lens = np.array([len(p) for p in prompts])
     T = bucket(int(lens.max()))
@@ -141,8 +165,8 @@ def _prefill(gd, state, prompts, S, form, model):
         toks[b, : len(p)] = p
     pos = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
     cache = init_cache(model, B, S, form)
-    logits, hidden, cache = _prefill_step(gd, state, jnp.asarray(toks), jnp.asarray(pos), cache,
-                                          jnp.asarray(lens - 1, jnp.int32))
+    logits, hidden, cache = fns.prefill(state, jnp.asarray(toks), jnp.asarray(pos), cache,
+                                        jnp.asarray(lens - 1, jnp.int32))
     return toks, lens, logits, hidden, cache
 
 
@@ -169,12 +193,13 @@ def generate(model: DeepseekModel, prompts: list[list[int]], max_new_tokens: int
             raise ValueError("use_mtp needs a model loaded with its MTP module (with_mtp=True)")
         return _generate_mtp(model, prompts, max_new_tokens, stop_tokens, form, on_token)
     gd, state = nnx.split(model)
+    fns = _steps_for(gd)
     B = len(prompts)
     stop = set(int(s) for s in stop_tokens)
     S = bucket(max(len(p) for p in prompts) + max_new_tokens + 1)
     key = jax.random.key(seed)
     t0 = time.perf_counter()
-    toks, lens, last, _, cache = _prefill(gd, state, prompts, S, form, model)
+    toks, lens, last, _, cache = _prefill(fns, state, prompts, S, form, model)
     key, sub = jax.random.split(key)
     nxt = np.asarray(sample(last, sub, temperature, top_k, top_p))
     t1 = time.perf_counter()
@@ -192,8 +217,8 @@ def generate(model: DeepseekModel, prompts: list[list[int]], max_new_tokens: int
         if done.all():
             break
         key, sub = jax.random.split(key)
-        nxt, cache = _decode_step(gd, state, jnp.asarray(nxt[:, None]), jnp.asarray(pos[:, None].astype(np.int32)),
-                                  cache, sub, temperature, top_p, temperature <= 0, top_k)
+        nxt, cache = fns.decode(state, jnp.asarray(nxt[:, None]), jnp.asarray(pos[:, None].astype(np.int32)),
+                                  cache, sub, temperature, top_p, greedy=temperature <= 0, top_k=top_k)
         nxt = np.asarray(nxt)
         pos = pos + 1
         steps += 1
@@ -212,12 +237,13 @@ def _generate_mtp(model, prompts, max_new_tokens, stop_tokens, form, on_token) -
     A rejected draft leaves junk at position n+1 that the next step overwrites.
     """
     gd, state = nnx.split(model)
+    fns = _steps_for(gd)
     B = len(prompts)
     stop = set(int(s) for s in stop_tokens)
     S = bucket(max(len(p) for p in prompts) + max_new_tokens + 3)
     bidx = np.arange(B)
     t0 = time.perf_counter()
-    toks, lens, logits, hidden, cache = _prefill(gd, state, prompts, S, form, model)
+    toks, lens, logits, hidden, cache = _prefill(fns, state, prompts, S, form, model)
     x_n = np.asarray(jnp.argmax(logits, -1)).astype(np.int32)  # logits at each prompt's last position
     # MTP prefill: position t pairs h_t with x_{t+1} (x_n appended after the prompt)
     nxt_toks = np.zeros_like(toks)
@@ -226,7 +252,7 @@ def _generate_mtp(model, prompts, max_new_tokens, stop_tokens, form, on_token) -
     T = toks.shape[1]
     pos_all = jnp.asarray(np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)))
     mcache = init_cache(model, B, S, form, layers=1)
-    mlog, mcache = _mtp_step(gd, state, jnp.asarray(nxt_toks), hidden, pos_all, mcache)
+    mlog, mcache = fns.mtp(state, jnp.asarray(nxt_toks), hidden, pos_all, mcache)
     draft = np.asarray(jnp.argmax(mlog[bidx, lens - 1], -1)).astype(np.int32)
     t1 = time.perf_counter()
     out = [[] for _ in range(B)]
@@ -245,7 +271,7 @@ def _generate_mtp(model, prompts, max_new_tokens, stop_tokens, form, on_token) -
     steps = accepted = drafted = 0
     while not done.all():
         pos = np.stack([n, n + 1], 1).astype(np.int32)
-        logits, hidden, cache = _step(gd, state, jnp.asarray(np.stack([x_n, draft], 1)), jnp.asarray(pos), cache)
+        logits, hidden, cache = fns.step(state, jnp.asarray(np.stack([x_n, draft], 1)), jnp.asarray(pos), cache)
         pred = np.asarray(jnp.argmax(logits, -1)).astype(np.int32)  # [B, 2]
         ok = pred[:, 0] == draft
         steps += 1
@@ -258,7 +284,7 @@ def _generate_mtp(model, prompts, max_new_tokens, stop_tokens, form, on_token) -
         # next x_n: pred[:,1] if accepted (at n+2) else pred[:,0] (at n+1)
         new_x = np.where(ok, pred[:, 1], pred[:, 0]).astype(np.int32)
         m_in = np.stack([pred[:, 0], np.where(ok, pred[:, 1], 0)], 1).astype(np.int32)
-        mlog, mcache = _mtp_step(gd, state, jnp.asarray(m_in), hidden, jnp.asarray(pos), mcache)
+        mlog, mcache = fns.mtp(state, jnp.asarray(m_in), hidden, jnp.asarray(pos), mcache)
         draft = np.asarray(jnp.argmax(mlog[bidx, ok.astype(np.int64)], -1)).astype(np.int32)
         n = n + 1 + ok
         x_n = new_x

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from reference.decode import _prefill_step, _step, bucket, cache_bytes, generate, init_cache, sample
+from reference.decode import _steps_for, bucket, cache_bytes, generate, init_cache, sample
 from reference.model import DeepseekModel, jit_forward
 from reference.presets import get_preset
 
@@ -40,14 +40,15 @@ def test_cached_decode_equals_full_forward(tiny, form):
         toks[b, : lens[b]] = seqs[b][: lens[b]]
     pos = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
     cache = init_cache(tiny, B, S, form)
-    logits, _, cache = _step(gd, state, jnp.asarray(toks), jnp.asarray(pos), cache)
+    step = _steps_for(gd).step
+    logits, _, cache = step(state, jnp.asarray(toks), jnp.asarray(pos), cache)
     full = [np.asarray(jit_forward(tiny, s[None])[0]) for s in seqs]
     for b in range(B):
         np.testing.assert_allclose(np.asarray(logits[b, : lens[b]]), full[b][: lens[b]], rtol=2e-5, atol=2e-5)
     cur = np.array(lens)
     for _ in range(5):
         step_toks = np.array([[seqs[b][cur[b]]] for b in range(B)], np.int32)
-        logits, _, cache = _step(gd, state, jnp.asarray(step_toks), jnp.asarray(cur[:, None].astype(np.int32)), cache)
+        logits, _, cache = step(state, jnp.asarray(step_toks), jnp.asarray(cur[:, None].astype(np.int32)), cache)
         for b in range(B):
             np.testing.assert_allclose(np.asarray(logits[b, 0]), full[b][cur[b]], rtol=2e-5, atol=2e-5)
         cur += 1
@@ -66,9 +67,10 @@ def test_prefill_step_equals_cached_step(tiny, form):
         toks[b, : lens[b]] = rng.integers(0, cfg.vocab_size, lens[b])
     pos = jnp.asarray(np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)))
     gd, state = nnx.split(tiny)
-    ref_logits, ref_hidden, ref_cache = _step(gd, state, jnp.asarray(toks), pos, init_cache(tiny, B, S, form))
-    logits, hidden, cache = _prefill_step(gd, state, jnp.asarray(toks), pos, init_cache(tiny, B, S, form),
-                                          jnp.asarray(lens - 1, jnp.int32))
+    fns = _steps_for(gd)
+    ref_logits, ref_hidden, ref_cache = fns.step(state, jnp.asarray(toks), pos, init_cache(tiny, B, S, form))
+    logits, hidden, cache = fns.prefill(state, jnp.asarray(toks), pos, init_cache(tiny, B, S, form),
+                                        jnp.asarray(lens - 1, jnp.int32))
     assert logits.shape == (B, cfg.vocab_size)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits)[np.arange(B), lens - 1], rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(np.asarray(hidden), np.asarray(ref_hidden), rtol=2e-5, atol=2e-5)
