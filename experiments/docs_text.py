@@ -95,19 +95,19 @@ Target: within {cl['target_abs_error']:.0%}. {verdict}
 """
 
 
-MISS_DIAGNOSIS = """ What the runs show (table above; earlier runs in docs/performance.md):
-**decode is within target** on a quiet machine (the rate of a memory-bound step follows the probed
-bandwidth), **prefill is not**. On a quiet machine (2026-11-23 12:26 UTC, 1-min load 0.0) small-v3
-decode came out +10% and prefill +256%; the same preset with every FFN dense prefilled at +84%.
-On a loaded machine single runs moved by tens of percent (decode +144%, +84%, +2% in three runs),
-because the probe and the model run at different moments.
-The prefill miss is the reference, not the cost model: sim.local assumes grouped GEMMs at the
-probed matmul rate, while the reference's exact MoE dispatch (reference/model.py `routed_experts`:
-a `fori_loop` over expert-pure blocks of 16-64 rows) runs small GEMMs one block at a time, at
-25-35 GFLOP/s on XLA:CPU against ~85-180 GFLOP/s for one large GEMM (benchmarks in
-docs/performance.md). Even the all-dense variant misses (+84%): at 128 tokens XLA:CPU's GEMMs of
-the projections (M = 128) stay well below the probe's 4096-square matmul rate. Not fitted away:
-sim.local keeps the probe's rate. What would close it: a grouped-GEMM kernel in the reference
-(gathering the touched experts' weights into one array was measured slower: a copy per step), and
-a probe that measures GEMM rate at the shapes the model uses.
+MISS_DIAGNOSIS = """ What the runs show (2026-11-23, a shared 2-vCPU VM):
+**prefill is within target**, **decode is not reliably**. Prefill came out -14% to +9% for small-v3
+(-1% to +19% for the all-dense variant) over nine full runs after three changes: the probe measures
+the matmul rate against the row count M (hwmodels/probe.py, `[gemm_rows_efficiency]`: 7% of the
+square-matmul rate at M = 1, 32% at 16, 85% at 128), which sim.roofline applies at each GEMM's rows
+(the routed experts' rows are the reference's windows, with their expected padding); the reference
+prefill attends within the prompt and runs the LM head at the last position only; and it takes each
+used expert's weights once (XLA:CPU copies an indexed expert) instead of once per block. Before, prefill
+was +256% (+84% dense). Decode moved between +7% and +56% over those runs (it was +10% in the
+previous session's quiet run). An A/B of the old and the new reference in the same minutes gave the
+same decode rate (20-32 tokens/s for both), so the spread is the machine: the decode step's achieved
+read rate fell to ~15 GB/s while the probe's STREAM-like read stayed at ~33-35 GB/s. Two things the
+estimate does not count inflate the miss: the per-step copy of each used expert's weights on XLA:CPU,
+and XLA:CPU's fixed cost per fused op (the llama.cpp counterpart is modelled in sim/llama_cpp.py; no
+measured XLA figure exists yet). Not fitted away.
 """
