@@ -270,6 +270,8 @@ class TrainSim:
         kw = dict(mla_form="naive", logits="all", node=self.node, latency_s=self.lat, table=table)
         L = cfg.num_hidden_layers
 
+        mtp = self._mtp_times(table, x, kw) if self.sc["mtp"] else None  # once: the balanced split needs it too
+
         def times(lo, hi):
             f = StepCost(cfg, self.quant, dev, plan, layers=(lo, hi), rows=fwd, **kw)
             b_scale = np.where(bwd & wgt, half, 1.0)
@@ -281,8 +283,8 @@ class TrainSim:
             b_c = b.compute_s(x, moe_total) + r.compute_s(x, moe_total)
             w_c = w.compute_s(x, moe_total)
             comm = f.comm_s(self.tokens_mb)
-            if self.sc["mtp"] and hi == L:
-                f_c, b_c, w_c, comm = (v + e for v, e in zip((f_c, b_c, w_c, comm), self._mtp_times(table, x, kw)))
+            if mtp is not None and hi == L:
+                f_c, b_c, w_c, comm = (v + e for v, e in zip((f_c, b_c, w_c, comm), mtp))
             return StageTimes(f_c, comm, b_c, comm, w_c)
 
         if self.sc["stage_split"] == "balanced":
