@@ -49,35 +49,35 @@ def cache_bytes(cache) -> int:
 
 
 # ------------------------------------------------------------------ compiled steps
-def _step_fn(graphdef, state, tokens, positions, cache):
+def _step_fn(graphdef, treedef, leaves, tokens, positions, cache):
     """Run tokens [B, T] at positions [B, T] through the cached model: (logits, hidden, cache)."""
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
     logits, cache, hidden = forward(model, tokens, positions, cache, return_hidden=True)
     return logits, hidden, cache
 
 
-def _prefill_fn(graphdef, state, tokens, positions, cache, last):
+def _prefill_fn(graphdef, treedef, leaves, tokens, positions, cache, last):
     """Prefill tokens [B, T] (positions 0..T-1) into an empty cache: (logits [B, V] at index
     ``last`` [B] of each sequence, hidden [B, T, D], cache). Attention runs within the prompt in
     the naive (expanded) MLA form -- DeepSeek's prefill form, cheaper than the latent form when
     every key is new -- instead of over all S cache slots, and the LM head only at ``last``."""
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
     logits, cache, hidden = forward(model, tokens, positions, cache, mla_form="naive", chunk_only=True,
                                     logits_at=last, return_hidden=True)
     return logits, hidden, cache
 
 
-def _decode_fn(graphdef, state, tokens, positions, cache, key, temperature, top_p, greedy: bool, top_k: int):
+def _decode_fn(graphdef, treedef, leaves, tokens, positions, cache, key, temperature, top_p, greedy: bool, top_k: int):
     """One decode step fused with sampling: one dispatch per generated token."""
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
     logits, cache = forward(model, tokens, positions, cache)
     last = logits[:, -1]
     nxt = jnp.argmax(last, -1).astype(jnp.int32) if greedy else sample(last, key, temperature, top_k, top_p)
     return nxt, cache
 
 
-def _mtp_fn(graphdef, state, next_tokens, hidden, positions, cache):
-    model = nnx.merge(graphdef, state)
+def _mtp_fn(graphdef, treedef, leaves, next_tokens, hidden, positions, cache):
+    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
     return mtp_logits(model, next_tokens, hidden, positions, cache=cache)
 
 
@@ -86,7 +86,8 @@ _CACHE_ARG = {"donate_argnames": ("cache",)}
 
 @dataclass(frozen=True)
 class _Steps:
-    """The jitted steps of one model structure; each takes (state, ...) with the cache donated."""
+    """The jitted steps of one model structure; each takes (leaves, ...) with the cache donated,
+    leaves being the model state's flat list of arrays (``compiled_steps``)."""
 
     step: object
     prefill: object
@@ -95,18 +96,28 @@ class _Steps:
 
 
 @lru_cache(maxsize=16)
-def _steps_for(graphdef) -> _Steps:
-    """The compiled steps with ``graphdef`` bound, built once per model structure.
+def _steps_for(graphdef, treedef) -> _Steps:
+    """The compiled steps with the model structure bound, built once per structure.
 
     Passed as a static jit argument instead, the NNX GraphDef is hashed and compared at
     every call: the Python side of a small-v3 decode step took 2-3 ms that way against
     ~1 ms bound (2-core EPYC; the step itself computes for ~25-30 ms), paid before each
-    step can start since the next token comes back to the host first.
+    step can start since the next token comes back to the host first. The state goes in
+    as its flat list of arrays: flattening the NNX State (one Python call per variable;
+    ~800 in small-v3 with per-expert weights) cost another ~1 ms per step.
     """
-    return _Steps(step=jax.jit(partial(_step_fn, graphdef), **_CACHE_ARG),
-                  prefill=jax.jit(partial(_prefill_fn, graphdef), **_CACHE_ARG),
-                  decode=jax.jit(partial(_decode_fn, graphdef), static_argnames=("greedy", "top_k"), **_CACHE_ARG),
-                  mtp=jax.jit(partial(_mtp_fn, graphdef), **_CACHE_ARG))
+    return _Steps(step=jax.jit(partial(_step_fn, graphdef, treedef), **_CACHE_ARG),
+                  prefill=jax.jit(partial(_prefill_fn, graphdef, treedef), **_CACHE_ARG),
+                  decode=jax.jit(partial(_decode_fn, graphdef, treedef), static_argnames=("greedy", "top_k"),
+                                 **_CACHE_ARG),
+                  mtp=jax.jit(partial(_mtp_fn, graphdef, treedef), **_CACHE_ARG))
+
+
+def compiled_steps(model: DeepseekModel) -> tuple[_Steps, list]:
+    """(the jitted steps of this model's structure, the flat state leaves they take)."""
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
+    return _steps_for(graphdef, treedef), leaves
 
 
 @partial(jax.jit, static_argnames=("top_k",))
@@ -192,8 +203,7 @@ def generate(model: DeepseekModel, prompts: list[list[int]], max_new_tokens: int
         if not len(model.mtp):
             raise ValueError("use_mtp needs a model loaded with its MTP module (with_mtp=True)")
         return _generate_mtp(model, prompts, max_new_tokens, stop_tokens, form, on_token)
-    gd, state = nnx.split(model)
-    fns = _steps_for(gd)
+    fns, state = compiled_steps(model)
     B = len(prompts)
     stop = set(int(s) for s in stop_tokens)
     S = bucket(max(len(p) for p in prompts) + max_new_tokens + 1)
@@ -236,8 +246,7 @@ def _generate_mtp(model, prompts, max_new_tokens, stop_tokens, form, on_token) -
     MTP module then consumes (h_n, x_{n+1}) and (h_{n+1}, x_{n+2}) and drafts again.
     A rejected draft leaves junk at position n+1 that the next step overwrites.
     """
-    gd, state = nnx.split(model)
-    fns = _steps_for(gd)
+    fns, state = compiled_steps(model)
     B = len(prompts)
     stop = set(int(s) for s in stop_tokens)
     S = bucket(max(len(p) for p in prompts) + max_new_tokens + 3)

@@ -22,6 +22,7 @@ n nope dim, p rope dim, a value dim, r latent rank, e experts, f ffn, v vocab.
 from __future__ import annotations
 
 import math
+import re
 from functools import partial
 from typing import Any
 
@@ -60,15 +61,36 @@ def _param_dtype(name: str, dtype):
     return F32 if name.endswith("e_score_correction_bias") else dtype
 
 
-class Weights(nnx.Module):
-    """Named weights declared by a {hf_name: shape} dict; ``w[name]`` reads one."""
+_ROUTED = re.compile(r"(?:.*\.)?experts\.(?:gate|up|down)_proj\.weight")
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], dtype, rngs: nnx.Rngs, std: float = 0.02):
-        for name, shape in shapes.items():
-            setattr(self, _attr(name), nnx.Param(_init_value(name, shape, _param_dtype(name, dtype), rngs.params(), std)))
+
+def is_routed_expert(name: str) -> bool:
+    """A stacked routed-expert weight [E, ...] (``mlp.experts.gate_proj.weight``, ...)."""
+    return _ROUTED.fullmatch(name) is not None
+
+
+class Weights(nnx.Module):
+    """Named weights declared by a {hf_name: shape} dict; ``w[name]`` reads one.
+
+    A routed-expert weight declared stacked [E, ...] is held as E separate arrays and
+    ``w[name]`` returns that tuple: on XLA:CPU, indexing a stacked array with a traced
+    expert id copies the expert's matrices at every call (one token's routed experts
+    in small-v3 ran at ~21 GB/s that way against ~33 GB/s from separate arrays), while
+    a separate array is read in place. The checkpoint view (``hf_items``) stays stacked.
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], dtype, keys, std: float = 0.02):
+        """keys: one PRNG key per declared name, in order (see DeepseekModel)."""
+        for (name, shape), key in zip(shapes.items(), keys, strict=True):
+            value = _init_value(name, shape, _param_dtype(name, dtype), key, std)
+            if is_routed_expert(name):
+                setattr(self, _attr(name), nnx.List([nnx.Param(value[e]) for e in range(shape[0])]))
+            else:
+                setattr(self, _attr(name), nnx.Param(value))
 
     def __getitem__(self, name: str):
-        return getattr(self, _attr(name))[...]
+        v = getattr(self, _attr(name))
+        return tuple(p[...] for p in v) if isinstance(v, nnx.List) else v[...]
 
     def __contains__(self, name: str) -> bool:
         return hasattr(self, _attr(name))
@@ -77,7 +99,45 @@ class Weights(nnx.Module):
         return self[name] if name in self else default
 
     def names(self) -> list[str]:
-        return [k.replace("__", ".") for k, v in vars(self).items() if isinstance(v, nnx.Param)]
+        return [k.replace("__", ".") for k, v in vars(self).items() if isinstance(v, (nnx.Param, nnx.List))]
+
+    def param(self, name: str):
+        """The variable behind ``name`` (a StackedExperts view for routed experts)."""
+        v = getattr(self, _attr(name))
+        return StackedExperts(v) if isinstance(v, nnx.List) else v
+
+
+class StackedExperts:
+    """The stacked [E, ...] checkpoint view of E per-expert nnx.Params: shape, dtype,
+    get_value / set_value and ``[...]`` read and write all E at once."""
+
+    def __init__(self, params):
+        self.params = params
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.params), *self.params[0].shape)
+
+    @property
+    def dtype(self):
+        return self.params[0].dtype
+
+    def get_value(self):
+        return jnp.stack([p.get_value() for p in self.params])
+
+    def set_value(self, value):
+        if tuple(value.shape) != self.shape:
+            raise ValueError(f"stacked experts: shape {tuple(value.shape)} != expected {self.shape}")
+        for e, p in enumerate(self.params):
+            p.set_value(jnp.asarray(value[e], self.dtype))
+
+    def __getitem__(self, idx):
+        return self.get_value()[idx]
+
+    def __setitem__(self, idx, value):
+        if idx is not Ellipsis:
+            raise TypeError("stacked experts are assigned whole (w[...] = array)")
+        self.set_value(value)
 
 
 class Prefixed:
@@ -249,39 +309,50 @@ def routed_experts(w, x, ids, wts, num_experts: int, prec):
     """Exact sum_k wts[m,k] * Expert_{ids[m,k]}(x[m]) with work proportional to the k selected.
 
     The (token, expert) assignments are sorted by expert. A loop visits only the
-    experts in use; each takes its weights once and runs its rows through the
-    SwiGLU in windows of C rows (the last window of an expert may run into the next
-    expert's rows: those results are discarded). Unused experts are never read.
-    On XLA:CPU indexing the stacked [E, ...] weights copies the expert's matrices,
-    so taking them once per expert, not once per window, matters: on a 2-core
-    EPYC, small-v3's routed experts at 128 tokens (32 experts, top-4, windows of
-    16 rows) took ~45 ms per layer this way against ~75 ms with one copy per
-    expert-pure block of 16 rows (the previous dispatch). x [M, D], ids/wts [M, k] -> [M, D].
+    experts in use; a ``lax.switch`` on the expert id runs that expert's branch, which
+    reads its weights in place and runs its rows through the SwiGLU in windows of C
+    rows (the last window of an expert may run into the next expert's rows: those
+    results are discarded). Unused experts are never read. The weights come per expert
+    (``Weights`` holds them so) or stacked [E, ...] (a plain dict, as in the tests);
+    stacked weights are split by static slices, which XLA:CPU copies at every call.
+    x [M, D], ids/wts [M, k] -> [M, D].
     """
     M, D = x.shape
     A = ids.size
     C, order, counts, start, used, n_used = dispatch_plan(ids, num_experts)
     tok = order // ids.shape[1]
     xs = jnp.concatenate([x[tok], jnp.zeros((C - 1, D), x.dtype)])  # a window may run C-1 rows past the end
-    wg, wu, wd = w["experts.gate_proj.weight"], w["experts.up_proj.weight"], w["experts.down_proj.weight"]
+    experts = list(zip(*(_per_expert(w[f"experts.{n}_proj.weight"], num_experts) for n in ("gate", "up", "down"))))
+
+    def branch(g, u, d):
+        def run(ys, first, n):
+            def window(b, ys):
+                r = first + b * C
+                yb = swiglu(jax.lax.dynamic_slice_in_dim(xs, r, C), g, u, d, prec)
+                mine = (jnp.arange(C) < n - b * C)[:, None]  # rows past this expert's belong to the next one
+                yb = jnp.where(mine, yb, jax.lax.dynamic_slice_in_dim(ys, r, C))
+                return jax.lax.dynamic_update_slice_in_dim(ys, yb, r, axis=0)
+            return jax.lax.fori_loop(0, (n + C - 1) // C, window, ys)
+        return run
+
+    branches = [branch(*gud) for gud in experts]
 
     def expert(j, ys):
         e = used[j]
-        g, u, d = wg[e], wu[e], wd[e]
-        first, n = start[e], counts[e]
-
-        def window(b, ys):
-            r = first + b * C
-            yb = swiglu(jax.lax.dynamic_slice_in_dim(xs, r, C), g, u, d, prec)
-            mine = (jnp.arange(C) < n - b * C)[:, None]  # rows past this expert's belong to the next one
-            yb = jnp.where(mine, yb, jax.lax.dynamic_slice_in_dim(ys, r, C))
-            return jax.lax.dynamic_update_slice_in_dim(ys, yb, r, axis=0)
-
-        return jax.lax.fori_loop(0, (n + C - 1) // C, window, ys)
+        return jax.lax.switch(e, branches, ys, start[e], counts[e])
 
     ys = jax.lax.fori_loop(0, n_used, expert, jnp.zeros((A + C - 1, D), x.dtype))
     y = ys[:A].astype(F32) * wts.reshape(-1)[order].astype(F32)[:, None]
     return jnp.zeros((M, D), F32).at[tok].add(y).astype(x.dtype)
+
+
+def _per_expert(wt, num_experts: int):
+    """E per-expert arrays from a tuple of them or from one stacked [E, ...] array."""
+    if isinstance(wt, (tuple, list)):
+        if len(wt) != num_experts:
+            raise ValueError(f"{len(wt)} routed-expert arrays for {num_experts} experts")
+        return tuple(wt)
+    return tuple(wt[e] for e in range(num_experts))
 
 
 def dispatch_plan(ids, num_experts: int):
@@ -386,23 +457,29 @@ class DeepseekModel(nnx.Module):
         rngs = rngs or nnx.Rngs(0)
         self.cfg = cfg
         self.dtype = dtype
-        self.globals = Weights(global_shapes(cfg), dtype, rngs, std)
-        self.layers = nnx.List([Weights(layer_shapes(cfg, i), dtype, rngs, std) for i in range(cfg.num_hidden_layers)])
         n_mtp = cfg.num_nextn_predict_layers if with_mtp else 0
-        self.mtp = nnx.List([Weights({**layer_shapes(cfg, cfg.num_hidden_layers + j), **mtp_extra_shapes(cfg)},
-                                     dtype, rngs, std) for j in range(n_mtp)])
+        decl = ([global_shapes(cfg)] + [layer_shapes(cfg, i) for i in range(cfg.num_hidden_layers)]
+                + [{**layer_shapes(cfg, cfg.num_hidden_layers + j), **mtp_extra_shapes(cfg)} for j in range(n_mtp)])
+        # Every key is drawn before any weight is made: under nnx.eval_shape each draw
+        # walks the whole trace so far, and the per-expert arrays of a 671B model add
+        # ~45k slices to it (drawing as we go took ~9 min instead of seconds).
+        keys = [[rngs.params() for _ in shapes] for shapes in decl]
+        w = [Weights(shapes, dtype, k, std) for shapes, k in zip(decl, keys)]
+        self.globals = w[0]
+        self.layers = nnx.List(w[1:1 + cfg.num_hidden_layers])
+        self.mtp = nnx.List(w[1 + cfg.num_hidden_layers:])
 
     # -- names <-> arrays (checkpoint layout)
     def hf_items(self):
         """(hf_name, nnx.Param) for every weight, in checkpoint naming."""
         for n in self.globals.names():
-            yield n, getattr(self.globals, _attr(n))
+            yield n, self.globals.param(n)
         for i, lw in enumerate(self.layers):
             for n in lw.names():
-                yield f"model.layers.{i}.{n}", getattr(lw, _attr(n))
+                yield f"model.layers.{i}.{n}", lw.param(n)
         for j, mw in enumerate(self.mtp):
             for n in mw.names():
-                yield f"model.layers.{self.cfg.num_hidden_layers + j}.{n}", getattr(mw, _attr(n))
+                yield f"model.layers.{self.cfg.num_hidden_layers + j}.{n}", mw.param(n)
 
     def load_hf(self, tensors: dict[str, Any]):
         """Set every weight from a {hf_name: array} dict (shapes must match exactly)."""

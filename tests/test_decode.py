@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from reference.decode import _steps_for, bucket, cache_bytes, generate, init_cache, sample
+from reference.decode import bucket, compiled_steps, cache_bytes, generate, init_cache, sample
 from reference.model import DeepseekModel, jit_forward
 from reference.presets import get_preset
 
@@ -32,7 +32,7 @@ def test_cached_decode_equals_full_forward(tiny, form):
     rng = np.random.default_rng(0)
     seqs = [rng.integers(0, cfg.vocab_size, 20) for _ in range(3)]
     lens = [3, 9, 14]
-    gd, state = nnx.split(tiny)
+    fns, state = compiled_steps(tiny)
     B, S = 3, 32
     T = bucket(max(lens))
     toks = np.zeros((B, T), np.int32)
@@ -40,7 +40,7 @@ def test_cached_decode_equals_full_forward(tiny, form):
         toks[b, : lens[b]] = seqs[b][: lens[b]]
     pos = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
     cache = init_cache(tiny, B, S, form)
-    step = _steps_for(gd).step
+    step = fns.step
     logits, _, cache = step(state, jnp.asarray(toks), jnp.asarray(pos), cache)
     full = [np.asarray(jit_forward(tiny, s[None])[0]) for s in seqs]
     for b in range(B):
@@ -66,8 +66,7 @@ def test_prefill_step_equals_cached_step(tiny, form):
     for b in range(B):
         toks[b, : lens[b]] = rng.integers(0, cfg.vocab_size, lens[b])
     pos = jnp.asarray(np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)))
-    gd, state = nnx.split(tiny)
-    fns = _steps_for(gd)
+    fns, state = compiled_steps(tiny)
     ref_logits, ref_hidden, ref_cache = fns.step(state, jnp.asarray(toks), pos, init_cache(tiny, B, S, form))
     logits, hidden, cache = fns.prefill(state, jnp.asarray(toks), pos, init_cache(tiny, B, S, form),
                                         jnp.asarray(lens - 1, jnp.int32))
