@@ -33,6 +33,20 @@ A device file may also give how its GEMM rate depends on the row count M of an
 
 Between points the factor is interpolated linearly in log2(M); outside them the
 nearest point is used. Devices without the table have no row dependence.
+
+And how fast a one-row product streams its weight matrix, by the matrix's size
+(``dsref hw probe`` measures it for the host: small matrices do not reach the
+streaming rate of large ones on a CPU runtime)::
+
+    [gemv_bandwidth_efficiency]
+    bytes = [262144, 4194304, 134217728]   # bytes of one weight matrix, increasing
+    value = [0.3, 0.75, 0.8]               # fraction of memory_bandwidth
+    unit = "fraction"
+    source = "..."
+    confidence = "measured"
+
+It replaces ``efficiency.memory`` for GEMM ops that record their matrix size
+(sim/costmodel.py ``gemm_matrix_bytes``); interpolated in log2(bytes) likewise.
 """
 
 from __future__ import annotations
@@ -346,14 +360,15 @@ _INT_UNITS = ("OP/s", "FLOP/s")
 _DEVICE_KEYS = {
     "id", "name", "vendor", "device_class", "notes", "cores", "flops",
     "memory_capacity", "memory_bandwidth", "intra_node_bandwidth", "intra_node_link",
-    "network_bandwidth", "power", "price", "efficiency", "gemm_rows_efficiency",
+    "network_bandwidth", "power", "price", "efficiency", "gemm_rows_efficiency", "gemv_bandwidth_efficiency",
 }
 _REQUIRED_FIGURES = ("memory_capacity", "memory_bandwidth", "power")
 
 
 @dataclass(frozen=True)
 class GemmRowsCurve:
-    """GEMM efficiency as a function of the row count M (``[gemm_rows_efficiency]``).
+    """GEMM efficiency as a function of the row count M (``[gemm_rows_efficiency]``); the
+    same shape holds ``[gemv_bandwidth_efficiency]`` (``rows`` are then matrix bytes).
 
     values[i]: achieved GEMM rate at ``rows[i]`` rows as a fraction of
     ``peak x efficiency("gemm")`` (may exceed 1 where a shape beats the
@@ -368,7 +383,7 @@ class GemmRowsCurve:
     def at(self, rows: float) -> float:
         """Factor at ``rows`` rows: linear in log2(rows) between points, clamped outside."""
         if not rows > 0:
-            raise ValueError(f"GEMM row count must be positive, got {rows!r}")
+            raise ValueError(f"curve argument (GEMM rows or matrix bytes) must be positive, got {rows!r}")
         if rows <= self.rows[0]:
             return self.values[0]
         if rows >= self.rows[-1]:
@@ -380,11 +395,13 @@ class GemmRowsCurve:
         raise AssertionError("unreachable")  # pragma: no cover
 
 
-def parse_gemm_rows_curve(raw: Any, file: str | os.PathLike, name: str = "gemm_rows_efficiency") -> GemmRowsCurve:
-    """Validate a ``[gemm_rows_efficiency]`` table (see the module docstring)."""
+def parse_gemm_rows_curve(raw: Any, file: str | os.PathLike, name: str = "gemm_rows_efficiency",
+                          x_key: str = "rows") -> GemmRowsCurve:
+    """Validate a ``[gemm_rows_efficiency]`` table, or (x_key "bytes") a
+    ``[gemv_bandwidth_efficiency]`` table (see the module docstring)."""
     if not isinstance(raw, dict):
-        raise _err(file, name, f"must be a table with rows/value/unit/source/confidence, got {type(raw).__name__}")
-    allowed = {"rows", "value", "unit", "source", "confidence"}
+        raise _err(file, name, f"must be a table with {x_key}/value/unit/source/confidence, got {type(raw).__name__}")
+    allowed = {x_key, "value", "unit", "source", "confidence"}
     extra = sorted(set(raw) - allowed)
     if extra:
         raise _err(file, name, f"unexpected key(s) {extra}; allowed: {sorted(allowed)}")
@@ -398,15 +415,16 @@ def parse_gemm_rows_curve(raw: Any, file: str | os.PathLike, name: str = "gemm_r
         raise _err(file, f"{name}.source", "must be a non-empty string")
     if raw["confidence"] not in CONFIDENCES:
         raise _err(file, f"{name}.confidence", f"{raw['confidence']!r} not one of {list(CONFIDENCES)}")
-    rows, values = raw["rows"], raw["value"]
+    rows, values = raw[x_key], raw["value"]
+    what = "row counts" if x_key == "rows" else "byte counts"
     if not isinstance(rows, list) or not rows:
-        raise _err(file, f"{name}.rows", "must be a non-empty list of row counts")
+        raise _err(file, f"{name}.{x_key}", f"must be a non-empty list of {what}")
     if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in rows):
-        raise _err(file, f"{name}.rows", f"row counts must be integers >= 1, got {rows!r}")
+        raise _err(file, f"{name}.{x_key}", f"{what} must be integers >= 1, got {rows!r}")
     if any(b <= a for a, b in zip(rows, rows[1:])):
-        raise _err(file, f"{name}.rows", f"row counts must be strictly increasing, got {rows!r}")
+        raise _err(file, f"{name}.{x_key}", f"{what} must be strictly increasing, got {rows!r}")
     if not isinstance(values, list) or len(values) != len(rows):
-        raise _err(file, f"{name}.value", f"must be a list of {len(rows)} numbers (one per row count)")
+        raise _err(file, f"{name}.value", f"must be a list of {len(rows)} numbers (one per {what[:-1]})")
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             raise _err(file, f"{name}.value", f"factors must be finite positive numbers, got {v!r}")
@@ -441,6 +459,7 @@ class Device:
     cores: int | None = None
     efficiency_overrides: dict[str, Figure] = field(default_factory=dict)
     gemm_rows_curve: GemmRowsCurve | None = None
+    gemv_bandwidth_curve: GemmRowsCurve | None = None  # x: bytes of one weight matrix
 
     @property
     def unknown_figures(self) -> list[str]:
@@ -550,6 +569,8 @@ def parse_device(data: Mapping[str, Any], file: str | os.PathLike) -> Device:
         overrides[op] = _parse_efficiency_entry(raw, file, f"efficiency.{op}")
 
     curve = parse_gemm_rows_curve(data["gemm_rows_efficiency"], file) if "gemm_rows_efficiency" in data else None
+    gemv = (parse_gemm_rows_curve(data["gemv_bandwidth_efficiency"], file, "gemv_bandwidth_efficiency", "bytes")
+            if "gemv_bandwidth_efficiency" in data else None)
 
     def uni(key: str) -> float | None:
         fig = figures.get(key)
@@ -574,6 +595,7 @@ def parse_device(data: Mapping[str, Any], file: str | os.PathLike) -> Device:
         cores=cores,
         efficiency_overrides=overrides,
         gemm_rows_curve=curve,
+        gemv_bandwidth_curve=gemv,
     )
 
 

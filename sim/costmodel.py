@@ -86,6 +86,7 @@ class Op:
     phase: str = "fwd"  # fwd | bwd | recompute | optim
     gemm_rows: float | None = None  # M of each GEMM call (None: not a GEMM); see "GEMM rows" above
     gemm_padding: float = 1.0  # GEMM rows computed / rows counted (>= 1)
+    gemm_matrix_bytes: float | None = None  # bytes of the weight matrix one GEMM call streams
 
     @property
     def bytes(self) -> float:
@@ -162,7 +163,7 @@ class _Weights:
 def _gemm(name, layer, m, k_in, n_out, wbytes, ab, prec, kind="gemm", rows=None) -> Op:
     """[m, k_in] x [k_in, n_out]; rows: M of each GEMM call when the product is batched (default m)."""
     return Op(name, layer, kind, 2.0 * m * k_in * n_out, wbytes, m * k_in * ab, m * n_out * ab, precision=prec,
-              gemm_rows=float(m if rows is None else rows))
+              gemm_rows=float(m if rows is None else rows), gemm_matrix_bytes=wbytes or None)
 
 
 def _elem(name, layer, n_elems, flops_per, ab, kind="elementwise", wbytes=0.0, prec="fp32") -> Op:
@@ -202,7 +203,8 @@ def _mla_ops(cfg: ModelConfig, plan: QuantPlan, w: dict[str, float], i: int, sh:
     elif sh.mla_form == "naive":
         ops.append(Op("kv_b_expand", i, "gemm", 2.0 * B * S * R * H * (N + A), w_kvb,
                       act_bytes_written=B * S * H * (N + A) * ab, kv_bytes_read=cache_read,
-                      kv_bytes_written=cache_write, precision=gp, gemm_rows=float(B * S)))
+                      kv_bytes_written=cache_write, precision=gp, gemm_rows=float(B * S),
+                      gemm_matrix_bytes=w_kvb))
         ops.append(Op("attention", i, "attention", 2.0 * scores * (N + P) + 2.0 * scores * A, 0.0,
                       M * H * (N + P) * ab + B * S * (H * (N + A) + P) * ab, M * H * A * ab,
                       precision=plan.attn_precision))
@@ -213,7 +215,7 @@ def _mla_ops(cfg: ModelConfig, plan: QuantPlan, w: dict[str, float], i: int, sh:
         # repeated per head) and values H*A, which every decode step reads back.
         ops.append(Op("kv_b_proj", i, "gemm", 2.0 * M * R * H * (N + A), weight_bytes=w_kvb,
                       act_bytes_read=M * R * ab, act_bytes_written=M * H * (N + A) * ab,
-                      kv_bytes_written=M * H * (N + P + A) * kvb, precision=gp))
+                      kv_bytes_written=M * H * (N + P + A) * kvb, precision=gp, gemm_matrix_bytes=w_kvb))
         ops.append(Op("attention", i, "attention", 2.0 * scores * (N + P) + 2.0 * scores * A,
                       act_bytes_read=M * H * (N + P) * ab, act_bytes_written=M * H * A * ab,
                       kv_bytes_read=B * S * H * (N + P + A) * kvb, precision=plan.attn_precision))
@@ -304,7 +306,8 @@ def _moe_ops(cfg: ModelConfig, plan: QuantPlan, w: dict[str, float], i: int, M: 
     padding = expected_expert_windows(shares, E, k, M, window) * window / rows if rows else 1.0
     ops.append(Op("routed_experts", i, "moe_gemm", rows * 3 * 2.0 * D * F, touched * per_expert,
                   rows * D * ab * 2 + rows * F * ab * 2, rows * D * ab + rows * F * ab * 2, precision=gp,
-                  gemm_rows=float(window), gemm_padding=max(1.0, padding)))
+                  gemm_rows=float(window), gemm_padding=max(1.0, padding),
+                  gemm_matrix_bytes=per_expert / 3))  # gate, up, down: one matrix per call
     ops.append(_elem("routed_silu_mul", i, rows * F, SILU_MUL_FLOPS_PER_ELEM, ab))
     ops.append(_elem("moe_combine", i, rows * D, COMBINE_FLOPS_PER_ELEM, ab))
     if cfg.n_shared_experts:

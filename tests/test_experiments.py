@@ -115,3 +115,8 @@ def test_closed_loop_tiny_runs(tmp_path):
             assert math.isfinite(cl[k][f])
         assert cl[k]["measured_tokens_per_s"] > 0 and cl[k]["predicted_tokens_per_s"] > 0
     assert cl["probe"]["memory_bandwidth_GBps"] > 0
+    # each round pairs a probe with a measurement; the headline error is the median of theirs
+    assert cl["rounds"] == len(cl["by_round"]) == len(cl["probes"]) == 1
+    rd = cl["by_round"][0]["decode"]
+    assert cl["decode"]["error"] == pytest.approx(
+        (rd["predicted_tokens_per_s"] - rd["measured_tokens_per_s"]) / rd["measured_tokens_per_s"])

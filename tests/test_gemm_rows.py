@@ -161,3 +161,53 @@ def test_quick_probe_writes_a_loadable_curve(tmp_path):
     assert c is not None and c.rows == tuple(QUICK["rows"]) and c.confidence == "measured"
     assert all(v > 0 and math.isfinite(v) for v in c.values)
     assert "GFLOP/s: M=1 " in c.source
+    g = dev.gemv_bandwidth_curve
+    assert g is not None and g.rows == tuple(4 * o * QUICK["gemv_k"] for o in QUICK["gemv_outs"])
+    assert all(v > 0 and math.isfinite(v) for v in g.values) and "GB/s: " in g.source
+
+
+# ------------------------------------------------------- one-row products by matrix size
+GEMV = """
+[gemv_bandwidth_efficiency]
+bytes = [262144, 4194304]
+value = [0.3, 0.8]
+unit = "fraction"
+source = "test gemv curve"
+confidence = "measured"
+"""
+
+
+def test_gemv_curve_sets_the_bandwidth_of_gemms_by_matrix_size(tmp_path):
+    dev = _device(tmp_path, CURVE + GEMV)
+    g = dev.gemv_bandwidth_curve
+    assert g.rows == (262144, 4194304) and g.at(1048576) == pytest.approx(0.3 + 0.5 * (0.8 - 0.3))
+    op = costmodel.Op("g", 0, "gemm", 2e3, 1048576, precision="fp32", gemm_rows=1.0, gemm_matrix_bytes=1048576)
+    assert roofline.op_time(op, dev).memory_s == pytest.approx(1048576 / (50e9 * 0.55))
+    # an op without a matrix size (KV cache, norms) keeps efficiency.memory; so does a device without the curve
+    no_size = roofline.op_time(replace(op, gemm_matrix_bytes=None), dev)
+    assert no_size.memory_s == pytest.approx(1048576 / (50e9 * dev.efficiency("memory")))
+    plain = _device(tmp_path, CURVE, name="u")
+    assert roofline.op_time(op, plain).memory_s == pytest.approx(no_size.memory_s)
+    assert all(d.gemv_bandwidth_curve is None for d in list_devices())  # the bundled catalog cites none
+
+
+@pytest.mark.parametrize("old, new, field", [
+    ("bytes = [262144, 4194304]", "bytes = [4194304, 262144]", "gemv_bandwidth_efficiency.bytes"),
+    ("bytes = [262144, 4194304]", "bytes = [0.5, 4194304]", "gemv_bandwidth_efficiency.bytes"),
+    ("bytes = [262144, 4194304]", "rows = [262144, 4194304]", "gemv_bandwidth_efficiency"),
+    ("value = [0.3, 0.8]", "value = [0.3]", "gemv_bandwidth_efficiency.value"),
+])
+def test_bad_gemv_curve_rejected_with_file_and_field(tmp_path, old, new, field):
+    with pytest.raises(CatalogError) as exc:
+        _device(tmp_path, GEMV.replace(old, new))
+    assert f"field '{field}" in str(exc.value) and "t.toml" in str(exc.value)
+
+
+def test_costmodel_records_matrix_bytes_per_call():
+    cfg = get_preset("small-v3")
+    dec = {(op.layer, op.name): op for op in costmodel.decode_ops(cfg, "fp32", 1, 100)}
+    D, F = cfg.hidden_size, cfg.moe_intermediate_size
+    assert dec[(1, "routed_experts")].gemm_matrix_bytes == D * F * 4  # one expert matrix per call
+    assert dec[(0, "q_a_proj")].gemm_matrix_bytes == D * cfg.q_lora_rank * 4
+    assert dec[(None, "lm_head")].gemm_matrix_bytes == cfg.vocab_size * D * 4
+    assert dec[(0, "input_layernorm")].gemm_matrix_bytes is None
