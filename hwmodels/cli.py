@@ -121,6 +121,8 @@ def _show_device(dev: Device, as_json: bool) -> int:
         out["figures"] = {k: _figure_json(f) for k, f in dev.figures.items()}
         out["efficiency_overrides"] = {k: _figure_json(f) for k, f in dev.efficiency_overrides.items()}
         out["notes"] = dev.notes
+        for key, c, x in _curves(dev):
+            out[key] = {x: list(c.rows), "value": list(c.values), "source": c.source, "confidence": c.confidence}
         print(json.dumps(out, indent=2))
         return 0
     print(f"{dev.name}  [{dev.id}, {dev.device_class}, {dev.vendor}]")
@@ -135,8 +137,19 @@ def _show_device(dev: Device, as_json: bool) -> int:
     for op, fig in dev.efficiency_overrides.items():
         rows.append([f"efficiency.{op}", _fmt_figure(fig), "", fig.confidence, fig.source])
     print(_table(rows, ["figure", "value (SI)", "as written", "confidence", "source"]))
+    for key, c, x in _curves(dev):
+        pts = ", ".join(f"{r if x == 'rows' else _si(r, 'B')}: {v:.3g}" for r, v in zip(c.rows, c.values))
+        print(f"\n[{key}] ({x} -> fraction; {c.confidence}): {pts}\n  source: {c.source}")
     print(f"\nfrom {dev.source_file}")
     return 0
+
+
+def _curves(dev: Device):
+    """The measured curves a device file may carry: (table name, curve, x key)."""
+    for key, c, x in (("gemm_rows_efficiency", dev.gemm_rows_curve, "rows"),
+                      ("gemv_bandwidth_efficiency", dev.gemv_bandwidth_curve, "bytes")):
+        if c is not None:
+            yield key, c, x
 
 
 def _show_system(sys_: Node | Cluster, as_json: bool) -> int:

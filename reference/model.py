@@ -128,7 +128,7 @@ class StackedExperts:
     def set_value(self, value):
         if tuple(value.shape) != self.shape:
             raise ValueError(f"stacked experts: shape {tuple(value.shape)} != expected {self.shape}")
-        for e, p in enumerate(self.params):
+        for e, p in enumerate(self.params):  # a NumPy value is sliced as views: one expert copied at a time
             p.set_value(jnp.asarray(value[e], self.dtype))
 
     def __getitem__(self, idx):

@@ -211,3 +211,17 @@ def test_costmodel_records_matrix_bytes_per_call():
     assert dec[(0, "q_a_proj")].gemm_matrix_bytes == D * cfg.q_lora_rank * 4
     assert dec[(None, "lm_head")].gemm_matrix_bytes == cfg.vocab_size * D * 4
     assert dec[(0, "input_layernorm")].gemm_matrix_bytes is None
+
+
+def test_hw_show_prints_the_curves(tmp_path, capsys):
+    from hwmodels.cli import _show_device
+    dev = _device(tmp_path, CURVE + GEMV)
+    _show_device(dev, as_json=False)
+    out = capsys.readouterr().out
+    assert "[gemm_rows_efficiency]" in out and "16: 0.4" in out and "test curve" in out
+    assert "[gemv_bandwidth_efficiency]" in out and "test gemv curve" in out
+    _show_device(dev, as_json=True)
+    import json
+    d = json.loads(capsys.readouterr().out)
+    assert d["gemv_bandwidth_efficiency"]["bytes"] == [262144, 4194304]
+    assert d["gemm_rows_efficiency"]["value"] == [0.05, 0.4, 0.9]
