@@ -35,7 +35,7 @@ from sim import costmodel, roofline
 from sim.comm import CommOp, ParallelPlan, ep_comm, grouped_time, tp_comm
 from sim.costmodel import StepShape
 from sim.moe_stats import expected_distinct_uniform
-from sim.quant import BITS_PER_BYTE, QuantPlan, get_plan
+from sim.quant import BITS_PER_BYTE, QuantPlan, get_plan, weight_role
 
 N_FEATURES = 5
 # Shapes (batch, new tokens, prefix) at which the cost model is sampled for the fit:
@@ -149,7 +149,8 @@ def _rates(ops, device) -> tuple[np.ndarray, np.ndarray]:
     cache: dict = {}
     spf, spb = [], []
     for o in ops:
-        key = (o.kind, o.precision)
+        # rows and matrix size change the rate on devices with measured curves (the host)
+        key = (o.kind, o.precision, o.gemm_rows, o.gemm_padding, o.gemm_matrix_bytes)
         if key not in cache:
             unit = replace(o, flops=1.0, weight_bytes=1.0, act_bytes_read=0.0, act_bytes_written=0.0,
                            kv_bytes_read=0.0, kv_bytes_written=0.0, count=1)
@@ -314,7 +315,8 @@ def weight_bytes_per_device(cfg: ModelConfig, quant: QuantPlan | str, plan: Plan
                 expert += b
             else:
                 other += b
-    glob = sum(_numel(s) * q.weight_bits(k, s, None, L) / BITS_PER_BYTE for k, s in global_shapes(cfg).items())
+    glob = sum(_numel(s) * q.weight_bits(weight_role(cfg, k), s, None, L) / BITS_PER_BYTE
+               for k, s in global_shapes(cfg).items())
     E = cfg.n_routed_experts
     slots = plan.expert_slots or E
     expert_dev = expert / max(E, 1) * slots / max(plan.ep, 1) if E else 0.0

@@ -242,3 +242,16 @@ def test_jsonl_trace_workload(tmp_path):
     p.write_text('{"t": 0, "prompt_tokens": 0, "output_tokens": 1}\n')
     with pytest.raises(ScenarioError, match="line 1"):
         simulate(from_dict(d))
+
+
+def test_weight_bytes_per_device_uses_the_tied_head_rule():
+    """A tied embedding is stored as the output layer under llama.cpp plans (Q4_K_M -> Q6_K),
+    so one device holding everything holds what sim.quant.model_weight_bytes counts."""
+    from reference.presets import get_preset
+    from sim.quant import get_plan, model_weight_bytes
+    from sim.stepcost import Plan, weight_bytes_per_device
+    for name in ("llama-3.2-3b", "qwen2.5-14b"):
+        cfg = get_preset(name)
+        for quant in ("q4_k_m", "bf16"):
+            got = weight_bytes_per_device(cfg, quant, Plan(devices=1, attn_dp=1))["total"]
+            assert got == pytest.approx(model_weight_bytes(cfg, get_plan(quant))["total"]), (name, quant)
