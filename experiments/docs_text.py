@@ -122,21 +122,11 @@ fast side.
 """
 
 
-MISS_DIAGNOSIS = """ What the runs show (2026-11-23, a shared 2-vCPU VM):
-**prefill is within target**, **decode is not reliably**. Prefill came out -14% to +9% for small-v3
-(-1% to +19% for the all-dense variant) over nine full runs after three changes: the probe measures
-the matmul rate against the row count M (hwmodels/probe.py, `[gemm_rows_efficiency]`: 7% of the
-square-matmul rate at M = 1, 32% at 16, 85% at 128), which sim.roofline applies at each GEMM's rows
-(the routed experts' rows are the reference's windows, with their expected padding); the reference
-prefill attends within the prompt and runs the LM head at the last position only; and it takes each
-used expert's weights once (XLA:CPU copies an indexed expert) instead of once per block. Before, prefill
-was +256% (+84% dense). Decode moved between +7% and +56% over those runs (it was +10% in the
-previous session's quiet run). An A/B of the old and the new reference in the same minutes gave the
-same decode rate (20-32 tokens/s for both), so the spread is the machine: the decode step's achieved
-read rate fell to ~15 GB/s while the probe's STREAM-like read stayed at ~33-35 GB/s. Two things the
-estimate does not count inflate the miss: the per-step copy of each used expert's weights on XLA:CPU,
-and XLA:CPU's fixed cost per fused op (the llama.cpp counterpart is modelled in sim/llama_cpp.py; no
-measured XLA figure exists yet). A microbenchmark of `routed_experts` for one token (small-v3: 4
-experts of 8.7 MB) took 5.1 ms per layer, 6.7 GB/s of expert weights, against ~26 GB/s for the
-probe's M = 1 matmul chain: the per-expert copy is the likely main term. Not fitted away.
+MISS_DIAGNOSIS = """ Known reasons, in the order they mattered on the 2-vCPU VM this was built on: the
+machine itself (its read bandwidth moved between ~27 and ~58 GB/s within an hour; the rounds'
+range shows how much a single round can be off, so rerun on a quiet machine before reading a
+miss); XLA:CPU's fixed cost per step (dispatch and per-kernel costs, ~2 ms for small-v3's
+structure at tiny dimensions, not modelled: it makes the prediction fast); and the probe's
+curves (`[gemm_rows_efficiency]`, `[gemv_bandwidth_efficiency]`) are measured on a chain of
+1024-wide products, not on the model's own shapes.
 """
