@@ -69,21 +69,43 @@ def is_routed_expert(name: str) -> bool:
     return _ROUTED.fullmatch(name) is not None
 
 
+#: Most routed-expert branches (experts x MoE layers) a model may hold per expert under
+#: expert_layout="auto". Each expert of each MoE layer is one ``lax.switch`` branch that
+#: XLA compiles separately, per compiled program: on a 2-vCPU EPYC a 4-layer model with
+#: 256 experts took ~400 s to compile its prefill and decode steps (5 s stacked), small-v3
+#: (32 x 7 = 224 branches) ~30 s (10 s stacked). Above the budget the weights stay stacked
+#: and XLA:CPU copies each used expert out at every call (slower steps, bounded compile).
+MAX_PER_EXPERT_BRANCHES = 512
+
+
+def expert_layout_for(cfg: ModelConfig, layout: str = "auto") -> str:
+    """'per_expert' or 'stacked' (see MAX_PER_EXPERT_BRANCHES); explicit choices pass through."""
+    if layout not in ("auto", "per_expert", "stacked"):
+        raise ValueError(f"expert_layout must be 'auto', 'per_expert' or 'stacked', got {layout!r}")
+    if layout != "auto":
+        return layout
+    layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers  # MTP layers are MoE layers too
+    moe_layers = sum(1 for i in range(layers) if cfg.is_moe_layer(i))
+    return "per_expert" if cfg.n_routed_experts * moe_layers <= MAX_PER_EXPERT_BRANCHES else "stacked"
+
+
 class Weights(nnx.Module):
     """Named weights declared by a {hf_name: shape} dict; ``w[name]`` reads one.
 
-    A routed-expert weight declared stacked [E, ...] is held as E separate arrays and
-    ``w[name]`` returns that tuple: on XLA:CPU, indexing a stacked array with a traced
-    expert id copies the expert's matrices at every call (one token's routed experts
-    in small-v3 ran at ~21 GB/s that way against ~33 GB/s from separate arrays), while
-    a separate array is read in place. The checkpoint view (``hf_items``) stays stacked.
+    With ``per_expert``, a routed-expert weight declared stacked [E, ...] is held as E
+    separate arrays and ``w[name]`` returns that tuple: on XLA:CPU, indexing a stacked
+    array with a traced expert id copies the expert's matrices at every call (one
+    token's routed experts in small-v3 ran at ~21 GB/s that way against ~33 GB/s from
+    separate arrays), while a separate array is read in place. The checkpoint view
+    (``hf_items``) is stacked either way.
     """
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], dtype, keys, std: float = 0.02):
+    def __init__(self, shapes: dict[str, tuple[int, ...]], dtype, keys, std: float = 0.02,
+                 per_expert: bool = False):
         """keys: one PRNG key per declared name, in order (see DeepseekModel)."""
         for (name, shape), key in zip(shapes.items(), keys, strict=True):
             value = _init_value(name, shape, _param_dtype(name, dtype), key, std)
-            if is_routed_expert(name):
+            if per_expert and is_routed_expert(name):
                 setattr(self, _attr(name), nnx.List([nnx.Param(value[e]) for e in range(shape[0])]))
             else:
                 setattr(self, _attr(name), nnx.Param(value))
@@ -309,12 +331,12 @@ def routed_experts(w, x, ids, wts, num_experts: int, prec):
     """Exact sum_k wts[m,k] * Expert_{ids[m,k]}(x[m]) with work proportional to the k selected.
 
     The (token, expert) assignments are sorted by expert. A loop visits only the
-    experts in use; a ``lax.switch`` on the expert id runs that expert's branch, which
-    reads its weights in place and runs its rows through the SwiGLU in windows of C
-    rows (the last window of an expert may run into the next expert's rows: those
-    results are discarded). Unused experts are never read. The weights come per expert
-    (``Weights`` holds them so) or stacked [E, ...] (a plain dict, as in the tests);
-    stacked weights are split by static slices, which XLA:CPU copies at every call.
+    experts in use and runs each one's rows through the SwiGLU in windows of C rows
+    (the last window of an expert may run into the next expert's rows: those results
+    are discarded). Unused experts are never read. Per-expert weights (a tuple of E
+    arrays per matrix, ``Weights`` with per_expert) are reached by a ``lax.switch`` on
+    the expert id, whose branch reads them in place; stacked [E, ...] weights are
+    indexed once per used expert, which XLA:CPU does by copying that expert's matrices.
     x [M, D], ids/wts [M, k] -> [M, D].
     """
     M, D = x.shape
@@ -322,37 +344,33 @@ def routed_experts(w, x, ids, wts, num_experts: int, prec):
     C, order, counts, start, used, n_used = dispatch_plan(ids, num_experts)
     tok = order // ids.shape[1]
     xs = jnp.concatenate([x[tok], jnp.zeros((C - 1, D), x.dtype)])  # a window may run C-1 rows past the end
-    experts = list(zip(*(_per_expert(w[f"experts.{n}_proj.weight"], num_experts) for n in ("gate", "up", "down"))))
+    wg, wu, wd = (w[f"experts.{n}_proj.weight"] for n in ("gate", "up", "down"))
 
-    def branch(g, u, d):
-        def run(ys, first, n):
-            def window(b, ys):
-                r = first + b * C
-                yb = swiglu(jax.lax.dynamic_slice_in_dim(xs, r, C), g, u, d, prec)
-                mine = (jnp.arange(C) < n - b * C)[:, None]  # rows past this expert's belong to the next one
-                yb = jnp.where(mine, yb, jax.lax.dynamic_slice_in_dim(ys, r, C))
-                return jax.lax.dynamic_update_slice_in_dim(ys, yb, r, axis=0)
-            return jax.lax.fori_loop(0, (n + C - 1) // C, window, ys)
-        return run
+    def windows(g, u, d, ys, first, n):
+        def window(b, ys):
+            r = first + b * C
+            yb = swiglu(jax.lax.dynamic_slice_in_dim(xs, r, C), g, u, d, prec)
+            mine = (jnp.arange(C) < n - b * C)[:, None]  # rows past this expert's belong to the next one
+            yb = jnp.where(mine, yb, jax.lax.dynamic_slice_in_dim(ys, r, C))
+            return jax.lax.dynamic_update_slice_in_dim(ys, yb, r, axis=0)
+        return jax.lax.fori_loop(0, (n + C - 1) // C, window, ys)
 
-    branches = [branch(*gud) for gud in experts]
+    if isinstance(wg, (tuple, list)):
+        if not len(wg) == len(wu) == len(wd) == num_experts:
+            raise ValueError(f"{len(wg)}/{len(wu)}/{len(wd)} routed-expert arrays for {num_experts} experts")
+        branches = [partial(windows, g, u, d) for g, u, d in zip(wg, wu, wd)]
 
-    def expert(j, ys):
-        e = used[j]
-        return jax.lax.switch(e, branches, ys, start[e], counts[e])
+        def expert(j, ys):
+            e = used[j]
+            return jax.lax.switch(e, branches, ys, start[e], counts[e])
+    else:
+        def expert(j, ys):
+            e = used[j]
+            return windows(wg[e], wu[e], wd[e], ys, start[e], counts[e])
 
     ys = jax.lax.fori_loop(0, n_used, expert, jnp.zeros((A + C - 1, D), x.dtype))
     y = ys[:A].astype(F32) * wts.reshape(-1)[order].astype(F32)[:, None]
     return jnp.zeros((M, D), F32).at[tok].add(y).astype(x.dtype)
-
-
-def _per_expert(wt, num_experts: int):
-    """E per-expert arrays from a tuple of them or from one stacked [E, ...] array."""
-    if isinstance(wt, (tuple, list)):
-        if len(wt) != num_experts:
-            raise ValueError(f"{len(wt)} routed-expert arrays for {num_experts} experts")
-        return tuple(wt)
-    return tuple(wt[e] for e in range(num_experts))
 
 
 def dispatch_plan(ids, num_experts: int):
@@ -450,7 +468,10 @@ class DeepseekModel(nnx.Module):
     ``self.layers[i]`` (one Weights per decoder layer), ``self.mtp`` (MTP modules, optional)."""
 
     def __init__(self, cfg: ModelConfig, *, dtype=F32, rngs: nnx.Rngs | None = None, with_mtp: bool = False,
-                 std: float = 0.02):
+                 std: float = 0.02, expert_layout: str = "auto"):
+        """expert_layout: how routed experts are held, 'per_expert' (read in place; compile
+        time grows with experts x MoE layers), 'stacked' (one [E, ...] array; XLA:CPU copies
+        each used expert per call) or 'auto' (see MAX_PER_EXPERT_BRANCHES)."""
         if cfg.arch != "deepseek":
             raise ValueError(f"{cfg.name}: the JAX model implements DeepSeek MLA+MoE; dense "
                              "models are described for the simulator only")
@@ -464,7 +485,9 @@ class DeepseekModel(nnx.Module):
         # walks the whole trace so far, and the per-expert arrays of a 671B model add
         # ~45k slices to it (drawing as we go took ~9 min instead of seconds).
         keys = [[rngs.params() for _ in shapes] for shapes in decl]
-        w = [Weights(shapes, dtype, k, std) for shapes, k in zip(decl, keys)]
+        self.expert_layout = expert_layout_for(cfg, expert_layout)
+        pe = self.expert_layout == "per_expert"
+        w = [Weights(shapes, dtype, k, std, pe) for shapes, k in zip(decl, keys)]
         self.globals = w[0]
         self.layers = nnx.List(w[1:1 + cfg.num_hidden_layers])
         self.mtp = nnx.List(w[1 + cfg.num_hidden_layers:])

@@ -289,6 +289,26 @@ def test_per_expert_weights_are_read_in_place():
     assert producers({n: jnp.asarray(v, jnp.float32) for n, v in stacked.items()}) - {"parameter", "get-tuple-element"}
 
 
+def test_expert_layout_bounds_compile_time_and_gives_the_same_model():
+    from reference.model import MAX_PER_EXPERT_BRANCHES, expert_layout_for
+    assert expert_layout_for(get_preset("small-v3")) == "per_expert"  # 32 experts x 8 MoE layers (MTP incl.)
+    assert expert_layout_for(get_preset("deepseek-v3")) == "stacked"  # 256 x 59
+    assert expert_layout_for(get_preset("deepseek-v3"), "per_expert") == "per_expert"
+    big = get_preset("tiny-v3").replace(n_routed_experts=MAX_PER_EXPERT_BRANCHES, n_group=1, topk_group=1)
+    assert expert_layout_for(big) == "stacked"
+    with pytest.raises(ValueError, match="expert_layout"):
+        expert_layout_for(big, "sparse")
+    cfg = get_preset("tiny-v3")
+    a = DeepseekModel(cfg, rngs=nnx.Rngs(2), std=0.2, expert_layout="per_expert")
+    b = DeepseekModel(cfg, rngs=nnx.Rngs(2), std=0.2, expert_layout="stacked")
+    name = f"model.layers.{cfg.first_k_dense_replace}.mlp.experts.up_proj.weight"
+    assert isinstance(a.layers[cfg.first_k_dense_replace]["mlp.experts.up_proj.weight"], tuple)
+    assert not isinstance(b.layers[cfg.first_k_dense_replace]["mlp.experts.up_proj.weight"], tuple)
+    np.testing.assert_array_equal(a.state_dict()[name], b.state_dict()[name])  # same init either way
+    toks = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 7))
+    np.testing.assert_allclose(np.asarray(jit_forward(a, toks)), np.asarray(jit_forward(b, toks)), rtol=1e-6, atol=1e-6)
+
+
 def test_weights_hold_experts_separately_with_a_stacked_checkpoint_view():
     cfg = get_preset("tiny-v3")
     m = DeepseekModel(cfg, rngs=nnx.Rngs(0))
