@@ -65,7 +65,7 @@ _KIB = 1024
 # `repeats` calls, at most _MAX_REPEATS), in rows_rounds round-robin passes over the row counts;
 # memory_min_s likewise for the bandwidth sweeps. A small-M chain or one 1 GiB sweep takes
 # milliseconds, and on a shared machine a median of 5 such calls moved by tens of percent
-# between runs; timed this way, four back-to-back full probes agreed within ~5% at every M.
+# between runs; timed this way, four back-to-back runs agreed within ~10% at every M.
 FULL = {"array_bytes": 2**30, "matmul_n": 2048, "repeats": 5, "memory_min_s": 1.0,
         "rows": (1, 4, 8, 16, 32, 64, 128, 256, 512, 2048), "rows_k": 1024, "rows_chain": 16, "rows_min_s": 0.5,
         "rows_rounds": 10, "gemv_outs": (128, 256, 512, 1024, 2048, 8192, 32768), "gemv_k": 1024,
