@@ -49,9 +49,13 @@ def cache_bytes(cache) -> int:
 
 
 # ------------------------------------------------------------------ compiled steps
+def _merge(graphdef, treedef, leaves) -> DeepseekModel:
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+
+
 def _step_fn(graphdef, treedef, leaves, tokens, positions, cache):
     """Run tokens [B, T] at positions [B, T] through the cached model: (logits, hidden, cache)."""
-    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    model = _merge(graphdef, treedef, leaves)
     logits, cache, hidden = forward(model, tokens, positions, cache, return_hidden=True)
     return logits, hidden, cache
 
@@ -61,7 +65,7 @@ def _prefill_fn(graphdef, treedef, leaves, tokens, positions, cache, last):
     ``last`` [B] of each sequence, hidden [B, T, D], cache). Attention runs within the prompt in
     the naive (expanded) MLA form -- DeepSeek's prefill form, cheaper than the latent form when
     every key is new -- instead of over all S cache slots, and the LM head only at ``last``."""
-    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    model = _merge(graphdef, treedef, leaves)
     logits, cache, hidden = forward(model, tokens, positions, cache, mla_form="naive", chunk_only=True,
                                     logits_at=last, return_hidden=True)
     return logits, hidden, cache
@@ -69,7 +73,7 @@ def _prefill_fn(graphdef, treedef, leaves, tokens, positions, cache, last):
 
 def _decode_fn(graphdef, treedef, leaves, tokens, positions, cache, key, temperature, top_p, greedy: bool, top_k: int):
     """One decode step fused with sampling: one dispatch per generated token."""
-    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    model = _merge(graphdef, treedef, leaves)
     logits, cache = forward(model, tokens, positions, cache)
     last = logits[:, -1]
     nxt = jnp.argmax(last, -1).astype(jnp.int32) if greedy else sample(last, key, temperature, top_k, top_p)
@@ -77,7 +81,7 @@ def _decode_fn(graphdef, treedef, leaves, tokens, positions, cache, key, tempera
 
 
 def _mtp_fn(graphdef, treedef, leaves, next_tokens, hidden, positions, cache):
-    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    model = _merge(graphdef, treedef, leaves)
     return mtp_logits(model, next_tokens, hidden, positions, cache=cache)
 
 
