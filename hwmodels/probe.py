@@ -148,9 +148,7 @@ def measure_memory_bandwidth(array_bytes: int, repeats: int, threads: int, min_s
     with ThreadPoolExecutor(max_workers=threads) as pool:
         def run() -> None:
             list(pool.map(np.sum, chunks))
-        run()  # warm-up: page in, spin up threads
-        t1 = _median_time(run, 1)
-        t = _median_time(run, max(repeats, min(_MAX_REPEATS, math.ceil(min_s / t1))))
+        t = _round_robin_median({"sweep": run}, repeats, min_s, 1)["sweep"]  # its warm-up pages in
     return a.nbytes / t
 
 
@@ -295,6 +293,13 @@ def _figure(name: str, value: float, unit: str, source: str, confidence: str = "
     )
 
 
+def _curve_table(name: str, x_key: str, xs, values, source: str) -> str:
+    """A measured curve as a TOML table (hwmodels.catalog.parse_gemm_rows_curve reads it)."""
+    return (f"\n[{name}]\n{x_key} = [{', '.join(str(x) for x in xs)}]\n"
+            f"value = [{', '.join(format(v, '.4g') for v in values)}]\n"
+            f'unit = "fraction"\nsource = {_q(source)}\nconfidence = "measured"\n')
+
+
 def to_toml(r: ProbeResult) -> str:
     """Render a probe result as a device TOML document (catalog schema)."""
     mode = "quick mode, rough" if r.quick else "full mode"
@@ -329,13 +334,8 @@ def to_toml(r: ProbeResult) -> str:
                      f"stored [out,in], {chain * k * k * 4 // 2**20} MiB per chain), median of >= {cfg['repeats']} "
                      f"calls and >= {cfg['rows_min_s']} s in {cfg['rows_rounds']} round-robin passes, "
                      f"as a fraction of flops.fp32; GFLOP/s: {rates}")
-        parts.append(
-            "\n[gemm_rows_efficiency]\n"
-            f"rows = [{', '.join(str(m) for m in rows)}]\n"
-            f"value = [{', '.join(format(r.gemm_rows_flops[m] / ref, '.4g') for m in rows)}]\n"
-            'unit = "fraction"\n'
-            f"source = {_q(curve_src)}\n"
-            'confidence = "measured"\n')
+        parts.append(_curve_table("gemm_rows_efficiency", "rows", rows,
+                                  [r.gemm_rows_flops[m] / ref for m in rows], curve_src))
     if r.gemv_bandwidth:
         sizes = sorted(r.gemv_bandwidth)
         rates = ", ".join(f"{b / 2**20:.2f} MiB {r.gemv_bandwidth[b] / 1e9:.1f}" for b in sizes)
@@ -344,13 +344,8 @@ def to_toml(r: ProbeResult) -> str:
                     f"weight bytes streamed per second as a fraction of memory_bandwidth; median of >= "
                     f"{cfg['repeats']} calls and >= {cfg['rows_min_s']} s in {cfg['rows_rounds']} round-robin "
                     f"passes; GB/s: {rates}")
-        parts.append(
-            "\n[gemv_bandwidth_efficiency]\n"
-            f"bytes = [{', '.join(str(b) for b in sizes)}]\n"
-            f"value = [{', '.join(format(r.gemv_bandwidth[b] / r.memory_bandwidth, '.4g') for b in sizes)}]\n"
-            'unit = "fraction"\n'
-            f"source = {_q(gemv_src)}\n"
-            'confidence = "measured"\n')
+        parts.append(_curve_table("gemv_bandwidth_efficiency", "bytes", sizes,
+                                  [r.gemv_bandwidth[b] / r.memory_bandwidth for b in sizes], gemv_src))
     return "".join(parts)
 
 
