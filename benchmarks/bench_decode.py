@@ -45,10 +45,10 @@ def bench(preset: str, prompt_len: int, new_tokens: int, repeats: int) -> dict:
     import torch
     from flax import nnx
 
-    from hwmodels.probe import core_count, measure_memory_bandwidth
-    from reference.decode import generate
-    from reference.model import DeepseekModel
-    from reference.presets import get_preset
+    from dsref.hwmodels.probe import core_count, measure_memory_bandwidth
+    from dsref.reference.decode import generate
+    from dsref.reference.model import DeepseekModel
+    from dsref.reference.presets import get_preset
     from tests.conftest import hf_state_to_ours, make_hf_model
 
     threads = core_count()
@@ -99,7 +99,7 @@ def bench(preset: str, prompt_len: int, new_tokens: int, repeats: int) -> dict:
 _LOAD_SNIPPET = """
 import json, sys
 import jax.numpy as jnp
-from reference.checkpoint import load_checkpoint
+from dsref.reference.checkpoint import load_checkpoint
 hwm = lambda: next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
 base = hwm()
 cfg, model = load_checkpoint(sys.argv[1], dtype=jnp.float32)
@@ -112,9 +112,9 @@ print(json.dumps({"rss_before_load": base, "rss_peak": peak, "weights_in_memory_
 def bench_load(preset: str) -> dict:
     from flax import nnx
 
-    from reference.checkpoint import save_checkpoint
-    from reference.model import DeepseekModel
-    from reference.presets import get_preset
+    from dsref.reference.checkpoint import save_checkpoint
+    from dsref.reference.model import DeepseekModel
+    from dsref.reference.presets import get_preset
     cfg = get_preset(preset)
     with tempfile.TemporaryDirectory() as d:
         save_checkpoint(DeepseekModel(cfg, rngs=nnx.Rngs(0)), cfg, d, dtype="float32", max_shard_bytes=256 << 20)

@@ -17,8 +17,8 @@ import os
 import platform
 import time
 
-from sim import serve, train
-from sim.scenario import load
+from dsref.sim import serve, train
+from dsref.sim.scenario import load
 
 
 def bench_serve(scale: int, duration: float, seed: int = 0) -> dict:

@@ -14,7 +14,7 @@ peaks/bandwidths from the catalog, npu vs gpu efficiency factors from efficiency
 
 from __future__ import annotations
 
-from experiments.registry import Record, record
+from dsref.experiments.registry import Record, record
 
 PER_CHIP_BATCH = 64
 CONTEXT = 4989
@@ -25,7 +25,7 @@ def decode_tokens_per_s_per_chip(system: str, quant: str, split: int, batch_per_
                                  context: int = CONTEXT) -> dict:
     import simpy
 
-    from sim import scenario, serve
+    from dsref.sim import scenario, serve
     sc = scenario.load("deepseek-day6", {
         "system": system, "quant": quant, "device_split": split,
         "decode": {"nodes": 0, "devices": EP, "instances": 1},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def cmd_validate(args) -> int:
-    from experiments.validate import main
+    from dsref.experiments.validate import main
     return main(as_json=args.json, out_dir=args.out_dir, closed_loop=args.closed_loop, whatif=args.whatif,
                 fast=args.fast)
 

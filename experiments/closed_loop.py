@@ -62,8 +62,8 @@ def prepare(cfg, prompt: int, new: int):
     import numpy as np
     from flax import nnx
 
-    from reference.decode import generate
-    from reference.model import DeepseekModel
+    from dsref.reference.decode import generate
+    from dsref.reference.model import DeepseekModel
     model = DeepseekModel(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
     toks = [np.random.default_rng(0).integers(0, cfg.vocab_size, prompt).tolist()]
     generate(model, toks, new)  # compile + warm-up
@@ -72,7 +72,7 @@ def prepare(cfg, prompt: int, new: int):
 
 def measure_generate(model, toks, new: int, repeats: int) -> dict:
     """Median prefill / decode tokens/s of ``repeats`` reference.decode.generate calls."""
-    from reference.decode import generate
+    from dsref.reference.decode import generate
     runs = [generate(model, toks, new) for _ in range(repeats)]
     return {"prefill_tokens_per_s": statistics.median(r.prefill_tokens_per_s for r in runs),
             "decode_tokens_per_s": statistics.median(r.decode_tokens_per_s for r in runs),
@@ -88,10 +88,10 @@ def _probe_summary(dev, seconds: float, quick: bool) -> dict:
 
 
 def run_closed_loop(*, fast: bool = False, progress: bool = True, probe_dir: str | None = None) -> dict:
-    from hwmodels.catalog import load_device_file
-    from hwmodels.probe import write_probe
-    from reference.presets import get_preset
-    from sim.local import estimate
+    from dsref.hwmodels.catalog import load_device_file
+    from dsref.hwmodels.probe import write_probe
+    from dsref.reference.presets import get_preset
+    from dsref.sim.local import estimate
     p = FAST if fast else FULL
 
     def say(msg):

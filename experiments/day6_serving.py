@@ -22,7 +22,7 @@ Readings
 
 from __future__ import annotations
 
-from experiments.registry import Record, record
+from dsref.experiments.registry import Record, record
 
 SCENARIO = "deepseek-day6"
 PREFILL_SAT_RATE = 1.6        # x published rate: prefill queue grows (saturated)
@@ -39,7 +39,7 @@ R1_PRICE_OUTPUT = 2.19
 def simulate_day6(duration_s: float, saturation_s: float) -> dict:
     """At-load run and the two saturation runs (which need longer to fill the decode pool's KV
     cache: at 120 s it is still ramping); returns the three metric dicts."""
-    from sim import scenario, serve
+    from dsref.sim import scenario, serve
     sc = scenario.load(SCENARIO)
     rate = sc["workload"]["rate_per_s"]
     load = serve.simulate(sc, duration_s=duration_s)
@@ -57,7 +57,7 @@ def revenue_usd_per_day(input_b: float, hit_b: float, output_b: float) -> float:
 
 
 def run(claims: dict, *, fast: bool = False) -> list[Record]:
-    from hwmodels.catalog import load_device
+    from dsref.hwmodels.catalog import load_device
     runs = simulate_day6(20.0, 20.0) if fast else simulate_day6(120.0, 300.0)
     load, pre, dec = runs["load"], runs["prefill_sat"], runs["decode_sat"]
     dur = f"{pre['duration_s']:.0f} simulated s"

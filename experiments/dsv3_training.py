@@ -18,7 +18,7 @@ the MTP draft: (1 + acceptance) x t_plain / t_mtp) at the midpoint acceptance 0.
 
 from __future__ import annotations
 
-from experiments.registry import Record, record
+from dsref.experiments.registry import Record, record
 
 PRETRAIN = "deepseek-v3-pretrain"
 CTX_STAGES = ((32768, 1920), (131072, 480))   # (sequence length, batch) per stage, TR sec. 4.3
@@ -29,7 +29,7 @@ MTP_ACCEPTANCE_MID = 0.875                    # midpoint of the published 85-90%
 
 
 def pretrain(overrides: dict | None = None) -> dict:
-    from sim import scenario, train
+    from dsref.sim import scenario, train
     sc = scenario.load(PRETRAIN, overrides)
     return train.simulate(sc)
 
@@ -49,7 +49,7 @@ def mtp_speedup(acceptance: float = MTP_ACCEPTANCE_MID, per_gpu_batch: int = 1, 
     """(1 + a) x t_step(no MTP) / t_step(MTP) on the day-6 decode instance at a fixed batch."""
     import simpy
 
-    from sim import scenario, serve
+    from dsref.sim import scenario, serve
     times = []
     for acc in (0.0, acceptance):
         sc = scenario.load("deepseek-day6", {"decode": {"mtp_acceptance": acc}})
@@ -62,7 +62,7 @@ def mtp_speedup(acceptance: float = MTP_ACCEPTANCE_MID, per_gpu_batch: int = 1, 
 
 
 def run(claims: dict, *, fast: bool = False) -> list[Record]:
-    from hwmodels.catalog import load_device
+    from dsref.hwmodels.catalog import load_device
     pre = pretrain()
     tokens_T = pre["token_budget"] / 1e12
     gpuh = pre["device_hours"]
@@ -95,7 +95,7 @@ def run(claims: dict, *, fast: bool = False) -> list[Record]:
     price = load_device("h800").price_usd_per_hour
     out.append(record(claims, "dsv3_tr_cost_total", total * price / 1e6,
                       note=f"total GPU-hours x catalog h800 price ${price}/GPU-hour"))
-    from reference.presets import get_preset
+    from dsref.reference.presets import get_preset
     pc = get_preset("deepseek-v3").param_counts()
     pub_total, pub_active = claims["dsv3_tr_params"]["value"]
     out.append(record(claims, "dsv3_tr_params", pc["total_params"] / 1e9, part="total", published=pub_total,

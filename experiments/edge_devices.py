@@ -24,7 +24,7 @@ held out (``held_out``) and reported in the notes.
 
 from __future__ import annotations
 
-from experiments.registry import Record, record
+from dsref.experiments.registry import Record, record
 
 QUANT = "q4_k_m"
 # Mean KV length while decoding: R1-family answers (with thinking) run to ~1-2K tokens.
@@ -70,7 +70,7 @@ CALIBRATION = {
 
 def _parts(model: str, target: str, context: int) -> dict:
     """What the step time is made of, independent of the two calibrated unknowns."""
-    from sim.local import estimate, resolve_target
+    from dsref.sim.local import estimate, resolve_target
     r = estimate(model, target, QUANT, context=context, prompt_tokens=PROMPT)
     bw = resolve_target(target).device.require("memory_bandwidth")
     return {"stream_s_at_eff1": r["decode_bytes_per_step"] / bw, "nodes": r["graph_nodes"],
@@ -95,7 +95,7 @@ def calibrate(target: str) -> dict:
 
 def held_out_errors(target: str) -> list[tuple[str, float, float]]:
     """(model, predicted tok/s, measured tok/s) for every calibration measurement of ``target``."""
-    from sim.local import estimate
+    from dsref.sim.local import estimate
     cal = CALIBRATION[target]
     out = []
     for model, rate in cal["fit"] + cal["held_out"]:
@@ -105,7 +105,7 @@ def held_out_errors(target: str) -> list[tuple[str, float, float]]:
 
 
 def run(claims: dict, *, fast: bool = False) -> list[Record]:
-    from sim.local import estimate
+    from dsref.sim.local import estimate
     out = []
     for cid, model, target, context, form in CASES:
         r = estimate(model, target, QUANT, context=context, prompt_tokens=PROMPT, mla_form=form)

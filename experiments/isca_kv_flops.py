@@ -12,7 +12,7 @@ excluded, LM head included -- the convention that reproduces V2, V3 and LLaMA-40
 
 from __future__ import annotations
 
-from experiments.registry import Record, record
+from dsref.experiments.registry import Record, record
 
 SEQ = 4096  # the paper's Table 2 assumption ("sequence length 4096")
 KB = 1000.0
@@ -26,8 +26,8 @@ _FLOPS = (("isca_flops_v2", "deepseek-v2"), ("isca_flops_v3", "deepseek-v3"),
 def qwen72b_investigation() -> dict[str, float]:
     """Training GFLOPs/token of the published Qwen-72B configurations (and one hypothetical
     variant) under the same convention -- why isca_flops_qwen72b comes out high."""
-    from reference.presets import get_preset
-    from sim.costmodel import training_flops_per_token
+    from dsref.reference.presets import get_preset
+    from dsref.sim.costmodel import training_flops_per_token
     q = get_preset("qwen2.5-72b")
     variants = {
         "Qwen2.5-72B (GQA-8, F=29568)": q,
@@ -39,8 +39,8 @@ def qwen72b_investigation() -> dict[str, float]:
 
 
 def run(claims: dict, *, fast: bool = False) -> list[Record]:
-    from reference.presets import get_preset
-    from sim.costmodel import training_flops_per_token
+    from dsref.reference.presets import get_preset
+    from dsref.sim.costmodel import training_flops_per_token
     out = []
     for cid, model in _KV:
         cfg = get_preset(model)

@@ -19,7 +19,7 @@ layers. We follow that method with every figure from the project:
 
 from __future__ import annotations
 
-from experiments.registry import Record, record
+from dsref.experiments.registry import Record, record
 
 TOKENS_PER_MICROBATCH = 32   # the paper's assumption
 MICROBATCHES = 2             # dual micro-batch overlap
@@ -27,7 +27,7 @@ MICROBATCHES = 2             # dual micro-batch overlap
 
 def layer_comm_s(cfg, bandwidth: float, tokens: int = TOKENS_PER_MICROBATCH, efficiency: float = 1.0) -> float:
     """Seconds of EP dispatch + combine for one micro-batch in one MoE layer."""
-    from sim.comm import BF16_BYTES, DISPATCH_FP8_BYTES
+    from dsref.sim.comm import BF16_BYTES, DISPATCH_FP8_BYTES
     dests = cfg.num_experts_per_tok + cfg.n_shared_experts
     nbytes = tokens * dests * cfg.hidden_size * (DISPATCH_FP8_BYTES + BF16_BYTES)
     return nbytes / (bandwidth * efficiency)
@@ -38,9 +38,9 @@ def tpot_s(cfg, bandwidth: float, efficiency: float = 1.0) -> float:
 
 
 def run(claims: dict, *, fast: bool = False) -> list[Record]:
-    from hwmodels.catalog import load_device
-    from hwmodels.systems import load_system
-    from reference.presets import get_preset
+    from dsref.hwmodels.catalog import load_device
+    from dsref.hwmodels.systems import load_system
+    from dsref.reference.presets import get_preset
     cfg = get_preset("deepseek-v3")
     h800 = load_system("h800-node")
     ib = h800.network_bandwidth_per_device

@@ -136,12 +136,12 @@ def record(claims: dict[str, dict], cid: str, predicted: float | None, *, part: 
 
 #: (module, function) of every experiment; each is run(claims, fast=False) -> list[Record].
 EXPERIMENTS: tuple[tuple[str, str], ...] = (
-    ("experiments.isca_kv_flops", "run"),
-    ("experiments.isca_tpot", "run"),
-    ("experiments.dsv3_training", "run"),
-    ("experiments.day6_serving", "run"),
-    ("experiments.edge_devices", "run"),
-    ("experiments.ascend_vs_h100", "run"),
+    ("dsref.experiments.isca_kv_flops", "run"),
+    ("dsref.experiments.isca_tpot", "run"),
+    ("dsref.experiments.dsv3_training", "run"),
+    ("dsref.experiments.day6_serving", "run"),
+    ("dsref.experiments.edge_devices", "run"),
+    ("dsref.experiments.ascend_vs_h100", "run"),
 )
 
 

@@ -13,7 +13,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from experiments.registry import EXPERIMENTS, INPUT_IDS, Record, load_claims
+from dsref.experiments.registry import EXPERIMENTS, INPUT_IDS, Record, load_claims
 
 TARGET_MEDIAN = 0.10
 TARGET_MAX = 0.30
@@ -147,7 +147,7 @@ def plot_errors(records: list[Record], path: Path) -> None:
 
 # ------------------------------------------------------------------ markdown
 def markdown(records: list[Record], closed_loop: dict | None = None) -> str:
-    from experiments import docs_text
+    from dsref.experiments import docs_text
     s = summary(records)
     lines = [docs_text.HEADER.format(
         n=s["n_predicted"], med=_err(s["median_abs_error"]).lstrip("+"), mx=_err(s["max_abs_error"]).lstrip("+"),
@@ -204,13 +204,13 @@ def main(*, as_json: bool = False, out_dir: str | None = "docs", closed_loop: bo
     records = run_all(progress=not as_json, fast=fast)
     cl = None
     if closed_loop:
-        from experiments.closed_loop import run_closed_loop
+        from dsref.experiments.closed_loop import run_closed_loop
         cl = run_closed_loop(fast=fast, progress=not as_json)
     elif out_dir:
         cl = load_closed_loop(Path(out_dir))
     data = write_outputs(records, Path(out_dir), cl) if out_dir else {**to_json(records), "closed_loop": cl}
     if whatif:
-        from experiments import whatif as wi
+        from dsref.experiments import whatif as wi
         wi.main(out_dir=out_dir or "docs", fast=fast)
     if as_json:
         print(json.dumps({k: v for k, v in data.items()}, indent=1, default=float))

@@ -32,7 +32,7 @@ PRICE_GRID = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0)
 def _instances(system: str, quant: str, split: int):
     import simpy
 
-    from sim import scenario, serve
+    from dsref.sim import scenario, serve
     sc = scenario.load("deepseek-day6", {"system": system, "quant": quant, "device_split": split,
                                          "prefill": {"instances": 1}, "decode": {"instances": 1}})
     sim = serve.ServeSim(sc, duration_s=1.0)
@@ -46,7 +46,7 @@ def serving_capacity(system: str, quant: str, split: int) -> dict:
     and keeps >= SLO_TOKENS_PER_S per request)."""
     import numpy as np
 
-    from sim.stepcost import request_features
+    from dsref.sim.stepcost import request_features
     sc, sim, pre, dec = _instances(system, quant, split)
     new = int(round(PROMPT * (1 - HIT)))
     n_req = max(1, pre.budget // new)
@@ -74,7 +74,7 @@ def serving_capacity(system: str, quant: str, split: int) -> dict:
 
 
 def serving_cost_table() -> list[dict]:
-    from hwmodels.catalog import load_device
+    from dsref.hwmodels.catalog import load_device
     rows = []
     for label, system, quant, split in SERVE_TARGETS:
         dev = load_device(CATALOG_DEVICE[label])
@@ -96,7 +96,7 @@ def serving_cost_table() -> list[dict]:
 
 
 def training_on(system: str, quant: str, devices: int = 2048, **overrides) -> dict:
-    from sim import scenario, train
+    from dsref.sim import scenario, train
     sc = scenario.load("deepseek-v3-pretrain", {"system": system, "quant": quant, "devices": devices, **overrides})
     return train.simulate(sc)
 
@@ -216,7 +216,7 @@ def write_training_page(out_dir: Path) -> dict:
     L.append(f"\nAt a price of $p per 910C-hour the run costs {asc['device_hours'] / 1e6:.2f}M x p USD "
              f"(e.g. ${asc['device_hours'] * 2 / 1e6:.2f}M at $2/h).\n")
     L.append("![training days](img/whatif_ascend_training.png)\n")
-    from experiments.registry import load_claims
+    from dsref.experiments.registry import load_claims
     pub = float(load_claims()["dsv3_tr_pretrain_gpuh"]["value"])
     L.append(f"Caveats: the H800 prediction itself is {h800['device_hours'] / pub - 1:+.0%} off the published "
              f"{pub / 1e6:.3f}M GPU-hours (docs/validation.md), and the npu efficiency factors are assumptions, so "
@@ -230,7 +230,7 @@ def write_six_million_page(out_dir: Path) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from experiments.registry import load_claims
+    from dsref.experiments.registry import load_claims
     c = load_claims()
     g = {k: float(c[k]["value"]) for k in ("dsv3_tr_pretrain_gpuh", "dsv3_tr_ctxext_gpuh", "dsv3_tr_posttrain_gpuh",
                                            "dsv3_tr_total_gpuh", "dsv3_tr_gpu_price", "dsv3_tr_cluster")}

@@ -39,8 +39,8 @@ from typing import Any, Callable, Iterable, Iterator
 import ml_dtypes
 import numpy as np
 
-from reference.config import ModelConfig
-from reference.params import global_shapes, layer_shapes, mtp_extra_shapes
+from dsref.reference.config import ModelConfig
+from dsref.reference.params import ROUTED_EXPERT, Tensor, tensors
 
 
 class CheckpointError(ValueError):
@@ -300,16 +300,16 @@ class _Plan:
     def __init__(self, reader: _Reader, cfg: ModelConfig, with_mtp: bool, block, config_file: Path):
         self.r, self.cfg, self.block, self.config_file = reader, cfg, block, config_file
         self.used: set[str] = set()
-        self.groups: list[list[_Entry]] = [self._group("", global_shapes(cfg))]
+        by_layer: dict[int | None, list[Tensor]] = {}
+        for t in tensors(cfg, mtp=with_mtp):
+            by_layer.setdefault(t.layer, []).append(t)
+        self.groups: list[list[_Entry]] = [self._group(rows) for rows in by_layer.values()]
         L, n_mtp = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
-        for i in range(L):
-            self.groups.append(self._group(f"model.layers.{i}.", layer_shapes(cfg, i)))
         for j in range(n_mtp):
             pre = f"model.layers.{L + j}."
             if not with_mtp:  # skipped wholesale, never read
                 self.used.update(n for n in reader.infos if n.startswith(pre))
                 continue
-            self.groups.append(self._group(pre, {**layer_shapes(cfg, L + j), **mtp_extra_shapes(cfg)}))
             copies = {"embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size),
                       "shared_head.head.weight": (cfg.vocab_size, cfg.hidden_size)}
             for k, shape in copies.items():  # shared with the main model: shape checked, never read
@@ -351,16 +351,17 @@ class _Plan:
                                   f"{self.config_file} implies {tuple(shape)}")
         self.used.add(hf)
 
-    def _group(self, pre: str, shapes: dict[str, tuple[int, ...]]) -> list[_Entry]:
+    def _group(self, rows: list[Tensor]) -> list[_Entry]:
+        """Entries of one layer's rows (routed experts mapped to whichever layout the file has)."""
         out, infos = [], self.r.infos
-        for rel, shape in shapes.items():
-            name = pre + rel
-            m = re.fullmatch(r"mlp\.experts\.(gate|up|down)_proj\.weight", rel)
-            if m is None or name in infos:  # plain (also our own stacked layout)
+        for t in rows:
+            name, shape = t.name, t.shape
+            if t.group != ROUTED_EXPERT or name in infos:  # plain (also our own stacked layout)
                 self._check(name, shape)
                 out.append(_Entry(name, "plain", [name]))
                 continue
-            E, kind, base = shape[0], m.group(1), pre + "mlp.experts."
+            kind = _expert_kind(t)
+            E, base = shape[0], name.removesuffix(t.rel) + "mlp.experts."
             if f"{base}0.{kind}_proj.weight" in infos or base + "gate_up_proj" not in infos:
                 srcs = [f"{base}{e}.{kind}_proj.weight" for e in range(E)]
                 for s in srcs:
@@ -442,7 +443,7 @@ def load_checkpoint(path: str | Path, *, dtype=None, with_mtp: bool = False, deq
     import jax.numpy as jnp
     from flax import nnx
 
-    from reference.model import DeepseekModel, StackedExperts
+    from dsref.reference.model import DeepseekModel, StackedExperts
 
     dtype = jnp.float32 if dtype is None else dtype
     path = Path(path)
@@ -467,19 +468,15 @@ _OUT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.b
                "fp8": np.dtype(ml_dtypes.bfloat16)}  # fp8: non-Linear tensors stay bf16
 
 
-def _expected_shapes(cfg: ModelConfig, names: Iterable[str]) -> dict[str, tuple[int, ...]]:
-    """Our names and shapes for the main model, plus each MTP layer of which any tensor is given."""
-    names = set(names)
-    out = dict(global_shapes(cfg))
-    L = cfg.num_hidden_layers
-    for i in range(L):
-        out.update({f"model.layers.{i}.{k}": v for k, v in layer_shapes(cfg, i).items()})
-    for j in range(cfg.num_nextn_predict_layers):
-        pre = f"model.layers.{L + j}."
-        if any(n.startswith(pre) for n in names):
-            shapes = {**layer_shapes(cfg, L + j), **mtp_extra_shapes(cfg)}
-            out.update({pre + k: v for k, v in shapes.items()})
-    return out
+def _expert_kind(t: Tensor) -> str:
+    """'gate', 'up' or 'down' for a routed-expert row."""
+    return t.rel.removeprefix("mlp.experts.").removesuffix("_proj.weight")
+
+
+def _expected(cfg: ModelConfig, names: Iterable[str]) -> dict[str, Tensor]:
+    """Rows of the main model, plus each MTP layer of which any tensor is given."""
+    given = {t.layer for t in tensors(cfg, mtp=True) if t.mtp and t.name in set(names)}
+    return {t.name: t for t in tensors(cfg, mtp=True) if not t.mtp or t.layer in given}
 
 
 def save_checkpoint(tensors_or_model, cfg: ModelConfig, out_dir: str | Path, *, dtype: str = "bfloat16",
@@ -511,8 +508,8 @@ def save_checkpoint(tensors_or_model, cfg: ModelConfig, out_dir: str | Path, *, 
     else:
         src = dict(tensors_or_model)
         get = lambda n: np.asarray(src[n])  # noqa: E731
-    expected = _expected_shapes(cfg, src)
-    for n, shape in expected.items():
+    expected = _expected(cfg, src)
+    for n, shape in ((n, t.shape) for n, t in expected.items()):
         if n not in src:
             raise CheckpointError(f"{out}: cannot write: tensor '{n}' missing from the tensors given")
         if tuple(np.shape(src[n])) != shape:
@@ -546,12 +543,12 @@ def save_checkpoint(tensors_or_model, cfg: ModelConfig, out_dir: str | Path, *, 
         return _OUT_DTYPES[dtype].itemsize * math.prod(shape)
 
     units: list[tuple[int, Callable[[], dict[str, np.ndarray]]]] = []  # (bytes, produce)
-    for n, shape in expected.items():
-        m = re.fullmatch(r"(model\.layers\.\d+\.mlp\.experts\.)(gate|up|down)_proj\.weight", n)
-        if m is None:
+    for n, t in expected.items():
+        shape = t.shape
+        if t.group != ROUTED_EXPERT:
             units.append((sizes(n, shape), lambda n=n: conv(n, cached(n))))
             continue
-        base, kind = m.groups()
+        base, kind = n.removesuffix(t.rel) + "mlp.experts.", _expert_kind(t)
         if expert_layout == "per_expert":
             for e in range(shape[0]):
                 hf = f"{base}{e}.{kind}_proj.weight"

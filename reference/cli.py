@@ -18,8 +18,8 @@ import json
 import sys
 
 # Modules that contribute subcommands, in help order.
-_SUBCOMMAND_MODULES = ("reference.generate_cli", "reference.oracle_cli", "hwmodels.cli", "sim.cli",
-                       "experiments.cli")
+_SUBCOMMAND_MODULES = ("dsref.reference.generate_cli", "dsref.reference.oracle_cli", "dsref.hwmodels.cli", "dsref.sim.cli",
+                       "dsref.experiments.cli")
 
 
 def _fmt_count(n: float) -> str:
@@ -31,7 +31,7 @@ def _fmt_count(n: float) -> str:
 
 def scaled_down(cfg):
     """A few-MB model with the same structure as cfg (q_lora on/off, groups, gate, YaRN, MTP)."""
-    from reference.config import RopeScaling
+    from dsref.reference.config import RopeScaling
     if cfg.arch != "deepseek":
         return None
     E = cfg.n_routed_experts
@@ -57,8 +57,8 @@ def self_check(cfg, seed: int = 0) -> dict:
     import numpy as np
     from flax import nnx
 
-    from reference import numpy_ref
-    from reference.model import DeepseekModel, jit_forward
+    from dsref.reference import numpy_ref
+    from dsref.reference.model import DeepseekModel, jit_forward
     small = scaled_down(cfg)
     model = DeepseekModel(small, rngs=nnx.Rngs(seed), std=0.1)
     sd = model.state_dict()
@@ -98,12 +98,12 @@ def info_dict(cfg) -> dict:
 
 
 def cmd_info(args) -> int:
-    from reference.presets import load_config
+    from dsref.reference.presets import load_config
     cfg = load_config(args.model)
     d = info_dict(cfg)
     from pathlib import Path
     if Path(args.model).is_dir():
-        from reference.checkpoint import describe_checkpoint
+        from dsref.reference.checkpoint import describe_checkpoint
         d["checkpoint"] = describe_checkpoint(args.model)
     if args.check and cfg.arch == "deepseek":
         d["self_check"] = self_check(cfg)
@@ -179,7 +179,7 @@ def register_modules(subparsers, modules) -> None:
 
 
 def main(argv=None) -> int:
-    from reference.config import ConfigError
+    from dsref.reference.config import ConfigError
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -143,7 +143,7 @@ class ModelConfig:
 
     def param_counts(self) -> dict[str, int]:
         """Exact parameter counts (see reference/params.py)."""
-        from reference.params import param_counts
+        from dsref.reference.params import param_counts
         return param_counts(self)
 
     # ------------------------------------------------------------------ I/O

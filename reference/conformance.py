@@ -36,10 +36,10 @@ from unittest import mock
 import ml_dtypes
 import numpy as np
 
-from reference import oracle
-from reference.checkpoint import read_config, read_tensors, save_checkpoint
-from reference.config import ModelConfig, RopeScaling
-from reference.params import global_shapes, layer_shapes
+from dsref.reference import oracle
+from dsref.reference.checkpoint import read_config, read_tensors, save_checkpoint
+from dsref.reference.config import ModelConfig, RopeScaling
+from dsref.reference.params import tensors
 
 
 class EngineUnsupported(RuntimeError):
@@ -113,9 +113,7 @@ CASE_BY_NAME = {c.name: c for c in CASES}
 def _weights(case: Case, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """Deterministic adversarial weights: large random matrices, norms around 1, case-specific router/bias."""
     rng = np.random.default_rng(1000 + case.seed)
-    shapes = dict(global_shapes(cfg))
-    for i in range(cfg.num_hidden_layers):
-        shapes.update({f"model.layers.{i}.{k}": v for k, v in layer_shapes(cfg, i).items()})
+    shapes = {t.name: t.shape for t in tensors(cfg)}
     w = {}
     for n, s in shapes.items():
         if n.endswith("norm.weight"):
@@ -357,8 +355,8 @@ def inject(fault: str):
 
     Fault injection for tests of the kit only; nothing in the production paths calls it.
     """
-    from reference import checkpoint as ckpt
-    from reference import numpy_ref
+    from dsref.reference import checkpoint as ckpt
+    from dsref.reference import numpy_ref
     if fault not in FAULTS:
         raise ValueError(f"unknown fault {fault!r}; known: {', '.join(FAULTS)}")
     with contextlib.ExitStack() as st:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from reference.model import DeepseekModel, forward, mtp_logits
+from dsref.reference.model import DeepseekModel, forward, mtp_logits
 
 
 def bucket(n: int, minimum: int = 16) -> int:

@@ -16,8 +16,8 @@ def _parse_tokens(s: str) -> list[int]:
 def cmd_generate(args) -> int:
     import jax.numpy as jnp
 
-    from reference.checkpoint import load_checkpoint, tokenizer_path
-    from reference.decode import generate
+    from dsref.reference.checkpoint import load_checkpoint, tokenizer_path
+    from dsref.reference.decode import generate
 
     if (args.prompt is None) == (args.tokens is None):
         raise ValueError("give exactly one of --prompt TEXT or --tokens 1,2,3")

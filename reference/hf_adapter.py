@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from reference.conformance import EngineUnsupported
-from reference.oracle import canonicalize
+from dsref.reference.conformance import EngineUnsupported
+from dsref.reference.oracle import canonicalize
 
 
 def load_model(checkpoint: str | Path):

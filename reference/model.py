@@ -22,7 +22,6 @@ n nope dim, p rope dim, a value dim, r latent rank, e experts, f ffn, v vocab.
 from __future__ import annotations
 
 import math
-import re
 from functools import partial
 from typing import Any
 
@@ -31,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from reference.config import ModelConfig
-from reference.numpy_ref import rope_frequencies
-from reference.params import global_shapes, layer_shapes, mtp_extra_shapes
+from dsref.reference.config import ModelConfig
+from dsref.reference.numpy_ref import rope_frequencies
+from dsref.reference.params import ROUTED_EXPERT, Tensor, tensors
 
 F32 = jnp.float32
 NEG_INF = -jnp.inf
@@ -61,14 +60,6 @@ def _param_dtype(name: str, dtype):
     return F32 if name.endswith("e_score_correction_bias") else dtype
 
 
-_ROUTED = re.compile(r"(?:.*\.)?experts\.(?:gate|up|down)_proj\.weight")
-
-
-def is_routed_expert(name: str) -> bool:
-    """A stacked routed-expert weight [E, ...] (``mlp.experts.gate_proj.weight``, ...)."""
-    return _ROUTED.fullmatch(name) is not None
-
-
 #: Most routed-expert branches (experts x MoE layers) a model may hold per expert under
 #: expert_layout="auto". Each expert of each MoE layer is one ``lax.switch`` branch that
 #: XLA compiles separately, per compiled program: on a 2-vCPU EPYC a 4-layer model with
@@ -90,7 +81,7 @@ def expert_layout_for(cfg: ModelConfig, layout: str = "auto") -> str:
 
 
 class Weights(nnx.Module):
-    """Named weights declared by a {hf_name: shape} dict; ``w[name]`` reads one.
+    """Named weights of one layer of the tensor table; ``w[name]`` reads one.
 
     With ``per_expert``, a routed-expert weight declared stacked [E, ...] is held as E
     separate arrays and ``w[name]`` returns that tuple: on XLA:CPU, indexing a stacked
@@ -100,15 +91,15 @@ class Weights(nnx.Module):
     (``hf_items``) is stacked either way.
     """
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], dtype, keys, std: float = 0.02,
-                 per_expert: bool = False):
-        """keys: one PRNG key per declared name, in order (see DeepseekModel)."""
-        for (name, shape), key in zip(shapes.items(), keys, strict=True):
-            value = _init_value(name, shape, _param_dtype(name, dtype), key, std)
-            if per_expert and is_routed_expert(name):
-                setattr(self, _attr(name), nnx.List([nnx.Param(value[e]) for e in range(shape[0])]))
+    def __init__(self, rows: list[Tensor], dtype, keys, std: float = 0.02, per_expert: bool = False):
+        """rows: one layer's rows of the tensor table (named by ``rel``); keys: one PRNG key
+        per row, in order (see DeepseekModel)."""
+        for t, key in zip(rows, keys, strict=True):
+            value = _init_value(t.rel, t.shape, _param_dtype(t.rel, dtype), key, std)
+            if per_expert and t.group == ROUTED_EXPERT:
+                setattr(self, _attr(t.rel), nnx.List([nnx.Param(value[e]) for e in range(t.shape[0])]))
             else:
-                setattr(self, _attr(name), nnx.Param(value))
+                setattr(self, _attr(t.rel), nnx.Param(value))
 
     def __getitem__(self, name: str):
         v = getattr(self, _attr(name))
@@ -478,16 +469,18 @@ class DeepseekModel(nnx.Module):
         rngs = rngs or nnx.Rngs(0)
         self.cfg = cfg
         self.dtype = dtype
-        n_mtp = cfg.num_nextn_predict_layers if with_mtp else 0
-        decl = ([global_shapes(cfg)] + [layer_shapes(cfg, i) for i in range(cfg.num_hidden_layers)]
-                + [{**layer_shapes(cfg, cfg.num_hidden_layers + j), **mtp_extra_shapes(cfg)} for j in range(n_mtp)])
+        # One Weights per layer of the tensor table (globals, decoder layers, MTP modules).
+        by_layer: dict[int | None, list[Tensor]] = {}
+        for t in tensors(cfg, mtp=with_mtp):
+            by_layer.setdefault(t.layer, []).append(t)
+        decl = list(by_layer.values())
         # Every key is drawn before any weight is made: under nnx.eval_shape each draw
         # walks the whole trace so far, and the per-expert arrays of a 671B model add
         # ~45k slices to it (drawing as we go took ~9 min instead of seconds).
-        keys = [[rngs.params() for _ in shapes] for shapes in decl]
+        keys = [[rngs.params() for _ in rows] for rows in decl]
         self.expert_layout = expert_layout_for(cfg, expert_layout)
         pe = self.expert_layout == "per_expert"
-        w = [Weights(shapes, dtype, k, std, pe) for shapes, k in zip(decl, keys)]
+        w = [Weights(rows, dtype, k, std, pe) for rows, k in zip(decl, keys)]
         self.globals = w[0]
         self.layers = nnx.List(w[1:1 + cfg.num_hidden_layers])
         self.mtp = nnx.List(w[1 + cfg.num_hidden_layers:])

@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from reference.config import ModelConfig, yarn_get_mscale
+from dsref.reference.config import ModelConfig, yarn_get_mscale
 
 f64 = np.float64
 

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from reference.checkpoint import CheckpointError, read_config, read_safetensors_header, read_tensors
-from reference.config import ModelConfig
+from dsref.reference.checkpoint import CheckpointError, read_config, read_safetensors_header, read_tensors
+from dsref.reference.config import ModelConfig
 
 
 class OracleError(ValueError):
@@ -129,7 +129,7 @@ def canonicalize(outputs: dict[str, Any]) -> dict[str, np.ndarray]:
 
 def numpy_outputs(weights: dict[str, np.ndarray], cfg: ModelConfig, tokens: np.ndarray) -> dict[str, np.ndarray]:
     """float64 NumPy reference with capture (weights: {our_name: array})."""
-    from reference import numpy_ref
+    from dsref.reference import numpy_ref
     cap: dict[str, Any] = {}
     logits = numpy_ref.forward(tokens, weights, cfg, capture=cap)
     return canonicalize({"logits": logits, **cap})
@@ -138,7 +138,7 @@ def numpy_outputs(weights: dict[str, np.ndarray], cfg: ModelConfig, tokens: np.n
 def _jax_capture(graphdef, state, tokens):
     from flax import nnx
 
-    from reference.model import forward
+    from dsref.reference.model import forward
     cap: dict[str, Any] = {}
     logits = forward(nnx.merge(graphdef, state), tokens, capture=cap)
     return logits, cap
@@ -172,7 +172,7 @@ def run_reference(checkpoint: str | Path, tokens: np.ndarray, dtype: str = "floa
         return numpy_outputs(w, cfg, tokens)
     import jax.numpy as jnp
 
-    from reference.checkpoint import load_checkpoint
+    from dsref.reference.checkpoint import load_checkpoint
     jdt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}.get(dtype)
     if jdt is None:
         raise OracleError(f"dtype must be float64, float32 or bfloat16, got {dtype!r}")
@@ -234,7 +234,7 @@ def read_dump(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         raise OracleError(f"{e} (not a safetensors dump?)") from None
     except (UnicodeDecodeError, json.JSONDecodeError, struct.error) as e:  # pragma: no cover - caught above
         raise OracleError(f"{p}: not a safetensors file ({e})") from None
-    from reference.checkpoint import _ST_DTYPES
+    from dsref.reference.checkpoint import _ST_DTYPES
     mm = np.memmap(p, dtype=np.uint8, mode="r") if infos else None
     out = {}
     for name, info in infos.items():

@@ -14,7 +14,7 @@ _DTYPES = ("float32", "bf16", "fp8", "float64")
 
 
 def _overrides(args) -> dict[str, float]:
-    from reference.oracle import OracleError
+    from dsref.reference.oracle import OracleError
     out: dict[str, float] = {}
     if getattr(args, "rtol", None) is not None:
         out["rel"] = args.rtol
@@ -41,8 +41,8 @@ def _add_tol_args(p):
 
 
 def cmd_golden(args) -> int:
-    from reference import oracle
-    from reference.checkpoint import read_config
+    from dsref.reference import oracle
+    from dsref.reference.checkpoint import read_config
     tokens = oracle.load_tokens(args.tokens)
     oracle.check_tokens(tokens, read_config(args.checkpoint), str(args.tokens))
     out = oracle.write_golden(args.checkpoint, tokens, args.out, args.dtype)
@@ -52,7 +52,7 @@ def cmd_golden(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from reference import oracle
+    from dsref.reference import oracle
     rep = oracle.compare_files(args.reference, args.candidate, args.dtype, _overrides(args))
     if args.json:
         print(json.dumps(rep.to_json(), indent=2))
@@ -62,15 +62,15 @@ def cmd_compare(args) -> int:
 
 
 def _engine(args):
-    from reference import conformance
+    from dsref.reference import conformance
     if args.engine_cmd:
         return conformance.CommandEngine(args.engine_cmd, dtype=args.dtype or "float32")
     if args.engine == "transformers":
-        from reference.hf_adapter import TransformersEngine
+        from dsref.reference.hf_adapter import TransformersEngine
         try:
             return TransformersEngine()
         except ImportError as e:
-            from reference.oracle import OracleError
+            from dsref.reference.oracle import OracleError
             raise OracleError(f"--engine transformers needs torch and transformers ({e}); install the test "
                               "extra: pip install torch==2.13.0 -e '.[test]'") from None
     return conformance.ReferenceEngine({"dsref": "float32", "dsref-bf16": "bfloat16",
@@ -78,7 +78,7 @@ def _engine(args):
 
 
 def _print_results(results, name, as_json) -> int:
-    from reference import conformance
+    from dsref.reference import conformance
     if as_json:
         print(json.dumps(conformance.results_json(results, name), indent=2, default=str))
     else:
@@ -87,7 +87,7 @@ def _print_results(results, name, as_json) -> int:
 
 
 def cmd_conformance(args) -> int:
-    from reference import conformance
+    from dsref.reference import conformance
     if args.action == "list":
         for c in conformance.CASES:
             print(f"{c.letter} {c.name:<22} {c.targets}")
@@ -147,7 +147,7 @@ def register(sub) -> None:
 
 
 def _conformance_checked(args) -> int:
-    from reference.oracle import OracleError
+    from dsref.reference.oracle import OracleError
     if args.action != "list" and not args.dir:
         raise OracleError(f"conformance {args.action}: the kit directory DIR is required")
     if args.action == "grade" and not args.candidate_dir:
@@ -158,5 +158,5 @@ def _conformance_checked(args) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from reference.cli import main
+    from dsref.reference.cli import main
     sys.exit(main())

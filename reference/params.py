@@ -1,13 +1,19 @@
-"""Exact parameter shapes and counts, declared once per layer.
+"""Exact parameter shapes and counts, declared once: the tensor table.
 
-Every other piece (JAX init, NumPy reference, checkpoint loader, simulator) takes
-its shapes from here, so the model is described in exactly one place.
-Names are the Hugging Face checkpoint names relative to the layer.
+``tensors(cfg, mtp=...)`` yields one row per weight (name, shape, layer, group).
+Every other piece (JAX init and the checkpoint view, checkpoint IO, parameter
+counts, every byte count of the simulator) iterates over it, so the model is
+described in exactly one place: a new layer kind means editing the shape
+functions below and the compute functions, nothing else. Names are the Hugging
+Face checkpoint names.
 """
 
 from __future__ import annotations
 
-from reference.config import ModelConfig
+import math
+from dataclasses import dataclass
+
+from dsref.reference.config import ModelConfig
 
 
 def attention_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -86,19 +92,87 @@ def global_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     return s
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+# ------------------------------------------------------------- the tensor table
+# What a tensor is for. Every consumer (model init, the checkpoint view and IO,
+# parameter counts, every byte count of the simulator) reads the group from here
+# instead of matching names.
+GLOBAL = "global"                # embedding, final norm, LM head
+LAYER_NORM = "layer_norm"        # a decoder layer's input / post-attention RMSNorm
+ATTENTION = "attention"          # MLA (or dense attention) weights
+DENSE_MLP = "dense_mlp"          # the SwiGLU MLP of a dense layer
+ROUTER = "router"                # gate.weight and its balancing bias
+ROUTED_EXPERT = "routed_expert"  # stacked [E, ...] routed experts
+SHARED_EXPERT = "shared_expert"  # shared experts (always active)
+MTP = "mtp"                      # what an MTP module adds around its decoder layer
+GROUPS = (GLOBAL, LAYER_NORM, ATTENTION, DENSE_MLP, ROUTER, ROUTED_EXPERT, SHARED_EXPERT, MTP)
 
 
-def _sum(shapes: dict[str, tuple[int, ...]]) -> int:
-    return sum(_numel(v) for v in shapes.values())
+@dataclass(frozen=True)
+class Tensor:
+    """One row of the tensor table.
+
+    name: full Hugging Face name (``model.layers.3.mlp.experts.gate_proj.weight``; routed
+      experts stacked [E, ...]); rel: the name within its layer (``mlp.experts.gate_proj.weight``;
+      globals: the full name); layer: decoder-layer index (None for globals; MTP modules
+      follow the main layers at L, L+1, ...); group: one of GROUPS; mtp: part of an MTP module.
+    """
+
+    name: str
+    rel: str
+    shape: tuple[int, ...]
+    layer: int | None
+    group: str
+    mtp: bool = False
+
+    @property
+    def numel(self) -> int:
+        return numel(self.shape)
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    """Elements of an array of this shape."""
+    return math.prod(shape)
+
+
+def _group_of(rel: str) -> str:
+    if rel.endswith("layernorm.weight") and "." not in rel.removesuffix(".weight"):
+        return LAYER_NORM
+    if rel.startswith("self_attn."):
+        return ATTENTION
+    if rel.startswith("mlp.experts."):
+        return ROUTED_EXPERT
+    if rel.startswith("mlp.shared_experts."):
+        return SHARED_EXPERT
+    if rel.startswith("mlp.gate."):
+        return ROUTER
+    if rel.startswith("mlp."):
+        return DENSE_MLP
+    return MTP
+
+
+def layer_tensors(c: ModelConfig, i: int) -> list[Tensor]:
+    """Rows of decoder layer i (an MTP module's layer for i >= num_hidden_layers)."""
+    mtp = i >= c.num_hidden_layers
+    pre = f"model.layers.{i}."
+    rows = [Tensor(pre + k, k, s, i, _group_of(k), mtp) for k, s in layer_shapes(c, i).items()]
+    if mtp:
+        rows += [Tensor(pre + k, k, s, i, MTP, True) for k, s in mtp_extra_shapes(c).items()]
+    return rows
+
+
+def tensors(c: ModelConfig, mtp: bool = False) -> list[Tensor]:
+    """The tensor table: one row per weight, globals first, then layer by layer, then
+    (mtp=True) each MTP module. The embedding/head copies an MTP layer carries in
+    DeepSeek's checkpoints are not rows: the model shares the main ones."""
+    rows = [Tensor(k, k, s, None, GLOBAL) for k, s in global_shapes(c).items()]
+    n_layers = c.num_hidden_layers + (c.num_nextn_predict_layers if mtp else 0)
+    for i in range(n_layers):
+        rows += layer_tensors(c, i)
+    return rows
 
 
 def param_counts(c: ModelConfig) -> dict[str, int]:
-    """Exact counts.
+    """Exact counts, summed over the tensor table.
 
     total_params: main model (embeddings, all layers, final norm, LM head).
     activated_params: weights a token computes with: all layers except the routed
@@ -109,27 +183,23 @@ def param_counts(c: ModelConfig) -> dict[str, int]:
     mtp_params: the MTP module(s) without the embedding/head copies;
     mtp_checkpoint_params: as stored in the published checkpoint (with copies).
     """
-    glob = _sum(global_shapes(c))
-    total = glob
+    total = active = mtp = 0
     embed = c.vocab_size * c.hidden_size
-    active = glob - (0 if c.tie_word_embeddings else embed)
-    for i in range(c.num_hidden_layers):
-        ls = layer_shapes(c, i)
-        n = _sum(ls)
-        total += n
-        if c.is_moe_layer(i):
-            per_expert = _sum({k: v for k, v in ls.items() if ".experts." in k}) // c.n_routed_experts
-            n -= per_expert * (c.n_routed_experts - c.num_experts_per_tok)
-        active += n
-    mtp = 0
-    if c.is_moe and c.num_nextn_predict_layers:
-        last = c.num_hidden_layers  # MTP layers are indexed after the main layers (MoE blocks)
-        mtp = c.num_nextn_predict_layers * (_sum(layer_shapes(c, last)) + _sum(mtp_extra_shapes(c)))
-    copies = c.num_nextn_predict_layers * 2 * c.vocab_size * c.hidden_size if mtp else 0
+    with_mtp = c.is_moe and c.num_nextn_predict_layers > 0
+    for t in tensors(c, mtp=with_mtp):
+        if t.mtp:
+            mtp += t.numel
+            continue
+        total += t.numel
+        if t.group == ROUTED_EXPERT:
+            active += t.numel // c.n_routed_experts * c.num_experts_per_tok
+        elif t.name != "model.embed_tokens.weight" or c.tie_word_embeddings:
+            active += t.numel
+    copies = c.num_nextn_predict_layers * 2 * embed if mtp else 0
     return {
         "total_params": total,
         "activated_params": active,
-        "embedding_params": c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2),
+        "embedding_params": embed * (1 if c.tie_word_embeddings else 2),
         "mtp_params": mtp,
         "mtp_checkpoint_params": mtp + copies,
         "checkpoint_params": total + mtp + copies,

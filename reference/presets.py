@@ -9,7 +9,7 @@ benchmarks; they exercise the same code paths (groups, YaRN, dense-first-k).
 
 from __future__ import annotations
 
-from reference.config import ConfigError, ModelConfig, RopeScaling
+from dsref.reference.config import ConfigError, ModelConfig, RopeScaling
 
 _V3_YARN = RopeScaling(factor=40.0, original_max_position_embeddings=4096, beta_fast=32.0,
                        beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)

@@ -14,7 +14,7 @@ import argparse
 import json
 
 # (subcommand, module) pairs contributed by other modules, in help order.
-SUBCOMMAND_MODULES = (("serve", "sim.serve_cli"), ("train", "sim.train_cli"))
+SUBCOMMAND_MODULES = (("serve", "dsref.sim.serve_cli"), ("train", "dsref.sim.train_cli"))
 
 
 def _gb(x) -> str:
@@ -22,7 +22,7 @@ def _gb(x) -> str:
 
 
 def cmd_local(args) -> int:
-    from sim.local import estimate
+    from dsref.sim.local import estimate
     r = estimate(args.model, args.device, args.quant, context=args.context, batch=args.batch,
                  prompt_tokens=args.prompt_tokens, mla_form=args.mla_form)
     if args.json:
@@ -78,7 +78,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = sim.add_subparsers(dest="sim_command", metavar="SIM_COMMAND")
     register_local(sub)
-    from reference.cli import register_modules
+    from dsref.reference.cli import register_modules
     register_modules(sub, [mod for _name, mod in SUBCOMMAND_MODULES])
     sim.set_defaults(func=lambda args: (sim.print_help(), 2)[1])
     return sim

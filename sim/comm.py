@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from reference.config import ModelConfig
+from dsref.reference.config import ModelConfig
 
 FP8_BYTES = 1.0
 BF16_BYTES = 2.0
@@ -184,7 +184,7 @@ def training_comm(cfg: ModelConfig, plan: ParallelPlan, tokens_per_device: int, 
 
 def params_per_device(cfg: ModelConfig, plan: ParallelPlan) -> float:
     """Parameters one device holds: routed experts split over EP x PP, the rest over TP x PP."""
-    from reference.params import layer_shapes
+    from dsref.reference.params import layer_shapes
     expert = 0
     for i in range(cfg.num_hidden_layers):
         for name, shape in layer_shapes(cfg, i).items():

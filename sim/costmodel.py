@@ -45,10 +45,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from reference.config import ModelConfig
-from reference.params import global_shapes, layer_shapes
-from sim import moe_stats
-from sim.quant import BITS_PER_BYTE, QuantPlan, get_plan, weight_role
+from dsref.reference.config import ModelConfig
+from dsref.reference.params import global_shapes, layer_shapes
+from dsref.sim import moe_stats
+from dsref.sim.quant import BITS_PER_BYTE, QuantPlan, get_plan, weight_role
 
 KINDS = ("gemm", "attention", "norm", "elementwise", "router", "embed", "head", "moe_gemm")
 
@@ -435,7 +435,7 @@ def training_flops_per_token(cfg: ModelConfig, seq: int = 4096, recompute: str =
 
 def weight_bytes_total(cfg: ModelConfig, plan: QuantPlan | str) -> float:
     """Stored bytes of all main-model weights under ``plan``."""
-    from sim.quant import model_weight_bytes
+    from dsref.sim.quant import model_weight_bytes
     plan = get_plan(plan) if isinstance(plan, str) else plan
     return model_weight_bytes(cfg, plan)["total"]
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from reference.config import ModelConfig
+from dsref.reference.config import ModelConfig
 
 OVERHEAD_FILE = Path(__file__).resolve().parent.parent / "hwmodels" / "data" / "llama_cpp_overhead.toml"
 
@@ -90,7 +90,7 @@ def graphs_per_step(tokens: int) -> int:
 
 @lru_cache(maxsize=None)
 def _overheads(path: str, _mtime: int) -> dict:
-    from hwmodels.catalog import parse_figure, read_toml
+    from dsref.hwmodels.catalog import parse_figure, read_toml
     out = {}
     for key, raw in read_toml(path).items():
         out[key] = parse_figure(raw, path, key, ("s",))

@@ -35,11 +35,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from reference.config import ModelConfig
-from reference.presets import load_config
-from sim import costmodel, llama_cpp, roofline
-from sim.comm import CommOp, tp_comm
-from sim.quant import BITS_PER_BYTE, QuantPlan, get_plan, model_weight_bytes, weight_role
+from dsref.reference.config import ModelConfig
+from dsref.reference.presets import load_config
+from dsref.sim import costmodel, llama_cpp, roofline
+from dsref.sim.comm import CommOp, tp_comm
+from dsref.sim.quant import BITS_PER_BYTE, QuantPlan, get_plan, model_weight_bytes, weight_role
 
 LOGITS_BYTES = 4  # fp32 logits (both llama.cpp and reference/model.py return float32)
 
@@ -61,14 +61,14 @@ class Target:
 
 def resolve_target(name: str) -> Target:
     """A device id / device file / 'host', else a system (node) preset."""
-    from hwmodels.catalog import CatalogError, load_device
+    from dsref.hwmodels.catalog import CatalogError, load_device
     try:
         return Target(name, load_device(name))
     except CatalogError as dev_err:
         if name == "host":  # the probe file is missing: the device error says what to run
             raise
         try:
-            from hwmodels.systems import load_system
+            from dsref.hwmodels.systems import load_system
         except ImportError:  # pragma: no cover - systems module not present
             raise dev_err from None
         try:
@@ -147,7 +147,7 @@ def memory_plan(cfg: ModelConfig, plan: QuantPlan, tgt: Target, context: int, ba
 
 
 def _embed_bytes(cfg, plan) -> float:
-    from reference.params import global_shapes
+    from dsref.reference.params import global_shapes
     s = global_shapes(cfg)["model.embed_tokens.weight"]
     bits = plan.weight_bits(weight_role(cfg, "model.embed_tokens.weight"), s, None, cfg.num_hidden_layers)
     return s[0] * s[1] * bits / BITS_PER_BYTE

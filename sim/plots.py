@@ -18,8 +18,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from reference.presets import get_preset
-from sim import costmodel, roofline
+from dsref.reference.presets import get_preset
+from dsref.sim import costmodel, roofline
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "img" / "roofline_v3.png"
 DEVICES = (("h800", "fp8"), ("ascend-910c", "bf16"), ("raspberry-pi-5", "q4_k_m"))
@@ -68,7 +68,7 @@ def write_roofline_v3(path: str | Path = DEFAULT_OUT) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from hwmodels.catalog import load_device
+    from dsref.hwmodels.catalog import load_device
     cfg = get_preset("deepseek-v3")
     fig, axes = plt.subplots(1, len(DEVICES), figsize=(6 * len(DEVICES), 5.2))
     for ax, (dev_id, quant) in zip(axes, DEVICES):

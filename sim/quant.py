@@ -194,7 +194,7 @@ def model_weight_bytes(cfg, plan: QuantPlan) -> dict[str, float]:
 
     Returns total, per-layer list, globals and the average bits per weight.
     """
-    from reference.params import global_shapes, layer_shapes
+    from dsref.reference.params import global_shapes, layer_shapes
     n = cfg.num_hidden_layers
     glob = sum(_numel(s) * plan.weight_bits(weight_role(cfg, k), s, None, n)
                for k, s in global_shapes(cfg).items()) / BITS_PER_BYTE

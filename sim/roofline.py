@@ -31,8 +31,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sim.comm import CommOp
-from sim.costmodel import Op
+from dsref.sim.comm import CommOp
+from dsref.sim.costmodel import Op
 
 _COMPUTE_EFF = {"attention": "attention"}
 # When a device's data file marks a rate "unknown" (e.g. Ascend 910C fp32), the
@@ -98,7 +98,7 @@ def compute_efficiency_type(kind: str) -> str:
 
 def peak_rate(device, precision: str) -> float:
     """Device.peak(precision), or the UNKNOWN_RATE_FALLBACK rate when the catalog marks it unknown."""
-    from hwmodels.catalog import CatalogError
+    from dsref.hwmodels.catalog import CatalogError
     try:
         return device.peak(precision)
     except CatalogError:
@@ -112,7 +112,7 @@ def peak_rate(device, precision: str) -> float:
 
 def device_efficiencies(device) -> dict[str, float]:
     """Every efficiency factor of ``device`` (catalog lookups done once; each re-reads the TOML)."""
-    from hwmodels.catalog import EFFICIENCY_OPS
+    from dsref.hwmodels.catalog import EFFICIENCY_OPS
     return {op: device.efficiency(op) for op in EFFICIENCY_OPS}
 
 

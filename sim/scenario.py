@@ -186,15 +186,15 @@ class Scenario:
 
     # ----------------------------------------------------------- resolution
     def model(self):
-        from reference.config import ConfigError
-        from reference.presets import load_config
+        from dsref.reference.config import ConfigError
+        from dsref.reference.presets import load_config
         try:
             return load_config(self.data["model"])
         except (ConfigError, ValueError, KeyError) as e:
             raise _err(self.source, "model", f"unknown model {self.data['model']!r} ({e})") from None
 
     def quant(self):
-        from sim.quant import get_plan
+        from dsref.sim.quant import get_plan
         try:
             return get_plan(self.data["quant"])
         except ValueError as e:
@@ -202,8 +202,8 @@ class Scenario:
 
     def system(self):
         """(node, cluster or None, device) with device_split applied."""
-        from hwmodels.catalog import CatalogError
-        from hwmodels.systems import Cluster, load_system
+        from dsref.hwmodels.catalog import CatalogError
+        from dsref.hwmodels.systems import Cluster, load_system
         try:
             s = load_system(self.data["system"])
         except (CatalogError, FileNotFoundError, OSError, ValueError) as e:
@@ -307,7 +307,7 @@ class Scenario:
                        f"exceed the {dev.memory_bytes / 1e9:.1f} GB of a {dev.id}")
 
     def plan(self, role: str):
-        from sim.stepcost import Plan
+        from dsref.sim.stepcost import Plan
         node, _, _ = self.system()
         r, n = self.data[role], self.instance_devices(role)
         cfg = self.model()
@@ -319,8 +319,8 @@ class Scenario:
 
     def kv_capacity(self, role: str) -> dict:
         """KV-cache tokens per device = (memory - weights under the plan - activation reserve) / latent bytes per token."""
-        from sim.local import activation_bytes
-        from sim.stepcost import weight_bytes_per_device
+        from dsref.sim.local import activation_bytes
+        from dsref.sim.stepcost import weight_bytes_per_device
         cfg, q = self.model(), self.quant()
         _, _, dev = self.system()
         r = self.data[role]

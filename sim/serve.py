@@ -51,10 +51,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import simpy
 
-from sim import roofline
-from sim.comm import CommOp, kv_transfer_bytes
-from sim.scenario import Scenario, ScenarioError
-from sim.stepcost import OpTable, StepCost, request_features
+from dsref.sim import roofline
+from dsref.sim.comm import CommOp, kv_transfer_bytes
+from dsref.sim.scenario import Scenario, ScenarioError
+from dsref.sim.stepcost import OpTable, StepCost, request_features
 
 SECONDS_PER_HOUR = 3600.0
 TOKENS_PER_MILLION = 1e6

@@ -35,8 +35,8 @@ def _print_serve(r: dict) -> None:
 
 
 def cmd_serve(args) -> int:
-    from sim import scenario as scn
-    from sim import serve
+    from dsref.sim import scenario as scn
+    from dsref.sim import serve
     if args.list:
         for name in scn.builtin_names():
             raw, _, _ = scn.load_raw(name)
@@ -56,7 +56,7 @@ def cmd_serve(args) -> int:
     if args.sweep:
         res = serve.sweep(sc, duration_s=args.duration, seed=args.seed, progress=progress)
         if args.plot:
-            from sim.sim_plots import plot_sweep
+            from dsref.sim.sim_plots import plot_sweep
             plot_sweep(res, args.plot)
         if args.json:
             print(json.dumps([{k: v for k, v in r.items() if k != "queue_samples"} for r in res], default=float))
@@ -71,14 +71,14 @@ def cmd_serve(args) -> int:
     sim = serve.ServeSim(sc, duration_s=args.duration, seed=args.seed, record=bool(args.trace or args.plot),
                          progress=progress)
     r = sim.run()
-    from sim import trace
-    from sim.cli import emit_outputs
+    from dsref.sim import trace
+    from dsref.sim.cli import emit_outputs
     return emit_outputs(args, r, _print_serve, lambda path: trace.write(path, trace.serve_trace(sim)),
                         lambda path: _plot(sim, r, path))
 
 
 def _plot(sim, r, path):
-    from sim.sim_plots import plot_serve_timeline  # matplotlib only when a plot is asked for
+    from dsref.sim.sim_plots import plot_serve_timeline  # matplotlib only when a plot is asked for
     plot_serve_timeline(sim, r, path)
 
 

@@ -29,13 +29,13 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from reference.config import ModelConfig
-from reference.params import layer_shapes
-from sim import costmodel, roofline
-from sim.comm import CommOp, ParallelPlan, ep_comm, grouped_time, tp_comm
-from sim.costmodel import StepShape
-from sim.moe_stats import expected_distinct_uniform
-from sim.quant import BITS_PER_BYTE, QuantPlan, get_plan, weight_role
+from dsref.reference.config import ModelConfig
+from dsref.reference.params import layer_shapes
+from dsref.sim import costmodel, roofline
+from dsref.sim.comm import CommOp, ParallelPlan, ep_comm, grouped_time, tp_comm
+from dsref.sim.costmodel import StepShape
+from dsref.sim.moe_stats import expected_distinct_uniform
+from dsref.sim.quant import BITS_PER_BYTE, QuantPlan, get_plan, weight_role
 
 N_FEATURES = 5
 # Shapes (batch, new tokens, prefix) at which the cost model is sampled for the fit:
@@ -305,7 +305,7 @@ def weight_bytes_per_device(cfg: ModelConfig, quant: QuantPlan | str, plan: Plan
     replicas), everything else (attention, dense MLP, shared experts, norms, router,
     embedding, head) replicated over DP ranks and divided by TP; layers divided by PP."""
     q = get_plan(quant) if isinstance(quant, str) else quant
-    from reference.params import global_shapes
+    from dsref.reference.params import global_shapes
     L = cfg.num_hidden_layers
     expert = other = 0.0
     for i in range(L):

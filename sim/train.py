@@ -42,11 +42,11 @@ from dataclasses import dataclass
 import numpy as np
 import simpy
 
-from reference.params import global_shapes, layer_shapes, mtp_extra_shapes
-from sim import costmodel, roofline
-from sim.comm import dp_zero1_comm, pp_comm
-from sim.scenario import Scenario, ScenarioError
-from sim.stepcost import OpTable, Plan, StepCost
+from dsref.reference.params import global_shapes, layer_shapes, mtp_extra_shapes
+from dsref.sim import costmodel, roofline
+from dsref.sim.comm import dp_zero1_comm, pp_comm
+from dsref.sim.scenario import Scenario, ScenarioError
+from dsref.sim.stepcost import OpTable, Plan, StepCost
 
 SECONDS_PER_DAY = 86400.0
 SECONDS_PER_HOUR = 3600.0

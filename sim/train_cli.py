@@ -22,8 +22,8 @@ def _print_train(r: dict) -> None:
 
 
 def cmd_train(args) -> int:
-    from sim import scenario as scn
-    from sim import train
+    from dsref.sim import scenario as scn
+    from dsref.sim import train
     if not args.scenario:
         raise scn.ScenarioError("<command line>: field 'scenario': give --scenario NAME|FILE")
     over: dict = {}
@@ -36,14 +36,14 @@ def cmd_train(args) -> int:
         raise scn.ScenarioError(f"{sc.source}: field 'kind': '{sc.kind}' scenario; use `dsref sim {sc.kind}`")
     sim = train.TrainSim(sc, record=bool(args.trace or args.plot))
     r = sim.run()
-    from sim import trace
-    from sim.cli import emit_outputs
+    from dsref.sim import trace
+    from dsref.sim.cli import emit_outputs
     return emit_outputs(args, r, _print_train, lambda path: trace.write(path, trace.train_trace(sim)),
                         lambda path: _plot(sim, path))
 
 
 def _plot(sim, path):
-    from sim.sim_plots import plot_train_timeline  # matplotlib only when a plot is asked for
+    from dsref.sim.sim_plots import plot_train_timeline  # matplotlib only when a plot is asked for
     plot_train_timeline(sim, path)
 
 

@@ -12,7 +12,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np
 import pytest
 
-from reference.config import ModelConfig
+from dsref.reference.config import ModelConfig
 
 
 def hf_state_to_ours(sd: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:

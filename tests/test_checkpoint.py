@@ -19,13 +19,13 @@ transformers = pytest.importorskip("transformers")
 
 from flax import nnx  # noqa: E402
 
-from reference import numpy_ref  # noqa: E402
-from reference.checkpoint import (  # noqa: E402
+from dsref.reference import numpy_ref  # noqa: E402
+from dsref.reference.checkpoint import (  # noqa: E402
     CheckpointError, _grid, dequantize_fp8_blockwise, describe_checkpoint, load_checkpoint,
     quantize_fp8_blockwise, read_tensors, save_checkpoint, tokenizer_path)
-from reference.config import ConfigError  # noqa: E402
-from reference.model import DeepseekModel, forward, jit_forward, mtp_logits  # noqa: E402
-from reference.presets import get_preset  # noqa: E402
+from dsref.reference.config import ConfigError  # noqa: E402
+from dsref.reference.model import DeepseekModel, forward, jit_forward, mtp_logits  # noqa: E402
+from dsref.reference.presets import get_preset  # noqa: E402
 
 TOKENS = np.random.default_rng(7).integers(0, 256, (2, 11))
 BLOCK = (16, 24)  # partial blocks on tiny-v3: kv_a_proj_with_mqa [40, 64] -> grid 3 x 3
@@ -427,7 +427,7 @@ def test_tokenizer_path_and_describe(hf_ckpts, tmp_path):
 
 
 def _shapes_hf(cfg):
-    from reference.params import global_shapes, layer_shapes
+    from dsref.reference.params import global_shapes, layer_shapes
     out = list(global_shapes(cfg).values())
     for i in range(cfg.num_hidden_layers):
         out += list(layer_shapes(cfg, i).values())

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from reference.config import ConfigError, ModelConfig
-from reference.model import DeepseekModel
-from reference.presets import get_preset, preset_names
+from dsref.reference.config import ConfigError, ModelConfig
+from dsref.reference.model import DeepseekModel
+from dsref.reference.presets import get_preset, preset_names
 
 V3_JSON = {  # the published DeepSeek-V3 config.json, abridged to what the model reads + unused extras
     "architectures": ["DeepseekV3ForCausalLM"], "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config"},
@@ -156,7 +156,7 @@ def test_every_preset_loads_and_round_trips(tmp_path):
 
 
 def test_info_cli_json(capsys):
-    from reference.cli import main
+    from dsref.reference.cli import main
     assert main(["info", "deepseek-v3", "--json", "--no-check"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["total_params"] == 671_026_419_200 and d["kv_cache_bytes_per_token"] == 70_272

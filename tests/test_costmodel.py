@@ -24,11 +24,11 @@ import json
 import numpy as np
 import pytest
 
-from reference.params import layer_shapes
-from reference.presets import get_preset
-from sim import comm, costmodel, moe_stats, roofline
-from sim.local import estimate
-from sim.quant import get_plan, model_weight_bytes
+from dsref.reference.params import layer_shapes
+from dsref.reference.presets import get_preset
+from dsref.sim import comm, costmodel, moe_stats, roofline
+from dsref.sim.local import estimate
+from dsref.sim.quant import get_plan, model_weight_bytes
 
 GB = 1e9
 
@@ -213,7 +213,7 @@ def test_training_comm_per_stage_and_params_per_device():
 
 # ------------------------------------------------------------------- roofline
 def test_roofline_bounds_and_ridge():
-    from hwmodels.catalog import load_device
+    from dsref.hwmodels.catalog import load_device
     h800 = load_device("h800")
     big = costmodel.Op("big_gemm", 0, "gemm", 2 * 8192 ** 3, 3 * 8192 ** 2 * 2, precision="bf16")
     small = costmodel.Op("gemv", 0, "gemm", 2 * 8192 ** 2, 8192 ** 2 * 2, precision="bf16")
@@ -244,7 +244,7 @@ def test_local_too_big_model_reports_clearly():
 def test_local_partial_offload_between_host_and_gpu_rates():
     part = estimate("qwen2.5-14b", "raspberry-pi-5-w7700", "bf16")  # 29.5 GB of weights, 16 GB VRAM
     assert part["fits"] and 0 < part["gpu_layers"] < 48
-    from hwmodels.catalog import load_device
+    from dsref.hwmodels.catalog import load_device
     pi, gpu = load_device("raspberry-pi-5"), load_device("radeon-pro-w7700")
     all_on_host = part["decode_weight_bytes_per_step"] / (pi.memory_bandwidth * pi.efficiency("memory"))
     all_on_gpu = part["decode_weight_bytes_per_step"] / (gpu.memory_bandwidth * gpu.efficiency("memory"))
@@ -254,7 +254,7 @@ def test_local_partial_offload_between_host_and_gpu_rates():
 
 
 def test_cli_local_json(capsys):
-    from reference.cli import main
+    from dsref.reference.cli import main
     rc = main(["sim", "local", "--model", "qwen2.5-14b", "--device", "raspberry-pi-5", "--quant", "q4_k_m",
                "--context", "2048", "--json"])
     d = json.loads(capsys.readouterr().out)

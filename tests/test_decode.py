@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from reference.decode import bucket, compiled_steps, cache_bytes, generate, init_cache, sample
-from reference.model import DeepseekModel, jit_forward
-from reference.presets import get_preset
+from dsref.reference.decode import bucket, compiled_steps, cache_bytes, generate, init_cache, sample
+from dsref.reference.model import DeepseekModel, jit_forward
+from dsref.reference.presets import get_preset
 
 
 @pytest.fixture(scope="module")

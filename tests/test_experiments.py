@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from experiments import registry, validate
-from experiments.registry import INPUT_IDS, Record, record, signed_error
+from dsref.experiments import registry, validate
+from dsref.experiments.registry import INPUT_IDS, Record, record, signed_error
 
 try:
     CLAIMS = registry.load_claims()
@@ -100,7 +100,7 @@ def test_validate_json_shape_and_docs(records, tmp_path, monkeypatch, capsys):
 
 
 def test_cli_registers_validate():
-    from experiments import cli
+    from dsref.experiments import cli
     ap = argparse.ArgumentParser()
     cli.register(ap.add_subparsers())
     a = ap.parse_args(["validate", "--json", "--out-dir", "x", "--closed-loop", "--whatif", "--fast"])
@@ -108,7 +108,7 @@ def test_cli_registers_validate():
 
 
 def test_closed_loop_tiny_runs(tmp_path):
-    from experiments.closed_loop import run_closed_loop
+    from dsref.experiments.closed_loop import run_closed_loop
     cl = run_closed_loop(fast=True, progress=False, probe_dir=str(tmp_path))
     for k in ("prefill", "decode"):
         for f in ("measured_tokens_per_s", "predicted_tokens_per_s", "error"):

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hwmodels.catalog import CatalogError, GemmRowsCurve, list_devices, load_device
-from reference.presets import get_preset
-from sim import costmodel, roofline
+from dsref.hwmodels.catalog import CatalogError, GemmRowsCurve, list_devices, load_device
+from dsref.reference.presets import get_preset
+from dsref.sim import costmodel, roofline
 
 BASE = """
 id = "{id}"
@@ -136,7 +136,7 @@ def test_costmodel_records_gemm_rows():
 
 
 def test_expert_windows_follow_the_reference():
-    from reference.model import block_size
+    from dsref.reference.model import block_size
     for A in (1, 3, 4, 31, 32, 100, 512, 4096, 10**5):
         for E in (1, 8, 32, 256):
             assert costmodel.expert_window_rows(A, E) == block_size(A, E)
@@ -155,7 +155,7 @@ def test_expert_windows_follow_the_reference():
 
 
 def test_quick_probe_writes_a_loadable_curve(tmp_path):
-    from hwmodels.probe import QUICK, write_probe
+    from dsref.hwmodels.probe import QUICK, write_probe
     dev = load_device(write_probe(tmp_path / "host.toml", quick=True))
     c = dev.gemm_rows_curve
     assert c is not None and c.rows == tuple(QUICK["rows"]) and c.confidence == "measured"
@@ -214,7 +214,7 @@ def test_costmodel_records_matrix_bytes_per_call():
 
 
 def test_hw_show_prints_the_curves(tmp_path, capsys):
-    from hwmodels.cli import _show_device
+    from dsref.hwmodels.cli import _show_device
     dev = _device(tmp_path, CURVE + GEMV)
     _show_device(dev, as_json=False)
     out = capsys.readouterr().out

@@ -6,11 +6,11 @@ import json
 import pytest
 from flax import nnx
 
-from reference.checkpoint import save_checkpoint
-from reference.cli import main
-from reference.decode import generate
-from reference.model import DeepseekModel
-from reference.presets import get_preset
+from dsref.reference.checkpoint import save_checkpoint
+from dsref.reference.cli import main
+from dsref.reference.decode import generate
+from dsref.reference.model import DeepseekModel
+from dsref.reference.presets import get_preset
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from hwmodels import cli
-from hwmodels.catalog import (
+from dsref.hwmodels import cli
+from dsref.hwmodels.catalog import (
     CONFIDENCES,
     DEVICE_CLASSES,
     DEVICES_DIR,
@@ -22,7 +22,7 @@ from hwmodels.catalog import (
     load_device,
     load_efficiency_table,
 )
-from hwmodels.systems import SYSTEMS_DIR, Cluster, Node, list_system_names, list_systems, load_system
+from dsref.hwmodels.systems import SYSTEMS_DIR, Cluster, Node, list_system_names, list_systems, load_system
 
 REQUIRED_IDS = {
     "h800", "h100", "h200", "h20", "a100", "b200", "gb200", "ascend-910b", "ascend-910c",
@@ -242,7 +242,7 @@ def test_efficiency_file_missing_entry_rejected(tmp_path):
 @pytest.fixture
 def probed_home(tmp_path, monkeypatch):
     """DSREF_HOME pointing at a tmp dir holding a quick-probe host file."""
-    from hwmodels.probe import write_probe
+    from dsref.hwmodels.probe import write_probe
 
     monkeypatch.setenv("DSREF_HOME", str(tmp_path / "home"))
     write_probe(quick=True)

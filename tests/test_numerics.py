@@ -13,11 +13,11 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reference import numpy_ref
-from reference.config import RopeScaling
-from reference.model import (DeepseekModel, apply_rope, dispatch_plan, jit_forward, route, routed_experts,
+from dsref.reference import numpy_ref
+from dsref.reference.config import RopeScaling
+from dsref.reference.model import (DeepseekModel, apply_rope, dispatch_plan, jit_forward, route, routed_experts,
                              swiglu)
-from reference.presets import get_preset
+from dsref.reference.presets import get_preset
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -290,7 +290,7 @@ def test_per_expert_weights_are_read_in_place():
 
 
 def test_expert_layout_bounds_compile_time_and_gives_the_same_model():
-    from reference.model import MAX_PER_EXPERT_BRANCHES, expert_layout_for
+    from dsref.reference.model import MAX_PER_EXPERT_BRANCHES, expert_layout_for
     assert expert_layout_for(get_preset("small-v3")) == "per_expert"  # 32 experts x 8 MoE layers (MTP incl.)
     assert expert_layout_for(get_preset("deepseek-v3")) == "stacked"  # 256 x 59
     assert expert_layout_for(get_preset("deepseek-v3"), "per_expert") == "per_expert"

@@ -12,10 +12,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from reference import numpy_ref  # noqa: E402
-from reference.config import RopeScaling  # noqa: E402
-from reference.model import DeepseekModel, forward, jit_forward  # noqa: E402
-from reference.presets import get_preset  # noqa: E402
+from dsref.reference import numpy_ref  # noqa: E402
+from dsref.reference.config import RopeScaling  # noqa: E402
+from dsref.reference.model import DeepseekModel, forward, jit_forward  # noqa: E402
+from dsref.reference.presets import get_preset  # noqa: E402
 from tests.conftest import hf_state_to_ours, make_hf_model  # noqa: E402
 
 YARN = RopeScaling(factor=4.0, original_max_position_embeddings=16, beta_fast=32.0, beta_slow=1.0,

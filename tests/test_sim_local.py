@@ -1,15 +1,15 @@
-"""sim.local's llama.cpp mechanisms: graph-node overhead, the expanded DeepSeek KV cache of
+"""dsref.sim.local's llama.cpp mechanisms: graph-node overhead, the expanded DeepSeek KV cache of
 early-2025 llama.cpp, CPU-only node presets, logits over PCIe, and the device calibration."""
 
 from __future__ import annotations
 
 import pytest
 
-from hwmodels.catalog import load_device
-from reference.presets import load_config
-from sim import costmodel, llama_cpp
-from sim.local import estimate, kv_bytes_per_token, resolve_target
-from sim.quant import get_plan, model_weight_bytes
+from dsref.hwmodels.catalog import load_device
+from dsref.reference.presets import load_config
+from dsref.sim import costmodel, llama_cpp
+from dsref.sim.local import estimate, kv_bytes_per_token, resolve_target
+from dsref.sim.quant import get_plan, model_weight_bytes
 
 Q = "q4_k_m"
 
@@ -106,7 +106,7 @@ def test_tied_embedding_is_stored_as_the_output_layer():
 def test_device_calibration_is_the_solution_of_its_measurements():
     """The stored memory efficiency and per-node overhead solve the two cited measurements; sim.local then
     reproduces them, and the held-out ones within 10%."""
-    from experiments.edge_devices import CALIBRATION, calibrate, held_out_errors
+    from dsref.experiments.edge_devices import CALIBRATION, calibrate, held_out_errors
     for target, cal in CALIBRATION.items():
         tgt = resolve_target(target)
         got = calibrate(target)

@@ -8,14 +8,14 @@ import math
 import numpy as np
 import pytest
 
-from hwmodels.catalog import load_device
-from hwmodels.systems import load_system
-from reference.presets import get_preset
-from sim import costmodel, roofline, trace
-from sim.comm import CommOp, kv_transfer_bytes
-from sim.scenario import ScenarioError, from_dict, load
-from sim.serve import ServeSim, simulate
-from sim.stepcost import OpTable, Plan, StepCost, features
+from dsref.hwmodels.catalog import load_device
+from dsref.hwmodels.systems import load_system
+from dsref.reference.presets import get_preset
+from dsref.sim import costmodel, roofline, trace
+from dsref.sim.comm import CommOp, kv_transfer_bytes
+from dsref.sim.scenario import ScenarioError, from_dict, load
+from dsref.sim.serve import ServeSim, simulate
+from dsref.sim.stepcost import OpTable, Plan, StepCost, features
 
 SMALL = "deepseek-v2-lite"   # fits one H800 in bf16 (~31 GB)
 
@@ -61,7 +61,7 @@ def test_two_microbatch_overlap_uses_the_catalog_share():
     """TBO step = max(C, M) + (1 - overlap) * min(C, M), overlap from efficiency.toml (gpu.overlap)."""
     from dataclasses import replace
 
-    from hwmodels.catalog import Figure
+    from dsref.hwmodels.catalog import Figure
     cfg, dev = get_preset("deepseek-v3"), load_device("h800")
     plan = Plan(devices=72, attn_dp=72, ep=72, expert_slots=288, devices_per_node=8)
     per = 128
@@ -210,7 +210,7 @@ def test_serve_trace_structure(tmp_path):
 
 
 def test_cli_json_is_clean(capsys):
-    from reference.cli import main
+    from dsref.reference.cli import main
     assert main(["sim", "serve", "--scenario", "single-node-h800", "--duration", "5", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     for k in ("input_tokens_per_s_per_node", "output_tokens_per_s_per_node", "ttft_p50_s", "ttft_p99_s",
@@ -219,7 +219,7 @@ def test_cli_json_is_clean(capsys):
 
 
 def test_cli_error_names_field(capsys):
-    from reference.cli import main
+    from dsref.reference.cli import main
     assert main(["sim", "serve", "--scenario", "no-such-scenario"]) == 2
     assert "field 'scenario'" in capsys.readouterr().err
 
@@ -247,9 +247,9 @@ def test_jsonl_trace_workload(tmp_path):
 def test_weight_bytes_per_device_uses_the_tied_head_rule():
     """A tied embedding is stored as the output layer under llama.cpp plans (Q4_K_M -> Q6_K),
     so one device holding everything holds what sim.quant.model_weight_bytes counts."""
-    from reference.presets import get_preset
-    from sim.quant import get_plan, model_weight_bytes
-    from sim.stepcost import Plan, weight_bytes_per_device
+    from dsref.reference.presets import get_preset
+    from dsref.sim.quant import get_plan, model_weight_bytes
+    from dsref.sim.stepcost import Plan, weight_bytes_per_device
     for name in ("llama-3.2-3b", "qwen2.5-14b"):
         cfg = get_preset(name)
         for quant in ("q4_k_m", "bf16"):

@@ -7,10 +7,10 @@ from collections import Counter
 
 import pytest
 
-from hwmodels.catalog import load_device
-from sim import trace
-from sim.scenario import ScenarioError, from_dict, load
-from sim.train import TrainSim, balanced_ranges, schedule_1f1b, schedule_dualpipe, simulate, stage_ranges
+from dsref.hwmodels.catalog import load_device
+from dsref.sim import trace
+from dsref.sim.scenario import ScenarioError, from_dict, load
+from dsref.sim.train import TrainSim, balanced_ranges, schedule_1f1b, schedule_dualpipe, simulate, stage_ranges
 
 
 def _uniform(schedule: str, pp: int, m: int, f=1.0, b=2.0, w=0.0, p2p=0.0, **extra) -> dict:
@@ -158,8 +158,8 @@ def test_v3_mechanisms_each_move_the_result():
 
 def test_ep_intra_and_inter_legs_overlap():
     """Dispatch (and combine) over NVLink and InfiniBand run at once: the slower leg counts."""
-    from reference.presets import get_preset
-    from sim.comm import CommOp, ParallelPlan, ep_comm, grouped_time
+    from dsref.reference.presets import get_preset
+    from dsref.sim.comm import CommOp, ParallelPlan, ep_comm, grouped_time
     ops = ep_comm(get_preset("deepseek-v3"), 4096, ParallelPlan(ep=64, node_limit=4))
     assert {c.group for c in ops} == {"ep_dispatch", "ep_combine"}
     t = {c.name: float(i + 1) for i, c in enumerate(ops)}
@@ -170,8 +170,8 @@ def test_ep_intra_and_inter_legs_overlap():
 
 
 def test_fp8_plan_keeps_the_head_in_bf16():
-    from reference.presets import get_preset
-    from sim import costmodel
+    from dsref.reference.presets import get_preset
+    from dsref.sim import costmodel
     ops = costmodel.decode_ops(get_preset("tiny-v3"), "fp8", 1, 8)
     assert [o.precision for o in ops if o.kind == "head"] == ["bf16"]
     assert {o.precision for o in ops if o.kind == "moe_gemm"} == {"fp8"}
@@ -197,7 +197,7 @@ def test_train_errors_name_the_field(patch, field):
 
 
 def test_train_cli_json(capsys):
-    from reference.cli import main
+    from dsref.reference.cli import main
     assert main(["sim", "train", "--scenario", "deepseek-v3-pretrain", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     for k in ("step_time_s", "bubble_fraction", "mfu", "tokens_per_day", "device_hours", "cost_usd"):

@@ -32,10 +32,10 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from reference.config import ModelConfig
-from reference.model import DeepseekModel, block_size, forward
-from reference.presets import get_preset
-from sim.costmodel import StepShape, forward_ops, routed_expert_flops, totals
+from dsref.reference.config import ModelConfig
+from dsref.reference.model import DeepseekModel, block_size, forward
+from dsref.reference.presets import get_preset
+from dsref.sim.costmodel import StepShape, forward_ops, routed_expert_flops, totals
 
 TOL = 0.05
 # The cost analysis is taken on the optimised HLO; the LLVM backend's optimisation level
