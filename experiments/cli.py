@@ -12,7 +12,7 @@ def cmd_validate(args) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "validate", help="compare simulated figures with the published claims (docs/validation.md)",
-        description=("Run every experiment (experiments/registry.py) against shared/data/public_claims.json: "
+        description=("Run every experiment (experiments/registry.py) against the published claims shipped in experiments/data/public_claims.json: "
                      "prints id, predicted, published, unit, signed error; writes <out-dir>/validation.md, "
                      "validation.json and img/validation_*.png; reports median and largest |error|."))
     p.add_argument("--json", action="store_true",

@@ -5,7 +5,7 @@ from __future__ import annotations
 HEADER = """# Validation against published claims
 
 Written by `dsref validate` (experiments/validate.py); do not edit by hand. Each row compares one
-simulated figure with one published figure from `shared/data/public_claims.json`;
+simulated figure with one published figure from `experiments/data/public_claims.json` (shipped with the package);
 error = (predicted - published) / published. Scenarios come from the catalog (hwmodels/data) and the
 presets (reference/presets.py, sim/scenarios/*.toml); efficiency factors are the global per-class
 ones of hwmodels/data/efficiency.toml (plus cited per-device overrides) -- nothing is fitted to a claim.

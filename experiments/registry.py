@@ -24,6 +24,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 
 STATUSES = ("predicted", "derived", "not_modelled")
@@ -48,28 +49,32 @@ INPUT_IDS: dict[str, str] = {
 }
 
 
-def claims_path() -> Path:
-    """public_claims.json: $DSREF_CLAIMS, else <repo>/shared/data/, else /work/shared/data/."""
-    env = os.environ.get("DSREF_CLAIMS")
-    cands = [Path(env)] if env else []
-    repo = Path(__file__).resolve().parent.parent
-    cands += [repo / "shared" / "data" / "public_claims.json", Path("/work/shared/data/public_claims.json")]
-    for p in cands:
-        if p.exists():
-            return p
-    raise FileNotFoundError("public_claims.json not found; set DSREF_CLAIMS to its path "
-                            f"(looked in: {', '.join(map(str, cands))})")
+#: The published claims (with their sources), shipped as package data of dsref.experiments.
+CLAIMS_RESOURCE = ("data", "public_claims.json")
+
+
+def claims_resource():
+    """The packaged public_claims.json as an importlib.resources Traversable."""
+    res = resources.files("dsref.experiments")
+    for part in CLAIMS_RESOURCE:
+        res = res / part
+    return res
+
+
+@lru_cache(maxsize=1)
+def _packaged() -> tuple[dict, ...]:
+    return tuple(json.loads(claims_resource().read_text(encoding="utf-8")))
 
 
 @lru_cache(maxsize=4)
 def _load(path: str) -> tuple[dict, ...]:
-    return tuple(json.loads(Path(path).read_text()))
+    return tuple(json.loads(Path(path).read_text(encoding="utf-8")))
 
 
 def load_claims(path: str | os.PathLike | None = None) -> dict[str, dict]:
-    """{claim id: claim dict} from public_claims.json."""
-    p = str(path) if path is not None else str(claims_path())
-    return {c["id"]: dict(c) for c in _load(p)}
+    """{claim id: claim dict}: the packaged experiments/data/public_claims.json, or the file at ``path``."""
+    rows = _packaged() if path is None else _load(str(path))
+    return {c["id"]: dict(c) for c in rows}
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,7 @@ import pytest
 from dsref.experiments import registry, validate
 from dsref.experiments.registry import INPUT_IDS, Record, record, signed_error
 
-try:
-    CLAIMS = registry.load_claims()
-except FileNotFoundError:  # pragma: no cover - the claims file lives outside the repo
-    CLAIMS = None
-
-needs_claims = pytest.mark.skipif(CLAIMS is None, reason="public_claims.json not found (set DSREF_CLAIMS)")
+CLAIMS = registry.load_claims()  # packaged: experiments/data/public_claims.json
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +29,18 @@ def test_signed_error_formula():
     assert r.to_dict()["error"] == pytest.approx(-0.25)
 
 
-@needs_claims
+def test_claims_ship_with_the_package():
+    """The claims (41, each with its source) are package data of dsref.experiments, read through
+    importlib.resources -- not a file outside the installed package."""
+    res = registry.claims_resource()
+    assert res.is_file()
+    rows = json.loads(res.read_text(encoding="utf-8"))
+    assert len(rows) == len(CLAIMS) == 41
+    for c in rows:
+        assert c["id"] and "value" in c and c["unit"] and c["source"], c
+    assert registry.load_claims(str(res)) == CLAIMS
+
+
 def test_input_ids_exist_and_are_refused():
     for cid in INPUT_IDS:
         assert cid in CLAIMS
@@ -44,7 +50,6 @@ def test_input_ids_exist_and_are_refused():
         record(CLAIMS, "no_such_claim", 1.0)
 
 
-@needs_claims
 def test_every_experiment_returns_wellformed_records(records):
     assert records
     seen = set()
@@ -65,14 +70,12 @@ def test_every_experiment_returns_wellformed_records(records):
     assert len(registry.EXPERIMENTS) == len(set(registry.experiment_names()))
 
 
-@needs_claims
 def test_every_claim_is_accounted_for(records):
     """Each claim is either an input or has at least one record (predicted, derived or not modelled)."""
     covered = {r.id for r in records} | set(INPUT_IDS)
     assert covered == set(CLAIMS), sorted(set(CLAIMS) - covered)
 
 
-@needs_claims
 def test_known_exact_figures(records):
     by = {r.key: r for r in records}
     assert by["isca_kv_v3"].error == pytest.approx(0.0, abs=1e-9)
@@ -81,7 +84,6 @@ def test_known_exact_figures(records):
     assert by["d6_cost"].status == "derived" and by["d6_cost"].error == pytest.approx(0.0, abs=1e-9)
 
 
-@needs_claims
 def test_validate_json_shape_and_docs(records, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(validate, "run_all", lambda **kw: records)
     assert validate.main(as_json=True, out_dir=str(tmp_path)) == 0
