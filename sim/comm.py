@@ -24,7 +24,7 @@ Formulas
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from dsref.reference.config import ModelConfig
 
@@ -165,33 +165,3 @@ def kv_transfer_bytes(cfg: ModelConfig, prompt_tokens: int, kv_bytes: float = BF
     """Prefill-to-decode transfer of one prompt's KV cache (all layers)."""
     return cfg.kv_cache_bytes_per_token(kv_bytes, absorbed=absorbed) * prompt_tokens
 
-
-def training_comm(cfg: ModelConfig, plan: ParallelPlan, tokens_per_device: int, microbatches: int,
-                  act_bytes: float = BF16_BYTES) -> list[CommOp]:
-    """Communication of one device in one training step: forward + backward (the backward
-    mirrors TP all-reduces, EP all-to-alls and PP sends) for the layers of its pipeline
-    stage, plus ZeRO-1 DP traffic. tokens_per_device: tokens the device processes per step."""
-    per_stage = [replace(op, count=-(-op.count // plan.pp))  # a PP stage holds 1/pp of the layers
-                 for op in tp_comm(cfg, tokens_per_device, plan.tp, act_bytes, plan.devices_per_node)
-                 + ep_comm(cfg, tokens_per_device, plan)]
-    fwd = per_stage + pp_comm(cfg, tokens_per_device // max(1, microbatches), microbatches, plan.pp, act_bytes)
-    out = []
-    for op in fwd:
-        out.append(op)
-        out.append(CommOp(op.name + "_bwd", op.bytes, op.link, op.collective, op.count, op.participants))
-    return out + dp_zero1_comm(params_per_device(cfg, plan), plan.dp)
-
-
-def params_per_device(cfg: ModelConfig, plan: ParallelPlan) -> float:
-    """Parameters one device holds: routed experts split over EP x PP, the rest over TP x PP."""
-    from dsref.reference.params import layer_shapes
-    expert = 0
-    for i in range(cfg.num_hidden_layers):
-        for name, shape in layer_shapes(cfg, i).items():
-            if ".experts." in name:
-                n = 1
-                for d in shape:
-                    n *= d
-                expert += n
-    rest = cfg.param_counts()["total_params"] - expert
-    return expert / (plan.ep * plan.pp) + rest / (plan.tp * plan.pp)

@@ -46,9 +46,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from dsref.reference.config import ModelConfig
-from dsref.reference.params import global_shapes, layer_shapes
+from dsref.reference.params import ROUTED_EXPERT, ROUTER, tensors
 from dsref.sim import moe_stats
-from dsref.sim.quant import BITS_PER_BYTE, QuantPlan, get_plan, weight_role
+from dsref.sim.quant import EMBED, FINAL_NORM, HEAD, QuantPlan, get_plan, tensor_bytes
 
 KINDS = ("gemm", "attention", "norm", "elementwise", "router", "embed", "head", "moe_gemm")
 
@@ -133,31 +133,33 @@ class StepShape:
         return self.prefix + (self.tokens + 1) / 2
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 class _Weights:
-    """Stored bytes of each weight tensor of a layer, under a plan."""
+    """Stored bytes of each weight tensor under a quantisation (sim.quant.tensor_bytes over the
+    tensor table): ``layer(i)`` by name within the layer, ``glob(name)`` for globals,
+    ``group(i, g)`` summed over a tensor group of layer i (e.g. all routed experts)."""
 
-    def __init__(self, cfg: ModelConfig, plan: QuantPlan):
-        self.cfg, self.plan = cfg, plan
-        self._layers: dict[int, dict[str, float]] = {}
+    def __init__(self, cfg: ModelConfig, quant: QuantPlan):
+        self._bytes: dict[int | None, dict[str, float]] = {}
+        self._groups: dict[tuple[int | None, str], float] = {}
+        for t in tensors(cfg):
+            b = tensor_bytes(cfg, quant, t)
+            self._bytes.setdefault(t.layer, {})[t.rel] = b
+            self._groups[(t.layer, t.group)] = self._groups.get((t.layer, t.group), 0.0) + b
 
     def layer(self, i: int) -> dict[str, float]:
-        if i not in self._layers:
-            n = self.cfg.num_hidden_layers
-            self._layers[i] = {k: _numel(s) * self.plan.weight_bits(k, s, i, n) / BITS_PER_BYTE
-                               for k, s in layer_shapes(self.cfg, i).items()}
-        return self._layers[i]
+        return self._bytes[i]
 
     def glob(self, name: str) -> float:
-        s = global_shapes(self.cfg)[name]
-        return _numel(s) * self.plan.weight_bits(weight_role(self.cfg, name), s, None,
-                                                 self.cfg.num_hidden_layers) / BITS_PER_BYTE
+        return self._bytes[None][name]
+
+    def group(self, i: int, group: str) -> float:
+        return self._groups.get((i, group), 0.0)
+
+
+@functools.lru_cache(maxsize=32)
+def _weights(cfg: ModelConfig, quant: QuantPlan) -> _Weights:
+    """One read-only table per (model, quantisation): OpTable.build samples forward_ops at several shapes."""
+    return _Weights(cfg, quant)
 
 
 def _gemm(name, layer, m, k_in, n_out, wbytes, ab, prec, kind="gemm", rows=None) -> Op:
@@ -293,14 +295,15 @@ def _expected_windows(n: int, probs: tuple[float, ...], window: int) -> float:
     return float(np.sum(mult * np.clip(tail, 0.0, 1.0).sum(axis=1)))
 
 
-def _moe_ops(cfg: ModelConfig, plan: QuantPlan, w: dict[str, float], i: int, M: int, shares) -> list[Op]:
+def _moe_ops(cfg: ModelConfig, plan: QuantPlan, weights: _Weights, i: int, M: int, shares) -> list[Op]:
     D, E, k, F = cfg.hidden_size, cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
     ab, gp = plan.act_bytes, plan.gemm_precision
-    router_w = w["mlp.gate.weight"] + w.get("mlp.gate.e_score_correction_bias", 0.0)
+    w = weights.layer(i)
+    router_w = weights.group(i, ROUTER)
     ops = [_gemm("router", i, M, D, E, router_w, ab, "fp32", "router"),
            _elem("router_scores", i, M * E, ROUTER_FLOPS_PER_SCORE, 4)]
     touched = moe_stats.expected_distinct(shares, E, k, M)
-    per_expert = sum(v for n, v in w.items() if ".experts." in n) / E
+    per_expert = weights.group(i, ROUTED_EXPERT) / E
     rows = M * k
     window = expert_window_rows(rows, E)
     padding = expected_expert_windows(shares, E, k, M, window) * window / rows if rows else 1.0
@@ -319,9 +322,9 @@ def _moe_ops(cfg: ModelConfig, plan: QuantPlan, w: dict[str, float], i: int, M: 
 def forward_ops(cfg: ModelConfig, plan: QuantPlan | str, sh: StepShape, moe_shares=None) -> list[Op]:
     """Every operation of one forward pass of shape ``sh`` (embedding to logits)."""
     plan = get_plan(plan) if isinstance(plan, str) else plan
-    weights = _Weights(cfg, plan)
+    weights = _weights(cfg, plan)
     M, D, ab = sh.m, cfg.hidden_size, plan.act_bytes
-    emb_row = weights.glob("model.embed_tokens.weight") / cfg.vocab_size
+    emb_row = weights.glob(EMBED) / cfg.vocab_size
     ops = [Op("embed", None, "embed", 0.0, M * emb_row, M * 4, M * D * ab, precision="fp32")]
     for i in range(cfg.num_hidden_layers):
         w = weights.layer(i)
@@ -331,14 +334,14 @@ def forward_ops(cfg: ModelConfig, plan: QuantPlan | str, sh: StepShape, moe_shar
         ops.append(_elem("post_attention_layernorm", i, M * D, RMSNORM_FLOPS_PER_ELEM, ab, "norm",
                          w["post_attention_layernorm.weight"]))
         if cfg.is_moe_layer(i):
-            ops += _moe_ops(cfg, plan, w, i, M, moe_shares)
+            ops += _moe_ops(cfg, plan, weights, i, M, moe_shares)
         else:
             ops += _mlp_ops("", i, M, D, cfg.intermediate_size, w, ab, plan.gemm_precision)
         ops.append(_elem("mlp_residual", i, M * D, RESIDUAL_FLOPS_PER_ELEM, ab))
     n_logits = M if sh.logits == "all" else sh.batch
     ops.append(_elem("final_norm", None, n_logits * D, RMSNORM_FLOPS_PER_ELEM, ab, "norm",
-                     weights.glob("model.norm.weight")))
-    head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+                     weights.glob(FINAL_NORM)))
+    head = EMBED if cfg.tie_word_embeddings else HEAD
     ops.append(_gemm("lm_head", None, n_logits, D, cfg.vocab_size, weights.glob(head), ab,
                      plan.head_precision or plan.gemm_precision, "head"))
     return ops

@@ -36,10 +36,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dsref.reference.config import ModelConfig
+from dsref.reference.params import tensors
 from dsref.reference.presets import load_config
 from dsref.sim import costmodel, llama_cpp, roofline
 from dsref.sim.comm import CommOp, tp_comm
-from dsref.sim.quant import BITS_PER_BYTE, QuantPlan, get_plan, model_weight_bytes, weight_role
+from dsref.sim.quant import EMBED, QuantPlan, get_plan, model_weight_bytes, tensor_bytes
 
 LOGITS_BYTES = 4  # fp32 logits (both llama.cpp and reference/model.py return float32)
 
@@ -147,10 +148,9 @@ def memory_plan(cfg: ModelConfig, plan: QuantPlan, tgt: Target, context: int, ba
 
 
 def _embed_bytes(cfg, plan) -> float:
-    from dsref.reference.params import global_shapes
-    s = global_shapes(cfg)["model.embed_tokens.weight"]
-    bits = plan.weight_bits(weight_role(cfg, "model.embed_tokens.weight"), s, None, cfg.num_hidden_layers)
-    return s[0] * s[1] * bits / BITS_PER_BYTE
+    """Stored bytes of the input embedding (the tensor table's row), which stays in host memory."""
+    row = next(t for t in tensors(cfg) if t.name == EMBED)
+    return tensor_bytes(cfg, plan, row)
 
 
 def _split_time(ops, tgt: Target, gpu_layers: int, head_on_device: bool, n_layers: int, tokens: int,

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dsref.reference.params import GLOBAL, Tensor, tensors
+
 BITS_PER_BYTE = 8
 
 # llama.cpp block formats: bytes per block / weights per block (ggml-common.h).
@@ -42,6 +44,12 @@ _GGML_BLOCK = {
 QK_K = 256  # super-block length of the k-quants (ggml-common.h)
 # k-quant -> legacy format used when a row is not a multiple of QK_K (llama-quant.cpp).
 _KQUANT_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_0", "q6_k": "q8_0"}
+
+# Hugging Face names of the global tensors whose role sets their storage (reference/params.py
+# global_shapes declares them; the simulator places them: embedding first, head last).
+EMBED = "model.embed_tokens.weight"
+HEAD = "lm_head.weight"
+FINAL_NORM = "model.norm.weight"
 
 FP8_BLOCK = 128  # DeepSeek-V3 FP8 weight block edge (128x128 tiles), tech report sec. 3.3
 FP32_SCALE_BITS = 32
@@ -94,7 +102,7 @@ def _is_matrix(shape) -> bool:
 
 
 def _is_embed_or_head(name: str) -> bool:
-    return name in ("model.embed_tokens.weight", "lm_head.weight")
+    return name in (EMBED, HEAD)
 
 
 def _bits_fp32(name, shape, layer, n):
@@ -123,7 +131,7 @@ def _bits_q8_0(name, shape, layer, n):
 
 def _q4_k_m_type(name: str, layer: int | None, n: int) -> str:
     """llama_tensor_get_type() for LLAMA_FTYPE_MOSTLY_Q4_K_M (the cases our models reach)."""
-    if name == "lm_head.weight":
+    if name == HEAD:
         return "q6_k"
     if layer is not None and (name.endswith("v_proj.weight") or name.endswith("down_proj.weight")):
         return "q6_k" if use_more_bits(layer, n) else "q4_k"
@@ -186,27 +194,30 @@ def weight_role(cfg, name: str) -> str:
     the model has no separate ``output.weight``; Q4_K_M -> Q6_K). Every other plan
     stores embedding and head alike, so the mapping changes nothing for them.
     """
-    return "lm_head.weight" if name == "model.embed_tokens.weight" and cfg.tie_word_embeddings else name
+    return HEAD if name == EMBED and cfg.tie_word_embeddings else name
 
 
-def model_weight_bytes(cfg, plan: QuantPlan) -> dict[str, float]:
-    """Stored weight bytes of the main model under ``plan`` (from reference/params.py shapes).
+def tensor_bytes(cfg, quant: QuantPlan, t: Tensor) -> float:
+    """Stored bytes of one row of the tensor table (reference.params.tensors) under ``quant``:
+    elements x bits per element (quantisation scales included) / 8. Every byte count of the
+    simulator is a sum of this over rows; a global is stored by the rule of its role (``weight_role``)."""
+    name = weight_role(cfg, t.rel) if t.group == GLOBAL else t.rel
+    return t.numel * quant.weight_bits(name, t.shape, t.layer, cfg.num_hidden_layers) / BITS_PER_BYTE
+
+
+def model_weight_bytes(cfg, quant: QuantPlan) -> dict[str, float]:
+    """Stored weight bytes of the main model under ``quant`` (the tensor table, no MTP module).
 
     Returns total, per-layer list, globals and the average bits per weight.
     """
-    from dsref.reference.params import global_shapes, layer_shapes
-    n = cfg.num_hidden_layers
-    glob = sum(_numel(s) * plan.weight_bits(weight_role(cfg, k), s, None, n)
-               for k, s in global_shapes(cfg).items()) / BITS_PER_BYTE
-    layers = [sum(_numel(s) * plan.weight_bits(k, s, i, n) for k, s in layer_shapes(cfg, i).items()) / BITS_PER_BYTE
-              for i in range(n)]
+    glob = 0.0
+    layers = [0.0] * cfg.num_hidden_layers
+    for t in tensors(cfg):
+        b = tensor_bytes(cfg, quant, t)
+        if t.layer is None:
+            glob += b
+        else:
+            layers[t.layer] += b
     total = glob + sum(layers)
     params = cfg.param_counts()["total_params"]
     return {"total": total, "globals": glob, "layers": layers, "bits_per_weight": total * BITS_PER_BYTE / params}
-
-
-def _numel(shape) -> int:
-    out = 1
-    for d in shape:
-        out *= d
-    return out

@@ -30,12 +30,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from dsref.reference.config import ModelConfig
-from dsref.reference.params import layer_shapes
+from dsref.reference.params import GLOBAL, ROUTED_EXPERT, tensors
 from dsref.sim import costmodel, roofline
 from dsref.sim.comm import CommOp, ParallelPlan, ep_comm, grouped_time, tp_comm
 from dsref.sim.costmodel import StepShape
 from dsref.sim.moe_stats import expected_distinct_uniform
-from dsref.sim.quant import BITS_PER_BYTE, QuantPlan, get_plan, weight_role
+from dsref.sim.quant import QuantPlan, get_plan, tensor_bytes
 
 N_FEATURES = 5
 # Shapes (batch, new tokens, prefix) at which the cost model is sampled for the fit:
@@ -305,18 +305,15 @@ def weight_bytes_per_device(cfg: ModelConfig, quant: QuantPlan | str, plan: Plan
     replicas), everything else (attention, dense MLP, shared experts, norms, router,
     embedding, head) replicated over DP ranks and divided by TP; layers divided by PP."""
     q = get_plan(quant) if isinstance(quant, str) else quant
-    from dsref.reference.params import global_shapes
-    L = cfg.num_hidden_layers
-    expert = other = 0.0
-    for i in range(L):
-        for name, shape in layer_shapes(cfg, i).items():
-            b = _numel(shape) * q.weight_bits(name, shape, i, L) / BITS_PER_BYTE
-            if ".experts." in name:
-                expert += b
-            else:
-                other += b
-    glob = sum(_numel(s) * q.weight_bits(weight_role(cfg, k), s, None, L) / BITS_PER_BYTE
-               for k, s in global_shapes(cfg).items())
+    expert = other = glob = 0.0
+    for t in tensors(cfg):
+        b = tensor_bytes(cfg, q, t)
+        if t.group == ROUTED_EXPERT:
+            expert += b
+        elif t.group == GLOBAL:
+            glob += b
+        else:
+            other += b
     E = cfg.n_routed_experts
     slots = plan.expert_slots or E
     expert_dev = expert / max(E, 1) * slots / max(plan.ep, 1) if E else 0.0
@@ -336,9 +333,3 @@ def _compress(f, b, spf, spb, count):
     n = f.shape[1]
     return uniq[:, :n], uniq[:, n:2 * n], uniq[:, 2 * n], uniq[:, 2 * n + 1], cnt
 
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

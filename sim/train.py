@@ -42,9 +42,10 @@ from dataclasses import dataclass
 import numpy as np
 import simpy
 
-from dsref.reference.params import global_shapes, layer_shapes, mtp_extra_shapes
+from dsref.reference.params import ROUTED_EXPERT, tensors
 from dsref.sim import costmodel, roofline
 from dsref.sim.comm import dp_zero1_comm, pp_comm
+from dsref.sim.quant import EMBED
 from dsref.sim.scenario import Scenario, ScenarioError
 from dsref.sim.stepcost import OpTable, Plan, StepCost
 
@@ -196,27 +197,23 @@ def stage_ranges(L: int, pp: int) -> list[tuple[int, int]]:
 
 
 def stage_params(cfg, lo: int, hi: int, first: bool, last: bool, mtp: bool = False) -> tuple[float, float]:
-    """(non-expert, routed-expert) parameters of a stage (reference/params.py shapes); mtp: the last
-    stage also holds the MTP module(s) (decoder layer + eh_proj and norms; head and embedding shared)."""
+    """(non-expert, routed-expert) parameters of a stage: the tensor table's rows of layers [lo, hi),
+    the embedding on the first stage, the final norm and LM head on the last; mtp: the last stage
+    also holds the MTP module(s) (decoder layer + eh_proj and norms; head and embedding shared)."""
     dense = expert = 0.0
-    L = cfg.num_hidden_layers
-    layers = [layer_shapes(cfg, i) for i in range(lo, hi)]
-    if mtp and last:
-        layers += [{**layer_shapes(cfg, L + j), **mtp_extra_shapes(cfg)} for j in range(cfg.num_nextn_predict_layers)]
-    for shapes in layers:
-        for name, shape in shapes.items():
-            n = float(np.prod(shape))
-            if ".experts." in name:
-                expert += n
-            else:
-                dense += n
-    g = global_shapes(cfg)
-    if first:
-        dense += float(np.prod(g["model.embed_tokens.weight"]))
-    if last:
-        dense += float(np.prod(g["model.norm.weight"]))
-        if "lm_head.weight" in g:
-            dense += float(np.prod(g["lm_head.weight"]))
+    for t in tensors(cfg, mtp=mtp):
+        if t.layer is None:
+            held = first if t.name == EMBED else last  # the final norm and head sit on the last stage
+        elif t.mtp:
+            held = last
+        else:
+            held = lo <= t.layer < hi
+        if not held:
+            continue
+        if t.group == ROUTED_EXPERT:
+            expert += t.numel
+        else:
+            dense += t.numel
     return dense, expert
 
 
