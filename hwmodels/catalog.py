@@ -57,10 +57,28 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+def package_data_dir(package: str, *parts: str) -> Path:
+    """A data folder shipped inside ``package``, found with importlib.resources (never a path
+    into the source tree). Regular installs -- a wheel unpacked into site-packages or an
+    editable install -- give a real directory, returned as is; a zipped install is extracted
+    once, for the life of the process (Python >= 3.12)."""
+    res = resources.files(package)
+    for part in parts:
+        res = res / part
+    if isinstance(res, os.PathLike):
+        return Path(res)
+    import atexit
+    import contextlib
+    stack = contextlib.ExitStack()
+    atexit.register(stack.close)
+    return Path(stack.enter_context(resources.as_file(res)))
+
+
+DATA_DIR = package_data_dir("dsref.hwmodels", "data")
 DEVICES_DIR = DATA_DIR / "devices"
 EFFICIENCY_FILE = DATA_DIR / "efficiency.toml"
 

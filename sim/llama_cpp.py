@@ -22,11 +22,11 @@ no overhead (reported as such).
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 
+from dsref.hwmodels.catalog import DATA_DIR
 from dsref.reference.config import ModelConfig
 
-OVERHEAD_FILE = Path(__file__).resolve().parent.parent / "hwmodels" / "data" / "llama_cpp_overhead.toml"
+OVERHEAD_FILE = DATA_DIR / "llama_cpp_overhead.toml"  # package data of dsref.hwmodels
 
 # llama.cpp's default physical batch (common.h n_ubatch = 512): a prompt is evaluated as
 # ceil(tokens / 512) graphs.

@@ -1,6 +1,7 @@
 """Roofline plot of DeepSeek-V3's operations on three machines.
 
-    python -m sim.plots [OUT.png]      (default docs/img/roofline_v3.png)
+    python -m dsref.sim.plots [OUT.png]   (default: roofline_v3.png in the current directory;
+                                           the repo's figure: docs/img/roofline_v3.png)
 
 One panel per device (H800, Ascend 910C, Raspberry Pi 5). Roofs: achievable
 peak (catalog peak x catalog gemm efficiency) per precision and achievable
@@ -21,7 +22,8 @@ from pathlib import Path
 from dsref.reference.presets import get_preset
 from dsref.sim import costmodel, roofline
 
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "img" / "roofline_v3.png"
+#: Default output, relative to the current directory (never a path into the installed package).
+DEFAULT_OUT = "roofline_v3.png"
 DEVICES = (("h800", "fp8"), ("ascend-910c", "bf16"), ("raspberry-pi-5", "q4_k_m"))
 CONTEXT = 4096
 PREFILL_TOKENS = 4096
@@ -63,6 +65,7 @@ def scenario_points(cfg, device, quant: str) -> dict[str, list[tuple[str, float,
 
 
 def write_roofline_v3(path: str | Path = DEFAULT_OUT) -> Path:
+    """Write the figure to ``path`` (relative paths: from the current directory); returns it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
