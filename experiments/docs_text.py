@@ -4,7 +4,7 @@ from __future__ import annotations
 
 HEADER = """# Validation against published claims
 
-Written by `dsref validate` (experiments/validate.py); do not edit by hand. Each row compares one
+Written by `dsref validate --out-dir docs` (experiments/validate.py); do not edit by hand. Each row compares one
 simulated figure with one published figure from `experiments/data/public_claims.json` (shipped with the package);
 error = (predicted - published) / published. Scenarios come from the catalog (hwmodels/data) and the
 presets (reference/presets.py, sim/scenarios/*.toml); efficiency factors are the global per-class
@@ -75,6 +75,9 @@ def closed_loop_section(cl: dict | None) -> str:
                        "(hwmodels.probe), runs the JAX reference (small-v3, float32) and compares with "
                        "sim.local.estimate.\n")
     p = cl["probe"]
+    if cl.get("measured"):
+        head += (f"Measured {cl['measured']}; a plain `dsref validate --out-dir docs` keeps these figures, "
+                 "`--closed-loop` remeasures them.\n\n")
 
     def rng(c):
         lo, hi = c.get("error_range", (c["error"], c["error"]))

@@ -1,7 +1,8 @@
-"""Run every experiment, compare with the published claims, write docs/validation.{md,json} + plots.
+"""Run every experiment, compare with the published claims; optionally write validation.{md,json} + plots.
 
-``dsref validate`` (experiments/cli.py) and ``python -m experiments.validate`` call
-``main``. Error statistics (median / max absolute signed error) cover records with
+``dsref validate`` (experiments/cli.py) and ``python -m dsref.experiments.validate`` call
+``main``; files are written only under ``--out-dir`` (the repo's docs: ``dsref validate
+--out-dir docs``). Error statistics (median / max absolute signed error) cover records with
 status 'predicted' only; 'derived' (arithmetic on inputs) and 'not_modelled' records
 are listed but not counted.
 """
@@ -189,7 +190,8 @@ def write_outputs(records: list[Record], out_dir: Path, closed_loop: dict | None
 
 
 def load_closed_loop(out_dir: Path) -> dict | None:
-    """The closed-loop result kept in a previous validation.json (so a plain run keeps the section)."""
+    """The closed-loop result kept in a previous <out_dir>/validation.json (so a plain run keeps the
+    section); its ``measured`` entry is the date it was measured."""
     p = Path(out_dir) / "validation.json"
     if p.exists():
         try:
@@ -199,21 +201,41 @@ def load_closed_loop(out_dir: Path) -> dict | None:
     return None
 
 
-def main(*, as_json: bool = False, out_dir: str | None = "docs", closed_loop: bool = False,
+def closed_loop_origin(cl: dict | None, stored_in: Path | None) -> str | None:
+    """Where the closed-loop figures come from, in words (None when there are none)."""
+    if not cl:
+        return None
+    if stored_in is None:
+        return f"measured now ({cl.get('measured', 'today')})"
+    return f"stored in {stored_in}, measured {cl.get('measured', 'on an unrecorded date')}; not rerun"
+
+
+def main(*, as_json: bool = False, out_dir: str | None = None, closed_loop: bool = False,
          whatif: bool = False, fast: bool = False) -> int:
+    """Run the experiments and print the comparison. Files are written only under ``out_dir``
+    (validation.md, validation.json, img/validation_*.png, and the what-if pages with ``whatif``);
+    without it nothing is written. Without ``closed_loop``, the closed-loop result stored in
+    <out_dir>/validation.json is carried over and printed as stored, with its measurement date."""
+    if whatif and not out_dir:
+        print("dsref validate: --whatif writes pages; give --out-dir DIR", file=sys.stderr)
+        return 2
     records = run_all(progress=not as_json, fast=fast)
-    cl = None
+    cl, stored_in = None, None
     if closed_loop:
+        import datetime
         from dsref.experiments.closed_loop import run_closed_loop
         cl = run_closed_loop(fast=fast, progress=not as_json)
+        cl["measured"] = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
     elif out_dir:
         cl = load_closed_loop(Path(out_dir))
+        stored_in = Path(out_dir) / "validation.json" if cl else None
+    origin = closed_loop_origin(cl, stored_in)
     data = write_outputs(records, Path(out_dir), cl) if out_dir else {**to_json(records), "closed_loop": cl}
     if whatif:
         from dsref.experiments import whatif as wi
-        wi.main(out_dir=out_dir or "docs", fast=fast)
+        wi.main(out_dir=out_dir, fast=fast)
     if as_json:
-        print(json.dumps({k: v for k, v in data.items()}, indent=1, default=float))
+        print(json.dumps({**data, "closed_loop_origin": origin}, indent=1, default=float))
         return 0
     print(table(records))
     s = summary(records)
@@ -221,22 +243,28 @@ def main(*, as_json: bool = False, out_dir: str | None = "docs", closed_loop: bo
           f"(target <= {TARGET_MEDIAN:.0%}); max |error| {_err(s['max_abs_error']).lstrip('+')} "
           f"({s['max_abs_error_id']}; target <= {TARGET_MAX:.0%})")
     if cl:
+        label = "STORED closed loop" if stored_in else "closed loop"
+        print(f"{label} ({origin}; --closed-loop measures it on this machine):" if stored_in
+              else f"{label} ({origin}):")
         for k in ("prefill", "decode"):
             c = cl[k]
-            print(f"closed loop {k}: measured {c['measured_tokens_per_s']:.1f} tok/s, predicted "
+            print(f"  {k}: measured {c['measured_tokens_per_s']:.1f} tok/s, predicted "
                   f"{c['predicted_tokens_per_s']:.1f}, error {_err(c['error'])}")
+    else:
+        print("closed loop: not run (--closed-loop measures it on this machine)")
     if out_dir:
-        print(f"wrote {out_dir}/validation.md, {out_dir}/validation.json, {out_dir}/img/validation_*.png")
+        print(f"wrote {out_dir}/validation.md, {out_dir}/validation.json, {out_dir}/img/validation_*.png"
+              + (", the what-if pages" if whatif else ""))
+    else:
+        print("nothing written (--out-dir DIR writes validation.md, validation.json and img/validation_*.png)")
     return 0
 
 
 if __name__ == "__main__":
     import argparse
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--json", action="store_true")
-    ap.add_argument("--out-dir", default="docs")
-    ap.add_argument("--closed-loop", action="store_true")
-    ap.add_argument("--whatif", action="store_true")
-    ap.add_argument("--fast", action="store_true")
+
+    from dsref.experiments import cli
+    ap = argparse.ArgumentParser(prog="python -m dsref.experiments.validate")
+    cli.add_arguments(ap)
     a = ap.parse_args()
-    sys.exit(main(as_json=a.json, out_dir=a.out_dir, closed_loop=a.closed_loop, whatif=a.whatif, fast=a.fast))
+    sys.exit(cli.cmd_validate(a))

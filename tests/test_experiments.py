@@ -107,6 +107,41 @@ def test_cli_registers_validate():
     cli.register(ap.add_subparsers())
     a = ap.parse_args(["validate", "--json", "--out-dir", "x", "--closed-loop", "--whatif", "--fast"])
     assert a.json and a.out_dir == "x" and a.closed_loop and a.whatif and a.fast and a.func is cli.cmd_validate
+    assert ap.parse_args(["validate"]).out_dir is None  # default: write nothing
+
+
+def test_validate_writes_nothing_without_out_dir(records, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(validate, "run_all", lambda **kw: records)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs").mkdir()  # even where a docs/ folder exists
+    assert validate.main() == 0
+    out = capsys.readouterr().out
+    assert "nothing written" in out and "closed loop: not run" in out
+    assert validate.main(as_json=True) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["claims"] and data["closed_loop"] is None and data["closed_loop_origin"] is None
+    assert list(tmp_path.rglob("*")) == [tmp_path / "docs"]
+    assert validate.main(whatif=True) == 2  # the what-if pages need --out-dir
+    assert list(tmp_path.rglob("*")) == [tmp_path / "docs"]
+
+
+def test_validate_labels_the_stored_closed_loop(records, tmp_path, monkeypatch, capsys):
+    """Without --closed-loop, the closed loop kept in <out-dir>/validation.json is carried over and
+    printed as stored, with the date it was measured."""
+    monkeypatch.setattr(validate, "run_all", lambda **kw: records)
+    cl = {"measured": "2026-11-23",
+          "prefill": {"measured_tokens_per_s": 250.0, "predicted_tokens_per_s": 257.0, "error": 0.028},
+          "decode": {"measured_tokens_per_s": 34.0, "predicted_tokens_per_s": 36.0, "error": 0.059}}
+    (tmp_path / "validation.json").write_text(json.dumps({"closed_loop": cl}))
+    monkeypatch.setattr(validate, "write_outputs", lambda recs, out, c: {**validate.to_json(recs), "closed_loop": c})
+    assert validate.main(out_dir=str(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert f"STORED closed loop (stored in {tmp_path / 'validation.json'}, measured 2026-11-23" in out
+    assert "decode: measured 34.0 tok/s" in out
+    assert validate.main(out_dir=str(tmp_path), as_json=True) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["closed_loop"]["measured"] == "2026-11-23"
+    assert data["closed_loop_origin"].startswith("stored in ") and "2026-11-23" in data["closed_loop_origin"]
 
 
 def test_closed_loop_tiny_runs(tmp_path):
