@@ -56,7 +56,7 @@ def mtp_speedup(acceptance: float = MTP_ACCEPTANCE_MID, per_gpu_batch: int = 1, 
         sim = serve.ServeSim(sc, duration_s=1.0)
         sim.env = simpy.Environment()
         inst = serve.Instance(sim, "decode", 0)
-        n = per_gpu_batch * inst.plan.attn_dp
+        n = per_gpu_batch * inst.par.dp
         times.append(inst.decode_time(n, float(n * context))[0])
     return (1.0 + acceptance) * times[0] / times[1]
 

@@ -52,17 +52,17 @@ def serving_capacity(system: str, quant: str, split: int) -> dict:
     n_req = max(1, pre.budget // new)
     x = request_features(np.full(n_req, new), np.full(n_req, PROMPT - new)).sum(axis=0)
     t_pre, _ = pre.prefill_time(x)
-    pre_chips = pre.plan.devices / split
-    kv_dev = sim.capacity["decode"]["kv_tokens_per_instance"] / dec.plan.attn_dp
+    pre_chips = pre.par.devices / split
+    kv_dev = sim.capacity["decode"]["kv_tokens_per_instance"] / dec.par.dp
     cap = int(min(sc["decode"]["max_batch_per_device"], kv_dev // MEAN_KV))
     best = None
     for b in range(1, max(cap, 1) + 1):
-        n = b * dec.plan.attn_dp
+        n = b * dec.par.dp
         step, _ = dec.decode_time(n, float(n * MEAN_KV))
         if dec.tps / step < SLO_TOKENS_PER_S:
             break
         best = (b, step, n * dec.tps / step)
-    dec_chips = dec.plan.devices / split
+    dec_chips = dec.par.devices / split
     out = {"prefill_tokens_per_s_per_chip": n_req * PROMPT / t_pre / pre_chips,
            "kv_batch_limit_per_device": cap}
     if best is None:

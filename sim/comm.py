@@ -1,4 +1,4 @@
-"""Communication volumes of a parallel plan (bytes sent per device per step).
+"""Communication volumes of a parallel layout (sim.parallel.Parallelism): bytes sent per device per step.
 
 Formulas
   * Ring all-reduce of X bytes over n devices: each device sends 2(n-1)/n * X
@@ -27,34 +27,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dsref.reference.config import ModelConfig
+from dsref.sim.parallel import Parallelism
 
 FP8_BYTES = 1.0
 BF16_BYTES = 2.0
 FP32_BYTES = 4.0
 FP8_SCALE_GROUP = 128  # DeepSeek-V3: one fp32 scale per 1x128 activation tile (tech report sec. 3.3)
 DISPATCH_FP8_BYTES = FP8_BYTES + FP32_BYTES / FP8_SCALE_GROUP
-
-
-@dataclass(frozen=True)
-class ParallelPlan:
-    """Degrees of parallelism and the routing limit.
-
-    devices_per_node: devices sharing the fast intra-node fabric.
-    node_limit: M, the most nodes a token's experts may span (DeepSeek-V3: 4); None = unlimited.
-    """
-
-    tp: int = 1
-    ep: int = 1
-    pp: int = 1
-    dp: int = 1
-    devices_per_node: int = 8
-    node_limit: int | None = None
-    dispatch_bytes: float = DISPATCH_FP8_BYTES
-    combine_bytes: float = BF16_BYTES
-
-    @property
-    def world(self) -> int:
-        return self.tp * self.pp * self.dp
 
 
 @dataclass(frozen=True)
@@ -96,48 +75,49 @@ def ring_gather_bytes(nbytes: float, n: int) -> float:
     return 0.0 if n <= 1 else (n - 1) / n * nbytes
 
 
-def tp_comm(cfg: ModelConfig, tokens: int, tp: int, act_bytes: float, devices_per_node: int = 8) -> list[CommOp]:
+def tp_comm(cfg: ModelConfig, tokens: int, par: Parallelism, act_bytes: float) -> list[CommOp]:
     """Forward-pass TP all-reduces: 2 per layer of [tokens, D]."""
+    tp = par.tp
     if tp <= 1:
         return []
     x = tokens * cfg.hidden_size * act_bytes
-    link = "intra" if tp <= devices_per_node else "inter"
+    link = "intra" if tp <= par.devices_per_node else "inter"
     return [CommOp("tp_allreduce", ring_allreduce_bytes(x, tp), link, "all_reduce",
                    count=2 * cfg.num_hidden_layers, participants=tp)]
 
 
-def ep_dispatch_per_token(cfg: ModelConfig, plan: ParallelPlan) -> dict[str, float]:
-    """Bytes one token sends per MoE layer for dispatch and combine, split intra/inter node."""
-    k, D, ep, dpn = cfg.num_experts_per_tok, cfg.hidden_size, plan.ep, plan.devices_per_node
+def ep_dispatch_per_token(cfg: ModelConfig, par: Parallelism) -> dict[str, float]:
+    """Bytes one token sends per MoE layer for dispatch (FP8) and combine (BF16), split intra/inter node."""
+    k, D, ep, dpn = cfg.num_experts_per_tok, cfg.hidden_size, par.ep, par.devices_per_node
     if ep <= 1:
         return {"dispatch_intra": 0.0, "dispatch_inter": 0.0, "combine_intra": 0.0, "combine_inter": 0.0}
     nodes = max(1, ep // dpn)
     local = min(dpn, ep)
     if nodes > 1:
-        m = k if plan.node_limit is None else min(k, plan.node_limit)
+        m = k if par.node_limit is None else min(k, par.node_limit)
         inter_copies = min(m, nodes) * (nodes - 1) / nodes
     else:
         inter_copies = 0.0
     intra_copies = k * (local - 1) / local  # expert copies that take one hop inside a node
     out = {}
-    for kind, b in (("dispatch", plan.dispatch_bytes), ("combine", plan.combine_bytes)):
+    for kind, b in (("dispatch", DISPATCH_FP8_BYTES), ("combine", BF16_BYTES)):
         out[f"{kind}_intra"] = intra_copies * D * b
         out[f"{kind}_inter"] = inter_copies * D * b
     return out
 
 
-def ep_comm(cfg: ModelConfig, tokens_per_device: int, plan: ParallelPlan) -> list[CommOp]:
+def ep_comm(cfg: ModelConfig, tokens_per_device: int, par: Parallelism) -> list[CommOp]:
     """All-to-all dispatch + combine for every MoE layer (forward)."""
-    if plan.ep <= 1 or not cfg.is_moe:
+    if par.ep <= 1 or not cfg.is_moe:
         return []
-    per = ep_dispatch_per_token(cfg, plan)
+    per = ep_dispatch_per_token(cfg, par)
     n = cfg.num_moe_layers
     ops = []
     for key, v in per.items():
         if v:
             link = key.split("_")[1]
             ops.append(CommOp(f"ep_{key}", v * tokens_per_device, link, "all_to_all", count=n,
-                              participants=plan.ep, group=f"ep_{key.split('_')[0]}"))
+                              participants=par.ep, group=f"ep_{key.split('_')[0]}"))
     return ops
 
 

@@ -2,7 +2,7 @@
 
 Everything is derived from ``reference.config.ModelConfig`` and the weight shapes
 of ``reference.params`` (one source of truth); bytes per weight come from a
-``sim.quant.QuantPlan``. Letters follow reference/config.py: B batch, T new
+``sim.quant.Quant``. Letters follow reference/config.py: B batch, T new
 tokens per sequence, S keys, D hidden, H heads, K kv heads, R latent rank,
 Q q_lora_rank, N nope dim, P rope dim, A value dim, E experts, k experts/token,
 F expert / MLP width, V vocab. M = B*T tokens in the step.
@@ -48,7 +48,7 @@ import numpy as np
 from dsref.reference.config import ModelConfig
 from dsref.reference.params import ROUTED_EXPERT, ROUTER, tensors
 from dsref.sim import moe_stats
-from dsref.sim.quant import EMBED, FINAL_NORM, HEAD, QuantPlan, get_plan, tensor_bytes
+from dsref.sim.quant import EMBED, FINAL_NORM, HEAD, Quant, get_quant, tensor_bytes
 
 KINDS = ("gemm", "attention", "norm", "elementwise", "router", "embed", "head", "moe_gemm")
 
@@ -138,7 +138,7 @@ class _Weights:
     tensor table): ``layer(i)`` by name within the layer, ``glob(name)`` for globals,
     ``group(i, g)`` summed over a tensor group of layer i (e.g. all routed experts)."""
 
-    def __init__(self, cfg: ModelConfig, quant: QuantPlan):
+    def __init__(self, cfg: ModelConfig, quant: Quant):
         self._bytes: dict[int | None, dict[str, float]] = {}
         self._groups: dict[tuple[int | None, str], float] = {}
         for t in tensors(cfg):
@@ -157,7 +157,7 @@ class _Weights:
 
 
 @functools.lru_cache(maxsize=32)
-def _weights(cfg: ModelConfig, quant: QuantPlan) -> _Weights:
+def _weights(cfg: ModelConfig, quant: Quant) -> _Weights:
     """One read-only table per (model, quantisation): OpTable.build samples forward_ops at several shapes."""
     return _Weights(cfg, quant)
 
@@ -173,11 +173,11 @@ def _elem(name, layer, n_elems, flops_per, ab, kind="elementwise", wbytes=0.0, p
 
 
 # --------------------------------------------------------------------- attention
-def _mla_ops(cfg: ModelConfig, plan: QuantPlan, w: dict[str, float], i: int, sh: StepShape) -> list[Op]:
+def _mla_ops(cfg: ModelConfig, quant: Quant, w: dict[str, float], i: int, sh: StepShape) -> list[Op]:
     D, H, R, P = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
     N, A = cfg.qk_nope_head_dim, cfg.v_head_dim
-    M, B, ab, gp = sh.m, sh.batch, plan.act_bytes, plan.gemm_precision
-    kvb = plan.kv_bytes
+    M, B, ab, gp = sh.m, sh.batch, quant.act_bytes, quant.gemm_precision
+    kvb = quant.kv_bytes
     ops: list[Op] = []
     if cfg.q_lora_rank is None:
         ops.append(_gemm("q_proj", i, M, D, H * (N + P), w["self_attn.q_proj.weight"], ab, gp))
@@ -199,7 +199,7 @@ def _mla_ops(cfg: ModelConfig, plan: QuantPlan, w: dict[str, float], i: int, sh:
     if sh.mla_form == "absorbed":
         ops.append(_gemm("q_absorb", i, M * H, N, R, w_kvb * N / (N + A), ab, gp, rows=M))  # one [M,N]x[N,R] per head
         ops.append(Op("mla_attention", i, "attention", 2.0 * scores * (R + P) + 2.0 * scores * R,
-                      0.0, M * H * (R + P) * ab, M * H * R * ab, cache_read, cache_write, precision=plan.attn_precision))
+                      0.0, M * H * (R + P) * ab, M * H * R * ab, cache_read, cache_write, precision=quant.attn_precision))
         ops.append(_elem("softmax", i, scores, SOFTMAX_FLOPS_PER_ELEM, 0.0))
         ops.append(_gemm("out_absorb", i, M * H, R, A, w_kvb * A / (N + A), ab, gp, rows=M))
     elif sh.mla_form == "naive":
@@ -209,7 +209,7 @@ def _mla_ops(cfg: ModelConfig, plan: QuantPlan, w: dict[str, float], i: int, sh:
                       gemm_matrix_bytes=w_kvb))
         ops.append(Op("attention", i, "attention", 2.0 * scores * (N + P) + 2.0 * scores * A, 0.0,
                       M * H * (N + P) * ab + B * S * (H * (N + A) + P) * ab, M * H * A * ab,
-                      precision=plan.attn_precision))
+                      precision=quant.attn_precision))
         ops.append(_elem("softmax", i, scores, SOFTMAX_FLOPS_PER_ELEM, 0.0))
     elif sh.mla_form == "expanded_cache":
         # llama.cpp before its MLA support (ggml-org/llama.cpp PR #12801, April 2025): kv_b_proj
@@ -220,7 +220,7 @@ def _mla_ops(cfg: ModelConfig, plan: QuantPlan, w: dict[str, float], i: int, sh:
                       kv_bytes_written=M * H * (N + P + A) * kvb, precision=gp, gemm_matrix_bytes=w_kvb))
         ops.append(Op("attention", i, "attention", 2.0 * scores * (N + P) + 2.0 * scores * A,
                       act_bytes_read=M * H * (N + P) * ab, act_bytes_written=M * H * A * ab,
-                      kv_bytes_read=B * S * H * (N + P + A) * kvb, precision=plan.attn_precision))
+                      kv_bytes_read=B * S * H * (N + P + A) * kvb, precision=quant.attn_precision))
         ops.append(_elem("softmax", i, scores, SOFTMAX_FLOPS_PER_ELEM, 0.0))
     else:
         raise ValueError(f"mla_form must be 'absorbed', 'naive' or 'expanded_cache', got {sh.mla_form!r}")
@@ -228,9 +228,9 @@ def _mla_ops(cfg: ModelConfig, plan: QuantPlan, w: dict[str, float], i: int, sh:
     return ops
 
 
-def _gqa_ops(cfg: ModelConfig, plan: QuantPlan, w: dict[str, float], i: int, sh: StepShape) -> list[Op]:
+def _gqa_ops(cfg: ModelConfig, quant: Quant, w: dict[str, float], i: int, sh: StepShape) -> list[Op]:
     D, H, K, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dense_head_dim
-    M, B, ab, gp = sh.m, sh.batch, plan.act_bytes, plan.gemm_precision
+    M, B, ab, gp = sh.m, sh.batch, quant.act_bytes, quant.gemm_precision
     ops = [_gemm("q_proj", i, M, D, H * hd, w["self_attn.q_proj.weight"], ab, gp),
            _gemm("k_proj", i, M, D, K * hd, w["self_attn.k_proj.weight"], ab, gp),
            _gemm("v_proj", i, M, D, K * hd, w["self_attn.v_proj.weight"], ab, gp)]
@@ -241,7 +241,7 @@ def _gqa_ops(cfg: ModelConfig, plan: QuantPlan, w: dict[str, float], i: int, sh:
     S, Se = sh.keys, sh.keys_per_query
     scores = M * H * Se
     ops.append(Op("attention", i, "attention", 2.0 * scores * hd * 2, 0.0, M * H * hd * ab, M * H * hd * ab,
-                  B * S * 2 * K * hd * plan.kv_bytes, M * 2 * K * hd * plan.kv_bytes, precision=plan.attn_precision))
+                  B * S * 2 * K * hd * quant.kv_bytes, M * 2 * K * hd * quant.kv_bytes, precision=quant.attn_precision))
     ops.append(_elem("softmax", i, scores, SOFTMAX_FLOPS_PER_ELEM, 0.0))
     ops.append(_gemm("o_proj", i, M, H * hd, D, w["self_attn.o_proj.weight"], ab, gp))
     return ops
@@ -295,9 +295,9 @@ def _expected_windows(n: int, probs: tuple[float, ...], window: int) -> float:
     return float(np.sum(mult * np.clip(tail, 0.0, 1.0).sum(axis=1)))
 
 
-def _moe_ops(cfg: ModelConfig, plan: QuantPlan, weights: _Weights, i: int, M: int, shares) -> list[Op]:
+def _moe_ops(cfg: ModelConfig, quant: Quant, weights: _Weights, i: int, M: int, shares) -> list[Op]:
     D, E, k, F = cfg.hidden_size, cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
-    ab, gp = plan.act_bytes, plan.gemm_precision
+    ab, gp = quant.act_bytes, quant.gemm_precision
     w = weights.layer(i)
     router_w = weights.group(i, ROUTER)
     ops = [_gemm("router", i, M, D, E, router_w, ab, "fp32", "router"),
@@ -319,35 +319,35 @@ def _moe_ops(cfg: ModelConfig, plan: QuantPlan, weights: _Weights, i: int, M: in
 
 
 # --------------------------------------------------------------------- the model
-def forward_ops(cfg: ModelConfig, plan: QuantPlan | str, sh: StepShape, moe_shares=None) -> list[Op]:
+def forward_ops(cfg: ModelConfig, quant: Quant | str, sh: StepShape, moe_shares=None) -> list[Op]:
     """Every operation of one forward pass of shape ``sh`` (embedding to logits)."""
-    plan = get_plan(plan) if isinstance(plan, str) else plan
-    weights = _weights(cfg, plan)
-    M, D, ab = sh.m, cfg.hidden_size, plan.act_bytes
+    quant = get_quant(quant) if isinstance(quant, str) else quant
+    weights = _weights(cfg, quant)
+    M, D, ab = sh.m, cfg.hidden_size, quant.act_bytes
     emb_row = weights.glob(EMBED) / cfg.vocab_size
     ops = [Op("embed", None, "embed", 0.0, M * emb_row, M * 4, M * D * ab, precision="fp32")]
     for i in range(cfg.num_hidden_layers):
         w = weights.layer(i)
         ops.append(_elem("input_layernorm", i, M * D, RMSNORM_FLOPS_PER_ELEM, ab, "norm", w["input_layernorm.weight"]))
-        ops += _mla_ops(cfg, plan, w, i, sh) if cfg.arch == "deepseek" else _gqa_ops(cfg, plan, w, i, sh)
+        ops += _mla_ops(cfg, quant, w, i, sh) if cfg.arch == "deepseek" else _gqa_ops(cfg, quant, w, i, sh)
         ops.append(_elem("attn_residual", i, M * D, RESIDUAL_FLOPS_PER_ELEM, ab))
         ops.append(_elem("post_attention_layernorm", i, M * D, RMSNORM_FLOPS_PER_ELEM, ab, "norm",
                          w["post_attention_layernorm.weight"]))
         if cfg.is_moe_layer(i):
-            ops += _moe_ops(cfg, plan, weights, i, M, moe_shares)
+            ops += _moe_ops(cfg, quant, weights, i, M, moe_shares)
         else:
-            ops += _mlp_ops("", i, M, D, cfg.intermediate_size, w, ab, plan.gemm_precision)
+            ops += _mlp_ops("", i, M, D, cfg.intermediate_size, w, ab, quant.gemm_precision)
         ops.append(_elem("mlp_residual", i, M * D, RESIDUAL_FLOPS_PER_ELEM, ab))
     n_logits = M if sh.logits == "all" else sh.batch
     ops.append(_elem("final_norm", None, n_logits * D, RMSNORM_FLOPS_PER_ELEM, ab, "norm",
                      weights.glob(FINAL_NORM)))
     head = EMBED if cfg.tie_word_embeddings else HEAD
     ops.append(_gemm("lm_head", None, n_logits, D, cfg.vocab_size, weights.glob(head), ab,
-                     plan.head_precision or plan.gemm_precision, "head"))
+                     quant.head_precision or quant.gemm_precision, "head"))
     return ops
 
 
-def prefill_ops(cfg: ModelConfig, plan: QuantPlan | str, batch: int, tokens: int, prefix: int = 0, *,
+def prefill_ops(cfg: ModelConfig, quant: Quant | str, batch: int, tokens: int, prefix: int = 0, *,
                 mla_form: str = "naive", attn_impl: str = "flash", logits: str = "last", moe_shares=None) -> list[Op]:
     """Prefill of ``batch`` sequences of ``tokens`` new tokens after ``prefix`` cached ones.
 
@@ -355,10 +355,10 @@ def prefill_ops(cfg: ModelConfig, plan: QuantPlan | str, batch: int, tokens: int
     key when T is long; pass mla_form='absorbed' for the latent form.
     """
     sh = StepShape(batch, tokens, prefix, attn_impl=attn_impl, logits=logits, mla_form=mla_form)
-    return forward_ops(cfg, plan, sh, moe_shares)
+    return forward_ops(cfg, quant, sh, moe_shares)
 
 
-def decode_ops(cfg: ModelConfig, plan: QuantPlan | str, batch: int, context: int, *, mla_form: str = "absorbed",
+def decode_ops(cfg: ModelConfig, quant: Quant | str, batch: int, context: int, *, mla_form: str = "absorbed",
                attn_impl: str = "flash", key_slots: int | None = None, moe_shares=None) -> list[Op]:
     """One decode step: ``batch`` sequences with ``context`` cached tokens each, one new token.
 
@@ -366,20 +366,20 @@ def decode_ops(cfg: ModelConfig, plan: QuantPlan | str, batch: int, context: int
     models an implementation that computes over a fixed-size cache.
     """
     sh = StepShape(batch, 1, context, key_slots=key_slots, attn_impl=attn_impl, logits="all", mla_form=mla_form)
-    return forward_ops(cfg, plan, sh, moe_shares)
+    return forward_ops(cfg, quant, sh, moe_shares)
 
 
-def training_ops(cfg: ModelConfig, plan: QuantPlan | str, batch: int, seq: int, *, recompute: str = "none",
+def training_ops(cfg: ModelConfig, quant: Quant | str, batch: int, seq: int, *, recompute: str = "none",
                  mla_form: str = "naive", include_optimizer: bool = True) -> list[Op]:
     """One training step on ``batch`` sequences of ``seq`` tokens (forward + backward [+ recompute] + AdamW).
 
     recompute: 'none', 'selective' (attention core recomputed in backward) or
     'full' (every layer's forward recomputed).
     """
-    plan = get_plan(plan) if isinstance(plan, str) else plan
+    quant = get_quant(quant) if isinstance(quant, str) else quant
     if recompute not in ("none", "selective", "full"):
         raise ValueError(f"recompute must be none, selective or full, got {recompute!r}")
-    fwd = forward_ops(cfg, plan, StepShape(batch, seq, 0, logits="all", mla_form=mla_form), None)
+    fwd = forward_ops(cfg, quant, StepShape(batch, seq, 0, logits="all", mla_form=mla_form), None)
     ops = list(fwd)
     for op in fwd:
         ops.append(replace(op, name=op.name + "_bwd", phase="bwd", flops=BACKWARD_FLOPS_RATIO * op.flops,
@@ -436,25 +436,25 @@ def training_flops_per_token(cfg: ModelConfig, seq: int = 4096, recompute: str =
     return matmul_flops(ops) / seq
 
 
-def weight_bytes_total(cfg: ModelConfig, plan: QuantPlan | str) -> float:
-    """Stored bytes of all main-model weights under ``plan``."""
+def weight_bytes_total(cfg: ModelConfig, quant: Quant | str) -> float:
+    """Stored bytes of all main-model weights under ``quant``."""
     from dsref.sim.quant import model_weight_bytes
-    plan = get_plan(plan) if isinstance(plan, str) else plan
-    return model_weight_bytes(cfg, plan)["total"]
+    quant = get_quant(quant) if isinstance(quant, str) else quant
+    return model_weight_bytes(cfg, quant)["total"]
 
 
-def model_summary(cfg: ModelConfig, plan: QuantPlan | str = "bf16", *, context: int = 4096,
+def model_summary(cfg: ModelConfig, quant: Quant | str = "bf16", *, context: int = 4096,
                   train_seq: int = 4096) -> dict:
     """Whole-model totals: parameters, stored weight bytes, KV bytes per token, and FLOPs and
     bytes per token of a batch-1 decode step at ``context``, a prefill of ``context`` tokens
     and a training step (matmul FLOPs, ISCA'25 convention)."""
-    plan = get_plan(plan) if isinstance(plan, str) else plan
-    dec = totals(decode_ops(cfg, plan, 1, context))
-    pre = totals(prefill_ops(cfg, plan, 1, context))
+    quant = get_quant(quant) if isinstance(quant, str) else quant
+    dec = totals(decode_ops(cfg, quant, 1, context))
+    pre = totals(prefill_ops(cfg, quant, 1, context))
     pc = cfg.param_counts()
-    return {"model": cfg.name, "plan": plan.name, "total_params": pc["total_params"],
-            "activated_params": pc["activated_params"], "weight_bytes": weight_bytes_total(cfg, plan),
-            "kv_bytes_per_token": cfg.kv_cache_bytes_per_token(plan.kv_bytes),
+    return {"model": cfg.name, "quant": quant.name, "total_params": pc["total_params"],
+            "activated_params": pc["activated_params"], "weight_bytes": weight_bytes_total(cfg, quant),
+            "kv_bytes_per_token": cfg.kv_cache_bytes_per_token(quant.kv_bytes),
             "decode_flops_per_token": dec["flops"], "decode_bytes_per_token": dec["bytes"],
             "decode_weight_bytes_per_token": dec["weight_bytes"],
             "prefill_flops_per_token": pre["flops"] / context, "prefill_bytes_per_token": pre["bytes"] / context,

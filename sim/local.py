@@ -11,12 +11,12 @@ keys and values (heads x (nope + rope) + heads x v_head_dim), which is what llam
 before its MLA support (ggml-org/llama.cpp PR #12801, April 2025; e.g. the DeepSeek-R1 log
 in ikawrakow/ik_llama.cpp issue #285, mainline build 4905: "KV self size = 9760 MiB, K
 (f16): 5856 MiB, V (f16): 3904 MiB" for 2048 cells = 128 x (192 + 128) x 2 B x 61 layers).
-The memory plan and the decode/prefill bytes use the same layout.
+The memory budget and the decode/prefill bytes use the same layout.
 
-llama.cpp runtime (plans with runtime 'llama.cpp'): each step also pays graph nodes x the
+llama.cpp runtime (quantisations with runtime 'llama.cpp'): each step also pays graph nodes x the
 target's measured per-node overhead (sim/llama_cpp.py, hwmodels/data/llama_cpp_overhead.toml).
 
-Memory needed = weights at the plan's real bits (sim/quant.py) + KV cache at
+Memory needed = weights at the quantisation's real bits (sim/quant.py) + KV cache at
 the given context for every sequence + the activation working set: llama.cpp
 and XLA reuse one compute buffer for the graph, so it is the largest single op's
 inputs + outputs in the prefill chunk plus the fp32 logits. Operating-system and
@@ -40,7 +40,8 @@ from dsref.reference.params import tensors
 from dsref.reference.presets import load_config
 from dsref.sim import costmodel, llama_cpp, roofline
 from dsref.sim.comm import CommOp, tp_comm
-from dsref.sim.quant import EMBED, QuantPlan, get_plan, model_weight_bytes, tensor_bytes
+from dsref.sim.parallel import Parallelism
+from dsref.sim.quant import EMBED, Quant, get_quant, model_weight_bytes, tensor_bytes
 
 LOGITS_BYTES = 4  # fp32 logits (both llama.cpp and reference/model.py return float32)
 
@@ -91,31 +92,31 @@ def resolve_target(name: str) -> Target:
 MLA_FORMS = ("absorbed", "expanded_cache")
 
 
-def kv_bytes_per_token(cfg: ModelConfig, plan: QuantPlan, mla_form: str = "absorbed") -> float:
+def kv_bytes_per_token(cfg: ModelConfig, quant: Quant, mla_form: str = "absorbed") -> float:
     """KV-cache bytes per token (all layers) in the given cache layout."""
     if mla_form not in MLA_FORMS:
         raise ValueError(f"mla_form must be one of {MLA_FORMS}, got {mla_form!r}")
-    return cfg.kv_cache_bytes_per_token(plan.kv_bytes, absorbed=mla_form == "absorbed")
+    return cfg.kv_cache_bytes_per_token(quant.kv_bytes, absorbed=mla_form == "absorbed")
 
 
-def _layer_bytes(cfg: ModelConfig, plan: QuantPlan, context: int, batch: int, mla_form: str) -> list[float]:
-    w = model_weight_bytes(cfg, plan)["layers"]
-    kv_layer = kv_bytes_per_token(cfg, plan, mla_form) / cfg.num_hidden_layers * context * batch
+def _layer_bytes(cfg: ModelConfig, quant: Quant, context: int, batch: int, mla_form: str) -> list[float]:
+    w = model_weight_bytes(cfg, quant)["layers"]
+    kv_layer = kv_bytes_per_token(cfg, quant, mla_form) / cfg.num_hidden_layers * context * batch
     return [x + kv_layer for x in w]
 
 
-def activation_bytes(cfg: ModelConfig, plan: QuantPlan, batch: int, prompt_tokens: int) -> float:
+def activation_bytes(cfg: ModelConfig, quant: Quant, batch: int, prompt_tokens: int) -> float:
     """Largest single op's activations (in + out) in the prefill chunk, plus the fp32 logits."""
-    ops = costmodel.prefill_ops(cfg, plan, batch, prompt_tokens, logits="last")
+    ops = costmodel.prefill_ops(cfg, quant, batch, prompt_tokens, logits="last")
     act = max(op.act_bytes_read + op.act_bytes_written for op in ops)
     return act + batch * cfg.vocab_size * LOGITS_BYTES
 
 
-def memory_plan(cfg: ModelConfig, plan: QuantPlan, tgt: Target, context: int, batch: int, prompt_tokens: int,
+def memory_budget(cfg: ModelConfig, quant: Quant, tgt: Target, context: int, batch: int, prompt_tokens: int,
                 mla_form: str = "absorbed") -> dict:
-    wb = model_weight_bytes(cfg, plan)
-    kv = kv_bytes_per_token(cfg, plan, mla_form) * context * batch
-    act = activation_bytes(cfg, plan, batch, prompt_tokens)
+    wb = model_weight_bytes(cfg, quant)
+    kv = kv_bytes_per_token(cfg, quant, mla_form) * context * batch
+    act = activation_bytes(cfg, quant, batch, prompt_tokens)
     required = wb["total"] + kv + act
     dev_mem = tgt.device.require("memory_bytes") * tgt.n_devices
     host_mem = tgt.host_memory_bytes if tgt.host is not None else None
@@ -130,7 +131,7 @@ def memory_plan(cfg: ModelConfig, plan: QuantPlan, tgt: Target, context: int, ba
         out.update(fits=required <= dev_mem, gpu_layers=n, head_on_device=True)
         return out
     # Partial offload: the device keeps the activation buffer, then the last layers that fit.
-    per_layer = _layer_bytes(cfg, plan, context, batch, mla_form)
+    per_layer = _layer_bytes(cfg, quant, context, batch, mla_form)
     free = dev_mem - act
     gpu_layers = 0
     for b in reversed(per_layer):
@@ -138,7 +139,7 @@ def memory_plan(cfg: ModelConfig, plan: QuantPlan, tgt: Target, context: int, ba
             break
         free -= b
         gpu_layers += 1
-    head_bytes = wb["globals"] - _embed_bytes(cfg, plan)
+    head_bytes = wb["globals"] - _embed_bytes(cfg, quant)
     head_on_device = gpu_layers == n and head_bytes <= free
     on_device = act + sum(per_layer[n - gpu_layers:]) + (head_bytes if head_on_device else 0.0)
     on_host = required - on_device
@@ -147,10 +148,10 @@ def memory_plan(cfg: ModelConfig, plan: QuantPlan, tgt: Target, context: int, ba
     return out
 
 
-def _embed_bytes(cfg, plan) -> float:
+def _embed_bytes(cfg, quant) -> float:
     """Stored bytes of the input embedding (the tensor table's row), which stays in host memory."""
     row = next(t for t in tensors(cfg) if t.name == EMBED)
-    return tensor_bytes(cfg, plan, row)
+    return tensor_bytes(cfg, quant, row)
 
 
 def _split_time(ops, tgt: Target, gpu_layers: int, head_on_device: bool, n_layers: int, tokens: int,
@@ -175,7 +176,7 @@ def _split_time(ops, tgt: Target, gpu_layers: int, head_on_device: bool, n_layer
                    for op in dev_ops]
     comm: list[CommOp] = []
     if n > 1:
-        comm += tp_comm(cfg, tokens, n, act_bytes, n)
+        comm += tp_comm(cfg, tokens, Parallelism(devices=n, tp=n, devices_per_node=n), act_bytes)
     if tgt.host is not None and host_ops and dev_ops:
         # into the device layers; back out to the host's output layer, or the logits come out
         comm.append(CommOp("pcie_hidden_state", tokens * hidden * act_bytes, "pcie", "pcie",
@@ -204,10 +205,10 @@ def _merge_kinds(*steps) -> dict:
     return out
 
 
-def runtime_overhead(cfg: ModelConfig, plan: QuantPlan, tgt: Target) -> dict:
+def runtime_overhead(cfg: ModelConfig, quant: Quant, tgt: Target) -> dict:
     """Per-graph fixed cost of the runtime on this target: llama.cpp graph nodes x the
     target's measured per-node overhead; zero for other runtimes or unmeasured targets."""
-    if plan.runtime != "llama.cpp":
+    if quant.runtime != "llama.cpp":
         return {"graph_nodes": None, "per_node_s": 0.0, "per_graph_s": 0.0, "source": "not a llama.cpp plan"}
     nodes = llama_cpp.graph_nodes(cfg)
     fig = llama_cpp.per_node_overhead(tgt.name, tgt.device.id)
@@ -227,32 +228,32 @@ def estimate(model: str | ModelConfig, device: str, quant: str = "bf16", *, cont
     ('absorbed' latent or llama.cpp's pre-April-2025 'expanded_cache'). Returns a JSON-ready dict.
     """
     cfg = load_config(model) if isinstance(model, str) else model
-    plan = get_plan(quant)
+    quant = get_quant(quant)
     tgt = resolve_target(device)
     if cfg.arch != "deepseek":
         mla_form = "absorbed"  # no MLA: the GQA cache has one layout
-    mem = memory_plan(cfg, plan, tgt, context, batch, prompt_tokens, mla_form)
-    out = {"model": cfg.name, "device": tgt.name, "quant": plan.name, "context": context, "batch": batch,
+    mem = memory_budget(cfg, quant, tgt, context, batch, prompt_tokens, mla_form)
+    out = {"model": cfg.name, "device": tgt.name, "quant": quant.name, "context": context, "batch": batch,
            "prompt_tokens": prompt_tokens, "mla_form": mla_form, **mem}
     gb = 1e9
     if not mem["fits"]:
         out.update(decode_tokens_per_s=None, prefill_tokens_per_s=None, decode_step_s=None,
-                   message=(f"{cfg.name} ({plan.name}) does not fit on {tgt.name}: needs "
+                   message=(f"{cfg.name} ({quant.name}) does not fit on {tgt.name}: needs "
                             f"{mem['memory_required_bytes'] / gb:.1f} GB (weights {mem['weights_bytes'] / gb:.1f} GB"
                             f" + KV cache {mem['kv_cache_bytes'] / gb:.2f} GB + activations "
                             f"{mem['activation_bytes'] / gb:.2f} GB), available "
                             f"{mem['memory_available_bytes'] / gb:.1f} GB"))
         return out
     n = cfg.num_hidden_layers
-    ovh = runtime_overhead(cfg, plan, tgt)
-    dec = costmodel.decode_ops(cfg, plan, batch, context, mla_form=mla_form)
+    ovh = runtime_overhead(cfg, quant, tgt)
+    dec = costmodel.decode_ops(cfg, quant, batch, context, mla_form=mla_form)
     d_dev, d_host = _split_time(dec, tgt, mem["gpu_layers"], mem["head_on_device"], n, batch,
-                                plan.act_bytes, cfg.hidden_size, cfg, batch)
+                                quant.act_bytes, cfg.hidden_size, cfg, batch)
     t_dec = d_dev.time_s + (d_host.time_s if d_host else 0.0) + ovh["per_graph_s"]
     pre_form = "expanded_cache" if mla_form == "expanded_cache" else "naive"
-    pre = costmodel.prefill_ops(cfg, plan, batch, prompt_tokens, logits="last", mla_form=pre_form)
+    pre = costmodel.prefill_ops(cfg, quant, batch, prompt_tokens, logits="last", mla_form=pre_form)
     p_dev, p_host = _split_time(pre, tgt, mem["gpu_layers"], mem["head_on_device"], n, batch * prompt_tokens,
-                                plan.act_bytes, cfg.hidden_size, cfg, batch)
+                                quant.act_bytes, cfg.hidden_size, cfg, batch)
     t_pre = (p_dev.time_s + (p_host.time_s if p_host else 0.0)
              + ovh["per_graph_s"] * llama_cpp.graphs_per_step(prompt_tokens))
     tot = costmodel.totals(dec)

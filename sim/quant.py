@@ -1,6 +1,6 @@
-"""Precision plans: bits per stored weight, activation / KV-cache bytes, compute precision.
+"""Quantisations (``Quant``): bits per stored weight, activation / KV-cache bytes, compute precision.
 
-A plan answers, for one weight tensor (Hugging Face name, layer index), how many
+A quantisation answers, for one weight tensor (Hugging Face name, layer index), how many
 bits each element occupies in memory *including* its quantisation scales, and
 which peak rate (``Device.peak(precision)``) the matmul runs at.
 
@@ -68,10 +68,10 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
 
 
 @dataclass(frozen=True)
-class QuantPlan:
+class Quant:
     """How a model is stored and computed.
 
-    name: plan id. gemm_precision: key for Device.peak() of weight matmuls;
+    name: quantisation id. gemm_precision: key for Device.peak() of weight matmuls;
     attn_precision: of attention score/value products; head_precision: of the LM
     head (DeepSeek-V3 FP8 keeps the output head in BF16, tech report sec. 3.3.1);
     act_bytes: activation
@@ -161,29 +161,29 @@ _WEIGHT_BITS = {"fp32": _bits_fp32, "bf16": _bits_bf16, "fp8": _bits_fp8, "int8"
 # attention (flash-attn path) runs in f16/f32 with f32 accumulation: the fp32 peak is
 # the conservative choice. Activations are f32 between ops; the KV cache is f16 by
 # default (llama.cpp --cache-type-k/v f16).
-PLANS: dict[str, QuantPlan] = {
-    "fp32": QuantPlan("fp32", "fp32", "fp32", 4, 4, description="IEEE fp32 weights and activations"),
-    "bf16": QuantPlan("bf16", "bf16", "bf16", 2, 2, description="bf16 weights, activations and KV cache"),
-    "fp8": QuantPlan("fp8", "fp8", "bf16", 2, 2,
+QUANTS: dict[str, Quant] = {
+    "fp32": Quant("fp32", "fp32", "fp32", 4, 4, description="IEEE fp32 weights and activations"),
+    "bf16": Quant("bf16", "bf16", "bf16", 2, 2, description="bf16 weights, activations and KV cache"),
+    "fp8": Quant("fp8", "fp8", "bf16", 2, 2,
                      description="DeepSeek-V3 FP8: E4M3 GEMM weights + fp32 128x128 block scales; "
                                  "bf16 attention, activations, KV cache, embedding/head/router",
                      head_precision="bf16"),
-    "int8": QuantPlan("int8", "int8", "bf16", 2, 2,
+    "int8": Quant("int8", "int8", "bf16", 2, 2,
                       description="W8A8: int8 weights with per-output-channel 16-bit scales",
                       head_precision="bf16"),
-    "q8_0": QuantPlan("q8_0", "int8", "fp32", 4, 2, runtime="llama.cpp",
+    "q8_0": Quant("q8_0", "int8", "fp32", 4, 2, runtime="llama.cpp",
                       description="llama.cpp Q8_0 (8.5 bpw), f16 KV cache"),
-    "q4_k_m": QuantPlan("q4_k_m", "int8", "fp32", 4, 2, runtime="llama.cpp",
+    "q4_k_m": Quant("q4_k_m", "int8", "fp32", 4, 2, runtime="llama.cpp",
                         description="llama.cpp Q4_K_M mix (Q4_K + Q6_K for LM head, attn_v/ffn_down "
                                     "in use_more_bits layers), f16 KV cache"),
 }
 
 
-def get_plan(name: str) -> QuantPlan:
+def get_quant(name: str) -> Quant:
     key = name.lower().replace("-", "_")
-    if key not in PLANS:
-        raise ValueError(f"unknown quantisation {name!r}; known: {', '.join(PLANS)}")
-    return PLANS[key]
+    if key not in QUANTS:
+        raise ValueError(f"unknown quantisation {name!r}; known: {', '.join(QUANTS)}")
+    return QUANTS[key]
 
 
 def weight_role(cfg, name: str) -> str:
@@ -191,13 +191,13 @@ def weight_role(cfg, name: str) -> str:
 
     A tied input embedding is also the output layer, and llama.cpp quantises it as one
     (llama-quant.cpp ``llama_tensor_get_type``: ``token_embd`` takes the output type when
-    the model has no separate ``output.weight``; Q4_K_M -> Q6_K). Every other plan
+    the model has no separate ``output.weight``; Q4_K_M -> Q6_K). Every other quantisation
     stores embedding and head alike, so the mapping changes nothing for them.
     """
     return HEAD if name == EMBED and cfg.tie_word_embeddings else name
 
 
-def tensor_bytes(cfg, quant: QuantPlan, t: Tensor) -> float:
+def tensor_bytes(cfg, quant: Quant, t: Tensor) -> float:
     """Stored bytes of one row of the tensor table (reference.params.tensors) under ``quant``:
     elements x bits per element (quantisation scales included) / 8. Every byte count of the
     simulator is a sum of this over rows; a global is stored by the rule of its role (``weight_role``)."""
@@ -205,7 +205,7 @@ def tensor_bytes(cfg, quant: QuantPlan, t: Tensor) -> float:
     return t.numel * quant.weight_bits(name, t.shape, t.layer, cfg.num_hidden_layers) / BITS_PER_BYTE
 
 
-def model_weight_bytes(cfg, quant: QuantPlan) -> dict[str, float]:
+def model_weight_bytes(cfg, quant: Quant) -> dict[str, float]:
     """Stored weight bytes of the main model under ``quant`` (the tensor table, no MTP module).
 
     Returns total, per-layer list, globals and the average bits per weight.

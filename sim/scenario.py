@@ -194,9 +194,9 @@ class Scenario:
             raise _err(self.source, "model", f"unknown model {self.data['model']!r} ({e})") from None
 
     def quant(self):
-        from dsref.sim.quant import get_plan
+        from dsref.sim.quant import get_quant
         try:
-            return get_plan(self.data["quant"])
+            return get_quant(self.data["quant"])
         except ValueError as e:
             raise _err(self.source, "quant", str(e)) from None
 
@@ -306,34 +306,33 @@ class Scenario:
                        f" GB + activation reserve {cap['activation_reserve_bytes'] / 1e9:.1f} GB per device "
                        f"exceed the {dev.memory_bytes / 1e9:.1f} GB of a {dev.id}")
 
-    def plan(self, role: str):
-        from dsref.sim.stepcost import Plan
+    def parallelism(self, role: str):
+        from dsref.sim.parallel import Parallelism
         node, _, _ = self.system()
         r, n = self.data[role], self.instance_devices(role)
         cfg = self.model()
-        return Plan(devices=n, attn_dp=r["attn_dp"] or n // (r["tp"] * r["pp"]), tp=r["tp"], ep=r["ep"], pp=r["pp"],
-                    expert_slots=(cfg.n_routed_experts + r["redundant_experts"]) if cfg.is_moe else 0,
-                    devices_per_node=(self.data.get("scaleup_devices", 0)
-                                      or node.devices_per_node * self.data["device_split"]),
-                    node_limit=r["node_limit"] or None)
+        return Parallelism(devices=n, dp=r["attn_dp"] or n // (r["tp"] * r["pp"]), tp=r["tp"], ep=r["ep"], pp=r["pp"],
+                           expert_slots=(cfg.n_routed_experts + r["redundant_experts"]) if cfg.is_moe else 0,
+                           devices_per_node=(self.data.get("scaleup_devices", 0)
+                                             or node.devices_per_node * self.data["device_split"]),
+                           node_limit=r["node_limit"] or None)
 
     def kv_capacity(self, role: str) -> dict:
-        """KV-cache tokens per device = (memory - weights under the plan - activation reserve) / latent bytes per token."""
+        """KV-cache tokens per device = (memory - weights under the parallel layout - activation reserve) / latent bytes per token."""
         from dsref.sim.local import activation_bytes
-        from dsref.sim.stepcost import weight_bytes_per_device
         cfg, q = self.model(), self.quant()
         _, _, dev = self.system()
         r = self.data[role]
-        plan = self.plan(role)
-        w = weight_bytes_per_device(cfg, q, plan)["total"]
+        par = self.parallelism(role)
+        w = par.weight_bytes_per_device(cfg, q)["total"]
         reserve = r["activation_reserve_bytes"]
         if reserve < 0:
             reserve = activation_bytes(cfg, q, 1, r["token_budget_per_device"])
-        per_tok = cfg.kv_cache_bytes_per_token(q.kv_bytes) / plan.pp
+        per_tok = cfg.kv_cache_bytes_per_token(q.kv_bytes) / par.pp
         free = dev.require("memory_bytes") - w - reserve
         return {"weight_bytes_per_device": w, "activation_reserve_bytes": reserve,
                 "kv_bytes_per_token": per_tok, "kv_tokens_per_device": max(0.0, free) // per_tok,
-                "kv_tokens_per_instance": max(0.0, free) // per_tok * plan.attn_dp}
+                "kv_tokens_per_instance": max(0.0, free) // per_tok * par.dp}
 
     def trace_path(self) -> Path:
         p = Path(self.data["workload"]["trace"])

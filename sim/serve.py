@@ -203,15 +203,15 @@ class Instance:
         self.sim, self.role, self.idx = sim, role, idx
         sc = sim.sc
         r = sc[role]
-        self.plan = sc.plan(role)
+        self.par = sc.parallelism(role)
         self.name = f"{role}-{idx}"
         self.busy_s = 0.0
         self.compute_s = 0.0
         self.steps = 0
         self.kv_cap = sim.capacity[role]["kv_tokens_per_instance"]
-        self.budget = r["token_budget_per_device"] * self.plan.attn_dp
+        self.budget = r["token_budget_per_device"] * self.par.dp
         self.max_req = r["max_requests_per_step"] or 10**12
-        self.max_batch = r["max_batch_per_device"] * self.plan.attn_dp
+        self.max_batch = r["max_batch_per_device"] * self.par.dp
         self.tps = 1.0 + r["mtp_acceptance"]
         self.mtp = r["mtp_acceptance"] > 0
         self.two_mb = r["two_microbatch_overlap"]
@@ -225,7 +225,7 @@ class Instance:
         self.s0 = 0.0
         self.wake = sim.env.event()
         self.sleep_until = math.inf
-        self.lanes = np.zeros(self.plan.devices)  # NIC lanes: time each becomes free (disaggregated prefill)
+        self.lanes = np.zeros(self.par.devices)  # NIC lanes: time each becomes free (disaggregated prefill)
         self.lane_i = 0
         self._dcache: dict = {}
 
@@ -235,15 +235,15 @@ class Instance:
         if hook > 0:
             return hook, hook
         n = max(1, int(round(x[2])))
-        xd = x * (math.ceil(n / self.plan.attn_dp) / n)  # the busiest DP rank's share
+        xd = x * (math.ceil(n / self.par.dp) / n)  # the busiest DP rank's share
         xd[0] = 1.0
-        moe_total = x[1] * self.plan.ep / self.plan.devices
+        moe_total = x[1] * self.par.ep / self.par.devices
         tot, comp, _ = self.sim.cost[self.role]["prefill"].step(xd, moe_total, xd[1], two_microbatch=self.two_mb)
         return tot, comp
 
     def decode_time(self, n: int, ctx_sum: float) -> tuple[float, float]:
         """Step time for n running sequences with summed context ctx_sum (busiest DP rank)."""
-        per = -(-n // self.plan.attn_dp)
+        per = -(-n // self.par.dp)
         q = self.sim.ctx_quantum
         mean_ctx = ctx_sum / n
         if q:
@@ -254,7 +254,7 @@ class Instance:
             return hit
         T = 2.0 if self.mtp else 1.0
         x = np.array([1.0, per * T, per, per * T * (mean_ctx + (T + 1) / 2.0), per * (mean_ctx + T)])
-        moe_total = per * self.plan.attn_dp * T * self.plan.ep / self.plan.devices
+        moe_total = per * self.par.dp * T * self.par.ep / self.par.devices
         cost = self.sim.cost[self.role]
         tot, comp, _ = cost["decode"].step(x, moe_total, per * T, two_microbatch=self.two_mb)
         if self.mtp:  # the MTP module: one more layer + head on one token per sequence
@@ -596,16 +596,16 @@ class ServeSim:
         tables = {}
         self.cost = {}
         for r in roles:
-            plan = sc.plan(r)
+            par = sc.parallelism(r)
             c = {}
             for phase, form, logits in (("prefill", "naive", "last"), ("decode", "absorbed", "all")):
                 if (phase, form) not in tables:
                     tables[(phase, form)] = OpTable.build(self.cfg, self.quant, self.device, mla_form=form,
                                                           logits=logits)
-                c[phase] = StepCost(self.cfg, self.quant, self.device, plan, mla_form=form, logits=logits,
+                c[phase] = StepCost(self.cfg, self.quant, self.device, par, mla_form=form, logits=logits,
                                     node=link_node, latency_s=lat, table=tables[(phase, form)])
             L = self.cfg.num_hidden_layers
-            c["mtp"] = StepCost(self.cfg, self.quant, self.device, plan, mla_form="absorbed", logits="all",
+            c["mtp"] = StepCost(self.cfg, self.quant, self.device, par, mla_form="absorbed", logits="all",
                                 node=link_node, latency_s=lat, layers=(L - 1, L), table=tables[("decode", "absorbed")])
             self.cost[r] = c
         # KV transfer link: seconds per prompt token and per-transfer latency (sim.comm + sim.roofline)
@@ -725,7 +725,7 @@ class ServeSim:
             r = roles.setdefault(inst.role, {"instances": 0, "devices": 0, "busy_s": 0.0, "compute_s": 0.0,
                                              "steps": 0})
             r["instances"] += 1
-            r["devices"] += inst.plan.devices
+            r["devices"] += inst.par.devices
             r["busy_s"] += inst.busy_s
             r["compute_s"] += inst.compute_s
             r["steps"] += inst.steps

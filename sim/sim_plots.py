@@ -67,14 +67,14 @@ _COLORS = {"F": "tab:blue", "B": "tab:orange", "W": "tab:green", "d": "tab:gray"
 
 def plot_train_timeline(tsim, path) -> None:
     """Gantt chart of the pipeline schedule: one row per rank."""
-    fig, ax = plt.subplots(figsize=(10, 0.35 * tsim.pp + 1.5))
+    fig, ax = plt.subplots(figsize=(10, 0.35 * tsim.par.pp + 1.5))
     for rank, name, start, dur, _stream in tsim.spans:
         color = _COLORS.get(name[0], "tab:purple")
         if "+" in name:
             color = "tab:purple"
         ax.broken_barh([(start, dur)], (rank - 0.4, 0.8), facecolors=color, edgecolor="none")
-    ax.set_yticks(range(tsim.pp))
-    ax.set_yticklabels([f"rank {r}" for r in range(tsim.pp)], fontsize=7)
+    ax.set_yticks(range(tsim.par.pp))
+    ax.set_yticklabels([f"rank {r}" for r in range(tsim.par.pp)], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("time in the step (s)")
     ax.set_title(f"{tsim.sc['name']}: {tsim.sc['schedule']} (blue F, orange B, green W, purple F&B, "

@@ -1,4 +1,4 @@
-"""Thin adapter: fast per-device step times under a parallel plan, *from* the cost model.
+"""Thin adapter: fast per-device step times under a parallel layout, *from* the cost model.
 
 The simulator evaluates a step time at every simulated step (hundreds of
 thousands per run), so it cannot rebuild ``sim.costmodel.forward_ops`` (1,300+
@@ -15,7 +15,7 @@ ops, ~6 ms for DeepSeek-V3) each time. Nothing here is a new cost formula:
 2. Seconds per FLOP and per byte of each op come from ``sim.roofline.op_time``
    (peaks and efficiencies from the hardware catalog); communication times from
    ``sim.comm`` volumes through ``sim.roofline.comm_time``.
-3. The parallel plan (what the cost model does not cover yet): DP attention
+3. The parallel layout (sim.parallel.Parallelism; what the cost model does not cover yet): DP attention
    (each device runs the attention/dense part for its own sequences), TP
    (non-expert FLOPs, weight and activation bytes / tp; the MLA latent cache is
    not split by TP), EP (routed-expert rows = all tokens of the EP group * k /
@@ -30,12 +30,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from dsref.reference.config import ModelConfig
-from dsref.reference.params import GLOBAL, ROUTED_EXPERT, tensors
 from dsref.sim import costmodel, roofline
-from dsref.sim.comm import CommOp, ParallelPlan, ep_comm, grouped_time, tp_comm
+from dsref.sim.comm import CommOp, ep_comm, grouped_time, tp_comm
 from dsref.sim.costmodel import StepShape
 from dsref.sim.moe_stats import expected_distinct_uniform
-from dsref.sim.quant import QuantPlan, get_plan, tensor_bytes
+from dsref.sim.parallel import Parallelism
+from dsref.sim.quant import Quant, get_quant
 
 N_FEATURES = 5
 # Shapes (batch, new tokens, prefix) at which the cost model is sampled for the fit:
@@ -87,20 +87,20 @@ class OpTable:
     phase: tuple[str, ...] = ()
 
     @staticmethod
-    def build(cfg: ModelConfig, quant: QuantPlan | str, device, *, mla_form: str, logits: str,
+    def build(cfg: ModelConfig, quant: Quant | str, device, *, mla_form: str, logits: str,
               training: bool = False) -> "OpTable":
         """Fit the ops of ``costmodel.forward_ops`` (or, training=True, of ``costmodel.training_ops``
         without recomputation and optimizer: forward + backward, prefix 0)."""
-        plan = get_plan(quant) if isinstance(quant, str) else quant
+        quant = get_quant(quant) if isinstance(quant, str) else quant
         X, runs = [], []
         shapes = _TRAIN_FIT_SHAPES if training else _FIT_SHAPES
         for b, t, p in shapes:
             X.append(features(b, t, p))
             if training:
-                runs.append(costmodel.training_ops(cfg, plan, b, t, recompute="none", mla_form=mla_form,
+                runs.append(costmodel.training_ops(cfg, quant, b, t, recompute="none", mla_form=mla_form,
                                                    include_optimizer=False))
             else:
-                runs.append(costmodel.forward_ops(cfg, plan, StepShape(b, t, p, logits=logits, mla_form=mla_form)))
+                runs.append(costmodel.forward_ops(cfg, quant, StepShape(b, t, p, logits=logits, mla_form=mla_form)))
         X = np.array(X)
         ops0 = runs[0]
         n = len(ops0)
@@ -161,26 +161,6 @@ def _rates(ops, device) -> tuple[np.ndarray, np.ndarray]:
     return np.array(spf), np.array(spb)
 
 
-@dataclass(frozen=True)
-class Plan:
-    """Parallel plan of one instance (serving) or one training replica.
-
-    devices: devices of the instance; attn_dp: DP-attention ranks (sequences are
-    spread over them); tp; ep: expert-parallel degree; pp: pipeline stages;
-    expert_slots: routed experts + redundant replicas (must be divisible by ep);
-    node_limit: DeepSeek node-limited routing M (None = unlimited).
-    """
-
-    devices: int
-    attn_dp: int
-    tp: int = 1
-    ep: int = 1
-    pp: int = 1
-    expert_slots: int = 0
-    devices_per_node: int = 8
-    node_limit: int | None = None
-
-
 class StepCost:
     """Per-device time of one forward pass of a batch, for one phase (prefill or decode).
 
@@ -189,13 +169,13 @@ class StepCost:
     routed across the EP group.
     """
 
-    def __init__(self, cfg: ModelConfig, quant: QuantPlan | str, device, plan: Plan, *, mla_form: str,
+    def __init__(self, cfg: ModelConfig, quant: Quant | str, device, par: Parallelism, *, mla_form: str,
                  logits: str, node=None, latency_s: dict | None = None, layers: tuple[int, int] | None = None,
                  table: OpTable | None = None, rows: np.ndarray | None = None, scale: np.ndarray | None = None):
         """layers: [lo, hi) layer range (embedding with lo = 0, head with hi = L); rows: extra op mask;
         scale: per-op multiplier of FLOPs and bytes (e.g. the weight-gradient half of a backward op)."""
-        self.cfg, self.device, self.plan, self.node = cfg, device, plan, node
-        self.quant = get_plan(quant) if isinstance(quant, str) else quant
+        self.cfg, self.device, self.par, self.node = cfg, device, par, node
+        self.quant = get_quant(quant) if isinstance(quant, str) else quant
         self.latency_s = latency_s or {}
         self.table = table or OpTable.build(cfg, self.quant, device, mla_form=mla_form, logits=logits)
         t = self.table
@@ -211,7 +191,7 @@ class StepCost:
         sc = np.ones(len(t.names)) if scale is None else np.asarray(scale, float)
         self.moe_layer_fraction = (sum(cfg.is_moe_layer(i) for i in range(lo, hi)) / cfg.num_moe_layers
                                    if cfg.num_moe_layers else 0.0)
-        tp = plan.tp
+        tp = par.tp
         kv_div = tp if cfg.arch == "dense" else 1
         dense = keep & ~t.is_moe
         moe = keep & t.is_moe
@@ -239,9 +219,8 @@ class StepCost:
         self._comm_affine: tuple[float, float] | None = None
         self._overlap: float | None = None
         self.layer_fraction = (hi - lo) / L
-        E = cfg.n_routed_experts
-        self.slots = plan.expert_slots or E
-        self.local_slots = self.slots / max(plan.ep, 1)
+        self.slots = par.slots(cfg)
+        self.local_slots = self.slots / max(par.ep, 1)
 
     # ------------------------------------------------------------------ compute
     def compute_s(self, x: np.ndarray, moe_tokens_total: float) -> float:
@@ -249,7 +228,7 @@ class StepCost:
         y = self._stack @ x
         total = float(np.dot(np.maximum(y[:self._n], y[self._n:]), self._count))
         if self._moe_rows:
-            m_dev = moe_tokens_total / max(self.plan.ep, 1)  # tokens whose rows land on one EP device (balanced)
+            m_dev = moe_tokens_total / max(self.par.ep, 1)  # tokens whose rows land on one EP device (balanced)
             touched = self.local_slots * (1.0 - (1.0 - self.cfg.num_experts_per_tok / self.slots)
                                           ** moe_tokens_total) if moe_tokens_total > 0 else 0.0
             for cf0, cf1, cb0, cb1, cw, cnt in self._moe_rows:
@@ -258,14 +237,11 @@ class StepCost:
 
     # -------------------------------------------------------------------- comm
     def _comm_exact(self, tokens: int) -> float:
-        p = self.plan
-        cp = ParallelPlan(tp=p.tp, ep=p.ep, pp=p.pp, dp=p.attn_dp, devices_per_node=p.devices_per_node,
-                          node_limit=p.node_limit)
-        ops: list[CommOp] = ep_comm(self.cfg, tokens, cp)
+        ops: list[CommOp] = ep_comm(self.cfg, tokens, self.par)
         ep_t = grouped_time(ops, lambda c: roofline.comm_time(c, self.device, node=self.node,
                                                               latency_s=self.latency_s))
         tp_t = sum(roofline.comm_time(c, self.device, node=self.node, latency_s=self.latency_s)
-                   for c in tp_comm(self.cfg, tokens, p.tp, self.quant.act_bytes, p.devices_per_node))
+                   for c in tp_comm(self.cfg, tokens, self.par, self.quant.act_bytes))
         return (ep_t * self.moe_layer_fraction + tp_t * self.layer_fraction)
 
     def comm_s(self, tokens_per_device: float) -> float:
@@ -297,30 +273,6 @@ class StepCost:
         c = self.compute_s(x, moe_tokens_total)
         m = self.comm_s(tokens_per_device)
         return c + m, c, m
-
-
-# ------------------------------------------------------------------ memory
-def weight_bytes_per_device(cfg: ModelConfig, quant: QuantPlan | str, plan: Plan) -> dict[str, float]:
-    """Stored weight bytes on one device: routed experts split over EP (with redundant
-    replicas), everything else (attention, dense MLP, shared experts, norms, router,
-    embedding, head) replicated over DP ranks and divided by TP; layers divided by PP."""
-    q = get_plan(quant) if isinstance(quant, str) else quant
-    expert = other = glob = 0.0
-    for t in tensors(cfg):
-        b = tensor_bytes(cfg, q, t)
-        if t.group == ROUTED_EXPERT:
-            expert += b
-        elif t.group == GLOBAL:
-            glob += b
-        else:
-            other += b
-    E = cfg.n_routed_experts
-    slots = plan.expert_slots or E
-    expert_dev = expert / max(E, 1) * slots / max(plan.ep, 1) if E else 0.0
-    other_dev = other / plan.tp
-    per_dev = (expert_dev + other_dev) / plan.pp + glob / plan.tp
-    return {"experts": expert_dev / plan.pp, "non_expert": other_dev / plan.pp, "globals": glob / plan.tp,
-            "total": per_dev}
 
 
 def _compress(f, b, spf, spb, count):

@@ -42,12 +42,11 @@ from dataclasses import dataclass
 import numpy as np
 import simpy
 
-from dsref.reference.params import ROUTED_EXPERT, tensors
 from dsref.sim import costmodel, roofline
 from dsref.sim.comm import dp_zero1_comm, pp_comm
-from dsref.sim.quant import EMBED
+from dsref.sim.parallel import Parallelism, stage_params
 from dsref.sim.scenario import Scenario, ScenarioError
-from dsref.sim.stepcost import OpTable, Plan, StepCost
+from dsref.sim.stepcost import OpTable, StepCost
 
 SECONDS_PER_DAY = 86400.0
 SECONDS_PER_HOUR = 3600.0
@@ -196,27 +195,6 @@ def stage_ranges(L: int, pp: int) -> list[tuple[int, int]]:
     return out
 
 
-def stage_params(cfg, lo: int, hi: int, first: bool, last: bool, mtp: bool = False) -> tuple[float, float]:
-    """(non-expert, routed-expert) parameters of a stage: the tensor table's rows of layers [lo, hi),
-    the embedding on the first stage, the final norm and LM head on the last; mtp: the last stage
-    also holds the MTP module(s) (decoder layer + eh_proj and norms; head and embedding shared)."""
-    dense = expert = 0.0
-    for t in tensors(cfg, mtp=mtp):
-        if t.layer is None:
-            held = first if t.name == EMBED else last  # the final norm and head sit on the last stage
-        elif t.mtp:
-            held = last
-        else:
-            held = lo <= t.layer < hi
-        if not held:
-            continue
-        if t.group == ROUTED_EXPERT:
-            expert += t.numel
-        else:
-            dense += t.numel
-    return dense, expert
-
-
 class TrainSim:
     """One training step of a scenario; ``run()`` returns the metrics dict."""
 
@@ -228,13 +206,15 @@ class TrainSim:
         self.cfg, self.quant = sc.model(), sc.quant()
         self.node, self.cluster, self.device = sc.system()
         self.n_dev = sc.train_devices()
-        self.pp, self.tp, self.ep = d["pp"], d["tp"], d["ep"]
-        self.dp = self.n_dev // (self.pp * self.tp)
+        pp, tp = d["pp"], d["tp"]
+        self.par = Parallelism(devices=self.n_dev, dp=self.n_dev // (pp * tp), tp=tp, ep=d["ep"], pp=pp,
+                               expert_slots=self.cfg.n_routed_experts, devices_per_node=self.node.devices_per_node,
+                               node_limit=d["node_limit"] or None)
         self.seq, self.mbs = d["seq_len"], d["micro_batch"]
-        self.m = d["global_batch"] // self.dp // self.mbs
+        self.m = d["global_batch"] // self.par.dp // self.mbs
         self.tokens_mb = self.seq * self.mbs
         self.lat = sc.latency_s()
-        self.ranges = stage_ranges(self.cfg.num_hidden_layers, self.pp)
+        self.ranges = stage_ranges(self.cfg.num_hidden_layers, self.par.pp)
         self.stages = self._stage_times()
 
     # ---------------------------------------------------------- chunk costs
@@ -243,8 +223,8 @@ class TrainSim:
         if hooks["forward_s"] > 0:
             st = StageTimes(hooks["forward_s"], 0.0, hooks["backward_s"], 0.0, hooks["weight_s"])
             self.p2p_s = max(0.0, hooks["p2p_s"])
-            self.params = [(0.0, 0.0)] * self.pp
-            return [st] * self.pp
+            self.params = [(0.0, 0.0)] * self.par.pp
+            return [st] * self.par.pp
         cfg, dev = self.cfg, self.device
         table = OpTable.build(cfg, self.quant, dev, mla_form="naive", logits="all", training=True)
         phase = np.array(table.phase)
@@ -259,23 +239,21 @@ class TrainSim:
         else:
             names = np.array(table.names)
             recomp = fwd & ((np.array(table.kinds) == "norm") | np.isin(names, UP_PROJECTIONS))
-        plan = self._plan = Plan(devices=self.ep, attn_dp=self.ep, tp=self.tp, ep=self.ep, pp=self.pp,
-                                 expert_slots=cfg.n_routed_experts, devices_per_node=self.node.devices_per_node,
-                                 node_limit=self.sc["node_limit"] or None)
+        par = self.par
         x = np.array([1.0, self.tokens_mb, self.mbs, self.mbs * self.seq * (self.seq + 1) / 2.0, self.tokens_mb])
-        moe_total = self.tokens_mb * self.ep
+        moe_total = self.tokens_mb * self.par.ep
         kw = dict(mla_form="naive", logits="all", node=self.node, latency_s=self.lat, table=table)
         L = cfg.num_hidden_layers
 
         mtp = self._mtp_times(table, x, kw) if self.sc["mtp"] else None  # once: the balanced split needs it too
 
         def times(lo, hi):
-            f = StepCost(cfg, self.quant, dev, plan, layers=(lo, hi), rows=fwd, **kw)
+            f = StepCost(cfg, self.quant, dev, par, layers=(lo, hi), rows=fwd, **kw)
             b_scale = np.where(bwd & wgt, half, 1.0)
-            b = StepCost(cfg, self.quant, dev, plan, layers=(lo, hi), rows=bwd, scale=b_scale, **kw)
-            w = StepCost(cfg, self.quant, dev, plan, layers=(lo, hi), rows=bwd & wgt, scale=np.full(len(phase), half),
+            b = StepCost(cfg, self.quant, dev, par, layers=(lo, hi), rows=bwd, scale=b_scale, **kw)
+            w = StepCost(cfg, self.quant, dev, par, layers=(lo, hi), rows=bwd & wgt, scale=np.full(len(phase), half),
                          **kw)
-            r = StepCost(cfg, self.quant, dev, plan, layers=(lo, hi), rows=recomp, **kw)
+            r = StepCost(cfg, self.quant, dev, par, layers=(lo, hi), rows=recomp, **kw)
             f_c = f.compute_s(x, moe_total)
             b_c = b.compute_s(x, moe_total) + r.compute_s(x, moe_total)
             w_c = w.compute_s(x, moe_total)
@@ -287,9 +265,9 @@ class TrainSim:
         if self.sc["stage_split"] == "balanced":
             # stage costs are sums over their layers (embedding with layer 0, head and MTP with layer L-1)
             costs = [t.f_c + t.b_c + t.w_c for t in (times(i, i + 1) for i in range(L))]
-            self.ranges = balanced_ranges(costs, self.pp)
+            self.ranges = balanced_ranges(costs, self.par.pp)
         out = [times(lo, hi) for lo, hi in self.ranges]
-        ops = pp_comm(cfg, self.tokens_mb, 1, self.pp, self.quant.act_bytes)
+        ops = pp_comm(cfg, self.tokens_mb, 1, self.par.pp, self.quant.act_bytes)
         self.p2p_s = sum(roofline.comm_time(c, dev, node=self.node, latency_s=self.lat) for c in ops)
         self.params = [stage_params(cfg, lo, hi, lo == 0, hi == L, self.sc["mtp"]) for lo, hi in self.ranges]
         return out
@@ -301,17 +279,17 @@ class TrainSim:
         token (tech report sec. 2.2), costed as the model's last layer + head; its eh_proj
         (2D x D per token, ~8% of the module's FLOPs for V3) and two RMSNorms are not counted.
         """
-        cfg, plan_ = self.cfg, self._plan
+        cfg, par = self.cfg, self.par
         L, depth = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
         phase = np.array(table.phase)
         fwd, bwd = phase == "fwd", phase == "bwd"
         half = 1.0 / costmodel.BACKWARD_FLOPS_RATIO
         last = (L - 1, L)
-        moe_total = self.tokens_mb * self.ep
-        f = StepCost(cfg, self.quant, self.device, plan_, layers=last, rows=fwd, **kw)
-        b = StepCost(cfg, self.quant, self.device, plan_, layers=last, rows=bwd,
+        moe_total = self.tokens_mb * self.par.ep
+        f = StepCost(cfg, self.quant, self.device, par, layers=last, rows=fwd, **kw)
+        b = StepCost(cfg, self.quant, self.device, par, layers=last, rows=bwd,
                      scale=np.where(bwd & table.has_weight_grad, half, 1.0), **kw)
-        w = StepCost(cfg, self.quant, self.device, plan_, layers=last, rows=bwd & table.has_weight_grad,
+        w = StepCost(cfg, self.quant, self.device, par, layers=last, rows=bwd & table.has_weight_grad,
                      scale=np.full(len(phase), half), **kw)
         return (depth * f.compute_s(x, moe_total), depth * b.compute_s(x, moe_total),
                 depth * w.compute_s(x, moe_total), depth * f.comm_s(self.tokens_mb))
@@ -328,7 +306,7 @@ class TrainSim:
         dual = self.sc["schedule"] == "dualpipe"
 
         def stage(p):
-            return rank if p == 0 else self.pp - 1 - rank
+            return rank if p == 0 else self.par.pp - 1 - rank
         kind = task[0]
         if kind == "FB":
             a, b = st[stage(task[1][0])], st[stage(task[2][0])]
@@ -349,16 +327,16 @@ class TrainSim:
         """ZeRO-1 reduce-scatter, AdamW on the shard, all-gather for this rank's parameters."""
         if self.sc["test_hooks"]["forward_s"] > 0:
             return {"reduce_scatter_s": 0.0, "optimizer_s": 0.0, "all_gather_s": 0.0}
-        stages = [rank] + ([self.pp - 1 - rank] if self.sc["schedule"] == "dualpipe" else [])
-        dense = sum(self.params[s][0] for s in stages) / self.tp
-        expert = sum(self.params[s][1] for s in stages) / self.ep
-        dp_exp = max(1, self.dp // self.ep)
-        comm = dp_zero1_comm(dense, self.dp) + dp_zero1_comm(expert, dp_exp)
+        stages = [rank] + ([self.par.pp - 1 - rank] if self.sc["schedule"] == "dualpipe" else [])
+        dense = sum(self.params[s][0] for s in stages) / self.par.tp
+        expert = sum(self.params[s][1] for s in stages) / self.par.ep
+        dp_exp = self.par.expert_dp
+        comm = dp_zero1_comm(dense, self.par.dp) + dp_zero1_comm(expert, dp_exp)
         t = {"reduce_scatter_s": 0.0, "all_gather_s": 0.0}
         for c in comm:
             key = "reduce_scatter_s" if "reduce_scatter" in c.name else "all_gather_s"
             t[key] += roofline.comm_time(c, self.device, node=self.node, latency_s=self.lat)
-        shard = dense / self.dp + expert / dp_exp
+        shard = dense / self.par.dp + expert / dp_exp
         adam = costmodel.Op("adamw", None, "elementwise", costmodel.ADAM_FLOPS_PER_PARAM * shard, 0.0,
                             shard * (costmodel.ADAM_STATE_BYTES + costmodel.ADAM_GRAD_BYTES),
                             shard * costmodel.ADAM_STATE_BYTES, precision="fp32", phase="optim")
@@ -369,9 +347,9 @@ class TrainSim:
     def run(self) -> dict:
         wall0 = time.perf_counter()
         env = simpy.Environment()
-        pp, m = self.pp, self.m
+        pp, m = self.par.pp, self.m
         sched = schedule_dualpipe if self.sc["schedule"] == "dualpipe" else schedule_1f1b
-        plans = [sched(pp, r, m) for r in range(pp)]
+        orders = [sched(pp, r, m) for r in range(pp)]  # each rank's chunk order
         done: dict = {}
         spans: list = []
         busy = [0.0] * pp
@@ -398,7 +376,7 @@ class TrainSim:
             return []
 
         def proc(rank):
-            for task in plans[rank]:
+            for task in orders[rank]:
                 if task[0] == "FB":
                     parts = [("F",) + task[1], ("BW",) + task[2]]
                 else:
@@ -428,7 +406,7 @@ class TrainSim:
         for r in range(pp):
             env.process(proc(r))
         env.run()
-        events = len(done) + sum(len(p) for p in plans)
+        events = len(done) + sum(len(o) for o in orders)
         span = max(end)
         tails = []
         step = 0.0
@@ -462,7 +440,7 @@ class TrainSim:
         st = self.stages
         return {
             "scenario": sc["name"], "model": cfg.name, "device": dev.id, "devices": self.n_dev,
-            "schedule": sc["schedule"], "pp": self.pp, "dp": self.dp, "ep": self.ep, "tp": self.tp,
+            "schedule": sc["schedule"], "pp": self.par.pp, "dp": self.par.dp, "ep": self.par.ep, "tp": self.par.tp,
             "micro_batches_per_step": self.m, "micro_batch_sequences": self.mbs, "seq_len": self.seq,
             "tokens_per_step": tokens,
             "step_time_s": step, "pipeline_time_s": span, "bubble_fraction": bubble,

@@ -28,7 +28,8 @@ from dsref.reference.params import layer_shapes
 from dsref.reference.presets import get_preset
 from dsref.sim import comm, costmodel, moe_stats, roofline
 from dsref.sim.local import estimate
-from dsref.sim.quant import get_plan, model_weight_bytes
+from dsref.sim.parallel import Parallelism
+from dsref.sim.quant import get_quant, model_weight_bytes
 
 GB = 1e9
 
@@ -92,16 +93,16 @@ def test_recomputation_adds_forward_work():
     ("llama-3.1-8b", "q8_0", 8.54),    # same repository, Q8_0
 ])
 def test_gguf_sizes_match_published_files(name, quant, published_gb):
-    got = model_weight_bytes(get_preset(name), get_plan(quant))["total"] / GB
+    got = model_weight_bytes(get_preset(name), get_quant(quant))["total"] / GB
     assert got == pytest.approx(published_gb, rel=0.02)
 
 
-def test_fp8_plan_keeps_embedding_head_router_bf16():
+def test_fp8_keeps_embedding_head_router_bf16():
     cfg = get_preset("deepseek-v3")
-    plan = get_plan("fp8")
-    assert plan.weight_bits("lm_head.weight", (cfg.vocab_size, cfg.hidden_size), None, 61) == 16
-    assert plan.weight_bits("mlp.gate.weight", (256, 7168), 5, 61) == 16
-    assert plan.weight_bits("mlp.experts.down_proj.weight", (256, 7168, 2048), 5, 61) == 8 + 32 / 128 ** 2
+    quant = get_quant("fp8")
+    assert quant.weight_bits("lm_head.weight", (cfg.vocab_size, cfg.hidden_size), None, 61) == 16
+    assert quant.weight_bits("mlp.gate.weight", (256, 7168), 5, 61) == 16
+    assert quant.weight_bits("mlp.experts.down_proj.weight", (256, 7168, 2048), 5, 61) == 8 + 32 / 128 ** 2
 
 
 # ----------------------------------------------------------------------- MoE
@@ -188,11 +189,10 @@ def test_dense_gqa_decode_reads_kv_cache():
 def test_comm_formulas():
     assert comm.ring_allreduce_bytes(100.0, 4) == pytest.approx(150.0)
     cfg = get_preset("deepseek-v3")
-    plan = comm.ParallelPlan(ep=64, devices_per_node=8, node_limit=4)
-    per = comm.ep_dispatch_per_token(cfg, plan)
+    per = comm.ep_dispatch_per_token(cfg, Parallelism(ep=64, devices_per_node=8, node_limit=4))
     assert per["dispatch_inter"] == pytest.approx(4 * 7 / 8 * 7168 * (1 + 4 / 128))
     assert per["combine_inter"] == pytest.approx(4 * 7 / 8 * 7168 * 2)
-    unlimited = comm.ep_dispatch_per_token(cfg, comm.ParallelPlan(ep=64, devices_per_node=8))
+    unlimited = comm.ep_dispatch_per_token(cfg, Parallelism(ep=64, devices_per_node=8))
     assert unlimited["dispatch_inter"] > per["dispatch_inter"]
     assert comm.kv_transfer_bytes(cfg, 1000) == 70_272 * 1000
     zero = comm.dp_zero1_comm(1e9, 4)

@@ -9,7 +9,7 @@ from dsref.hwmodels.catalog import load_device
 from dsref.reference.presets import load_config
 from dsref.sim import costmodel, llama_cpp
 from dsref.sim.local import estimate, kv_bytes_per_token, resolve_target
-from dsref.sim.quant import get_plan, model_weight_bytes
+from dsref.sim.quant import get_quant, model_weight_bytes
 
 Q = "q4_k_m"
 
@@ -31,19 +31,19 @@ def test_graphs_per_prompt_follow_n_ubatch():
 
 
 def test_expanded_cache_is_llama_cpp_log_size():
-    cfg, plan = load_config("deepseek-r1"), get_plan(Q)
+    cfg, quant = load_config("deepseek-r1"), get_quant(Q)
     # "KV self size = 9760.00 MiB, K (f16): 5856.00 MiB, V (f16): 3904.00 MiB" for 2048 cells (issue #285)
-    assert kv_bytes_per_token(cfg, plan, "expanded_cache") * 2048 == pytest.approx(9760 * 2 ** 20)
-    assert kv_bytes_per_token(cfg, plan, "absorbed") == pytest.approx((512 + 64) * 2 * 61)
+    assert kv_bytes_per_token(cfg, quant, "expanded_cache") * 2048 == pytest.approx(9760 * 2 ** 20)
+    assert kv_bytes_per_token(cfg, quant, "absorbed") == pytest.approx((512 + 64) * 2 * 61)
     with pytest.raises(ValueError):
-        kv_bytes_per_token(cfg, plan, "naive")
+        kv_bytes_per_token(cfg, quant, "naive")
 
 
 def test_expanded_cache_decode_reads_the_cache_and_expands_only_the_new_token():
     cfg, ctx = load_config("deepseek-r1"), 1024
     exp = costmodel.totals(costmodel.decode_ops(cfg, Q, 1, ctx, mla_form="expanded_cache"))
     lat = costmodel.totals(costmodel.decode_ops(cfg, Q, 1, ctx, mla_form="absorbed"))
-    per_tok = kv_bytes_per_token(cfg, get_plan(Q), "expanded_cache")
+    per_tok = kv_bytes_per_token(cfg, get_quant(Q), "expanded_cache")
     assert exp["kv_bytes"] == pytest.approx(per_tok * (ctx + 1) + per_tok, rel=1e-6)  # read S keys, write 1
     assert exp["weight_bytes"] == pytest.approx(lat["weight_bytes"])
     naive = costmodel.totals(costmodel.decode_ops(cfg, Q, 1, ctx, mla_form="naive"))
@@ -54,7 +54,7 @@ def test_estimate_uses_one_kv_layout_for_memory_and_bytes():
     lat = estimate("deepseek-r1", "ampereone-server", Q, context=1024)
     exp = estimate("deepseek-r1", "ampereone-server", Q, context=1024, mla_form="expanded_cache")
     cfg = load_config("deepseek-r1")
-    extra = (kv_bytes_per_token(cfg, get_plan(Q), "expanded_cache") - kv_bytes_per_token(cfg, get_plan(Q))) * 1024
+    extra = (kv_bytes_per_token(cfg, get_quant(Q), "expanded_cache") - kv_bytes_per_token(cfg, get_quant(Q))) * 1024
     assert exp["kv_cache_bytes"] - lat["kv_cache_bytes"] == pytest.approx(extra)
     assert exp["decode_kv_bytes_per_step"] > 50 * lat["decode_kv_bytes_per_step"]
     assert exp["decode_tokens_per_s"] < lat["decode_tokens_per_s"]
@@ -98,8 +98,8 @@ def test_tied_embedding_is_stored_as_the_output_layer():
     # Ollama's llama3.2:3b (Q4_K_M) is 2.02 GB: token_embd doubles as output and is Q6_K
     cfg = load_config("llama-3.2-3b")
     assert cfg.tie_word_embeddings
-    assert model_weight_bytes(cfg, get_plan(Q))["total"] == pytest.approx(2.02e9, rel=0.01)
-    assert model_weight_bytes(cfg, get_plan("bf16"))["total"] == pytest.approx(2 * cfg.param_counts()["total_params"],
+    assert model_weight_bytes(cfg, get_quant(Q))["total"] == pytest.approx(2.02e9, rel=0.01)
+    assert model_weight_bytes(cfg, get_quant("bf16"))["total"] == pytest.approx(2 * cfg.param_counts()["total_params"],
                                                                               rel=1e-3)
 
 

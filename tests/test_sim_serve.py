@@ -15,7 +15,8 @@ from dsref.sim import costmodel, roofline, trace
 from dsref.sim.comm import CommOp, kv_transfer_bytes
 from dsref.sim.scenario import ScenarioError, from_dict, load
 from dsref.sim.serve import ServeSim, simulate
-from dsref.sim.stepcost import OpTable, Plan, StepCost, features
+from dsref.sim.parallel import Parallelism
+from dsref.sim.stepcost import OpTable, StepCost, features
 
 SMALL = "deepseek-v2-lite"   # fits one H800 in bf16 (~31 GB)
 
@@ -50,7 +51,7 @@ def test_stepcost_reproduces_cost_model():
     cfg, dev = get_preset("deepseek-v3"), load_device("h800")
     for form, logits, shapes in (("naive", "last", [(1, 1000, 0), (3, 512, 2048)]),
                                  ("absorbed", "all", [(1, 1, 100), (64, 1, 5000)])):
-        sc = StepCost(cfg, "fp8", dev, Plan(1, 1), mla_form=form, logits=logits)
+        sc = StepCost(cfg, "fp8", dev, Parallelism(), mla_form=form, logits=logits)
         for b, t, p in shapes:
             ops = costmodel.forward_ops(cfg, "fp8", costmodel.StepShape(b, t, p, logits=logits, mla_form=form))
             ref = roofline.step_time(ops, dev).time_s
@@ -63,17 +64,17 @@ def test_two_microbatch_overlap_uses_the_catalog_share():
 
     from dsref.hwmodels.catalog import Figure
     cfg, dev = get_preset("deepseek-v3"), load_device("h800")
-    plan = Plan(devices=72, attn_dp=72, ep=72, expert_slots=288, devices_per_node=8)
+    par = Parallelism(devices=72, dp=72, ep=72, expert_slots=288, devices_per_node=8)
     per = 128
     x = features(per, 1, 4000)
     moe = per * 72
-    sc = StepCost(cfg, "fp8", dev, plan, mla_form="absorbed", logits="all", node=load_system("h800-node"))
+    sc = StepCost(cfg, "fp8", dev, par, mla_form="absorbed", logits="all", node=load_system("h800-node"))
     tot, c, m = sc.step(x, moe, per, two_microbatch=True)
     eta = dev.efficiency("overlap")
     assert 0 < eta < 1 and c > 0 and m > 0
     assert tot == pytest.approx(max(c, m) + (1 - eta) * min(c, m), rel=1e-12)
     perfect = replace(dev, efficiency_overrides={"overlap": Figure(1.0, "", "test", "high")}, id="h800-perfect")
-    sc1 = StepCost(cfg, "fp8", perfect, plan, mla_form="absorbed", logits="all", node=load_system("h800-node"))
+    sc1 = StepCost(cfg, "fp8", perfect, par, mla_form="absorbed", logits="all", node=load_system("h800-node"))
     assert sc1.step(x, moe, per, two_microbatch=True)[0] == pytest.approx(max(c, m), rel=1e-9)
     assert sc.step(x, moe, per)[0] == pytest.approx(sc.compute_s(x, moe) + m, rel=1e-12)
 
@@ -81,7 +82,7 @@ def test_two_microbatch_overlap_uses_the_catalog_share():
 def test_training_table_reproduces_cost_model():
     cfg, dev = get_preset(SMALL), load_device("h800")
     table = OpTable.build(cfg, "bf16", dev, mla_form="naive", logits="all", training=True)
-    sc = StepCost(cfg, "bf16", dev, Plan(1, 1), mla_form="naive", logits="all", table=table)
+    sc = StepCost(cfg, "bf16", dev, Parallelism(), mla_form="naive", logits="all", table=table)
     for b, t in ((1, 4096), (2, 1000)):
         ref = roofline.step_time(costmodel.training_ops(cfg, "bf16", b, t, include_optimizer=False), dev).time_s
         assert sc.compute_s(features(b, t, 0), b * t) == pytest.approx(ref, rel=1e-9)
@@ -245,13 +246,12 @@ def test_jsonl_trace_workload(tmp_path):
 
 
 def test_weight_bytes_per_device_uses_the_tied_head_rule():
-    """A tied embedding is stored as the output layer under llama.cpp plans (Q4_K_M -> Q6_K),
+    """A tied embedding is stored as the output layer under llama.cpp quantisations (Q4_K_M -> Q6_K),
     so one device holding everything holds what sim.quant.model_weight_bytes counts."""
     from dsref.reference.presets import get_preset
-    from dsref.sim.quant import get_plan, model_weight_bytes
-    from dsref.sim.stepcost import Plan, weight_bytes_per_device
+    from dsref.sim.quant import get_quant, model_weight_bytes
     for name in ("llama-3.2-3b", "qwen2.5-14b"):
         cfg = get_preset(name)
         for quant in ("q4_k_m", "bf16"):
-            got = weight_bytes_per_device(cfg, quant, Plan(devices=1, attn_dp=1))["total"]
-            assert got == pytest.approx(model_weight_bytes(cfg, get_plan(quant))["total"]), (name, quant)
+            got = Parallelism().weight_bytes_per_device(cfg, get_quant(quant))["total"]
+            assert got == pytest.approx(model_weight_bytes(cfg, get_quant(quant))["total"]), (name, quant)

@@ -159,8 +159,9 @@ def test_v3_mechanisms_each_move_the_result():
 def test_ep_intra_and_inter_legs_overlap():
     """Dispatch (and combine) over NVLink and InfiniBand run at once: the slower leg counts."""
     from dsref.reference.presets import get_preset
-    from dsref.sim.comm import CommOp, ParallelPlan, ep_comm, grouped_time
-    ops = ep_comm(get_preset("deepseek-v3"), 4096, ParallelPlan(ep=64, node_limit=4))
+    from dsref.sim.comm import CommOp, ep_comm, grouped_time
+    from dsref.sim.parallel import Parallelism
+    ops = ep_comm(get_preset("deepseek-v3"), 4096, Parallelism(ep=64, node_limit=4))
     assert {c.group for c in ops} == {"ep_dispatch", "ep_combine"}
     t = {c.name: float(i + 1) for i, c in enumerate(ops)}
     want = sum(max(t[c.name] for c in ops if c.group == g) for g in ("ep_dispatch", "ep_combine"))
@@ -169,7 +170,7 @@ def test_ep_intra_and_inter_legs_overlap():
     assert grouped_time(ops + [lone, lone], lambda c: t.get(c.name, 2.5)) == want + 5.0
 
 
-def test_fp8_plan_keeps_the_head_in_bf16():
+def test_fp8_keeps_the_head_in_bf16():
     from dsref.reference.presets import get_preset
     from dsref.sim import costmodel
     ops = costmodel.decode_ops(get_preset("tiny-v3"), "fp8", 1, 8)
