@@ -68,3 +68,12 @@ def make_hf_model(cfg: ModelConfig, seed: int, **kw):
 @pytest.fixture(scope="session")
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def validation_records():
+    """Every experiment's records on validate's default path (full-length simulations, no closed
+    loop): what docs/validation.json holds. Computed once per session (per xdist worker) and
+    shared by tests/test_experiments.py and tests/test_validation_gate.py."""
+    from dsref.experiments import validate
+    return validate.run_all(progress=False, fast=False)

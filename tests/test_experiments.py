@@ -15,8 +15,9 @@ CLAIMS = registry.load_claims()  # packaged: experiments/data/public_claims.json
 
 
 @pytest.fixture(scope="module")
-def records():
-    return validate.run_all(progress=False, fast=True)
+def records(validation_records):
+    """validate's records, as docs/validation.json holds them (conftest: one run per session)."""
+    return validation_records
 
 
 def test_signed_error_formula():
