@@ -44,13 +44,11 @@ def serving_capacity(system: str, quant: str, split: int) -> dict:
     """Per-chip prefill and decode tokens/s of the day-6 instance shapes on ``system`` (step costs of
     sim.serve; decode batch = the largest <= 256/device that fits the KV cache at the mean KV length
     and keeps >= SLO_TOKENS_PER_S per request)."""
-    import numpy as np
-
-    from dsref.sim.stepcost import request_features
+    from dsref.sim.stepcost import uniform
     sc, sim, pre, dec = _instances(system, quant, split)
     new = int(round(PROMPT * (1 - HIT)))
     n_req = max(1, pre.budget // new)
-    x = request_features(np.full(n_req, new), np.full(n_req, PROMPT - new)).sum(axis=0)
+    x = uniform(n_req, new, PROMPT - new)
     t_pre, _ = pre.prefill_time(x)
     pre_chips = pre.par.devices / split
     kv_dev = sim.capacity["decode"]["kv_tokens_per_instance"] / dec.par.dp

@@ -54,7 +54,7 @@ import simpy
 from dsref.sim import roofline
 from dsref.sim.comm import CommOp, kv_transfer_bytes
 from dsref.sim.scenario import Scenario, ScenarioError
-from dsref.sim.stepcost import OpTable, StepCost, request_features
+from dsref.sim.stepcost import OpTable, RequestTable, StepCost, StepFeatures, request, uniform
 
 SECONDS_PER_HOUR = 3600.0
 TOKENS_PER_MILLION = 1e6
@@ -169,8 +169,7 @@ class _Shared:
         self.preemptions = 0
         self.kv_blocked_steps = 0   # steps at which the head of a queue waited for KV-cache space
         self.rejected = 0           # requests larger than an empty instance's KV cache
-        feat = request_features(wl.prompt - wl.cached, wl.cached)
-        self.cum_feat = np.vstack([np.zeros(5), np.cumsum(feat, axis=0)])
+        self.features = RequestTable(wl.prompt - wl.cached, wl.cached)  # fresh prompts, arrival order
         self.cum_new = np.concatenate([[0.0], np.cumsum(wl.prompt - wl.cached)]).astype(float)
         self.tokens_in = 0.0
 
@@ -230,15 +229,12 @@ class Instance:
         self._dcache: dict = {}
 
     # ------------------------------------------------------------ step times
-    def prefill_time(self, x: np.ndarray) -> tuple[float, float]:
+    def prefill_time(self, x: StepFeatures) -> tuple[float, float]:
+        """Step time of prefilling the batch ``x`` (the whole instance's requests)."""
         hook = self.sim.sc["test_hooks"]["prefill_service_s"]
         if hook > 0:
             return hook, hook
-        n = max(1, int(round(x[2])))
-        xd = x * (math.ceil(n / self.par.dp) / n)  # the busiest DP rank's share
-        xd[0] = 1.0
-        moe_total = x[1] * self.par.ep / self.par.devices
-        tot, comp, _ = self.sim.cost[self.role]["prefill"].step(xd, moe_total, xd[1], two_microbatch=self.two_mb)
+        tot, comp, _ = self.sim.cost[self.role]["prefill"].prefill(x, two_microbatch=self.two_mb)
         return tot, comp
 
     def decode_time(self, n: int, ctx_sum: float) -> tuple[float, float]:
@@ -252,14 +248,11 @@ class Instance:
         hit = self._dcache.get(key)
         if hit is not None:
             return hit
-        T = 2.0 if self.mtp else 1.0
-        x = np.array([1.0, per * T, per, per * T * (mean_ctx + (T + 1) / 2.0), per * (mean_ctx + T)])
-        moe_total = per * self.par.dp * T * self.par.ep / self.par.devices
+        T = 2.0 if self.mtp else 1.0  # MTP: the draft token is verified with the next one
         cost = self.sim.cost[self.role]
-        tot, comp, _ = cost["decode"].step(x, moe_total, per * T, two_microbatch=self.two_mb)
+        tot, comp, _ = cost["decode"].decode(uniform(per, T, mean_ctx), two_microbatch=self.two_mb)
         if self.mtp:  # the MTP module: one more layer + head on one token per sequence
-            xm = np.array([1.0, per, per, per * (mean_ctx + 1.0), per * (mean_ctx + 1.0)])
-            extra = cost["mtp"].compute_s(xm, moe_total / T)
+            extra = cost["mtp"].decode_compute_s(uniform(per, 1.0, mean_ctx))
             tot += extra
             comp += extra
         out = (tot, comp)
@@ -275,7 +268,7 @@ class Instance:
         """
         sh = self.sim.sh
         retries: list = []
-        x = np.zeros(5)
+        x = StepFeatures()
         used = 0.0
         while sh.retry and len(retries) < self.max_req:
             rid, prompt, cached, gen = sh.retry[0]
@@ -286,7 +279,7 @@ class Instance:
                 break
             sh.retry.popleft()
             retries.append((rid, prompt, cached, gen))
-            x += request_features(np.array([new]), np.array([cached]))[0]
+            x = x + request(new, cached)
             used += new
             if kv_free is not None:
                 kv_free -= prompt
@@ -300,7 +293,7 @@ class Instance:
                 csum = np.cumsum(self.sim.wl.prompt[a:b])
                 b = a + int(np.searchsorted(csum, kv_free, side="right"))
             if b > a:
-                x += sh.cum_feat[b] - sh.cum_feat[a]
+                x = x + sh.features.span(a, b)
                 used += float(cum[b] - cum[a])
                 sh.head = b
         return retries, (a, b), x, used

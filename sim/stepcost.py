@@ -25,7 +25,9 @@ ops, ~6 ms for DeepSeek-V3) each time. Nothing here is a new cost formula:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -37,7 +39,6 @@ from dsref.sim.moe_stats import expected_distinct_uniform
 from dsref.sim.parallel import Parallelism
 from dsref.sim.quant import Quant, get_quant
 
-N_FEATURES = 5
 # Shapes (batch, new tokens, prefix) at which the cost model is sampled for the fit:
 # more rows than features and well conditioned; small so that sampling is cheap.
 _FIT_SHAPES = ((1, 1, 0), (2, 3, 5), (3, 7, 11), (1, 16, 100), (4, 2, 50), (5, 9, 3), (2, 33, 7), (7, 1, 1000))
@@ -48,17 +49,58 @@ MOE_KIND = "moe_gemm"
 WEIGHT_KINDS = ("gemm", "moe_gemm", "head", "router")  # ops whose backward has a weight-gradient half
 
 
-def features(batch: float, tokens: float, prefix: float) -> np.ndarray:
-    """x = [1, M, B, M*S_eff, B*S] for B sequences of T new tokens after ``prefix`` cached (flash attention)."""
+class StepFeatures(NamedTuple):
+    """The shape of a step as the cost model's ops see it: every op's FLOPs and bytes are
+    affine in these (plus a constant per step, which the step cost adds). Summable: the
+    features of a batch are the sum of its requests' (``+``). Built here only:
+    ``uniform`` (B equal sequences), ``request`` (one request), ``RequestTable`` (runs of
+    requests in O(1)).
+
+    tokens: M, new tokens; seqs: B, sequences; attn: sum over sequences of T * S_eff
+    (query-key pairs per head, flash attention); keys: sum over sequences of S (keys held).
+    """
+
+    tokens: float = 0.0
+    seqs: float = 0.0
+    attn: float = 0.0
+    keys: float = 0.0
+
+    def __add__(self, o: "StepFeatures") -> "StepFeatures":  # a sum of batches, not tuple concatenation
+        return StepFeatures(self.tokens + o.tokens, self.seqs + o.seqs, self.attn + o.attn, self.keys + o.keys)
+
+    def scaled(self, f: float) -> "StepFeatures":
+        return StepFeatures(self.tokens * f, self.seqs * f, self.attn * f, self.keys * f)
+
+    def vector(self) -> np.ndarray:
+        """x = [1, M, B, M*S_eff, B*S]: the order of the fitted coefficients (OpTable)."""
+        return np.array([1.0, self.tokens, self.seqs, self.attn, self.keys])
+
+
+def uniform(batch: float, tokens: float, prefix: float) -> StepFeatures:
+    """B sequences of T new tokens after ``prefix`` cached ones (flash attention: S_eff = prefix + (T+1)/2)."""
     m = batch * tokens
-    return np.array([1.0, m, batch, m * (prefix + (tokens + 1) / 2.0), batch * (prefix + tokens)])
+    return StepFeatures(m, batch, m * (prefix + (tokens + 1) / 2.0), batch * (prefix + tokens))
 
 
-def request_features(tokens: np.ndarray, prefix: np.ndarray) -> np.ndarray:
-    """Per-request feature rows (B = 1 each); sum the rows of a batch to get its features."""
-    t = np.asarray(tokens, float)
-    p = np.asarray(prefix, float)
-    return np.stack([np.ones_like(t), t, np.ones_like(t), t * (p + (t + 1) / 2.0), p + t], axis=-1)
+def request(tokens: float, prefix: float) -> StepFeatures:
+    """One request of ``tokens`` new tokens after ``prefix`` cached ones."""
+    t, p = float(tokens), float(prefix)
+    return StepFeatures(t, 1.0, t * (p + (t + 1) / 2.0), p + t)
+
+
+class RequestTable:
+    """The features of a list of requests as prefix sums: any contiguous run's sum in O(1)
+    (the serving simulator's prefill batches are runs of the arrival-ordered queue)."""
+
+    def __init__(self, tokens: np.ndarray, prefix: np.ndarray):
+        t = np.asarray(tokens, float)
+        p = np.asarray(prefix, float)
+        rows = np.stack([t, np.ones_like(t), t * (p + (t + 1) / 2.0), p + t], axis=-1)
+        self._cum = np.vstack([np.zeros(len(StepFeatures._fields)), np.cumsum(rows, axis=0)])
+
+    def span(self, a: int, b: int) -> StepFeatures:
+        """Features of requests a .. b-1."""
+        return StepFeatures(*(self._cum[b] - self._cum[a]).tolist())
 
 
 @dataclass(frozen=True)
@@ -95,7 +137,7 @@ class OpTable:
         X, runs = [], []
         shapes = _TRAIN_FIT_SHAPES if training else _FIT_SHAPES
         for b, t, p in shapes:
-            X.append(features(b, t, p))
+            X.append(uniform(b, t, p).vector())
             if training:
                 runs.append(costmodel.training_ops(cfg, quant, b, t, recompute="none", mla_form=mla_form,
                                                    include_optimizer=False))
@@ -164,9 +206,10 @@ def _rates(ops, device) -> tuple[np.ndarray, np.ndarray]:
 class StepCost:
     """Per-device time of one forward pass of a batch, for one phase (prefill or decode).
 
-    time(x, moe_tokens_total) -> (compute_s, comm_s) for per-device features x
-    (already divided over the DP-attention ranks), with ``moe_tokens_total`` tokens
-    routed across the EP group.
+    Takes ``StepFeatures`` and derives from them and the parallel layout the tokens each
+    device sends (EP dispatch, TP all-reduce) and the tokens routed across its EP group:
+    ``prefill`` / ``decode`` (serving steps, (total, compute, comm) seconds),
+    ``decode_compute_s`` and ``replica_compute_s`` (compute only), ``comm_s``.
     """
 
     def __init__(self, cfg: ModelConfig, quant: Quant | str, device, par: Parallelism, *, mla_form: str,
@@ -223,17 +266,37 @@ class StepCost:
         self.local_slots = self.slots / max(par.ep, 1)
 
     # ------------------------------------------------------------------ compute
-    def compute_s(self, x: np.ndarray, moe_tokens_total: float) -> float:
-        """Roofline compute time of the per-device features ``x`` (sum over ops of max(compute, memory))."""
+    def _compute(self, x: np.ndarray, ep_tokens: float) -> float:
+        """Roofline compute time of per-device features x = [1, M, B, M*S_eff, B*S] (sum over ops of
+        max(compute, memory)), with ``ep_tokens`` tokens routed across the EP group."""
         y = self._stack @ x
         total = float(np.dot(np.maximum(y[:self._n], y[self._n:]), self._count))
         if self._moe_rows:
-            m_dev = moe_tokens_total / max(self.par.ep, 1)  # tokens whose rows land on one EP device (balanced)
+            m_dev = ep_tokens / max(self.par.ep, 1)  # tokens whose rows land on one EP device (balanced)
             touched = self.local_slots * (1.0 - (1.0 - self.cfg.num_experts_per_tok / self.slots)
-                                          ** moe_tokens_total) if moe_tokens_total > 0 else 0.0
+                                          ** ep_tokens) if ep_tokens > 0 else 0.0
             for cf0, cf1, cb0, cb1, cw, cnt in self._moe_rows:
                 total += cnt * max(cf0 + cf1 * m_dev, cb0 + cb1 * m_dev + cw * touched)
         return total
+
+    def compute_s(self, f: StepFeatures, ep_tokens: float) -> float:
+        """Compute time of one device's features ``f`` with ``ep_tokens`` routed across its EP group."""
+        return self._compute(f.vector(), ep_tokens)
+
+    # The tokens routed across one EP group, from the features and the layout; one rule per use:
+    def _decode_ep_tokens(self, rank: StepFeatures) -> float:
+        # decode: every DP rank charged at the busiest rank's batch (ranks differ by at most one
+        # sequence); the EP group holds ep of the instance's devices
+        return rank.tokens * self.par.dp * self.par.ep / self.par.devices
+
+    def replica_compute_s(self, f: StepFeatures) -> float:
+        """Training: compute time of one micro-batch ``f`` on one device; the EP group spans ep
+        data-parallel replicas, each with its own micro-batch."""
+        return self._compute(f.vector(), f.tokens * self.par.ep)
+
+    def decode_compute_s(self, rank: StepFeatures) -> float:
+        """Compute time of the busiest DP rank's decode features ``rank`` (no communication)."""
+        return self._compute(rank.vector(), self._decode_ep_tokens(rank))
 
     # -------------------------------------------------------------------- comm
     def _comm_exact(self, tokens: int) -> float:
@@ -258,19 +321,32 @@ class StepCost:
         a, b = self._comm_affine
         return a + b * tokens_per_device
 
-    def step(self, x: np.ndarray, moe_tokens_total: float, tokens_per_device: float, *,
-             two_microbatch: bool = False) -> tuple[float, float, float]:
+    # -------------------------------------------------------------------- steps
+    def prefill(self, total: StepFeatures, *, two_microbatch: bool = False) -> tuple[float, float, float]:
+        """(total, compute, comm) seconds of a serving step over the instance's batch ``total``:
+        the busiest DP rank runs ceil(n / dp) of the n sequences (share of every feature); the
+        EP group routes its ep / devices share of the instance's tokens."""
+        n = max(1, int(round(total.seqs)))
+        rank = total.scaled(math.ceil(n / self.par.dp) / n)
+        return self._step(rank.vector(), total.tokens * self.par.ep / self.par.devices, rank.tokens, two_microbatch)
+
+    def decode(self, rank: StepFeatures, *, two_microbatch: bool = False) -> tuple[float, float, float]:
+        """(total, compute, comm) seconds of a decode step whose busiest DP rank has features ``rank``."""
+        return self._step(rank.vector(), self._decode_ep_tokens(rank), rank.tokens, two_microbatch)
+
+    def _step(self, x: np.ndarray, ep_tokens: float, tokens_per_device: float,
+              two_microbatch: bool) -> tuple[float, float, float]:
         """(total, compute, comm) seconds. two_microbatch: the batch is split in two halves whose
         compute overlaps the other half's all-to-all; the catalog's ``overlap`` efficiency is the
         share of the shorter of the two that is hidden: max(C, M) + (1 - overlap) * min(C, M)
         with C = 2 * compute(half), M = comm(all) (overlap = 1: perfect, 0: none)."""
         if two_microbatch:
-            c = 2.0 * self.compute_s(x / 2.0, moe_tokens_total / 2.0)
+            c = 2.0 * self._compute(x / 2.0, ep_tokens / 2.0)
             m = self.comm_s(tokens_per_device)
             if self._overlap is None:
                 self._overlap = self.device.efficiency("overlap")
             return max(c, m) + (1.0 - self._overlap) * min(c, m), c, m
-        c = self.compute_s(x, moe_tokens_total)
+        c = self._compute(x, ep_tokens)
         m = self.comm_s(tokens_per_device)
         return c + m, c, m
 

@@ -46,7 +46,7 @@ from dsref.sim import costmodel, roofline
 from dsref.sim.comm import dp_zero1_comm, pp_comm
 from dsref.sim.parallel import Parallelism, stage_params
 from dsref.sim.scenario import Scenario, ScenarioError
-from dsref.sim.stepcost import OpTable, StepCost
+from dsref.sim.stepcost import OpTable, StepCost, StepFeatures, uniform
 
 SECONDS_PER_DAY = 86400.0
 SECONDS_PER_HOUR = 3600.0
@@ -240,8 +240,7 @@ class TrainSim:
             names = np.array(table.names)
             recomp = fwd & ((np.array(table.kinds) == "norm") | np.isin(names, UP_PROJECTIONS))
         par = self.par
-        x = np.array([1.0, self.tokens_mb, self.mbs, self.mbs * self.seq * (self.seq + 1) / 2.0, self.tokens_mb])
-        moe_total = self.tokens_mb * self.par.ep
+        x = uniform(self.mbs, self.seq, 0)  # one micro-batch, no prefix
         kw = dict(mla_form="naive", logits="all", node=self.node, latency_s=self.lat, table=table)
         L = cfg.num_hidden_layers
 
@@ -254,10 +253,10 @@ class TrainSim:
             w = StepCost(cfg, self.quant, dev, par, layers=(lo, hi), rows=bwd & wgt, scale=np.full(len(phase), half),
                          **kw)
             r = StepCost(cfg, self.quant, dev, par, layers=(lo, hi), rows=recomp, **kw)
-            f_c = f.compute_s(x, moe_total)
-            b_c = b.compute_s(x, moe_total) + r.compute_s(x, moe_total)
-            w_c = w.compute_s(x, moe_total)
-            comm = f.comm_s(self.tokens_mb)
+            f_c = f.replica_compute_s(x)
+            b_c = b.replica_compute_s(x) + r.replica_compute_s(x)
+            w_c = w.replica_compute_s(x)
+            comm = f.comm_s(x.tokens)
             if mtp is not None and hi == L:
                 f_c, b_c, w_c, comm = (v + e for v, e in zip((f_c, b_c, w_c, comm), mtp))
             return StageTimes(f_c, comm, b_c, comm, w_c)
@@ -272,7 +271,7 @@ class TrainSim:
         self.params = [stage_params(cfg, lo, hi, lo == 0, hi == L, self.sc["mtp"]) for lo, hi in self.ranges]
         return out
 
-    def _mtp_times(self, table: OpTable, x: np.ndarray, kw: dict) -> tuple[float, float, float, float]:
+    def _mtp_times(self, table: OpTable, x: StepFeatures, kw: dict) -> tuple[float, float, float, float]:
         """(F, B, W compute, EP comm) of the MTP module(s) on the last stage, per micro-batch.
 
         Each MTP depth is one more transformer layer plus the shared output head on every
@@ -285,14 +284,13 @@ class TrainSim:
         fwd, bwd = phase == "fwd", phase == "bwd"
         half = 1.0 / costmodel.BACKWARD_FLOPS_RATIO
         last = (L - 1, L)
-        moe_total = self.tokens_mb * self.par.ep
         f = StepCost(cfg, self.quant, self.device, par, layers=last, rows=fwd, **kw)
         b = StepCost(cfg, self.quant, self.device, par, layers=last, rows=bwd,
                      scale=np.where(bwd & table.has_weight_grad, half, 1.0), **kw)
         w = StepCost(cfg, self.quant, self.device, par, layers=last, rows=bwd & table.has_weight_grad,
                      scale=np.full(len(phase), half), **kw)
-        return (depth * f.compute_s(x, moe_total), depth * b.compute_s(x, moe_total),
-                depth * w.compute_s(x, moe_total), depth * f.comm_s(self.tokens_mb))
+        return (depth * f.replica_compute_s(x), depth * b.replica_compute_s(x),
+                depth * w.replica_compute_s(x), depth * f.comm_s(x.tokens))
 
     def _compute_share(self) -> float:
         """Share of the device's cores left to compute while EP communication kernels run

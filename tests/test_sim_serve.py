@@ -16,7 +16,7 @@ from dsref.sim.comm import CommOp, kv_transfer_bytes
 from dsref.sim.scenario import ScenarioError, from_dict, load
 from dsref.sim.serve import ServeSim, simulate
 from dsref.sim.parallel import Parallelism
-from dsref.sim.stepcost import OpTable, StepCost, features
+from dsref.sim.stepcost import OpTable, StepCost, StepFeatures, request, uniform
 
 SMALL = "deepseek-v2-lite"   # fits one H800 in bf16 (~31 GB)
 
@@ -55,7 +55,7 @@ def test_stepcost_reproduces_cost_model():
         for b, t, p in shapes:
             ops = costmodel.forward_ops(cfg, "fp8", costmodel.StepShape(b, t, p, logits=logits, mla_form=form))
             ref = roofline.step_time(ops, dev).time_s
-            assert sc.compute_s(features(b, t, p), b * t) == pytest.approx(ref, rel=1e-9)
+            assert sc.compute_s(uniform(b, t, p), b * t) == pytest.approx(ref, rel=1e-9)
 
 
 def test_two_microbatch_overlap_uses_the_catalog_share():
@@ -66,17 +66,26 @@ def test_two_microbatch_overlap_uses_the_catalog_share():
     cfg, dev = get_preset("deepseek-v3"), load_device("h800")
     par = Parallelism(devices=72, dp=72, ep=72, expert_slots=288, devices_per_node=8)
     per = 128
-    x = features(per, 1, 4000)
+    x = uniform(per, 1, 4000)
     moe = per * 72
     sc = StepCost(cfg, "fp8", dev, par, mla_form="absorbed", logits="all", node=load_system("h800-node"))
-    tot, c, m = sc.step(x, moe, per, two_microbatch=True)
+    tot, c, m = sc.decode(x, two_microbatch=True)
     eta = dev.efficiency("overlap")
     assert 0 < eta < 1 and c > 0 and m > 0
     assert tot == pytest.approx(max(c, m) + (1 - eta) * min(c, m), rel=1e-12)
     perfect = replace(dev, efficiency_overrides={"overlap": Figure(1.0, "", "test", "high")}, id="h800-perfect")
     sc1 = StepCost(cfg, "fp8", perfect, par, mla_form="absorbed", logits="all", node=load_system("h800-node"))
-    assert sc1.step(x, moe, per, two_microbatch=True)[0] == pytest.approx(max(c, m), rel=1e-9)
-    assert sc.step(x, moe, per)[0] == pytest.approx(sc.compute_s(x, moe) + m, rel=1e-12)
+    assert sc1.decode(x, two_microbatch=True)[0] == pytest.approx(max(c, m), rel=1e-9)
+    assert sc.decode(x)[0] == pytest.approx(sc.compute_s(x, moe) + m, rel=1e-12)
+    assert m == sc.comm_s(per)
+
+
+def test_step_features_sum_over_requests():
+    """A batch's features are the sum of its requests'; a uniform batch is B equal requests."""
+    b = request(100, 20) + request(100, 20) + request(100, 20)
+    assert b == uniform(3, 100, 20)
+    assert StepFeatures() + b == b and b.scaled(2.0) == b + b
+    assert list(b.vector()) == [1.0, b.tokens, b.seqs, b.attn, b.keys]
 
 
 def test_training_table_reproduces_cost_model():
@@ -85,7 +94,7 @@ def test_training_table_reproduces_cost_model():
     sc = StepCost(cfg, "bf16", dev, Parallelism(), mla_form="naive", logits="all", table=table)
     for b, t in ((1, 4096), (2, 1000)):
         ref = roofline.step_time(costmodel.training_ops(cfg, "bf16", b, t, include_optimizer=False), dev).time_s
-        assert sc.compute_s(features(b, t, 0), b * t) == pytest.approx(ref, rel=1e-9)
+        assert sc.compute_s(uniform(b, t, 0), b * t) == pytest.approx(ref, rel=1e-9)
 
 
 def test_single_request_disaggregated_matches_roofline():
