@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsref.reference.model import DeepseekModel, forward, mtp_logits
+from dsref.reference.model import DeepseekModel, ExpandedCache, LatentCache, forward, mtp_logits
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -31,21 +31,16 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 
 def init_cache(model: DeepseekModel, batch: int, length: int, form: str = "absorbed", dtype=None,
-               layers: int | None = None):
-    """Zeroed cache, one dict per layer. form 'absorbed' (latent) or 'naive' (expanded)."""
+               layers: int | None = None) -> list:
+    """Zeroed cache, one per layer: LatentCache (form 'absorbed') or ExpandedCache ('naive')."""
     cfg = model.cfg
-    dtype = dtype or model.dtype
+    kind = LatentCache if form == "absorbed" else ExpandedCache
     n = cfg.num_hidden_layers if layers is None else layers
-    if form == "absorbed":
-        shapes = {"c_kv": (batch, length, cfg.kv_lora_rank), "k_pe": (batch, length, cfg.qk_rope_head_dim)}
-    else:
-        H = cfg.num_attention_heads
-        shapes = {"k": (batch, length, H, cfg.qk_head_dim), "v": (batch, length, H, cfg.v_head_dim)}
-    return [{k: jnp.zeros(s, dtype) for k, s in shapes.items()} for _ in range(n)]
+    return [kind.zeros(cfg, batch, length, dtype or model.dtype) for _ in range(n)]
 
 
 def cache_bytes(cache) -> int:
-    return int(sum(a.size * a.dtype.itemsize for layer in cache for a in layer.values()))
+    return int(sum(a.size * a.dtype.itemsize for layer in cache for a in layer))
 
 
 # ------------------------------------------------------------------ compiled steps
@@ -56,8 +51,8 @@ def _merge(graphdef, treedef, leaves) -> DeepseekModel:
 def _step_fn(graphdef, treedef, leaves, tokens, positions, cache):
     """Run tokens [B, T] at positions [B, T] through the cached model: (logits, hidden, cache)."""
     model = _merge(graphdef, treedef, leaves)
-    logits, cache, hidden = forward(model, tokens, positions, cache, return_hidden=True)
-    return logits, hidden, cache
+    out = forward(model, tokens, positions, cache)
+    return out.logits, out.hidden, out.cache
 
 
 def _prefill_fn(graphdef, treedef, leaves, tokens, positions, cache, last):
@@ -66,23 +61,23 @@ def _prefill_fn(graphdef, treedef, leaves, tokens, positions, cache, last):
     the naive (expanded) MLA form -- DeepSeek's prefill form, cheaper than the latent form when
     every key is new -- instead of over all S cache slots, and the LM head only at ``last``."""
     model = _merge(graphdef, treedef, leaves)
-    logits, cache, hidden = forward(model, tokens, positions, cache, mla_form="naive", chunk_only=True,
-                                    logits_at=last, return_hidden=True)
-    return logits, hidden, cache
+    out = forward(model, tokens, positions, cache, mla_form="naive", chunk_only=True, logits_at=last)
+    return out.logits, out.hidden, out.cache
 
 
 def _decode_fn(graphdef, treedef, leaves, tokens, positions, cache, key, temperature, top_p, greedy: bool, top_k: int):
     """One decode step fused with sampling: one dispatch per generated token."""
     model = _merge(graphdef, treedef, leaves)
-    logits, cache = forward(model, tokens, positions, cache)
-    last = logits[:, -1]
+    out = forward(model, tokens, positions, cache)
+    cache, last = out.cache, out.logits[:, -1]
     nxt = jnp.argmax(last, -1).astype(jnp.int32) if greedy else sample(last, key, temperature, top_k, top_p)
     return nxt, cache
 
 
 def _mtp_fn(graphdef, treedef, leaves, next_tokens, hidden, positions, cache):
     model = _merge(graphdef, treedef, leaves)
-    return mtp_logits(model, next_tokens, hidden, positions, cache=cache)
+    out = mtp_logits(model, next_tokens, hidden, positions, cache=cache)
+    return out.logits, out.cache
 
 
 _CACHE_ARG = {"donate_argnames": ("cache",)}

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -167,6 +167,65 @@ class Prefixed:
 
     def get(self, name, default=None):
         return self.w.get(self.prefix + name, default)
+
+
+# ------------------------------------------------------------------ KV caches
+class LatentCache(NamedTuple):
+    """Absorbed-MLA cache of one layer: the normalised latent c_kv [B, S, R] and the rotated
+    shared key k_pe [B, S, P] -- nothing per head (R + P values per token)."""
+
+    c_kv: jax.Array
+    k_pe: jax.Array
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype) -> "LatentCache":
+        return cls(jnp.zeros((batch, length, cfg.kv_lora_rank), dtype),
+                   jnp.zeros((batch, length, cfg.qk_rope_head_dim), dtype))
+
+    def write(self, positions, c_kv, k_pe) -> "LatentCache":
+        return _cache_write(self, positions, c_kv, k_pe)
+
+    def read(self, dtype):
+        return _cache_read(self, dtype)
+
+
+class ExpandedCache(NamedTuple):
+    """Naive-MLA cache of one layer: per-head keys k [B, S, H, N+P] and values v [B, S, H, A]."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype) -> "ExpandedCache":
+        H = cfg.num_attention_heads
+        return cls(jnp.zeros((batch, length, H, cfg.qk_head_dim), dtype),
+                   jnp.zeros((batch, length, H, cfg.v_head_dim), dtype))
+
+    def write(self, positions, k, v) -> "ExpandedCache":
+        return _cache_write(self, positions, k, v)
+
+    def read(self, dtype):
+        return _cache_read(self, dtype)
+
+
+def _cache_write(cache, positions, *new):
+    """The cache with ``new`` (one array per field, [B, T, ...]) written at ``positions`` [B, T]."""
+    b = jnp.arange(positions.shape[0])[:, None]
+    return type(cache)(*(old.at[b, positions].set(x.astype(old.dtype)) for old, x in zip(cache, new, strict=True)))
+
+
+def _cache_read(cache, dtype):
+    """All S slots of every field, in the compute dtype."""
+    return tuple(a.astype(dtype) for a in cache)
+
+
+class ForwardOutput(NamedTuple):
+    """What ``forward`` returns: logits [B, T, V] float32 ([B, V] with ``logits_at``), the new
+    per-layer caches (None when none was given) and the final-normed hidden state [B, T, D]."""
+
+    logits: jax.Array
+    cache: list | None
+    hidden: jax.Array
 
 
 # ---------------------------------------------------------------- primitives
@@ -402,37 +461,33 @@ def decoder_layer(w, cfg: ModelConfig, i: int, h, positions, cache=None, *, mla_
                   prec=None, capture: dict | None = None, k_valid=None, chunk_only: bool = False):
     """One pre-norm block: h + MLA(norm(h)); then + MoE/MLP(norm(h)).
 
-    cache: None (attend within h only) or a dict {'c_kv': [B,S,R], 'k_pe': [B,S,P]}
-    that the new latents are written into at ``positions``; the new cache is returned.
+    cache: None (attend within h only), a LatentCache or an ExpandedCache that the new
+    latents (keys/values) are written into at ``positions``; the new cache is returned.
     chunk_only: the cache holds nothing before this chunk (a prefill from position 0),
     so attend within the chunk's own keys (in ``mla_form``) instead of over all S slots
     of the cache; the chunk is still written into the cache.
     """
-    B = h.shape[0]
     with jax.named_scope(f"layer{i}_mla"):
         x = rms_norm(h, w["input_layernorm.weight"], cfg.rms_norm_eps)
         sa = Prefixed(w, "self_attn.")
         q_nope, q_pe, c_kv, k_pe = mla_project(sa, cfg, x, positions, prec)
-        b_idx = jnp.arange(B)[:, None]
         if cache is None or chunk_only:
             k_pos = positions
         else:
-            S = next(iter(cache.values())).shape[1]
+            B, S = cache[0].shape[:2]
             k_pos = jnp.broadcast_to(jnp.arange(S), (B, S))
         mask = attention_mask(positions, k_pos, k_valid)
-        if cache is not None and "k" in cache:
-            # expanded (naive) cache: per-head keys and values, written at `positions`
+        if isinstance(cache, ExpandedCache):  # per-head keys and values are what is cached
             k, v = expand_kv(sa, cfg, c_kv, k_pe, prec)
-            cache = {n: cache[n].at[b_idx, positions].set(t.astype(cache[n].dtype)) for n, t in (("k", k), ("v", v))}
+            cache = cache.write(positions, k, v)
             if not chunk_only:
-                k, v = cache["k"].astype(h.dtype), cache["v"].astype(h.dtype)
+                k, v = cache.read(h.dtype)
             o = attend_expanded(cfg, jnp.concatenate([q_nope, q_pe], -1), k, v, mask, prec)
         else:
-            if cache is not None:  # latent cache: c_kv and k_pe only
-                cache = {"c_kv": cache["c_kv"].at[b_idx, positions].set(c_kv.astype(cache["c_kv"].dtype)),
-                         "k_pe": cache["k_pe"].at[b_idx, positions].set(k_pe.astype(cache["k_pe"].dtype))}
+            if cache is not None:  # the latent c_kv and k_pe are what is cached
+                cache = cache.write(positions, c_kv, k_pe)
                 if not chunk_only:
-                    c_kv, k_pe = cache["c_kv"].astype(h.dtype), cache["k_pe"].astype(h.dtype)
+                    c_kv, k_pe = cache.read(h.dtype)
             attend = mla_absorbed if mla_form == "absorbed" else mla_naive
             o = attend(sa, cfg, q_nope, q_pe, c_kv, k_pe, mask, prec)
         a = linear(o, sa["o_proj.weight"], prec)
@@ -510,18 +565,17 @@ class DeepseekModel(nnx.Module):
         return {n: np.asarray(p[...]) for n, p in self.hf_items()}
 
     def __call__(self, tokens, positions=None, cache=None, *, mla_form="absorbed", capture: dict | None = None,
-                 return_hidden: bool = False, k_valid=None):
-        return forward(self, tokens, positions, cache, mla_form=mla_form, capture=capture,
-                       return_hidden=return_hidden, k_valid=k_valid)
+                 k_valid=None) -> ForwardOutput:
+        return forward(self, tokens, positions, cache, mla_form=mla_form, capture=capture, k_valid=k_valid)
 
 
 def forward(model: DeepseekModel, tokens, positions=None, cache=None, *, mla_form="absorbed",
-            capture: dict | None = None, return_hidden: bool = False, k_valid=None, chunk_only: bool = False,
-            logits_at=None):
-    """tokens [B, T] -> logits [B, T, V] float32 (and the new cache when one is given).
+            capture: dict | None = None, k_valid=None, chunk_only: bool = False,
+            logits_at=None) -> ForwardOutput:
+    """tokens [B, T] -> ForwardOutput(logits [B, T, V] float32, new cache, hidden [B, T, D]).
 
-    positions [B, T] default to 0..T-1. cache: list (one per layer) of
-    {'c_kv','k_pe'} arrays of shape [B, S, R] / [B, S, P]. chunk_only: see
+    positions [B, T] default to 0..T-1. cache: list (one per layer) of LatentCache
+    (c_kv [B, S, R], k_pe [B, S, P]) or ExpandedCache. chunk_only: see
     ``decoder_layer`` (prefill into an empty cache). logits_at [B] (int): compute the
     LM head only at that index of each sequence: logits [B, V] (a prefill needs the
     last prompt position only; the head is the largest matmul of small models).
@@ -540,19 +594,15 @@ def forward(model: DeepseekModel, tokens, positions=None, cache=None, *, mla_for
     hn = rms_norm(h, g["model.norm.weight"], cfg.rms_norm_eps)
     head = g["model.embed_tokens.weight"] if cfg.tie_word_embeddings else g["lm_head.weight"]
     logits = linear(hn if logits_at is None else hn[jnp.arange(B), logits_at], head, prec).astype(F32)
-    out = (logits,)
-    if cache is not None:
-        out += (new_cache,)
-    if return_hidden:
-        out += (hn,)
-    return out[0] if len(out) == 1 else out
+    return ForwardOutput(logits, None if cache is None else new_cache, hn)
 
 
 def mtp_logits(model: DeepseekModel, tokens, h_main, positions=None, depth: int = 0, cache=None):
     """MTP module `depth`: hidden h_t (after the final norm) + embedding of token t+1 -> logits for t+2.
 
     tokens [B, T] are the *next* tokens (t+1) aligned with h_main [B, T, D].
-    Returns logits [B, T, V] (and the new MTP cache when one is given).
+    Returns ForwardOutput(logits [B, T, V], the new MTP cache when one is given, the module's
+    hidden state after its shared_head norm).
     """
     cfg, g, w = model.cfg, model.globals, model.mtp[depth]
     prec = _mm(model.dtype)
@@ -566,13 +616,13 @@ def mtp_logits(model: DeepseekModel, tokens, h_main, positions=None, depth: int 
     x, c = decoder_layer(w, cfg, cfg.num_hidden_layers + depth, x, positions,
                          None if cache is None else cache[0], prec=prec)
     head = g["model.embed_tokens.weight"] if cfg.tie_word_embeddings else g["lm_head.weight"]
-    logits = linear(rms_norm(x, w["shared_head.norm.weight"], cfg.rms_norm_eps), head, prec).astype(F32)
-    return logits if cache is None else (logits, [c])
+    hn = rms_norm(x, w["shared_head.norm.weight"], cfg.rms_norm_eps)
+    return ForwardOutput(linear(hn, head, prec).astype(F32), None if cache is None else [c], hn)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "mla_form"))
 def _jit_forward(graphdef, state, tokens, mla_form):
-    return forward(nnx.merge(graphdef, state), tokens, mla_form=mla_form)
+    return forward(nnx.merge(graphdef, state), tokens, mla_form=mla_form).logits
 
 
 def jit_forward(model: DeepseekModel, tokens, mla_form: str = "absorbed"):

@@ -140,7 +140,7 @@ def _jax_capture(graphdef, state, tokens):
 
     from dsref.reference.model import forward
     cap: dict[str, Any] = {}
-    logits = forward(nnx.merge(graphdef, state), tokens, capture=cap)
+    logits = forward(nnx.merge(graphdef, state), tokens, capture=cap).logits
     return logits, cap
 
 

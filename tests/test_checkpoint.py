@@ -268,14 +268,14 @@ def test_fp8_dequant_bit_exact_and_model_matches_numpy(fp8_ckpt):
     cfg2, model = load_checkpoint(d, with_mtp=True)
     w64 = {k: np.asarray(v, np.float64) for k, v in got.items()}
     ref, h_ref = numpy_ref.forward(TOKENS, w64, cfg2, return_hidden=True)
-    fwd = nnx.jit(lambda m, t: forward(m, t, return_hidden=True))
-    logits, h = fwd(model, TOKENS)
+    fwd = nnx.jit(lambda m, t: forward(m, t))
+    logits, _, h = fwd(model, TOKENS)
     assert _rel(logits, ref) <= 1e-5
     mtp_ref = numpy_ref.mtp_forward(TOKENS, h_ref, w64, cfg2)  # predicts t+2 at position t
-    assert _rel(nnx.jit(mtp_logits)(model, TOKENS[:, 1:], h[:, :-1]), mtp_ref) <= 1e-5
+    assert _rel(nnx.jit(mtp_logits)(model, TOKENS[:, 1:], h[:, :-1]).logits, mtp_ref) <= 1e-5
     _, no_mtp = load_checkpoint(d)  # MTP layer skipped
     assert len(no_mtp.mtp) == 0
-    assert _rel(fwd(no_mtp, TOKENS)[0], np.asarray(logits)) <= 1e-6
+    assert _rel(fwd(no_mtp, TOKENS).logits, np.asarray(logits)) <= 1e-6
     with pytest.raises(CheckpointError, match="dequant='refuse'"):
         load_checkpoint(d, dequant="refuse")
 

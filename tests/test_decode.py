@@ -74,8 +74,9 @@ def test_prefill_step_equals_cached_step(tiny, form):
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits)[np.arange(B), lens - 1], rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(np.asarray(hidden), np.asarray(ref_hidden), rtol=2e-5, atol=2e-5)
     for a, b in zip(cache, ref_cache):
-        for name in a:
-            np.testing.assert_allclose(np.asarray(a[name]), np.asarray(b[name]), rtol=2e-5, atol=2e-5)
+        assert type(a) is type(b)
+        for name, x, y in zip(a._fields, a, b):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-5, atol=2e-5, err_msg=name)
 
 
 def test_latent_cache_bytes():
@@ -161,3 +162,24 @@ def test_mtp_accepts_when_the_draft_is_right():
     spec = generate(m, [[1, 2, 3]], 20, use_mtp=True)
     assert spec.tokens == plain.tokens
     assert spec.acceptance_rate > 0.9 and spec.steps < plain.steps * 0.6
+
+
+@pytest.mark.parametrize("kind", ["latent", "expanded"])
+def test_cache_write_places_each_sequence_at_its_positions(tiny, kind):
+    """write(positions, ...) puts token t of sequence b at slot positions[b, t], in the cache
+    dtype, and leaves every other slot as it was; read() gives all slots in the compute dtype."""
+    from dsref.reference.model import ExpandedCache, LatentCache
+    cls = LatentCache if kind == "latent" else ExpandedCache
+    cache = cls.zeros(tiny.cfg, 2, 8, jnp.bfloat16)
+    pos = jnp.asarray([[1, 2], [5, 6]])
+    new = [jnp.arange(np.prod((2, 2, *a.shape[2:])), dtype=jnp.float32).reshape(2, 2, *a.shape[2:]) + 1
+           for a in cache]
+    out = cache.write(pos, *new)
+    assert type(out) is cls and all(a.dtype == jnp.bfloat16 for a in out)
+    for a, x in zip(out, new):
+        a = np.asarray(a.astype(jnp.float32))
+        for b in range(2):
+            np.testing.assert_array_equal(a[b, np.asarray(pos[b])], np.asarray(x[b].astype(jnp.bfloat16), np.float32))
+            others = np.setdiff1d(np.arange(8), np.asarray(pos[b]))
+            assert not a[b, others].any()
+    assert all(r.dtype == jnp.float32 for r in out.read(jnp.float32))
