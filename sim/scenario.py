@@ -1,7 +1,7 @@
 """Scenarios for the serving and training simulators: TOML files, defaults, validation.
 
-A scenario is a TOML file (``sim/scenarios/<name>.toml`` for the built-in ones,
-or any path). Every input has a default (``SERVE_DEFAULTS`` / ``TRAIN_DEFAULTS``
+A scenario is a TOML file (the package's ``scenarios/<name>.toml`` for the built-in
+ones, read as package data through importlib.resources, or any path). Every input has a default (``SERVE_DEFAULTS`` / ``TRAIN_DEFAULTS``
 below, which double as the documentation of the fields); a file only states what
 differs. Unknown keys and impossible values raise :class:`ScenarioError` naming
 the file (or scenario) and the field, e.g.
@@ -17,10 +17,14 @@ import copy
 import math
 import tomllib
 from dataclasses import dataclass, replace
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
+
+def _builtin_dir():
+    """The built-in scenarios: package data of dsref.sim (a directory, or inside a wheel/zip)."""
+    return resources.files("dsref.sim") / "scenarios"
 
 
 class ScenarioError(ValueError):
@@ -70,7 +74,6 @@ SERVE_DEFAULTS: dict[str, Any] = {
     "prefill": dict(_INSTANCE),
     "decode": dict(_INSTANCE),
     "aggregated": dict(_INSTANCE),
-    "test_hooks": {"prefill_service_s": 0.0},  # >0: fixed prefill step time (queueing tests only)
 }
 TRAIN_DEFAULTS: dict[str, Any] = {
     "name": "", "description": "", "kind": "train",
@@ -87,14 +90,13 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "stage_split": "even",      # even (first stages take the remainder) | balanced (min-max stage compute)
     "goodput": 1.0,             # share of the reserved device time that is productive training
     "token_budget": 14.8e12,
-    "test_hooks": {"forward_s": 0.0, "backward_s": 0.0, "weight_s": 0.0, "p2p_s": -1.0},
 }
 
 _DISTS = ("fixed", "lognormal", "exponential", "uniform")
 
 
 def builtin_names() -> list[str]:
-    return sorted(p.stem for p in SCENARIO_DIR.glob("*.toml"))
+    return sorted(p.name.removesuffix(".toml") for p in _builtin_dir().iterdir() if p.name.endswith(".toml"))
 
 
 def _merge(base: dict, over: dict, src: str, prefix: str = "") -> dict:
@@ -125,33 +127,35 @@ def _merge(base: dict, over: dict, src: str, prefix: str = "") -> dict:
 
 
 def load_raw(name_or_path: str) -> tuple[dict, str, Path | None]:
-    """(parsed TOML, source name for messages, file) of a built-in name or a path."""
+    """(parsed TOML, source name for messages, file or None for a built-in) of a built-in name or a path."""
     p = Path(name_or_path)
     if not p.suffix and not p.exists():
-        p = SCENARIO_DIR / f"{name_or_path}.toml"
-        if not p.exists():
+        res = _builtin_dir() / f"{name_or_path}.toml"
+        if not res.is_file():
             raise ScenarioError(f"{name_or_path}: field 'scenario': unknown scenario; built-in: "
                                 f"{', '.join(builtin_names())} (or give a .toml path)")
-        src = name_or_path
+        src, text, p = name_or_path, res.read_text(), None
     else:
         if not p.exists():
             raise ScenarioError(f"{p}: field 'scenario': file not found")
-        src = str(p)
+        src, text = str(p), p.read_text()
     try:
-        data = tomllib.loads(p.read_text())
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ScenarioError(f"{src}: field 'toml': invalid TOML ({e})") from None
     return data, src, p
 
 
 def load(name_or_path: str, overrides: dict | None = None) -> "Scenario":
-    """Load, default and validate a scenario; ``overrides`` (nested dict) win over the file."""
+    """Load, default and validate a scenario; ``overrides`` (nested dict) win over the file.
+    A built-in scenario is named after its file; relative paths in it (a trace) are read from
+    the current directory."""
     data, src, path = load_raw(name_or_path)
-    return from_dict(data, src, path, overrides)
+    return from_dict(data, src, path, overrides, default_name=src if path is None else "")
 
 
 def from_dict(data: dict, src: str = "<scenario>", path: Path | None = None,
-              overrides: dict | None = None) -> "Scenario":
+              overrides: dict | None = None, default_name: str = "") -> "Scenario":
     kind = data.get("kind", "serve")
     if kind not in ("serve", "train"):
         raise _err(src, "kind", f"must be 'serve' or 'train', got {kind!r}")
@@ -160,7 +164,7 @@ def from_dict(data: dict, src: str = "<scenario>", path: Path | None = None,
     if overrides:
         d = _merge(d, overrides, src)
     if not d["name"]:
-        d["name"] = path.stem if path is not None else "scenario"
+        d["name"] = default_name or (path.stem if path is not None else "scenario")
     sc = Scenario(kind, d, src, path.parent if path is not None else Path.cwd())
     sc.validate()
     return sc
@@ -264,8 +268,6 @@ class Scenario:
         node, _, dev = self.system()
         for role in roles:
             self._validate_instance(role, cfg, node, dev)
-        if d["test_hooks"]["prefill_service_s"] < 0:
-            raise _err(s, "test_hooks.prefill_service_s", "must be >= 0")
 
     def instance_devices(self, role: str) -> int:
         node, _, _ = self.system()

@@ -47,6 +47,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import simpy
@@ -231,9 +232,10 @@ class Instance:
     # ------------------------------------------------------------ step times
     def prefill_time(self, x: StepFeatures) -> tuple[float, float]:
         """Step time of prefilling the batch ``x`` (the whole instance's requests)."""
-        hook = self.sim.sc["test_hooks"]["prefill_service_s"]
-        if hook > 0:
-            return hook, hook
+        fixed = self.sim.prefill_service
+        if fixed is not None:
+            t = fixed(x)
+            return t, t
         tot, comp, _ = self.sim.cost[self.role]["prefill"].prefill(x, two_microbatch=self.two_mb)
         return tot, comp
 
@@ -569,7 +571,10 @@ class ServeSim:
     """One serving run. ``run()`` returns the metrics dict."""
 
     def __init__(self, sc: Scenario, *, duration_s: float | None = None, seed: int | None = None,
-                 record: bool = False, progress: bool = False):
+                 record: bool = False, progress: bool = False,
+                 prefill_service: Callable[[StepFeatures], float] | None = None):
+        """prefill_service: seconds of a prefill step from its features, replacing the step cost
+        (queueing-theory tests: a deterministic server)."""
         if sc.kind != "serve":
             raise ScenarioError(f"{sc.source}: field 'kind': expected a serve scenario, got {sc.kind!r}")
         self.sc = sc
@@ -578,6 +583,7 @@ class ServeSim:
             raise ScenarioError(f"{sc.source}: field 'duration_s': must be > 0")
         self.seed = int(seed if seed is not None else sc["seed"])
         self.progress = progress
+        self.prefill_service = prefill_service
         self.rec = Recorder(record)
         self.cfg, self.quant = sc.model(), sc.quant()
         self.node, self.cluster, self.device = sc.system()

@@ -125,12 +125,11 @@ def test_md1_mean_wait_matches_pollaczek_khinchine():
     d["workload"]["arrival"] = "poisson"
     d["workload"]["rate_per_s"] = lam
     d["aggregated"]["max_requests_per_step"] = 1
-    d["test_hooks"] = {"prefill_service_s": S}
     d["duration_s"] = 500.0
     sc = from_dict(d)
     rho = lam * S
     wq = rho * S / (2 * (1 - rho))
-    sim = ServeSim(sc, seed=7)
+    sim = ServeSim(sc, seed=7, prefill_service=lambda x: S)
     r = sim.run()
     assert r["requests_finished"] > 25_000
     assert r["ttft_mean_s"] - S == pytest.approx(wq, rel=0.06)
@@ -191,6 +190,9 @@ def test_model_too_big_message():
 
 
 def test_builtin_scenarios_validate():
+    from dsref.sim.scenario import builtin_names
+    assert builtin_names() == ["cloudmatrix-384", "deepseek-day6", "deepseek-v3-pretrain", "sglang-h100",
+                               "single-node-h800"]
     for name in ("deepseek-day6", "sglang-h100", "cloudmatrix-384", "single-node-h800"):
         assert load(name).kind == "serve"
 

@@ -10,40 +10,45 @@ import pytest
 from dsref.hwmodels.catalog import load_device
 from dsref.sim import trace
 from dsref.sim.scenario import ScenarioError, from_dict, load
-from dsref.sim.train import TrainSim, balanced_ranges, schedule_1f1b, schedule_dualpipe, simulate, stage_ranges
+from dsref.sim.train import StageTimes, TrainSim, balanced_ranges, schedule_1f1b, schedule_dualpipe, simulate, stage_ranges
 
 
-def _uniform(schedule: str, pp: int, m: int, f=1.0, b=2.0, w=0.0, p2p=0.0, **extra) -> dict:
+def _uniform(schedule: str, pp: int, m: int, **extra) -> dict:
     d = {"kind": "train", "model": "deepseek-v2-lite", "quant": "bf16", "system": "h800-node",
          "devices": pp * 2, "pp": pp, "ep": 1, "tp": 1, "schedule": schedule, "global_batch": 2 * m,
-         "micro_batch": 1, "seq_len": 1024,
-         "test_hooks": {"forward_s": f, "backward_s": b, "weight_s": w, "p2p_s": p2p}}
+         "micro_batch": 1, "seq_len": 1024}
     d.update(extra)
     return d
 
 
+def _fixed(schedule: str, pp: int, m: int, f=1.0, b=2.0, w=0.0, p2p=0.0, record=False) -> TrainSim:
+    """A pipeline with the same chunk times on every stage: F = f, B = b, W = w seconds, sends p2p."""
+    return TrainSim(from_dict(_uniform(schedule, pp, m)), record=record, fixed=StageTimes(f, 0.0, b, 0.0, w),
+                    p2p_s=p2p)
+
+
 @pytest.mark.parametrize("pp, m", [(2, 1), (4, 8), (8, 16), (5, 3)])
 def test_1f1b_uniform_bubble_is_exact(pp, m):
-    r = simulate(from_dict(_uniform("1f1b", pp, m)))
+    r = _fixed("1f1b", pp, m).run()
     assert r["bubble_fraction"] == pytest.approx((pp - 1) / (m + pp - 1), abs=1e-12)
     assert r["pipeline_time_s"] == pytest.approx((m + pp - 1) * 3.0, abs=1e-9)
 
 
 def test_1f1b_with_sends_lengthens_the_critical_path():
     pp, m, p2p = 4, 8, 0.25
-    base = simulate(from_dict(_uniform("1f1b", pp, m)))["pipeline_time_s"]
-    r = simulate(from_dict(_uniform("1f1b", pp, m, p2p=p2p)))
+    base = _fixed("1f1b", pp, m).run()["pipeline_time_s"]
+    r = _fixed("1f1b", pp, m, p2p=p2p).run()
     # at least the first forward and the last backward cross pp-1 sends each; the steady
     # state can lose more (a send sits on every F -> B -> F dependency cycle)
     assert r["pipeline_time_s"] >= base + 2 * (pp - 1) * p2p - 1e-9
-    assert simulate(from_dict(_uniform("1f1b", pp, m, p2p=2 * p2p)))["pipeline_time_s"] > r["pipeline_time_s"]
+    assert _fixed("1f1b", pp, m, p2p=2 * p2p).run()["pipeline_time_s"] > r["pipeline_time_s"]
 
 
 def test_dualpipe_bubble_smaller_than_1f1b():
     pp, m = 8, 16
     # the same total backward work: 1F1B's backward = B + W, DualPipe can split it
-    one = simulate(from_dict(_uniform("1f1b", pp, m, f=1.0, b=1.0, w=1.0)))
-    dual = simulate(from_dict(_uniform("dualpipe", pp, m, f=1.0, b=1.0, w=1.0)))
+    one = _fixed("1f1b", pp, m, f=1.0, b=1.0, w=1.0).run()
+    dual = _fixed("dualpipe", pp, m, f=1.0, b=1.0, w=1.0).run()
     assert dual["bubble_fraction"] < one["bubble_fraction"]
     assert dual["pipeline_time_s"] < one["pipeline_time_s"]
 
@@ -95,12 +100,12 @@ def test_v3_options_move_the_step_time_the_right_way():
 
 
 def test_train_trace_structure(tmp_path):
-    ts = TrainSim(from_dict(_uniform("dualpipe", 4, 8, f=1.0, b=1.0, w=1.0)), record=True)
+    ts = _fixed("dualpipe", 4, 8, f=1.0, b=1.0, w=1.0, record=True)
     ts.run()
     tr = trace.train_trace(ts)
     trace.validate(tr)
     xs = [e for e in tr["traceEvents"] if e["ph"] == "X"]
-    assert len({e["tid"] for e in xs}) == 4  # test hooks: no DP traffic, compute threads only
+    assert len({e["tid"] for e in xs}) == 4  # fixed chunk times: no DP traffic, compute threads only
     # a rank never runs two chunks at once
     by_tid: dict = {}
     for e in xs:
