@@ -18,7 +18,7 @@ import json
 import sys
 
 # Modules that contribute subcommands, in help order.
-_SUBCOMMAND_MODULES = ("dsref.reference.generate_cli", "dsref.reference.oracle_cli", "dsref.hwmodels.cli", "dsref.sim.cli",
+_SUBCOMMAND_MODULES = ("dsref.reference.generate_cli", "dsref.reference.oracle.cli", "dsref.hwmodels.cli", "dsref.sim.cli",
                        "dsref.experiments.cli")
 
 

@@ -8,9 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from dsref.reference import conformance, numpy_ref, oracle
+from dsref.reference import numpy_ref, oracle
 from dsref.reference.cli import main
 from dsref.reference.config import ModelConfig
+from dsref.reference.oracle import conformance
 
 CASE_OF_FAULT = conformance.FAULT_CASE
 
@@ -94,7 +95,7 @@ def test_transformers_on_the_kit(kit):
     """transformers 5 (float32, eager) as an independent engine; divergences are results (docs/oracle.md)."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from dsref.reference.hf_adapter import TransformersEngine
+    from dsref.reference.oracle.hf_adapter import TransformersEngine
     res = {r.case: r for r in conformance.grade_kit(kit, TransformersEngine())}
     # transformers' DeepseekV2TopkRouter ignores norm_topk_prob (never renormalises).
     assert res["topk-norm-flag"].status == "fail"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsref.reference.conformance import EngineUnsupported
+from dsref.reference.oracle.conformance import EngineUnsupported
 from dsref.reference.oracle import canonicalize
 
 

@@ -62,11 +62,11 @@ def cmd_compare(args) -> int:
 
 
 def _engine(args):
-    from dsref.reference import conformance
+    from dsref.reference.oracle import conformance
     if args.engine_cmd:
         return conformance.CommandEngine(args.engine_cmd, dtype=args.dtype or "float32")
     if args.engine == "transformers":
-        from dsref.reference.hf_adapter import TransformersEngine
+        from dsref.reference.oracle.hf_adapter import TransformersEngine
         try:
             return TransformersEngine()
         except ImportError as e:
@@ -78,7 +78,7 @@ def _engine(args):
 
 
 def _print_results(results, name, as_json) -> int:
-    from dsref.reference import conformance
+    from dsref.reference.oracle import conformance
     if as_json:
         print(json.dumps(conformance.results_json(results, name), indent=2, default=str))
     else:
@@ -87,7 +87,7 @@ def _print_results(results, name, as_json) -> int:
 
 
 def cmd_conformance(args) -> int:
-    from dsref.reference import conformance
+    from dsref.reference.oracle import conformance
     if args.action == "list":
         for c in conformance.CASES:
             print(f"{c.letter} {c.name:<22} {c.targets}")
