@@ -1,14 +1,16 @@
 """Scenarios for the serving and training simulators: TOML files, defaults, validation.
 
 A scenario is a TOML file (the package's ``scenarios/<name>.toml`` for the built-in
-ones, read as package data through importlib.resources, or any path). Every input has a default (``SERVE_DEFAULTS`` / ``TRAIN_DEFAULTS``
-below, which double as the documentation of the fields); a file only states what
-differs. Unknown keys and impossible values raise :class:`ScenarioError` naming
+ones, read as package data through importlib.resources, or any path). Every input
+has a default (``SERVE_DEFAULTS`` / ``TRAIN_DEFAULTS`` below, which double as the
+documentation of the fields); a file only states what differs. Unknown keys and impossible values raise :class:`ScenarioError` naming
 the file (or scenario) and the field, e.g.
 ``deepseek-day6: field 'decode.ep': EP degree 100 does not divide the 288 expert slots``.
 
 Hardware comes from ``hwmodels`` (``system`` = a node or cluster preset), the
-model from ``reference.presets`` (``model`` = a preset name or config.json).
+model from ``reference.presets`` (``model`` = a preset name or config.json): this
+module checks the structure; ``sim.deployment.resolve`` looks the model and the
+hardware up once (when the scenario is loaded) and checks what needs them.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -172,12 +174,14 @@ def from_dict(data: dict, src: str = "<scenario>", path: Path | None = None,
 
 @dataclass(frozen=True)
 class Scenario:
-    """A validated scenario: ``data`` holds every field (defaults filled in)."""
+    """A validated scenario: ``data`` holds every field (defaults filled in). Validation ends
+    with ``sim.deployment.resolve``, whose Deployment is kept here (each scenario is resolved once)."""
 
     kind: str
     data: dict
     source: str
     base_dir: Path
+    _deployment: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __getitem__(self, k):
         return self.data[k]
@@ -188,46 +192,13 @@ class Scenario:
         sc.validate()
         return sc
 
-    # ----------------------------------------------------------- resolution
-    def model(self):
-        from dsref.reference.config import ConfigError
-        from dsref.reference.presets import load_config
-        try:
-            return load_config(self.data["model"])
-        except (ConfigError, ValueError, KeyError) as e:
-            raise _err(self.source, "model", f"unknown model {self.data['model']!r} ({e})") from None
-
-    def quant(self):
-        from dsref.sim.quant import get_quant
-        try:
-            return get_quant(self.data["quant"])
-        except ValueError as e:
-            raise _err(self.source, "quant", str(e)) from None
-
-    def system(self):
-        """(node, cluster or None, device) with device_split applied."""
-        from dsref.hwmodels.catalog import CatalogError
-        from dsref.hwmodels.systems import Cluster, load_system
-        try:
-            s = load_system(self.data["system"])
-        except (CatalogError, FileNotFoundError, OSError, ValueError) as e:
-            raise _err(self.source, "system", f"unknown device or system {self.data['system']!r} ({e})") from None
-        node, cluster = (s.node, s) if isinstance(s, Cluster) else (s, None)
-        split = self.data.get("device_split", 1)
-        dev = node.device if split == 1 else split_device(node.device, split)
-        return node, cluster, dev
-
-    def latency_s(self) -> dict:
-        """Per-call network latency from the cluster preset (max_latency, else hop_latency), else none."""
-        _, cluster, _ = self.system()
-        if cluster is None:
-            return {}
-        lat = cluster.max_latency_s or cluster.hop_latency_s
-        return {"inter": lat} if lat else {}
-
     # ----------------------------------------------------------- validation
     def validate(self) -> None:
-        (self._validate_serve if self.kind == "serve" else self._validate_train)()
+        """The structure here, then what needs the model and the hardware (sim.deployment.resolve)."""
+        if self.kind == "serve":
+            self._validate_serve()
+        from dsref.sim.deployment import resolve  # deployment builds on this module: imported at use
+        resolve(self)
 
     def _pos(self, fld: str, v, allow_zero=False):
         if v < 0 or (v == 0 and not allow_zero):
@@ -262,148 +233,7 @@ class Scenario:
             self._pos(f"workload.{key}.min", L["min"])
             if L["max"] < L["min"]:
                 raise _err(s, f"workload.{key}.max", f"must be >= min ({L['min']}), got {L['max']}")
-        roles = ("prefill", "decode") if d["mode"] == "disaggregated" else ("aggregated",)
-        cfg = self.model()
-        self.quant()
-        node, _, dev = self.system()
-        for role in roles:
-            self._validate_instance(role, cfg, node, dev)
-
-    def instance_devices(self, role: str) -> int:
-        node, _, _ = self.system()
-        r = self.data[role]
-        return r["devices"] if r["devices"] > 0 else r["nodes"] * node.devices_per_node * self.data["device_split"]
-
-    def _validate_instance(self, role, cfg, node, dev) -> None:
-        s, r = self.source, self.data[role]
-        for k in ("instances", "tp", "ep", "pp", "token_budget_per_device", "max_batch_per_device"):
-            self._pos(f"{role}.{k}", r[k])
-        for k in ("nodes", "devices", "attn_dp", "redundant_experts", "node_limit", "max_requests_per_step"):
-            self._pos(f"{role}.{k}", r[k], True)
-        n = self.instance_devices(role)
-        if n <= 0:
-            raise _err(s, f"{role}.nodes", "the instance has zero devices")
-        if not 0.0 <= r["mtp_acceptance"] < 1.0:
-            raise _err(s, f"{role}.mtp_acceptance", f"must be in [0, 1), got {r['mtp_acceptance']}")
-        if r["mtp_acceptance"] > 0 and cfg.num_nextn_predict_layers < 1:
-            raise _err(s, f"{role}.mtp_acceptance", f"model {cfg.name} has no MTP module")
-        tp, pp, ep = r["tp"], r["pp"], r["ep"]
-        dp = r["attn_dp"] or n // (tp * pp)
-        if dp * tp * pp != n:
-            raise _err(s, f"{role}.attn_dp", f"attn_dp {dp} x tp {tp} x pp {pp} must equal the {n} devices")
-        if ep > n:
-            raise _err(s, f"{role}.ep", f"EP degree {ep} exceeds the {n} devices of the instance")
-        if cfg.is_moe:
-            slots = cfg.n_routed_experts + r["redundant_experts"]
-            if slots % ep:
-                raise _err(s, f"{role}.ep", f"EP degree {ep} does not divide the {slots} expert slots "
-                           f"({cfg.n_routed_experts} routed + {r['redundant_experts']} redundant)")
-        elif ep > 1:
-            raise _err(s, f"{role}.ep", f"model {cfg.name} has no experts")
-        if cfg.num_hidden_layers < pp:
-            raise _err(s, f"{role}.pp", f"{pp} stages for {cfg.num_hidden_layers} layers")
-        cap = self.kv_capacity(role)
-        if cap["kv_tokens_per_device"] < 1:
-            raise _err(s, f"{role}.nodes", f"model does not fit in memory: weights {cap['weight_bytes_per_device'] / 1e9:.1f}"
-                       f" GB + activation reserve {cap['activation_reserve_bytes'] / 1e9:.1f} GB per device "
-                       f"exceed the {dev.memory_bytes / 1e9:.1f} GB of a {dev.id}")
-
-    def parallelism(self, role: str):
-        from dsref.sim.parallel import Parallelism
-        node, _, _ = self.system()
-        r, n = self.data[role], self.instance_devices(role)
-        cfg = self.model()
-        return Parallelism(devices=n, dp=r["attn_dp"] or n // (r["tp"] * r["pp"]), tp=r["tp"], ep=r["ep"], pp=r["pp"],
-                           expert_slots=(cfg.n_routed_experts + r["redundant_experts"]) if cfg.is_moe else 0,
-                           devices_per_node=(self.data.get("scaleup_devices", 0)
-                                             or node.devices_per_node * self.data["device_split"]),
-                           node_limit=r["node_limit"] or None)
-
-    def kv_capacity(self, role: str) -> dict:
-        """KV-cache tokens per device = (memory - weights under the parallel layout - activation reserve) / latent bytes per token."""
-        from dsref.sim.local import activation_bytes
-        cfg, q = self.model(), self.quant()
-        _, _, dev = self.system()
-        r = self.data[role]
-        par = self.parallelism(role)
-        w = par.weight_bytes_per_device(cfg, q)["total"]
-        reserve = r["activation_reserve_bytes"]
-        if reserve < 0:
-            reserve = activation_bytes(cfg, q, 1, r["token_budget_per_device"])
-        per_tok = cfg.kv_cache_bytes_per_token(q.kv_bytes) / par.pp
-        free = dev.require("memory_bytes") - w - reserve
-        return {"weight_bytes_per_device": w, "activation_reserve_bytes": reserve,
-                "kv_bytes_per_token": per_tok, "kv_tokens_per_device": max(0.0, free) // per_tok,
-                "kv_tokens_per_instance": max(0.0, free) // per_tok * par.dp}
 
     def trace_path(self) -> Path:
         p = Path(self.data["workload"]["trace"])
         return p if p.is_absolute() else self.base_dir / p
-
-    # -------------------------------------------------------------- training
-    def _validate_train(self) -> None:
-        d, s = self.data, self.source
-        cfg = self.model()
-        self.quant()
-        node, cluster, dev = self.system()
-        for k in ("pp", "ep", "tp", "seq_len", "global_batch", "micro_batch", "token_budget"):
-            self._pos(k, d[k])
-        n = self.train_devices()
-        if n <= 0:
-            raise _err(s, "devices", "zero devices")
-        if d["schedule"] not in ("dualpipe", "1f1b"):
-            raise _err(s, "schedule", f"must be 'dualpipe' or '1f1b', got {d['schedule']!r}")
-        if d["recompute"] not in ("none", "selective", "full"):
-            raise _err(s, "recompute", f"must be none, selective or full, got {d['recompute']!r}")
-        if d["stage_split"] not in ("even", "balanced"):
-            raise _err(s, "stage_split", f"must be 'even' or 'balanced', got {d['stage_split']!r}")
-        if n % (d["pp"] * d["tp"]):
-            raise _err(s, "pp", f"pp {d['pp']} x tp {d['tp']} does not divide the {n} devices")
-        dp = n // (d["pp"] * d["tp"])
-        if cfg.is_moe and cfg.n_routed_experts % d["ep"]:
-            raise _err(s, "ep", f"EP degree {d['ep']} does not divide the {cfg.n_routed_experts} experts")
-        if d["ep"] > dp:
-            raise _err(s, "ep", f"EP degree {d['ep']} exceeds the data-parallel degree {dp} (EP spans DP ranks)")
-        if d["pp"] > cfg.num_hidden_layers:
-            raise _err(s, "pp", f"{d['pp']} stages for {cfg.num_hidden_layers} layers")
-        per_rank = d["global_batch"] / dp
-        if per_rank != int(per_rank) or int(per_rank) % d["micro_batch"]:
-            raise _err(s, "global_batch", f"{d['global_batch']} sequences do not split into DP {dp} ranks x "
-                       f"micro-batches of {d['micro_batch']}")
-        m = int(per_rank) // d["micro_batch"]
-        rc = d["comm_reserved_cores"]
-        if rc < 0 or (rc and (dev.cores is None or rc >= dev.cores)):
-            raise _err(s, "comm_reserved_cores", f"{rc} reserved of the device's {dev.cores} cores "
-                       f"({dev.source_file}: field 'cores')")
-        if d["mtp"] and cfg.num_nextn_predict_layers < 1:
-            raise _err(s, "mtp", f"model {cfg.name} has no MTP module (num_nextn_predict_layers = 0)")
-        if not 0.0 < d["goodput"] <= 1.0:
-            raise _err(s, "goodput", f"must be in (0, 1], got {d['goodput']}")
-        if d["schedule"] == "dualpipe":
-            if d["pp"] % 2:
-                raise _err(s, "pp", "DualPipe needs an even number of stages")
-            if m % 2 or m // 2 < d["pp"]:
-                raise _err(s, "micro_batch", f"DualPipe needs an even number of micro-batches >= 2*pp; got {m}")
-
-    def train_devices(self) -> int:
-        node, cluster, _ = self.system()
-        d = self.data
-        if d["devices"]:
-            return d["devices"]
-        if d["nodes"]:
-            return d["nodes"] * node.devices_per_node
-        return cluster.num_devices if cluster is not None else node.devices_per_node
-
-
-def split_device(dev, n: int):
-    """A catalog device run as ``n`` logical devices (e.g. the two dies of an Ascend 910C):
-    peaks, memory, bandwidths, power and price divided by n (thin adapter; the catalog is per package)."""
-    figs = {k: (replace(f, value=f.value / n) if f.value is not None else f) for k, f in dev.figures.items()}
-
-    def div(x):
-        return None if x is None else x / n
-    return replace(dev, id=f"{dev.id}/{n}", name=f"{dev.name} (1/{n})", figures=figs,
-                   peak_flops={k: v / n for k, v in dev.peak_flops.items()}, memory_bytes=div(dev.memory_bytes),
-                   memory_bandwidth=div(dev.memory_bandwidth), intra_node_bandwidth=div(dev.intra_node_bandwidth),
-                   network_bandwidth=div(dev.network_bandwidth), power_w=div(dev.power_w),
-                   price_usd_per_hour=div(dev.price_usd_per_hour))

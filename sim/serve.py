@@ -55,7 +55,8 @@ import simpy
 from dsref.sim import roofline
 from dsref.sim.comm import CommOp, kv_transfer_bytes
 from dsref.sim.scenario import Scenario, ScenarioError
-from dsref.sim.stepcost import OpTable, RequestTable, StepCost, StepFeatures, request, uniform
+from dsref.sim.deployment import Deployment, resolve
+from dsref.sim.stepcost import RequestTable, StepFeatures, request, uniform
 
 SECONDS_PER_HOUR = 3600.0
 TOKENS_PER_MILLION = 1e6
@@ -203,7 +204,7 @@ class Instance:
         self.sim, self.role, self.idx = sim, role, idx
         sc = sim.sc
         r = sc[role]
-        self.par = sc.parallelism(role)
+        self.par = sim.dep.par[role]
         self.name = f"{role}-{idx}"
         self.busy_s = 0.0
         self.compute_s = 0.0
@@ -570,11 +571,13 @@ def _wake_at(env, inst, t):
 class ServeSim:
     """One serving run. ``run()`` returns the metrics dict."""
 
-    def __init__(self, sc: Scenario, *, duration_s: float | None = None, seed: int | None = None,
+    def __init__(self, sc: Scenario | Deployment, *, duration_s: float | None = None, seed: int | None = None,
                  record: bool = False, progress: bool = False,
                  prefill_service: Callable[[StepFeatures], float] | None = None):
         """prefill_service: seconds of a prefill step from its features, replacing the step cost
         (queueing-theory tests: a deterministic server)."""
+        self.dep = sc if isinstance(sc, Deployment) else resolve(sc)
+        sc = self.dep.sc
         if sc.kind != "serve":
             raise ScenarioError(f"{sc.source}: field 'kind': expected a serve scenario, got {sc.kind!r}")
         self.sc = sc
@@ -585,28 +588,12 @@ class ServeSim:
         self.progress = progress
         self.prefill_service = prefill_service
         self.rec = Recorder(record)
-        self.cfg, self.quant = sc.model(), sc.quant()
-        self.node, self.cluster, self.device = sc.system()
-        link_node = self.node if sc["device_split"] == 1 else None
-        lat = sc.latency_s()
+        dep = self.dep
+        self.cfg, self.quant, self.node, self.device = dep.cfg, dep.quant, dep.node, dep.device
+        link_node, lat = dep.link_node, dep.latency_s
         self.ctx_quantum = sc["ctx_quantum_tokens"]
-        roles = ("prefill", "decode") if sc["mode"] == "disaggregated" else ("aggregated",)
-        self.capacity = {r: sc.kv_capacity(r) for r in roles}
-        tables = {}
-        self.cost = {}
-        for r in roles:
-            par = sc.parallelism(r)
-            c = {}
-            for phase, form, logits in (("prefill", "naive", "last"), ("decode", "absorbed", "all")):
-                if (phase, form) not in tables:
-                    tables[(phase, form)] = OpTable.build(self.cfg, self.quant, self.device, mla_form=form,
-                                                          logits=logits)
-                c[phase] = StepCost(self.cfg, self.quant, self.device, par, mla_form=form, logits=logits,
-                                    node=link_node, latency_s=lat, table=tables[(phase, form)])
-            L = self.cfg.num_hidden_layers
-            c["mtp"] = StepCost(self.cfg, self.quant, self.device, par, mla_form="absorbed", logits="all",
-                                node=link_node, latency_s=lat, layers=(L - 1, L), table=tables[("decode", "absorbed")])
-            self.cost[r] = c
+        self.capacity = dep.capacity
+        self.cost = {r: dep.step_costs(r) for r in dep.roles}
         # KV transfer link: seconds per prompt token and per-transfer latency (sim.comm + sim.roofline)
         per_tok = kv_transfer_bytes(self.cfg, 1, self.quant.kv_bytes)
         big = 1e6

@@ -44,7 +44,8 @@ import simpy
 
 from dsref.sim import costmodel, roofline
 from dsref.sim.comm import dp_zero1_comm, pp_comm
-from dsref.sim.parallel import Parallelism, stage_params
+from dsref.sim.deployment import Deployment, resolve
+from dsref.sim.parallel import stage_params
 from dsref.sim.scenario import Scenario, ScenarioError
 from dsref.sim.stepcost import OpTable, StepCost, StepFeatures, uniform
 
@@ -198,25 +199,23 @@ def stage_ranges(L: int, pp: int) -> list[tuple[int, int]]:
 class TrainSim:
     """One training step of a scenario; ``run()`` returns the metrics dict."""
 
-    def __init__(self, sc: Scenario, *, record: bool = False, fixed: StageTimes | None = None,
+    def __init__(self, sc: Scenario | Deployment, *, record: bool = False, fixed: StageTimes | None = None,
                  p2p_s: float = 0.0):
         """fixed: the same chunk times on every stage, with sends of ``p2p_s`` and no DP traffic,
         replacing the cost model (tests of the schedules' closed forms)."""
+        dep = sc if isinstance(sc, Deployment) else resolve(sc)
+        sc = dep.sc
         if sc.kind != "train":
             raise ScenarioError(f"{sc.source}: field 'kind': expected a train scenario, got {sc.kind!r}")
         self.sc, self.record, self.fixed = sc, record, fixed
         d = sc.data
-        self.cfg, self.quant = sc.model(), sc.quant()
-        self.node, self.cluster, self.device = sc.system()
-        self.n_dev = sc.train_devices()
-        pp, tp = d["pp"], d["tp"]
-        self.par = Parallelism(devices=self.n_dev, dp=self.n_dev // (pp * tp), tp=tp, ep=d["ep"], pp=pp,
-                               expert_slots=self.cfg.n_routed_experts, devices_per_node=self.node.devices_per_node,
-                               node_limit=d["node_limit"] or None)
+        self.cfg, self.quant, self.node, self.device = dep.cfg, dep.quant, dep.node, dep.device
+        self.par = dep.par["train"]
+        self.n_dev = self.par.devices
         self.seq, self.mbs = d["seq_len"], d["micro_batch"]
         self.m = d["global_batch"] // self.par.dp // self.mbs
         self.tokens_mb = self.seq * self.mbs
-        self.lat = sc.latency_s()
+        self.lat = dep.latency_s
         self.ranges = stage_ranges(self.cfg.num_hidden_layers, self.par.pp)
         if fixed is not None:
             self.p2p_s = p2p_s

@@ -15,6 +15,7 @@ from dsref.sim import costmodel, roofline, trace
 from dsref.sim.comm import CommOp, kv_transfer_bytes
 from dsref.sim.scenario import ScenarioError, from_dict, load
 from dsref.sim.serve import ServeSim, simulate
+from dsref.sim.deployment import resolve
 from dsref.sim.parallel import Parallelism
 from dsref.sim.stepcost import OpTable, StepCost, StepFeatures, request, uniform
 
@@ -154,7 +155,7 @@ def test_kv_cache_limits_force_waits_and_preemptions():
     d["aggregated"]["activation_reserve_bytes"] = 79.5e9 - 31.4e9 - 0.7e9  # leave a ~20k-token KV cache
     d["duration_s"] = 40.0
     sc = from_dict(d)
-    cap = sc.kv_capacity("aggregated")["kv_tokens_per_instance"]
+    cap = resolve(sc).capacity["aggregated"]["kv_tokens_per_instance"]
     assert 0 < cap < 40_000
     r = simulate(sc)
     assert r["preemptions"] > 0 or r["kv_blocked_steps"] > 0

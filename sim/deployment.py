@@ -1,0 +1,274 @@
+"""A scenario resolved once: model, quantisation, hardware, parallel layout, KV capacity, step costs.
+
+``resolve(scenario)`` looks the model up (reference.presets), the quantisation
+(sim.quant), the node or cluster (hwmodels), checks everything that needs them
+(errors name the scenario's file and field, as sim.scenario does for the
+structure) and returns a ``Deployment``: what ``sim serve`` (sim.serve.ServeSim)
+and ``sim train`` (sim.train.TrainSim) run. A scenario is resolved when it is
+loaded (its errors surface there) and the result is kept with it, so each
+scenario is resolved exactly once.
+
+Serving: per role (prefill / decode / aggregated) the parallel layout, the KV
+capacity = (device memory - weights per device under the layout - activation
+reserve) / KV bytes per token, and the step costs (sim.stepcost, built on first
+use: fitting the cost tables is the expensive part). Training: the layout of the
+whole run (dp = devices / (pp x tp); EP spans DP ranks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from dsref.hwmodels.catalog import CatalogError
+from dsref.hwmodels.systems import Cluster, load_system
+from dsref.reference.config import ConfigError, ModelConfig
+from dsref.reference.presets import load_config
+from dsref.sim.local import activation_bytes
+from dsref.sim.parallel import Parallelism
+from dsref.sim.quant import Quant, get_quant
+from dsref.sim.scenario import Scenario, _err
+from dsref.sim.stepcost import OpTable, StepCost
+
+# (phase, MLA form, logits) of the serving step costs: prefill in the naive (expanded) MLA form
+# with logits of the last position only, decode in the absorbed form (DeepSeek's choice).
+SERVE_PHASES = (("prefill", "naive", "last"), ("decode", "absorbed", "all"))
+
+
+@dataclass
+class Deployment:
+    """What one scenario runs on; built by ``resolve``. ``roles``: serving roles in this mode;
+    ``par``: their layouts (training: the one key 'train'); ``capacity``: KV capacity per role."""
+
+    sc: Scenario
+    cfg: ModelConfig
+    quant: Quant
+    node: object
+    cluster: object | None
+    device: object
+    latency_s: dict
+    roles: tuple[str, ...] = ()
+    par: dict[str, Parallelism] = field(default_factory=dict)
+    capacity: dict[str, dict] = field(default_factory=dict)
+    _costs: dict = field(default_factory=dict, repr=False)
+    _tables: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def link_node(self):
+        """The node whose links carry the traffic; None when devices are split (the catalog's
+        link bandwidths are per package: the split device's own figures apply)."""
+        return self.node if self.sc["device_split"] == 1 else None
+
+    def step_costs(self, role: str) -> dict[str, StepCost]:
+        """{'prefill', 'decode', 'mtp'} step costs of a serving role (the MTP module = the last
+        layer + head in the decode form), fitted once per deployment."""
+        if role not in self._costs:
+            par, c = self.par[role], {}
+            for phase, form, logits in SERVE_PHASES:
+                if (phase, form) not in self._tables:
+                    self._tables[(phase, form)] = OpTable.build(self.cfg, self.quant, self.device, mla_form=form,
+                                                                logits=logits)
+                c[phase] = StepCost(self.cfg, self.quant, self.device, par, mla_form=form, logits=logits,
+                                    node=self.link_node, latency_s=self.latency_s, table=self._tables[(phase, form)])
+            L = self.cfg.num_hidden_layers
+            c["mtp"] = StepCost(self.cfg, self.quant, self.device, par, mla_form="absorbed", logits="all",
+                                node=self.link_node, latency_s=self.latency_s, layers=(L - 1, L),
+                                table=self._tables[("decode", "absorbed")])
+            self._costs[role] = c
+        return self._costs[role]
+
+
+def resolve(sc: Scenario) -> Deployment:
+    """The scenario's Deployment (resolved once, then kept with the scenario)."""
+    dep = sc._deployment
+    if dep is None:
+        dep = _resolve_serve(sc) if sc.kind == "serve" else _resolve_train(sc)
+        object.__setattr__(sc, "_deployment", dep)
+    return dep
+
+
+# ------------------------------------------------------------------ lookups
+def _model(sc: Scenario) -> ModelConfig:
+    try:
+        return load_config(sc["model"])
+    except (ConfigError, ValueError, KeyError) as e:
+        raise _err(sc.source, "model", f"unknown model {sc['model']!r} ({e})") from None
+
+
+def _quant(sc: Scenario) -> Quant:
+    try:
+        return get_quant(sc["quant"])
+    except ValueError as e:
+        raise _err(sc.source, "quant", str(e)) from None
+
+
+def _system(sc: Scenario):
+    """(node, cluster or None, device) with device_split applied."""
+    try:
+        s = load_system(sc["system"])
+    except (CatalogError, FileNotFoundError, OSError, ValueError) as e:
+        raise _err(sc.source, "system", f"unknown device or system {sc['system']!r} ({e})") from None
+    node, cluster = (s.node, s) if isinstance(s, Cluster) else (s, None)
+    split = sc.data.get("device_split", 1)
+    dev = node.device if split == 1 else split_device(node.device, split)
+    return node, cluster, dev
+
+
+def _latency_s(cluster) -> dict:
+    """Per-call network latency from the cluster preset (max_latency, else hop_latency), else none."""
+    if cluster is None:
+        return {}
+    lat = cluster.max_latency_s or cluster.hop_latency_s
+    return {"inter": lat} if lat else {}
+
+
+def _pos(sc: Scenario, fld: str, v, allow_zero=False):
+    if v < 0 or (v == 0 and not allow_zero):
+        raise _err(sc.source, fld, f"must be {'>= 0' if allow_zero else '> 0'}, got {v!r}")
+
+
+def _base(sc: Scenario) -> Deployment:
+    cfg = _model(sc)
+    quant = _quant(sc)
+    node, cluster, dev = _system(sc)
+    return Deployment(sc, cfg, quant, node, cluster, dev, _latency_s(cluster))
+
+
+# ------------------------------------------------------------------ serving
+def _resolve_serve(sc: Scenario) -> Deployment:
+    dep = _base(sc)
+    dep.roles = ("prefill", "decode") if sc["mode"] == "disaggregated" else ("aggregated",)
+    for role in dep.roles:
+        _check_instance(dep, role)
+    return dep
+
+
+def _instance_devices(dep: Deployment, role: str) -> int:
+    r = dep.sc[role]
+    return r["devices"] if r["devices"] > 0 else r["nodes"] * dep.node.devices_per_node * dep.sc["device_split"]
+
+
+def _check_instance(dep: Deployment, role: str) -> None:
+    sc, cfg, dev = dep.sc, dep.cfg, dep.device
+    s, r = sc.source, sc[role]
+    for k in ("instances", "tp", "ep", "pp", "token_budget_per_device", "max_batch_per_device"):
+        _pos(sc, f"{role}.{k}", r[k])
+    for k in ("nodes", "devices", "attn_dp", "redundant_experts", "node_limit", "max_requests_per_step"):
+        _pos(sc, f"{role}.{k}", r[k], True)
+    n = _instance_devices(dep, role)
+    if n <= 0:
+        raise _err(s, f"{role}.nodes", "the instance has zero devices")
+    if not 0.0 <= r["mtp_acceptance"] < 1.0:
+        raise _err(s, f"{role}.mtp_acceptance", f"must be in [0, 1), got {r['mtp_acceptance']}")
+    if r["mtp_acceptance"] > 0 and cfg.num_nextn_predict_layers < 1:
+        raise _err(s, f"{role}.mtp_acceptance", f"model {cfg.name} has no MTP module")
+    tp, pp, ep = r["tp"], r["pp"], r["ep"]
+    dp = r["attn_dp"] or n // (tp * pp)
+    if dp * tp * pp != n:
+        raise _err(s, f"{role}.attn_dp", f"attn_dp {dp} x tp {tp} x pp {pp} must equal the {n} devices")
+    if ep > n:
+        raise _err(s, f"{role}.ep", f"EP degree {ep} exceeds the {n} devices of the instance")
+    if cfg.is_moe:
+        slots = cfg.n_routed_experts + r["redundant_experts"]
+        if slots % ep:
+            raise _err(s, f"{role}.ep", f"EP degree {ep} does not divide the {slots} expert slots "
+                       f"({cfg.n_routed_experts} routed + {r['redundant_experts']} redundant)")
+    elif ep > 1:
+        raise _err(s, f"{role}.ep", f"model {cfg.name} has no experts")
+    if cfg.num_hidden_layers < pp:
+        raise _err(s, f"{role}.pp", f"{pp} stages for {cfg.num_hidden_layers} layers")
+    par = dep.par[role] = Parallelism(
+        devices=n, dp=dp, tp=tp, ep=ep, pp=pp,
+        expert_slots=(cfg.n_routed_experts + r["redundant_experts"]) if cfg.is_moe else 0,
+        devices_per_node=sc["scaleup_devices"] or dep.node.devices_per_node * sc["device_split"],
+        node_limit=r["node_limit"] or None)
+    cap = dep.capacity[role] = _kv_capacity(dep, role, par)
+    if cap["kv_tokens_per_device"] < 1:
+        raise _err(s, f"{role}.nodes", f"model does not fit in memory: weights {cap['weight_bytes_per_device'] / 1e9:.1f}"
+                   f" GB + activation reserve {cap['activation_reserve_bytes'] / 1e9:.1f} GB per device "
+                   f"exceed the {dev.memory_bytes / 1e9:.1f} GB of a {dev.id}")
+
+
+def _kv_capacity(dep: Deployment, role: str, par: Parallelism) -> dict:
+    """KV-cache tokens per device = (memory - weights under the layout - activation reserve) / KV bytes per token."""
+    cfg, q, r = dep.cfg, dep.quant, dep.sc[role]
+    w = par.weight_bytes_per_device(cfg, q)["total"]
+    reserve = r["activation_reserve_bytes"]
+    if reserve < 0:
+        reserve = activation_bytes(cfg, q, 1, r["token_budget_per_device"])
+    per_tok = cfg.kv_cache_bytes_per_token(q.kv_bytes) / par.pp
+    free = dep.device.require("memory_bytes") - w - reserve
+    return {"weight_bytes_per_device": w, "activation_reserve_bytes": reserve,
+            "kv_bytes_per_token": per_tok, "kv_tokens_per_device": max(0.0, free) // per_tok,
+            "kv_tokens_per_instance": max(0.0, free) // per_tok * par.dp}
+
+
+# ------------------------------------------------------------------ training
+def _train_devices(dep: Deployment) -> int:
+    d = dep.sc.data
+    if d["devices"]:
+        return d["devices"]
+    if d["nodes"]:
+        return d["nodes"] * dep.node.devices_per_node
+    return dep.cluster.num_devices if dep.cluster is not None else dep.node.devices_per_node
+
+
+def _resolve_train(sc: Scenario) -> Deployment:
+    dep = _base(sc)
+    d, s, cfg, dev = sc.data, sc.source, dep.cfg, dep.device
+    for k in ("pp", "ep", "tp", "seq_len", "global_batch", "micro_batch", "token_budget"):
+        _pos(sc, k, d[k])
+    n = _train_devices(dep)
+    if n <= 0:
+        raise _err(s, "devices", "zero devices")
+    if d["schedule"] not in ("dualpipe", "1f1b"):
+        raise _err(s, "schedule", f"must be 'dualpipe' or '1f1b', got {d['schedule']!r}")
+    if d["recompute"] not in ("none", "selective", "full"):
+        raise _err(s, "recompute", f"must be none, selective or full, got {d['recompute']!r}")
+    if d["stage_split"] not in ("even", "balanced"):
+        raise _err(s, "stage_split", f"must be 'even' or 'balanced', got {d['stage_split']!r}")
+    if n % (d["pp"] * d["tp"]):
+        raise _err(s, "pp", f"pp {d['pp']} x tp {d['tp']} does not divide the {n} devices")
+    dp = n // (d["pp"] * d["tp"])
+    if cfg.is_moe and cfg.n_routed_experts % d["ep"]:
+        raise _err(s, "ep", f"EP degree {d['ep']} does not divide the {cfg.n_routed_experts} experts")
+    if d["ep"] > dp:
+        raise _err(s, "ep", f"EP degree {d['ep']} exceeds the data-parallel degree {dp} (EP spans DP ranks)")
+    if d["pp"] > cfg.num_hidden_layers:
+        raise _err(s, "pp", f"{d['pp']} stages for {cfg.num_hidden_layers} layers")
+    per_rank = d["global_batch"] / dp
+    if per_rank != int(per_rank) or int(per_rank) % d["micro_batch"]:
+        raise _err(s, "global_batch", f"{d['global_batch']} sequences do not split into DP {dp} ranks x "
+                   f"micro-batches of {d['micro_batch']}")
+    m = int(per_rank) // d["micro_batch"]
+    rc = d["comm_reserved_cores"]
+    if rc < 0 or (rc and (dev.cores is None or rc >= dev.cores)):
+        raise _err(s, "comm_reserved_cores", f"{rc} reserved of the device's {dev.cores} cores "
+                   f"({dev.source_file}: field 'cores')")
+    if d["mtp"] and cfg.num_nextn_predict_layers < 1:
+        raise _err(s, "mtp", f"model {cfg.name} has no MTP module (num_nextn_predict_layers = 0)")
+    if not 0.0 < d["goodput"] <= 1.0:
+        raise _err(s, "goodput", f"must be in (0, 1], got {d['goodput']}")
+    if d["schedule"] == "dualpipe":
+        if d["pp"] % 2:
+            raise _err(s, "pp", "DualPipe needs an even number of stages")
+        if m % 2 or m // 2 < d["pp"]:
+            raise _err(s, "micro_batch", f"DualPipe needs an even number of micro-batches >= 2*pp; got {m}")
+    dep.par["train"] = Parallelism(devices=n, dp=dp, tp=d["tp"], ep=d["ep"], pp=d["pp"],
+                                   expert_slots=cfg.n_routed_experts, devices_per_node=dep.node.devices_per_node,
+                                   node_limit=d["node_limit"] or None)
+    return dep
+
+
+def split_device(dev, n: int):
+    """A catalog device run as ``n`` logical devices (e.g. the two dies of an Ascend 910C):
+    peaks, memory, bandwidths, power and price divided by n (thin adapter; the catalog is per package)."""
+    figs = {k: (replace(f, value=f.value / n) if f.value is not None else f) for k, f in dev.figures.items()}
+
+    def div(x):
+        return None if x is None else x / n
+    return replace(dev, id=f"{dev.id}/{n}", name=f"{dev.name} (1/{n})", figures=figs,
+                   peak_flops={k: v / n for k, v in dev.peak_flops.items()}, memory_bytes=div(dev.memory_bytes),
+                   memory_bandwidth=div(dev.memory_bandwidth), intra_node_bandwidth=div(dev.intra_node_bandwidth),
+                   network_bandwidth=div(dev.network_bandwidth), power_w=div(dev.power_w),
+                   price_usd_per_hour=div(dev.price_usd_per_hour))
+
