@@ -20,6 +20,15 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PACKAGE_DIRS: dict[str, str] = PYPROJECT["tool"]["setuptools"]["package-dir"]  # dsref.sim -> sim
+PACKAGES: list[str] = PYPROJECT["tool"]["setuptools"]["packages"]
+
+
+def _source_dir(pkg_name: str) -> Path:
+    """Source folder of a declared package: its package-dir root plus the rest of the dotted name."""
+    root = max((p for p in PACKAGE_DIRS if pkg_name == p or pkg_name.startswith(p + ".")), key=len)
+    return ROOT / PACKAGE_DIRS[root] / Path(*pkg_name[len(root):].split(".")[1:])
+
+
 #: Data files each package must ship (globs relative to its source folder).
 DATA = {"dsref.hwmodels": ["data/**/*.toml"], "dsref.sim": ["scenarios/*.toml"],
         "dsref.experiments": ["data/*.json"]}
@@ -63,16 +72,22 @@ def test_wheel_holds_only_the_dsref_tree(wheel_names):
     assert "dsref/__init__.py" not in pkg  # dsref is a namespace package
     for folder in ("tests", "docs", "benchmarks", "shared"):
         assert not [n for n in wheel_names if folder in n.split("/")[:-1]], folder
-    for pkg_name in PACKAGE_DIRS:
+    for pkg_name in PACKAGES:
         assert f"{pkg_name.replace('.', '/')}/__init__.py" in pkg, pkg_name
 
 
 def test_wheel_holds_every_module_and_data_file(wheel_names):
     names = set(wheel_names)
+    for root, folder in PACKAGE_DIRS.items():  # every folder with an __init__.py is a declared package
+        for init in (ROOT / folder).rglob("__init__.py"):
+            sub = init.parent.relative_to(ROOT / folder).parts
+            assert ".".join((root, *sub)) in PACKAGES, f"{init.parent} is not in [tool.setuptools] packages"
+    for pkg_name in PACKAGES:  # every module of every declared package, subpackages included
+        dest = pkg_name.replace(".", "/")
+        for py in _source_dir(pkg_name).glob("*.py"):
+            assert f"{dest}/{py.name}" in names, py
     for pkg_name, folder in PACKAGE_DIRS.items():
         dest = pkg_name.replace(".", "/")
-        for py in (ROOT / folder).glob("*.py"):
-            assert f"{dest}/{py.name}" in names, py
         for pattern in DATA.get(pkg_name, []):
             files = sorted((ROOT / folder).glob(pattern))
             assert files, (folder, pattern)
