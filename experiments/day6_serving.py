@@ -41,12 +41,12 @@ def simulate_day6(duration_s: float, saturation_s: float) -> dict:
     cache: at 120 s it is still ramping); returns the three metric dicts."""
     from dsref.sim import scenario, serve
     sc = scenario.load(SCENARIO)
-    rate = sc["workload"]["rate_per_s"]
+    rate = sc.workload.rate_per_s
     load = serve.simulate(sc, duration_s=duration_s)
     pre = serve.simulate(sc.with_overrides({"workload": {"rate_per_s": rate * PREFILL_SAT_RATE}}),
                          duration_s=saturation_s)
     dec_sc = sc.with_overrides({"workload": {"rate_per_s": rate * DECODE_SAT_RATE},
-                                "prefill": {"instances": sc["prefill"]["instances"] * DECODE_SAT_PREFILL_UNITS}})
+                                "prefill": {"instances": sc.prefill.instances * DECODE_SAT_PREFILL_UNITS}})
     dec = serve.simulate(dec_sc, duration_s=saturation_s)
     return {"load": load, "prefill_sat": pre, "decode_sat": dec}
 

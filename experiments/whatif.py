@@ -52,7 +52,7 @@ def serving_capacity(system: str, quant: str, split: int) -> dict:
     t_pre, _ = pre.prefill_time(x)
     pre_chips = pre.par.devices / split
     kv_dev = sim.capacity["decode"]["kv_tokens_per_instance"] / dec.par.dp
-    cap = int(min(sc["decode"]["max_batch_per_device"], kv_dev // MEAN_KV))
+    cap = int(min(sc.decode.max_batch_per_device, kv_dev // MEAN_KV))
     best = None
     for b in range(1, max(cap, 1) + 1):
         n = b * dec.par.dp

@@ -56,7 +56,7 @@ class Deployment:
     def link_node(self):
         """The node whose links carry the traffic; None when devices are split (the catalog's
         link bandwidths are per package: the split device's own figures apply)."""
-        return self.node if self.sc["device_split"] == 1 else None
+        return self.node if self.sc.device_split == 1 else None
 
     def step_costs(self, role: str) -> dict[str, StepCost]:
         """{'prefill', 'decode', 'mtp'} step costs of a serving role (the MTP module = the last
@@ -89,14 +89,14 @@ def resolve(sc: Scenario) -> Deployment:
 # ------------------------------------------------------------------ lookups
 def _model(sc: Scenario) -> ModelConfig:
     try:
-        return load_config(sc["model"])
+        return load_config(sc.model)
     except (ConfigError, ValueError, KeyError) as e:
-        raise _err(sc.source, "model", f"unknown model {sc['model']!r} ({e})") from None
+        raise _err(sc.source, "model", f"unknown model {sc.model!r} ({e})") from None
 
 
 def _quant(sc: Scenario) -> Quant:
     try:
-        return get_quant(sc["quant"])
+        return get_quant(sc.quant)
     except ValueError as e:
         raise _err(sc.source, "quant", str(e)) from None
 
@@ -104,11 +104,11 @@ def _quant(sc: Scenario) -> Quant:
 def _system(sc: Scenario):
     """(node, cluster or None, device) with device_split applied."""
     try:
-        s = load_system(sc["system"])
+        s = load_system(sc.system)
     except (CatalogError, FileNotFoundError, OSError, ValueError) as e:
-        raise _err(sc.source, "system", f"unknown device or system {sc['system']!r} ({e})") from None
+        raise _err(sc.source, "system", f"unknown device or system {sc.system!r} ({e})") from None
     node, cluster = (s.node, s) if isinstance(s, Cluster) else (s, None)
-    split = sc.data.get("device_split", 1)
+    split = getattr(sc, "device_split", 1)  # a training scenario runs whole devices
     dev = node.device if split == 1 else split_device(node.device, split)
     return node, cluster, dev
 
@@ -136,51 +136,51 @@ def _base(sc: Scenario) -> Deployment:
 # ------------------------------------------------------------------ serving
 def _resolve_serve(sc: Scenario) -> Deployment:
     dep = _base(sc)
-    dep.roles = ("prefill", "decode") if sc["mode"] == "disaggregated" else ("aggregated",)
+    dep.roles = sc.roles
     for role in dep.roles:
         _check_instance(dep, role)
     return dep
 
 
 def _instance_devices(dep: Deployment, role: str) -> int:
-    r = dep.sc[role]
-    return r["devices"] if r["devices"] > 0 else r["nodes"] * dep.node.devices_per_node * dep.sc["device_split"]
+    r = dep.sc.instance(role)
+    return r.devices if r.devices > 0 else r.nodes * dep.node.devices_per_node * dep.sc.device_split
 
 
 def _check_instance(dep: Deployment, role: str) -> None:
     sc, cfg, dev = dep.sc, dep.cfg, dep.device
-    s, r = sc.source, sc[role]
+    s, r = sc.source, sc.instance(role)
     for k in ("instances", "tp", "ep", "pp", "token_budget_per_device", "max_batch_per_device"):
-        _pos(sc, f"{role}.{k}", r[k])
+        _pos(sc, f"{role}.{k}", getattr(r, k))
     for k in ("nodes", "devices", "attn_dp", "redundant_experts", "node_limit", "max_requests_per_step"):
-        _pos(sc, f"{role}.{k}", r[k], True)
+        _pos(sc, f"{role}.{k}", getattr(r, k), True)
     n = _instance_devices(dep, role)
     if n <= 0:
         raise _err(s, f"{role}.nodes", "the instance has zero devices")
-    if not 0.0 <= r["mtp_acceptance"] < 1.0:
-        raise _err(s, f"{role}.mtp_acceptance", f"must be in [0, 1), got {r['mtp_acceptance']}")
-    if r["mtp_acceptance"] > 0 and cfg.num_nextn_predict_layers < 1:
+    if not 0.0 <= r.mtp_acceptance < 1.0:
+        raise _err(s, f"{role}.mtp_acceptance", f"must be in [0, 1), got {r.mtp_acceptance}")
+    if r.mtp_acceptance > 0 and cfg.num_nextn_predict_layers < 1:
         raise _err(s, f"{role}.mtp_acceptance", f"model {cfg.name} has no MTP module")
-    tp, pp, ep = r["tp"], r["pp"], r["ep"]
-    dp = r["attn_dp"] or n // (tp * pp)
+    tp, pp, ep = r.tp, r.pp, r.ep
+    dp = r.attn_dp or n // (tp * pp)
     if dp * tp * pp != n:
         raise _err(s, f"{role}.attn_dp", f"attn_dp {dp} x tp {tp} x pp {pp} must equal the {n} devices")
     if ep > n:
         raise _err(s, f"{role}.ep", f"EP degree {ep} exceeds the {n} devices of the instance")
     if cfg.is_moe:
-        slots = cfg.n_routed_experts + r["redundant_experts"]
+        slots = cfg.n_routed_experts + r.redundant_experts
         if slots % ep:
             raise _err(s, f"{role}.ep", f"EP degree {ep} does not divide the {slots} expert slots "
-                       f"({cfg.n_routed_experts} routed + {r['redundant_experts']} redundant)")
+                       f"({cfg.n_routed_experts} routed + {r.redundant_experts} redundant)")
     elif ep > 1:
         raise _err(s, f"{role}.ep", f"model {cfg.name} has no experts")
     if cfg.num_hidden_layers < pp:
         raise _err(s, f"{role}.pp", f"{pp} stages for {cfg.num_hidden_layers} layers")
     par = dep.par[role] = Parallelism(
         devices=n, dp=dp, tp=tp, ep=ep, pp=pp,
-        expert_slots=(cfg.n_routed_experts + r["redundant_experts"]) if cfg.is_moe else 0,
-        devices_per_node=sc["scaleup_devices"] or dep.node.devices_per_node * sc["device_split"],
-        node_limit=r["node_limit"] or None)
+        expert_slots=(cfg.n_routed_experts + r.redundant_experts) if cfg.is_moe else 0,
+        devices_per_node=sc.scaleup_devices or dep.node.devices_per_node * sc.device_split,
+        node_limit=r.node_limit or None)
     cap = dep.capacity[role] = _kv_capacity(dep, role, par)
     if cap["kv_tokens_per_device"] < 1:
         raise _err(s, f"{role}.nodes", f"model does not fit in memory: weights {cap['weight_bytes_per_device'] / 1e9:.1f}"
@@ -190,11 +190,11 @@ def _check_instance(dep: Deployment, role: str) -> None:
 
 def _kv_capacity(dep: Deployment, role: str, par: Parallelism) -> dict:
     """KV-cache tokens per device = (memory - weights under the layout - activation reserve) / KV bytes per token."""
-    cfg, q, r = dep.cfg, dep.quant, dep.sc[role]
+    cfg, q, r = dep.cfg, dep.quant, dep.sc.instance(role)
     w = par.weight_bytes_per_device(cfg, q)["total"]
-    reserve = r["activation_reserve_bytes"]
+    reserve = r.activation_reserve_bytes
     if reserve < 0:
-        reserve = activation_bytes(cfg, q, 1, r["token_budget_per_device"])
+        reserve = activation_bytes(cfg, q, 1, r.token_budget_per_device)
     per_tok = cfg.kv_cache_bytes_per_token(q.kv_bytes) / par.pp
     free = dep.device.require("memory_bytes") - w - reserve
     return {"weight_bytes_per_device": w, "activation_reserve_bytes": reserve,
@@ -204,58 +204,58 @@ def _kv_capacity(dep: Deployment, role: str, par: Parallelism) -> dict:
 
 # ------------------------------------------------------------------ training
 def _train_devices(dep: Deployment) -> int:
-    d = dep.sc.data
-    if d["devices"]:
-        return d["devices"]
-    if d["nodes"]:
-        return d["nodes"] * dep.node.devices_per_node
+    d = dep.sc
+    if d.devices:
+        return d.devices
+    if d.nodes:
+        return d.nodes * dep.node.devices_per_node
     return dep.cluster.num_devices if dep.cluster is not None else dep.node.devices_per_node
 
 
 def _resolve_train(sc: Scenario) -> Deployment:
     dep = _base(sc)
-    d, s, cfg, dev = sc.data, sc.source, dep.cfg, dep.device
+    d, s, cfg, dev = sc, sc.source, dep.cfg, dep.device
     for k in ("pp", "ep", "tp", "seq_len", "global_batch", "micro_batch", "token_budget"):
-        _pos(sc, k, d[k])
+        _pos(sc, k, getattr(d, k))
     n = _train_devices(dep)
     if n <= 0:
         raise _err(s, "devices", "zero devices")
-    if d["schedule"] not in ("dualpipe", "1f1b"):
-        raise _err(s, "schedule", f"must be 'dualpipe' or '1f1b', got {d['schedule']!r}")
-    if d["recompute"] not in ("none", "selective", "full"):
-        raise _err(s, "recompute", f"must be none, selective or full, got {d['recompute']!r}")
-    if d["stage_split"] not in ("even", "balanced"):
-        raise _err(s, "stage_split", f"must be 'even' or 'balanced', got {d['stage_split']!r}")
-    if n % (d["pp"] * d["tp"]):
-        raise _err(s, "pp", f"pp {d['pp']} x tp {d['tp']} does not divide the {n} devices")
-    dp = n // (d["pp"] * d["tp"])
-    if cfg.is_moe and cfg.n_routed_experts % d["ep"]:
-        raise _err(s, "ep", f"EP degree {d['ep']} does not divide the {cfg.n_routed_experts} experts")
-    if d["ep"] > dp:
-        raise _err(s, "ep", f"EP degree {d['ep']} exceeds the data-parallel degree {dp} (EP spans DP ranks)")
-    if d["pp"] > cfg.num_hidden_layers:
-        raise _err(s, "pp", f"{d['pp']} stages for {cfg.num_hidden_layers} layers")
-    per_rank = d["global_batch"] / dp
-    if per_rank != int(per_rank) or int(per_rank) % d["micro_batch"]:
-        raise _err(s, "global_batch", f"{d['global_batch']} sequences do not split into DP {dp} ranks x "
-                   f"micro-batches of {d['micro_batch']}")
-    m = int(per_rank) // d["micro_batch"]
-    rc = d["comm_reserved_cores"]
+    if d.schedule not in ("dualpipe", "1f1b"):
+        raise _err(s, "schedule", f"must be 'dualpipe' or '1f1b', got {d.schedule!r}")
+    if d.recompute not in ("none", "selective", "full"):
+        raise _err(s, "recompute", f"must be none, selective or full, got {d.recompute!r}")
+    if d.stage_split not in ("even", "balanced"):
+        raise _err(s, "stage_split", f"must be 'even' or 'balanced', got {d.stage_split!r}")
+    if n % (d.pp * d.tp):
+        raise _err(s, "pp", f"pp {d.pp} x tp {d.tp} does not divide the {n} devices")
+    dp = n // (d.pp * d.tp)
+    if cfg.is_moe and cfg.n_routed_experts % d.ep:
+        raise _err(s, "ep", f"EP degree {d.ep} does not divide the {cfg.n_routed_experts} experts")
+    if d.ep > dp:
+        raise _err(s, "ep", f"EP degree {d.ep} exceeds the data-parallel degree {dp} (EP spans DP ranks)")
+    if d.pp > cfg.num_hidden_layers:
+        raise _err(s, "pp", f"{d.pp} stages for {cfg.num_hidden_layers} layers")
+    per_rank = d.global_batch / dp
+    if per_rank != int(per_rank) or int(per_rank) % d.micro_batch:
+        raise _err(s, "global_batch", f"{d.global_batch} sequences do not split into DP {dp} ranks x "
+                   f"micro-batches of {d.micro_batch}")
+    m = int(per_rank) // d.micro_batch
+    rc = d.comm_reserved_cores
     if rc < 0 or (rc and (dev.cores is None or rc >= dev.cores)):
         raise _err(s, "comm_reserved_cores", f"{rc} reserved of the device's {dev.cores} cores "
                    f"({dev.source_file}: field 'cores')")
-    if d["mtp"] and cfg.num_nextn_predict_layers < 1:
+    if d.mtp and cfg.num_nextn_predict_layers < 1:
         raise _err(s, "mtp", f"model {cfg.name} has no MTP module (num_nextn_predict_layers = 0)")
-    if not 0.0 < d["goodput"] <= 1.0:
-        raise _err(s, "goodput", f"must be in (0, 1], got {d['goodput']}")
-    if d["schedule"] == "dualpipe":
-        if d["pp"] % 2:
+    if not 0.0 < d.goodput <= 1.0:
+        raise _err(s, "goodput", f"must be in (0, 1], got {d.goodput}")
+    if d.schedule == "dualpipe":
+        if d.pp % 2:
             raise _err(s, "pp", "DualPipe needs an even number of stages")
-        if m % 2 or m // 2 < d["pp"]:
+        if m % 2 or m // 2 < d.pp:
             raise _err(s, "micro_batch", f"DualPipe needs an even number of micro-batches >= 2*pp; got {m}")
-    dep.par["train"] = Parallelism(devices=n, dp=dp, tp=d["tp"], ep=d["ep"], pp=d["pp"],
+    dep.par["train"] = Parallelism(devices=n, dp=dp, tp=d.tp, ep=d.ep, pp=d.pp,
                                    expert_slots=cfg.n_routed_experts, devices_per_node=dep.node.devices_per_node,
-                                   node_limit=d["node_limit"] or None)
+                                   node_limit=d.node_limit or None)
     return dep
 
 

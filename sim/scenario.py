@@ -1,9 +1,10 @@
 """Scenarios for the serving and training simulators: TOML files, defaults, validation.
 
 A scenario is a TOML file (the package's ``scenarios/<name>.toml`` for the built-in
-ones, read as package data through importlib.resources, or any path). Every input
-has a default (``SERVE_DEFAULTS`` / ``TRAIN_DEFAULTS`` below, which double as the
-documentation of the fields); a file only states what differs. Unknown keys and impossible values raise :class:`ScenarioError` naming
+ones, read as package data through importlib.resources, or any path), read into
+typed tables (``ServeScenario`` / ``TrainScenario`` and their ``Workload``,
+``Length``, ``Instance`` tables below, whose defaults double as the documentation
+of the fields); a file only states what differs. Unknown keys and impossible values raise :class:`ScenarioError` naming
 the file (or scenario) and the field, e.g.
 ``deepseek-day6: field 'decode.ep': EP degree 100 does not divide the 288 expert slots``.
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -37,62 +38,152 @@ def _err(src: str, fld: str, msg: str) -> ScenarioError:
     return ScenarioError(f"{src}: field '{fld}': {msg}")
 
 
-# ---------------------------------------------------------------- defaults
-_LENGTH = {"dist": "fixed", "mean": 1000.0, "cv": 0.0, "min": 1, "max": 1_000_000}
-_INSTANCE = {
-    "instances": 1,            # identical copies of this instance
-    "nodes": 1,                # nodes per instance (devices = nodes * devices_per_node) ...
-    "devices": 0,              # ... or an explicit device count (overrides nodes when > 0)
-    "attn_dp": 0,              # DP-attention ranks (0 = devices / (tp * pp))
-    "tp": 1,
-    "ep": 1,                   # expert-parallel degree (1 = every device holds all experts)
-    "pp": 1,
-    "redundant_experts": 0,    # extra expert replicas (DeepSeek: 32); slots = routed + redundant
-    "node_limit": 0,           # node-limited routing M (0 = unlimited)
-    "token_budget_per_device": 16384,  # new tokens per step per device (prefill / mixed steps)
-    "max_batch_per_device": 256,       # running sequences per device (decode)
-    "max_requests_per_step": 0,        # prefill requests per step (0 = only the token budget limits)
-    "two_microbatch_overlap": False,   # split each step in two micro-batches: max(2*compute(half), comm)
-    "mtp_acceptance": 0.0,             # MTP: 1 draft token accepted with this probability (0 = off)
-    "activation_reserve_bytes": -1.0,  # -1: largest prefill op's activations (sim.local.activation_bytes)
-}
-SERVE_DEFAULTS: dict[str, Any] = {
-    "name": "", "description": "", "kind": "serve",
-    "model": "deepseek-v3", "quant": "fp8", "seed": 0, "duration_s": 60.0,
-    "system": "h800-node",      # hwmodels node or cluster preset
-    "device_split": 1,          # run each catalog device as N logical devices (Ascend 910C = 2 dies)
-    "scaleup_devices": 0,       # devices sharing the scale-up fabric (0 = a node; NVL72 / CloudMatrix UB: more)
-    "mode": "disaggregated",    # disaggregated | aggregated
-    "ctx_quantum_tokens": 64,   # decode step-time cache granularity of the mean context (0 = exact)
-    "sample_interval_s": 0.0,   # queue-length sampling period (0 = duration / 200)
-    "workload": {
-        "arrival": "poisson",   # poisson | constant | trace
-        "rate_per_s": 1.0,
-        "trace": "",            # JSONL: {"t": s, "prompt_tokens", "output_tokens", "cached_tokens"}
-        "prompt_tokens": dict(_LENGTH),
-        "output_tokens": dict(_LENGTH, mean=200.0),
-        "prefix_cache_hit_rate": 0.0,  # token-level share of each prompt found in the prefix cache
-    },
-    "prefill": dict(_INSTANCE),
-    "decode": dict(_INSTANCE),
-    "aggregated": dict(_INSTANCE),
-}
-TRAIN_DEFAULTS: dict[str, Any] = {
-    "name": "", "description": "", "kind": "train",
-    "model": "deepseek-v3", "quant": "fp8", "seed": 0,
-    "system": "h800-cluster-2048", "nodes": 0, "devices": 0,   # 0 nodes/devices = the whole system
-    "schedule": "dualpipe",     # dualpipe | 1f1b
-    "pp": 16, "ep": 64, "tp": 1, "node_limit": 4,
-    "seq_len": 4096, "global_batch": 15360, "micro_batch": 1,
-    "recompute": "selective",   # none | selective (RMSNorm + MLA up-projections) | full
-    "ep_overlap": True,         # EP all-to-all hidden behind compute (DualPipe: only in F&B chunk pairs)
-    "dp_overlap": True,         # ZeRO-1 gradient reduce-scatter overlapped with the last backward chunk
-    "comm_reserved_cores": 0,   # cores (GPU SMs) the EP communication kernels hold while they overlap compute
-    "mtp": False,               # train the model's MTP module(s) too (on the last pipeline stage)
-    "stage_split": "even",      # even (first stages take the remainder) | balanced (min-max stage compute)
-    "goodput": 1.0,             # share of the reserved device time that is productive training
-    "token_budget": 14.8e12,
-}
+# ---------------------------------------------------------------- the fields
+# Every field with its default; the classes double as the documentation of the TOML format
+# (one table per nested class). A file only states what differs.
+_META = ("source", "base_dir", "_deployment")  # where a scenario came from; not part of the TOML
+
+
+class _Table:
+    """A scenario table: typed fields; ``as_dict`` gives the TOML shape (nested dicts)."""
+
+    def as_dict(self) -> dict:
+        return {f.name: (v.as_dict() if isinstance(v, _Table) else v)
+                for f in fields(self) if f.name not in _META for v in (getattr(self, f.name),)}
+
+
+@dataclass(frozen=True)
+class Length(_Table):
+    """A token-length distribution (fixed | lognormal | exponential | uniform), clipped to [min, max]."""
+
+    dist: str = "fixed"
+    mean: float = 1000.0
+    cv: float = 0.0            # coefficient of variation
+    min: int = 1
+    max: int = 1_000_000
+
+
+@dataclass(frozen=True)
+class Workload(_Table):
+    arrival: str = "poisson"   # poisson | constant | trace
+    rate_per_s: float = 1.0
+    trace: str = ""            # JSONL: {"t": s, "prompt_tokens", "output_tokens", "cached_tokens"}
+    prompt_tokens: Length = Length()
+    output_tokens: Length = Length(mean=200.0)
+    prefix_cache_hit_rate: float = 0.0  # token-level share of each prompt found in the prefix cache
+
+
+@dataclass(frozen=True)
+class Instance(_Table):
+    """One serving role's instances (prefill, decode or aggregated)."""
+
+    instances: int = 1             # identical copies of this instance
+    nodes: int = 1                 # nodes per instance (devices = nodes * devices_per_node) ...
+    devices: int = 0               # ... or an explicit device count (overrides nodes when > 0)
+    attn_dp: int = 0               # DP-attention ranks (0 = devices / (tp * pp))
+    tp: int = 1
+    ep: int = 1                    # expert-parallel degree (1 = every device holds all experts)
+    pp: int = 1
+    redundant_experts: int = 0     # extra expert replicas (DeepSeek: 32); slots = routed + redundant
+    node_limit: int = 0            # node-limited routing M (0 = unlimited)
+    token_budget_per_device: int = 16384   # new tokens per step per device (prefill / mixed steps)
+    max_batch_per_device: int = 256        # running sequences per device (decode)
+    max_requests_per_step: int = 0         # prefill requests per step (0 = only the token budget limits)
+    two_microbatch_overlap: bool = False   # split each step in two micro-batches: max(2*compute(half), comm)
+    mtp_acceptance: float = 0.0            # MTP: 1 draft token accepted with this probability (0 = off)
+    activation_reserve_bytes: float = -1.0  # -1: largest prefill op's activations (sim.local.activation_bytes)
+
+
+class _ScenarioBase(_Table):
+    def with_overrides(self, overrides: dict) -> "Scenario":
+        """This scenario with ``overrides`` (nested dict, TOML shape) applied, validated and resolved anew."""
+        return _overridden(self, overrides)
+
+
+@dataclass(frozen=True)
+class ServeScenario(_ScenarioBase):
+    name: str = ""
+    description: str = ""
+    kind: str = "serve"
+    model: str = "deepseek-v3"
+    quant: str = "fp8"
+    seed: int = 0
+    duration_s: float = 60.0
+    system: str = "h800-node"      # hwmodels node or cluster preset
+    device_split: int = 1          # run each catalog device as N logical devices (Ascend 910C = 2 dies)
+    scaleup_devices: int = 0       # devices sharing the scale-up fabric (0 = a node; NVL72 / CloudMatrix UB: more)
+    mode: str = "disaggregated"    # disaggregated | aggregated
+    ctx_quantum_tokens: int = 64   # decode step-time cache granularity of the mean context (0 = exact)
+    sample_interval_s: float = 0.0  # queue-length sampling period (0 = duration / 200)
+    workload: Workload = Workload()
+    prefill: Instance = Instance()
+    decode: Instance = Instance()
+    aggregated: Instance = Instance()
+    # where it came from (messages name the source; relative trace paths start at base_dir)
+    source: str = "<scenario>"
+    base_dir: Path = Path(".")
+    _deployment: Any = field(default=None, init=False, repr=False, compare=False)  # sim.deployment.resolve
+
+    def trace_path(self) -> Path:
+        p = Path(self.workload.trace)
+        return p if p.is_absolute() else self.base_dir / p
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The instance roles of this mode."""
+        return ("prefill", "decode") if self.mode == "disaggregated" else ("aggregated",)
+
+    def instance(self, role: str) -> Instance:
+        return getattr(self, role)
+
+
+@dataclass(frozen=True)
+class TrainScenario(_ScenarioBase):
+    name: str = ""
+    description: str = ""
+    kind: str = "train"
+    model: str = "deepseek-v3"
+    quant: str = "fp8"
+    seed: int = 0
+    system: str = "h800-cluster-2048"
+    nodes: int = 0                 # 0 nodes and 0 devices = the whole system
+    devices: int = 0
+    schedule: str = "dualpipe"     # dualpipe | 1f1b
+    pp: int = 16
+    ep: int = 64
+    tp: int = 1
+    node_limit: int = 4
+    seq_len: int = 4096
+    global_batch: int = 15360
+    micro_batch: int = 1
+    recompute: str = "selective"   # none | selective (RMSNorm + MLA up-projections) | full
+    ep_overlap: bool = True        # EP all-to-all hidden behind compute (DualPipe: only in F&B chunk pairs)
+    dp_overlap: bool = True        # ZeRO-1 gradient reduce-scatter overlapped with the last backward chunk
+    comm_reserved_cores: int = 0   # cores (GPU SMs) the EP communication kernels hold while they overlap compute
+    mtp: bool = False              # train the model's MTP module(s) too (on the last pipeline stage)
+    stage_split: str = "even"      # even (first stages take the remainder) | balanced (min-max stage compute)
+    goodput: float = 1.0           # share of the reserved device time that is productive training
+    token_budget: float = 14.8e12
+    source: str = "<scenario>"
+    base_dir: Path = Path(".")
+    _deployment: Any = field(default=None, init=False, repr=False, compare=False)  # sim.deployment.resolve
+
+
+Scenario = ServeScenario | TrainScenario
+_KINDS = {"serve": ServeScenario, "train": TrainScenario}
+
+
+def _defaults(cls) -> dict:
+    """The TOML shape of a scenario class: {field: default} (nested tables as dicts)."""
+    return cls().as_dict()
+
+
+def _build(cls, d: dict, **meta):
+    """A typed table from its merged dict (nested tables built from their defaults' classes)."""
+    proto = cls()
+    return cls(**{k: (_build(type(getattr(proto, k)), v) if isinstance(v, dict) else v) for k, v in d.items()},
+               **meta)
+
 
 _DISTS = ("fixed", "lognormal", "exponential", "uniform")
 
@@ -157,83 +248,66 @@ def load(name_or_path: str, overrides: dict | None = None) -> "Scenario":
 
 
 def from_dict(data: dict, src: str = "<scenario>", path: Path | None = None,
-              overrides: dict | None = None, default_name: str = "") -> "Scenario":
+              overrides: dict | None = None, default_name: str = "") -> Scenario:
     kind = data.get("kind", "serve")
-    if kind not in ("serve", "train"):
+    if kind not in _KINDS:
         raise _err(src, "kind", f"must be 'serve' or 'train', got {kind!r}")
-    base = SERVE_DEFAULTS if kind == "serve" else TRAIN_DEFAULTS
-    d = _merge(base, data, src)
+    d = _merge(_defaults(_KINDS[kind]), data, src)
     if overrides:
         d = _merge(d, overrides, src)
     if not d["name"]:
         d["name"] = default_name or (path.stem if path is not None else "scenario")
-    sc = Scenario(kind, d, src, path.parent if path is not None else Path.cwd())
-    sc.validate()
+    return _validated(_build(_KINDS[kind], d, source=src,
+                             base_dir=path.parent if path is not None else Path.cwd()))
+
+
+def _overridden(sc: Scenario, overrides: dict) -> Scenario:
+    """The scenario with ``overrides`` (nested dict, TOML shape) applied, validated and resolved anew."""
+    d = _merge(sc.as_dict(), overrides, sc.source)
+    return _validated(_build(type(sc), d, source=sc.source, base_dir=sc.base_dir))
+
+
+def _validated(sc: Scenario) -> Scenario:
+    """The structure here, then what needs the model and the hardware (sim.deployment.resolve, whose
+    Deployment is kept with the scenario: each scenario is resolved once)."""
+    if sc.kind == "serve":
+        _validate_serve(sc)
+    from dsref.sim.deployment import resolve  # deployment builds on this module: imported at use
+    resolve(sc)
     return sc
 
 
-@dataclass(frozen=True)
-class Scenario:
-    """A validated scenario: ``data`` holds every field (defaults filled in). Validation ends
-    with ``sim.deployment.resolve``, whose Deployment is kept here (each scenario is resolved once)."""
+def _pos(sc: Scenario, fld: str, v, allow_zero=False):
+    if v < 0 or (v == 0 and not allow_zero):
+        raise _err(sc.source, fld, f"must be {'>= 0' if allow_zero else '> 0'}, got {v!r}")
 
-    kind: str
-    data: dict
-    source: str
-    base_dir: Path
-    _deployment: Any = field(default=None, init=False, repr=False, compare=False)
 
-    def __getitem__(self, k):
-        return self.data[k]
-
-    def with_overrides(self, overrides: dict) -> "Scenario":
-        d = _merge(self.data, overrides, self.source)
-        sc = replace(self, data=d)
-        sc.validate()
-        return sc
-
-    # ----------------------------------------------------------- validation
-    def validate(self) -> None:
-        """The structure here, then what needs the model and the hardware (sim.deployment.resolve)."""
-        if self.kind == "serve":
-            self._validate_serve()
-        from dsref.sim.deployment import resolve  # deployment builds on this module: imported at use
-        resolve(self)
-
-    def _pos(self, fld: str, v, allow_zero=False):
-        if v < 0 or (v == 0 and not allow_zero):
-            raise _err(self.source, fld, f"must be {'>= 0' if allow_zero else '> 0'}, got {v!r}")
-
-    def _validate_serve(self) -> None:
-        d, s = self.data, self.source
-        self._pos("duration_s", d["duration_s"])
-        self._pos("device_split", d["device_split"])
-        self._pos("ctx_quantum_tokens", d["ctx_quantum_tokens"], True)
-        self._pos("scaleup_devices", d["scaleup_devices"], True)
-        if d["mode"] not in ("disaggregated", "aggregated"):
-            raise _err(s, "mode", f"must be 'disaggregated' or 'aggregated', got {d['mode']!r}")
-        w = d["workload"]
-        if w["arrival"] not in ("poisson", "constant", "trace"):
-            raise _err(s, "workload.arrival", f"must be poisson, constant or trace, got {w['arrival']!r}")
-        if w["arrival"] == "trace":
-            if not w["trace"]:
-                raise _err(s, "workload.trace", "arrival = 'trace' needs a JSONL trace file")
-            if not self.trace_path().exists():
-                raise _err(s, "workload.trace", f"file not found: {self.trace_path()}")
-        else:
-            self._pos("workload.rate_per_s", w["rate_per_s"])
-        if not 0.0 <= w["prefix_cache_hit_rate"] < 1.0:
-            raise _err(s, "workload.prefix_cache_hit_rate", f"must be in [0, 1), got {w['prefix_cache_hit_rate']}")
-        for key in ("prompt_tokens", "output_tokens"):
-            L = w[key]
-            if L["dist"] not in _DISTS:
-                raise _err(s, f"workload.{key}.dist", f"must be one of {_DISTS}, got {L['dist']!r}")
-            self._pos(f"workload.{key}.mean", L["mean"])
-            self._pos(f"workload.{key}.cv", L["cv"], True)
-            self._pos(f"workload.{key}.min", L["min"])
-            if L["max"] < L["min"]:
-                raise _err(s, f"workload.{key}.max", f"must be >= min ({L['min']}), got {L['max']}")
-
-    def trace_path(self) -> Path:
-        p = Path(self.data["workload"]["trace"])
-        return p if p.is_absolute() else self.base_dir / p
+def _validate_serve(sc: ServeScenario) -> None:
+    s = sc.source
+    _pos(sc, "duration_s", sc.duration_s)
+    _pos(sc, "device_split", sc.device_split)
+    _pos(sc, "ctx_quantum_tokens", sc.ctx_quantum_tokens, True)
+    _pos(sc, "scaleup_devices", sc.scaleup_devices, True)
+    if sc.mode not in ("disaggregated", "aggregated"):
+        raise _err(s, "mode", f"must be 'disaggregated' or 'aggregated', got {sc.mode!r}")
+    w = sc.workload
+    if w.arrival not in ("poisson", "constant", "trace"):
+        raise _err(s, "workload.arrival", f"must be poisson, constant or trace, got {w.arrival!r}")
+    if w.arrival == "trace":
+        if not w.trace:
+            raise _err(s, "workload.trace", "arrival = 'trace' needs a JSONL trace file")
+        if not sc.trace_path().exists():
+            raise _err(s, "workload.trace", f"file not found: {sc.trace_path()}")
+    else:
+        _pos(sc, "workload.rate_per_s", w.rate_per_s)
+    if not 0.0 <= w.prefix_cache_hit_rate < 1.0:
+        raise _err(s, "workload.prefix_cache_hit_rate", f"must be in [0, 1), got {w.prefix_cache_hit_rate}")
+    for key in ("prompt_tokens", "output_tokens"):
+        L = getattr(w, key)
+        if L.dist not in _DISTS:
+            raise _err(s, f"workload.{key}.dist", f"must be one of {_DISTS}, got {L.dist!r}")
+        _pos(sc, f"workload.{key}.mean", L.mean)
+        _pos(sc, f"workload.{key}.cv", L.cv, True)
+        _pos(sc, f"workload.{key}.min", L.min)
+        if L.max < L.min:
+            raise _err(s, f"workload.{key}.max", f"must be >= min ({L.min}), got {L.max}")

@@ -54,7 +54,7 @@ import simpy
 
 from dsref.sim import roofline
 from dsref.sim.comm import CommOp, kv_transfer_bytes
-from dsref.sim.scenario import Scenario, ScenarioError
+from dsref.sim.scenario import Length, Scenario, ScenarioError
 from dsref.sim.deployment import Deployment, resolve
 from dsref.sim.stepcost import RequestTable, StepFeatures, request, uniform
 
@@ -81,9 +81,9 @@ class Workload:
         return len(self.t)
 
 
-def _lengths(spec: dict, n: int, rng: np.random.Generator) -> np.ndarray:
-    mean, cv = spec["mean"], spec["cv"]
-    d = spec["dist"]
+def _lengths(spec: Length, n: int, rng: np.random.Generator) -> np.ndarray:
+    mean, cv = spec.mean, spec.cv
+    d = spec.dist
     if d == "fixed" or cv == 0:
         x = np.full(n, mean)
     elif d == "lognormal":
@@ -94,18 +94,18 @@ def _lengths(spec: dict, n: int, rng: np.random.Generator) -> np.ndarray:
     else:  # uniform with the given mean and coefficient of variation
         half = min(mean, mean * cv * math.sqrt(3.0))
         x = rng.uniform(mean - half, mean + half, n)
-    return np.clip(np.rint(x), spec["min"], spec["max"]).astype(np.int64)
+    return np.clip(np.rint(x), spec.min, spec.max).astype(np.int64)
 
 
 def make_workload(sc: Scenario, duration_s: float, seed: int) -> Workload:
     """Arrivals in [0, duration) with independent seeded streams per quantity."""
-    w = sc["workload"]
-    if w["arrival"] == "trace":
+    w = sc.workload
+    if w.arrival == "trace":
         return read_trace(sc.trace_path(), duration_s)
     ss = np.random.SeedSequence(seed)
     r_arr, r_in, r_out = (np.random.Generator(np.random.PCG64(s)) for s in ss.spawn(3))
-    rate = w["rate_per_s"]
-    if w["arrival"] == "constant":
+    rate = w.rate_per_s
+    if w.arrival == "constant":
         t = np.arange(0.0, duration_s, 1.0 / rate)
     else:
         expect = rate * duration_s
@@ -115,9 +115,9 @@ def make_workload(sc: Scenario, duration_s: float, seed: int) -> Workload:
             t = np.concatenate([t, t[-1] + np.cumsum(r_arr.exponential(1.0 / rate, n_draw))])
         t = t[t < duration_s]
     n = len(t)
-    prompt = _lengths(w["prompt_tokens"], n, r_in)
-    output = _lengths(w["output_tokens"], n, r_out)
-    cached = np.minimum(np.floor(prompt * w["prefix_cache_hit_rate"]).astype(np.int64), prompt - 1)
+    prompt = _lengths(w.prompt_tokens, n, r_in)
+    output = _lengths(w.output_tokens, n, r_out)
+    cached = np.minimum(np.floor(prompt * w.prefix_cache_hit_rate).astype(np.int64), prompt - 1)
     return Workload(t, prompt, output, cached)
 
 
@@ -203,19 +203,19 @@ class Instance:
     def __init__(self, sim: "ServeSim", role: str, idx: int):
         self.sim, self.role, self.idx = sim, role, idx
         sc = sim.sc
-        r = sc[role]
+        r = sc.instance(role)
         self.par = sim.dep.par[role]
         self.name = f"{role}-{idx}"
         self.busy_s = 0.0
         self.compute_s = 0.0
         self.steps = 0
         self.kv_cap = sim.capacity[role]["kv_tokens_per_instance"]
-        self.budget = r["token_budget_per_device"] * self.par.dp
-        self.max_req = r["max_requests_per_step"] or 10**12
-        self.max_batch = r["max_batch_per_device"] * self.par.dp
-        self.tps = 1.0 + r["mtp_acceptance"]
-        self.mtp = r["mtp_acceptance"] > 0
-        self.two_mb = r["two_microbatch_overlap"]
+        self.budget = r.token_budget_per_device * self.par.dp
+        self.max_req = r.max_requests_per_step or 10**12
+        self.max_batch = r.max_batch_per_device * self.par.dp
+        self.tps = 1.0 + r.mtp_acceptance
+        self.mtp = r.mtp_acceptance > 0
+        self.two_mb = r.two_microbatch_overlap
         self.ready: list = []          # chunks in KV transfer: [position, list of tuples]
         self.waiting: deque = deque()  # (ready time, id, context, generated, remaining) waiting for KV / a slot
         self.n_run = 0
@@ -581,17 +581,17 @@ class ServeSim:
         if sc.kind != "serve":
             raise ScenarioError(f"{sc.source}: field 'kind': expected a serve scenario, got {sc.kind!r}")
         self.sc = sc
-        self.duration = float(duration_s if duration_s is not None else sc["duration_s"])
+        self.duration = float(duration_s if duration_s is not None else sc.duration_s)
         if self.duration <= 0:
             raise ScenarioError(f"{sc.source}: field 'duration_s': must be > 0")
-        self.seed = int(seed if seed is not None else sc["seed"])
+        self.seed = int(seed if seed is not None else sc.seed)
         self.progress = progress
         self.prefill_service = prefill_service
         self.rec = Recorder(record)
         dep = self.dep
         self.cfg, self.quant, self.node, self.device = dep.cfg, dep.quant, dep.node, dep.device
         link_node, lat = dep.link_node, dep.latency_s
-        self.ctx_quantum = sc["ctx_quantum_tokens"]
+        self.ctx_quantum = sc.ctx_quantum_tokens
         self.capacity = dep.capacity
         self.cost = {r: dep.step_costs(r) for r in dep.roles}
         # KV transfer link: seconds per prompt token and per-transfer latency (sim.comm + sim.roofline)
@@ -603,7 +603,7 @@ class ServeSim:
                                    node=link_node, latency_s=lat)
         self.kv_s_per_token = (t_big - t_one) / (big - 1)
         self.kv_latency_s = t_one - self.kv_s_per_token
-        if sc["mode"] == "aggregated":
+        if sc.mode == "aggregated":
             self.kv_s_per_token = self.kv_latency_s = 0.0
 
     def _arrivals(self):
@@ -651,9 +651,9 @@ class ServeSim:
         self.sh = _Shared(env, self.wl)
         self.arrival_wake = env.event()
         self.instances = []
-        if sc["mode"] == "disaggregated":
-            self.prefills = [Instance(self, "prefill", i) for i in range(sc["prefill"]["instances"])]
-            self.decoders = [Instance(self, "decode", i) for i in range(sc["decode"]["instances"])]
+        if sc.mode == "disaggregated":
+            self.prefills = [Instance(self, "prefill", i) for i in range(sc.prefill.instances)]
+            self.decoders = [Instance(self, "decode", i) for i in range(sc.decode.instances)]
             for p in self.prefills:
                 env.process(p.run_prefill())
             for d in self.decoders:
@@ -661,13 +661,13 @@ class ServeSim:
             self.instances = self.prefills + self.decoders
         else:
             self.prefills = []
-            self.decoders = [Instance(self, "aggregated", i) for i in range(sc["aggregated"]["instances"])]
+            self.decoders = [Instance(self, "aggregated", i) for i in range(sc.aggregated.instances)]
             for d in self.decoders:
                 env.process(d.run_aggregated())
             self.instances = list(self.decoders)
         env.process(self._arrivals())
         self.samples = []
-        interval = sc["sample_interval_s"] or self.duration / 200
+        interval = sc.sample_interval_s or self.duration / 200
         env.process(self._sampler(interval))
         events = self._drive(env)
         wall = time.perf_counter() - wall0
@@ -705,7 +705,7 @@ class ServeSim:
     def metrics(self) -> dict:
         sc, sh, wl = self.sc, self.sh, self.wl
         D = self.duration
-        node_devs = self.node.devices_per_node * sc["device_split"]
+        node_devs = self.node.devices_per_node * sc.device_split
         roles = {}
         for inst in self.instances:
             r = roles.setdefault(inst.role, {"instances": 0, "devices": 0, "busy_s": 0.0, "compute_s": 0.0,
@@ -741,7 +741,7 @@ class ServeSim:
         cost = price * dev_hours if price is not None else None
         q = np.array(self.samples) if self.samples else np.zeros((0, 4))
         res = {
-            "scenario": sc["name"], "mode": sc["mode"], "model": self.cfg.name, "device": self.device.id,
+            "scenario": sc.name, "mode": sc.mode, "model": self.cfg.name, "device": self.device.id,
             "seed": self.seed, "duration_s": D, "requests_arrived": int(wl.n),
             "requests_started": int(started.sum()), "requests_finished": int((~np.isnan(sh.done)).sum()),
             "devices": devices, "nodes": nodes,
@@ -749,9 +749,9 @@ class ServeSim:
             "input_tokens_per_s_per_device": in_rate / devices, "output_tokens_per_s_per_device": out_rate / devices,
             "input_tokens_per_s_per_node": in_rate / in_nodes, "output_tokens_per_s_per_node": out_rate / out_nodes,
             "input_tokens_per_s_per_node_all": in_rate / nodes, "output_tokens_per_s_per_node_all": out_rate / nodes,
-            "device_split": sc["device_split"],
-            "input_tokens_per_s_per_package": in_rate / devices * sc["device_split"],
-            "output_tokens_per_s_per_package": out_rate / devices * sc["device_split"],
+            "device_split": sc.device_split,
+            "input_tokens_per_s_per_package": in_rate / devices * sc.device_split,
+            "output_tokens_per_s_per_package": out_rate / devices * sc.device_split,
             "offered_input_tokens_per_s": float(wl.prompt.sum()) / D,
             "offered_output_tokens_per_s": float(wl.output.sum()) / D,
             "ttft_mean_s": float(ttft.mean()) if len(ttft) else None,
@@ -785,16 +785,15 @@ def simulate(sc: Scenario, **kw) -> dict:
 
 def scaled(sc: Scenario, factor: int) -> Scenario:
     """The deployment and its load multiplied by ``factor`` (instances and request rate)."""
-    roles = ("prefill", "decode") if sc["mode"] == "disaggregated" else ("aggregated",)
-    over = {r: {"instances": sc[r]["instances"] * factor} for r in roles}
-    over["workload"] = {"rate_per_s": sc["workload"]["rate_per_s"] * factor}
+    over = {r: {"instances": sc.instance(r).instances * factor} for r in sc.roles}
+    over["workload"] = {"rate_per_s": sc.workload.rate_per_s * factor}
     return sc.with_overrides(over)
 
 
 def sweep(sc: Scenario, factors=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5), **kw) -> list[dict]:
     """Load sweep: the scenario at rate x factor (Poisson/constant arrivals)."""
     out = []
-    base = sc["workload"]["rate_per_s"]
+    base = sc.workload.rate_per_s
     for f in factors:
         s2 = sc.with_overrides({"workload": {"rate_per_s": base * f}})
         r = simulate(s2, **kw)

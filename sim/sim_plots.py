@@ -77,7 +77,7 @@ def plot_train_timeline(tsim, path) -> None:
     ax.set_yticklabels([f"rank {r}" for r in range(tsim.par.pp)], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("time in the step (s)")
-    ax.set_title(f"{tsim.sc['name']}: {tsim.sc['schedule']} (blue F, orange B, green W, purple F&B, "
+    ax.set_title(f"{tsim.sc.name}: {tsim.sc.schedule} (blue F, orange B, green W, purple F&B, "
                  f"grey/red DP sync/optimizer)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)

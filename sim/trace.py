@@ -75,4 +75,4 @@ def train_trace(tsim) -> dict:
     """Trace of a TrainSim run made with record=True: per pipeline rank one compute thread and
     one thread for the (overlapping) data-parallel collectives."""
     spans = [("pipeline", f"rank {r:02d} {stream}", name, start, dur) for r, name, start, dur, stream in tsim.spans]
-    return build(spans, process_names={"pipeline": f"{tsim.sc['schedule']} PP{tsim.par.pp}"})
+    return build(spans, process_names={"pipeline": f"{tsim.sc.schedule} PP{tsim.par.pp}"})

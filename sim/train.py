@@ -208,12 +208,12 @@ class TrainSim:
         if sc.kind != "train":
             raise ScenarioError(f"{sc.source}: field 'kind': expected a train scenario, got {sc.kind!r}")
         self.sc, self.record, self.fixed = sc, record, fixed
-        d = sc.data
+        d = sc
         self.cfg, self.quant, self.node, self.device = dep.cfg, dep.quant, dep.node, dep.device
         self.par = dep.par["train"]
         self.n_dev = self.par.devices
-        self.seq, self.mbs = d["seq_len"], d["micro_batch"]
-        self.m = d["global_batch"] // self.par.dp // self.mbs
+        self.seq, self.mbs = d.seq_len, d.micro_batch
+        self.m = d.global_batch // self.par.dp // self.mbs
         self.tokens_mb = self.seq * self.mbs
         self.lat = dep.latency_s
         self.ranges = stage_ranges(self.cfg.num_hidden_layers, self.par.pp)
@@ -231,7 +231,7 @@ class TrainSim:
         fwd, bwd = phase == "fwd", phase == "bwd"
         wgt = table.has_weight_grad
         half = 1.0 / costmodel.BACKWARD_FLOPS_RATIO
-        rc = self.sc["recompute"]
+        rc = self.sc.recompute
         if rc == "none":
             recomp = np.zeros_like(fwd)
         elif rc == "full":
@@ -244,7 +244,7 @@ class TrainSim:
         kw = dict(mla_form="naive", logits="all", node=self.node, latency_s=self.lat, table=table)
         L = cfg.num_hidden_layers
 
-        mtp = self._mtp_times(table, x, kw) if self.sc["mtp"] else None  # once: the balanced split needs it too
+        mtp = self._mtp_times(table, x, kw) if self.sc.mtp else None  # once: the balanced split needs it too
 
         def times(lo, hi):
             f = StepCost(cfg, self.quant, dev, par, layers=(lo, hi), rows=fwd, **kw)
@@ -261,14 +261,14 @@ class TrainSim:
                 f_c, b_c, w_c, comm = (v + e for v, e in zip((f_c, b_c, w_c, comm), mtp))
             return StageTimes(f_c, comm, b_c, comm, w_c)
 
-        if self.sc["stage_split"] == "balanced":
+        if self.sc.stage_split == "balanced":
             # stage costs are sums over their layers (embedding with layer 0, head and MTP with layer L-1)
             costs = [t.f_c + t.b_c + t.w_c for t in (times(i, i + 1) for i in range(L))]
             self.ranges = balanced_ranges(costs, self.par.pp)
         out = [times(lo, hi) for lo, hi in self.ranges]
         ops = pp_comm(cfg, self.tokens_mb, 1, self.par.pp, self.quant.act_bytes)
         self.p2p_s = sum(roofline.comm_time(c, dev, node=self.node, latency_s=self.lat) for c in ops)
-        self.params = [stage_params(cfg, lo, hi, lo == 0, hi == L, self.sc["mtp"]) for lo, hi in self.ranges]
+        self.params = [stage_params(cfg, lo, hi, lo == 0, hi == L, self.sc.mtp) for lo, hi in self.ranges]
         return out
 
     def _mtp_times(self, table: OpTable, x: StepFeatures, kw: dict) -> tuple[float, float, float, float]:
@@ -295,13 +295,13 @@ class TrainSim:
     def _compute_share(self) -> float:
         """Share of the device's cores left to compute while EP communication kernels run
         (DeepSeek-V3 reserves 20 of the H800's 132 SMs for them, tech report sec. 3.2.2)."""
-        rc = self.sc["comm_reserved_cores"]
+        rc = self.sc.comm_reserved_cores
         return 1.0 if not rc else (self.device.cores - rc) / self.device.cores
 
     def _chunk(self, rank: int, task) -> float:
         st = self.stages
-        ov = self.sc["ep_overlap"]
-        dual = self.sc["schedule"] == "dualpipe"
+        ov = self.sc.ep_overlap
+        dual = self.sc.schedule == "dualpipe"
 
         def stage(p):
             return rank if p == 0 else self.par.pp - 1 - rank
@@ -325,7 +325,7 @@ class TrainSim:
         """ZeRO-1 reduce-scatter, AdamW on the shard, all-gather for this rank's parameters."""
         if self.fixed is not None:
             return {"reduce_scatter_s": 0.0, "optimizer_s": 0.0, "all_gather_s": 0.0}
-        stages = [rank] + ([self.par.pp - 1 - rank] if self.sc["schedule"] == "dualpipe" else [])
+        stages = [rank] + ([self.par.pp - 1 - rank] if self.sc.schedule == "dualpipe" else [])
         dense = sum(self.params[s][0] for s in stages) / self.par.tp
         expert = sum(self.params[s][1] for s in stages) / self.par.ep
         dp_exp = self.par.expert_dp
@@ -346,7 +346,7 @@ class TrainSim:
         wall0 = time.perf_counter()
         env = simpy.Environment()
         pp, m = self.par.pp, self.m
-        sched = schedule_dualpipe if self.sc["schedule"] == "dualpipe" else schedule_1f1b
+        sched = schedule_dualpipe if self.sc.schedule == "dualpipe" else schedule_1f1b
         orders = [sched(pp, r, m) for r in range(pp)]  # each rank's chunk order
         done: dict = {}
         spans: list = []
@@ -410,7 +410,7 @@ class TrainSim:
         step = 0.0
         for r in range(pp):
             t = self._dp_tail(r)
-            rs_start = last_bwd_start[r] if self.sc["dp_overlap"] else end[r]
+            rs_start = last_bwd_start[r] if self.sc.dp_overlap else end[r]
             rs_end = max(end[r], rs_start + t["reduce_scatter_s"])
             fin = rs_end + t["optimizer_s"] + t["all_gather_s"]
             tails.append(dict(t, exposed_s=fin - end[r], finish_s=fin))
@@ -427,18 +427,18 @@ class TrainSim:
 
     def _metrics(self, step, span, bubble, busy, tails, events, wall) -> dict:
         sc, cfg, dev = self.sc, self.cfg, self.device
-        tokens = sc["global_batch"] * self.seq
+        tokens = sc.global_batch * self.seq
         flops_tok = costmodel.training_flops_per_token(cfg, self.seq, recompute="none")
         model_flops = flops_tok * tokens
         peaks = {p: dev.peak(p) for p in ("bf16", "fp8")}
         tok_s = tokens / step
-        good = sc["goodput"]
-        dev_hours = sc["token_budget"] / (tok_s * good) / SECONDS_PER_HOUR * self.n_dev
+        good = sc.goodput
+        dev_hours = sc.token_budget / (tok_s * good) / SECONDS_PER_HOUR * self.n_dev
         price = dev.price_usd_per_hour
         st = self.stages
         return {
-            "scenario": sc["name"], "model": cfg.name, "device": dev.id, "devices": self.n_dev,
-            "schedule": sc["schedule"], "pp": self.par.pp, "dp": self.par.dp, "ep": self.par.ep, "tp": self.par.tp,
+            "scenario": sc.name, "model": cfg.name, "device": dev.id, "devices": self.n_dev,
+            "schedule": sc.schedule, "pp": self.par.pp, "dp": self.par.dp, "ep": self.par.ep, "tp": self.par.tp,
             "micro_batches_per_step": self.m, "micro_batch_sequences": self.mbs, "seq_len": self.seq,
             "tokens_per_step": tokens,
             "step_time_s": step, "pipeline_time_s": span, "bubble_fraction": bubble,
@@ -449,18 +449,18 @@ class TrainSim:
             "model_flops_note": "costmodel.training_flops_per_token: 3x forward matmul FLOPs incl. causal attention, "
                                 "no recomputation",
             "tokens_per_s": tok_s, "tokens_per_day": tok_s * good * SECONDS_PER_DAY, "goodput": good,
-            "token_budget": sc["token_budget"], "device_hours": dev_hours,
+            "token_budget": sc.token_budget, "device_hours": dev_hours,
             "device_hours_at_full_goodput": dev_hours * good,
-            "days": sc["token_budget"] / (tok_s * good) / SECONDS_PER_DAY,
-            "compute_share_while_communicating": self._compute_share(), "mtp": sc["mtp"],
+            "days": sc.token_budget / (tok_s * good) / SECONDS_PER_DAY,
+            "compute_share_while_communicating": self._compute_share(), "mtp": sc.mtp,
             "cost_usd": dev_hours * price if price is not None else None,
             "breakdown": {
                 "stage_forward_compute_s": [s.f_c for s in st], "stage_forward_comm_s": [s.f_m for s in st],
                 "stage_backward_input_compute_s": [s.b_c for s in st],
                 "stage_weight_grad_compute_s": [s.w_c for s in st],
                 "p2p_send_s": self.p2p_s, "rank_busy_s": busy,
-                "dp_tail_s": tails, "recompute": sc["recompute"], "ep_overlap": sc["ep_overlap"],
-                "dp_overlap": sc["dp_overlap"],
+                "dp_tail_s": tails, "recompute": sc.recompute, "ep_overlap": sc.ep_overlap,
+                "dp_overlap": sc.dp_overlap,
             },
             "events": events, "sim_wall_s": wall,
         }

@@ -147,7 +147,7 @@ def test_v3_mechanisms_each_move_the_result():
     the balanced split beats the even one once the last stage carries the head and MTP."""
     sc = load("deepseek-v3-pretrain")
     base = simulate(sc)
-    assert sc["mtp"] and sc["comm_reserved_cores"] == 20 and sc["stage_split"] == "balanced"
+    assert sc.mtp and sc.comm_reserved_cores == 20 and sc.stage_split == "balanced"
     no_mtp = simulate(sc.with_overrides({"mtp": False}))
     assert no_mtp["step_time_s"] < base["step_time_s"]
     all_sms = simulate(sc.with_overrides({"comm_reserved_cores": 0}))
