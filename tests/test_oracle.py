@@ -12,8 +12,9 @@ from dsref.reference import numpy_ref, oracle
 from dsref.reference.cli import main
 from dsref.reference.config import ModelConfig
 from dsref.reference.oracle import conformance
+from tests.broken_reference import FAULT_CASE, FAULTS, BrokenReference, inject
 
-CASE_OF_FAULT = conformance.FAULT_CASE
+CASE_OF_FAULT = FAULT_CASE
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +39,7 @@ def test_kit_layout(kit):
     assert names == [c.name for c in conformance.CASES] and len(names) == 10
     for n in names:
         meta = json.loads((kit / n / "case.json").read_text())
-        assert meta["targets"] and meta["fault"] in conformance.FAULTS
+        assert meta["targets"] and meta["fault"] in FAULTS
         size = sum(p.stat().st_size for p in (kit / n).rglob("*") if p.is_file())
         assert size < 2_000_000
         # routing is decided by gaps far above float32 rounding, so a float32 engine must reproduce it
@@ -60,10 +61,10 @@ def test_float64_reference_reproduces_the_goldens_exactly(kit):
     assert all((t["max_abs"] or 0) == 0 for r in res for t in r.report["tensors"])
 
 
-@pytest.mark.parametrize("fault", sorted(conformance.FAULTS))
+@pytest.mark.parametrize("fault", sorted(FAULTS))
 def test_each_fault_fails_exactly_its_case(kit, fault):
     """Graded with float32 tolerances, as a float32 engine would be."""
-    res = conformance.grade_kit(kit, conformance.BrokenReference(fault), dtype="float32")
+    res = conformance.grade_kit(kit, BrokenReference(fault), dtype="float32")
     failed = {r.case for r in res if r.status != "pass"}
     assert failed == {CASE_OF_FAULT[fault]}, conformance.format_results(res)
     r = next(r for r in res if r.case == CASE_OF_FAULT[fault])
@@ -74,21 +75,21 @@ def test_each_fault_fails_exactly_its_case(kit, fault):
 
 
 def test_every_fault_has_a_case():
-    assert set(conformance.FAULT_CASE) == set(conformance.FAULTS)
-    assert set(conformance.FAULT_CASE.values()) == {c.name for c in conformance.CASES}
+    assert set(FAULT_CASE) == set(FAULTS)
+    assert set(FAULT_CASE.values()) == {c.name for c in conformance.CASES}
 
 
 def test_fault_injection_restores_everything(kit):
     before = (numpy_ref.apply_rope_interleaved, numpy_ref.gate, numpy_ref.mla, ModelConfig.softmax_scale,
               ModelConfig.is_moe_layer, numpy_ref.rope_frequencies)
-    for f in conformance.FAULTS:
-        with conformance.inject(f):
+    for f in FAULTS:
+        with inject(f):
             pass
     after = (numpy_ref.apply_rope_interleaved, numpy_ref.gate, numpy_ref.mla, ModelConfig.softmax_scale,
              ModelConfig.is_moe_layer, numpy_ref.rope_frequencies)
     assert before == after
     with pytest.raises(ValueError, match="unknown fault"):
-        conformance.BrokenReference("nope")
+        BrokenReference("nope")
 
 
 def test_transformers_on_the_kit(kit):

@@ -14,7 +14,7 @@ _DTYPES = ("float32", "bf16", "fp8", "float64")
 
 
 def _overrides(args) -> dict[str, float]:
-    from dsref.reference.oracle import OracleError
+    from dsref.reference.oracle.golden import OracleError
     out: dict[str, float] = {}
     if getattr(args, "rtol", None) is not None:
         out["rel"] = args.rtol
@@ -41,23 +41,23 @@ def _add_tol_args(p):
 
 
 def cmd_golden(args) -> int:
-    from dsref.reference import oracle
     from dsref.reference.checkpoint import read_config
-    tokens = oracle.load_tokens(args.tokens)
-    oracle.check_tokens(tokens, read_config(args.checkpoint), str(args.tokens))
-    out = oracle.write_golden(args.checkpoint, tokens, args.out, args.dtype)
-    t, _ = oracle.read_dump(out)
+    from dsref.reference.oracle import golden
+    tokens = golden.load_tokens(args.tokens)
+    golden.check_tokens(tokens, read_config(args.checkpoint), str(args.tokens))
+    out = golden.write_golden(args.checkpoint, tokens, args.out, args.dtype)
+    t, _ = golden.read_dump(out)
     print(f"wrote {out}: {len(t)} tensors ({args.dtype}), logits {list(t['logits'].shape)}")
     return 0
 
 
 def cmd_compare(args) -> int:
-    from dsref.reference import oracle
-    rep = oracle.compare_files(args.reference, args.candidate, args.dtype, _overrides(args))
+    from dsref.reference.oracle import compare
+    rep = compare.compare_files(args.reference, args.candidate, args.dtype, _overrides(args))
     if args.json:
         print(json.dumps(rep.to_json(), indent=2))
     else:
-        print(oracle.format_report(rep))
+        print(compare.format_report(rep))
     return 0 if rep.ok else 1
 
 
@@ -70,7 +70,7 @@ def _engine(args):
         try:
             return TransformersEngine()
         except ImportError as e:
-            from dsref.reference.oracle import OracleError
+            from dsref.reference.oracle.golden import OracleError
             raise OracleError(f"--engine transformers needs torch and transformers ({e}); install the test "
                               "extra: pip install torch==2.13.0 -e '.[test]'") from None
     return conformance.ReferenceEngine({"dsref": "float32", "dsref-bf16": "bfloat16",
@@ -147,7 +147,7 @@ def register(sub) -> None:
 
 
 def _conformance_checked(args) -> int:
-    from dsref.reference.oracle import OracleError
+    from dsref.reference.oracle.golden import OracleError
     if args.action != "list" and not args.dir:
         raise OracleError(f"conformance {args.action}: the kit directory DIR is required")
     if args.action == "grade" and not args.candidate_dir:

@@ -2,7 +2,7 @@
 
 ``write_kit(DIR)`` writes, per case, ``DIR/<case>/checkpoint/`` (config.json +
 model.safetensors, deterministic seed, a few KB), ``tokens.npy``,
-``golden.safetensors`` (float64 NumPy reference, see reference.oracle) and
+``golden.safetensors`` (float64 NumPy reference, see oracle.golden) and
 ``case.json`` (what it targets, dtype tolerances). ``grade_kit(DIR, engine)`` runs
 an engine on every case and compares its dump with the golden one.
 
@@ -10,20 +10,18 @@ Every case keeps the features it does not target *neutral*, so that one mistake
 fails one case only: rotary dim P=2 (interleaved and half-split pairs coincide),
 no YaRN, float32 weights, first_k_dense_replace=0, q_lora on, a single expert
 group, zero or bf16-exact correction biases, routed_scaling_factor 1, and the
-family's usual top-k normalisation (V3 normalised, V2 not). ``FAULTS`` lists the
-mistakes; ``BrokenReference(fault)`` is the float64 reference with one of them
-injected (fault injection for tests: it substitutes functions with
-``unittest.mock.patch`` inside a context manager, restoring them on exit).
+family's usual top-k normalisation (V3 normalised, V2 not). Each case names the
+mistake (``Case.fault``) that must fail it; the tests prove it with the float64
+reference with that mistake injected (tests/broken_reference.py).
 
 Engines: any callable ``engine(checkpoint_dir: Path, tokens: np.ndarray) ->
-{name: array}`` (the dump names of reference.oracle), with optional attributes
+{name: array}`` (the dump names of oracle.golden), with optional attributes
 ``name`` and ``dtype`` (the tolerance set, default float32). An engine raises
 ``EngineUnsupported`` for a checkpoint it cannot run (reported, not failed).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shlex
 import subprocess
@@ -31,14 +29,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
-from unittest import mock
 
 import ml_dtypes
 import numpy as np
 
-from dsref.reference import oracle
 from dsref.reference.checkpoint import read_config, read_tensors, save_checkpoint
 from dsref.reference.config import ModelConfig, RopeScaling
+from dsref.reference.oracle.compare import TOLERANCES, compare_dumps, normalize_dtype
+from dsref.reference.oracle.golden import (OracleError, config_hash, golden_metadata, load_tokens, read_dump,
+                                          run_reference, tokens_hash, versions, write_dump)
 from dsref.reference.params import tensors
 
 
@@ -62,7 +61,7 @@ class Case:
     letter: str
     targets: str  # the mistake it catches
     overrides: dict
-    fault: str  # the BrokenReference fault that must fail it
+    fault: str  # the mistake that must fail it (injected in tests/broken_reference.py)
     seed: int
     tokens: tuple[int, int] = (2, 12)
     bias: str = "zero"  # zero | exact_pos | exact_neg | bf16_tie
@@ -151,15 +150,14 @@ def build_case(case: Case, out: str | Path) -> Path:
     tokens = np.random.default_rng(case.seed).integers(0, cfg.vocab_size, case.tokens).astype(np.int32)
     np.save(out / "tokens.npy", tokens)
     stored = read_config(ck)
-    golden = oracle.run_reference(ck, tokens, "float64")  # from the weights as stored (fp8 dequantized)
-    oracle.write_dump(golden, out / "golden.safetensors",
-                      oracle.golden_metadata(stored, tokens, "float64", case=case.name))
+    golden = run_reference(ck, tokens, "float64")  # from the weights as stored (fp8 dequantized)
+    write_dump(golden, out / "golden.safetensors", golden_metadata(stored, tokens, "float64", case=case.name))
     margins = routing_margins(golden, stored, dict(read_tensors(ck, stored)))
     meta = {"name": case.name, "letter": case.letter, "targets": case.targets, "fault": case.fault,
-            "seed": case.seed, "config_hash": oracle.config_hash(stored), "tokens_shape": list(tokens.shape),
+            "seed": case.seed, "config_hash": config_hash(stored), "tokens_shape": list(tokens.shape),
             "checkpoint_dtype": "fp8" if case.fp8_block else "float32",
             "fp8_block": list(case.fp8_block) if case.fp8_block else None,
-            "tolerances": oracle.TOLERANCES,
+            "tolerances": TOLERANCES,
             "routing_margin": margins,
             "grading": "oracle.compare_dumps(golden, candidate, engine dtype): every tensor within the "
                        "engine dtype's tolerance"}
@@ -209,7 +207,7 @@ def write_kit(out_dir: str | Path, cases: list[str] | None = None) -> Path:
     for c in chosen:
         build_case(c, out / c.name)
     (out / "kit.json").write_text(json.dumps({"format": "dsref-conformance-1", "cases": [c.name for c in chosen],
-                                              "versions": oracle.versions()}, indent=2) + "\n")
+                                              "versions": versions()}, indent=2) + "\n")
     return out
 
 
@@ -220,8 +218,8 @@ def _select(names: list[str] | None) -> list[Case]:
     for n in names:
         c = CASE_BY_NAME.get(n) or next((c for c in CASES if c.letter == n), None)
         if c is None:
-            raise oracle.OracleError(f"unknown conformance case {n!r}; known: "
-                                     f"{', '.join(c.name for c in CASES)}")
+            raise OracleError(f"unknown conformance case {n!r}; known: "
+                              f"{', '.join(c.name for c in CASES)}")
         out.append(c)
     return out
 
@@ -229,11 +227,11 @@ def _select(names: list[str] | None) -> list[Case]:
 def kit_cases(kit_dir: str | Path) -> list[str]:
     p = Path(kit_dir) / "kit.json"
     if not p.is_file():
-        raise oracle.OracleError(f"{p}: not a conformance kit (write one with `dsref conformance write DIR`)")
+        raise OracleError(f"{p}: not a conformance kit (write one with `dsref conformance write DIR`)")
     try:
         return list(json.loads(p.read_text())["cases"])
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise oracle.OracleError(f"{p}: corrupt kit.json ({e})") from None
+        raise OracleError(f"{p}: corrupt kit.json ({e})") from None
 
 
 # ------------------------------------------------------------------ engines
@@ -246,7 +244,7 @@ class ReferenceEngine:
         self.name = f"dsref-{self._run_dtype}"
 
     def __call__(self, checkpoint: Path, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        return oracle.run_reference(checkpoint, tokens, self._run_dtype)
+        return run_reference(checkpoint, tokens, self._run_dtype)
 
 
 class CommandEngine:
@@ -256,7 +254,7 @@ class CommandEngine:
     def __init__(self, template: str, dtype: str = "float32", timeout: float = 600.0):
         for key in ("{checkpoint}", "{tokens}", "{out}"):
             if key not in template:
-                raise oracle.OracleError(f"--engine-cmd must contain {key}: {template!r}")
+                raise OracleError(f"--engine-cmd must contain {key}: {template!r}")
         self.template, self.dtype, self.timeout, self.name = template, dtype, timeout, template.split()[0]
         self.out_dir: Path | None = None
 
@@ -270,167 +268,8 @@ class CommandEngine:
             p = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=self.timeout)
             if p.returncode != 0:
                 raise RuntimeError(f"engine command exited {p.returncode}: {cmd}\n{p.stderr[-2000:]}")
-            tensors, _ = oracle.read_dump(out)
+            tensors, _ = read_dump(out)
             return tensors
-
-
-# ------------------------------------------------------------------ fault injection (tests only)
-FAULTS = {
-    "rope_half": "RoPE rotates halves (x_i, x_i+P/2) instead of interleaved pairs",
-    "mscale_rope_only": "YaRN mscale^2 applied to the rope part of the logits only",
-    "group_mask_zero": "dropped expert groups masked with 0 instead of -inf",
-    "weights_from_biased": "gate weights gathered from the biased scores (score + bias)",
-    "norm_flag_ignored": "norm_topk_prob ignored: V3 always normalises, V2 never (transformers' V2)",
-    "no_routed_scaling": "routed_scaling_factor not applied",
-    "fp8_floor_grid": "FP8 scale grid floor-divided: the partial last block reuses the previous block's scale",
-    "bias_bf16": "e_score_correction_bias rounded to bf16",
-    "dense_first_k_ignored": "first_k_dense_replace ignored: every layer treated as MoE",
-    "q_lora_assumed": "q_lora assumed on: q = q_b(RMSNorm(q_a(x))) with q_a = identity, unit norm, q_b = q_proj",
-    # two more mistakes, each caught by one case as well
-    "yarn_no_blend": "YaRN frequencies not blended (plain RoPE frequencies, YaRN cos/sin factor kept)",
-    "mscale_missing": "YaRN mscale(all_dim)^2 missing from the softmax scale",
-}
-# The case each fault must fail (and no other).
-FAULT_CASE = {**{c.fault: c.name for c in CASES}, "yarn_no_blend": "rope-pair-layout",
-              "mscale_missing": "yarn-mscale"}
-
-
-def _faulty_gate(x, w, cfg: ModelConfig, prefix: str, fault: str):
-    """Copy of numpy_ref.gate with one routing mistake switched on."""
-    E, k, G, kg = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
-    logits = x @ np.asarray(w[prefix + "gate.weight"], np.float64).T
-    if cfg.scoring_func == "sigmoid":
-        scores = 1.0 / (1.0 + np.exp(-logits))
-    else:
-        scores = np.exp(logits - logits.max(-1, keepdims=True))
-        scores /= scores.sum(-1, keepdims=True)
-    choice = scores.copy()
-    if cfg.topk_method == "noaux_tc":
-        bias = np.asarray(w[prefix + "gate.e_score_correction_bias"], np.float64)
-        if fault == "bias_bf16":
-            bias = bias.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
-        choice = choice + bias
-    if cfg.topk_method != "greedy" and G > 1:
-        grouped = choice.reshape(-1, G, E // G)
-        if cfg.topk_method == "noaux_tc":
-            group_score = -np.sort(-grouped, axis=-1)[..., :2].sum(-1)
-        else:
-            group_score = grouped.max(-1)
-        keep_groups = np.argsort(-group_score, axis=-1, kind="stable")[:, :kg]
-        mask = np.ones_like(group_score, bool)
-        np.put_along_axis(mask, keep_groups, False, axis=-1)
-        fill = 0.0 if fault == "group_mask_zero" else -np.inf
-        choice = np.where(np.repeat(mask, E // G, axis=-1), fill, choice)
-    ids = np.argsort(-choice, axis=-1, kind="stable")[:, :k]
-    wts = np.take_along_axis(choice if fault == "weights_from_biased" else scores, ids, axis=-1)
-    norm = cfg.norm_topk_prob
-    if fault == "norm_flag_ignored":
-        norm = cfg.scoring_func == "sigmoid"
-    rsf = 1.0 if fault == "no_routed_scaling" else cfg.routed_scaling_factor
-    if cfg.scoring_func == "sigmoid":
-        if norm:
-            wts = wts / (wts.sum(-1, keepdims=True) + 1e-20)
-        wts = wts * rsf
-    elif norm and k > 1:
-        wts = wts / (wts.sum(-1, keepdims=True) + 1e-20)
-    else:
-        wts = wts * rsf
-    return logits, ids, wts
-
-
-def _floor_grid_dequant(w_fp8, scale_inv, block=(128, 128)):
-    """Wrong FP8 dequantization: block index clipped to the floor-divided grid (partial block loses its scale)."""
-    w = np.asarray(w_fp8).astype(np.float32)
-    s = np.asarray(scale_inv, np.float32)
-    br, bc = block
-    rows, cols = w.shape[-2:]
-    ri = np.minimum(np.arange(rows) // br, max(rows // br - 1, 0))
-    ci = np.minimum(np.arange(cols) // bc, max(cols // bc - 1, 0))
-    return w * s[..., ri[:, None], ci[None, :]]
-
-
-@contextlib.contextmanager
-def inject(fault: str):
-    """Context manager: the NumPy reference (and checkpoint reading) with one mistake, restored on exit.
-
-    Fault injection for tests of the kit only; nothing in the production paths calls it.
-    """
-    from dsref.reference import checkpoint as ckpt
-    from dsref.reference import numpy_ref
-    if fault not in FAULTS:
-        raise ValueError(f"unknown fault {fault!r}; known: {', '.join(FAULTS)}")
-    with contextlib.ExitStack() as st:
-        if fault == "rope_half":
-            st.enter_context(mock.patch.object(numpy_ref, "apply_rope_interleaved", numpy_ref.apply_rope_half))
-        elif fault == "mscale_rope_only":
-            def unscaled(cfg):
-                return cfg.qk_head_dim ** -0.5
-            orig_rope = numpy_ref.apply_rope_interleaved
-            orig_scale = ModelConfig.softmax_scale
-
-            # q_pe.k_pe gets mscale^2 (sqrt on each side), the nope part none: patch both pieces.
-            m_holder: dict[str, float] = {}
-
-            def mla(x, w, cfg, positions, prefix, _orig=numpy_ref.mla):
-                m_holder["m2"] = orig_scale.fget(cfg) / unscaled(cfg)
-                return _orig(x, w, cfg, positions, prefix)
-
-            def rope(x, cos, sin):
-                return orig_rope(x, cos, sin) * np.sqrt(m_holder.get("m2", 1.0))
-            st.enter_context(mock.patch.object(numpy_ref, "mla", mla))
-            st.enter_context(mock.patch.object(numpy_ref, "apply_rope_interleaved", rope))
-            st.enter_context(mock.patch.object(ModelConfig, "softmax_scale", property(unscaled)))
-        elif fault == "yarn_no_blend":
-            orig_freq = numpy_ref.rope_frequencies
-
-            def freqs(cfg):
-                inv, att = orig_freq(cfg)
-                dim = cfg.qk_rope_head_dim
-                return 1.0 / cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim), att
-            st.enter_context(mock.patch.object(numpy_ref, "rope_frequencies", freqs))
-        elif fault == "mscale_missing":
-            st.enter_context(mock.patch.object(ModelConfig, "softmax_scale",
-                                               property(lambda cfg: cfg.qk_head_dim ** -0.5)))
-        elif fault in ("group_mask_zero", "weights_from_biased", "norm_flag_ignored", "no_routed_scaling",
-                       "bias_bf16"):
-            st.enter_context(mock.patch.object(
-                numpy_ref, "gate", lambda x, w, cfg, prefix: _faulty_gate(x, w, cfg, prefix, fault)))
-        elif fault == "fp8_floor_grid":
-            st.enter_context(mock.patch.object(ckpt, "dequantize_fp8_blockwise", _floor_grid_dequant))
-        elif fault == "dense_first_k_ignored":
-            st.enter_context(mock.patch.object(
-                ModelConfig, "is_moe_layer", lambda self, i: self.is_moe and i % self.moe_layer_freq == 0))
-        elif fault == "q_lora_assumed":
-            orig_mla = numpy_ref.mla
-
-            def mla(x, w, cfg, positions, prefix):
-                if cfg.q_lora_rank is not None:
-                    return orig_mla(x, w, cfg, positions, prefix)
-                D = cfg.hidden_size
-                w2 = dict(w)
-                w2[prefix + "q_a_proj.weight"] = np.eye(D)
-                w2[prefix + "q_a_layernorm.weight"] = np.ones(D)
-                w2[prefix + "q_b_proj.weight"] = w[prefix + "q_proj.weight"]
-                return orig_mla(x, w2, cfg.replace(q_lora_rank=D), positions, prefix)
-            st.enter_context(mock.patch.object(numpy_ref, "mla", mla))
-        yield
-
-
-class BrokenReference:
-    """Test-only engine: the float64 NumPy reference with one injected mistake (see FAULTS, inject)."""
-
-    dtype = "float64"
-
-    def __init__(self, fault: str):
-        if fault not in FAULTS:
-            raise ValueError(f"unknown fault {fault!r}; known: {', '.join(FAULTS)}")
-        self.fault, self.name = fault, f"broken[{fault}]"
-
-    def __call__(self, checkpoint: Path, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        with inject(self.fault):
-            cfg = read_config(checkpoint)
-            w = {k: np.asarray(v, np.float64) for k, v in read_tensors(checkpoint, cfg)}
-            return oracle.numpy_outputs(w, cfg, tokens)
 
 
 # ------------------------------------------------------------------ grading
@@ -454,7 +293,7 @@ def grade_case(kit_dir: Path, name: str, engine: Callable, dtype: str | None = N
     dtype = dtype or getattr(engine, "dtype", "float32")
     res = CaseResult(name, meta["letter"], meta["targets"], "pass")
     t0 = time.perf_counter()
-    tokens = oracle.load_tokens(d / "tokens.npy")
+    tokens = load_tokens(d / "tokens.npy")
     try:
         out = engine(d / "checkpoint", tokens)
     except EngineUnsupported as e:
@@ -464,14 +303,14 @@ def grade_case(kit_dir: Path, name: str, engine: Callable, dtype: str | None = N
     res.seconds = time.perf_counter() - t0
     if res.status != "pass":
         return res
-    golden, _ = oracle.read_dump(d / "golden.safetensors")
+    golden, _ = read_dump(d / "golden.safetensors")
     if save_dir is not None:
-        oracle.write_dump(out, Path(save_dir) / f"{name}.safetensors",
-                          {"dtype": oracle.normalize_dtype(dtype), "engine": getattr(engine, "name", "engine"),
-                           "config_hash": meta["config_hash"], "tokens_sha256": oracle.tokens_hash(tokens)})
+        write_dump(out, Path(save_dir) / f"{name}.safetensors",
+                   {"dtype": normalize_dtype(dtype), "engine": getattr(engine, "name", "engine"),
+                    "config_hash": meta["config_hash"], "tokens_sha256": tokens_hash(tokens)})
     try:
-        rep = oracle.compare_dumps(golden, out, dtype, overrides, ref_name=f"{name}/golden", cand_name=name)
-    except oracle.OracleError as e:
+        rep = compare_dumps(golden, out, dtype, overrides, ref_name=f"{name}/golden", cand_name=name)
+    except OracleError as e:
         res.status, res.detail = "error", str(e)
         return res
     res.report = rep.to_json()
@@ -496,7 +335,7 @@ def grade_kit(kit_dir: str | Path, engine: Callable, cases: list[str] | None = N
     names = [c.name for c in _select(cases)] if cases else in_kit
     for n in names:
         if n not in in_kit:
-            raise oracle.OracleError(f"{Path(kit_dir) / 'kit.json'}: case {n!r} is not in this kit")
+            raise OracleError(f"{Path(kit_dir) / 'kit.json'}: case {n!r} is not in this kit")
     return [grade_case(Path(kit_dir), n, engine, dtype, overrides, None if save_dir is None else Path(save_dir))
             for n in names]
 
@@ -510,7 +349,7 @@ def grade_outputs(kit_dir: str | Path, candidate_dir: str | Path, dtype: str = "
         p = cdir / f"{checkpoint.parent.name}.safetensors"
         if not p.is_file():
             raise FileNotFoundError(f"{p}: no dump for this case")
-        return oracle.read_dump(p)[0]
+        return read_dump(p)[0]
     from_files.dtype = dtype  # type: ignore[attr-defined]
     return grade_kit(kit_dir, from_files, dtype=dtype, overrides=overrides)
 

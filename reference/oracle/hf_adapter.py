@@ -3,7 +3,7 @@
 torch and transformers are imported lazily, inside the functions: the package
 never needs them unless this adapter is used. The model is loaded with
 ``AutoModelForCausalLM.from_pretrained(dir, dtype=float32, attn_implementation="eager")``
-and the dump names (reference.oracle) are taken with forward hooks:
+and the dump names (oracle.golden) are taken with forward hooks:
 
     layers.{i}.attn_out      output[0] of ``model.model.layers[i].self_attn`` (after o_proj)
     layers.{i}.hidden        output of ``model.model.layers[i]`` (the decoder layer)
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from dsref.reference.oracle.conformance import EngineUnsupported
-from dsref.reference.oracle import canonicalize
+from dsref.reference.oracle.golden import canonicalize
 
 
 def load_model(checkpoint: str | Path):
