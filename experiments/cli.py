@@ -1,6 +1,32 @@
-"""`dsref validate`: run every experiment against the published claims (see experiments/validate.py)."""
+"""dsref: the DeepSeek-V3 family reference model, its correctness oracle, and a simulator
+of what it costs to run.
+
+    dsref info MODEL [--json]              parameters, KV cache, architecture, self-check
+    dsref generate --checkpoint DIR        text out of a Hugging Face checkpoint
+    dsref golden / compare / conformance   the correctness oracle for other engines
+    dsref hw list|show|probe               the hardware catalog
+    dsref sim local|serve|train            the cost model and the SimPy simulator
+    dsref validate                         the simulator against published measurements
+
+Run `dsref COMMAND --help` for each command's options.
+"""
+# The root lives here because experiments is the top layer: it imports reference, hwmodels
+# and sim, and nothing imports it. Each package's CLI module adds its own subcommands with
+# register(subparsers); they are imported plainly, so a broken one fails loudly. They keep
+# heavy imports (numpy, jax, simpy) inside their handlers, so building the parser is cheap.
 
 from __future__ import annotations
+
+import argparse
+import os
+import sys
+from importlib.metadata import PackageNotFoundError, version
+
+from dsref.hwmodels import cli as hw_cli
+from dsref.reference import cli as info_cli
+from dsref.reference import generate_cli
+from dsref.reference.oracle import cli as oracle_cli
+from dsref.sim import cli as sim_cli
 
 DESCRIPTION = """\
 Run every experiment (experiments/registry.py) against the published claims shipped in
@@ -40,3 +66,47 @@ def register(subparsers) -> None:
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.set_defaults(func=cmd_validate)
+
+
+def _version() -> str:
+    try:
+        return version("deepseek-ref")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dsref", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"dsref {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for module in (info_cli, generate_cli, oracle_cli, hw_cli, sim_cli):  # help order
+        module.register(sub)
+    register(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    from dsref.reference.config import ConfigError
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe surfaces here, inside the handler below
+        return rc
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        # Bad input (checkpoint, scenario, hardware file, option value): one clear line, no traceback.
+        print(f"dsref: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # The reader went away (`dsref ... | head`): stop quietly. Point stdout at devnull so
+        # the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

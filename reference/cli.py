@@ -1,26 +1,12 @@
-"""`dsref`: the project's one command line.
+"""`dsref info MODEL`: parameters, KV cache, architecture and a self-check forward pass.
 
-    dsref info MODEL [--json]          parameters, KV cache, architecture, self-check
-    dsref generate --checkpoint DIR    text out of a Hugging Face checkpoint
-    dsref golden / compare / conformance   the correctness oracle for other engines
-    dsref hw list|show|probe           the hardware catalog
-    dsref sim local|serve|train        the cost model and the SimPy simulator
-    dsref validate                     the simulator against published measurements
-
-Each package adds its own subcommands through a ``register(subparsers)`` function.
+The command line's root, which assembles every package's subcommands, is
+``dsref.experiments.cli`` (the top layer: it imports the others, nothing imports it).
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import json
-import sys
-
-# Modules that contribute subcommands, in help order.
-_SUBCOMMAND_MODULES = ("dsref.reference.generate_cli", "dsref.reference.oracle.cli", "dsref.hwmodels.cli", "dsref.sim.cli",
-                       "dsref.experiments.cli")
-
 
 def _fmt_count(n: float) -> str:
     for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -145,56 +131,18 @@ def cmd_info(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="dsref", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    pi = sub.add_parser("info", help="parameter counts, KV-cache bytes and architecture of a model",
-                        description="Describe a model: MODEL is a preset name (deepseek-v3, deepseek-r1, "
-                        "deepseek-v2, deepseek-v2-lite, moonlight-16b-a3b, kimi-k2, qwen2.5-72b, "
-                        "llama-3.1-405b, tiny-v3, ...) or a checkpoint directory with config.json. "
-                        "Activated parameters count what one token computes with (k of E routed "
-                        "experts, LM head; not the input embedding table). The KV cache is MLA's "
-                        "latent (R + P values per layer, bf16).")
+def register(subparsers) -> None:
+    """Add `dsref info`."""
+    pi = subparsers.add_parser(
+        "info", help="parameter counts, KV-cache bytes and architecture of a model",
+        description="Describe a model: MODEL is a preset name (deepseek-v3, deepseek-r1, "
+        "deepseek-v2, deepseek-v2-lite, moonlight-16b-a3b, kimi-k2, qwen2.5-72b, "
+        "llama-3.1-405b, tiny-v3, ...) or a checkpoint directory with config.json. "
+        "Activated parameters count what one token computes with (k of E routed "
+        "experts, LM head; not the input embedding table). The KV cache is MLA's "
+        "latent (R + P values per layer, bf16).")
     pi.add_argument("model")
     pi.add_argument("--json", action="store_true", help="print one JSON object")
     pi.add_argument("--no-check", dest="check", action="store_false",
                     help="skip the self-check forward pass of a scaled-down model of the same structure")
     pi.set_defaults(func=cmd_info)
-    register_modules(sub, _SUBCOMMAND_MODULES)
-    return p
-
-
-def register_modules(subparsers, modules) -> None:
-    """Call ``register(subparsers)`` of each module that exists (a missing module is skipped;
-    an import error inside an existing one is raised)."""
-    for mod in modules:
-        try:
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name == mod:
-                continue
-            raise
-        m.register(subparsers)
-
-
-def main(argv=None) -> int:
-    from dsref.reference.config import ConfigError
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    try:
-        return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"dsref: error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:
-        # Bad input (checkpoint, scenario, hardware file): one clear line, no traceback.
-        print(f"dsref: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

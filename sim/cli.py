@@ -1,20 +1,20 @@
-"""`dsref sim ...`: the cost model and simulator on the command line.
+"""dsref sim: the cost model and the simulator.
 
     dsref sim local --model M --device D --quant Q [--context L] [--batch B] [--prompt-tokens T]
                     [--mla-form absorbed|expanded_cache] [--json]
-
-Other simulator commands live in their own modules (``sim.serve_cli``,
-``sim.train_cli``); each exposes ``register(sim_subparsers)`` and is added here
-when it exists. Heavy imports (numpy, jax) happen inside the handlers.
+    dsref sim serve --scenario NAME|FILE [--duration S] [--json]     SimPy serving simulation
+    dsref sim train --scenario NAME|FILE [--json]                    one simulated training step
 """
+# serve and train live in their own modules (sim.serve_cli, sim.train_cli), each with
+# register(sim_subparsers). Heavy imports (numpy, jax) happen inside the handlers.
 
 from __future__ import annotations
 
 import argparse
 import json
 
-# (subcommand, module) pairs contributed by other modules, in help order.
-SUBCOMMAND_MODULES = (("serve", "dsref.sim.serve_cli"), ("train", "dsref.sim.train_cli"))
+from dsref.sim import serve_cli, train_cli
+
 
 
 def _gb(x) -> str:
@@ -73,13 +73,13 @@ def register_local(sub) -> None:
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    """Add `sim` (with `local`, and `serve`/`train` when their modules exist)."""
+    """Add `sim` with `local`, `serve` and `train`."""
     sim = subparsers.add_parser("sim", help="cost model and simulator: local, serve, train",
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = sim.add_subparsers(dest="sim_command", metavar="SIM_COMMAND")
     register_local(sub)
-    from dsref.reference.cli import register_modules
-    register_modules(sub, [mod for _name, mod in SUBCOMMAND_MODULES])
+    serve_cli.register(sub)
+    train_cli.register(sub)
     sim.set_defaults(func=lambda args: (sim.print_help(), 2)[1])
     return sim
 

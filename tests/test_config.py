@@ -156,7 +156,7 @@ def test_every_preset_loads_and_round_trips(tmp_path):
 
 
 def test_info_cli_json(capsys):
-    from dsref.reference.cli import main
+    from dsref.experiments.cli import main
     assert main(["info", "deepseek-v3", "--json", "--no-check"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["total_params"] == 671_026_419_200 and d["kv_cache_bytes_per_token"] == 70_272

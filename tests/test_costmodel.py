@@ -242,7 +242,7 @@ def test_local_partial_offload_between_host_and_gpu_rates():
 
 
 def test_cli_local_json(capsys):
-    from dsref.reference.cli import main
+    from dsref.experiments.cli import main
     rc = main(["sim", "local", "--model", "qwen2.5-14b", "--device", "raspberry-pi-5", "--quant", "q4_k_m",
                "--context", "2048", "--json"])
     d = json.loads(capsys.readouterr().out)

@@ -6,11 +6,19 @@ import json
 import pytest
 from flax import nnx
 
+from dsref.experiments import cli
 from dsref.reference.checkpoint import save_checkpoint
-from dsref.reference.cli import main
 from dsref.reference.decode import generate
 from dsref.reference.model import DeepseekModel
 from dsref.reference.presets import get_preset
+
+
+def main(argv) -> int:
+    """The CLI root; argparse's SystemExit -> its code."""
+    try:
+        return cli.main(argv)
+    except SystemExit as e:
+        return e.code
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +67,29 @@ def test_generate_mtp_and_errors(ckpt, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["mtp_acceptance_rate"] is not None and len(out["tokens"]) == 8
     assert main(["generate", "--checkpoint", str(d), "--tokens", "1,x"]) == 2
-    assert "comma-separated" in capsys.readouterr().err
+    assert "argument --tokens: must be comma-separated" in capsys.readouterr().err
     assert main(["generate", "--checkpoint", str(d), "--tokens", "1,999999"]) == 2
-    assert "vocab_size" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "999999" in err and "vocab_size is 320" in err
     assert main(["generate", "--checkpoint", str(d / "missing"), "--tokens", "1"]) == 2
+    # refused before anything is printed: the prompt is not echoed, nothing generated
+    assert main(["generate", "--checkpoint", str(d), "--prompt", "the latent", "--max-new-tokens", "500"]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == "" and "max_position_embeddings 128" in cap.err and "new tokens fit" in cap.err
+
+
+def test_generate_sampling_options(ckpt, capsys):
+    """top-k beyond the vocabulary means off; a top-p that underflows float32 still keeps a token."""
+    d, model, _ = ckpt
+    base = ["generate", "--checkpoint", str(d), "--tokens", "5,6,7", "--max-new-tokens", "4", "--json", "--stop",
+            "--temperature", "0.8", "--seed", "4"]
+    assert main(base + ["--top-k", "0"]) == 0
+    off = json.loads(capsys.readouterr().out)["tokens"]
+    assert main(base + ["--top-k", "100000"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == off
+    assert main(base + ["--top-p", "1e-300"]) == 0
+    greedy = generate(model, [[5, 6, 7]], 4).tokens[0]
+    assert json.loads(capsys.readouterr().out)["tokens"] == greedy  # only the most likely token is kept
 
 
 def test_info_on_checkpoint_directory(ckpt, capsys):

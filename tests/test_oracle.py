@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dsref.reference import numpy_ref, oracle
-from dsref.reference.cli import main
+from dsref.experiments.cli import main
 from dsref.reference.config import ModelConfig
 from dsref.reference.oracle import conformance
 from tests.broken_reference import FAULT_CASE, FAULTS, BrokenReference, inject
@@ -235,7 +235,7 @@ def test_conformance_cli_run_save_grade(kit, tmp_path, capsys):
 
 
 def test_conformance_engine_cmd(kit, capsys):
-    cmd = (f"{sys.executable} -m reference.cli golden --checkpoint {{checkpoint}} --tokens {{tokens}} "
+    cmd = (f"{sys.executable} -m dsref.experiments.cli golden --checkpoint {{checkpoint}} --tokens {{tokens}} "
            f"--out {{out}} --dtype float64")
     assert main(["conformance", "run", str(kit), "--cases", "e", "--engine-cmd", cmd]) == 0
     assert "PASS" in capsys.readouterr().out

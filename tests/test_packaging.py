@@ -104,5 +104,5 @@ def test_wheel_metadata(wheel):
         info = next(n.split("/")[0] for n in z.namelist() if n.endswith(".dist-info/WHEEL"))
         entry_points = z.read(f"{info}/entry_points.txt").decode()
         top_level = z.read(f"{info}/top_level.txt").decode().split()
-    assert "dsref = dsref.reference.cli:main" in entry_points
+    assert "dsref = dsref.experiments.cli:main" in entry_points
     assert top_level == ["dsref"]

@@ -223,7 +223,7 @@ def test_serve_trace_structure(tmp_path):
 
 
 def test_cli_json_is_clean(capsys):
-    from dsref.reference.cli import main
+    from dsref.experiments.cli import main
     assert main(["sim", "serve", "--scenario", "single-node-h800", "--duration", "5", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     for k in ("input_tokens_per_s_per_node", "output_tokens_per_s_per_node", "ttft_p50_s", "ttft_p99_s",
@@ -232,7 +232,7 @@ def test_cli_json_is_clean(capsys):
 
 
 def test_cli_error_names_field(capsys):
-    from dsref.reference.cli import main
+    from dsref.experiments.cli import main
     assert main(["sim", "serve", "--scenario", "no-such-scenario"]) == 2
     assert "field 'scenario'" in capsys.readouterr().err
 

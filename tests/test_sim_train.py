@@ -203,7 +203,7 @@ def test_train_errors_name_the_field(patch, field):
 
 
 def test_train_cli_json(capsys):
-    from dsref.reference.cli import main
+    from dsref.experiments.cli import main
     assert main(["sim", "train", "--scenario", "deepseek-v3-pretrain", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     for k in ("step_time_s", "bubble_fraction", "mfu", "tokens_per_day", "device_hours", "cost_usd"):

@@ -158,5 +158,5 @@ def _conformance_checked(args) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from dsref.reference.cli import main
+    from dsref.experiments.cli import main
     sys.exit(main())
