@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import os
+from pathlib import Path
 from typing import Any
 
-from .catalog import CatalogError, Device, Figure, list_devices, load_device
-from .systems import Cluster, Node, load_system
+from .catalog import DEVICES_DIR, CatalogError, Device, Figure, list_devices, load_device, read_toml
+from .systems import SYSTEMS_DIR, Cluster, Node, load_system
 
 _PREFIXES = ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1.0, ""), (1e-3, "m"), (1e-6, "u"), (1e-9, "n"))
 
@@ -93,11 +94,7 @@ def _figure_json(fig: Figure) -> dict[str, Any]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    try:
-        devices = list_devices()
-    except CatalogError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    devices = list_devices()  # CatalogError (a ValueError): `dsref: error: ...`, exit 2
     if args.json:
         print(json.dumps([device_summary(d) for d in devices], indent=2))
         return 0
@@ -172,22 +169,79 @@ def _show_system(sys_: Node | Cluster, as_json: bool) -> int:
     return 0
 
 
-def cmd_show(args: argparse.Namespace) -> int:
+def _looks_like_path(name: str) -> bool:
+    return os.sep in name or name.endswith(".toml") or (os.altsep is not None and os.altsep in name)
+
+
+def _load_named(name: str) -> Device | Node | Cluster:
+    """A device or system by catalog name or .toml path; CatalogError (a ValueError) with one
+    line naming it otherwise (unknown names list the known devices and systems)."""
+    from .systems import list_system_names
+
+    if _looks_like_path(name):
+        p = Path(name)
+        if not p.exists():
+            raise CatalogError(f"{name}: file not found")
+        if not p.is_file():
+            raise CatalogError(f"{name}: not a file (expected a device or system .toml)")
+        try:
+            data = read_toml(p)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CatalogError(f"{name}: cannot read ({type(exc).__name__}: {exc})") from None
+        if isinstance(data.get("kind"), str) and data["kind"] in ("node", "cluster"):
+            return load_system(name)
+        return load_device(name)
     try:
-        dev = load_device(args.name)
+        return load_device(name)
     except CatalogError as dev_exc:
         try:
-            return _show_system(load_system(args.name), args.json)
+            return load_system(name)
         except CatalogError:
-            print(f"error: {dev_exc}", file=sys.stderr)
-            return 1
-    return _show_device(dev, args.json)
+            pass
+        if name == "host":
+            raise
+        catalog_files = (DEVICES_DIR / f"{name}.toml", SYSTEMS_DIR / f"{name}.toml")
+        if any(p.exists() for p in catalog_files):  # a catalog file that does not load: its own message
+            raise dev_exc from None
+        known_dev = ", ".join(sorted(p.stem for p in DEVICES_DIR.glob("*.toml")))
+        known_sys = ", ".join(list_system_names())
+        raise CatalogError(f"hw show: unknown device or system {name!r}; known devices: {known_dev}; "
+                           f"known systems: {known_sys} (or give a path to a .toml file)") from None
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    obj = _load_named(args.name)
+    if isinstance(obj, Device):
+        return _show_device(obj, args.json)
+    return _show_system(obj, args.json)
+
+
+def _probe_out(path: str | None) -> str | None:
+    """Check --out before probing (seconds of measurement): a file path whose folder exists
+    or can be made, not a directory."""
+    if path is None:
+        return None
+    if not path.strip():
+        raise ValueError("--out: empty path")
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"--out {path}: is a directory; give a file path such as {p / 'host.toml'}")
+    for parent in p.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {path}: {parent} is not a directory")
+            break
+    return path
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
+    out = _probe_out(args.out)
     from .probe import write_probe  # imports numpy/jax only when probing
 
-    path = write_probe(args.out, quick=args.quick)
+    try:
+        path = write_probe(out, quick=args.quick)
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot write the device file ({exc.strerror or exc})") from None
     dev = load_device(path)
     print(f"wrote {path}")
     return _show_device(dev, as_json=False)

@@ -13,6 +13,7 @@ decoding overwrites them before they become visible.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from functools import lru_cache, partial
@@ -41,6 +42,21 @@ def init_cache(model: DeepseekModel, batch: int, length: int, form: str = "absor
 
 def cache_bytes(cache) -> int:
     return int(sum(a.size * a.dtype.itemsize for layer in cache for a in layer))
+
+
+def kv_cache_length(prompt_len: int, max_new_tokens: int, use_mtp: bool = False) -> int:
+    """Cache slots S that ``generate`` allocates per sequence (bucketed; MTP needs two more)."""
+    return bucket(prompt_len + max_new_tokens + (3 if use_mtp else 1))
+
+
+def kv_cache_alloc_bytes(cfg, batch: int, length: int, itemsize: int, form: str = "absorbed",
+                         use_mtp: bool = False) -> int:
+    """Bytes of the zeroed caches ``generate`` allocates (``init_cache``): every layer, plus the
+    MTP module's one layer when ``use_mtp``; computed from the config, nothing allocated."""
+    per_token = cfg.kv_cache_bytes_per_token(itemsize, absorbed=form == "absorbed")
+    if use_mtp:
+        per_token += per_token / cfg.num_hidden_layers
+    return int(per_token * batch * length)
 
 
 # ------------------------------------------------------------------ compiled steps
@@ -132,7 +148,7 @@ def sample(logits, key, temperature, top_k: int, top_p):
     sorted_logits = jnp.take_along_axis(scaled, order, -1)
     probs = jax.nn.softmax(sorted_logits, -1)
     # keep the smallest prefix whose mass reaches top_p (always the first token)
-    keep_sorted = (jnp.cumsum(probs, -1) - probs) < top_p
+    keep_sorted = ((jnp.cumsum(probs, -1) - probs) < top_p).at[..., 0].set(True)
     keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
     scaled = jnp.where(keep, scaled, -jnp.inf)
     drawn = jax.random.categorical(key, scaled, axis=-1)
@@ -180,6 +196,29 @@ def _prefill(fns: _Steps, state, prompts, S, form, model):
     return toks, lens, logits, hidden, cache
 
 
+SEED_MAX = 2**63 - 1  # jax.random.key takes a C long
+
+
+def check_sampling(*, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> None:
+    """ValueError naming the first invalid sampling setting: temperature finite and >= 0 (0 =
+    greedy), top_k an integer >= 0 (0 = off), top_p in (0, 1] (1 = off), seed in [0, 2**63)."""
+    def is_int(v):
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    try:
+        t, p = float(temperature), float(top_p)
+    except (TypeError, ValueError):
+        raise ValueError(f"temperature and top_p must be numbers, got {temperature!r}, {top_p!r}") from None
+    if not math.isfinite(t) or t < 0:
+        raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature!r}")
+    if not (0 < p <= 1):  # also rejects NaN
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+    if not is_int(top_k) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if not is_int(seed) or not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+
+
 def generate(model: DeepseekModel, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_tokens=(), form: str = "absorbed",
              use_mtp: bool = False, on_token=None) -> GenerationResult:
@@ -189,8 +228,9 @@ def generate(model: DeepseekModel, prompts: list[list[int]], max_new_tokens: int
     use_mtp: self-speculative decoding with the MTP module (greedy only): the MTP
     head drafts one token, the main model verifies it together with the next one.
     """
-    if max_new_tokens < 1:
-        raise ValueError("max_new_tokens must be >= 1")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     V = model.cfg.vocab_size
@@ -202,10 +242,12 @@ def generate(model: DeepseekModel, prompts: list[list[int]], max_new_tokens: int
         if not len(model.mtp):
             raise ValueError("use_mtp needs a model loaded with its MTP module (with_mtp=True)")
         return _generate_mtp(model, prompts, max_new_tokens, stop_tokens, form, on_token)
+    if top_k >= V:  # keeps every token: the same as off (and lax.top_k needs k <= V)
+        top_k = 0
     fns, state = compiled_steps(model)
     B = len(prompts)
     stop = set(int(s) for s in stop_tokens)
-    S = bucket(max(len(p) for p in prompts) + max_new_tokens + 1)
+    S = kv_cache_length(max(len(p) for p in prompts), max_new_tokens)
     key = jax.random.key(seed)
     t0 = time.perf_counter()
     toks, lens, last, _, cache = _prefill(fns, state, prompts, S, form, model)
@@ -248,7 +290,7 @@ def _generate_mtp(model, prompts, max_new_tokens, stop_tokens, form, on_token) -
     fns, state = compiled_steps(model)
     B = len(prompts)
     stop = set(int(s) for s in stop_tokens)
-    S = bucket(max(len(p) for p in prompts) + max_new_tokens + 3)
+    S = kv_cache_length(max(len(p) for p in prompts), max_new_tokens, use_mtp=True)
     bidx = np.arange(B)
     t0 = time.perf_counter()
     toks, lens, logits, hidden, cache = _prefill(fns, state, prompts, S, form, model)

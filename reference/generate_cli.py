@@ -1,41 +1,177 @@
-"""`dsref generate`: text (or token ids) out of a Hugging Face checkpoint directory."""
+"""`dsref generate`: text (or token ids) out of a Hugging Face checkpoint directory.
+
+Every option is checked before anything is loaded or printed: numbers by their argparse
+``type=`` (exit 2, ``dsref generate: error: argument --top-p: ...``), the prompt against
+the checkpoint's vocabulary and context length, --mtp against its weights, and the KV
+cache against the memory available (exit 2, ``dsref: error: ...``).
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
+import re
 import sys
+from pathlib import Path
+
+_INT = re.compile(r"\s*[0-9]+\s*")
+
+
+def _nonneg_int(s: str, what: str = "a non-negative integer", maximum: int | None = None) -> int:
+    if not _INT.fullmatch(s):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
+    v = int(s)
+    if maximum is not None and v > maximum:
+        raise argparse.ArgumentTypeError(f"expected {what} <= {maximum}, got {s!r}")
+    return v
+
+
+def _positive_int(s: str) -> int:
+    v = _nonneg_int(s, "an integer >= 1")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}")
+    return v
+
+
+SEED_MAX = 2**63 - 1  # decode.SEED_MAX (jax.random.key takes a C long); not imported: parsing stays jax-free
+
+
+def _seed(s: str) -> int:
+    return _nonneg_int(s, "a non-negative integer", maximum=SEED_MAX)
+
+
+def _float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+    return v
+
+
+def _temperature(s: str) -> float:
+    v = _float(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = greedy), got {s!r}")
+    return v
+
+
+def _top_p(s: str) -> float:
+    v = _float(s)
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (1 = off; 0 would keep no token), got {s!r}")
+    return v
+
+
+def _token_id(s: str) -> int:
+    return _nonneg_int(s, "a token id (non-negative integer)")
 
 
 def _parse_tokens(s: str) -> list[int]:
+    """'1,2,3' -> [1, 2, 3]: comma-separated non-negative integers, nothing empty."""
+    items = s.split(",")
+    if not s.strip() or not all(_INT.fullmatch(t) for t in items):
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated non-negative integers (token ids), e.g. 1,2,3; got {s!r}")
+    return [int(t) for t in items]
+
+
+def _available_memory(jax) -> tuple[int, str] | None:
+    """(bytes free for the cache, where) on the default device; None when unknown."""
+    dev = jax.devices()[0]
+    if dev.platform != "cpu":
+        try:
+            st = dev.memory_stats() or {}
+            return int(st["bytes_limit"]) - int(st.get("bytes_in_use", 0)), f"{dev.platform} device memory"
+        except Exception:  # noqa: BLE001 - a backend without memory stats: skip the check
+            return None
     try:
-        return [int(t) for t in s.replace(" ", "").split(",") if t]
-    except ValueError:
-        raise ValueError(f"--tokens must be comma-separated integers, got {s!r}") from None
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_mtp(path: str, cfg) -> None:
+    """--mtp needs the MTP module's weights in the checkpoint (headers only)."""
+    from dsref.reference.checkpoint import _Reader
+    if cfg.num_nextn_predict_layers < 1:
+        raise ValueError(f"{path}: --mtp needs MTP weights, but they are missing: config.json declares "
+                         "num_nextn_predict_layers=0 (drop --mtp)")
+    name = f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight"
+    if name not in _Reader(path).infos:
+        raise ValueError(f"{path}: --mtp needs MTP weights, but they are missing (no tensor '{name}' in the "
+                         "checkpoint; drop --mtp)")
 
 
 def cmd_generate(args) -> int:
+    import jax
     import jax.numpy as jnp
 
-    from dsref.reference.checkpoint import load_checkpoint, tokenizer_path
-    from dsref.reference.decode import generate
+    from dsref.reference.checkpoint import _find_files, load_checkpoint, read_config, tokenizer_path
+    from dsref.reference.decode import generate, kv_cache_alloc_bytes, kv_cache_length
 
     if (args.prompt is None) == (args.tokens is None):
         raise ValueError("give exactly one of --prompt TEXT or --tokens 1,2,3")
+    if args.mtp and args.temperature > 0:
+        raise ValueError("--mtp (self-speculative decoding) is greedy only: use --temperature 0 or drop --mtp")
+    _find_files(args.checkpoint)  # refuse pickles before complaining about config.json
+    cfg = read_config(args.checkpoint)
+    V = cfg.vocab_size
     tok = None
     tp = tokenizer_path(args.checkpoint)
     if tp is not None:
         from tokenizers import Tokenizer
-        tok = Tokenizer.from_file(str(tp))
+        try:
+            tok = Tokenizer.from_file(str(tp))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises its own Exception type
+            why = str(e).splitlines()[0] if str(e).strip() else repr(e)
+            raise ValueError(f"{tp}: not a valid tokenizer.json ({why})") from None
     if args.prompt is not None:
         if tok is None:
             raise ValueError(f"{args.checkpoint}: no tokenizer.json, so --prompt cannot be encoded; "
                              "pass token ids with --tokens 1,2,3")
         prompt = tok.encode(args.prompt).ids
+        if not prompt:
+            raise ValueError("--prompt encodes to no tokens; give some text")
+        bad = [t for t in prompt if t >= V]
+        if bad:
+            raise ValueError(f"{tp}: --prompt encodes to token id {bad[0]}, but "
+                             f"{Path(args.checkpoint) / 'config.json'} has vocab_size {V} "
+                             "(tokenizer and checkpoint do not match)")
     else:
-        prompt = _parse_tokens(args.tokens)
+        prompt = args.tokens
+        bad = [t for t in prompt if t >= V]
+        if bad:
+            raise ValueError(f"--tokens: token id {bad[0]} is out of range: the checkpoint's vocab_size is {V} "
+                             f"(ids 0..{V - 1})")
+    if args.mtp:
+        _check_mtp(args.checkpoint, cfg)
+    ctx = cfg.max_position_embeddings
+    if len(prompt) + args.max_new_tokens > ctx:
+        fit = ctx - len(prompt)
+        hint = (f"at most {fit} new tokens fit after this prompt" if fit > 0 else
+                "the prompt alone fills the context; shorten it")
+        raise ValueError(f"--max-new-tokens: {len(prompt)} prompt tokens + {args.max_new_tokens} new tokens = "
+                         f"{len(prompt) + args.max_new_tokens} exceeds max_position_embeddings {ctx} of "
+                         f"{args.checkpoint}; {hint}")
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    itemsize = jnp.dtype(dtype).itemsize
+    need = kv_cache_alloc_bytes(cfg, 1, kv_cache_length(len(prompt), args.max_new_tokens, args.mtp), itemsize,
+                                use_mtp=args.mtp)
+    avail = _available_memory(jax)
+    if avail is not None and need > avail[0]:
+        per = cfg.kv_cache_bytes_per_token(itemsize)
+        raise ValueError(f"--max-new-tokens: the KV cache for {len(prompt)} + {args.max_new_tokens} tokens needs "
+                         f"{need / 2**30:,.2f} GiB ({per:,.0f} B/token, bucketed), more than the "
+                         f"{avail[0] / 2**30:,.2f} GiB available ({avail[1]}); ask for fewer new tokens")
     cfg, model = load_checkpoint(args.checkpoint, dtype=dtype, with_mtp=args.mtp)
-    stop = [int(s) for s in args.stop] if args.stop else []
+    stop = list(args.stop) if args.stop else []
     if not stop and tok is not None and cfg.extra.get("eos_token_id") is not None:
         eos = cfg.extra["eos_token_id"]
         stop = list(eos) if isinstance(eos, list) else [int(eos)]
@@ -90,13 +226,15 @@ def register(sub) -> None:
         "streamed; prefill and decode tokens/s are printed at the end (stderr).")
     p.add_argument("--checkpoint", required=True, help="directory with config.json and *.safetensors")
     p.add_argument("--prompt", help="text, encoded with the checkpoint's tokenizer.json")
-    p.add_argument("--tokens", help="prompt as token ids, e.g. 1,2,3 (no tokenizer needed)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop", nargs="*", help="stop token ids (default: the config's eos_token_id)")
+    p.add_argument("--tokens", type=_parse_tokens, help="prompt as token ids, e.g. 1,2,3 (no tokenizer needed)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32,
+                   help="at most this many new tokens (>= 1; prompt + new <= the model's max_position_embeddings)")
+    p.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (>= 0, finite)")
+    p.add_argument("--top-k", type=_nonneg_int, default=0, help="sample among the k most likely (0 = off)")
+    p.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed, an integer in [0, 2**63)")
+    p.add_argument("--stop", nargs="*", type=_token_id,
+                   help="stop token ids (default: the config's eos_token_id)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--mtp", action="store_true",
                    help="self-speculative decoding with the checkpoint's MTP module (greedy only)")
