@@ -24,7 +24,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from dsref.hwmodels import cli as hw_cli
 from dsref.reference import cli as info_cli
-from dsref.reference import generate_cli
+from dsref.reference import generate_cli, init_checkpoint
 from dsref.reference.oracle import cli as oracle_cli
 from dsref.sim import cli as sim_cli
 
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"dsref {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (info_cli, generate_cli, oracle_cli, hw_cli, sim_cli):  # help order
+    for module in (info_cli, generate_cli, init_checkpoint, oracle_cli, hw_cli, sim_cli):  # help order
         module.register(sub)
     register(sub)
     return p

@@ -40,7 +40,7 @@ import ml_dtypes
 import numpy as np
 
 from dsref.reference.config import ModelConfig
-from dsref.reference.params import ROUTED_EXPERT, Tensor, tensors
+from dsref.reference.params import EMBED, ROUTED_EXPERT, Tensor, head_name, tensors
 
 
 class CheckpointError(ValueError):
@@ -563,9 +563,9 @@ def save_checkpoint(tensors_or_model, cfg: ModelConfig, out_dir: str | Path, *, 
     for j in range(cfg.num_nextn_predict_layers):
         pre = f"model.layers.{L + j}."
         if pre + "eh_proj.weight" in expected:  # the copies DeepSeek's MTP layers carry
-            head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+            head = head_name(cfg)
             shape = (cfg.vocab_size, cfg.hidden_size)
-            for hf, n in ((pre + "embed_tokens.weight", "model.embed_tokens.weight"),
+            for hf, n in ((pre + "embed_tokens.weight", EMBED),
                           (pre + "shared_head.head.weight", head)):
                 units.append((sizes(hf, shape), lambda n=n, hf=hf: {hf: np.ascontiguousarray(
                     cached(n).astype(_OUT_DTYPES[dtype]))}))

@@ -32,7 +32,7 @@ from flax import nnx
 
 from dsref.reference.config import ModelConfig
 from dsref.reference.numpy_ref import rope_frequencies
-from dsref.reference.params import ROUTED_EXPERT, Tensor, tensors
+from dsref.reference.params import EMBED, FINAL_NORM, ROUTED_EXPERT, Tensor, head_name, tensors
 
 F32 = jnp.float32
 NEG_INF = -jnp.inf
@@ -585,14 +585,14 @@ def forward(model: DeepseekModel, tokens, positions=None, cache=None, *, mla_for
     B, T = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-    h = g["model.embed_tokens.weight"][tokens].astype(model.dtype)
+    h = g[EMBED][tokens].astype(model.dtype)
     new_cache = []
     for i, lw in enumerate(model.layers):
         h, c = decoder_layer(lw, cfg, i, h, positions, None if cache is None else cache[i], mla_form=mla_form,
                              prec=prec, capture=capture, k_valid=k_valid, chunk_only=chunk_only)
         new_cache.append(c)
-    hn = rms_norm(h, g["model.norm.weight"], cfg.rms_norm_eps)
-    head = g["model.embed_tokens.weight"] if cfg.tie_word_embeddings else g["lm_head.weight"]
+    hn = rms_norm(h, g[FINAL_NORM], cfg.rms_norm_eps)
+    head = g[head_name(cfg)]
     logits = linear(hn if logits_at is None else hn[jnp.arange(B), logits_at], head, prec).astype(F32)
     return ForwardOutput(logits, None if cache is None else new_cache, hn)
 
@@ -609,13 +609,13 @@ def mtp_logits(model: DeepseekModel, tokens, h_main, positions=None, depth: int 
     B, T = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-    emb = g["model.embed_tokens.weight"][tokens].astype(model.dtype)
+    emb = g[EMBED][tokens].astype(model.dtype)
     x = jnp.concatenate([rms_norm(emb, w["enorm.weight"], cfg.rms_norm_eps),
                          rms_norm(h_main.astype(model.dtype), w["hnorm.weight"], cfg.rms_norm_eps)], axis=-1)
     x = linear(x, w["eh_proj.weight"], prec)
     x, c = decoder_layer(w, cfg, cfg.num_hidden_layers + depth, x, positions,
                          None if cache is None else cache[0], prec=prec)
-    head = g["model.embed_tokens.weight"] if cfg.tie_word_embeddings else g["lm_head.weight"]
+    head = g[head_name(cfg)]
     hn = rms_norm(x, w["shared_head.norm.weight"], cfg.rms_norm_eps)
     return ForwardOutput(linear(hn, head, prec).astype(F32), None if cache is None else [c], hn)
 

@@ -17,6 +17,7 @@ import math
 import numpy as np
 
 from dsref.reference.config import ModelConfig, yarn_get_mscale
+from dsref.reference.params import EMBED, FINAL_NORM, head_name
 
 f64 = np.float64
 
@@ -275,11 +276,11 @@ def forward(tokens, w, cfg: ModelConfig, capture: dict | None = None, return_hid
     tokens = np.asarray(tokens)
     B, T = tokens.shape
     positions = np.broadcast_to(np.arange(T), (B, T))
-    h = np.asarray(w["model.embed_tokens.weight"], f64)[tokens]
+    h = np.asarray(w[EMBED], f64)[tokens]
     for i in range(cfg.num_hidden_layers):
         h = decoder_layer(h, w, cfg, i, positions, capture)
-    hn = rms_norm(h, w["model.norm.weight"], cfg.rms_norm_eps)
-    head = w["model.embed_tokens.weight"] if cfg.tie_word_embeddings else w["lm_head.weight"]
+    hn = rms_norm(h, w[FINAL_NORM], cfg.rms_norm_eps)
+    head = w[head_name(cfg)]
     logits = linear(hn, head)
     return (logits, hn) if return_hidden else logits
 
@@ -294,7 +295,7 @@ def mtp_forward(tokens, h_main, w, cfg: ModelConfig, depth: int = 0):
     """
     i = cfg.num_hidden_layers + depth
     p = f"model.layers.{i}."
-    emb = np.asarray(w["model.embed_tokens.weight"], f64)[np.asarray(tokens)[:, 1:]]
+    emb = np.asarray(w[EMBED], f64)[np.asarray(tokens)[:, 1:]]
     h = h_main[:, :-1]
     x = np.concatenate([rms_norm(emb, w[p + "enorm.weight"], cfg.rms_norm_eps),
                         rms_norm(h, w[p + "hnorm.weight"], cfg.rms_norm_eps)], axis=-1)
@@ -302,5 +303,5 @@ def mtp_forward(tokens, h_main, w, cfg: ModelConfig, depth: int = 0):
     B, T1, _ = x.shape
     positions = np.broadcast_to(np.arange(T1), (B, T1))
     x = decoder_layer(x, w, cfg, i, positions, prefix=p)
-    head = w["model.embed_tokens.weight"] if cfg.tie_word_embeddings else w["lm_head.weight"]
+    head = w[head_name(cfg)]
     return linear(rms_norm(x, w[p + "shared_head.norm.weight"], cfg.rms_norm_eps), head)

@@ -84,11 +84,20 @@ def mtp_extra_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
             "shared_head.norm.weight": (D,)}
 
 
+EMBED = "model.embed_tokens.weight"
+FINAL_NORM = "model.norm.weight"
+HEAD = "lm_head.weight"
+
+
+def head_name(c: ModelConfig) -> str:
+    """The output layer's weight: the input embedding when tied."""
+    return EMBED if c.tie_word_embeddings else HEAD
+
+
 def global_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
-    s = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
-         "model.norm.weight": (c.hidden_size,)}
+    s = {EMBED: (c.vocab_size, c.hidden_size), FINAL_NORM: (c.hidden_size,)}
     if not c.tie_word_embeddings:
-        s["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+        s[HEAD] = (c.vocab_size, c.hidden_size)
     return s
 
 
@@ -193,7 +202,7 @@ def param_counts(c: ModelConfig) -> dict[str, int]:
         total += t.numel
         if t.group == ROUTED_EXPERT:
             active += t.numel // c.n_routed_experts * c.num_experts_per_tok
-        elif t.name != "model.embed_tokens.weight" or c.tie_word_embeddings:
+        elif t.name != EMBED or c.tie_word_embeddings:
             active += t.numel
     copies = c.num_nextn_predict_layers * 2 * embed if mtp else 0
     return {

@@ -46,9 +46,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from dsref.reference.config import ModelConfig
-from dsref.reference.params import ROUTED_EXPERT, ROUTER, tensors
+from dsref.reference.params import EMBED, FINAL_NORM, ROUTED_EXPERT, ROUTER, head_name, tensors
 from dsref.sim import moe_stats
-from dsref.sim.quant import EMBED, FINAL_NORM, HEAD, Quant, get_quant, tensor_bytes
+from dsref.sim.quant import Quant, get_quant, tensor_bytes
 
 KINDS = ("gemm", "attention", "norm", "elementwise", "router", "embed", "head", "moe_gemm")
 
@@ -341,7 +341,7 @@ def forward_ops(cfg: ModelConfig, quant: Quant | str, sh: StepShape, moe_shares=
     n_logits = M if sh.logits == "all" else sh.batch
     ops.append(_elem("final_norm", None, n_logits * D, RMSNORM_FLOPS_PER_ELEM, ab, "norm",
                      weights.glob(FINAL_NORM)))
-    head = EMBED if cfg.tie_word_embeddings else HEAD
+    head = head_name(cfg)
     ops.append(_gemm("lm_head", None, n_logits, D, cfg.vocab_size, weights.glob(head), ab,
                      quant.head_precision or quant.gemm_precision, "head"))
     return ops

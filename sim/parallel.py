@@ -21,8 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dsref.reference.config import ModelConfig
-from dsref.reference.params import GLOBAL, ROUTED_EXPERT, tensors
-from dsref.sim.quant import EMBED, Quant, tensor_bytes
+from dsref.reference.params import EMBED, GLOBAL, ROUTED_EXPERT, tensors
+from dsref.sim.quant import Quant, tensor_bytes
 
 
 @dataclass(frozen=True)

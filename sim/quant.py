@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dsref.reference.params import GLOBAL, Tensor, tensors
+from dsref.reference.params import EMBED, GLOBAL, HEAD, Tensor, tensors
 
 BITS_PER_BYTE = 8
 
@@ -44,12 +44,6 @@ _GGML_BLOCK = {
 QK_K = 256  # super-block length of the k-quants (ggml-common.h)
 # k-quant -> legacy format used when a row is not a multiple of QK_K (llama-quant.cpp).
 _KQUANT_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_0", "q6_k": "q8_0"}
-
-# Hugging Face names of the global tensors whose role sets their storage (reference/params.py
-# global_shapes declares them; the simulator places them: embedding first, head last).
-EMBED = "model.embed_tokens.weight"
-HEAD = "lm_head.weight"
-FINAL_NORM = "model.norm.weight"
 
 FP8_BLOCK = 128  # DeepSeek-V3 FP8 weight block edge (128x128 tiles), tech report sec. 3.3
 FP32_SCALE_BITS = 32

@@ -12,44 +12,19 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 
-def _root():
-    """The CLI root module (dsref.experiments.cli, formerly dsref.reference.cli)."""
-    import importlib
-    for name in ("dsref.experiments.cli", "dsref.reference.cli"):
-        mod = importlib.import_module(name)
-        if hasattr(mod, "main") and hasattr(mod, "build_parser"):
-            return mod
-    raise AssertionError("no CLI root with main() and build_parser()")
-
-
 def run(argv: list[str]) -> int:
-    """The CLI root's main(argv), with `init-checkpoint` registered if the root does not list it
-    yet; argparse's SystemExit becomes its code."""
-    import argparse
-
-    from dsref.reference import init_checkpoint
-    root = _root()
-    build = root.build_parser
-
-    def build_parser():
-        p = build()
-        sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
-        if "init-checkpoint" not in sub.choices:
-            init_checkpoint.register(sub)
-        return p
-
-    with mock.patch.object(root, "build_parser", build_parser):
-        try:
-            return root.main([str(a) for a in argv])
-        except SystemExit as e:
-            return 0 if e.code is None else e.code
+    """The CLI root's main(argv); argparse's SystemExit becomes its code."""
+    from dsref.experiments.cli import main
+    try:
+        return main([str(a) for a in argv])
+    except SystemExit as e:
+        return 0 if e.code is None else e.code
 
 
 @contextmanager

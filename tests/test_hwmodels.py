@@ -347,8 +347,8 @@ def test_cli_show_json_and_text(capsys):
     assert all(f["source"] for f in data["figures"].values())
     rc, out = _run_cli(["hw", "show", "h800-cluster-2048"], capsys)
     assert rc == 0 and "2048 x h800" in out.out
-    rc, out = _run_cli(["hw", "show", "nonexistent"], capsys)
-    assert rc == 1 and "unknown device id" in out.err
+    with pytest.raises(CatalogError, match="unknown device or system 'nonexistent'"):
+        _run_cli(["hw", "show", "nonexistent"], capsys)
     rc, out = _run_cli(["hw", "list"], capsys)
     assert rc == 0 and "989 TFLOP/s" in out.out
 
