@@ -8,6 +8,48 @@ from __future__ import annotations
 
 import json
 
+MODEL_HELP = ("a preset name (deepseek-v3, deepseek-r1, deepseek-v2-lite, qwen2.5-72b, tiny-v3, ...; all: "
+              "`dsref info nonexistent`) or a checkpoint directory with config.json")
+
+
+def load_model(name: str, option: str = "MODEL"):
+    """The ModelConfig of a preset name, a checkpoint directory or a config.json file. Anything else
+    (empty, a binary file, a directory without config.json, an unknown name) raises ConfigError in
+    one line naming ``option`` and the value, and saying what it may be."""
+    from pathlib import Path
+
+    from dsref.reference.config import ConfigError
+    from dsref.reference.presets import get_preset, load_config, preset_names
+    if not str(name).strip():
+        raise ConfigError(f"{option}: empty; {option} is {MODEL_HELP}")
+    p = Path(name)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"{option} {name}: a directory without config.json; {option} is {MODEL_HELP}")
+    elif p.is_file():
+        try:
+            return load_config(name)
+        except UnicodeDecodeError:
+            raise ConfigError(f"{option} {name}: a binary file, not a config.json; {option} is {MODEL_HELP}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{option} {name}: not a model config.json ({e}); {option} is {MODEL_HELP}") from None
+    elif p.exists():
+        raise ConfigError(f"{option} {name}: not a file or directory; {option} is {MODEL_HELP}")
+    else:
+        try:
+            return get_preset(name)
+        except ConfigError:
+            raise ConfigError(f"{option} {name!r}: no such preset, file or directory; {option} is a preset name "
+                              f"(known: {', '.join(preset_names())}) or a checkpoint directory with "
+                              "config.json") from None
+    try:
+        return load_config(name)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{option} {name}: config.json is not UTF-8 text") from None
+    except OSError as e:
+        raise ConfigError(f"{option} {name}: cannot read ({e.strerror or e})") from None
+
+
 def _fmt_count(n: float) -> str:
     for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= div:
@@ -84,8 +126,7 @@ def info_dict(cfg) -> dict:
 
 
 def cmd_info(args) -> int:
-    from dsref.reference.presets import load_config
-    cfg = load_config(args.model)
+    cfg = load_model(args.model)
     d = info_dict(cfg)
     from pathlib import Path
     if Path(args.model).is_dir():

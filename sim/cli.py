@@ -12,9 +12,81 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+from pathlib import Path
 
 from dsref.sim import serve_cli, train_cli
 
+# ------------------------------------------------------------------ option types
+# argparse type functions: a bad value exits 2 with "argument --OPTION: ..." (argparse names the
+# option), before anything is loaded or written. serve_cli and train_cli use them too.
+INT_MAX = 2**63 - 1  # seeds and counts stay int64 (numpy, JSON consumers)
+
+
+def _int(s: str, minimum: int, maximum: int = INT_MAX, why: str = "") -> int:
+    try:
+        v = int(s.strip(), 10)
+    except (ValueError, AttributeError):
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if v < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {s!r}")
+    if v > maximum:
+        raise argparse.ArgumentTypeError(f"must be <= {maximum:,}" + (f" ({why})" if why else "") + f", got {s!r}")
+    return v
+
+
+def positive_int(s: str) -> int:
+    """An integer >= 1."""
+    return _int(s, 1)
+
+
+def nonneg_int(s: str) -> int:
+    """An integer >= 0 (a seed)."""
+    return _int(s, 0)
+
+
+def bounded_int(maximum: int, why: str = ""):
+    """An integer in [1, maximum]; ``why`` explains the bound in the message."""
+    def parse(s: str) -> int:
+        return _int(s, 1, maximum, why)
+    parse.__name__ = "integer"
+    return parse
+
+
+def positive_float(maximum: float = math.inf, why: str = ""):
+    """A finite number > 0 (and <= maximum; ``why`` explains the bound)."""
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {s!r}")
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {s!r}")
+        if v > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum:,g}" + (f" ({why})" if why else "")
+                                             + f", got {s!r}")
+        return v
+    parse.__name__ = "number"
+    return parse
+
+
+MAX_BATCH = 2**16  # = sim.local.MAX_BATCH (not imported: building the parser imports no numpy)
+
+
+def check_out_path(option: str, path: str | None) -> None:
+    """An output file option (--trace, --plot): checked before the run, so a bad path costs nothing
+    and nothing is written (ValueError -> `dsref: error:`, exit 2)."""
+    if path is None:
+        return
+    if not path.strip():
+        raise ValueError(f"{option}: empty file name")
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{option} {path}: is a directory; give a file name")
+    if not p.parent.is_dir():
+        raise ValueError(f"{option} {path}: directory {p.parent} does not exist")
 
 
 def _gb(x) -> str:
@@ -22,8 +94,21 @@ def _gb(x) -> str:
 
 
 def cmd_local(args) -> int:
+    from dsref.reference.cli import load_model
     from dsref.sim.local import estimate
-    r = estimate(args.model, args.device, args.quant, context=args.context, batch=args.batch,
+    for opt, v in (("--device", args.device), ("--quant", args.quant)):
+        if not v.strip():
+            raise ValueError(f"{opt}: empty value")
+    from dsref.sim.local import check_sizes, resolve_target
+    check_sizes(args.context, args.batch, args.prompt_tokens, ("--context", "--batch", "--prompt-tokens"))
+    cfg = load_model(args.model, "--model")
+    from dsref.sim.quant import get_quant
+    for opt, v, check in (("--device", args.device, resolve_target), ("--quant", args.quant, get_quant)):
+        try:
+            check(v)
+        except ValueError as e:
+            raise ValueError(f"{opt} {v}: {e}") from None
+    r = estimate(cfg, args.device, args.quant, context=args.context, batch=args.batch,
                  prompt_tokens=args.prompt_tokens, mla_form=args.mla_form)
     if args.json:
         print(json.dumps(r, indent=2, default=float))
@@ -63,9 +148,11 @@ def register_local(sub) -> None:
     p.add_argument("--model", required=True, help="preset name or checkpoint directory")
     p.add_argument("--device", required=True, help="device id, 'host', or node preset")
     p.add_argument("--quant", default="bf16", help="fp32, bf16, fp8, int8, q8_0, q4_k_m (default bf16)")
-    p.add_argument("--context", type=int, default=4096, help="tokens in the KV cache while decoding")
-    p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
-    p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for the prefill rate")
+    p.add_argument("--context", type=positive_int, default=4096, help="tokens in the KV cache while decoding (>= 1)")
+    p.add_argument("--batch", type=bounded_int(MAX_BATCH, "the MoE statistics' cost grows with the batch"),
+                   default=1, help=f"sequences decoded together (1..{MAX_BATCH:,})")
+    p.add_argument("--prompt-tokens", type=positive_int, default=512,
+                   help="prompt length for the prefill rate (>= 1)")
     p.add_argument("--mla-form", default="absorbed", choices=("absorbed", "expanded_cache"),
                    help="KV-cache layout of MLA models: latent (default) or llama.cpp's pre-April-2025 expanded K/V")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -106,11 +106,29 @@ def _system(sc: Scenario):
     try:
         s = load_system(sc.system)
     except (CatalogError, FileNotFoundError, OSError, ValueError) as e:
-        raise _err(sc.source, "system", f"unknown device or system {sc.system!r} ({e})") from None
+        raise _err(sc.source, "system", _system_help(sc.system, e)) from None
     node, cluster = (s.node, s) if isinstance(s, Cluster) else (s, None)
     split = getattr(sc, "device_split", 1)  # a training scenario runs whole devices
     dev = node.device if split == 1 else split_device(node.device, split)
     return node, cluster, dev
+
+
+def _system_help(name: str, err: Exception) -> str:
+    """Why ``system`` is not a system: a device id gets told so and how to use one; else the known systems."""
+    from dsref.hwmodels.catalog import DEVICES_DIR
+    from dsref.hwmodels.systems import list_systems
+    try:
+        systems = list_systems()
+    except (CatalogError, OSError):
+        systems = []
+    known = f"systems: {', '.join(s.name for s in systems)}" if systems else f"({err})"
+    if str(name).strip() and "/" not in str(name) and (DEVICES_DIR / f"{name}.toml").is_file():
+        nodes = [s.name for s in systems if getattr(s, "node", s).device.id == name]
+        use = f" such as {', '.join(nodes)}" if nodes else ""
+        return (f"{name!r} is a device, not a system; a scenario runs on a node or cluster preset{use} "
+                f"(hwmodels/data/systems/*.toml name their device; a one-device system is a node file with "
+                f"devices_per_node = 1; one device alone: `dsref sim local --device {name}`); {known}")
+    return f"unknown system {name!r}; {known}"
 
 
 def _latency_s(cluster) -> dict:
@@ -217,6 +235,10 @@ def _resolve_train(sc: Scenario) -> Deployment:
     d, s, cfg, dev = sc, sc.source, dep.cfg, dep.device
     for k in ("pp", "ep", "tp", "seq_len", "global_batch", "micro_batch", "token_budget"):
         _pos(sc, k, getattr(d, k))
+    for k in ("seed", "nodes", "devices"):
+        _pos(sc, k, getattr(d, k), True)
+    if d.nodes and dep.cluster is not None and d.nodes > dep.cluster.num_nodes:
+        raise _err(s, "nodes", f"{d.nodes} nodes exceed the {dep.cluster.num_nodes} of system {d.system}")
     n = _train_devices(dep)
     if n <= 0:
         raise _err(s, "devices", "zero devices")

@@ -33,17 +33,40 @@ the device, in which case the fp32 logits cross instead (llama.cpp copies them t
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 from dsref.reference.config import ModelConfig
-from dsref.reference.params import tensors
+from dsref.reference.params import EMBED, tensors
 from dsref.reference.presets import load_config
 from dsref.sim import costmodel, llama_cpp, roofline
 from dsref.sim.comm import CommOp, tp_comm
 from dsref.sim.parallel import Parallelism
-from dsref.sim.quant import EMBED, Quant, get_quant, model_weight_bytes, tensor_bytes
+from dsref.sim.quant import Quant, get_quant, model_weight_bytes, tensor_bytes
 
 LOGITS_BYTES = 4  # fp32 logits (both llama.cpp and reference/model.py return float32)
+
+# Largest batch and prefill chunk an estimate takes: the MoE load statistics (sim/moe_stats.py)
+# tabulate a binomial over tokens x top-k, so memory and time grow with the tokens of a step
+# (2^26 prefill tokens: ~3 GB, ~10 s; a 2^20 decode batch: > 24 GB). Real deployments decode a
+# few thousand sequences per device; these bounds are far above that.
+MAX_BATCH = 2**16
+MAX_PREFILL_TOKENS = 2**26
+
+
+def check_sizes(context, batch, prompt_tokens, names=("context", "batch", "prompt_tokens")) -> None:
+    """ValueError naming the argument (``names``: how the caller spells them) for a non-integer,
+    a value < 1, a batch > MAX_BATCH or batch x prompt_tokens > MAX_PREFILL_TOKENS."""
+    for arg, v in zip(names, (context, batch, prompt_tokens)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError(f"{arg} must be an integer >= 1, got {v!r}")
+    if batch > MAX_BATCH:
+        raise ValueError(f"{names[1]} must be <= {MAX_BATCH:,} sequences (the MoE statistics' cost grows "
+                         f"with the batch), got {batch:,}")
+    if batch * prompt_tokens > MAX_PREFILL_TOKENS:
+        raise ValueError(f"{names[1]} x {names[2]} = {batch * prompt_tokens:,} prefill tokens exceeds "
+                         f"{MAX_PREFILL_TOKENS:,} (2^26; the MoE statistics' memory grows with the tokens "
+                         "of a step)")
 
 
 @dataclass(frozen=True)
@@ -227,6 +250,7 @@ def estimate(model: str | ModelConfig, device: str, quant: str = "bf16", *, cont
     prompt_tokens: the prefill length; mla_form: the KV-cache layout of MLA models
     ('absorbed' latent or llama.cpp's pre-April-2025 'expanded_cache'). Returns a JSON-ready dict.
     """
+    check_sizes(context, batch, prompt_tokens)
     cfg = load_config(model) if isinstance(model, str) else model
     quant = get_quant(quant)
     tgt = resolve_target(device)

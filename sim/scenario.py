@@ -229,9 +229,20 @@ def load_raw(name_or_path: str) -> tuple[dict, str, Path | None]:
                                 f"{', '.join(builtin_names())} (or give a .toml path)")
         src, text, p = name_or_path, res.read_text(), None
     else:
+        if not str(name_or_path).strip():
+            raise ScenarioError("<command line>: field 'scenario': empty; give a built-in name "
+                                f"({', '.join(builtin_names())}) or a .toml path")
         if not p.exists():
             raise ScenarioError(f"{p}: field 'scenario': file not found")
-        src, text = str(p), p.read_text()
+        if not p.is_file():
+            raise ScenarioError(f"{p}: field 'scenario': not a file (a directory?); give a .toml scenario file")
+        src = str(p)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ScenarioError(f"{src}: field 'toml': not a TOML text file (not UTF-8)") from None
+        except OSError as e:
+            raise ScenarioError(f"{src}: field 'scenario': cannot read ({e.strerror or e})") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -247,8 +258,19 @@ def load(name_or_path: str, overrides: dict | None = None) -> "Scenario":
     return from_dict(data, src, path, overrides, default_name=src if path is None else "")
 
 
+# What every scenario must state: what it simulates, which model, on what. The rest has defaults
+# (the classes above), which are only meaningful once these three are chosen.
+REQUIRED = ("kind", "model", "system")
+MAX_DURATION_S = 86_400.0  # one simulated day (as `sim serve --duration`; sim/serve_cli.py says why)
+
+
 def from_dict(data: dict, src: str = "<scenario>", path: Path | None = None,
               overrides: dict | None = None, default_name: str = "") -> Scenario:
+    missing = [k for k in REQUIRED if k not in data]
+    if missing:
+        raise _err(src, missing[0], f"required; a scenario must state {', '.join(REQUIRED)} (missing: "
+                   f"{', '.join(missing)}): kind = 'serve' or 'train', model = a preset name or config.json, "
+                   "system = a node or cluster preset (see `dsref sim serve --list` for complete examples)")
     kind = data.get("kind", "serve")
     if kind not in _KINDS:
         raise _err(src, "kind", f"must be 'serve' or 'train', got {kind!r}")
@@ -285,6 +307,10 @@ def _pos(sc: Scenario, fld: str, v, allow_zero=False):
 def _validate_serve(sc: ServeScenario) -> None:
     s = sc.source
     _pos(sc, "duration_s", sc.duration_s)
+    if sc.duration_s > MAX_DURATION_S:
+        raise _err(s, "duration_s", f"must be <= {MAX_DURATION_S:,.0f} s (one simulated day; the simulation's "
+                   f"cost grows with every step and request), got {sc.duration_s:g}")
+    _pos(sc, "seed", sc.seed, True)
     _pos(sc, "device_split", sc.device_split)
     _pos(sc, "ctx_quantum_tokens", sc.ctx_quantum_tokens, True)
     _pos(sc, "scaleup_devices", sc.scaleup_devices, True)

@@ -3,6 +3,42 @@
 from __future__ import annotations
 
 import json
+import math
+import sys
+
+# Longest run the command line takes: one simulated day. The simulator's cost is per step and per
+# request (deepseek-day6: ~1.6k requests and ~200 steps per simulated second, ~45 s of wall time per
+# simulated hour), so a day is already ~20 minutes of wall time; steady state is reached in minutes
+# of simulated time, and no published serving figure averages over more than a day (DeepSeek's
+# Day-6 report: 24 h).
+MAX_DURATION_S = 86_400.0
+# Most requests one run may draw (rate x duration): the workload arrays and the per-request
+# bookkeeping grow with them (deepseek-day6 for an hour: 5.8M requests, ~80 s, a few hundred MB).
+MAX_REQUESTS = 50_000_000
+MAX_SCALE = 1024  # --scale: instances and rate x 1024 is beyond any deployed system
+# Steady-state check: a run whose admitted requests are still more than this share unfinished
+# at the end reports warm-up (or overload) figures.
+UNFINISHED_WARN = 0.10
+SWEEP_MAX_FACTOR = 1.5
+
+
+def steady_state_warnings(r: dict) -> list[str]:
+    """Warnings about a run too short (or too loaded) to reach steady state; no number changes."""
+    admitted = r["requests_arrived"] - r.get("rejected", 0)
+    if admitted <= 0:
+        return []
+    unfinished = (admitted - r["requests_finished"]) / admitted
+    if unfinished <= UNFINISHED_WARN:
+        return []
+    d = r["duration_s"]
+    want = d * unfinished / (UNFINISHED_WARN / 2)  # unfinished share ~ request time / duration
+    mag = 10.0 ** math.floor(math.log10(want))
+    longer = min(MAX_DURATION_S, next(m * mag for m in (1, 2, 5, 10) if m * mag >= want))
+    hint = (f"try --duration {longer:g} (the figures average over the warm-up: the run is too short for "
+            "steady state), or lower the load if it exceeds capacity" if longer > d else
+            "the load exceeds capacity (queues still growing) or requests take longer than the run")
+    return [f"{unfinished:.0%} of the {admitted:,} admitted requests were unfinished when the {d:g} s run "
+            f"ended: {hint}"]
 
 
 def _fmt(x, unit="", scale=1.0, digits=1):
@@ -44,6 +80,9 @@ def cmd_serve(args) -> int:
         return 0
     if not args.scenario:
         raise scn.ScenarioError("<command line>: field 'scenario': give --scenario NAME|FILE (see --list)")
+    from dsref.sim.cli import check_out_path
+    check_out_path("--trace", args.trace)
+    check_out_path("--plot", args.plot)
     over: dict = {}
     if args.rate is not None:
         over["workload"] = {"rate_per_s": args.rate}
@@ -52,12 +91,17 @@ def cmd_serve(args) -> int:
         raise scn.ScenarioError(f"{sc.source}: field 'kind': '{sc.kind}' scenario; use `dsref sim {sc.kind}`")
     if args.scale != 1:
         sc = serve.scaled(sc, args.scale)
+    _check_requests(args, sc)
     progress = not args.json
     if args.sweep:
         res = serve.sweep(sc, duration_s=args.duration, seed=args.seed, progress=progress)
         if args.plot:
             from dsref.sim.sim_plots import plot_sweep
             plot_sweep(res, args.plot)
+        for r in res:
+            r["warnings"] = steady_state_warnings(r)
+            for w in r["warnings"]:
+                print(f"dsref: warning: rate x {r['rate_factor']:g}: {w}", file=sys.stderr)
         if args.json:
             print(json.dumps([{k: v for k, v in r.items() if k != "queue_samples"} for r in res], default=float))
         else:
@@ -71,10 +115,28 @@ def cmd_serve(args) -> int:
     sim = serve.ServeSim(sc, duration_s=args.duration, seed=args.seed, record=bool(args.trace or args.plot),
                          progress=progress)
     r = sim.run()
+    r["warnings"] = steady_state_warnings(r)
+    for w in r["warnings"]:
+        print(f"dsref: warning: {w}", file=sys.stderr)
     from dsref.sim import trace
     from dsref.sim.cli import emit_outputs
     return emit_outputs(args, r, _print_serve, lambda path: trace.write(path, trace.serve_trace(sim)),
                         lambda path: _plot(sim, r, path))
+
+
+def _check_requests(args, sc) -> None:
+    """Refuse a run that would draw more than MAX_REQUESTS requests (rate x duration), before drawing."""
+    if sc.workload.arrival == "trace":
+        return  # the trace file bounds the requests
+    duration = args.duration if args.duration is not None else sc.duration_s
+    factor = SWEEP_MAX_FACTOR if args.sweep else 1.0
+    n = sc.workload.rate_per_s * factor * duration
+    if n > MAX_REQUESTS:
+        opts = "--rate x --duration" + (" x --scale" if args.scale != 1 else "") + (" x 1.5 (--sweep)" if args.sweep
+                                                                                   else "")
+        raise ValueError(f"{opts}: {sc.workload.rate_per_s * factor:,g} requests/s for {duration:,g} s draws "
+                         f"{n:,.0f} requests, more than the {MAX_REQUESTS:,} one run takes (memory and time grow "
+                         "with the requests); shorten --duration or lower --rate")
 
 
 def _plot(sim, r, path):
@@ -90,10 +152,15 @@ def register(sim_subparsers) -> None:
                     "percentiles, utilisation, queues and cost.")
     p.add_argument("--scenario", help="built-in scenario name or path to a .toml file")
     p.add_argument("--list", action="store_true", help="list the built-in scenarios")
-    p.add_argument("--duration", type=float, default=None, help="simulated seconds (default: the scenario's)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: the scenario's)")
-    p.add_argument("--rate", type=float, default=None, help="request rate per second (overrides the scenario)")
-    p.add_argument("--scale", type=int, default=1, help="multiply the instances and the request rate")
+    from dsref.sim.cli import bounded_int, nonneg_int, positive_float
+    p.add_argument("--duration", type=positive_float(MAX_DURATION_S, "one simulated day; the simulation's cost "
+                                                     "grows with every step and request"),
+                   default=None, help=f"simulated seconds, > 0 and <= {MAX_DURATION_S:,.0f} (default: the scenario's)")
+    p.add_argument("--seed", type=nonneg_int, default=None, help="random seed >= 0 (default: the scenario's)")
+    p.add_argument("--rate", type=positive_float(), default=None,
+                   help="request rate per second, > 0 (overrides the scenario)")
+    p.add_argument("--scale", type=bounded_int(MAX_SCALE, "beyond any deployed system"), default=1,
+                   help=f"multiply the instances and the request rate (1..{MAX_SCALE})")
     p.add_argument("--sweep", action="store_true", help="load sweep (0.25x..1.5x the rate): throughput vs TPOT")
     p.add_argument("--json", action="store_true", help="print one JSON object (no progress bar)")
     p.add_argument("--trace", metavar="OUT.json", help="write a Chrome/Perfetto trace of the run")

@@ -26,14 +26,25 @@ def cmd_train(args) -> int:
     from dsref.sim import train
     if not args.scenario:
         raise scn.ScenarioError("<command line>: field 'scenario': give --scenario NAME|FILE")
+    from dsref.sim.cli import check_out_path
+    check_out_path("--trace", args.trace)
+    check_out_path("--plot", args.plot)
     over: dict = {}
     if args.nodes is not None:
         over["nodes"] = args.nodes
     if args.schedule:
         over["schedule"] = args.schedule
-    sc = scn.load(args.scenario, over or None)
+    sc = scn.load(args.scenario)
     if sc.kind != "train":
         raise scn.ScenarioError(f"{sc.source}: field 'kind': '{sc.kind}' scenario; use `dsref sim {sc.kind}`")
+    if args.nodes is not None:
+        from dsref.sim.deployment import resolve
+        cluster = resolve(sc).cluster
+        if cluster is not None and args.nodes > cluster.num_nodes:
+            raise ValueError(f"--nodes {args.nodes}: system {sc.system} has {cluster.num_nodes} nodes "
+                             f"(--nodes 1..{cluster.num_nodes}; default: all of them)")
+    if over:
+        sc = sc.with_overrides(over)
     sim = train.TrainSim(sc, record=bool(args.trace or args.plot))
     r = sim.run()
     from dsref.sim import trace
@@ -53,7 +64,9 @@ def register(sim_subparsers) -> None:
         description="Simulate one training step of SCENARIO at micro-batch granularity and extrapolate to the "
                     "scenario's token budget: step time, bubble, MFU, device-hours, cost.")
     p.add_argument("--scenario", help="built-in scenario name or path to a .toml file")
-    p.add_argument("--nodes", type=int, default=None, help="number of nodes (default: the whole system)")
+    from dsref.sim.cli import positive_int
+    p.add_argument("--nodes", type=positive_int, default=None,
+                   help="number of nodes, >= 1 and at most the system's (default: the whole system)")
     p.add_argument("--schedule", choices=("dualpipe", "1f1b"), help="override the pipeline schedule")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--trace", metavar="OUT.json", help="write a Chrome/Perfetto trace of the pipeline")
