@@ -6,11 +6,24 @@ or errors, 2 bad input (missing file, not safetensors, shape mismatch, bad token
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 _DTYPES = ("float32", "bf16", "fp8", "float64")
+
+
+def _tolerance(s: str) -> float:
+    """--rtol / --atol: a finite number >= 0 (0 demands exact equality)."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {s!r}")
+    return v
 
 
 def _overrides(args) -> dict[str, float]:
@@ -20,31 +33,91 @@ def _overrides(args) -> dict[str, float]:
         out["rel"] = args.rtol
     if getattr(args, "atol", None) is not None:
         out["atol"] = args.atol
+    from dsref.reference.oracle.compare import check_tolerance
     for item in getattr(args, "tol", None) or []:
         key, sep, val = item.partition("=")
         try:
             if not sep:
                 raise ValueError
-            out[key.strip()] = float(val)
+            v = float(val)
         except ValueError:
             raise OracleError(f"--tol {item!r}: expected NAME=NUMBER, e.g. rel=1e-3, cos=0.999, "
                               "routing=0.02, logits.rel=2e-2") from None
+        try:
+            out[key.strip()] = check_tolerance(key.strip(), v)
+        except OracleError as e:
+            raise OracleError(f"--tol {item!r}: {e}") from None
     return out
 
 
 def _add_tol_args(p):
-    p.add_argument("--rtol", type=float, help="max relative error max|ref-cand|/max|ref| for every tensor")
-    p.add_argument("--atol", type=float, help="max absolute error for every tensor (default: not checked)")
+    p.add_argument("--rtol", type=_tolerance, help="max relative error max|ref-cand|/max|ref| for every tensor "
+                   "(finite, >= 0)")
+    p.add_argument("--atol", type=_tolerance, help="max absolute error for every tensor, finite, >= 0 "
+                   "(default: not checked)")
     p.add_argument("--tol", action="append", metavar="NAME=VAL",
                    help="one tolerance: rel, cos, routing, atol, or per tensor kind (logits.rel, hidden.cos, "
                         "topk_ids.routing, ...); repeatable")
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def load_tokens_checked(path: str, vocab_size: int):
+    """Token ids [batch, seq] from ``path`` for a model of ``vocab_size``; OracleError naming the file
+    for anything else: not a file, not a .npy (a text file), a non-integer or object dtype, ids < 0 or
+    >= vocab_size (checked in the file's own dtype, so uint64 ids are not wrapped)."""
+    import numpy as np
+
+    from dsref.reference.oracle import golden
+    from dsref.reference.oracle.golden import OracleError
+    p = Path(path)
+    if not str(path).strip():
+        raise OracleError("--tokens: empty file name")
+    if p.is_dir():
+        raise OracleError(f"--tokens {p}: is a directory; give a .npy file of integer token ids [batch, seq]")
+    if p.is_file():
+        with p.open("rb") as f:
+            head = f.read(len(_NPY_MAGIC))
+        if head != _NPY_MAGIC:
+            raise OracleError(f"--tokens {p}: not a .npy integer array (no .npy header: a text or other file); "
+                              "save the ids with np.save(path, np.asarray(ids, np.int32))")
+    raw = None
+    if p.is_file():
+        try:
+            raw = np.load(p, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError):
+            pass  # golden.load_tokens below names the problem (object arrays: never unpickled)
+    if isinstance(raw, np.ndarray):
+        if raw.dtype.kind not in "iu":
+            raise OracleError(f"--tokens {p}: not a .npy integer array (dtype {raw.dtype}); save the ids with "
+                              "np.save(path, np.asarray(ids, np.int32))")
+        if raw.ndim == 2 and raw.size:
+            lo, hi = raw.min(), raw.max()  # in the file's dtype: uint64 ids >= 2^63 stay what they are
+            if lo < 0 or hi >= vocab_size:
+                raise OracleError(f"--tokens {p}: token ids must lie in [0, {vocab_size}) (the model's vocab_size), "
+                                  f"got min {lo} max {hi} (dtype {raw.dtype})")
+    return golden.load_tokens(p)  # shape, object arrays, missing file: its own messages
+
+
 def cmd_golden(args) -> int:
     from dsref.reference.checkpoint import read_config
     from dsref.reference.oracle import golden
-    tokens = golden.load_tokens(args.tokens)
-    golden.check_tokens(tokens, read_config(args.checkpoint), str(args.tokens))
+    from dsref.reference.oracle.golden import OracleError
+    out_path = Path(args.out)
+    if not str(args.out).strip():
+        raise OracleError("--out: empty file name")
+    if out_path.is_dir():
+        raise OracleError(f"--out {args.out}: is a directory; give a .safetensors file name")
+    if not out_path.parent.is_dir():
+        raise OracleError(f"--out {args.out}: directory {out_path.parent} does not exist")
+    ck = Path(args.checkpoint)
+    if not str(args.checkpoint).strip() or not ck.is_dir():
+        raise OracleError(f"--checkpoint {args.checkpoint}: not a directory; give a checkpoint directory "
+                          "(config.json + safetensors)")
+    cfg = read_config(args.checkpoint)
+    tokens = load_tokens_checked(args.tokens, cfg.vocab_size)
+    golden.check_tokens(tokens, cfg, str(args.tokens))
     out = golden.write_golden(args.checkpoint, tokens, args.out, args.dtype)
     t, _ = golden.read_dump(out)
     print(f"wrote {out}: {len(t)} tensors ({args.dtype}), logits {list(t['logits'].shape)}")
@@ -53,6 +126,10 @@ def cmd_golden(args) -> int:
 
 def cmd_compare(args) -> int:
     from dsref.reference.oracle import compare
+    from dsref.reference.oracle.golden import OracleError
+    for what, path in (("REFERENCE", args.reference), ("CANDIDATE", args.candidate)):
+        if not str(path).strip():
+            raise OracleError(f"{what}: empty file name; give a .safetensors dump")
     rep = compare.compare_files(args.reference, args.candidate, args.dtype, _overrides(args))
     if args.json:
         print(json.dumps(rep.to_json(), indent=2))

@@ -70,6 +70,8 @@ class TensorResult:
     compared_tokens: int | None = None
     limits: dict[str, float | None] = field(default_factory=dict)
     why: str = ""
+    compared: bool = True             # False: nothing of it was compared (e.g. no token routed the same)
+    nonfinite: dict[str, int] | None = None  # NaN / Inf counts of a tensor that has any (a failure)
 
 
 @dataclass
@@ -91,17 +93,35 @@ class Report:
         return json.loads(json.dumps(d, default=float))
 
 
+_TOL_RANGES = {"rel": (0.0, math.inf, "a finite number >= 0"), "atol": (0.0, math.inf, "a finite number >= 0"),
+               "cos": (-1.0, 1.0, "in [-1, 1] (a cosine similarity)"),
+               "routing": (0.0, 1.0, "in [0, 1] (a share of tokens)")}
+
+
+def check_tolerance(key: str, value) -> float:
+    """The tolerance ``key`` (rel, cos, routing, atol, or KIND.rel etc.) as a float; OracleError naming
+    the key for a non-number, NaN/Inf or a value outside its range (e.g. a negative rel)."""
+    base = key.split(".")[-1]
+    if base not in _TOL_RANGES:
+        raise OracleError(f"unknown tolerance {key!r}: use rel, cos, routing, atol or KIND.rel etc. "
+                          f"(KIND one of logits, {', '.join(KINDS)})")
+    if "." in key and key.split(".")[0] not in ("logits", *KINDS):
+        raise OracleError(f"unknown tensor kind in tolerance {key!r}")
+    lo, hi, what = _TOL_RANGES[base]
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise OracleError(f"tolerance {key!r} must be {what}, got {value!r}") from None
+    if not (math.isfinite(v) and lo <= v <= hi):
+        raise OracleError(f"tolerance {key!r} must be {what}, got {value!r}")
+    return v
+
+
 def resolve_tolerances(dtype: str, overrides: dict[str, float] | None = None) -> dict[str, Any]:
     """Defaults for dtype, then overrides: 'rel', 'cos', 'routing', 'atol', or per kind 'KIND.rel' etc."""
     tol: dict[str, Any] = dict(TOLERANCES[normalize_dtype(dtype)])
     for k, v in (overrides or {}).items():
-        base = k.split(".")[-1]
-        if base not in ("rel", "cos", "routing", "atol"):
-            raise OracleError(f"unknown tolerance {k!r}: use rel, cos, routing, atol or KIND.rel etc. "
-                              f"(KIND one of logits, {', '.join(KINDS)})")
-        if "." in k and k.split(".")[0] not in ("logits", *KINDS):
-            raise OracleError(f"unknown tensor kind in tolerance {k!r}")
-        tol[k] = float(v)
+        tol[k] = check_tolerance(k, v)
     return tol
 
 
@@ -125,6 +145,13 @@ def _float_stats(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
     else:
         cos = float(np.dot(a, b) / (na * nb))
     return max_abs, max_rel, cos
+
+
+def _nonfinite(a: np.ndarray, who: str):
+    """(who, {'NaN': n, 'Inf': m}) when the float tensor ``a`` holds any NaN or Inf, else None."""
+    if a.dtype.kind not in "fc" or np.isfinite(a).all():
+        return None
+    return who, {"NaN": int(np.isnan(a).sum()), "Inf": int(np.isinf(a).sum())}
 
 
 def compare_dumps(ref: dict[str, np.ndarray], cand: dict[str, np.ndarray], dtype: str = "float32",
@@ -173,8 +200,16 @@ def compare_dumps(ref: dict[str, np.ndarray], cand: dict[str, np.ndarray], dtype
                 keep = ~flipped
                 a, b = a.reshape(flipped.size, -1)[keep], b.reshape(flipped.size, -1)[keep]
                 r.compared_tokens = int(keep.sum())
-            if a.size == 0:
-                r.why = "no token with the same expert set: weights not compared"
+            bad_vals = _nonfinite(a, "reference") or _nonfinite(b, "candidate")
+            if bad_vals is not None:
+                who, counts = bad_vals
+                r.ok, r.nonfinite = False, counts
+                r.why = (f"{who} has " + " and ".join(f"{n:,} {k}" for k, n in counts.items() if n)
+                         + f" value{'s' if sum(counts.values()) > 1 else ''} (of {a.size:,})")
+            elif a.size == 0:
+                r.compared = False
+                r.why = ("no token routed the same so far" if kind != "topk_weights" else
+                         "no token with the same expert set")
             else:
                 r.max_abs, r.max_rel, r.cosine = _float_stats(a, b)
                 r.limits = {w: _limit(tol, kind, w) for w in ("rel", "cos", "atol")}
@@ -226,17 +261,21 @@ def format_report(rep: Report) -> str:
                                                  is not None else "") + ")",
              f"{'tensor':<26} {'max abs':>10} {'max rel':>10} {'cosine':>12} {'routing':>8}  ok"]
     for r in rep.tensors:
-        f = lambda v, p: "-" if v is None else format(v, p)  # noqa: E731
+        f = lambda v, p: "-".rjust(int(p.split(".")[0])) if v is None else format(v, p)  # noqa: E731
         lines.append(f"{r.name:<26} {f(r.max_abs, '10.3e')} {f(r.max_rel, '10.3e')} {f(r.cosine, '12.9f')} "
-                     f"{f(r.routing_mismatch, '8.3f')}  {'ok' if r.ok else 'FAIL ' + r.why}")
+                     f"{f(r.routing_mismatch, '8.3f')}  "
+                     f"{('ok' if r.compared else 'not compared: ' + r.why) if r.ok else 'FAIL ' + r.why}")
     for n in rep.only_in_reference:
         lines.append(f"{n:<26} (missing from candidate: not compared)")
     for note in rep.notes:
         lines.append(f"note: {note}")
+    skipped = sum(not r.compared for r in rep.tensors)
     if rep.ok:
-        lines.append(f"PASS: {len(rep.tensors)} tensors within tolerance")
+        lines.append(f"PASS: {len(rep.tensors) - skipped} tensors within tolerance"
+                     + (f", {skipped} not compared" if skipped else ""))
     else:
         where = f"layer {rep.first_failing_layer}" if rep.first_failing_layer is not None else "the logits"
         lines.append(f"FAIL: first leaves tolerance at {where} ({rep.first_failure}); "
-                     f"{sum(not r.ok for r in rep.tensors)}/{len(rep.tensors)} tensors out of tolerance")
+                     f"{sum(not r.ok for r in rep.tensors)}/{len(rep.tensors)} tensors out of tolerance"
+                     + (f", {skipped} not compared" if skipped else ""))
     return "\n".join(lines)
