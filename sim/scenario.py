@@ -16,6 +16,7 @@ hardware up once (when the scenario is loaded) and checks what needs them.
 
 from __future__ import annotations
 
+import codecs
 import copy
 import math
 import tomllib
@@ -261,6 +262,7 @@ def load(name_or_path: str, overrides: dict | None = None) -> "Scenario":
 # What every scenario must state: what it simulates, which model, on what. The rest has defaults
 # (the classes above), which are only meaningful once these three are chosen.
 REQUIRED = ("kind", "model", "system")
+MAX_SAMPLES = 1_000_000    # queue-length samples per run
 MAX_DURATION_S = 86_400.0  # one simulated day (as `sim serve --duration`; sim/serve_cli.py says why)
 
 
@@ -311,6 +313,10 @@ def _validate_serve(sc: ServeScenario) -> None:
         raise _err(s, "duration_s", f"must be <= {MAX_DURATION_S:,.0f} s (one simulated day; the simulation's "
                    f"cost grows with every step and request), got {sc.duration_s:g}")
     _pos(sc, "seed", sc.seed, True)
+    _pos(sc, "sample_interval_s", sc.sample_interval_s, True)
+    if sc.sample_interval_s and sc.duration_s / sc.sample_interval_s > MAX_SAMPLES:
+        raise _err(s, "sample_interval_s", f"{sc.sample_interval_s:g} s samples a {sc.duration_s:g} s run more than "
+                   f"{MAX_SAMPLES:,} times (each sample is a simulator event); 0 = duration / 200")
     _pos(sc, "device_split", sc.device_split)
     _pos(sc, "ctx_quantum_tokens", sc.ctx_quantum_tokens, True)
     _pos(sc, "scaleup_devices", sc.scaleup_devices, True)
@@ -322,8 +328,17 @@ def _validate_serve(sc: ServeScenario) -> None:
     if w.arrival == "trace":
         if not w.trace:
             raise _err(s, "workload.trace", "arrival = 'trace' needs a JSONL trace file")
-        if not sc.trace_path().exists():
-            raise _err(s, "workload.trace", f"file not found: {sc.trace_path()}")
+        tp = sc.trace_path()
+        if not tp.exists():
+            raise _err(s, "workload.trace", f"file not found: {tp}")
+        if not tp.is_file():
+            raise _err(s, "workload.trace", f"not a file (a directory?): {tp}")
+        with tp.open("rb") as f:
+            head = f.read(4096)
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+        except UnicodeDecodeError:
+            raise _err(s, "workload.trace", f"not a JSONL text file (not UTF-8): {tp}") from None
     else:
         _pos(sc, "workload.rate_per_s", w.rate_per_s)
     if not 0.0 <= w.prefix_cache_hit_rate < 1.0:

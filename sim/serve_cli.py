@@ -19,7 +19,6 @@ MAX_SCALE = 1024  # --scale: instances and rate x 1024 is beyond any deployed sy
 # Steady-state check: a run whose admitted requests are still more than this share unfinished
 # at the end reports warm-up (or overload) figures.
 UNFINISHED_WARN = 0.10
-SWEEP_MAX_FACTOR = 1.5
 
 
 def steady_state_warnings(r: dict) -> list[str]:
@@ -129,11 +128,16 @@ def _check_requests(args, sc) -> None:
     if sc.workload.arrival == "trace":
         return  # the trace file bounds the requests
     duration = args.duration if args.duration is not None else sc.duration_s
-    factor = SWEEP_MAX_FACTOR if args.sweep else 1.0
+    factor = 1.0
+    if args.sweep:  # the sweep's runs draw the rate x each factor, one after the other
+        import inspect
+
+        from dsref.sim import serve
+        factor = float(sum(inspect.signature(serve.sweep).parameters["factors"].default))
     n = sc.workload.rate_per_s * factor * duration
     if n > MAX_REQUESTS:
-        opts = "--rate x --duration" + (" x --scale" if args.scale != 1 else "") + (" x 1.5 (--sweep)" if args.sweep
-                                                                                   else "")
+        opts = "--rate x --duration" + (" x --scale" if args.scale != 1 else "") + (
+            f" x {factor:g} (--sweep: the sum of its rate factors)" if args.sweep else "")
         raise ValueError(f"{opts}: {sc.workload.rate_per_s * factor:,g} requests/s for {duration:,g} s draws "
                          f"{n:,.0f} requests, more than the {MAX_REQUESTS:,} one run takes (memory and time grow "
                          "with the requests); shorten --duration or lower --rate")

@@ -66,6 +66,10 @@ def work(tmp_path, monkeypatch):
                                         'mode = "aggregated"\nduration_s = 1e9\n')
     (tmp_path / "tr.toml").write_text('kind = "train"\nmodel = "deepseek-v2-lite"\nsystem = "h800-cluster-2048"\n'
                                       "nodes = 1000\n")
+    base = 'kind = "serve"\nmodel = "deepseek-v2-lite"\nsystem = "h800-node"\nmode = "aggregated"\n'
+    (tmp_path / "samp.toml").write_text(base + "sample_interval_s = 1e-9\n")
+    (tmp_path / "trdir.toml").write_text(base + '[workload]\narrival = "trace"\ntrace = "adir"\n')
+    (tmp_path / "trbin.toml").write_text(base + '[workload]\narrival = "trace"\ntrace = "toks.npy"\n')
     (tmp_path / "toks.txt").write_text("1 2 3\n")
     np.save(tmp_path / "toks.npy", np.array([[1, 2, 3]], np.uint64))
     np.save(tmp_path / "u64.npy", np.array([[1, 2**63 + 5]], np.uint64))
@@ -126,6 +130,10 @@ CASES = [
     (["sim", "serve", "--scenario", "toks.npy"], "toks.npy: field 'toml'"),
     (["sim", "serve", "--scenario", ""], "--scenario"),
     (["sim", "serve", "--scenario", "nosuch"], "nosuch: field 'scenario': unknown scenario"),
+    (["sim", "serve", "--scenario", "samp.toml"], "samp.toml: field 'sample_interval_s'"),
+    (["sim", "serve", "--scenario", "trdir.toml"], "trdir.toml: field 'workload.trace': not a file"),
+    (["sim", "serve", "--scenario", "trbin.toml"], "trbin.toml: field 'workload.trace': not a JSONL text file"),
+    (["sim", "serve", "--scenario", "deepseek-day6", "--sweep", "--duration", "20000"], "--sweep"),
     (SERVE + ["--trace", "adir"], "--trace adir: is a directory"),
     (SERVE + ["--plot", "nodir/x.png"], "--plot nodir/x.png"),
     (SERVE + ["--trace", ""], "--trace: empty"),
