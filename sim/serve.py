@@ -582,8 +582,8 @@ class ServeSim:
             raise ScenarioError(f"{sc.source}: field 'kind': expected a serve scenario, got {sc.kind!r}")
         self.sc = sc
         self.duration = float(duration_s if duration_s is not None else sc.duration_s)
-        if self.duration <= 0:
-            raise ScenarioError(f"{sc.source}: field 'duration_s': must be > 0")
+        if not (math.isfinite(self.duration) and self.duration > 0):  # nan fails every comparison
+            raise ScenarioError(f"{sc.source}: field 'duration_s': must be finite and > 0, got {self.duration}")
         self.seed = int(seed if seed is not None else sc.seed)
         self.progress = progress
         self.prefill_service = prefill_service
