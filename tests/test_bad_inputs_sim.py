@@ -77,6 +77,7 @@ def work(tmp_path, monkeypatch):
     np.save(tmp_path / "neg.npy", np.array([[-1, 2]]))
     np.save(tmp_path / "oob.npy", np.array([[1, 100_000]]))
     np.save(tmp_path / "ok.npy", np.array([[1, 2]], np.int32))
+    np.save(tmp_path / "long.npy", np.zeros((1, 65), np.int32))  # the kit checkpoint: 64 positions
     return tmp_path
 
 
@@ -175,6 +176,8 @@ CASES = [
     (["golden", "--checkpoint", "{ck}", "--out", "o.safetensors", "--tokens", "neg.npy"], "neg.npy: token ids"),
     (["golden", "--checkpoint", "{ck}", "--out", "o.safetensors", "--tokens", "oob.npy"], "oob.npy: token ids"),
     (["golden", "--checkpoint", "{ck}", "--out", "o.safetensors", "--tokens", "adir"], "--tokens adir"),
+    (["golden", "--checkpoint", "{ck}", "--out", "o.safetensors", "--tokens", "long.npy"],
+     "--tokens long.npy: sequence length 65 exceeds the model's max_position_embeddings 64"),
     (["golden", "--checkpoint", "{ck}", "--out", "o.safetensors", "--tokens", ""], "--tokens: empty"),
     (["golden", "--checkpoint", "{ck}", "--out", "adir", "--tokens", "ok.npy"], "--out adir"),
     (["golden", "--checkpoint", "{ck}", "--out", "nodir/o.safetensors", "--tokens", "ok.npy"], "--out nodir"),

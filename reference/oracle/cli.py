@@ -117,7 +117,7 @@ def cmd_golden(args) -> int:
                           "(config.json + safetensors)")
     cfg = read_config(args.checkpoint)
     tokens = load_tokens_checked(args.tokens, cfg.vocab_size)
-    golden.check_tokens(tokens, cfg, str(args.tokens))
+    golden.check_tokens(tokens, cfg, f"--tokens {args.tokens}")  # ids and length <= max_position_embeddings
     out = golden.write_golden(args.checkpoint, tokens, args.out, args.dtype)
     t, _ = golden.read_dump(out)
     print(f"wrote {out}: {len(t)} tensors ({args.dtype}), logits {list(t['logits'].shape)}")

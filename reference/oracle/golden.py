@@ -81,9 +81,15 @@ def load_tokens(path: str | Path) -> np.ndarray:
 
 
 def check_tokens(tokens: np.ndarray, cfg: ModelConfig, source: str = "tokens") -> None:
+    """Token ids [batch, seq] the model can run: ids in [0, vocab_size), seq <= max_position_embeddings."""
     if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
         raise OracleError(f"{source}: token ids must lie in [0, {cfg.vocab_size}) (vocab_size), "
                           f"got min {tokens.min()} max {tokens.max()}")
+    seq = tokens.shape[-1]
+    if seq > cfg.max_position_embeddings:
+        raise OracleError(f"{source}: sequence length {seq} exceeds the model's max_position_embeddings "
+                          f"{cfg.max_position_embeddings}; give at most {cfg.max_position_embeddings} tokens "
+                          "per sequence")
 
 
 # ------------------------------------------------------------------ running the reference
