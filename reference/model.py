@@ -21,7 +21,6 @@ n nope dim, p rope dim, a value dim, r latent rank, e experts, f ffn, v vocab.
 
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -31,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from dsref.reference.config import ModelConfig
+from dsref.reference.dispatch import expert_window_rows as block_size
 from dsref.reference.numpy_ref import rope_frequencies
 from dsref.reference.params import EMBED, FINAL_NORM, ROUTED_EXPERT, Tensor, head_name, tensors
 
@@ -369,12 +369,6 @@ def route(w, cfg: ModelConfig, x):
 
 def swiglu(x, wg, wu, wd, prec):
     return linear(jax.nn.silu(linear(x, wg, prec)) * linear(x, wu, prec), wd, prec)
-
-
-def block_size(num_assignments: int, num_experts: int) -> int:
-    """Rows per expert GEMM window: ~the mean rows per expert, a power of two in [1, 128]."""
-    mean = max(1, num_assignments // num_experts)
-    return int(min(128, 2 ** math.floor(math.log2(mean))))
 
 
 def routed_experts(w, x, ids, wts, num_experts: int, prec):

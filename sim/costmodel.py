@@ -46,6 +46,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from dsref.reference.config import ModelConfig
+from dsref.reference.dispatch import expert_window_rows
 from dsref.reference.params import EMBED, FINAL_NORM, ROUTED_EXPERT, ROUTER, head_name, tensors
 from dsref.sim import moe_stats
 from dsref.sim.quant import Quant, get_quant, tensor_bytes
@@ -261,16 +262,6 @@ def routed_expert_flops(cfg: ModelConfig, rows: float) -> float:
     return rows * (3 * 2.0 * D * F + SILU_MUL_FLOPS_PER_ELEM * F)
 
 
-#: Largest routed-expert window (rows per GEMM call) of reference/model.py ``block_size``.
-MAX_EXPERT_WINDOW = 128
-
-
-def expert_window_rows(assignments: float, experts: int) -> int:
-    """Rows per routed-expert GEMM window as reference/model.py ``block_size`` picks them: the
-    mean rows per expert (assignments / experts, floored) rounded down to a power of two, in
-    [1, MAX_EXPERT_WINDOW]."""
-    mean = max(1, int(assignments) // experts)
-    return min(MAX_EXPERT_WINDOW, 1 << (mean.bit_length() - 1))
 
 
 def expected_expert_windows(shares, num_experts: int, k: int, n_tokens: float, window: int) -> float:
@@ -435,27 +426,3 @@ def training_flops_per_token(cfg: ModelConfig, seq: int = 4096, recompute: str =
     ops = training_ops(cfg, "bf16", 1, seq, recompute=recompute, include_optimizer=False)
     return matmul_flops(ops) / seq
 
-
-def weight_bytes_total(cfg: ModelConfig, quant: Quant | str) -> float:
-    """Stored bytes of all main-model weights under ``quant``."""
-    from dsref.sim.quant import model_weight_bytes
-    quant = get_quant(quant) if isinstance(quant, str) else quant
-    return model_weight_bytes(cfg, quant)["total"]
-
-
-def model_summary(cfg: ModelConfig, quant: Quant | str = "bf16", *, context: int = 4096,
-                  train_seq: int = 4096) -> dict:
-    """Whole-model totals: parameters, stored weight bytes, KV bytes per token, and FLOPs and
-    bytes per token of a batch-1 decode step at ``context``, a prefill of ``context`` tokens
-    and a training step (matmul FLOPs, ISCA'25 convention)."""
-    quant = get_quant(quant) if isinstance(quant, str) else quant
-    dec = totals(decode_ops(cfg, quant, 1, context))
-    pre = totals(prefill_ops(cfg, quant, 1, context))
-    pc = cfg.param_counts()
-    return {"model": cfg.name, "quant": quant.name, "total_params": pc["total_params"],
-            "activated_params": pc["activated_params"], "weight_bytes": weight_bytes_total(cfg, quant),
-            "kv_bytes_per_token": cfg.kv_cache_bytes_per_token(quant.kv_bytes),
-            "decode_flops_per_token": dec["flops"], "decode_bytes_per_token": dec["bytes"],
-            "decode_weight_bytes_per_token": dec["weight_bytes"],
-            "prefill_flops_per_token": pre["flops"] / context, "prefill_bytes_per_token": pre["bytes"] / context,
-            "training_flops_per_token": training_flops_per_token(cfg, train_seq)}

@@ -83,8 +83,9 @@ def write_roofline_v3(path: str | Path = DEFAULT_OUT) -> Path:
             if prec not in dev.peak_flops:
                 continue
             peak = dev.peak_flops[prec] * effs["gemm"]  # roof = achievable peak (the label shows it)
+            ridge = roofline.ridge_point(dev, prec)  # where the two roofs meet: peak / bandwidth
             ax.loglog(x, np.minimum(peak, bw * x), ls, color="black", lw=1,
-                      label=f"{prec}: {_rate(peak)}, {bw / 1e9:,.1f} GB/s (peak x eff.)")
+                      label=f"{prec}: {_rate(peak)}, {bw / 1e9:,.1f} GB/s (peak x eff.), ridge {ridge:,.0f} FLOP/B")
         for scen, pts in scenario_points(cfg, dev, quant).items():
             marker, color = _SCENARIO_STYLE[scen]
             xs = [p[1] for p in pts]

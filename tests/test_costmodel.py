@@ -65,13 +65,16 @@ def test_training_convention_is_6n_plus_causal_attention():
     assert costmodel.training_flops_per_token(cfg, seq) == pytest.approx(6 * n_act + 3 * att, rel=1e-9)
 
 
-def test_model_summary_v3():
-    d = costmodel.model_summary(get_preset("deepseek-v3"), "fp8")
-    assert d["kv_bytes_per_token"] == 70_272
+def test_v3_per_token_totals():
+    cfg = get_preset("deepseek-v3")
+    assert cfg.kv_cache_bytes_per_token(2) == 70_272
+    dec = costmodel.totals(costmodel.decode_ops(cfg, "fp8", 1, 4096))
+    active = cfg.param_counts()["activated_params"]
     # Decode FLOPs/token ~ 2 x activated params (+ attention over 4096 keys, absorbed form).
-    assert 2 * d["activated_params"] < d["decode_flops_per_token"] < 2.5 * 2 * d["activated_params"]
-    assert d["decode_weight_bytes_per_token"] < d["weight_bytes"] / 10  # only the touched experts
-    assert d["training_flops_per_token"] == pytest.approx(250e9, rel=0.01)
+    assert 2 * active < dec["flops"] < 2.5 * 2 * active
+    stored = model_weight_bytes(cfg, get_quant("fp8"))["total"]
+    assert dec["weight_bytes"] < stored / 10  # only the touched experts
+    assert costmodel.training_flops_per_token(cfg, 4096) == pytest.approx(250e9, rel=0.01)
 
 
 def test_recomputation_adds_forward_work():

@@ -136,14 +136,21 @@ def test_costmodel_records_gemm_rows():
 
 
 def test_expert_windows_follow_the_reference():
-    from dsref.reference.model import block_size
+    """One window size for the JAX model and the cost model (reference.dispatch): the mean rows
+    per expert rounded down to a power of two, in [1, 128]."""
+    import math
+
+    from dsref.reference import model
+    from dsref.reference.dispatch import expert_window_rows
+    assert model.block_size is expert_window_rows
     for A in (1, 3, 4, 31, 32, 100, 512, 4096, 10**5):
         for E in (1, 8, 32, 256):
-            assert costmodel.expert_window_rows(A, E) == block_size(A, E)
+            mean = max(1, A // E)
+            assert expert_window_rows(A, E) == min(128, 2 ** math.floor(math.log2(mean)))
     # expected windows vs a seeded Monte-Carlo of uniform top-k routing
     rng = np.random.default_rng(0)
     E, k, M = 32, 4, 128
-    C = costmodel.expert_window_rows(M * k, E)
+    C = expert_window_rows(M * k, E)
     sampled = []
     for _ in range(400):
         ids = np.argsort(rng.random((M, E)), axis=1)[:, :k]
