@@ -247,9 +247,16 @@ class ReferenceEngine:
         return run_reference(checkpoint, tokens, self._run_dtype)
 
 
+# An engine command that exits with this status and writes a line starting "unsupported:" to stderr
+# cannot run the checkpoint at all: the case is UNSUPPORTED (reported with that line), not ERROR.
+# Both are required, so a command that merely crashes with status 3 is still an ERROR.
+UNSUPPORTED_EXIT = 3
+
+
 class CommandEngine:
     """An external engine run as a command; the template names {checkpoint}, {tokens} and {out}
-    (a .safetensors dump to write)."""
+    (a .safetensors dump to write). Exit 0: the dump is graded; exit UNSUPPORTED_EXIT with an
+    ``unsupported: <reason>`` line on stderr: UNSUPPORTED; any other non-zero exit: ERROR."""
 
     def __init__(self, template: str, dtype: str = "float32", timeout: float = 600.0):
         for key in ("{checkpoint}", "{tokens}", "{out}"):
@@ -266,6 +273,10 @@ class CommandEngine:
             cmd = self.template.format(checkpoint=shlex.quote(str(checkpoint)), tokens=shlex.quote(str(tok)),
                                        out=shlex.quote(str(out)))
             p = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=self.timeout)
+            if p.returncode == UNSUPPORTED_EXIT:
+                why = [ln for ln in p.stderr.splitlines() if ln.startswith("unsupported:")]
+                if why:
+                    raise EngineUnsupported(why[-1][len("unsupported:"):].strip())
             if p.returncode != 0:
                 raise RuntimeError(f"engine command exited {p.returncode}: {cmd}\n{p.stderr[-2000:]}")
             tensors, _ = read_dump(out)

@@ -15,6 +15,14 @@ and the dump names (oracle.golden) are taken with forward hooks:
 
 Checkpoints transformers cannot load here (e.g. FP8 on a machine without a GPU
 and without ``accelerate``) raise ``EngineUnsupported`` with transformers' reason.
+
+As a command (the ``--engine-cmd`` contract of oracle.conformance.CommandEngine)::
+
+    python -m dsref.reference.oracle.hf_adapter --checkpoint DIR --tokens TOKENS.npy --out DUMP.safetensors
+
+writes the dump with golden-style metadata (dtype float32, config_hash, tokens_sha256);
+exit 0 written, 2 bad input, 3 with ``unsupported: <reason>`` on stderr when transformers
+cannot load the checkpoint (graded UNSUPPORTED, as the in-process engine is).
 """
 
 from __future__ import annotations
@@ -89,3 +97,51 @@ class TransformersEngine:
 
     def __call__(self, checkpoint: Path, tokens: np.ndarray) -> dict[str, np.ndarray]:
         return dump(load_model(checkpoint), tokens)
+
+
+def main(argv=None) -> int:
+    """``python -m dsref.reference.oracle.hf_adapter --checkpoint DIR --tokens T.npy --out D.safetensors``."""
+    import argparse
+    import sys
+
+    from dsref.reference.checkpoint import CheckpointError, read_config
+    from dsref.reference.oracle import conformance
+    from dsref.reference.oracle.golden import OracleError, check_tokens, golden_metadata, load_tokens, write_dump
+    p = argparse.ArgumentParser(
+        prog="python -m dsref.reference.oracle.hf_adapter",
+        description="Run Hugging Face transformers (float32, eager attention, CPU) on token ids and write a "
+                    "dump that `dsref compare` and the conformance kit grade. Exit 0 written, 2 bad input, "
+                    f"{conformance.UNSUPPORTED_EXIT} when transformers cannot load the checkpoint.",
+        epilog="example:\n  dsref conformance run KIT --engine-cmd \"python -m dsref.reference.oracle.hf_adapter "
+               "--checkpoint {checkpoint} --tokens {tokens} --out {out}\"",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (config.json + safetensors)")
+    p.add_argument("--tokens", required=True, help="token ids [batch, seq], integer .npy")
+    p.add_argument("--out", required=True, help="output .safetensors dump")
+    args = p.parse_args(argv)
+    prog = "hf_adapter"
+    try:
+        cfg = read_config(args.checkpoint)
+        tokens = load_tokens(args.tokens)
+        check_tokens(tokens, cfg, f"--tokens {args.tokens}")
+        try:
+            import transformers
+            transformers.utils.logging.disable_progress_bar()  # stderr stays the reason, not a progress bar
+        except ImportError as e:
+            print(f"{prog}: error: needs torch and transformers ({e})", file=sys.stderr)
+            return 2
+        out = dump(load_model(args.checkpoint), tokens)
+        write_dump(out, args.out, golden_metadata(cfg, tokens, "float32",
+                                                  engine=f"transformers-{transformers.__version__}"))
+    except conformance.EngineUnsupported as e:
+        print(f"unsupported: {e}", file=sys.stderr)
+        return conformance.UNSUPPORTED_EXIT
+    except (OracleError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())
