@@ -1,14 +1,15 @@
 """dsref: the DeepSeek-V3 family reference model, its correctness oracle, and a simulator
 of what it costs to run.
 
-    dsref info MODEL [--json]              parameters, KV cache, architecture, self-check
+    dsref info MODEL                       parameters, KV cache, architecture, self-check
+    dsref init-checkpoint --preset P ...   a small random checkpoint to try everything on
     dsref generate --checkpoint DIR        text out of a Hugging Face checkpoint
     dsref golden / compare / conformance   the correctness oracle for other engines
     dsref hw list|show|probe               the hardware catalog
-    dsref sim local|serve|train            the cost model and the SimPy simulator
+    dsref sim local|serve|train            the cost model and the serving/training simulator
     dsref validate                         the simulator against published measurements
 
-Run `dsref COMMAND --help` for each command's options.
+Run `dsref COMMAND --help` for each command's options and an example.
 """
 # The root lives here because experiments is the top layer: it imports reference, hwmodels
 # and sim, and nothing imports it. Each package's CLI module adds its own subcommands with
@@ -28,15 +29,24 @@ from dsref.reference import generate_cli, init_checkpoint
 from dsref.reference.oracle import cli as oracle_cli
 from dsref.sim import cli as sim_cli
 
+# `dsref validate` runs every experiment of experiments/registry.py against the claims in
+# experiments/data/public_claims.json (dsref.experiments.validate.main). The docs are regenerated
+# with `dsref validate --out-dir docs` (add --closed-loop to remeasure the closed loop).
 DESCRIPTION = """\
-Run every experiment (experiments/registry.py) against the published claims shipped in
-experiments/data/public_claims.json: prints id, predicted, published, unit, signed error, and the
-median and largest |error|. Writes files only with --out-dir: <out-dir>/validation.md,
-validation.json and img/validation_*.png (and, with --whatif, the what-if pages); without it
-nothing is written. The repository's docs are regenerated with `dsref validate --out-dir docs`
-(add --closed-loop to remeasure the closed loop). Without --closed-loop, the closed-loop result
-stored in <out-dir>/validation.json is kept and printed, labelled as stored with the date it was
-measured."""
+Compare the simulator's predictions with the published figures they model (DeepSeek's reports,
+vendor and third-party measurements): prints, per claim, the predicted and the published value,
+the unit and the signed error, then the median and the largest |error|.
+
+Nothing is written unless --out-dir is given; then DIR/validation.md, DIR/validation.json and
+DIR/img/validation_*.png (with --whatif also the what-if pages). The closed loop (this machine
+probed, the JAX model timed against the local cost model) runs only with --closed-loop; without
+it, the closed-loop result stored in DIR/validation.json is printed, labelled as stored with the
+date it was measured."""
+
+EPILOG = """\
+example:
+  dsref validate                      # print the comparison, write nothing
+  dsref validate --out-dir docs       # regenerate docs/validation.md and its plots"""
 
 
 def cmd_validate(args) -> int:
@@ -47,23 +57,24 @@ def cmd_validate(args) -> int:
 
 def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true",
-                   help='print {"claims": [...], "median_abs_error", "max_abs_error", "closed_loop", ...} '
+                   help="print one JSON object: the claims, median_abs_error, max_abs_error, closed_loop, ... "
                         "(no progress bar)")
     p.add_argument("--out-dir", default=None, metavar="DIR",
                    help="write validation.md, validation.json and img/validation_*.png under DIR "
-                        "(the repo's: docs); default: write nothing")
+                        "(the repository's are in docs); without it nothing is written")
     p.add_argument("--closed-loop", action="store_true",
-                   help="also probe this machine and run the JAX reference (small-v3) vs sim.local (slow)")
+                   help="also probe this machine and time the JAX model (small-v3) against the local cost "
+                        "model (slow)")
     p.add_argument("--whatif", action="store_true",
                    help="also write the what-if pages (DIR/whatif-*.md; needs --out-dir)")
-    p.add_argument("--fast", action="store_true", help="short simulations and a tiny closed loop (for tests)")
+    p.add_argument("--fast", action="store_true", help="short simulations and a tiny closed loop (quick check)")
 
 
 def register(subparsers) -> None:
-    import argparse
+    from dsref.reference.cli_help import HelpFormatter
     p = subparsers.add_parser(
-        "validate", help="compare simulated figures with the published claims (--out-dir docs: docs/validation.md)",
-        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "validate", help="compare simulated figures with the published measurements",
+        description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter)
     add_arguments(p)
     p.set_defaults(func=cmd_validate)
 
@@ -76,8 +87,9 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dsref", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from dsref.reference.cli_help import HelpFormatter
+    p = argparse.ArgumentParser(prog="dsref", description=__doc__, epilog="example:\n  dsref info deepseek-v3",
+                                formatter_class=HelpFormatter)
     p.add_argument("--version", action="version", version=f"dsref {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for module in (info_cli, generate_cli, init_checkpoint, oracle_cli, hw_cli, sim_cli):  # help order

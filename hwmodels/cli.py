@@ -254,30 +254,46 @@ def cmd_hw_help(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``hw`` subcommand (list / show / probe) to a CLI."""
+    from dsref.reference.cli_help import HelpFormatter
     hw = subparsers.add_parser(
         "hw", help="hardware catalog: list, show and probe devices",
-        description=HW_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=HW_HELP, epilog="examples:\n  dsref hw list\n  dsref hw show h800\n  dsref hw probe",
+        formatter_class=HelpFormatter,
     )
     hw.set_defaults(func=cmd_hw_help, hw_parser=hw)
     sub = hw.add_subparsers(dest="hw_command")
 
     p_list = sub.add_parser("list", help="one line per device: dense bf16 peak, memory, bandwidths, price",
-                            description=HW_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+                            description="One line per catalog device: dense bf16 peak, memory, memory bandwidth, "
+                                        "intra-node and\nnetwork bandwidth per direction, price per hour.\n\n"
+                                        + HW_HELP, epilog="example:\n  dsref hw list --json",
+                            formatter_class=HelpFormatter)
     p_list.add_argument("--json", action="store_true", help="print a JSON list (SI units: FLOP/s, B, B/s, W, USD/h)")
     p_list.set_defaults(func=cmd_list)
 
-    p_show = sub.add_parser("show", help="every figure of one device (or system preset) with unit, source, confidence")
-    p_show.add_argument("name", help="device id (see `hw list`), 'host', a path to a .toml, or a system preset name")
+    p_show = sub.add_parser(
+        "show", help="every figure of one device (or system preset) with unit, source, confidence",
+        description="Every figure of one device or system preset (a node or a cluster): value in SI units, as "
+                    "written in\nthe source, confidence and source; measured efficiency curves where the "
+                    "device has them.",
+        epilog="examples:\n  dsref hw show h800\n  dsref hw show host      # after `dsref hw probe`",
+        formatter_class=HelpFormatter)
+    p_show.add_argument("name", metavar="NAME",
+                        help="device id (see `dsref hw list`), 'host', a path to a .toml, or a system preset name")
     p_show.add_argument("--json", action="store_true", help="print JSON (SI units)")
     p_show.set_defaults(func=cmd_show)
 
     p_probe = sub.add_parser(
         "probe", help="measure this machine (memory bandwidth, matmul FLOP/s, cores, RAM) and save it as device 'host'",
-        description="Measures achieved (not peak) rates: multi-threaded numpy read bandwidth over a 1 GiB array and "
-                    "JAX matmul FLOP/s in fp32 and bf16; writes $DSREF_HOME/devices/host.toml "
-                    "(default ~/.cache/dsref/devices/host.toml).",
+        description="Measure this machine's achieved (not peak) rates: multi-threaded memory read bandwidth\n"
+                    "over a 1 GiB array and matrix-multiply FLOP/s in fp32 and bf16, plus cores and RAM.\n"
+                    "Saves them as device 'host' ($DSREF_HOME/devices/host.toml, by default\n"
+                    "~/.cache/dsref/devices/host.toml), which `dsref hw show host` and\n"
+                    "`dsref sim local --device host` then use.",
+        epilog="example:\n  dsref hw probe --quick",
+        formatter_class=HelpFormatter,
     )
     p_probe.add_argument("--out", default=None, help="write the device file here instead of the host path")
-    p_probe.add_argument("--quick", action="store_true", help="small sizes, ~3 s, rough numbers (for tests)")
+    p_probe.add_argument("--quick", action="store_true", help="small sizes, ~3 s, rough numbers")
     p_probe.set_defaults(func=cmd_probe)
     return hw

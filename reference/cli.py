@@ -174,15 +174,21 @@ def cmd_info(args) -> int:
 
 def register(subparsers) -> None:
     """Add `dsref info`."""
+    from dsref.reference.cli_help import HelpFormatter
     pi = subparsers.add_parser(
         "info", help="parameter counts, KV-cache bytes and architecture of a model",
-        description="Describe a model: MODEL is a preset name (deepseek-v3, deepseek-r1, "
-        "deepseek-v2, deepseek-v2-lite, moonlight-16b-a3b, kimi-k2, qwen2.5-72b, "
-        "llama-3.1-405b, tiny-v3, ...) or a checkpoint directory with config.json. "
-        "Activated parameters count what one token computes with (k of E routed "
-        "experts, LM head; not the input embedding table). The KV cache is MLA's "
-        "latent (R + P values per layer, bf16).")
-    pi.add_argument("model")
+        description="""\
+Describe a model: parameter counts, layers, attention and KV-cache size per token, MoE routing,
+RoPE scaling, then a quick self-check (a scaled-down model of the same structure run in JAX and
+in float64 NumPy, which must agree).
+
+MODEL is a preset name (deepseek-v3, deepseek-r1, deepseek-v2, deepseek-v2-lite,
+moonlight-16b-a3b, kimi-k2, qwen2.5-72b, llama-3.1-405b, tiny-v3, ...) or a checkpoint directory
+with config.json. Activated parameters count what one token computes with (k of E routed
+experts and the LM head, not the input embedding table). The KV cache of MLA models is the
+compressed latent (bf16).""",
+        epilog="example:\n  dsref info deepseek-v3", formatter_class=HelpFormatter)
+    pi.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     pi.add_argument("--json", action="store_true", help="print one JSON object")
     pi.add_argument("--no-check", dest="check", action="store_false",
                     help="skip the self-check forward pass of a scaled-down model of the same structure")

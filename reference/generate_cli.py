@@ -218,12 +218,21 @@ def cmd_generate(args) -> int:
 
 
 def register(sub) -> None:
+    from dsref.reference.cli_help import HelpFormatter
+    # Decoding keeps MLA's latent cache (R+P values per token per layer); FP8 block-scaled weights
+    # are dequantized on load (reference/checkpoint.py, reference/decode.py).
     p = sub.add_parser(
         "generate", help="generate text from a Hugging Face checkpoint (bf16 or FP8)",
-        description="Load a DeepSeek-V3/R1/V2/Moonlight/Kimi-K2 checkpoint directory (config.json + "
-        "safetensors, FP8 block-scaled dequantized on load), prefill the prompt, then decode with the "
-        "latent MLA cache (R+P values per token per layer). Greedy when --temperature is 0. Text is "
-        "streamed; prefill and decode tokens/s are printed at the end (stderr).")
+        description="""\
+Generate text from a DeepSeek-V3/R1/V2/Moonlight/Kimi-K2 checkpoint directory (config.json +
+safetensors; bf16, float32 or FP8 weights). The prompt is given as text (needs the checkpoint's
+tokenizer.json) or as token ids; greedy when --temperature is 0. Text is streamed to stdout;
+prefill and decode tokens/s are printed at the end (stderr).""",
+        epilog="""\
+example (a small random checkpoint, so the text is gibberish):
+  dsref init-checkpoint --preset tiny-v3 --tokenizer --out /tmp/tiny
+  dsref generate --checkpoint /tmp/tiny --prompt "def f" --max-new-tokens 8""",
+        formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="directory with config.json and *.safetensors")
     p.add_argument("--prompt", help="text, encoded with the checkpoint's tokenizer.json")
     p.add_argument("--tokens", type=_parse_tokens, help="prompt as token ids, e.g. 1,2,3 (no tokenizer needed)")
@@ -235,7 +244,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=_seed, default=0, help="random seed, an integer in [0, 2**63)")
     p.add_argument("--stop", nargs="*", type=_token_id,
                    help="stop token ids (default: the config's eos_token_id)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute precision")
     p.add_argument("--mtp", action="store_true",
                    help="self-speculative decoding with the checkpoint's MTP module (greedy only)")
     p.add_argument("--json", action="store_true", help="print one JSON object (tokens, text, timings)")

@@ -159,15 +159,28 @@ def _umask() -> int:
     return m
 
 
+DESCRIPTION = """\
+Write a randomly initialised Hugging Face checkpoint (config.json + model.safetensors) of a
+DeepSeek preset, to try `dsref generate`, `dsref golden` and the other commands without a
+download. --tokenizer adds a byte-level BPE tokenizer.json (trained at the model's vocabulary
+size on the help texts that ship with Python), so that `dsref generate --prompt TEXT` works.
+
+Nothing is written outside --out: it must not exist yet or be an empty directory, and it
+appears only once the checkpoint is complete. Unknown or dense presets, a non-empty --out and
+too little memory or disk are refused before any weight is made."""
+
+
 def register(sub) -> None:
+    from dsref.reference.cli_help import HelpFormatter
     p = sub.add_parser(
         "init-checkpoint", help="write a randomly initialised checkpoint of a DeepSeek preset (for tests and demos)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=DESCRIPTION, epilog="example:\n  dsref init-checkpoint --preset tiny-v3 --tokenizer --out /tmp/tiny",
+        formatter_class=HelpFormatter)
     p.add_argument("--preset", required=True, help="a DeepSeek preset: tiny-v3, tiny-v2, tiny-v2-lite, small-v3, ...")
     p.add_argument("--out", required=True, help="new (or empty) directory to create")
     p.add_argument("--tokenizer", action="store_true",
                    help="also write tokenizer.json: byte-level BPE trained on Python's pydoc topics")
-    p.add_argument("--seed", type=_seed, default=0, help="random seed of the weights (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed of the weights")
     p.add_argument("--dtype", choices=_OUT_DTYPES, default="bfloat16",
                    help="weights on disk (fp8: Linear weights e4m3 with block scales)")
     p.add_argument("--mtp", action="store_true", help="include the multi-token-prediction module's weights")

@@ -139,30 +139,51 @@ def cmd_local(args) -> int:
     return 0
 
 
+SIM_DESCRIPTION = """\
+Estimate what running a model costs, without running it:
+
+  local   tokens/s and memory of one model on one machine (a roofline cost model)
+  serve   a discrete-event simulation of a serving deployment: throughput, TTFT/TPOT, cost
+  train   a discrete-event simulation of one training step: step time, MFU, device-hours
+
+Run `dsref sim SIM_COMMAND --help` for each one's options."""
+
+LOCAL_DESCRIPTION = """\
+Decode and prefill throughput and the memory budget of MODEL on DEVICE, from a roofline cost
+model (compute vs memory bandwidth per operation). DEVICE is a catalog device id (h800,
+raspberry-pi-5, radeon-pro-w7700, ... see `dsref hw list`), 'host' (this machine, after
+`dsref hw probe`) or a node preset (raspberry-pi-5-w7700: layers split between GPU and host
+memory, like llama.cpp's -ngl). Exit 0, or 1 when the model does not fit."""
+
+
 def register_local(sub) -> None:
+    from dsref.reference.cli_help import HelpFormatter
     p = sub.add_parser("local", help="tokens/s and memory of one model on one machine (roofline)",
-                       description="Batch decode and prefill throughput and the memory budget of MODEL on "
-                       "DEVICE: a catalog device id (h800, raspberry-pi-5, radeon-pro-w7700, host, ...) or a "
-                       "node preset (raspberry-pi-5-w7700: partial offload, llama.cpp -ngl style). Exit code 1 "
-                       "when the model does not fit.")
+                       description=LOCAL_DESCRIPTION,
+                       epilog="example:\n  dsref sim local --model qwen2.5-14b --device raspberry-pi-5 --quant q4_k_m",
+                       formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="preset name or checkpoint directory")
     p.add_argument("--device", required=True, help="device id, 'host', or node preset")
-    p.add_argument("--quant", default="bf16", help="fp32, bf16, fp8, int8, q8_0, q4_k_m (default bf16)")
+    p.add_argument("--quant", default="bf16", help="weight format: fp32, bf16, fp8, int8, q8_0, q4_k_m")
     p.add_argument("--context", type=positive_int, default=4096, help="tokens in the KV cache while decoding (>= 1)")
     p.add_argument("--batch", type=bounded_int(MAX_BATCH, "the MoE statistics' cost grows with the batch"),
                    default=1, help=f"sequences decoded together (1..{MAX_BATCH:,})")
     p.add_argument("--prompt-tokens", type=positive_int, default=512,
                    help="prompt length for the prefill rate (>= 1)")
     p.add_argument("--mla-form", default="absorbed", choices=("absorbed", "expanded_cache"),
-                   help="KV-cache layout of MLA models: latent (default) or llama.cpp's pre-April-2025 expanded K/V")
+                   help="KV-cache layout of MLA models: absorbed (the compressed latent) or expanded_cache "
+                        "(llama.cpp's pre-April-2025 expanded K/V)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_local)
 
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add `sim` with `local`, `serve` and `train`."""
+    from dsref.reference.cli_help import HelpFormatter
     sim = subparsers.add_parser("sim", help="cost model and simulator: local, serve, train",
-                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                description=SIM_DESCRIPTION,
+                                epilog="example:\n  dsref sim serve --scenario single-node-h800 --duration 60",
+                                formatter_class=HelpFormatter)
     sub = sim.add_subparsers(dest="sim_command", metavar="SIM_COMMAND")
     register_local(sub)
     serve_cli.register(sub)

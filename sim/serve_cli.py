@@ -1,4 +1,4 @@
-"""`dsref sim serve`: the serving simulator on the command line (registered by sim/cli.py)."""
+"""`dsref sim serve`: the serving simulator on the command line (added to `dsref sim` by sim/cli.py)."""
 
 from __future__ import annotations
 
@@ -149,11 +149,17 @@ def _plot(sim, r, path):
 
 
 def register(sim_subparsers) -> None:
+    from dsref.reference.cli_help import HelpFormatter
+    # Every scenario field is documented in sim/scenario.py and docs/simulator.md.
     p = sim_subparsers.add_parser(
         "serve", help="discrete-event simulation of serving (prefill/decode instances, continuous batching)",
-        description="Simulate serving SCENARIO (a built-in name, see --list, or a TOML file; every field is "
-                    "documented in sim/scenario.py and docs/simulator.md). Prints throughput per node, TTFT/TPOT "
-                    "percentiles, utilisation, queues and cost.")
+        description="""\
+Simulate serving a model on a deployment described by SCENARIO (a built-in name, see --list, or
+a TOML file; its fields are described in docs/simulator.md): requests arrive, are prefilled and
+decoded in continuous batches on prefill/decode instances. Prints throughput per node, TTFT and
+TPOT percentiles, utilisation, queues and cost.""",
+        epilog="example:\n  dsref sim serve --scenario deepseek-day6 --duration 60",
+        formatter_class=HelpFormatter)
     p.add_argument("--scenario", help="built-in scenario name or path to a .toml file")
     p.add_argument("--list", action="store_true", help="list the built-in scenarios")
     from dsref.sim.cli import bounded_int, nonneg_int, positive_float

@@ -59,15 +59,20 @@ def _plot(sim, path):
 
 
 def register(sim_subparsers) -> None:
+    from dsref.reference.cli_help import HelpFormatter
     p = sim_subparsers.add_parser(
         "train", help="discrete-event simulation of one training step (1F1B / DualPipe pipelines)",
-        description="Simulate one training step of SCENARIO at micro-batch granularity and extrapolate to the "
-                    "scenario's token budget: step time, bubble, MFU, device-hours, cost.")
+        description="""\
+Simulate one training step of SCENARIO (a built-in name such as deepseek-v3-pretrain, or a TOML
+file; see docs/simulator.md) at micro-batch granularity, then extrapolate to the scenario's
+token budget: step time, pipeline bubble, MFU, device-hours and cost.""",
+        epilog="example:\n  dsref sim train --scenario deepseek-v3-pretrain",
+        formatter_class=HelpFormatter)
     p.add_argument("--scenario", help="built-in scenario name or path to a .toml file")
     from dsref.sim.cli import positive_int
     p.add_argument("--nodes", type=positive_int, default=None,
                    help="number of nodes, >= 1 and at most the system's (default: the whole system)")
-    p.add_argument("--schedule", choices=("dualpipe", "1f1b"), help="override the pipeline schedule")
+    p.add_argument("--schedule", choices=("dualpipe", "1f1b"), help="override the pipeline schedule (default: the scenario's)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--trace", metavar="OUT.json", help="write a Chrome/Perfetto trace of the pipeline")
     p.add_argument("--plot", metavar="OUT.png", help="pipeline timeline plot")

@@ -50,3 +50,31 @@ def test_closed_pipe_ends_quietly():
     err = p.stderr.decode()
     assert "Traceback" not in err and "BrokenPipe" not in err, err
     assert p.returncode == 1
+
+
+def _parsers(parser, path=("dsref",)):
+    """(command path, parser) for the root and every subcommand, depth first."""
+    import argparse
+    yield path, parser
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for name, sub in a.choices.items():
+                yield from _parsers(sub, path + (name,))
+
+
+def test_every_help_has_an_example_and_shows_defaults():
+    """`dsref ... --help` is for users: what the command does, an example, each option's default."""
+    import argparse
+    seen = set()
+    for path, p in _parsers(build_parser()):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        text = p.format_help()
+        cmd = " ".join(path)
+        assert p.description and "example" in (p.epilog or ""), cmd
+        for word in ("register(", "set_defaults", ".py", "sim.local", "numpy_ref"):
+            assert word not in text, (cmd, word)
+        for a in p._actions:
+            if a.option_strings and a.nargs != 0 and a.default not in (None, argparse.SUPPRESS):
+                assert a.help and "default" in p._get_formatter()._get_help_string(a), (cmd, a.dest)

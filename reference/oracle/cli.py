@@ -52,7 +52,7 @@ def _overrides(args) -> dict[str, float]:
 
 def _add_tol_args(p):
     p.add_argument("--rtol", type=_tolerance, help="max relative error max|ref-cand|/max|ref| for every tensor "
-                   "(finite, >= 0)")
+                   "(finite, >= 0; default: by dtype)")
     p.add_argument("--atol", type=_tolerance, help="max absolute error for every tensor, finite, >= 0 "
                    "(default: not checked)")
     p.add_argument("--tol", action="append", metavar="NAME=VAL",
@@ -183,22 +183,43 @@ def cmd_conformance(args) -> int:
     return _print_results(res, str(args.candidate_dir), args.json)
 
 
+HF_ENGINE_CMD = ("python -m dsref.reference.oracle.hf_adapter --checkpoint {checkpoint} --tokens {tokens} "
+                 "--out {out}")
+
+
 def register(sub) -> None:
+    from dsref.reference.cli_help import HelpFormatter
+    # golden: --dtype float64 is reference.numpy_ref, float32 the JAX model under jax.jit (oracle/golden.py).
     p = sub.add_parser("golden", help="run the reference and dump logits + per-layer tensors (safetensors)",
-                       description="Run the reference on token ids and write logits, per-layer attn_out/hidden "
-                       "and MoE routing (topk sorted by expert id) to one safetensors file with metadata. "
-                       "float64 = NumPy reference, float32 = JAX model.")
+                       description="""\
+Run the reference model of a checkpoint on token ids and write what other engines are graded
+against: the logits, each layer's attention output and hidden state, and the MoE routing (router
+logits, chosen experts sorted by expert id, their weights), in one safetensors file with metadata
+(docs/oracle.md). --dtype float64 is the exact NumPy reference, float32 the fast JAX model.
+Exit 0 written, 2 bad input.""",
+                       epilog="""\
+example:
+  dsref conformance write /tmp/kit
+  dsref golden --checkpoint /tmp/kit/dense-first-k/checkpoint \\
+               --tokens /tmp/kit/dense-first-k/tokens.npy --out /tmp/ref.safetensors""",
+                       formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (config.json + safetensors)")
-    p.add_argument("--tokens", required=True, help="token ids [batch, seq], integer .npy")
+    p.add_argument("--tokens", required=True, help="token ids [batch, seq], integer .npy; seq at most the "
+                   "model's max_position_embeddings")
     p.add_argument("--out", required=True, help="output .safetensors")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="precision of the reference")
     p.set_defaults(func=cmd_golden)
 
     p = sub.add_parser("compare", help="compare a candidate dump with a reference dump",
-                       description="Per tensor: max abs/rel error, cosine, routing mismatch; names the first "
-                       "layer out of tolerance. Exit 0 within tolerance, 1 not, 2 bad input.")
-    p.add_argument("reference")
-    p.add_argument("candidate")
+                       description="""\
+Compare an engine's dump (CANDIDATE) with a reference dump such as `dsref golden` writes, tensor
+by tensor: max abs/rel error, cosine similarity and, for the routing, the share of tokens whose
+experts differ. Names the first layer out of tolerance. Tolerances default by the candidate's
+dtype (docs/oracle.md). Exit 0 within tolerance, 1 not, 2 bad input.""",
+                       epilog="example:\n  dsref compare /tmp/ref.safetensors /tmp/cand.safetensors --dtype bf16",
+                       formatter_class=HelpFormatter)
+    p.add_argument("reference", metavar="REFERENCE", help="reference dump (.safetensors), e.g. from `dsref golden`")
+    p.add_argument("candidate", metavar="CANDIDATE", help="the engine's dump (.safetensors)")
     p.add_argument("--dtype", choices=_DTYPES, help="candidate's dtype: picks default tolerances "
                    "(default: the candidate's metadata, else float32)")
     _add_tol_args(p)
@@ -206,20 +227,41 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("conformance", help="adversarial conformance kit for other engines",
-                       description="write DIR: the cases (checkpoint, tokens, golden, case.json). run DIR: run "
-                       "an engine on every case and grade it. grade DIR --candidate-dir OUTS: grade dumps "
-                       "OUTS/<case>.safetensors an engine already wrote. Exit 1 if any case fails.")
-    p.add_argument("action", choices=("list", "write", "run", "grade"))
-    p.add_argument("dir", nargs="?", help="kit directory")
+                       description="""\
+Ten small adversarial checkpoints, each aimed at one mistake engines have made (RoPE pair layout,
+YaRN scaling, expert-group masking, gate weights, FP8 partial blocks, ...), with their golden dumps.
+
+  list                                  the cases
+  write DIR                             write the kit (checkpoint, tokens, golden per case)
+  run DIR --engine E | --engine-cmd C   run an engine on every case and grade it
+  grade DIR --candidate-dir OUTS        grade dumps OUTS/<case>.safetensors already written
+
+--engine-cmd is run once per case with {checkpoint}, {tokens} (int32 .npy [batch, seq]) and
+{out} (the .safetensors dump to write) filled in; exit 3 with an "unsupported: REASON" line
+on stderr marks a checkpoint the engine cannot run. Exit 0 when every case passes, 1 when
+one fails or errors, 2 bad input.""",
+                       epilog=f"""\
+examples:
+  dsref conformance write /tmp/kit
+  dsref conformance run /tmp/kit --engine-cmd \\
+      "dsref golden --checkpoint {{checkpoint}} --tokens {{tokens}} --out {{out}}"
+  dsref conformance run /tmp/kit --engine-cmd \\
+      "{HF_ENGINE_CMD}\"""",
+                       formatter_class=HelpFormatter)
+    p.add_argument("action", choices=("list", "write", "run", "grade"), help="what to do (see above)")
+    p.add_argument("dir", nargs="?", metavar="DIR", help="kit directory")
     p.add_argument("--cases", nargs="+", help="case names or letters (default: all)")
-    p.add_argument("--engine", choices=("dsref", "dsref-bf16", "dsref-float64", "transformers"), default="dsref")
-    p.add_argument("--engine-cmd", help='command template, e.g. "mytool --checkpoint {checkpoint} --tokens '
-                   '{tokens} --out {out}" (writes a dump .safetensors)')
-    p.add_argument("--candidate-dir", help="grade: directory with <case>.safetensors dumps")
-    p.add_argument("--save", help="run: also write each engine dump to SAVE/<case>.safetensors")
+    p.add_argument("--engine", choices=("dsref", "dsref-bf16", "dsref-float64", "transformers"), default="dsref",
+                   help="built-in engine for run: our JAX model in float32 or bf16, the float64 NumPy reference, "
+                        "or Hugging Face transformers (needs torch)")
+    p.add_argument("--engine-cmd", metavar="COMMAND", help='run: your engine as a command template with '
+                   '{checkpoint}, {tokens} and {out}, e.g. "mytool --checkpoint {checkpoint} --tokens {tokens} '
+                   '--out {out}" (replaces --engine)')
+    p.add_argument("--candidate-dir", metavar="OUTS", help="grade: directory with <case>.safetensors dumps")
+    p.add_argument("--save", metavar="SAVE", help="run: also write each engine dump to SAVE/<case>.safetensors")
     p.add_argument("--dtype", choices=_DTYPES, help="tolerance set (default: the engine's dtype)")
     _add_tol_args(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_conformance_checked)
 
 
