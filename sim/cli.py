@@ -182,7 +182,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     from dsref.reference.cli_help import HelpFormatter
     sim = subparsers.add_parser("sim", help="cost model and simulator: local, serve, train",
                                 description=SIM_DESCRIPTION,
-                                epilog="example:\n  dsref sim serve --scenario single-node-h800 --duration 60",
+                                epilog="example:\n  dsref sim serve --scenario single-node-h800",
                                 formatter_class=HelpFormatter)
     sub = sim.add_subparsers(dest="sim_command", metavar="SIM_COMMAND")
     register_local(sub)

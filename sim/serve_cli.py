@@ -158,7 +158,7 @@ Simulate serving a model on a deployment described by SCENARIO (a built-in name,
 a TOML file; its fields are described in docs/simulator.md): requests arrive, are prefilled and
 decoded in continuous batches on prefill/decode instances. Prints throughput per node, TTFT and
 TPOT percentiles, utilisation, queues and cost.""",
-        epilog="example:\n  dsref sim serve --scenario deepseek-day6 --duration 60",
+        epilog="example:\n  dsref sim serve --scenario single-node-h800",
         formatter_class=HelpFormatter)
     p.add_argument("--scenario", help="built-in scenario name or path to a .toml file")
     p.add_argument("--list", action="store_true", help="list the built-in scenarios")
