@@ -71,7 +71,7 @@ def add_arguments(p) -> None:
 
 
 def register(subparsers) -> None:
-    from dsref.reference.cli_help import HelpFormatter
+    from dsref.reference.cli_common import HelpFormatter
     p = subparsers.add_parser(
         "validate", help="compare simulated figures with the published measurements",
         description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter)
@@ -87,7 +87,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dsref.reference.cli_help import HelpFormatter
+    from dsref.reference.cli_common import HelpFormatter
     p = argparse.ArgumentParser(prog="dsref", description=__doc__, epilog="example:\n  dsref info deepseek-v3",
                                 formatter_class=HelpFormatter)
     p.add_argument("--version", action="version", version=f"dsref {_version()}")

@@ -254,7 +254,7 @@ def cmd_hw_help(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``hw`` subcommand (list / show / probe) to a CLI."""
-    from dsref.reference.cli_help import HelpFormatter
+    from dsref.reference.cli_common import HelpFormatter
     hw = subparsers.add_parser(
         "hw", help="hardware catalog: list, show and probe devices",
         description=HW_HELP, epilog="examples:\n  dsref hw list\n  dsref hw show h800\n  dsref hw probe",

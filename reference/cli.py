@@ -174,7 +174,7 @@ def cmd_info(args) -> int:
 
 def register(subparsers) -> None:
     """Add `dsref info`."""
-    from dsref.reference.cli_help import HelpFormatter
+    from dsref.reference.cli_common import HelpFormatter
     pi = subparsers.add_parser(
         "info", help="parameter counts, KV-cache bytes and architecture of a model",
         description="""\

@@ -10,63 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 from pathlib import Path
 
-_INT = re.compile(r"\s*[0-9]+\s*")
+from dsref.reference.cli_common import host_memory_available, nonneg_int, number, positive_int, seed
+
+_INT = re.compile(r"\s*[0-9]+\s*")  # one token id: plain decimal digits
 
 
-def _nonneg_int(s: str, what: str = "a non-negative integer", maximum: int | None = None) -> int:
-    if not _INT.fullmatch(s):
-        raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
-    v = int(s)
-    if maximum is not None and v > maximum:
-        raise argparse.ArgumentTypeError(f"expected {what} <= {maximum}, got {s!r}")
-    return v
-
-
-def _positive_int(s: str) -> int:
-    v = _nonneg_int(s, "an integer >= 1")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}")
-    return v
-
-
-SEED_MAX = 2**63 - 1  # decode.SEED_MAX (jax.random.key takes a C long); not imported: parsing stays jax-free
-
-
-def _seed(s: str) -> int:
-    return _nonneg_int(s, "a non-negative integer", maximum=SEED_MAX)
-
-
-def _float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
-    return v
-
-
-def _temperature(s: str) -> float:
-    v = _float(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = greedy), got {s!r}")
-    return v
-
-
-def _top_p(s: str) -> float:
-    v = _float(s)
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1] (1 = off; 0 would keep no token), got {s!r}")
-    return v
-
-
-def _token_id(s: str) -> int:
-    return _nonneg_int(s, "a token id (non-negative integer)")
+_temperature = number(0.0, what=">= 0 (0 = greedy)")
+_top_p = number(0.0, 1.0, low_open=True, what="in (0, 1] (1 = off; 0 would keep no token)")
 
 
 def _parse_tokens(s: str) -> list[int]:
@@ -87,14 +41,7 @@ def _available_memory(jax) -> tuple[int, str] | None:
             return int(st["bytes_limit"]) - int(st.get("bytes_in_use", 0)), f"{dev.platform} device memory"
         except Exception:  # noqa: BLE001 - a backend without memory stats: skip the check
             return None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return host_memory_available()
 
 
 def _check_mtp(path: str, cfg) -> None:
@@ -218,7 +165,7 @@ def cmd_generate(args) -> int:
 
 
 def register(sub) -> None:
-    from dsref.reference.cli_help import HelpFormatter
+    from dsref.reference.cli_common import HelpFormatter
     # Decoding keeps MLA's latent cache (R+P values per token per layer); FP8 block-scaled weights
     # are dequantized on load (reference/checkpoint.py, reference/decode.py).
     p = sub.add_parser(
@@ -236,13 +183,13 @@ example (a small random checkpoint, so the text is gibberish):
     p.add_argument("--checkpoint", required=True, help="directory with config.json and *.safetensors")
     p.add_argument("--prompt", help="text, encoded with the checkpoint's tokenizer.json")
     p.add_argument("--tokens", type=_parse_tokens, help="prompt as token ids, e.g. 1,2,3 (no tokenizer needed)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=32,
+    p.add_argument("--max-new-tokens", type=positive_int, default=32,
                    help="at most this many new tokens (>= 1; prompt + new <= the model's max_position_embeddings)")
     p.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (>= 0, finite)")
-    p.add_argument("--top-k", type=_nonneg_int, default=0, help="sample among the k most likely (0 = off)")
+    p.add_argument("--top-k", type=nonneg_int, default=0, help="sample among the k most likely (0 = off)")
     p.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
-    p.add_argument("--seed", type=_seed, default=0, help="random seed, an integer in [0, 2**63)")
-    p.add_argument("--stop", nargs="*", type=_token_id,
+    p.add_argument("--seed", type=seed, default=0, help="random seed, an integer in [0, 2**63)")
+    p.add_argument("--stop", nargs="*", type=nonneg_int,
                    help="stop token ids (default: the config's eos_token_id)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute precision")
     p.add_argument("--mtp", action="store_true",

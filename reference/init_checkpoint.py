@@ -17,38 +17,16 @@ memory or disk) come before any weight is made.
 
 from __future__ import annotations
 
-import argparse
 import os
-import re
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
+from dsref.reference.cli_common import host_memory_available, seed
+
 _OUT_DTYPES = ("bfloat16", "float32", "fp8")
 _BYTES = {"float32": 4.0, "bfloat16": 2.0, "fp8": 1.0}  # on disk, per parameter (about)
-SEED_MAX = 2**63 - 1
-
-
-def _seed(s: str) -> int:
-    if not re.fullmatch(r"\s*[0-9]+\s*", s) or int(s) > SEED_MAX:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {s!r}")
-    return int(s)
-
-
-def _mem_available() -> tuple[int, str] | None:
-    """(bytes, where): MemAvailable from /proc/meminfo, else physical memory; None if unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024, "MemAvailable"
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "physical memory"
-    except (AttributeError, OSError, ValueError):
-        return None
 
 
 def _check_out(out: str) -> Path:
@@ -103,7 +81,7 @@ def cmd_init_checkpoint(args) -> int:
     pc = cfg.param_counts()
     n = pc["total_params"] + (pc["mtp_params"] if args.mtp else 0)
     # float32 weights in memory, plus one converted tensor at a time while writing
-    mem_need, mem = int(n * 4 * 1.25), _mem_available()
+    mem_need, mem = int(n * 4 * 1.25), host_memory_available()
     if mem is not None and mem_need > mem[0]:
         raise ValueError(f"--preset {args.preset}: {n:,} parameters need about {mem_need / 2**30:,.1f} GiB of "
                          f"memory to initialise, more than the {mem[0] / 2**30:,.1f} GiB available "
@@ -171,7 +149,7 @@ too little memory or disk are refused before any weight is made."""
 
 
 def register(sub) -> None:
-    from dsref.reference.cli_help import HelpFormatter
+    from dsref.reference.cli_common import HelpFormatter
     p = sub.add_parser(
         "init-checkpoint", help="write a randomly initialised checkpoint of a DeepSeek preset (for tests and demos)",
         description=DESCRIPTION, epilog="example:\n  dsref init-checkpoint --preset tiny-v3 --tokenizer --out /tmp/tiny",
@@ -180,7 +158,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="new (or empty) directory to create")
     p.add_argument("--tokenizer", action="store_true",
                    help="also write tokenizer.json: byte-level BPE trained on Python's pydoc topics")
-    p.add_argument("--seed", type=_seed, default=0, help="random seed of the weights")
+    p.add_argument("--seed", type=seed, default=0, help="random seed of the weights")
     p.add_argument("--dtype", choices=_OUT_DTYPES, default="bfloat16",
                    help="weights on disk (fp8: Linear weights e4m3 with block scales)")
     p.add_argument("--mtp", action="store_true", help="include the multi-token-prediction module's weights")

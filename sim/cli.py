@@ -12,65 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
+from dsref.reference.cli_common import integer, positive_int
 from dsref.sim import serve_cli, train_cli
-
-# ------------------------------------------------------------------ option types
-# argparse type functions: a bad value exits 2 with "argument --OPTION: ..." (argparse names the
-# option), before anything is loaded or written. serve_cli and train_cli use them too.
-INT_MAX = 2**63 - 1  # seeds and counts stay int64 (numpy, JSON consumers)
-
-
-def _int(s: str, minimum: int, maximum: int = INT_MAX, why: str = "") -> int:
-    try:
-        v = int(s.strip(), 10)
-    except (ValueError, AttributeError):
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-    if v < minimum:
-        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {s!r}")
-    if v > maximum:
-        raise argparse.ArgumentTypeError(f"must be <= {maximum:,}" + (f" ({why})" if why else "") + f", got {s!r}")
-    return v
-
-
-def positive_int(s: str) -> int:
-    """An integer >= 1."""
-    return _int(s, 1)
-
-
-def nonneg_int(s: str) -> int:
-    """An integer >= 0 (a seed)."""
-    return _int(s, 0)
-
-
-def bounded_int(maximum: int, why: str = ""):
-    """An integer in [1, maximum]; ``why`` explains the bound in the message."""
-    def parse(s: str) -> int:
-        return _int(s, 1, maximum, why)
-    parse.__name__ = "integer"
-    return parse
-
-
-def positive_float(maximum: float = math.inf, why: str = ""):
-    """A finite number > 0 (and <= maximum; ``why`` explains the bound)."""
-    def parse(s: str) -> float:
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-        if not math.isfinite(v):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {s!r}")
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {s!r}")
-        if v > maximum:
-            raise argparse.ArgumentTypeError(f"must be <= {maximum:,g}" + (f" ({why})" if why else "")
-                                             + f", got {s!r}")
-        return v
-    parse.__name__ = "number"
-    return parse
-
 
 MAX_BATCH = 2**16  # = sim.local.MAX_BATCH (not imported: building the parser imports no numpy)
 
@@ -157,7 +102,7 @@ memory, like llama.cpp's -ngl). Exit 0, or 1 when the model does not fit."""
 
 
 def register_local(sub) -> None:
-    from dsref.reference.cli_help import HelpFormatter
+    from dsref.reference.cli_common import HelpFormatter
     p = sub.add_parser("local", help="tokens/s and memory of one model on one machine (roofline)",
                        description=LOCAL_DESCRIPTION,
                        epilog="example:\n  dsref sim local --model qwen2.5-14b --device raspberry-pi-5 --quant q4_k_m",
@@ -166,7 +111,7 @@ def register_local(sub) -> None:
     p.add_argument("--device", required=True, help="device id, 'host', or node preset")
     p.add_argument("--quant", default="bf16", help="weight format: fp32, bf16, fp8, int8, q8_0, q4_k_m")
     p.add_argument("--context", type=positive_int, default=4096, help="tokens in the KV cache while decoding (>= 1)")
-    p.add_argument("--batch", type=bounded_int(MAX_BATCH, "the MoE statistics' cost grows with the batch"),
+    p.add_argument("--batch", type=integer(1, MAX_BATCH, "the MoE statistics' cost grows with the batch"),
                    default=1, help=f"sequences decoded together (1..{MAX_BATCH:,})")
     p.add_argument("--prompt-tokens", type=positive_int, default=512,
                    help="prompt length for the prefill rate (>= 1)")
@@ -179,7 +124,7 @@ def register_local(sub) -> None:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add `sim` with `local`, `serve` and `train`."""
-    from dsref.reference.cli_help import HelpFormatter
+    from dsref.reference.cli_common import HelpFormatter
     sim = subparsers.add_parser("sim", help="cost model and simulator: local, serve, train",
                                 description=SIM_DESCRIPTION,
                                 epilog="example:\n  dsref sim serve --scenario single-node-h800",

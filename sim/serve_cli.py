@@ -149,7 +149,7 @@ def _plot(sim, r, path):
 
 
 def register(sim_subparsers) -> None:
-    from dsref.reference.cli_help import HelpFormatter
+    from dsref.reference.cli_common import HelpFormatter
     # Every scenario field is documented in sim/scenario.py and docs/simulator.md.
     p = sim_subparsers.add_parser(
         "serve", help="discrete-event simulation of serving (prefill/decode instances, continuous batching)",
@@ -162,14 +162,15 @@ TPOT percentiles, utilisation, queues and cost.""",
         formatter_class=HelpFormatter)
     p.add_argument("--scenario", help="built-in scenario name or path to a .toml file")
     p.add_argument("--list", action="store_true", help="list the built-in scenarios")
-    from dsref.sim.cli import bounded_int, nonneg_int, positive_float
-    p.add_argument("--duration", type=positive_float(MAX_DURATION_S, "one simulated day; the simulation's cost "
-                                                     "grows with every step and request"),
+    from dsref.reference.cli_common import integer, nonneg_int, number
+    p.add_argument("--duration", type=number(0.0, MAX_DURATION_S, low_open=True,
+                                             why="one simulated day; the simulation's cost grows with every "
+                                                 "step and request"),
                    default=None, help=f"simulated seconds, > 0 and <= {MAX_DURATION_S:,.0f} (default: the scenario's)")
     p.add_argument("--seed", type=nonneg_int, default=None, help="random seed >= 0 (default: the scenario's)")
-    p.add_argument("--rate", type=positive_float(), default=None,
+    p.add_argument("--rate", type=number(0.0, low_open=True), default=None,
                    help="request rate per second, > 0 (overrides the scenario)")
-    p.add_argument("--scale", type=bounded_int(MAX_SCALE, "beyond any deployed system"), default=1,
+    p.add_argument("--scale", type=integer(1, MAX_SCALE, "beyond any deployed system"), default=1,
                    help=f"multiply the instances and the request rate (1..{MAX_SCALE})")
     p.add_argument("--sweep", action="store_true", help="load sweep (0.25x..1.5x the rate): throughput vs TPOT")
     p.add_argument("--json", action="store_true", help="print one JSON object (no progress bar)")

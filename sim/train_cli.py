@@ -59,7 +59,7 @@ def _plot(sim, path):
 
 
 def register(sim_subparsers) -> None:
-    from dsref.reference.cli_help import HelpFormatter
+    from dsref.reference.cli_common import HelpFormatter
     p = sim_subparsers.add_parser(
         "train", help="discrete-event simulation of one training step (1F1B / DualPipe pipelines)",
         description="""\
@@ -69,7 +69,7 @@ token budget: step time, pipeline bubble, MFU, device-hours and cost.""",
         epilog="example:\n  dsref sim train --scenario deepseek-v3-pretrain",
         formatter_class=HelpFormatter)
     p.add_argument("--scenario", help="built-in scenario name or path to a .toml file")
-    from dsref.sim.cli import positive_int
+    from dsref.reference.cli_common import positive_int
     p.add_argument("--nodes", type=positive_int, default=None,
                    help="number of nodes, >= 1 and at most the system's (default: the whole system)")
     p.add_argument("--schedule", choices=("dualpipe", "1f1b"), help="override the pipeline schedule (default: the scenario's)")

@@ -223,8 +223,8 @@ def test_generate_api_rejects_bad_sampling():
     from dsref.reference.decode import SEED_MAX, generate
     from dsref.reference.model import DeepseekModel
     from dsref.reference.presets import get_preset
-    from dsref.reference import generate_cli
-    assert generate_cli.SEED_MAX == SEED_MAX
+    from dsref.reference import cli_common
+    assert cli_common.seed(str(SEED_MAX)) == SEED_MAX  # the CLI accepts exactly the seeds generate() does
     model = DeepseekModel(get_preset("tiny-v3"), rngs=nnx.Rngs(0))
     bad = [dict(temperature=float("nan")), dict(temperature=-1.0), dict(temperature=float("inf")),
            dict(top_p=0.0), dict(top_p=1.5), dict(top_p=float("nan")), dict(top_k=-1), dict(top_k=2.5),

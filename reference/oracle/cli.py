@@ -6,24 +6,16 @@ or errors, 2 bad input (missing file, not safetensors, shape mismatch, bad token
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import sys
 from pathlib import Path
+
+from dsref.reference.cli_common import number
 
 _DTYPES = ("float32", "bf16", "fp8", "float64")
 
 
-def _tolerance(s: str) -> float:
-    """--rtol / --atol: a finite number >= 0 (0 demands exact equality)."""
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {s!r}")
-    return v
+_tolerance = number(0.0)  # --rtol / --atol: finite, >= 0 (0 demands exact equality)
 
 
 def _overrides(args) -> dict[str, float]:
@@ -188,7 +180,7 @@ HF_ENGINE_CMD = ("python -m dsref.reference.oracle.hf_adapter --checkpoint {chec
 
 
 def register(sub) -> None:
-    from dsref.reference.cli_help import HelpFormatter
+    from dsref.reference.cli_common import HelpFormatter
     # golden: --dtype float64 is reference.numpy_ref, float32 the JAX model under jax.jit (oracle/golden.py).
     p = sub.add_parser("golden", help="run the reference and dump logits + per-layer tensors (safetensors)",
                        description="""\
