@@ -51,6 +51,11 @@ example:
 
 def cmd_validate(args) -> int:
     from dsref.experiments.validate import main
+    if args.out_dir is not None:  # checked before the minute of simulations, not after
+        if not args.out_dir.strip():
+            raise ValueError("--out-dir: empty path")
+        if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+            raise ValueError(f"--out-dir {args.out_dir}: exists and is not a directory")
     return main(as_json=args.json, out_dir=args.out_dir, closed_loop=args.closed_loop, whatif=args.whatif,
                 fast=args.fast)
 
@@ -118,6 +123,11 @@ def main(argv=None) -> int:
         # the interpreter's final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as e:
+        # A path the user gave cannot be written or read (a file where a folder is needed, no
+        # permission, disk full): the OS's message names the path.
+        print(f"dsref: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

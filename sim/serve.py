@@ -790,7 +790,11 @@ def scaled(sc: Scenario, factor: int) -> Scenario:
     return sc.with_overrides(over)
 
 
-def sweep(sc: Scenario, factors=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5), **kw) -> list[dict]:
+#: Load factors of ``sweep`` (multiples of the scenario's request rate), run one after another.
+SWEEP_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+
+
+def sweep(sc: Scenario, factors=SWEEP_FACTORS, **kw) -> list[dict]:
     """Load sweep: the scenario at rate x factor (Poisson/constant arrivals)."""
     out = []
     base = sc.workload.rate_per_s

@@ -130,16 +130,14 @@ def _check_requests(args, sc) -> None:
     duration = args.duration if args.duration is not None else sc.duration_s
     factor = 1.0
     if args.sweep:  # the sweep's runs draw the rate x each factor, one after the other
-        import inspect
-
-        from dsref.sim import serve
-        factor = float(sum(inspect.signature(serve.sweep).parameters["factors"].default))
+        from dsref.sim.serve import SWEEP_FACTORS
+        factor = float(sum(SWEEP_FACTORS))
     n = sc.workload.rate_per_s * factor * duration
     if n > MAX_REQUESTS:
         opts = "--rate x --duration" + (" x --scale" if args.scale != 1 else "") + (
             f" x {factor:g} (--sweep: the sum of its rate factors)" if args.sweep else "")
-        raise ValueError(f"{opts}: {sc.workload.rate_per_s * factor:,g} requests/s for {duration:,g} s draws "
-                         f"{n:,.0f} requests, more than the {MAX_REQUESTS:,} one run takes (memory and time grow "
+        raise ValueError(f"{opts}: {sc.workload.rate_per_s * factor:,.4g} requests/s for {duration:,g} s draws "
+                         f"{n:,.4g} requests, more than the {MAX_REQUESTS:,} one run takes (memory and time grow "
                          "with the requests); shorten --duration or lower --rate")
 
 

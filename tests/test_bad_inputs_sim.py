@@ -87,6 +87,11 @@ TRAIN = ["sim", "train", "--scenario", "deepseek-v3-pretrain"]
 
 # (argv, fragment of the message). {ck}, {ref} etc. are filled from the dumps fixture.
 CASES = [
+    # output paths that cannot be written: one line, before any work
+    (["validate", "--out-dir", "toks.txt"], "--out-dir"),
+    (["validate", "--out-dir", ""], "--out-dir"),
+    (["conformance", "write", "toks.txt"], "toks.txt"),
+    (SERVE + ["--rate", "1e300"], "--rate"),
     # sim local: every size option, both bounds, non-integers
     (LOCAL + ["--batch", "-3"], "--batch"),
     (LOCAL + ["--batch", "0"], "--batch"),
