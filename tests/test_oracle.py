@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from dsref.reference import numpy_ref, oracle
+from dsref.reference import numpy_ref
 from dsref.experiments.cli import main
 from dsref.reference.config import ModelConfig
-from dsref.reference.oracle import conformance
+from dsref.reference.oracle import compare, conformance, golden
 from tests.broken_reference import FAULT_CASE, FAULTS, BrokenReference, inject
 
 CASE_OF_FAULT = FAULT_CASE
@@ -110,7 +110,7 @@ def test_transformers_on_the_kit(kit):
 # ------------------------------------------------------------------ golden + compare CLI
 def test_golden_metadata_and_names(goldens):
     d, ck, tok = goldens
-    t, meta = oracle.read_dump(d / "float64.safetensors")
+    t, meta = golden.read_dump(d / "float64.safetensors")
     assert sorted(t) == sorted(["logits", "layers.0.attn_out", "layers.0.hidden", "layers.1.attn_out",
                                 "layers.1.hidden", "layers.1.router_logits", "layers.1.topk_ids",
                                 "layers.1.topk_weights"])
@@ -119,7 +119,7 @@ def test_golden_metadata_and_names(goldens):
     ids = t["layers.1.topk_ids"]
     assert (np.diff(ids, axis=-1) > 0).all()  # sorted by expert id
     assert t["logits"].dtype == np.float64
-    assert oracle.read_dump(d / "float32.safetensors")[0]["logits"].dtype == np.float32
+    assert golden.read_dump(d / "float32.safetensors")[0]["logits"].dtype == np.float32
 
 
 def test_compare_passes_and_json(goldens, capsys):
@@ -134,10 +134,10 @@ def test_compare_passes_and_json(goldens, capsys):
 
 def test_compare_names_the_first_failing_layer(goldens, tmp_path, capsys):
     d, _, _ = goldens
-    t, meta = oracle.read_dump(d / "float32.safetensors")
+    t, meta = golden.read_dump(d / "float32.safetensors")
     t["layers.1.attn_out"] = t["layers.1.attn_out"] * 1.01
     t["logits"] = t["logits"] + 1.0
-    bad = oracle.write_dump(t, tmp_path / "bad.safetensors", meta)
+    bad = golden.write_dump(t, tmp_path / "bad.safetensors", meta)
     assert main(["compare", str(d / "float64.safetensors"), str(bad)]) == 1
     out = capsys.readouterr().out
     assert "first leaves tolerance at layer 1 (layers.1.attn_out)" in out
@@ -157,15 +157,15 @@ def test_compare_bad_inputs(goldens, tmp_path, capsys):
     junk.write_bytes(b"not a safetensors file at all")
     assert main(["compare", ref, str(junk)]) == 2
     assert "junk.safetensors" in capsys.readouterr().err
-    t, meta = oracle.read_dump(d / "float32.safetensors")
+    t, meta = golden.read_dump(d / "float32.safetensors")
     t["layers.1.hidden"] = t["layers.1.hidden"][:, :5]
-    assert main(["compare", ref, str(oracle.write_dump(t, tmp_path / "shape.safetensors", meta))]) == 2
+    assert main(["compare", ref, str(golden.write_dump(t, tmp_path / "shape.safetensors", meta))]) == 2
     assert "tensor 'layers.1.hidden' has shape [2, 5, 32]" in capsys.readouterr().err
     other = np.load(tok) + 1
     np.save(tmp_path / "other.npy", other)
-    t, meta = oracle.read_dump(d / "float32.safetensors")
-    meta["tokens_sha256"] = oracle.tokens_hash(other)
-    assert main(["compare", ref, str(oracle.write_dump(t, tmp_path / "tok.safetensors", meta))]) == 2
+    t, meta = golden.read_dump(d / "float32.safetensors")
+    meta["tokens_sha256"] = golden.tokens_hash(other)
+    assert main(["compare", ref, str(golden.write_dump(t, tmp_path / "tok.safetensors", meta))]) == 2
     assert "different token ids" in capsys.readouterr().err
 
 
@@ -186,10 +186,10 @@ def test_golden_bad_tokens(goldens, tmp_path, capsys):
 
 def test_bf16_candidate_against_bf16_and_float32_tolerances(kit, goldens, tmp_path):
     _, ck, tok = goldens
-    ref, _ = oracle.read_dump(goldens[0] / "float64.safetensors")
-    cand = oracle.run_reference(ck, oracle.load_tokens(tok), "bfloat16")
-    assert oracle.compare_dumps(ref, cand, "bf16").ok
-    rep = oracle.compare_dumps(ref, cand, "float32")
+    ref, _ = golden.read_dump(goldens[0] / "float64.safetensors")
+    cand = golden.run_reference(ck, golden.load_tokens(tok), "bfloat16")
+    assert compare.compare_dumps(ref, cand, "bf16").ok
+    rep = compare.compare_dumps(ref, cand, "float32")
     assert not rep.ok and rep.first_failing_layer == 0
 
 
@@ -201,19 +201,19 @@ def test_routing_tolerance_and_topk_order():
     # same routing, other top-k order: identical after canonicalisation
     cand = {"layers.0.topk_ids": ids[..., ::-1], "layers.0.topk_weights": wts[..., ::-1],
             "layers.0.hidden": ref["layers.0.hidden"]}
-    assert oracle.compare_dumps(ref, cand, "float32").ok
+    assert compare.compare_dumps(ref, cand, "float32").ok
     # one token of 24 routed differently (a near-tie): within bf16's 5%, not float32's 0
     ids2 = ids.copy()
     ids2[0, 3] = [e for e in range(8) if e not in ids[0, 3]][:2]
     hid = ref["layers.0.hidden"].copy()
     hid[0, 3] += 5.0  # that token's downstream values legitimately differ
     cand = {"layers.0.topk_ids": ids2, "layers.0.topk_weights": wts + 50 * (ids2 != ids), "layers.0.hidden": hid}
-    rep = oracle.compare_dumps(ref, cand, "bf16")
-    assert rep.ok, oracle.format_report(rep)
+    rep = compare.compare_dumps(ref, cand, "bf16")
+    assert rep.ok, compare.format_report(rep)
     r = {t.name: t for t in rep.tensors}
     assert r["layers.0.topk_ids"].routing_mismatch == pytest.approx(1 / 24)
     assert r["layers.0.topk_weights"].compared_tokens == 23 and r["layers.0.hidden"].compared_tokens == 23
-    rep = oracle.compare_dumps(ref, cand, "float32")
+    rep = compare.compare_dumps(ref, cand, "float32")
     assert not rep.ok and rep.first_failure == "layers.0.topk_ids"
 
 

@@ -159,7 +159,7 @@ def build_case(case: Case, out: str | Path) -> Path:
             "fp8_block": list(case.fp8_block) if case.fp8_block else None,
             "tolerances": TOLERANCES,
             "routing_margin": margins,
-            "grading": "oracle.compare_dumps(golden, candidate, engine dtype): every tensor within the "
+            "grading": "compare.compare_dumps(golden, candidate, engine dtype): every tensor within the "
                        "engine dtype's tolerance"}
     (out / "case.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
