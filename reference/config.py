@@ -31,6 +31,14 @@ _SCORING = ("sigmoid", "softmax")
 _ARCH = ("deepseek", "dense")
 
 
+#: RMSNorm eps of MLA's q_a_layernorm and kv_a_layernorm. DeepSeek's inference code and
+#: transformers both build these two norms with the RMSNorm default, 1e-6, whatever the
+#: config's rms_norm_eps says. rms_norm_eps applies to the decoder layers' input and
+#: post-attention norms, the final norm and the MTP norms. Every released checkpoint has
+#: rms_norm_eps = 1e-6, so only other configs tell the two apart.
+MLA_NORM_EPS = 1e-6
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """YaRN parameters (rope_scaling / rope_parameters in config.json)."""

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsref.reference.config import ModelConfig
+from dsref.reference.config import MLA_NORM_EPS, ModelConfig
 from dsref.reference.dispatch import expert_window_rows as block_size
 from dsref.reference.numpy_ref import rope_frequencies
 from dsref.reference.params import EMBED, FINAL_NORM, ROUTED_EXPERT, Tensor, head_name, tensors
@@ -277,11 +277,11 @@ def mla_project(w, cfg: ModelConfig, x, positions, prec):
     if cfg.q_lora_rank is None:
         q = linear(x, w["q_proj.weight"], prec)
     else:
-        q = linear(rms_norm(linear(x, w["q_a_proj.weight"], prec), w["q_a_layernorm.weight"], cfg.rms_norm_eps),
+        q = linear(rms_norm(linear(x, w["q_a_proj.weight"], prec), w["q_a_layernorm.weight"], MLA_NORM_EPS),
                    w["q_b_proj.weight"], prec)
     q = q.reshape(B, T, H, N + P)
     kv = linear(x, w["kv_a_proj_with_mqa.weight"], prec)
-    c_kv = rms_norm(kv[..., :R], w["kv_a_layernorm.weight"], cfg.rms_norm_eps)
+    c_kv = rms_norm(kv[..., :R], w["kv_a_layernorm.weight"], MLA_NORM_EPS)
     cos, sin = rope_tables(cfg, positions)
     return q[..., :N], apply_rope(q[..., N:], cos, sin), c_kv, apply_rope(kv[..., R:], cos, sin)
 

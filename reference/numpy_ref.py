@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from dsref.reference.config import ModelConfig, yarn_get_mscale
+from dsref.reference.config import MLA_NORM_EPS, ModelConfig, yarn_get_mscale
 from dsref.reference.params import EMBED, FINAL_NORM, head_name
 
 f64 = np.float64
@@ -140,12 +140,12 @@ def mla(x, w, cfg: ModelConfig, positions, prefix: str):
     if cfg.q_lora_rank is None:
         q = linear(x, g("q_proj.weight"))
     else:
-        q = linear(rms_norm(linear(x, g("q_a_proj.weight")), g("q_a_layernorm.weight"), cfg.rms_norm_eps),
+        q = linear(rms_norm(linear(x, g("q_a_proj.weight")), g("q_a_layernorm.weight"), MLA_NORM_EPS),
                    g("q_b_proj.weight"))
     q = q.reshape(B, T, H, N + P)
     q_nope, q_pe = q[..., :N], q[..., N:]
     kv = linear(x, g("kv_a_proj_with_mqa.weight"))
-    c_kv = rms_norm(kv[..., :R], g("kv_a_layernorm.weight"), cfg.rms_norm_eps)
+    c_kv = rms_norm(kv[..., :R], g("kv_a_layernorm.weight"), MLA_NORM_EPS)
     cos, sin = rope_cos_sin(cfg, positions)
     q_pe = apply_rope_interleaved(q_pe, cos, sin)
     k_pe = apply_rope_interleaved(kv[..., R:], cos, sin)  # [B, T, P], one head shared by all

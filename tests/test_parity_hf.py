@@ -34,6 +34,8 @@ CASES = {
                                                  topk_group=3, num_experts_per_tok=3)),
     "v2-group-limited-softmax": ("tiny-v2", {}),
     "v2-lite-greedy-no-qlora": ("tiny-v2-lite", {}),
+    # rms_norm_eps applies to the layer norms only: q_a/kv_a_layernorm keep the default 1e-6
+    "v3-norm-eps-not-default": ("tiny-v3", dict(rms_norm_eps=0.1)),
 }
 
 
