@@ -95,7 +95,22 @@ class Instance(_Table):
     activation_reserve_bytes: float = -1.0  # -1: largest prefill op's activations (sim.local.activation_bytes)
 
 
+@dataclass(frozen=True)
 class _ScenarioBase(_Table):
+    """The fields every scenario has; the kinds below add theirs (and set kind's and system's defaults)."""
+
+    name: str = ""
+    description: str = ""
+    kind: str = ""
+    model: str = "deepseek-v3"
+    quant: str = "fp8"
+    seed: int = 0
+    system: str = ""               # hwmodels node or cluster preset
+    # where it came from (messages name the source; relative trace paths start at base_dir)
+    source: str = "<scenario>"
+    base_dir: Path = Path(".")
+    _deployment: Any = field(default=None, init=False, repr=False, compare=False)  # sim.deployment.resolve
+
     def with_overrides(self, overrides: dict) -> "Scenario":
         """This scenario with ``overrides`` (nested dict, TOML shape) applied, validated and resolved anew."""
         return _overridden(self, overrides)
@@ -103,14 +118,9 @@ class _ScenarioBase(_Table):
 
 @dataclass(frozen=True)
 class ServeScenario(_ScenarioBase):
-    name: str = ""
-    description: str = ""
     kind: str = "serve"
-    model: str = "deepseek-v3"
-    quant: str = "fp8"
-    seed: int = 0
+    system: str = "h800-node"
     duration_s: float = 60.0
-    system: str = "h800-node"      # hwmodels node or cluster preset
     device_split: int = 1          # run each catalog device as N logical devices (Ascend 910C = 2 dies)
     scaleup_devices: int = 0       # devices sharing the scale-up fabric (0 = a node; NVL72 / CloudMatrix UB: more)
     mode: str = "disaggregated"    # disaggregated | aggregated
@@ -120,10 +130,6 @@ class ServeScenario(_ScenarioBase):
     prefill: Instance = Instance()
     decode: Instance = Instance()
     aggregated: Instance = Instance()
-    # where it came from (messages name the source; relative trace paths start at base_dir)
-    source: str = "<scenario>"
-    base_dir: Path = Path(".")
-    _deployment: Any = field(default=None, init=False, repr=False, compare=False)  # sim.deployment.resolve
 
     def trace_path(self) -> Path:
         p = Path(self.workload.trace)
@@ -140,12 +146,7 @@ class ServeScenario(_ScenarioBase):
 
 @dataclass(frozen=True)
 class TrainScenario(_ScenarioBase):
-    name: str = ""
-    description: str = ""
     kind: str = "train"
-    model: str = "deepseek-v3"
-    quant: str = "fp8"
-    seed: int = 0
     system: str = "h800-cluster-2048"
     nodes: int = 0                 # 0 nodes and 0 devices = the whole system
     devices: int = 0
@@ -165,9 +166,6 @@ class TrainScenario(_ScenarioBase):
     stage_split: str = "even"      # even (first stages take the remainder) | balanced (min-max stage compute)
     goodput: float = 1.0           # share of the reserved device time that is productive training
     token_budget: float = 14.8e12
-    source: str = "<scenario>"
-    base_dir: Path = Path(".")
-    _deployment: Any = field(default=None, init=False, repr=False, compare=False)  # sim.deployment.resolve
 
 
 Scenario = ServeScenario | TrainScenario
