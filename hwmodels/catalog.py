@@ -632,8 +632,9 @@ def load_device_file(path: str | os.PathLike) -> Device:
     return parse_device(read_toml(path), path)
 
 
-def _looks_like_path(s: str) -> bool:
-    return os.sep in s or s.endswith(".toml")
+def looks_like_path(s: str) -> bool:
+    """A catalog argument that names a file rather than an id (a separator, or a .toml suffix)."""
+    return os.sep in s or s.endswith(".toml") or (os.altsep is not None and os.altsep in s)
 
 
 def load_device(id_or_path: str | os.PathLike, *, directory: str | os.PathLike | None = None) -> Device:
@@ -644,7 +645,7 @@ def load_device(id_or_path: str | os.PathLike, *, directory: str | os.PathLike |
     catalog directory for id lookups.
     """
     key = os.fspath(id_or_path)
-    if isinstance(id_or_path, Path) or _looks_like_path(key):
+    if isinstance(id_or_path, Path) or looks_like_path(key):
         return load_device_file(key)
     if key == "host" and directory is None:
         path = host_device_path()

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from .catalog import DEVICES_DIR, CatalogError, Device, Figure, list_devices, load_device, read_toml
+from .catalog import DEVICES_DIR, CatalogError, Device, Figure, list_devices, load_device, looks_like_path, read_toml
 from .systems import SYSTEMS_DIR, Cluster, Node, load_system
 
 _PREFIXES = ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1.0, ""), (1e-3, "m"), (1e-6, "u"), (1e-9, "n"))
@@ -169,16 +168,12 @@ def _show_system(sys_: Node | Cluster, as_json: bool) -> int:
     return 0
 
 
-def _looks_like_path(name: str) -> bool:
-    return os.sep in name or name.endswith(".toml") or (os.altsep is not None and os.altsep in name)
-
-
 def _load_named(name: str) -> Device | Node | Cluster:
     """A device or system by catalog name or .toml path; CatalogError (a ValueError) with one
     line naming it otherwise (unknown names list the known devices and systems)."""
     from .systems import list_system_names
 
-    if _looks_like_path(name):
+    if looks_like_path(name):
         p = Path(name)
         if not p.exists():
             raise CatalogError(f"{name}: file not found")

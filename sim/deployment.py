@@ -26,7 +26,7 @@ from dsref.reference.presets import load_config
 from dsref.sim.local import activation_bytes
 from dsref.sim.parallel import Parallelism
 from dsref.sim.quant import Quant, get_quant
-from dsref.sim.scenario import Scenario, _err
+from dsref.sim.scenario import Scenario, _err, _pos
 from dsref.sim.stepcost import OpTable, StepCost
 
 # (phase, MLA form, logits) of the serving step costs: prefill in the naive (expanded) MLA form
@@ -137,11 +137,6 @@ def _latency_s(cluster) -> dict:
         return {}
     lat = cluster.max_latency_s or cluster.hop_latency_s
     return {"inter": lat} if lat else {}
-
-
-def _pos(sc: Scenario, fld: str, v, allow_zero=False):
-    if v < 0 or (v == 0 and not allow_zero):
-        raise _err(sc.source, fld, f"must be {'>= 0' if allow_zero else '> 0'}, got {v!r}")
 
 
 def _base(sc: Scenario) -> Deployment:
