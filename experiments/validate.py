@@ -217,7 +217,7 @@ def main(*, as_json: bool = False, out_dir: str | None = None, closed_loop: bool
     without it nothing is written. Without ``closed_loop``, the closed-loop result stored in
     <out_dir>/validation.json is carried over and printed as stored, with its measurement date."""
     if whatif and not out_dir:
-        print("dsref validate: --whatif writes pages; give --out-dir DIR", file=sys.stderr)
+        print("dsref: error: --whatif writes pages; give --out-dir DIR", file=sys.stderr)
         return 2
     records = run_all(progress=not as_json, fast=fast)
     cl, stored_in = None, None
