@@ -261,7 +261,12 @@ def load(name_or_path: str, overrides: dict | None = None) -> "Scenario":
 # (the classes above), which are only meaningful once these three are chosen.
 REQUIRED = ("kind", "model", "system")
 MAX_SAMPLES = 1_000_000    # queue-length samples per run
-MAX_DURATION_S = 86_400.0  # one simulated day (as `sim serve --duration`; sim/serve_cli.py says why)
+# Longest run a scenario (or `sim serve --duration`) takes: one simulated day. The simulator's cost
+# is per step and per request (deepseek-day6: ~1.6k requests and ~200 steps per simulated second,
+# ~45 s of wall time per simulated hour), so a day is already ~20 minutes of wall time; steady
+# state is reached in minutes of simulated time, and no published serving figure averages over
+# more than a day (DeepSeek's Day-6 report: 24 h).
+MAX_DURATION_S = 86_400.0
 
 
 def from_dict(data: dict, src: str = "<scenario>", path: Path | None = None,

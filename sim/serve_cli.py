@@ -6,12 +6,8 @@ import json
 import math
 import sys
 
-# Longest run the command line takes: one simulated day. The simulator's cost is per step and per
-# request (deepseek-day6: ~1.6k requests and ~200 steps per simulated second, ~45 s of wall time per
-# simulated hour), so a day is already ~20 minutes of wall time; steady state is reached in minutes
-# of simulated time, and no published serving figure averages over more than a day (DeepSeek's
-# Day-6 report: 24 h).
-MAX_DURATION_S = 86_400.0
+from dsref.sim.scenario import MAX_DURATION_S
+
 # Most requests one run may draw (rate x duration): the workload arrays and the per-request
 # bookkeeping grow with them (deepseek-day6 for an hour: 5.8M requests, ~80 s, a few hundred MB).
 MAX_REQUESTS = 50_000_000
