@@ -327,3 +327,10 @@ def test_compare_tolerance_property(option, value, dumps, capsys):
     _check_option(rc, err, option)
     if rc != 2:
         assert rc == 0  # identical dumps pass under any accepted tolerance
+
+
+def test_command_line_bounds_equal_the_api_bounds():
+    """sim/cli.py keeps its own MAX_BATCH so that building the parser imports no numpy; it must be
+    sim.local's (the API refuses exactly what the command line refuses)."""
+    from dsref.sim import cli, local
+    assert cli.MAX_BATCH == local.MAX_BATCH
