@@ -290,7 +290,7 @@ def mtp_forward(tokens, h_main, w, cfg: ModelConfig, depth: int = 0):
 
     h' = M [RMSNorm(h_t); RMSNorm(Emb(t_{t+1}))], then one decoder layer, then the
     shared head. Inputs: tokens [B, T] and the main model's final hidden state
-    before its norm [B, T, D]; position t uses h_t and the embedding of token t+1,
+    after its final norm [B, T, D] (see docs/oracle.md on MTP); position t uses h_t and the embedding of token t+1,
     so the output covers positions 0..T-2.
     """
     i = cfg.num_hidden_layers + depth

@@ -133,7 +133,7 @@ def cmd_compare(args) -> int:
 def _engine(args):
     from dsref.reference.oracle import conformance
     if args.engine_cmd:
-        return conformance.CommandEngine(args.engine_cmd, dtype=args.dtype or "float32")
+        return conformance.CommandEngine(args.engine_cmd, dtype=args.dtype, name=args.engine_name)
     if args.engine == "transformers":
         from dsref.reference.oracle.hf_adapter import TransformersEngine
         try:
@@ -159,7 +159,8 @@ def cmd_conformance(args) -> int:
     from dsref.reference.oracle import conformance
     if args.action == "list":
         for c in conformance.CASES:
-            print(f"{c.letter} {c.name:<22} {c.targets}")
+            needs = ", ".join(n for n in c.all_requires if n != "baseline")
+            print(f"{c.letter} {c.name:<25} {c.factor}" + (f"  [builds on: {needs}]" if needs else ""))
         return 0
     if args.action == "write":
         out = conformance.write_kit(args.dir, args.cases)
@@ -171,8 +172,8 @@ def cmd_conformance(args) -> int:
         res = conformance.grade_kit(args.dir, eng, args.cases, args.dtype, _overrides(args), args.save)
         return _print_results(res, getattr(eng, "name", "engine"), args.json)
     # grade
-    res = conformance.grade_outputs(args.dir, args.candidate_dir, args.dtype or "float32", _overrides(args))
-    return _print_results(res, str(args.candidate_dir), args.json)
+    res = conformance.grade_outputs(args.dir, args.candidate_dir, args.dtype, _overrides(args))
+    return _print_results(res, args.engine_name or str(args.candidate_dir), args.json)
 
 
 HF_ENGINE_CMD = ("python -m dsref.reference.oracle.hf_adapter --checkpoint {checkpoint} --tokens {tokens} "
@@ -220,8 +221,11 @@ dtype (docs/oracle.md). Exit 0 within tolerance, 1 not, 2 bad input.""",
 
     p = sub.add_parser("conformance", help="adversarial conformance kit for other engines",
                        description="""\
-Ten small adversarial checkpoints, each aimed at one mistake engines have made (RoPE pair layout,
-YaRN scaling, expert-group masking, gate weights, FP8 partial blocks, ...), with their golden dumps.
+Small adversarial checkpoints with their golden dumps: a baseline that exercises every feature
+at its simplest, and cases that each change one factor from it (RoPE pair layout, YaRN, expert
+groups, correction bias, router precision, FP8 blocks, MTP, ...). A failing case is blamed on its
+factor only when the baseline and the cases it builds on pass; otherwise the report names the
+earlier failure that explains it (docs/oracle.md).
 
   list                                  the cases
   write DIR                             write the kit (checkpoint, tokens, golden per case)
@@ -230,8 +234,9 @@ YaRN scaling, expert-group masking, gate weights, FP8 partial blocks, ...), with
 
 --engine-cmd is run once per case with {checkpoint}, {tokens} (int32 .npy [batch, seq]) and
 {out} (the .safetensors dump to write) filled in; exit 3 with an "unsupported: REASON" line
-on stderr marks a checkpoint the engine cannot run. Exit 0 when every case passes, 1 when
-one fails or errors, 2 bad input.""",
+on stderr marks a checkpoint the engine cannot run (UNSUPPORTED, not a failure). Tolerances follow
+each dump's "dtype" metadata unless --dtype is given. Engines take token ids as plain ids (0 and 1
+included). Exit 0 when every case passes or is unsupported, 1 when one fails or errors, 2 bad input.""",
                        epilog=f"""\
 examples:
   dsref conformance write /tmp/kit
@@ -242,16 +247,21 @@ examples:
                        formatter_class=HelpFormatter)
     p.add_argument("action", choices=("list", "write", "run", "grade"), help="what to do (see above)")
     p.add_argument("dir", nargs="?", metavar="DIR", help="kit directory")
-    p.add_argument("--cases", nargs="+", help="case names or letters (default: all)")
+    p.add_argument("--cases", nargs="+", help="case names or letters (default: all); the cases they build on "
+                   "are added")
     p.add_argument("--engine", choices=("dsref", "dsref-bf16", "dsref-float64", "transformers"), default="dsref",
                    help="built-in engine for run: our JAX model in float32 or bf16, the float64 NumPy reference, "
                         "or Hugging Face transformers (needs torch)")
     p.add_argument("--engine-cmd", metavar="COMMAND", help='run: your engine as a command template with '
                    '{checkpoint}, {tokens} and {out}, e.g. "mytool --checkpoint {checkpoint} --tokens {tokens} '
                    '--out {out}" (replaces --engine)')
+    p.add_argument("--engine-name", metavar="NAME", help="run: the engine's name in the report (default: the "
+                   "dumps' 'engine' metadata, else the command's module or program)")
     p.add_argument("--candidate-dir", metavar="OUTS", help="grade: directory with <case>.safetensors dumps")
-    p.add_argument("--save", metavar="SAVE", help="run: also write each engine dump to SAVE/<case>.safetensors")
-    p.add_argument("--dtype", choices=_DTYPES, help="tolerance set (default: the engine's dtype)")
+    p.add_argument("--save", metavar="SAVE", help="run: also keep each engine dump as SAVE/<case>.safetensors "
+                   "(an --engine-cmd dump is copied as the engine wrote it)")
+    p.add_argument("--dtype", choices=_DTYPES, help="tolerance set (default: each dump's dtype metadata, else "
+                   "the engine's dtype, else float32)")
     _add_tol_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_conformance_checked)

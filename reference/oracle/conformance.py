@@ -1,164 +1,70 @@
-"""Conformance kit: small adversarial checkpoints, each aimed at one mistake engines have made.
+"""Conformance kit: a baseline and one-factor variants of it, each aimed at mistakes engines have made.
 
-``write_kit(DIR)`` writes, per case, ``DIR/<case>/checkpoint/`` (config.json +
-model.safetensors, deterministic seed, a few KB), ``tokens.npy``,
-``golden.safetensors`` (float64 NumPy reference, see oracle.golden) and
-``case.json`` (what it targets, dtype tolerances). ``grade_kit(DIR, engine)`` runs
-an engine on every case and compares its dump with the golden one.
+``write_kit(DIR)`` writes, per case (oracle.kit_cases), ``DIR/<case>/checkpoint/``
+(config.json + model.safetensors, deterministic seed), ``tokens.npy``,
+``golden.safetensors`` (float64 NumPy reference, see oracle.golden) and ``case.json``
+(its factor, what it requires, the mistakes that fail it, tolerances, routing margins).
+``grade_kit(DIR, engine)`` runs an engine on every case, compares its dump with the
+golden one, and ``attribute``s each failure: to the case's own factor when the
+baseline and every case it requires passed, otherwise to the earlier failure that
+explains it.
 
-Every case keeps the features it does not target *neutral*, so that one mistake
-fails one case only: rotary dim P=2 (interleaved and half-split pairs coincide),
-no YaRN, float32 weights, first_k_dense_replace=0, q_lora on, a single expert
-group, zero or bf16-exact correction biases, routed_scaling_factor 1, and the
-family's usual top-k normalisation (V3 normalised, V2 not). Each case names the
-mistake (``Case.fault``) that must fail it; the tests prove it with the float64
-reference with that mistake injected (tests/broken_reference.py).
-
-Engines: any callable ``engine(checkpoint_dir: Path, tokens: np.ndarray) ->
-{name: array}`` (the dump names of oracle.golden), with optional attributes
-``name`` and ``dtype`` (the tolerance set, default float32). An engine raises
-``EngineUnsupported`` for a checkpoint it cannot run (reported, not failed).
+Engines: any callable ``engine(checkpoint_dir: Path, tokens: np.ndarray)`` returning
+``{name: array}`` (the dump names of oracle.golden) or ``({name: array}, metadata)``,
+with optional attributes ``name`` and ``dtype`` (the tolerance set; a dump's own
+``dtype`` metadata wins over it, an explicit ``dtype=`` over both). An engine raises
+``EngineUnsupported`` for a checkpoint it cannot run (reported, not failed); a dump
+without a tensor that only the case's factor adds (e.g. ``mtp.0.logits``) is
+UNSUPPORTED too.
 """
 
 from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import ml_dtypes
 import numpy as np
 
 from dsref.reference.checkpoint import read_config, read_tensors, save_checkpoint
-from dsref.reference.config import ModelConfig, RopeScaling
-from dsref.reference.oracle.compare import TOLERANCES, compare_dumps, normalize_dtype
-from dsref.reference.oracle.golden import (OracleError, config_hash, golden_metadata, load_tokens, read_dump,
-                                          run_reference, tokens_hash, versions, write_dump)
-from dsref.reference.params import tensors
+from dsref.reference.config import ModelConfig
+from dsref.reference.oracle.adapters.common import UNSUPPORTED_EXIT, EngineUnsupported
+from dsref.reference.oracle.compare import _DTYPE_ALIASES, TOLERANCES, compare_dumps, normalize_dtype
+from dsref.reference.oracle.golden import (OracleError, config_hash, golden_metadata, read_dump, run_reference,
+                                          tokens_hash, versions, write_dump)
+from dsref.reference.oracle.kit_cases import BASELINE, CASE_BY_NAME, CASES, Case, case_tokens, case_weights, closure
 
-
-class EngineUnsupported(RuntimeError):
-    """An engine cannot run a checkpoint at all (reported as 'unsupported', with the reason)."""
-
-
-# ------------------------------------------------------------------ cases
-_BASE = dict(name="kit", vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-             num_hidden_layers=1, first_k_dense_replace=0, num_attention_heads=2, num_key_value_heads=2,
-             q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=2, v_head_dim=8,
-             n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
-             topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True, routed_scaling_factor=1.0,
-             rope_theta=10000.0, rope_scaling=None, max_position_embeddings=64, num_nextn_predict_layers=0)
-_V2 = dict(scoring_func="softmax", topk_method="greedy", norm_topk_prob=False)
-
-
-@dataclass(frozen=True)
-class Case:
-    name: str
-    letter: str
-    targets: str  # the mistake it catches
-    overrides: dict
-    fault: str  # the mistake that must fail it (injected in tests/broken_reference.py)
-    seed: int
-    tokens: tuple[int, int] = (2, 12)
-    bias: str = "zero"  # zero | exact_pos | exact_neg | bf16_tie
-    gate_std: float = 0.3
-    fp8_block: tuple[int, int] | None = None
-
-    def config(self) -> ModelConfig:
-        return ModelConfig(**{**_BASE, "name": f"kit-{self.name}", **self.overrides})
-
-
-CASES: tuple[Case, ...] = (
-    Case("rope-pair-layout", "a", "RoPE on interleaved pairs (x0,x1),(x2,x3).. (DeepSeek) vs rotate-half "
-         "pairs (x_i, x_i+P/2); with a YaRN frequency blend (ramp over dims 0..3 of P/2=4) and its cos/sin "
-         "factor (mscale_all_dim 0: no softmax temperature, that is case b)",
-         dict(qk_rope_head_dim=8, rope_theta=100.0, max_position_embeddings=256, rope_scaling=RopeScaling(
-             factor=4.0, original_max_position_embeddings=64, beta_fast=32.0, beta_slow=1.0, mscale=1.0,
-             mscale_all_dim=0.0)), "rope_half", 1, tokens=(2, 16)),
-    Case("yarn-mscale", "b", "YaRN temperature: cos/sin factor mscale/mscale_all_dim, and "
-         "mscale(all_dim)^2 on the whole softmax scale (not only the rope part, not missing)",
-         dict(rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=8, beta_fast=32.0,
-                                       beta_slow=1.0, mscale=0.8, mscale_all_dim=1.2),
-              max_position_embeddings=32), "mscale_rope_only", 2,
-         tokens=(2, 16)),
-    Case("group-mask-neg-bias", "c", "group-limited routing masks dropped groups with -inf, not 0 "
-         "(biased scores here are all < 0)", dict(n_group=4, topk_group=2, num_experts_per_tok=1),
-         "group_mask_zero", 3, bias="exact_neg"),
-    Case("weights-unbiased", "d", "gate weights come from the unbiased sigmoid scores, the bias only selects",
-         dict(num_experts_per_tok=3), "weights_from_biased", 4, bias="exact_pos"),
-    Case("topk-norm-flag", "e", "norm_topk_prob honoured (here a V2 softmax router with norm_topk_prob=true: "
-         "the top-k weights must be renormalised)", {**_V2, "norm_topk_prob": True, "num_experts_per_tok": 3,
-                                                           "n_shared_experts": 2}, "norm_flag_ignored", 5),
-    Case("routed-scaling", "f", "routed_scaling_factor applied to the routed experts' weights",
-         dict(routed_scaling_factor=2.5), "no_routed_scaling", 6),
-    Case("fp8-partial-blocks", "g", "FP8 block-wise dequantization with a scale grid whose last block row/"
-         "column is partial (block 20x12 does not divide the dims)", {}, "fp8_floor_grid", 7,
-         fp8_block=(20, 12)),
-    Case("bias-float32", "h", "the e_score_correction_bias kept in float32: its differences here (< 1e-3 "
-         "around 0.5) vanish in bf16 and routing changes", dict(num_experts_per_tok=1), "bias_bf16", 8,
-         bias="bf16_tie", gate_std=2e-4),
-    Case("dense-first-k", "i", "first_k_dense_replace: layer 0 is a dense MLP, layer 1 MoE",
-         dict(num_hidden_layers=2, first_k_dense_replace=1), "dense_first_k_ignored", 9),
-    Case("no-q-lora", "j", "q_lora_rank null (V2-Lite style): q = x W_q, no low-rank path, no q norm",
-         dict(**_V2, q_lora_rank=None, n_shared_experts=2), "q_lora_assumed", 10),
-)
-CASE_BY_NAME = {c.name: c for c in CASES}
-
-
-def _weights(case: Case, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """Deterministic adversarial weights: large random matrices, norms around 1, case-specific router/bias."""
-    rng = np.random.default_rng(1000 + case.seed)
-    shapes = {t.name: t.shape for t in tensors(cfg)}
-    w = {}
-    for n, s in shapes.items():
-        if n.endswith("norm.weight"):
-            a = 1.0 + 0.2 * rng.standard_normal(s)
-        elif n.endswith("e_score_correction_bias"):
-            E = s[0]
-            if case.bias == "exact_pos":  # multiples of 1/8 in [0, 0.875]: bf16-exact, biased scores > 0
-                a = rng.permutation(np.arange(E) % 8) / 8.0
-            elif case.bias == "exact_neg":  # multiples of -1/4 in [-2.75, -1]: every biased score < 0
-                a = -1.0 - rng.permutation(np.arange(E) % 8) / 4.0
-            elif case.bias == "bf16_tie":  # 0.5 + distinct deltas < 1e-3: all round to 0.5 in bf16
-                a = 0.5 + (rng.permutation(E) - (E - 1) / 2) * 2.2e-4
-            else:
-                a = np.zeros(s)
-        elif n.endswith("mlp.gate.weight"):
-            a = case.gate_std * rng.standard_normal(s)
-        elif n.endswith("embed_tokens.weight"):
-            a = rng.standard_normal(s)
-        else:
-            a = 0.15 * rng.standard_normal(s)
-        w[n] = np.asarray(a, np.float32)
-    return w
+__all__ = ["CASES", "CASE_BY_NAME", "Case", "EngineUnsupported", "UNSUPPORTED_EXIT", "write_kit", "grade_kit",
+           "grade_outputs", "attribute", "format_results", "results_json", "ReferenceEngine", "CommandEngine"]
+KIT_FORMAT = "dsref-conformance-2"
 
 
 def build_case(case: Case, out: str | Path) -> Path:
     """Write one case directory (checkpoint, tokens, golden, case.json)."""
     out = Path(out)
     cfg = case.config()
-    w = _weights(case, cfg)
-    if case.bias == "bf16_tie":
-        b = w["model.layers.0.mlp.gate.e_score_correction_bias"]
-        assert (b.astype(ml_dtypes.bfloat16).astype(np.float32) == 0.5).all() and len(set(b.tolist())) == len(b)
+    w = case_weights(case, cfg)
     ck = out / "checkpoint"
     save_checkpoint(w, cfg, ck, dtype="fp8" if case.fp8_block else "float32", fp8_block_size=case.fp8_block)
-    tokens = np.random.default_rng(case.seed).integers(0, cfg.vocab_size, case.tokens).astype(np.int32)
+    tokens = case_tokens(case, cfg)
     np.save(out / "tokens.npy", tokens)
     stored = read_config(ck)
     golden = run_reference(ck, tokens, "float64")  # from the weights as stored (fp8 dequantized)
+    missing = [n for n in case.dump_tensors if n not in golden]
+    assert not missing, f"{case.name}: the reference dump lacks {missing}"
     write_dump(golden, out / "golden.safetensors", golden_metadata(stored, tokens, "float64", case=case.name))
     margins = routing_margins(golden, stored, dict(read_tensors(ck, stored)))
-    meta = {"name": case.name, "letter": case.letter, "targets": case.targets, "fault": case.fault,
-            "seed": case.seed, "config_hash": config_hash(stored), "tokens_shape": list(tokens.shape),
+    meta = {"name": case.name, "letter": case.letter, "factor": case.factor, "targets": case.targets,
+            "requires": list(case.all_requires), "faults": list(case.faults), "seed": case.seed,
+            "config_hash": config_hash(stored), "tokens_shape": list(tokens.shape),
             "checkpoint_dtype": "fp8" if case.fp8_block else "float32",
             "fp8_block": list(case.fp8_block) if case.fp8_block else None,
-            "tolerances": TOLERANCES,
-            "routing_margin": margins,
+            "dump_tensors": list(case.dump_tensors), "tolerances": TOLERANCES, "routing_margin": margins,
             "grading": "compare.compare_dumps(golden, candidate, engine dtype): every tensor within the "
                        "engine dtype's tolerance"}
     (out / "case.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -200,28 +106,29 @@ def routing_margins(golden: dict[str, np.ndarray], cfg: ModelConfig, w: dict[str
 
 
 def write_kit(out_dir: str | Path, cases: list[str] | None = None) -> Path:
-    """Write the kit (all cases, or the named ones) into out_dir, with kit.json listing them."""
+    """Write the kit (all cases, or the named ones plus the cases they require) with kit.json listing them."""
     out = Path(out_dir)
     chosen = _select(cases)
     out.mkdir(parents=True, exist_ok=True)
     for c in chosen:
         build_case(c, out / c.name)
-    (out / "kit.json").write_text(json.dumps({"format": "dsref-conformance-1", "cases": [c.name for c in chosen],
+    (out / "kit.json").write_text(json.dumps({"format": KIT_FORMAT, "cases": [c.name for c in chosen],
                                               "versions": versions()}, indent=2) + "\n")
     return out
 
 
 def _select(names: list[str] | None) -> list[Case]:
+    """Cases by name or letter, with everything they require (kit order); all when names is empty."""
     if not names:
         return list(CASES)
-    out = []
+    picked = []
     for n in names:
         c = CASE_BY_NAME.get(n) or next((c for c in CASES if c.letter == n), None)
         if c is None:
             raise OracleError(f"unknown conformance case {n!r}; known: "
                               f"{', '.join(c.name for c in CASES)}")
-        out.append(c)
-    return out
+        picked.append(c.name)
+    return closure(picked)
 
 
 def kit_cases(kit_dir: str | Path) -> list[str]:
@@ -229,9 +136,14 @@ def kit_cases(kit_dir: str | Path) -> list[str]:
     if not p.is_file():
         raise OracleError(f"{p}: not a conformance kit (write one with `dsref conformance write DIR`)")
     try:
-        return list(json.loads(p.read_text())["cases"])
+        meta = json.loads(p.read_text())
+        names = list(meta["cases"])
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise OracleError(f"{p}: corrupt kit.json ({e})") from None
+    if meta.get("format") != KIT_FORMAT or any(n not in CASE_BY_NAME for n in names):
+        raise OracleError(f"{p}: kit format {meta.get('format')!r} is not this version's {KIT_FORMAT!r}; "
+                          "write the kit again with `dsref conformance write DIR`")
+    return names
 
 
 # ------------------------------------------------------------------ engines
@@ -247,25 +159,38 @@ class ReferenceEngine:
         return run_reference(checkpoint, tokens, self._run_dtype)
 
 
-# An engine command that exits with this status and writes a line starting "unsupported:" to stderr
-# cannot run the checkpoint at all: the case is UNSUPPORTED (reported with that line), not ERROR.
-# Both are required, so a command that merely crashes with status 3 is still an ERROR.
-UNSUPPORTED_EXIT = 3
+# An engine command that exits with UNSUPPORTED_EXIT and writes a line starting "unsupported:" to
+# stderr cannot run the checkpoint at all: the case is UNSUPPORTED (reported with that line), not
+# ERROR. Both are required, so a command that merely crashes with status 3 is still an ERROR.
+
+
+def _command_name(template: str) -> str:
+    """A readable engine name from a command: the module after -m, else the program's file name."""
+    words = shlex.split(template)
+    if "-m" in words[:-1]:
+        return words[words.index("-m") + 1].rsplit(".", 1)[-1]
+    return Path(words[0]).name if words else "engine"
 
 
 class CommandEngine:
     """An external engine run as a command; the template names {checkpoint}, {tokens} and {out}
-    (a .safetensors dump to write). Exit 0: the dump is graded; exit UNSUPPORTED_EXIT with an
-    ``unsupported: <reason>`` line on stderr: UNSUPPORTED; any other non-zero exit: ERROR."""
+    (a .safetensors dump to write). Exit 0: the dump is graded (its ``dtype`` and ``engine``
+    metadata are used); exit UNSUPPORTED_EXIT with an ``unsupported: <reason>`` line on stderr:
+    UNSUPPORTED; any other non-zero exit: ERROR, with the last line of stderr (an adapter's summary)."""
 
-    def __init__(self, template: str, dtype: str = "float32", timeout: float = 600.0):
+    def __init__(self, template: str, dtype: str | None = None, timeout: float = 600.0, name: str | None = None):
         for key in ("{checkpoint}", "{tokens}", "{out}"):
             if key not in template:
                 raise OracleError(f"--engine-cmd must contain {key}: {template!r}")
-        self.template, self.dtype, self.timeout, self.name = template, dtype, timeout, template.split()[0]
-        self.out_dir: Path | None = None
+        try:
+            derived = _command_name(template)
+        except ValueError as e:
+            raise OracleError(f"--engine-cmd: cannot split {template!r} ({e})") from None
+        self.template, self.dtype, self.timeout = template, dtype, timeout
+        self.name, self._named = name or derived, name is not None
+        self.save_dir: Path | None = None  # set by grade_kit(save_dir=...): dumps are copied there unchanged
 
-    def __call__(self, checkpoint: Path, tokens: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(self, checkpoint: Path, tokens: np.ndarray):
         import tempfile
         with tempfile.TemporaryDirectory() as td:
             tok, out = Path(td) / "tokens.npy", Path(td) / "out.safetensors"
@@ -273,14 +198,29 @@ class CommandEngine:
             cmd = self.template.format(checkpoint=shlex.quote(str(checkpoint)), tokens=shlex.quote(str(tok)),
                                        out=shlex.quote(str(out)))
             p = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=self.timeout)
+            lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
             if p.returncode == UNSUPPORTED_EXIT:
-                why = [ln for ln in p.stderr.splitlines() if ln.startswith("unsupported:")]
+                why = [ln for ln in lines if ln.startswith("unsupported:")]
                 if why:
                     raise EngineUnsupported(why[-1][len("unsupported:"):].strip())
             if p.returncode != 0:
-                raise RuntimeError(f"engine command exited {p.returncode}: {cmd}\n{p.stderr[-2000:]}")
-            tensors, _ = read_dump(out)
-            return tensors
+                raise EngineError(f"exit {p.returncode}: {lines[-1].strip() if lines else '(no stderr)'}",
+                                  "\n".join(lines[-40:]))
+            tensors, meta = read_dump(out)
+            if self.save_dir is not None:  # the engine's file as it wrote it, metadata included
+                self.save_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(out, self.save_dir / f"{Path(checkpoint).parent.name}.safetensors")
+            if not self._named and meta.get("engine"):
+                self.name = meta["engine"]
+            return tensors, meta
+
+
+class EngineError(RuntimeError):
+    """An engine command failed: a one-line summary, and the end of its stderr for the JSON report."""
+
+    def __init__(self, summary: str, stderr_tail: str = ""):
+        super().__init__(summary)
+        self.stderr_tail = stderr_tail
 
 
 # ------------------------------------------------------------------ grading
@@ -288,39 +228,72 @@ class CommandEngine:
 class CaseResult:
     case: str
     letter: str
-    targets: str
+    factor: str
     status: str  # pass | fail | error | unsupported
     detail: str = ""
+    dtype: str = "float32"
     first_failure: str | None = None
     first_failing_layer: int | None = None
     seconds: float = 0.0
+    requires: list[str] = field(default_factory=list)
+    # after attribute(): "factor" (this case's factor is the cause), "explained" (an earlier failure
+    # explains it: explained_by), "unconfirmed" (a required case was unsupported or not run)
+    attribution: str | None = None
+    explained_by: list[str] = field(default_factory=list)
+    stderr_tail: str | None = field(default=None, repr=False)
     report: dict | None = field(default=None, repr=False)
+
+    @property
+    def failed(self) -> bool:
+        return self.status in ("fail", "error")
+
+
+def _grading_dtype(explicit: str | None, meta: dict, engine) -> tuple[str, str | None]:
+    """(dtype, note): explicit > the dump's dtype metadata > the engine's dtype attribute > float32."""
+    if explicit:
+        return normalize_dtype(explicit), None
+    md = meta.get("dtype")
+    if md:
+        if str(md).lower() in _DTYPE_ALIASES:
+            return normalize_dtype(md), None
+        return "float32", f"dump dtype {md!r} unknown: float32 tolerances"
+    return normalize_dtype(getattr(engine, "dtype", None) or "float32"), None
 
 
 def grade_case(kit_dir: Path, name: str, engine: Callable, dtype: str | None = None,
                overrides: dict | None = None, save_dir: Path | None = None) -> CaseResult:
     d = Path(kit_dir) / name
     meta = json.loads((d / "case.json").read_text())
-    dtype = dtype or getattr(engine, "dtype", "float32")
-    res = CaseResult(name, meta["letter"], meta["targets"], "pass")
+    res = CaseResult(name, meta["letter"], meta.get("factor", ""), "pass", requires=list(meta.get("requires", [])))
     t0 = time.perf_counter()
-    tokens = load_tokens(d / "tokens.npy")
+    tokens = np.load(d / "tokens.npy", allow_pickle=False)
+    dump_meta: dict = {}
     try:
         out = engine(d / "checkpoint", tokens)
+        if isinstance(out, tuple):
+            out, dump_meta = out
     except EngineUnsupported as e:
         res.status, res.detail = "unsupported", str(e)
+    except EngineError as e:
+        res.status, res.detail, res.stderr_tail = "error", str(e), e.stderr_tail
     except Exception as e:  # an engine that crashes fails the case; the message says why
         res.status, res.detail = "error", f"{type(e).__name__}: {e}"
     res.seconds = time.perf_counter() - t0
     if res.status != "pass":
         return res
+    res.dtype, note = _grading_dtype(dtype, dump_meta, engine)
     golden, _ = read_dump(d / "golden.safetensors")
-    if save_dir is not None:
+    if save_dir is not None and not isinstance(engine, CommandEngine):
         write_dump(out, Path(save_dir) / f"{name}.safetensors",
-                   {"dtype": normalize_dtype(dtype), "engine": getattr(engine, "name", "engine"),
-                    "config_hash": meta["config_hash"], "tokens_sha256": tokens_hash(tokens)})
+                   {"dtype": res.dtype, "engine": getattr(engine, "name", "engine"),
+                    "config_hash": meta["config_hash"], "tokens_sha256": tokens_hash(tokens), **dump_meta})
+    absent = [n for n in meta.get("dump_tensors", []) if n not in out]
+    if absent:
+        res.status = "unsupported"
+        res.detail = f"the dump has no {', '.join(absent)} (what this case's factor adds): not implemented"
+        return res
     try:
-        rep = compare_dumps(golden, out, dtype, overrides, ref_name=f"{name}/golden", cand_name=name)
+        rep = compare_dumps(golden, out, res.dtype, overrides, ref_name=f"{name}/golden", cand_name=name)
     except OracleError as e:
         res.status, res.detail = "error", str(e)
         return res
@@ -337,44 +310,103 @@ def grade_case(kit_dir: Path, name: str, engine: Callable, dtype: str | None = N
     else:
         worst = max((r.max_rel or 0.0) for r in rep.tensors)
         res.detail = f"{len(rep.tensors)} tensors, worst rel {worst:.1e}"
+    if note:
+        res.detail += f" ({note})"
     return res
+
+
+def attribute(results: list[CaseResult]) -> list[CaseResult]:
+    """Name each failure's cause. A failing case whose requirements (the baseline and the cases its
+    factor builds on, transitively) all passed is attributed to its own factor; if one of them
+    failed, it is explained by the earliest failing ones; if one was unsupported or not run, its
+    cause is unconfirmed."""
+    by = {r.case: r for r in results}
+
+    def deps(name: str) -> list[str]:
+        seen: list[str] = []
+        todo = list(CASE_BY_NAME[name].all_requires) if name in CASE_BY_NAME else []
+        while todo:
+            n = todo.pop(0)
+            if n not in seen:
+                seen.append(n)
+                todo.extend(CASE_BY_NAME[n].all_requires)
+        return [c.name for c in CASES if c.name in seen]  # kit order: the baseline first
+
+    for r in results:
+        r.attribution, r.explained_by = None, []
+        if not r.failed:
+            continue
+        ds = deps(r.case)
+        failed = [n for n in ds if n in by and by[n].failed]
+        unknown = [n for n in ds if n not in by or by[n].status == "unsupported"]
+        if failed:
+            # the roots: failed requirements not themselves explained by another failed requirement
+            roots = [n for n in failed if not any(m in failed for m in deps(n))]
+            r.attribution, r.explained_by = "explained", roots
+        elif unknown:
+            r.attribution, r.explained_by = "unconfirmed", unknown
+        else:
+            r.attribution = "factor"
+    return results
 
 
 def grade_kit(kit_dir: str | Path, engine: Callable, cases: list[str] | None = None, dtype: str | None = None,
               overrides: dict | None = None, save_dir: str | Path | None = None) -> list[CaseResult]:
+    """Grade the engine on the kit's cases (or the named ones plus what they require), attributed."""
     in_kit = kit_cases(kit_dir)
     names = [c.name for c in _select(cases)] if cases else in_kit
     for n in names:
         if n not in in_kit:
             raise OracleError(f"{Path(kit_dir) / 'kit.json'}: case {n!r} is not in this kit")
-    return [grade_case(Path(kit_dir), n, engine, dtype, overrides, None if save_dir is None else Path(save_dir))
-            for n in names]
+    if isinstance(engine, CommandEngine):
+        engine.save_dir = None if save_dir is None else Path(save_dir)
+    return attribute([grade_case(Path(kit_dir), n, engine, dtype, overrides,
+                                 None if save_dir is None else Path(save_dir)) for n in names])
 
 
-def grade_outputs(kit_dir: str | Path, candidate_dir: str | Path, dtype: str = "float32",
+def grade_outputs(kit_dir: str | Path, candidate_dir: str | Path, dtype: str | None = None,
                   overrides: dict | None = None) -> list[CaseResult]:
-    """Grade dumps an engine already wrote: candidate_dir/<case>.safetensors (missing -> error)."""
+    """Grade dumps an engine already wrote: candidate_dir/<case>.safetensors (missing -> error);
+    each dump's own dtype metadata picks its tolerances unless dtype is given."""
     cdir = Path(candidate_dir)
 
     def from_files(checkpoint: Path, tokens: np.ndarray):
         p = cdir / f"{checkpoint.parent.name}.safetensors"
         if not p.is_file():
             raise FileNotFoundError(f"{p}: no dump for this case")
-        return read_dump(p)[0]
-    from_files.dtype = dtype  # type: ignore[attr-defined]
+        return read_dump(p)
     return grade_kit(kit_dir, from_files, dtype=dtype, overrides=overrides)
+
+
+def _label(name: str) -> str:
+    c = CASE_BY_NAME.get(name)
+    return f"{c.letter} {name}" if c else name
 
 
 def format_results(results: list[CaseResult], engine_name: str = "engine") -> str:
     lines = [f"conformance: {engine_name}",
-             f"{'':2}{'case':<22} {'status':<12} {'s':>5}  detail"]
+             f"{'':2}{'case':<25} {'status':<12} {'s':>5}  detail"]
     for r in results:
-        lines.append(f"{r.letter:>1} {r.case:<22} {r.status.upper():<12} {r.seconds:5.1f}  {r.detail}")
+        lines.append(f"{r.letter:>1} {r.case:<25} {r.status.upper():<12} {r.seconds:5.1f}  {r.detail}")
     counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "error", "unsupported")}
     lines.append(", ".join(f"{v} {k}" for k, v in counts.items() if v or k in ("pass", "fail")))
+    own = [r for r in results if r.attribution == "factor"]
+    if own:
+        lines.append("causes (the case's factor; everything it builds on passed):")
+        lines += [f"  {_label(r.case)}: {r.factor}" for r in own]
+    expl = [r for r in results if r.attribution == "explained"]
+    if expl:
+        lines.append("explained by an earlier failure (fix that first):")
+        lines += [f"  {_label(r.case)}: see {', '.join(_label(n) for n in r.explained_by)}" for r in expl]
+    unc = [r for r in results if r.attribution == "unconfirmed"]
+    if unc:
+        lines.append("cause unconfirmed (a case it builds on was unsupported or not run):")
+        lines += [f"  {_label(r.case)}: {r.factor}? (needs {', '.join(_label(n) for n in r.explained_by)})"
+                  for r in unc]
     return "\n".join(lines)
 
 
 def results_json(results: list[CaseResult], engine_name: str = "engine") -> dict[str, Any]:
-    return {"engine": engine_name, "ok": not any(r.status in ("fail", "error") for r in results),
+    return {"engine": engine_name, "ok": not any(r.failed for r in results),
+            "causes": [r.case for r in results if r.attribution == "factor"],
             "cases": [{k: v for k, v in r.__dict__.items()} for r in results]}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import struct
 from pathlib import Path
@@ -110,20 +111,34 @@ def canonicalize(outputs: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def numpy_outputs(weights: dict[str, np.ndarray], cfg: ModelConfig, tokens: np.ndarray) -> dict[str, np.ndarray]:
-    """float64 NumPy reference with capture (weights: {our_name: array})."""
+    """float64 NumPy reference with capture (weights: {our_name: array}); with the MTP module's
+    logits ``mtp.0.logits`` [B, T-1, V] when the config has one and its weights are given."""
     from dsref.reference import numpy_ref
     cap: dict[str, Any] = {}
-    logits = numpy_ref.forward(tokens, weights, cfg, capture=cap)
+    logits, hn = numpy_ref.forward(tokens, weights, cfg, capture=cap, return_hidden=True)
+    if _has_mtp(cfg, weights.__contains__, tokens):
+        cap[MTP_LOGITS] = numpy_ref.mtp_forward(tokens, hn, weights, cfg)
     return canonicalize({"logits": logits, **cap})
+
+
+MTP_LOGITS = "mtp.0.logits"  # depth-0 MTP module: position t predicts token t+2 (dump name)
+
+
+def _has_mtp(cfg: ModelConfig, has, tokens) -> bool:
+    return (cfg.num_nextn_predict_layers > 0 and np.shape(tokens)[1] >= 2
+            and has(f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight"))
 
 
 def _jax_capture(graphdef, state, tokens):
     from flax import nnx
 
-    from dsref.reference.model import forward
+    from dsref.reference.model import forward, mtp_logits
     cap: dict[str, Any] = {}
-    logits = forward(nnx.merge(graphdef, state), tokens, capture=cap).logits
-    return logits, cap
+    model = nnx.merge(graphdef, state)
+    out = forward(model, tokens, capture=cap)
+    if len(model.mtp):
+        cap[MTP_LOGITS] = mtp_logits(model, tokens[:, 1:], out.hidden[:, :-1]).logits
+    return out.logits, cap
 
 
 def _jit_capture(graphdef, state, tokens):
@@ -145,12 +160,14 @@ def jax_outputs(model, tokens: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def run_reference(checkpoint: str | Path, tokens: np.ndarray, dtype: str = "float32") -> dict[str, np.ndarray]:
-    """Dump of the reference on a checkpoint dir: float64 (NumPy) or float32/bfloat16 (JAX)."""
+    """Dump of the reference on a checkpoint dir: float64 (NumPy) or float32/bfloat16 (JAX); the MTP
+    module's logits too when the checkpoint has its weights."""
     checkpoint = Path(checkpoint)
     cfg = read_config(checkpoint)
     check_tokens(tokens, cfg)
+    mtp = cfg.num_nextn_predict_layers > 0 and np.shape(tokens)[1] >= 2 and _stores_mtp(checkpoint, cfg)
     if dtype == "float64":
-        w = {k: np.asarray(v, np.float64) for k, v in read_tensors(checkpoint, cfg)}
+        w = {k: np.asarray(v, np.float64) for k, v in read_tensors(checkpoint, cfg, with_mtp=mtp)}
         return numpy_outputs(w, cfg, tokens)
     import jax.numpy as jnp
 
@@ -158,8 +175,22 @@ def run_reference(checkpoint: str | Path, tokens: np.ndarray, dtype: str = "floa
     jdt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}.get(dtype)
     if jdt is None:
         raise OracleError(f"dtype must be float64, float32 or bfloat16, got {dtype!r}")
-    _, model = load_checkpoint(checkpoint, dtype=jdt)
+    _, model = load_checkpoint(checkpoint, dtype=jdt, with_mtp=mtp)
     return jax_outputs(model, tokens)
+
+
+def _stores_mtp(checkpoint: Path, cfg: ModelConfig) -> bool:
+    """Whether the checkpoint has the MTP module's weights (many conversions drop them)."""
+    from dsref.reference.checkpoint import INDEX_FILE, SINGLE_FILE
+    name = f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight"
+    idx = checkpoint / INDEX_FILE
+    if idx.is_file():
+        try:
+            return name in json.loads(idx.read_text()).get("weight_map", {})
+        except (json.JSONDecodeError, AttributeError):
+            return False
+    single = checkpoint / SINGLE_FILE
+    return single.is_file() and name in read_safetensors_header(single)
 
 
 # ------------------------------------------------------------------ dump files
@@ -169,7 +200,13 @@ def write_dump(outputs: dict[str, np.ndarray], path: str | Path, metadata: dict[
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {k: np.ascontiguousarray(v) for k, v in canonicalize(outputs).items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    save_file(data, str(path), metadata=meta)
+    # Atomic: written beside the target, then renamed into place (a killed write leaves the old file).
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(data, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -13,16 +13,25 @@ and the dump names (oracle.golden) are taken with forward hooks:
                              (DeepseekV3TopkRouter / DeepseekV2TopkRouter)
     logits                   the model's output logits
 
-Checkpoints transformers cannot load here (e.g. FP8 on a machine without a GPU
-and without ``accelerate``) raise ``EngineUnsupported`` with transformers' reason.
+What transformers cannot do is told apart from what it gets wrong:
 
-As a command (the ``--engine-cmd`` contract of oracle.conformance.CommandEngine)::
+* a missing optional dependency (an ``ImportError``, e.g. FP8 without ``accelerate``)
+  raises ``EngineUnsupported``: graded UNSUPPORTED, with transformers' reason;
+* anything transformers refuses while converting the weights (e.g. its CPU FP8
+  dequantization rejecting a partial last block: "Weight shape (576, 7168) not
+  divisible by scale grid (5, 56)") is an engine failure, with that message;
+* FP8 checkpoints on a machine without a GPU are dequantized by transformers to
+  bf16, so their dumps are marked (and graded) bf16;
+* transformers has no MTP module: a dump of a checkpoint with one simply lacks
+  ``mtp.0.logits`` (graded UNSUPPORTED by the kit's MTP case).
+
+As a command (the ``--engine-cmd`` contract of oracle.conformance.CommandEngine,
+through oracle.adapters.common)::
 
     python -m dsref.reference.oracle.hf_adapter --checkpoint DIR --tokens TOKENS.npy --out DUMP.safetensors
 
-writes the dump with golden-style metadata (dtype float32, config_hash, tokens_sha256);
-exit 0 written, 2 bad input, 3 with ``unsupported: <reason>`` on stderr when transformers
-cannot load the checkpoint (graded UNSUPPORTED, as the in-process engine is).
+exit 0 written, 1 transformers failed (last stderr line: its message), 2 bad input,
+3 with ``unsupported: <reason>`` on stderr.
 """
 
 from __future__ import annotations
@@ -31,23 +40,46 @@ from pathlib import Path
 
 import numpy as np
 
-from dsref.reference.oracle.conformance import EngineUnsupported
+from dsref.reference.oracle.adapters.common import EngineUnsupported, adapter_main, one_line
 from dsref.reference.oracle.golden import canonicalize
+
+
+class TransformersLoadError(RuntimeError):
+    """transformers refused the checkpoint while converting it (its own message, not an environment gap)."""
 
 
 def load_model(checkpoint: str | Path):
     """transformers model (float32, eager attention, eval mode) from a checkpoint directory."""
+    import io
+    import logging
+    import re
+
     import torch
     import transformers
     torch.set_num_threads(min(torch.get_num_threads(), 2))
+    log = io.StringIO()  # transformers reports conversion errors in its load report, not in the exception
+    handler = logging.StreamHandler(log)
+    logger = transformers.utils.logging.get_logger("transformers")
+    logger.addHandler(handler)
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             str(checkpoint), dtype=torch.float32, attn_implementation="eager")
-    except (ImportError, RuntimeError, ValueError, NotImplementedError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except ImportError as e:
         raise EngineUnsupported(f"transformers {transformers.__version__} cannot load {checkpoint}: "
-                                f"{type(e).__name__}: {msg}") from None
+                                f"{one_line(e)}") from None
+    except (RuntimeError, ValueError, NotImplementedError, KeyError) as e:
+        found = re.findall(r"^(\w+(?:Error|Exception)): (.+)$", log.getvalue(), re.M)
+        why = f"{found[0][0]}: {found[0][1]}" if found else one_line(e)
+        raise TransformersLoadError(f"transformers {transformers.__version__} refused the checkpoint: {why}") from None
+    finally:
+        logger.removeHandler(handler)
     return model.eval()
+
+
+def dump_dtype(model) -> str:
+    """bf16 when transformers holds any weight in bf16 (its CPU FP8 path dequantizes to bf16), else float32."""
+    import torch
+    return "bf16" if any(p.dtype == torch.bfloat16 for p in model.parameters()) else "float32"
 
 
 def dump(model, tokens: np.ndarray) -> dict[str, np.ndarray]:
@@ -87,7 +119,7 @@ def dump(model, tokens: np.ndarray) -> dict[str, np.ndarray]:
 
 
 class TransformersEngine:
-    """Conformance engine: transformers on CPU in float32 (eager attention)."""
+    """Conformance engine: transformers on CPU in float32 (eager attention); returns (dump, metadata)."""
 
     dtype = "float32"
 
@@ -95,51 +127,29 @@ class TransformersEngine:
         import transformers
         self.name = f"transformers-{transformers.__version__}"
 
-    def __call__(self, checkpoint: Path, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        return dump(load_model(checkpoint), tokens)
+    def __call__(self, checkpoint: Path, tokens: np.ndarray):
+        model = load_model(checkpoint)
+        return dump(model, tokens), {"dtype": dump_dtype(model), "engine": self.name}
+
+
+def _run(args, checkpoint: Path, tokens: np.ndarray, cfg):
+    try:
+        import transformers
+        transformers.utils.logging.disable_progress_bar()  # stderr stays the reason, not a progress bar
+    except ImportError as e:
+        raise EngineUnsupported(f"needs torch and transformers ({e})") from None
+    model = load_model(checkpoint)
+    return dump(model, tokens), f"transformers-{transformers.__version__}", dump_dtype(model)
 
 
 def main(argv=None) -> int:
     """``python -m dsref.reference.oracle.hf_adapter --checkpoint DIR --tokens T.npy --out D.safetensors``."""
-    import argparse
-    import sys
-
-    from dsref.reference.checkpoint import CheckpointError, read_config
-    from dsref.reference.oracle import conformance
-    from dsref.reference.oracle.golden import OracleError, check_tokens, golden_metadata, load_tokens, write_dump
-    p = argparse.ArgumentParser(
-        prog="python -m dsref.reference.oracle.hf_adapter",
+    return adapter_main(
+        argv, prog="dsref.reference.oracle.hf_adapter", run=_run,
         description="Run Hugging Face transformers (float32, eager attention, CPU) on token ids and write a "
-                    "dump that `dsref compare` and the conformance kit grade. Exit 0 written, 2 bad input, "
-                    f"{conformance.UNSUPPORTED_EXIT} when transformers cannot load the checkpoint.",
-        epilog="example:\n  dsref conformance run KIT --engine-cmd \"python -m dsref.reference.oracle.hf_adapter "
-               "--checkpoint {checkpoint} --tokens {tokens} --out {out}\"",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory (config.json + safetensors)")
-    p.add_argument("--tokens", required=True, help="token ids [batch, seq], integer .npy")
-    p.add_argument("--out", required=True, help="output .safetensors dump")
-    args = p.parse_args(argv)
-    prog = "hf_adapter"
-    try:
-        cfg = read_config(args.checkpoint)
-        tokens = load_tokens(args.tokens)
-        check_tokens(tokens, cfg, f"--tokens {args.tokens}")
-        try:
-            import transformers
-            transformers.utils.logging.disable_progress_bar()  # stderr stays the reason, not a progress bar
-        except ImportError as e:
-            print(f"{prog}: error: needs torch and transformers ({e})", file=sys.stderr)
-            return 2
-        out = dump(load_model(args.checkpoint), tokens)
-        write_dump(out, args.out, golden_metadata(cfg, tokens, "float32",
-                                                  engine=f"transformers-{transformers.__version__}"))
-    except conformance.EngineUnsupported as e:
-        print(f"unsupported: {e}", file=sys.stderr)
-        return conformance.UNSUPPORTED_EXIT
-    except (OracleError, CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+                    "dump that `dsref compare` and the conformance kit grade.",
+        example="dsref conformance run KIT --engine-cmd \"python -m dsref.reference.oracle.hf_adapter "
+                "--checkpoint {checkpoint} --tokens {tokens} --out {out}\"")
 
 
 if __name__ == "__main__":
