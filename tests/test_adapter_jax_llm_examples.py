@@ -39,8 +39,10 @@ ENGINE = os.environ.get("DSREF_JAX_LLM_EXAMPLES")
 MODULE = "dsref.reference.oracle.adapters.jax_llm_examples"
 PY = shlex.quote(sys.executable)
 # each case is a fresh process importing torch and jax (~20 s); these cover every verdict kind
-CASES = ["baseline", "sigmoid-no-norm", "token-ids-0-1", "fp8-v3-blocks", "shared-experts-2", "no-q-lora",
-         "softmax-router"]
+CASES = ["baseline", "sigmoid-no-norm", "rms-norm-eps", "token-ids-0-1", "fp8-v3-blocks", "shared-experts-2",
+         "no-q-lora", "softmax-router"]
+# failures that are exactly a kit fault (tests/broken_reference.py), up to the engine's bf16 norm rounding
+KIT_FAULT = {"sigmoid-no-norm": "sigmoid_always_norm", "rms-norm-eps": "norm_eps_hardcoded"}
 
 needs_engine = pytest.mark.skipif(not ENGINE, reason="set DSREF_JAX_LLM_EXAMPLES to jax-llm-examples' "
                                                      "deepseek_r1_jax folder to run the engine")
@@ -64,12 +66,12 @@ def graded(tmp_path_factory):
     rc, f32 = _run_json(["conformance", "run", str(kit), "--engine-cmd", cmd, "--save", str(tmp / "out")])
     assert rc == 1
     _, bf16 = _run_json(["conformance", "grade", str(kit), "--candidate-dir", str(tmp / "out"), "--dtype", "bf16"])
-    return ({c["case"]: c for c in f32["cases"]}, {c["case"]: c for c in bf16["cases"]})
+    return ({c["case"]: c for c in f32["cases"]}, {c["case"]: c for c in bf16["cases"]}, kit, tmp / "out")
 
 
 @needs_engine
 def test_float32_run_is_off_by_bf16_rounding_everywhere(graded):
-    f32, bf16 = graded
+    f32, bf16, _, _ = graded
     base = f32["baseline"]
     assert base["status"] == "fail" and base["first_failure"] == "layers.0.attn_out", base
     rel = float(base["detail"].split("rel ")[1].split()[0])
@@ -79,16 +81,32 @@ def test_float32_run_is_off_by_bf16_rounding_everywhere(graded):
 
 @needs_engine
 def test_engine_divergences_fail_at_bf16_tolerances(graded):
-    _, bf16 = graded
+    _, bf16, _, _ = graded
     first = {n: (c["status"], c["first_failure"]) for n, c in bf16.items()}
     assert first["sigmoid-no-norm"] == ("fail", "layers.0.topk_weights")  # always renormalised
+    assert first["rms-norm-eps"][0] == "fail"  # eps 1e-6 hard-coded in model.rms_norm
     assert first["token-ids-0-1"] == ("fail", "layers.0.attn_out")  # id 1 masked as padding
     assert first["fp8-v3-blocks"] == ("fail", "layers.0.attn_out")  # 116-row blocks on kv_a_proj
 
 
 @needs_engine
+@pytest.mark.parametrize("case", sorted(KIT_FAULT))
+def test_failure_is_the_kit_fault(graded, case):
+    """The engine's dump matches the float64 reference with that one fault injected, at bf16
+    tolerances (its rms_norm rounds to bf16; with that cast removed it matched at float32)."""
+    from dsref.reference.oracle.compare import compare_dumps
+    from dsref.reference.oracle.golden import load_tokens, read_dump
+    from tests.broken_reference import BrokenReference
+    _, _, kit, outs = graded
+    broken = BrokenReference(KIT_FAULT[case])(kit / case / "checkpoint", load_tokens(kit / case / "tokens.npy"))
+    dump, _ = read_dump(outs / f"{case}.safetensors")
+    rep = compare_dumps(broken, dump, "bf16", ref_name=f"broken[{KIT_FAULT[case]}]", cand_name=case)
+    assert rep.ok, rep
+
+
+@needs_engine
 def test_unsupported_and_error_cases_say_why(graded):
-    f32, _ = graded
+    f32, _, _, _ = graded
     assert f32["shared-experts-2"]["status"] == "error"
     assert "ws_down" in f32["shared-experts-2"]["detail"]
     for name, why in (("no-q-lora", "q_lora_rank null"), ("softmax-router", "scoring_func 'softmax'")):
