@@ -378,12 +378,12 @@ def grade_outputs(kit_dir: str | Path, candidate_dir: str | Path, dtype: str | N
     return grade_kit(kit_dir, from_files, dtype=dtype, overrides=overrides)
 
 
-def _label(name: str) -> str:
-    c = CASE_BY_NAME.get(name)
-    return f"{c.letter} {name}" if c else name
-
-
 def format_results(results: list[CaseResult], engine_name: str = "engine") -> str:
+    letters = {r.case: r.letter for r in results}  # the kit's own letters (case.json)
+
+    def _label(name: str) -> str:
+        letter = letters.get(name) or getattr(CASE_BY_NAME.get(name), "letter", "")
+        return f"{letter} {name}".strip()
     lines = [f"conformance: {engine_name}",
              f"{'':2}{'case':<25} {'status':<12} {'s':>5}  detail"]
     for r in results:

@@ -30,6 +30,10 @@ class EngineUnsupported(RuntimeError):
     """An engine cannot run a checkpoint at all (reported as UNSUPPORTED, with the reason)."""
 
 
+class AdapterInputError(ValueError):
+    """Bad input to an adapter's own options (e.g. --engine-path): exit 2 with this one line."""
+
+
 def one_line(e: BaseException) -> str:
     """``Type: first line of the message`` (the summary a report shows)."""
     msg = str(e).strip()
@@ -69,6 +73,9 @@ def adapter_main(argv, *, prog: str, description: str,
     except EngineUnsupported as e:
         print(f"unsupported: {e}", file=sys.stderr)
         return UNSUPPORTED_EXIT
+    except AdapterInputError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
     except Exception as e:  # the engine's own failure: traceback for the developer, summary last
         traceback.print_exc(file=sys.stderr)
         print(f"{name}: error: {one_line(e)}", file=sys.stderr)
