@@ -42,7 +42,6 @@ import heapq
 import json
 import math
 from bisect import bisect_right
-from operator import itemgetter
 import sys
 import time
 from collections import deque
@@ -62,7 +61,6 @@ SECONDS_PER_HOUR = 3600.0
 TOKENS_PER_MILLION = 1e6
 PROGRESS_MIN_WALL_S = 2.0  # show a progress bar only for runs expected to take longer
 MAX_TRACE_EVENTS = 200_000
-_ready_time = itemgetter(0)
 DISPATCH_MIN_CHUNK = 32  # a prefill batch is split over at most len(batch) / 32 decode instances
 
 
@@ -156,10 +154,21 @@ class Recorder:
             self.spans.append((pid, tid, name, start, dur, args or {}))
 
 
+def _fin_steps(remaining: np.ndarray, tps: float) -> np.ndarray:
+    """Decode steps until a request with ``remaining`` tokens to generate finishes (vectorised
+    ``_fin_step``: the same float operations, so the same integers)."""
+    return np.where(remaining > tps, np.ceil(remaining / tps - 1e-9), 1).astype(np.int64)
+
+
+def _fin_step(remaining: int, tps: float) -> int:
+    return math.ceil(remaining / tps - 1e-9) if remaining > tps else 1
+
+
 class _Shared:
     """State shared by the processes of one run (no module-level state)."""
 
-    def __init__(self, env, wl: Workload):
+    def __init__(self, env, wl: Workload, tps: float):
+        """tps: tokens per decode step of the decoding role (all its instances alike)."""
         self.env = env
         self.wl = wl
         n = wl.n
@@ -167,37 +176,70 @@ class _Shared:
         self.retry: deque = deque()         # preempted: (id, prompt incl. generated, cached, generated)
         self.idle: list = []                # idle pulling instances (wake events)
         self.first = np.full(n, np.nan)     # first-token time
-        self.done = np.full(n, np.nan)
+        self.done = np.full(n, np.nan)      # set at prefill for 1-token outputs, else by finish_times()
+        # decode joins, one per cohort (requests of one chunk admitted at one step):
+        # (instance index, ids, finish offsets, lo, hi, join step); done times are resolved from
+        # these and each instance's step end times once, at the end (finish_times)
+        self.joins: list = []
+        self.cancelled: list = []           # (join index, position): preempted after that join
         self.preemptions = 0
         self.kv_blocked_steps = 0   # steps at which the head of a queue waited for KV-cache space
         self.rejected = 0           # requests larger than an empty instance's KV cache
         self.features = RequestTable(wl.prompt - wl.cached, wl.cached)  # fresh prompts, arrival order
         self.cum_new = np.concatenate([[0.0], np.cumsum(wl.prompt - wl.cached)]).astype(float)
+        # prompt tokens and 1-token outputs as integer prefix sums: a batch's total (exact in any
+        # order) and "any request of this batch done at prefill?" in O(1)
+        self.cum_prompt = np.concatenate([[0], np.cumsum(wl.prompt)])
+        self.cum_one = np.concatenate([[0], np.cumsum(wl.output <= 1)])
+        self.fin_fresh = _fin_steps(wl.output - 1, tps)  # decode steps of each fresh request
+        # finish buckets are a ring indexed by step: longer than any request's decode steps
+        self.fin_ring = 1 << (int((int(wl.output.max()) if n else 1) / tps) + 2).bit_length()
         self.tokens_in = 0.0
 
         self.tokens_out = 0.0
 
     def arrived(self) -> int:
-        return int(np.searchsorted(self.wl.t, self.env.now, side="right"))
+        return int(self.wl.t.searchsorted(self.env.now, "right"))
 
     def queued(self) -> int:
         return self.arrived() - self.head + len(self.retry)
 
 
+class _Chunk:
+    """Requests handed to one decode instance together (one prefill step's share; in aggregated
+    mode one step's prefilled requests), in the order they become ready (KV transferred), ties
+    by id. Parallel Python lists for the per-request admission loop (NumPy's per-call overhead
+    would dominate on a few requests); ids and finish offsets also as NumPy arrays, kept by the
+    join records (finish_times)."""
+
+    __slots__ = ("pos", "t", "ctx", "fin", "fin_np", "gen", "ids")
+
+    def __init__(self, t, ctx, fin_np, gen, ids):
+        self.pos = 0                # requests before pos have moved to the waiting queue
+        self.t = t                  # ready times (sorted); None: all ready
+        self.ctx = ctx              # context at join (prompt + generated tokens)
+        self.fin_np = fin_np        # decode steps until the request finishes
+        self.fin = fin_np.tolist()
+        self.gen = gen              # tokens generated before joining; None: 1 each (fresh requests)
+        self.ids = ids              # request ids (NumPy)
+
+
 class Instance:
     """One instance: role 'prefill', 'decode' or 'aggregated'.
 
-    Decode bookkeeping: requests arrive in *chunks* (what one prefill step hands to
-    this instance: a list of (ready time, id, context, generated, remaining) sorted
-    by ready time). A request's finish step is fixed when it joins (every step
-    advances every request by ``tps`` tokens): ``finish[step]`` holds the ids that
-    finish then and the sum of their s0 terms, so retiring is one dictionary pop per
-    step with no per-request work; the summed context is s0 + n * tps * step (s0 = sum
-    of context at join - tps * join step). ``order`` lists (id, join step, finish step,
-    context, generated) in join order for LIFO preemption (finished entries skipped,
-    pruned now and then).
-    Plain Python containers: a decode step joins/retires only a few requests, where
-    NumPy's per-call overhead would dominate.
+    Decode bookkeeping, per step and per cohort of requests, never per token: requests
+    arrive in chunks (_Chunk; ``ready`` while their KV is in transfer), move to the FIFO
+    ``waiting`` queue (segments [chunk, from, to]) when ready, and join when KV space and
+    a slot allow. A request's finish step is fixed when it joins (every step advances
+    every request by ``tps`` tokens): the ring ``_fin_n`` / ``_fin_c`` (indexed by step
+    mod its length) holds how many finish at each step and the sum of their s0 terms, so
+    retiring is O(1) per step; the summed context is s0 + n * tps * step (s0 = sum of
+    context at join - tps * join step). Which requests finished when is not needed during
+    the run: each join is recorded (_Shared.joins) with the instance's step end times
+    (``step_end``) and resolved into done times once at the end. ``order`` lists the
+    cohorts [join index, chunk, lo, top, join step, last finish step] in join order for
+    LIFO preemption (from ``top`` down; finished requests skipped, finished cohorts pruned
+    now and then).
     """
 
     def __init__(self, sim: "ServeSim", role: str, idx: int):
@@ -216,12 +258,13 @@ class Instance:
         self.tps = 1.0 + r.mtp_acceptance
         self.mtp = r.mtp_acceptance > 0
         self.two_mb = r.two_microbatch_overlap
-        self.ready: list = []          # chunks in KV transfer: [position, list of tuples]
-        self.waiting: deque = deque()  # (ready time, id, context, generated, remaining) waiting for KV / a slot
+        self.ready: list = []          # chunks in KV transfer
+        self.waiting: deque = deque()  # [chunk, from, to]: ready, waiting for KV space / a slot
         self.n_run = 0
         self.order: list = []
+        self._prune_at = 4096
         self.pending = 0               # requests in transfer or waiting
-        self.finish: dict = {}         # step -> [ids]
+        self.step_end: list = []       # end time of each decode step (finish_times)
         self.step_idx = 0
         self.s0 = 0.0
         self.wake = sim.env.event()
@@ -290,7 +333,7 @@ class Instance:
         b_max = sh.arrived()
         if a < b_max and len(retries) < self.max_req and (used < budget or not retries):
             cum = sh.cum_new
-            b = int(np.searchsorted(cum, cum[a] + (budget - used), side="right")) - 1
+            b = int(cum.searchsorted(cum[a] + (budget - used), "right")) - 1
             b = min(max(b, a + (0 if retries else 1)), b_max, a + self.max_req - len(retries))
             if kv_free is not None and b > a:  # aggregated: the prompts must fit in the KV cache
                 csum = np.cumsum(self.sim.wl.prompt[a:b])
@@ -305,6 +348,8 @@ class Instance:
     def run_prefill(self):
         sim, env, sh, wl = self.sim, self.sim.env, self.sim.sh, self.sim.wl
         L = len(self.lanes)
+        perm = (np.arange(L) + np.arange(L)[:, None]) % L  # perm[i]: lanes i, i+1, ... (mod L)
+        dec_tps = sim.decoders[0].tps
         while True:
             retries, (a, b), x, used = self.take_prefill(self.budget, None)
             if not retries and b == a:
@@ -313,67 +358,95 @@ class Instance:
             dt, comp = self.prefill_time(x)
             start = env.now
             yield env.timeout(dt)
-            n_req = len(retries) + b - a
+            nr = len(retries)
+            n_req = nr + b - a
             self._account(start, dt, comp, "prefill", {"requests": n_req, "new_tokens": used})
             now = env.now
-            # KV transfer: request j goes out on NIC lane (lane_i + j) % L, FIFO per lane
-            prompts = np.concatenate([np.array([r[1] for r in retries], float), wl.prompt[a:b].astype(float)])
-            sh.tokens_in += float(prompts[len(retries):].sum()) + sum(r[1] - r[3] + 1 for r in retries)
-            dur = sim.kv_s_per_token * prompts + sim.kv_latency_s
-            # grid [rows, L]: request j in row j // L, column j % L = lane (lane_i + j) % L
-            rows = -(-n_req // L)
-            pad = np.zeros(rows * L)
-            pad[:n_req] = dur
-            lanes_r = np.roll(self.lanes, -self.lane_i)
-            ends = np.maximum(lanes_r, now) + np.cumsum(pad.reshape(rows, L), axis=0)
-            t_done = ends.ravel()[:n_req]
-            cols = min(n_req, L)
-            lanes_r[:cols] = ends[-1, :cols]
-            self.lanes = np.roll(lanes_r, self.lane_i)
+            # prompt tokens are integers: the prefix-sum difference is the exact sum
+            sh.tokens_in += float(sh.cum_prompt[b] - sh.cum_prompt[a]) + sum(r[1] - r[3] + 1 for r in retries)
+            prompts = wl.prompt[a:b]
+            if nr:
+                prompts = np.concatenate([np.array([r[1] for r in retries], np.int64), prompts])
+            dur = prompts * sim.kv_s_per_token + sim.kv_latency_s
+            # KV transfer: request j goes out on NIC lane (lane_i + j) % L, FIFO per lane: grid
+            # [rows, L], request j in row j // L, column j % L; a lane's transfers end at
+            # max(lane free, now) + the running sum of its column
+            idx = perm[self.lane_i]
+            base = np.maximum(self.lanes[idx], now)
+            if n_req <= L:
+                t_done = base[:n_req] + dur
+                self.lanes[idx[:n_req]] = t_done
+            else:
+                rows = -(-n_req // L)
+                pad = np.zeros(rows * L)
+                pad[:n_req] = dur
+                ends = base + pad.reshape(rows, L).cumsum(axis=0)
+                t_done = ends.ravel()[:n_req]
+                self.lanes[idx] = ends[-1]
             self.lane_i = (self.lane_i + n_req) % L
-            nr = len(retries)
+            n_one = 0
             if b > a:
                 fresh_t = t_done[nr:]
                 sh.first[a:b] = fresh_t
                 sh.tokens_out += b - a
-                out = wl.output[a:b]
-                one = out <= 1
-                if one.any():
+                n_one = sh.cum_one[b] - sh.cum_one[a]
+                if n_one:  # requests whose only output token came from prefill are done
+                    one = wl.output[a:b] <= 1
                     sh.done[a:b][one] = fresh_t[one]
-            items = [(float(t_done[j]), r[0], r[1], r[3], int(wl.output[r[0]]) - r[3])
-                     for j, r in enumerate(retries)]
-            if b > a:
-                keep = np.flatnonzero(~one)
-                items += zip(fresh_t[keep].tolist(), (keep + a).tolist(), wl.prompt[a:b][keep].tolist(),
-                             [1] * len(keep), (out[keep] - 1).tolist())
-            self._dispatch(items)
+            if not nr and not n_one:  # the usual batch: fresh requests only, all go on to decode
+                self._dispatch(t_done, None, prompts, sh.fin_fresh[a:b], None, a)
+                continue
+            keep = np.flatnonzero(wl.output[a:b] > 1)
+            r_ids = np.array([r[0] for r in retries], np.int64)
+            self._dispatch(np.concatenate([t_done[:nr], t_done[nr:][keep]]),
+                           np.concatenate([r_ids, keep + a]),
+                           np.concatenate([prompts[:nr], wl.prompt[a:b][keep]]),
+                           np.array([_fin_step(int(wl.output[r[0]]) - r[3], dec_tps) for r in retries]
+                                    + sh.fin_fresh[a:b][keep].tolist(), np.int64),
+                           [r[3] for r in retries] + [1] * len(keep) if nr else None, a)
 
-    def _dispatch(self, items: list):
-        """Assign transferred requests [(ready time, id, context, generated, remaining)] to decode
-        instances: round-robin over the least-loaded instances (as many as give chunks of at least
-        DISPATCH_MIN_CHUNK requests); wake sleeping ones at their first ready time."""
-        if not items:
+    def _dispatch(self, t, ids, ctx, fin, gen, a):
+        """Assign transferred requests to decode instances: ready times ``t``, ids (None: a, a+1, ...),
+        contexts, finish offsets (arrays), generated tokens (list; None: 1 each). Round-robin over
+        the least-loaded instances (as many as give chunks of at least DISPATCH_MIN_CHUNK requests),
+        each instance's chunk sorted by ready time then id; wake sleeping ones at their first ready time."""
+        m = len(t)
+        if not m:
             return
         env = self.sim.env
         decs = self.sim.decoders
-        k = max(1, min(len(decs), len(items) // DISPATCH_MIN_CHUNK))
+        k = max(1, min(len(decs), m // DISPATCH_MIN_CHUNK))
         decs = heapq.nsmallest(k, decs, key=Instance.load) if k < len(decs) else sorted(decs, key=Instance.load)
+        # positions in (ready time, id) order; ids increase with position when not given, so a
+        # stable sort by time breaks ties by id
+        o = np.argsort(t, kind="stable") if ids is None else np.lexsort((ids, t))
+        if k > 1:  # chunk i takes positions i, i + k, ...: group by position % k, keeping the order
+            o = o[np.argsort(o % k, kind="stable")]
+        ids = o + a if ids is None else ids[o]
+        ts, cs, fs = t[o].tolist(), ctx[o].tolist(), fin[o]
+        gs = [gen[j] for j in o.tolist()] if gen is not None else None
+        lo = 0
         for i, d in enumerate(decs):
-            ch = sorted(items[i::k])
-            if not ch:
+            hi = lo + (m - i + k - 1) // k
+            if hi == lo:
                 continue
-            d.ready.append([0, ch])
-            d.pending += len(ch)
-            t0 = ch[0][0]
+            if k == 1:
+                ch = _Chunk(ts, cs, fs, gs, ids)
+            else:
+                ch = _Chunk(ts[lo:hi], cs[lo:hi], fs[lo:hi], gs[lo:hi] if gs is not None else None, ids[lo:hi])
+            d.ready.append(ch)
+            d.pending += hi - lo
+            t0 = ch.t[0]
             if t0 < d.sleep_until and not d.wake.triggered:
                 d.sleep_until = t0
                 env.process(_wake_at(env, d, t0))
+            lo = hi
 
     def load(self) -> int:
         return self.n_run + self.pending
 
     def next_ready(self) -> float:
-        return min((c[1][c[0]][0] for c in self.ready), default=math.inf)
+        return min((c.t[c.pos] for c in self.ready), default=math.inf)
 
     def _sleep_until_arrival(self):
         sh = self.sim.sh
@@ -389,51 +462,64 @@ class Instance:
         if self.ready:
             now = self.sim.env.now
             keep = []
-            for c in self.ready:
-                pos, ch = c
-                n = len(ch)
-                k = bisect_right(ch, now, lo=pos, key=_ready_time)
+            for ch in self.ready:
+                pos = ch.pos
+                k = bisect_right(ch.t, now, pos)
                 if k > pos:
-                    waiting.extend(ch[pos:k])
-                    pos = k
-                if pos < n:
-                    c[0] = pos
-                    keep.append(c)
+                    waiting.append([ch, pos, k])
+                    ch.pos = k
+                if k < len(ch.t):
+                    keep.append(ch)
             self.ready = keep
         if not waiting:
             return
-        finish, tps, step = self.finish, self.tps, self.step_idx
+        tps, step = self.tps, self.step_idx
         n = self.n_run
         s0 = self.s0
         room = self.kv_cap - (s0 + n * tps * step)  # KV tokens still free
         slots = self.max_batch - n
-        ceil = math.ceil
-        popleft = waiting.popleft
-        order = self.order
+        tps_step = tps * step
+        fin_n, fin_c, mask = self._fin_n, self._fin_c, self._mask
+        sh = self.sim.sh
         joined = 0
         while waiting and slots > 0:
-            _t, rid, ctx, gen, remaining = item = popleft()
-            if ctx + 1 > room:
-                if n + joined == 0:  # can never fit on this instance
-                    self.sim.sh.rejected += 1
-                    self.pending -= 1
-                    continue
-                waiting.appendleft(item)
-                self.sim.sh.kv_blocked_steps += 1
-                break
-            fs = step + (ceil(remaining / tps - 1e-9) if remaining > tps else 1)
-            c = ctx - tps * step
-            b = finish.get(fs)
-            if b is None:
-                finish[fs] = [[rid], c]
+            seg = waiting[0]
+            ch, i, end = seg
+            ctxs, fins = ch.ctx, ch.fin
+            lo = i
+            stop = min(end, i + slots)
+            blocked = False
+            while i < stop:  # one request: the same float operations, in the same order, as ever
+                ctx = ctxs[i]
+                if ctx + 1 > room:
+                    if n + joined + i - lo == 0:  # can never fit on this instance
+                        sh.rejected += 1
+                        self.pending -= 1
+                        i = lo = i + 1
+                        stop = min(end, i + slots)
+                        continue
+                    blocked = True
+                    break
+                c = ctx - tps_step
+                f = (step + fins[i]) & mask
+                fin_n[f] += 1
+                fin_c[f] += c
+                s0 += c
+                room -= ctx
+                i += 1
+            if i > lo:  # a cohort joined: record it
+                order = self.order
+                order.append([len(sh.joins), ch, lo, i, step, step + max(fins[lo:i])])
+                sh.joins.append((self.idx, ch.ids, ch.fin_np, lo, i, step))
+                slots -= i - lo
+                joined += i - lo
+            if i == end:
+                waiting.popleft()
             else:
-                b[0].append(rid)
-                b[1] += c
-            order.append((rid, step, fs, ctx, gen))
-            s0 += c
-            room -= ctx
-            slots -= 1
-            joined += 1
+                seg[1] = i
+            if blocked:
+                sh.kv_blocked_steps += 1
+                break
         self.s0 = s0
         self.n_run = n + joined
         self.pending -= joined
@@ -443,18 +529,27 @@ class Instance:
         used = self.s0 + self.n_run * (tps * step + 1.0)  # + the tokens the next step writes
         sh, wl, order = self.sim.sh, self.sim.wl, self.order
         while self.n_run > 1 and used > self.kv_cap:
-            rid, join, fs, ctx, gen = order.pop()  # newest first (LIFO, as vLLM)
+            e = order[-1]  # newest first (LIFO, as vLLM)
+            jx, ch, lo, top, join = e[:5]
+            if top == lo:
+                order.pop()
+                continue
+            top = e[3] = top - 1
+            fs = join + ch.fin[top]
             if fs <= step:
                 continue  # already finished
+            ctx = ch.ctx[top]
+            gen = ch.gen[top] if ch.gen is not None else 1
+            rid = int(ch.ids[top])
             c = ctx - tps * join
-            b = self.finish[fs]
-            b[0].remove(rid)
-            b[1] -= c
+            self._fin_n[fs & self._mask] -= 1
+            self._fin_c[fs & self._mask] -= c
             g = math.floor(gen + tps * (step - join))
             self.s0 -= c
             used -= ctx + tps * (step - join) + 1.0
             self.n_run -= 1
             sh.preemptions += 1
+            sh.cancelled.append((jx, top))
             prompt = int(wl.prompt[rid]) + g - 1  # recompute preemption: everything but the last token
             sh.retry.append((rid, prompt, int(wl.cached[rid]), g))
             if sh.idle:
@@ -462,19 +557,30 @@ class Instance:
 
     def _retire(self):
         """Advance the step counter; retire the requests whose finish step this is."""
-        self.step_idx += 1
-        b = self.finish.pop(self.step_idx, None)
-        if b is None:
-            return
-        ids, c = b
-        self.s0 -= c
-        self.n_run -= len(ids)
-        self.sim.sh.done[ids] = self.sim.env.now
-        if len(self.order) > 2 * self.n_run + 4096:  # drop finished entries
-            step = self.step_idx
-            self.order = [e for e in self.order if e[2] > step]
+        step = self.step_idx = self.step_idx + 1
+        self.step_end.append(self.sim.env.now)
+        j = step & self._mask
+        c = self._fin_c[j]
+        k = self._fin_n[j]
+        if k or c:
+            self.s0 -= c
+            self.n_run -= k
+            self._fin_n[j] = 0
+            self._fin_c[j] = 0.0
+        if len(self.order) > self._prune_at:  # drop cohorts whose requests have all finished
+            self.order = [e for e in self.order if e[5] > step]
+            self._prune_at = 2 * len(self.order) + 4096
+
+    def _start_decoding(self):
+        """The finish-bucket ring (allocated when the run starts: an instance built only for its
+        step times has none)."""
+        ring = self.sim.sh.fin_ring
+        self._mask = ring - 1
+        self._fin_n = [0] * ring     # step % ring -> requests finishing then
+        self._fin_c = [0.0] * ring   # step % ring -> sum of their s0 terms
 
     def run_decode(self):
+        self._start_decoding()
         env, sh = self.sim.env, self.sim.sh
         rec = self.sim.rec
         tps, kv_cap = self.tps, self.kv_cap
@@ -506,6 +612,7 @@ class Instance:
                 self._preempt_if_full()
 
     def run_aggregated(self):
+        self._start_decoding()
         env, sh, wl = self.sim.env, self.sim.sh, self.sim.wl
         while True:
             self._admit()
@@ -537,10 +644,8 @@ class Instance:
                 sh.tokens_out += n * self.tps
                 self._retire()
             now = env.now
-            sh.tokens_in += float(wl.prompt[a:b].sum()) + sum(r[1] - r[3] + 1 for r in retries)
-            for r in retries:
-                self.waiting.append((now, r[0], r[1], r[3], int(wl.output[r[0]]) - r[3]))
-                self.pending += 1
+            sh.tokens_in += float(sh.cum_prompt[b] - sh.cum_prompt[a]) + sum(r[1] - r[3] + 1 for r in retries)
+            keep = np.zeros(0, np.int64)
             if b > a:
                 sh.first[a:b] = now
                 sh.tokens_out += b - a
@@ -548,10 +653,15 @@ class Instance:
                 one = out <= 1
                 sh.done[a:b][one] = now
                 keep = np.flatnonzero(~one)
-                self.pending += len(keep)
-                self.waiting.extend(zip([now] * len(keep), (keep + a).tolist(), wl.prompt[a:b][keep].tolist(),
-                                        [1] * len(keep),
-                                        (out[keep] - 1).tolist()))
+            m = len(retries) + len(keep)
+            if m:  # prefilled requests wait for a decode slot, retries first
+                fin = [_fin_step(int(wl.output[r[0]]) - r[3], self.tps) for r in retries] \
+                    + sh.fin_fresh[a:b][keep].tolist()
+                ch = _Chunk(None, [r[1] for r in retries] + wl.prompt[a:b][keep].tolist(), np.array(fin, np.int64),
+                            [r[3] for r in retries] + [1] * len(keep) if retries else None,
+                            np.concatenate([np.array([r[0] for r in retries], np.int64), keep + a]))
+                self.waiting.append([ch, 0, m])
+                self.pending += m
             self._preempt_if_full()
 
     def _account(self, start, dt, comp, label, args):
@@ -566,6 +676,31 @@ def _wake_at(env, inst, t):
     yield env.timeout(max(0.0, t - env.now))
     if not inst.wake.triggered and inst.sleep_until <= env.now + 1e-12:
         inst.wake.succeed()
+
+
+def finish_times(sh: _Shared, decoders: list) -> None:
+    """Fill ``sh.done`` for the requests that joined a decode batch: a request that joined
+    instance i at step s with finish offset f is done at the end of that instance's step
+    s + f, if it ran that far within the window and was not preempted after that join
+    (a preempted request that rejoined has a later join). Vectorised over all joins."""
+    if not sh.joins:
+        return
+    inst, ids, fins, lo, hi, step = zip(*sh.joins)
+    lo, hi = np.array(lo), np.array(hi)
+    ids = np.concatenate([a[i:j] for a, i, j in zip(ids, lo.tolist(), hi.tolist())])
+    fins = np.concatenate([a[i:j] for a, i, j in zip(fins, lo.tolist(), hi.tolist())])
+    size = hi - lo
+    inst = np.repeat(np.array(inst), size)
+    fs = np.repeat(np.array(step, np.int64), size) + fins
+    n_steps = np.array([len(d.step_end) for d in decoders])
+    valid = fs <= n_steps[inst]
+    if sh.cancelled:
+        start = np.concatenate([[0], np.cumsum(size)[:-1]])
+        jx, pos = np.array(sh.cancelled).T
+        valid[start[jx] + pos - lo[jx]] = False
+    ends = np.concatenate([np.asarray(d.step_end, float) for d in decoders])
+    first_end = np.concatenate([[0], np.cumsum(n_steps)[:-1]])
+    sh.done[ids[valid]] = ends[(first_end[inst] + fs - 1)[valid]]
 
 
 class ServeSim:
@@ -648,7 +783,8 @@ class ServeSim:
         sc = self.sc
         self.wl = make_workload(sc, self.duration, self.seed)
         self.env = env = simpy.Environment()
-        self.sh = _Shared(env, self.wl)
+        tps = 1.0 + sc.instance("decode" if sc.mode == "disaggregated" else "aggregated").mtp_acceptance
+        self.sh = _Shared(env, self.wl, tps)
         self.arrival_wake = env.event()
         self.instances = []
         if sc.mode == "disaggregated":
@@ -670,6 +806,7 @@ class ServeSim:
         interval = sc.sample_interval_s or self.duration / 200
         env.process(self._sampler(interval))
         events = self._drive(env)
+        finish_times(self.sh, self.decoders)
         wall = time.perf_counter() - wall0
         out = self.metrics()
         out["events"] = events
