@@ -11,15 +11,18 @@ already state their default in their own words ("(default: ...").
 
 The option types (``integer``, ``number``) are argparse type functions: a bad value exits 2
 with "argument --OPTION: ...", argparse naming the option, before anything is loaded or
-written. No numpy or jax here: building the parser stays cheap.
+written. No numpy or jax here: building the parser stays cheap (``compile_cache`` imports jax
+when a command that compiles enters it).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import re
+import sys
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -95,3 +98,71 @@ def host_memory_available() -> tuple[int, str] | None:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "physical memory"
     except (AttributeError, OSError, ValueError):
         return None
+
+
+# ------------------------------------------------------------------ compilation cache
+NO_COMPILE_CACHE_ENV = "DSREF_NO_COMPILE_CACHE"
+CACHE_DIR_ENV = "DSREF_CACHE_DIR"
+_warned_cache: set[str] = set()
+
+
+def compile_cache_dir() -> str:
+    """Where compiled programs are kept: $DSREF_CACHE_DIR, else $XDG_CACHE_HOME/dsref/jax, else
+    ~/.cache/dsref/jax."""
+    if os.environ.get(CACHE_DIR_ENV):
+        return os.environ[CACHE_DIR_ENV]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "dsref", "jax")
+
+
+def compile_cache_disabled() -> bool:
+    """$DSREF_NO_COMPILE_CACHE set to anything but '', '0', 'false' or 'no'."""
+    return os.environ.get(NO_COMPILE_CACHE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+@contextlib.contextmanager
+def compile_cache(disable: bool = False):
+    """JAX's persistent compilation cache for the duration of a command that compiles; yields the
+    directory, or None when off.
+
+    Off with ``disable`` (a command's --no-compile-cache) or $DSREF_NO_COMPILE_CACHE=1. A directory
+    that cannot be created or written is not an error: one warning on stderr, then the command runs
+    uncached. Every compile is kept (jax_persistent_cache_min_compile_time_secs 0: the default 1 s
+    would skip small models' steps). The previous settings come back on exit, so a caller that runs
+    a command in its own process (the tests) is left as it was. Commands call this; library code
+    never does.
+    """
+    if disable or compile_cache_disabled():
+        yield None
+        return
+    path = os.path.abspath(os.path.expanduser(compile_cache_dir()))
+    try:
+        os.makedirs(path, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError("not writable")
+    except OSError as e:
+        if path not in _warned_cache:
+            _warned_cache.add(path)
+            why = e.strerror or str(e)
+            print(f"dsref: warning: compilation cache directory {path} cannot be used ({why}); continuing "
+                  f"without it (set {CACHE_DIR_ENV}=DIR, or {NO_COMPILE_CACHE_ENV}=1 to turn it off)", file=sys.stderr)
+        yield None
+        return
+    import jax
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    before = {n: getattr(jax.config, n) for n in names}
+    _set_cache(jax, {names[0]: path, names[1]: 0.0})
+    try:
+        yield path
+    finally:
+        _set_cache(jax, before)
+
+
+def _set_cache(jax, settings: dict) -> None:
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    try:  # JAX opens its cache at the first compile and keeps it: start over with the new directory
+        from jax._src import compilation_cache as cc
+        cc.reset_cache()
+    except (ImportError, AttributeError):  # a JAX without it: the first directory set stays
+        pass

@@ -166,6 +166,12 @@ class GenerationResult:
     steps: int
     mtp_accepted: int = 0
     mtp_drafted: int = 0
+    # measure_compile=True: seconds spent tracing, lowering and compiling each step before the
+    # clock started (prefill_s and decode_s then exclude compilation); None otherwise
+    compile_s: dict[str, float] | None = None
+    first_step_s: float = 0.0  # the first decode step (includes first-execution costs)
+    steady_s: float = 0.0  # from the end of the first decode step to the end of decoding
+    steady_tokens: int = 0  # tokens produced by the decode steps after the first
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -178,11 +184,18 @@ class GenerationResult:
         return n / self.decode_s if self.decode_s > 0 else float("nan")
 
     @property
+    def steady_decode_tokens_per_s(self) -> float | None:
+        """Tokens/s of the decode steps after the first (the first compiles, when nothing was
+        compiled ahead, and pays first-execution costs); None with fewer than two steps."""
+        return self.steady_tokens / self.steady_s if self.steady_tokens and self.steady_s > 0 else None
+
+    @property
     def acceptance_rate(self) -> float | None:
         return self.mtp_accepted / self.mtp_drafted if self.mtp_drafted else None
 
 
-def _prefill(fns: _Steps, state, prompts, S, form, model):
+def _prefill_inputs(prompts, S, form, model):
+    """(tokens [B, T] padded, lengths, the prefill's arguments after the state)."""
     B = len(prompts)
     lens = np.array([len(p) for p in prompts])
     T = bucket(int(lens.max()))
@@ -191,9 +204,22 @@ def _prefill(fns: _Steps, state, prompts, S, form, model):
         toks[b, : len(p)] = p
     pos = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
     cache = init_cache(model, B, S, form)
-    logits, hidden, cache = fns.prefill(state, jnp.asarray(toks), jnp.asarray(pos), cache,
-                                        jnp.asarray(lens - 1, jnp.int32))
-    return toks, lens, logits, hidden, cache
+    return toks, lens, (jnp.asarray(toks), jnp.asarray(pos), cache, jnp.asarray(lens - 1, jnp.int32))
+
+
+def _compile_now(fn, *args, **static) -> tuple[float, object]:
+    """Trace, lower and compile the jitted ``fn`` for these arguments now: (seconds, the output
+    ShapeDtypeStructs). jit keeps the executable, so the call that follows with arguments of the
+    same shapes runs without compiling (its first execution still pays one-time costs: ~0.15 s
+    on tiny-v3's prefill against 8 ms later). Nothing is executed and donated arguments stay valid."""
+    t = time.perf_counter()
+    lowered = fn.lower(*args, **static)
+    lowered.compile()
+    return time.perf_counter() - t, lowered.out_info
+
+
+def _zeros_like(s):
+    return jnp.zeros(s.shape, s.dtype)
 
 
 SEED_MAX = 2**63 - 1  # jax.random.key takes a C long
@@ -221,12 +247,16 @@ def check_sampling(*, temperature: float = 0.0, top_k: int = 0, top_p: float = 1
 
 def generate(model: DeepseekModel, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_tokens=(), form: str = "absorbed",
-             use_mtp: bool = False, on_token=None) -> GenerationResult:
+             use_mtp: bool = False, on_token=None, measure_compile: bool = False) -> GenerationResult:
     """Generate for a batch of prompts (lists of ids, any lengths). Seeded and reproducible.
 
     on_token(batch_index, token_id) is called as tokens are produced (streaming).
     use_mtp: self-speculative decoding with the MTP module (greedy only): the MTP
     head drafts one token, the main model verifies it together with the next one.
+    measure_compile: compile the prefill, sampling and decode steps for these shapes before
+    the clock starts and report the seconds each took in ``compile_s`` (a step already
+    compiled in this process, or found in JAX's persistent cache, takes little); prefill_s
+    and decode_s then time execution only.
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -241,7 +271,7 @@ def generate(model: DeepseekModel, prompts: list[list[int]], max_new_tokens: int
             raise ValueError("MTP self-speculative decoding is implemented for greedy decoding (temperature 0)")
         if not len(model.mtp):
             raise ValueError("use_mtp needs a model loaded with its MTP module (with_mtp=True)")
-        return _generate_mtp(model, prompts, max_new_tokens, stop_tokens, form, on_token)
+        return _generate_mtp(model, prompts, max_new_tokens, stop_tokens, form, on_token, measure_compile)
     if top_k >= V:  # keeps every token: the same as off (and lax.top_k needs k <= V)
         top_k = 0
     fns, state = compiled_steps(model)
@@ -249,8 +279,17 @@ def generate(model: DeepseekModel, prompts: list[list[int]], max_new_tokens: int
     stop = set(int(s) for s in stop_tokens)
     S = kv_cache_length(max(len(p) for p in prompts), max_new_tokens)
     key = jax.random.key(seed)
+    toks, lens, pargs = _prefill_inputs(prompts, S, form, model)
+    compiled = None
+    if measure_compile:
+        compiled = {}
+        compiled["prefill"], (logits_s, _, _) = _compile_now(fns.prefill, state, *pargs)
+        compiled["sample"], _ = _compile_now(sample, _zeros_like(logits_s), key, temperature, top_k, top_p)
+        one = jnp.zeros((B, 1), jnp.int32)  # the empty cache stands for the prefilled one (same shapes)
+        compiled["decode"], _ = _compile_now(fns.decode, state, one, one, pargs[2], key,
+                                             temperature, top_p, greedy=temperature <= 0, top_k=top_k)
     t0 = time.perf_counter()
-    toks, lens, last, _, cache = _prefill(fns, state, prompts, S, form, model)
+    last, _, cache = fns.prefill(state, *pargs)
     key, sub = jax.random.split(key)
     nxt = np.asarray(sample(last, sub, temperature, top_k, top_p))
     t1 = time.perf_counter()
@@ -258,7 +297,10 @@ def generate(model: DeepseekModel, prompts: list[list[int]], max_new_tokens: int
     done = np.zeros(B, bool)
     pos = lens.copy()
     steps = 0
+    t_first = t1
+    emitted = []  # tokens emitted per round: the prefill's, then each decode step's
     while True:
+        emitted.append(int((~done).sum()))
         for b in range(B):
             if not done[b]:
                 out[b].append(int(nxt[b]))
@@ -270,14 +312,19 @@ def generate(model: DeepseekModel, prompts: list[list[int]], max_new_tokens: int
         key, sub = jax.random.split(key)
         nxt, cache = fns.decode(state, jnp.asarray(nxt[:, None]), jnp.asarray(pos[:, None].astype(np.int32)),
                                   cache, sub, temperature, top_p, greedy=temperature <= 0, top_k=top_k)
-        nxt = np.asarray(nxt)
+        nxt = np.asarray(nxt)  # waits for the step: the next token is back on the host
         pos = pos + 1
         steps += 1
+        if steps == 1:
+            t_first = time.perf_counter()
     t2 = time.perf_counter()
-    return GenerationResult(out, t1 - t0, t2 - t1, int(lens.sum()), sum(map(len, out)), steps)
+    return GenerationResult(out, t1 - t0, t2 - t1, int(lens.sum()), sum(map(len, out)), steps,
+                            compile_s=compiled, first_step_s=t_first - t1 if steps else 0.0,
+                            steady_s=t2 - t_first if steps > 1 else 0.0, steady_tokens=sum(emitted[2:]))
 
 
-def _generate_mtp(model, prompts, max_new_tokens, stop_tokens, form, on_token) -> GenerationResult:
+def _generate_mtp(model, prompts, max_new_tokens, stop_tokens, form, on_token,
+                  measure_compile: bool = False) -> GenerationResult:
     """Greedy self-speculative decoding with MTP depth 0 (see module docstring).
 
     Invariant per sequence b: tokens x_0..x_{n-1} are in the main cache, x_n (the last
@@ -292,16 +339,25 @@ def _generate_mtp(model, prompts, max_new_tokens, stop_tokens, form, on_token) -
     stop = set(int(s) for s in stop_tokens)
     S = kv_cache_length(max(len(p) for p in prompts), max_new_tokens, use_mtp=True)
     bidx = np.arange(B)
+    toks, lens, pargs = _prefill_inputs(prompts, S, form, model)
+    T = toks.shape[1]
+    pos_all = jnp.asarray(np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)))
+    mcache = init_cache(model, B, S, form, layers=1)
+    compiled = None
+    if measure_compile:
+        compiled = {}
+        compiled["prefill"], (_, hidden_s, _) = _compile_now(fns.prefill, state, *pargs)
+        compiled["mtp_prefill"], _ = _compile_now(fns.mtp, state, pargs[0], _zeros_like(hidden_s), pos_all, mcache)
+        two = jnp.zeros((B, 2), jnp.int32)
+        compiled["decode"], (_, hidden2_s, _) = _compile_now(fns.step, state, two, two, pargs[2])
+        compiled["mtp_decode"], _ = _compile_now(fns.mtp, state, two, _zeros_like(hidden2_s), two, mcache)
     t0 = time.perf_counter()
-    toks, lens, logits, hidden, cache = _prefill(fns, state, prompts, S, form, model)
+    logits, hidden, cache = fns.prefill(state, *pargs)
     x_n = np.asarray(jnp.argmax(logits, -1)).astype(np.int32)  # logits at each prompt's last position
     # MTP prefill: position t pairs h_t with x_{t+1} (x_n appended after the prompt)
     nxt_toks = np.zeros_like(toks)
     nxt_toks[:, :-1] = toks[:, 1:]
     nxt_toks[bidx, lens - 1] = x_n
-    T = toks.shape[1]
-    pos_all = jnp.asarray(np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)))
-    mcache = init_cache(model, B, S, form, layers=1)
     mlog, mcache = fns.mtp(state, jnp.asarray(nxt_toks), hidden, pos_all, mcache)
     draft = np.asarray(jnp.argmax(mlog[bidx, lens - 1], -1)).astype(np.int32)
     t1 = time.perf_counter()
@@ -319,7 +375,10 @@ def _generate_mtp(model, prompts, max_new_tokens, stop_tokens, form, on_token) -
     for b in range(B):
         emit(b, x_n[b])
     steps = accepted = drafted = 0
+    t_first, steady_from = t1, 0
     while not done.all():
+        if steps == 1:
+            t_first, steady_from = time.perf_counter(), sum(map(len, out))
         pos = np.stack([n, n + 1], 1).astype(np.int32)
         logits, hidden, cache = fns.step(state, jnp.asarray(np.stack([x_n, draft], 1)), jnp.asarray(pos), cache)
         pred = np.asarray(jnp.argmax(logits, -1)).astype(np.int32)  # [B, 2]
@@ -340,4 +399,7 @@ def _generate_mtp(model, prompts, max_new_tokens, stop_tokens, form, on_token) -
         x_n = new_x
     t2 = time.perf_counter()
     return GenerationResult(out, t1 - t0, t2 - t1, int(lens.sum()), sum(map(len, out)), steps,
-                            mtp_accepted=accepted, mtp_drafted=drafted)
+                            mtp_accepted=accepted, mtp_drafted=drafted, compile_s=compiled,
+                            first_step_s=(t_first if steps > 1 else t2) - t1 if steps else 0.0,
+                            steady_s=t2 - t_first if steps > 1 else 0.0,
+                            steady_tokens=sum(map(len, out)) - steady_from if steps > 1 else 0)

@@ -12,9 +12,10 @@ import argparse
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
-from dsref.reference.cli_common import host_memory_available, nonneg_int, number, positive_int, seed
+from dsref.reference.cli_common import compile_cache, host_memory_available, nonneg_int, number, positive_int, seed
 
 _INT = re.compile(r"\s*[0-9]+\s*")  # one token id: plain decimal digits
 
@@ -57,8 +58,14 @@ def _check_mtp(path: str, cfg) -> None:
 
 
 def cmd_generate(args) -> int:
+    with compile_cache(disable=args.no_compile_cache) as cache_dir:
+        return _generate(args, cache_dir)
+
+
+def _generate(args, cache_dir: str | None) -> int:
     import jax
     import jax.numpy as jnp
+    from flax import nnx
 
     from dsref.reference.checkpoint import _find_files, load_checkpoint, read_config, tokenizer_path
     from dsref.reference.decode import generate, kv_cache_alloc_bytes, kv_cache_length
@@ -117,7 +124,10 @@ def cmd_generate(args) -> int:
         raise ValueError(f"--max-new-tokens: the KV cache for {len(prompt)} + {args.max_new_tokens} tokens needs "
                          f"{need / 2**30:,.2f} GiB ({per:,.0f} B/token, bucketed), more than the "
                          f"{avail[0] / 2**30:,.2f} GiB available ({avail[1]}); ask for fewer new tokens")
+    t_load = time.perf_counter()
     cfg, model = load_checkpoint(args.checkpoint, dtype=dtype, with_mtp=args.mtp)
+    jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
+    load_s = time.perf_counter() - t_load
     stop = list(args.stop) if args.stop else []
     if not stop and tok is not None and cfg.extra.get("eos_token_id") is not None:
         eos = cfg.extra["eos_token_id"]
@@ -140,16 +150,30 @@ def cmd_generate(args) -> int:
     if not args.json and tok is not None:
         sys.stdout.write(args.prompt if args.prompt is not None else tok.decode(prompt))
     res = generate(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed, stop_tokens=stop, use_mtp=args.mtp, on_token=on_token)
+                   top_p=args.top_p, seed=args.seed, stop_tokens=stop, use_mtp=args.mtp, on_token=on_token,
+                   measure_compile=True)
+    steady = res.steady_decode_tokens_per_s
+    # steady state: the decode steps after the first (compiled ahead; the first step still pays
+    # first-execution costs); with a single decode step, that step; with none, null
+    decode_rate = steady if steady is not None else (res.decode_tokens_per_s if res.steps else None)
+    compile_s = sum(res.compile_s.values())
     out = {
         "tokens": res.tokens[0],
         "prompt_tokens": len(prompt),
         "prefill_tokens_per_s": res.prefill_tokens_per_s,
-        "decode_tokens_per_s": res.decode_tokens_per_s,
+        "decode_tokens_per_s": decode_rate,
         "prefill_s": res.prefill_s, "decode_s": res.decode_s, "decode_steps": res.steps,
+        "compile_s": compile_s,
+        "compile_steps_s": res.compile_s,
+        "load_s": load_s,
+        "first_decode_step_s": res.first_step_s,
+        "steady_decode_s": res.steady_s, "steady_decode_tokens": res.steady_tokens,
+        "compile_cache_dir": cache_dir,
         "mtp_acceptance_rate": res.acceptance_rate,
         "kv_cache_bytes_per_token": int(cfg.kv_cache_bytes_per_token(jnp.dtype(dtype).itemsize)),
-        "note": "first call includes jit compilation; see benchmarks/bench_decode.py for steady-state rates",
+        "note": ("compile_s: tracing and compiling the prefill, sampling and decode steps before the clock starts "
+                 "(seconds when JAX's persistent cache has them); prefill_s and decode_s exclude it; "
+                 "decode_tokens_per_s: the decode steps after the first"),
     }
     if tok is not None:
         out["text"] = tok.decode(res.tokens[0])
@@ -158,9 +182,11 @@ def cmd_generate(args) -> int:
     else:
         sys.stdout.write("\n")
         acc = "" if res.acceptance_rate is None else f", MTP acceptance {res.acceptance_rate:.0%}"
+        dec = "n/a" if decode_rate is None else f"{decode_rate:,.1f}"
+        cache = f"cache {cache_dir}" if cache_dir else "cache off"
         print(f"[{len(prompt)} prompt tokens: {res.prefill_tokens_per_s:,.1f} tok/s prefill; "
-              f"{len(res.tokens[0])} new tokens: {res.decode_tokens_per_s:,.1f} tok/s decode{acc}; "
-              f"first call includes compilation]", file=sys.stderr)
+              f"{len(res.tokens[0])} new tokens: {dec} tok/s decode (steady state){acc}; "
+              f"compile {compile_s:,.1f} s ({cache}); load {load_s:,.1f} s]", file=sys.stderr)
     return 0
 
 
@@ -174,7 +200,13 @@ def register(sub) -> None:
 Generate text from a DeepSeek-V3/R1/V2/Moonlight/Kimi-K2 checkpoint directory (config.json +
 safetensors; bf16, float32 or FP8 weights). The prompt is given as text (needs the checkpoint's
 tokenizer.json) or as token ids; greedy when --temperature is 0. Text is streamed to stdout;
-prefill and decode tokens/s are printed at the end (stderr).""",
+at the end (stderr) come prefill and steady-state decode tokens/s (compilation excluded) and the
+seconds spent compiling and loading.
+
+Compiled programs are kept in a cache directory ($DSREF_CACHE_DIR, else
+$XDG_CACHE_HOME/dsref/jax, else ~/.cache/dsref/jax), so the next run on a model of the same
+shapes skips most of the compilation. --no-compile-cache or DSREF_NO_COMPILE_CACHE=1 turns it
+off; a directory that cannot be created only gives a warning.""",
         epilog="""\
 example (a small random checkpoint, so the text is gibberish):
   dsref init-checkpoint --preset tiny-v3 --tokenizer --out /tmp/tiny
@@ -194,5 +226,8 @@ example (a small random checkpoint, so the text is gibberish):
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute precision")
     p.add_argument("--mtp", action="store_true",
                    help="self-speculative decoding with the checkpoint's MTP module (greedy only)")
-    p.add_argument("--json", action="store_true", help="print one JSON object (tokens, text, timings)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (tokens, text, timings: compile_s, prefill_s, decode_tokens_per_s, ...)")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="do not read or write the persistent compilation cache (same as DSREF_NO_COMPILE_CACHE=1)")
     p.set_defaults(func=cmd_generate)
