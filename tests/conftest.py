@@ -8,6 +8,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The CLI's persistent compilation cache (reference.cli_common.compile_cache) would write into the
+# real home during in-process command tests; tests that exercise it set their own directory.
+os.environ.setdefault("DSREF_NO_COMPILE_CACHE", "1")
 
 import numpy as np
 import pytest
