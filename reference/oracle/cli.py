@@ -110,7 +110,9 @@ def cmd_golden(args) -> int:
     cfg = read_config(args.checkpoint)
     tokens = load_tokens_checked(args.tokens, cfg.vocab_size)
     golden.check_tokens(tokens, cfg, f"--tokens {args.tokens}")  # ids and length <= max_position_embeddings
-    out = golden.write_golden(args.checkpoint, tokens, args.out, args.dtype)
+    from dsref.reference.cli_common import compile_cache
+    with compile_cache():  # the float32 path compiles the model: keep it for the next run
+        out = golden.write_golden(args.checkpoint, tokens, args.out, args.dtype)
     t, _ = golden.read_dump(out)
     print(f"wrote {out}: {len(t)} tensors ({args.dtype}), logits {list(t['logits'].shape)}")
     return 0
@@ -168,8 +170,10 @@ def cmd_conformance(args) -> int:
         return 0
     conformance.kit_cases(args.dir)  # a clear error for a directory that is not a kit
     if args.action == "run":
+        from dsref.reference.cli_common import compile_cache
         eng = _engine(args)
-        res = conformance.grade_kit(args.dir, eng, args.cases, args.dtype, _overrides(args), args.save)
+        with compile_cache():  # the built-in dsref engines compile each case's model
+            res = conformance.grade_kit(args.dir, eng, args.cases, args.dtype, _overrides(args), args.save)
         return _print_results(res, getattr(eng, "name", "engine"), args.json)
     # grade
     res = conformance.grade_outputs(args.dir, args.candidate_dir, args.dtype, _overrides(args))
