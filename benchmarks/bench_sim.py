@@ -3,7 +3,7 @@ day-6 deployment (instances and request rate multiplied), plus the training-step
 
     python benchmarks/bench_sim.py [--duration 60] [--scales 1 4 16] [--hour] [--json]
 
---hour additionally simulates one full hour of the 1x deployment (the < 60 s target).
+--hour additionally simulates one full hour of the 1x deployment (target: <= 10 s of CPU on one core).
 Prints a Markdown table (the "Simulator" section of docs/performance.md is made from it).
 One process, one core; the load average at start is printed because other work on the
 machine inflates the wall times.
