@@ -359,7 +359,7 @@ def test_conformance_engine_cmd(kit, tmp_path, capsys):
     assert js["cases"][0]["dtype"] == "float64" and js["engine"] == "cli"  # the module after -m
     meta = golden.read_metadata(save / "baseline.safetensors")
     assert meta["checkpoint"] == "checkpoint" and meta["dtype"] == "float64"  # as `dsref golden` wrote it
-    fail = f"sh -c 'echo progress >&2; echo \"mytool: error: ValueError: bad block\" >&2; exit 1' -- {{checkpoint}} {{tokens}} {{out}}"
+    fail = "sh -c 'echo progress >&2; echo \"mytool: error: ValueError: bad block\" >&2; exit 1' -- {checkpoint} {tokens} {out}"
     assert main(["conformance", "run", str(kit), "--cases", "a", "--engine-cmd", fail, "--engine-name", "mine"]) == 1
     out = capsys.readouterr().out
     assert "conformance: mine" in out and "exit 1: mytool: error: ValueError: bad block" in out

@@ -37,7 +37,7 @@ from dsref.reference.oracle.adapters.common import UNSUPPORTED_EXIT, EngineUnsup
 from dsref.reference.oracle.compare import _DTYPE_ALIASES, TOLERANCES, compare_dumps, normalize_dtype
 from dsref.reference.oracle.golden import (OracleError, config_hash, golden_metadata, read_dump, run_reference,
                                           tokens_hash, versions, write_dump)
-from dsref.reference.oracle.kit_cases import BASELINE, CASE_BY_NAME, CASES, Case, case_tokens, case_weights, closure
+from dsref.reference.oracle.kit_cases import CASE_BY_NAME, CASES, Case, case_tokens, case_weights, closure
 
 __all__ = ["CASES", "CASE_BY_NAME", "Case", "EngineUnsupported", "UNSUPPORTED_EXIT", "write_kit", "grade_kit",
            "grade_outputs", "attribute", "format_results", "results_json", "ReferenceEngine", "CommandEngine"]

@@ -19,7 +19,7 @@ bf16 tolerances, so every effect is sized above the tolerance it is graded with.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
