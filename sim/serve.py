@@ -38,7 +38,7 @@ Model
 
 from __future__ import annotations
 
-import heapq
+from array import array
 import json
 import math
 from bisect import bisect_right
@@ -416,7 +416,13 @@ class Instance:
         env = self.sim.env
         decs = self.sim.decoders
         k = max(1, min(len(decs), m // DISPATCH_MIN_CHUNK))
-        decs = heapq.nsmallest(k, decs, key=Instance.load) if k < len(decs) else sorted(decs, key=Instance.load)
+        # the k least loaded, ties by position: sorted(decs, key=Instance.load)[:k] (as heapq.nsmallest),
+        # from one list of loads (no Python call per instance)
+        loads = [d.n_run + d.pending for d in decs]
+        if k == 1:
+            decs = [decs[loads.index(min(loads))]]
+        else:
+            decs = [decs[j] for j in sorted(range(len(decs)), key=loads.__getitem__)[:k]]
         # positions in (ready time, id) order; ids increase with position when not given, so a
         # stable sort by time breaks ties by id
         o = np.argsort(t, kind="stable") if ids is None else np.lexsort((ids, t))
@@ -577,7 +583,8 @@ class Instance:
         ring = self.sim.sh.fin_ring
         self._mask = ring - 1
         self._fin_n = [0] * ring     # step % ring -> requests finishing then
-        self._fin_c = [0.0] * ring   # step % ring -> sum of their s0 terms
+        self._fin_c = array("d", bytes(8 * ring))  # step % ring -> sum of their s0 terms (contiguous
+        # doubles: the same values as a list of floats, without a float object per bucket)
 
     def run_decode(self):
         self._start_decoding()
