@@ -31,7 +31,8 @@ class EngineUnsupported(RuntimeError):
 
 
 class AdapterInputError(ValueError):
-    """Bad input to an adapter's own options (e.g. --engine-path): exit 2 with this one line."""
+    """Bad input to an adapter's own options (e.g. --engine-path), raised by its ``check_args``:
+    exit 2 with this one line."""
 
 
 def one_line(e: BaseException) -> str:
@@ -43,6 +44,7 @@ def one_line(e: BaseException) -> str:
 def adapter_main(argv, *, prog: str, description: str,
                  run: Callable[[argparse.Namespace, Path, np.ndarray, object], tuple],
                  add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+                 check_args: Callable[[argparse.Namespace], None] | None = None,
                  dtype: str = "float32", example: str = "") -> int:
     from dsref.reference.checkpoint import CheckpointError, read_config
     from dsref.reference.oracle.golden import OracleError, check_tokens, golden_metadata, load_tokens, write_dump
@@ -60,6 +62,8 @@ def adapter_main(argv, *, prog: str, description: str,
     args = p.parse_args(argv)
     name = prog.rsplit(".", 1)[-1]
     try:
+        if check_args is not None:  # the adapter's own options (AdapterInputError), before any file is read
+            check_args(args)
         cfg = read_config(args.checkpoint)
         tokens = load_tokens(args.tokens)
         check_tokens(tokens, cfg, f"--tokens {args.tokens}")
@@ -73,9 +77,6 @@ def adapter_main(argv, *, prog: str, description: str,
     except EngineUnsupported as e:
         print(f"unsupported: {e}", file=sys.stderr)
         return UNSUPPORTED_EXIT
-    except AdapterInputError as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
-        return 2
     except Exception as e:  # the engine's own failure: traceback for the developer, summary last
         traceback.print_exc(file=sys.stderr)
         print(f"{name}: error: {one_line(e)}", file=sys.stderr)

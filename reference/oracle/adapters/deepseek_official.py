@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsref.reference.oracle.adapters.common import EngineUnsupported, adapter_main
+from dsref.reference.oracle.adapters.common import AdapterInputError, EngineUnsupported, adapter_main
 
 PROG = "dsref.reference.oracle.adapters.deepseek_official"
 NAME = PROG.rsplit(".", 1)[-1]
@@ -299,20 +299,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "only when dim == 7168, as Gate.__init__ decides (other checkpoints are then unsupported)")
 
 
+def check_args(args: argparse.Namespace) -> None:
+    problem = engine_path_problem(Path(args.engine_path))
+    if problem:
+        raise AdapterInputError(f"--engine-path {args.engine_path}: {problem}")
+
+
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # A wrong --engine-path is bad input (exit 2, one line), caught before the engine is imported;
-    # adapter_main maps exceptions from run() to exit 1, so check it here first.
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--engine-path")
-    known, _ = pre.parse_known_args(argv)
-    if known.engine_path is not None:
-        problem = engine_path_problem(Path(known.engine_path))
-        if problem:
-            print(f"{NAME}: error: --engine-path {known.engine_path}: {problem}", file=sys.stderr)
-            return 2
     return adapter_main(
-        argv, prog=PROG, run=run, add_arguments=add_arguments,
+        argv, prog=PROG, run=run, add_arguments=add_arguments, check_args=check_args,
         description="Run DeepSeek's official inference code (float32, CPU) on token ids and write a dump "
                     "that `dsref compare` and the conformance kit grade.",
         example=(f'dsref conformance run KIT --engine-cmd "python -m {PROG} --engine-path DeepSeek-V3/inference '

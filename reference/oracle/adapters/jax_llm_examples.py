@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsref.reference.oracle.adapters.common import EngineUnsupported, adapter_main
+from dsref.reference.oracle.adapters.common import AdapterInputError, EngineUnsupported, adapter_main
 
 PROG = "dsref.reference.oracle.adapters.jax_llm_examples"
 PKG = "deepseek_r1_jax"
@@ -246,18 +246,14 @@ def _add_arguments(p) -> None:
                    help=f"jax-llm-examples' {PKG} folder (holding the {PKG}/ package), or the package itself")
 
 
+def check_args(args) -> None:
+    if engine_root(args.engine_path) is None:
+        raise AdapterInputError(f"--engine-path {args.engine_path}: no {PKG}/model.py there "
+                                f"(give jax-llm-examples' {PKG} folder)")
+
+
 def main(argv=None) -> int:
-    import argparse
-    argv = sys.argv[1:] if argv is None else list(argv)
-    # a wrong --engine-path is bad input (exit 2, one line), found before anything is loaded
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--engine-path")
-    known, _ = pre.parse_known_args(argv)
-    if known.engine_path is not None and engine_root(known.engine_path) is None and not {"-h", "--help"} & set(argv):
-        print(f"jax_llm_examples: error: --engine-path {known.engine_path}: no {PKG}/model.py there "
-              f"(give jax-llm-examples' {PKG} folder)", file=sys.stderr)
-        return 2
-    return adapter_main(argv, prog=PROG, run=run, add_arguments=_add_arguments,
+    return adapter_main(argv, prog=PROG, run=run, add_arguments=_add_arguments, check_args=check_args,
                         description="Run jax-llm-examples' deepseek_r1_jax (float32, CPU, no int8) on token ids "
                                     "and write a dump the conformance kit grades.",
                         example=f"dsref conformance run KIT --engine-cmd \"python -m {PROG} --engine-path "
