@@ -364,6 +364,7 @@ def test_conformance_engine_cmd(kit, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "conformance: mine" in out and "exit 1: mytool: error: ValueError: bad block" in out
     assert main(["conformance", "run", str(kit), "--engine-cmd", "mytool {checkpoint}"]) == 2
+    assert main(["conformance", "run", str(kit), "--engine-cmd", ""]) == 2  # not a silent fall-back to dsref
 
 
 def test_conformance_list_and_unknown_case(tmp_path, capsys):

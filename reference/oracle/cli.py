@@ -134,7 +134,7 @@ def cmd_compare(args) -> int:
 
 def _engine(args):
     from dsref.reference.oracle import conformance
-    if args.engine_cmd:
+    if args.engine_cmd is not None:  # an empty --engine-cmd is refused, not taken for "none given"
         return conformance.CommandEngine(args.engine_cmd, dtype=args.dtype, name=args.engine_name)
     if args.engine == "transformers":
         from dsref.reference.oracle.hf_adapter import TransformersEngine
