@@ -12,9 +12,17 @@ Status of a record
   * ``not_modelled``  -- outside what the simulator models; ``predicted`` is
     None and ``note`` says why. Never a made-up number.
 
-Claims that are *inputs* of the scenarios (cluster size, parallel plan, token
-counts, prices ...) are listed in ``INPUT_IDS`` with the reason; no
-experiment may return a record for them.
+Role of a claim (``"role"`` in public_claims.json; issue 17: keep calibration and
+validation apart)
+  * ``validation``   -- predicted by an experiment and never used to set a number in a
+    data file. Only these enter the error statistics (tests/test_claims_roles.py fails
+    when a validation claim's value shows up in hwmodels/data or sim/scenarios).
+  * ``calibration``  -- used to set a number; ``"calibrates"`` lists each data-file entry
+    it set (``"<repo path>#<toml key>"``). Its record shows the in-sample error, which
+    says the solve still holds, not how good the model is: never counted.
+  * ``input``        -- a scenario input (cluster size, parallel plan, token counts,
+    prices ...), with ``"input_reason"``; ``INPUT_IDS`` is derived from the file and no
+    experiment may return a record for them.
 """
 
 from __future__ import annotations
@@ -28,26 +36,7 @@ from importlib import resources
 from pathlib import Path
 
 STATUSES = ("predicted", "derived", "not_modelled")
-
-#: Claim ids the scenarios take as given, with the reason (listed in docs/validation.md).
-INPUT_IDS: dict[str, str] = {
-    "dsv3_tr_gpu_price": "rental price assumption ($2/H800-hour); the catalog's h800 price (hwmodels/data/devices/h800.toml)",
-    "dsv3_tr_tokens": "pre-training token budget (14.8T): the training scenario's token_budget",
-    "dsv3_tr_cluster": "cluster size (2048 H800): the h800-cluster-2048 system preset",
-    "dsv3_tr_node": "8 GPUs per node, NVLink + IB: the h800-node preset",
-    "dsv3_tr_parallel": "parallel plan (PP16 DualPipe, EP64, ZeRO-1 DP, no TP): the training scenario's plan",
-    "dsv3_tr_model_config": "model hyper-parameters: the deepseek-v3 preset (reference/presets.py)",
-    "dsv3_tr_nvlink_vs_ib": ("link figures (NVLink ~160 GB/s effective, IB 50 GB/s): the catalog's link bandwidths and "
-                             "the cited source of efficiency.toml's gpu.all_reduce/all_to_all factors -- predicting "
-                             "them would be circular"),
-    "isca_h800_nvlink": "hardware spec (H800 NVLink 400 GB/s bidirectional): hwmodels/data/devices/h800.toml",
-    "d6_prefill_ep": "deployment plan (prefill EP32 units of 4 nodes): the deepseek-day6 scenario",
-    "d6_decode_ep": "deployment plan (decode EP144 units of 18 nodes): the deepseek-day6 scenario",
-    "d6_nodes": "deployment size (226.75 nodes average, 278 peak): sizes the scenario's prefill/decode pools",
-    "d6_input_tokens": "offered load (608B input tokens/day, 56.3% prefix-cache hits): the scenario's workload",
-    "d6_output_tokens": "offered load (168B output tokens/day): the scenario's request rate and output lengths",
-}
-
+ROLES = ("validation", "calibration", "input")
 
 #: The published claims (with their sources), shipped as package data of dsref.experiments.
 CLAIMS_RESOURCE = ("data", "public_claims.json")
@@ -61,20 +50,67 @@ def claims_resource():
     return res
 
 
+def check_roles(rows, where: str) -> None:
+    """One clear ValueError (naming ``where`` and the claim) for a claim without a valid role or
+    without the field its role needs."""
+    seen = set()
+    for i, c in enumerate(rows):
+        cid = c.get("id") if isinstance(c, dict) else None
+        if not cid:
+            raise ValueError(f"{where}: claim #{i}: no 'id'")
+        if cid in seen:
+            raise ValueError(f"{where}: claim {cid!r}: duplicate id")
+        seen.add(cid)
+        role = c.get("role")
+        if role not in ROLES:
+            raise ValueError(f"{where}: claim {cid!r}: field 'role' must be one of {ROLES}, got {role!r}")
+        if role == "calibration":
+            cal = c.get("calibrates")
+            if not (isinstance(cal, list) and cal and all(isinstance(x, str) and "#" in x for x in cal)):
+                raise ValueError(f"{where}: claim {cid!r}: field 'calibrates' must be a non-empty list of "
+                                 f"'<repo path>#<toml key>' strings, got {cal!r}")
+        elif "calibrates" in c:
+            raise ValueError(f"{where}: claim {cid!r}: field 'calibrates' is only for role 'calibration'")
+        if role == "input":
+            if not (isinstance(c.get("input_reason"), str) and c["input_reason"].strip()):
+                raise ValueError(f"{where}: claim {cid!r}: role 'input' needs a non-empty 'input_reason'")
+        elif "input_reason" in c:
+            raise ValueError(f"{where}: claim {cid!r}: field 'input_reason' is only for role 'input'")
+
+
 @lru_cache(maxsize=1)
 def _packaged() -> tuple[dict, ...]:
-    return tuple(json.loads(claims_resource().read_text(encoding="utf-8")))
+    rows = tuple(json.loads(claims_resource().read_text(encoding="utf-8")))
+    check_roles(rows, "experiments/data/public_claims.json")
+    return rows
 
 
 @lru_cache(maxsize=4)
 def _load(path: str) -> tuple[dict, ...]:
-    return tuple(json.loads(Path(path).read_text(encoding="utf-8")))
+    try:
+        rows = tuple(json.loads(Path(path).read_text(encoding="utf-8")))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    check_roles(rows, path)
+    return rows
 
 
 def load_claims(path: str | os.PathLike | None = None) -> dict[str, dict]:
     """{claim id: claim dict}: the packaged experiments/data/public_claims.json, or the file at ``path``."""
     rows = _packaged() if path is None else _load(str(path))
     return {c["id"]: dict(c) for c in rows}
+
+
+def claims_with_role(role: str, claims: dict[str, dict] | None = None) -> dict[str, dict]:
+    """{claim id: claim} of the claims with ``role`` (of the packaged file unless ``claims``)."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    return {k: c for k, c in (load_claims() if claims is None else claims).items() if c["role"] == role}
+
+
+#: Claim ids the scenarios take as given, with the reason (listed in docs/validation.md): derived from
+#: the claims file (role 'input', field 'input_reason'), the one place they are written.
+INPUT_IDS: dict[str, str] = {k: c["input_reason"] for k, c in claims_with_role("input").items()}
 
 
 @dataclass(frozen=True)
@@ -90,6 +126,12 @@ class Record:
     part: str = ""          # which entry of a multi-valued claim (e.g. 'total' of [total, active])
     reading: str = ""       # the interpretation taken for an ambiguous claim
     note: str = ""          # the mechanism, in one line
+    role: str = "validation"  # the claim's role: 'validation' (counted) or 'calibration' (in-sample, never counted)
+
+    @property
+    def counted(self) -> bool:
+        """Whether the record enters the error statistics: a predicted figure of a validation claim."""
+        return self.role == "validation" and self.status == "predicted" and self.error is not None
 
     @property
     def error(self) -> float | None:
@@ -122,11 +164,14 @@ def record(claims: dict[str, dict], cid: str, predicted: float | None, *, part: 
     (pass ``published`` for one entry of a list/dict-valued claim)."""
     if cid not in claims:
         raise KeyError(f"claim id {cid!r} is not in public_claims.json")
-    if cid in INPUT_IDS:
-        raise ValueError(f"claim {cid!r} is a scenario input ({INPUT_IDS[cid]}), not a prediction")
+    c = claims[cid]
+    role = c.get("role")
+    if role == "input":
+        raise ValueError(f"claim {cid!r} is a scenario input ({c.get('input_reason', '')}), not a prediction")
+    if role not in ("validation", "calibration"):
+        raise ValueError(f"claim {cid!r}: field 'role' must be one of {ROLES}, got {role!r}")
     if status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
-    c = claims[cid]
     if published is None:
         v = c["value"]
         if not isinstance(v, (int, float)) or isinstance(v, bool):
@@ -136,7 +181,7 @@ def record(claims: dict[str, dict], cid: str, predicted: float | None, *, part: 
         predicted = None
     src = f"{c['source']} -- {c.get('source_detail', '')}".rstrip(" -")
     return Record(cid, None if predicted is None else float(predicted), float(published),
-                  unit if unit is not None else c["unit"], src, status, part, reading, note)
+                  unit if unit is not None else c["unit"], src, status, part, reading, note, role)
 
 
 #: (module, function) of every experiment; each is run(claims, fast=False) -> list[Record].
@@ -147,6 +192,7 @@ EXPERIMENTS: tuple[tuple[str, str], ...] = (
     ("dsref.experiments.day6_serving", "run"),
     ("dsref.experiments.edge_devices", "run"),
     ("dsref.experiments.ascend_vs_h100", "run"),
+    ("dsref.experiments.published_calibration", "run"),
 )
 
 

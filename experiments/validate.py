@@ -2,9 +2,11 @@
 
 ``dsref validate`` (experiments/cli.py) and ``python -m dsref.experiments.validate`` call
 ``main``; files are written only under ``--out-dir`` (the repo's docs: ``dsref validate
---out-dir docs``). Error statistics (median / max absolute signed error) cover records with
-status 'predicted' only; 'derived' (arithmetic on inputs) and 'not_modelled' records
-are listed but not counted.
+--out-dir docs``). Error statistics (median / max absolute signed error) cover records of
+role 'validation' with status 'predicted' only; 'derived' (arithmetic on inputs) and
+'not_modelled' records are listed but not counted, and records of calibration claims (the
+measurements a data-file number was solved from, registry module docstring) are listed
+apart with their in-sample error, labelled "calibration, not counted".
 """
 
 from __future__ import annotations
@@ -14,11 +16,33 @@ import statistics
 import sys
 from pathlib import Path
 
-from dsref.experiments.registry import EXPERIMENTS, INPUT_IDS, Record, load_claims
+from dsref.experiments.registry import EXPERIMENTS, INPUT_IDS, Record, claims_with_role, load_claims
 
 TARGET_MEDIAN = 0.10
 TARGET_MAX = 0.30
 BANDS = (0.10, 0.30)
+CAL_LABEL = "calibration, not counted"
+
+ROLES_TEXT = """
+## Roles of the claims: validation, calibration, input
+
+Every claim in `experiments/data/public_claims.json` has a `role` (issue 17):
+
+- **validation**: predicted by an experiment and never used to set a number in a data file. Only
+  these (with status *predicted*) enter the statistics above.
+- **calibration**: a measurement a data-file number was solved from; its `calibrates` field names
+  each entry (`<repo path>#<toml key>`). Listed below with its in-sample error ("{cal}"): it says
+  whether the stored number still solves its equations, not how good the model is.
+- **input**: what a scenario takes as given (cluster size, plan, load, prices), with its
+  `input_reason`; no experiment may return a record for it (`registry.record` refuses).
+
+The leak test (`tests/test_claims_roles.py`) walks every value of `hwmodels/data/**/*.toml` and
+`sim/scenarios/*.toml` -- numbers, and numbers written inside strings such as sources ("22,310",
+"52.3k", "14.76") -- and fails, naming the file, the key and the claim, when one with at least 3
+significant digits is within 0.2% of a validation claim's published value: a validation figure
+written into a data file was most likely used to set something, and must become a calibration
+claim instead.
+""".format(cal=CAL_LABEL)
 
 
 def run_all(*, progress: bool = True, fast: bool = False, only: list[str] | None = None) -> list[Record]:
@@ -42,11 +66,22 @@ def run_all(*, progress: bool = True, fast: bool = False, only: list[str] | None
     return out
 
 
+def counted(records: list[Record]) -> list[Record]:
+    """The records the statistics cover: predicted figures of validation claims (Record.counted)."""
+    return [r for r in records if r.counted]
+
+
+def split(records: list[Record]) -> tuple[list[Record], list[Record]]:
+    """(validation records, calibration records), each in registry order."""
+    return ([r for r in records if r.role != "calibration"], [r for r in records if r.role == "calibration"])
+
+
 def summary(records: list[Record]) -> dict:
-    errs = [abs(r.error) for r in records if r.status == "predicted" and r.error is not None]
-    worst = max((r for r in records if r.status == "predicted" and r.error is not None),
-                key=lambda r: abs(r.error), default=None)
-    return {"n_predicted": len(errs),
+    pts = counted(records)
+    errs = [abs(r.error) for r in pts]
+    worst = max(pts, key=lambda r: abs(r.error), default=None)
+    cal = [r for r in records if r.role == "calibration"]
+    return {"n_predicted": len(errs), "n_calibration": len(cal),
             "median_abs_error": statistics.median(errs) if errs else None,
             "max_abs_error": max(errs) if errs else None,
             "max_abs_error_id": worst.key if worst else None,
@@ -54,8 +89,14 @@ def summary(records: list[Record]) -> dict:
 
 
 def to_json(records: list[Record]) -> dict:
+    """``claims``: every record (each with its ``role``); ``calibration``: the calibration records again,
+    with the data-file entries each set; the statistics cover validation records only."""
     s = summary(records)
-    return {"claims": [r.to_dict() for r in records], **s, "inputs": INPUT_IDS,
+    cal_claims = claims_with_role("calibration")
+    cal = [{**r.to_dict(), "label": CAL_LABEL, "calibrates": cal_claims.get(r.id, {}).get("calibrates", [])}
+           for r in records if r.role == "calibration"]
+    return {"claims": [r.to_dict() for r in records], **s, "statistics_cover": "role=validation, status=predicted",
+            "calibration": cal, "inputs": INPUT_IDS,
             "targets": {"median_abs_error": TARGET_MEDIAN, "max_abs_error": TARGET_MAX}}
 
 
@@ -77,11 +118,19 @@ def _err(e) -> str:
 
 
 def table(records: list[Record]) -> str:
+    """Validation records, then the calibration records under their own heading (one column layout)."""
+    val, cal = split(records)
     rows = [("id", "predicted", "published", "unit", "error", "status")]
-    for r in records:
+    for r in val:
         rows.append((r.key, _fmt(r.predicted), _fmt(r.published), r.unit[:34], _err(r.error), r.status))
+    n_val = len(rows)
+    for r in cal:
+        rows.append((r.key, _fmt(r.predicted), _fmt(r.published), r.unit[:34], _err(r.error), CAL_LABEL))
     w = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(row)) for row in rows)
+    lines = ["  ".join(c.ljust(w[i]) for i, c in enumerate(row)).rstrip() for row in rows]
+    if cal:
+        lines.insert(n_val, f"\ncalibration claims (in-sample: each set a data-file number; {CAL_LABEL}):")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------ plots
@@ -90,7 +139,7 @@ def plot_scatter(records: list[Record], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    pts = [r for r in records if r.status == "predicted" and r.error is not None and r.predicted > 0]
+    pts = [r for r in counted(records) if r.predicted > 0]
     fig, ax = plt.subplots(figsize=(7, 6.5))
     # normalise each claim by its published value's order of magnitude? no: plot raw on log-log
     x = np.array([r.published for r in pts])
@@ -111,7 +160,7 @@ def plot_scatter(records: list[Record], path: Path) -> None:
     ax.set_ylim(lo, hi)
     ax.set_xlabel("published (claim's unit)")
     ax.set_ylabel("predicted (same unit)")
-    ax.set_title("Simulated vs published (predicted claims)")
+    ax.set_title("Simulated vs published (validation claims, predicted)")
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -122,7 +171,7 @@ def plot_errors(records: list[Record], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    pts = [r for r in records if r.status == "predicted" and r.error is not None]
+    pts = counted(records)
     fig, ax = plt.subplots(figsize=(7, 0.28 * len(pts) + 1.2))
     y = range(len(pts))
     errs = [r.error * 100 for r in pts]
@@ -140,7 +189,7 @@ def plot_errors(records: list[Record], path: Path) -> None:
     ticks = [t for t in (-100, -50, -30, -10, 0, 10, 30, 50, 100, 300, 1000) if t >= min(errs + [0]) - 10]
     ax.set_xticks(ticks)
     ax.set_xticklabels([str(t) for t in ticks], fontsize=7)
-    ax.set_title("Error per predicted claim (dashed: ±10%, ±30%)")
+    ax.set_title("Error per predicted validation claim (dashed: ±10%, ±30%)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -153,16 +202,27 @@ def markdown(records: list[Record], closed_loop: dict | None = None) -> str:
     lines = [docs_text.HEADER.format(
         n=s["n_predicted"], med=_err(s["median_abs_error"]).lstrip("+"), mx=_err(s["max_abs_error"]).lstrip("+"),
         mxid=s["max_abs_error_id"], w10=s["within_10pct"], w30=s["within_30pct"])]
+    val, cal = split(records)
+    lines.append(f"Statistics cover the {s['n_predicted']} *predicted* figures of **validation** claims only; "
+                 f"the {s['n_calibration']} calibration claims are listed apart below ({CAL_LABEL}).\n")
     lines.append("| id | predicted | published | unit | error | status |\n|---|---:|---:|---|---:|---|")
-    for r in records:
+    for r in val:
         lines.append(f"| `{r.key}` | {_fmt(r.predicted)} | {_fmt(r.published)} | {r.unit} | {_err(r.error)} | "
                      f"{r.status} |")
+    lines.append(ROLES_TEXT)
+    lines.append("### Calibration claims (in-sample; not counted)\n")
+    lines.append("| id | predicted | published | unit | in-sample error | sets |\n|---|---:|---:|---|---:|---|")
+    cal_claims = claims_with_role("calibration")
+    for r in cal:
+        sets = ", ".join(f"`{x}`" for x in cal_claims.get(r.id, {}).get("calibrates", []))
+        lines.append(f"| `{r.key}` | {_fmt(r.predicted)} | {_fmt(r.published)} | {r.unit} | {_err(r.error)} "
+                     f"({CAL_LABEL}) | {sets} |")
     lines.append("\n![predicted vs published](img/validation_scatter.png)\n")
     lines.append("![errors](img/validation_errors.png)\n")
     lines.append("## Readings and mechanisms\n")
     for r in records:
         note = r.note.rstrip()
-        txt = f"- **`{r.key}`** ({r.status}). {note}" + ("" if not note or note.endswith(".") else ".")
+        txt = f"- **`{r.key}`** ({r.status if r.role == 'validation' else CAL_LABEL}). {note}" + ("" if not note or note.endswith(".") else ".")
         if r.reading:
             txt += f" *Reading:* {r.reading}."
         lines.append(txt)
@@ -239,7 +299,8 @@ def main(*, as_json: bool = False, out_dir: str | None = None, closed_loop: bool
         return 0
     print(table(records))
     s = summary(records)
-    print(f"\npredicted claims: {s['n_predicted']}; median |error| {_err(s['median_abs_error']).lstrip('+')} "
+    print(f"\npredicted validation claims: {s['n_predicted']} (calibration claims listed, not counted: "
+          f"{s['n_calibration']}); median |error| {_err(s['median_abs_error']).lstrip('+')} "
           f"(target <= {TARGET_MEDIAN:.0%}); max |error| {_err(s['max_abs_error']).lstrip('+')} "
           f"({s['max_abs_error_id']}; target <= {TARGET_MAX:.0%})")
     if cl:

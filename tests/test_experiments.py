@@ -31,14 +31,14 @@ def test_signed_error_formula():
 
 
 def test_claims_ship_with_the_package():
-    """The claims (41, each with its source) are package data of dsref.experiments, read through
+    """The claims (each with its source and role) are package data of dsref.experiments, read through
     importlib.resources -- not a file outside the installed package."""
     res = registry.claims_resource()
     assert res.is_file()
     rows = json.loads(res.read_text(encoding="utf-8"))
-    assert len(rows) == len(CLAIMS) == 41
+    assert len(rows) == len(CLAIMS) >= 47  # ids are unique (load_claims checks)
     for c in rows:
-        assert c["id"] and "value" in c and c["unit"] and c["source"], c
+        assert c["id"] and "value" in c and c["unit"] and c["source"] and c["role"] in registry.ROLES, c
     assert registry.load_claims(str(res)) == CLAIMS
 
 
@@ -92,11 +92,15 @@ def test_validate_json_shape_and_docs(records, tmp_path, monkeypatch, capsys):
     assert set(data) >= {"claims", "median_abs_error", "max_abs_error"}
     for c in data["claims"]:
         assert set(c) >= {"id", "predicted", "published", "unit", "error"}
-    errs = [abs(c["error"]) for c in data["claims"] if c["status"] == "predicted"]
-    assert data["max_abs_error"] == pytest.approx(max(errs))
+    errs = [abs(c["error"]) for c in data["claims"] if c["status"] == "predicted" and c["role"] == "validation"]
+    assert data["max_abs_error"] == pytest.approx(max(errs)) and data["n_predicted"] == len(errs)
+    cal = [c for c in data["claims"] if c["role"] == "calibration"]
+    assert cal and len(data["calibration"]) == len(cal) == data["n_calibration"]
+    assert all(c["label"] == validate.CAL_LABEL and c["calibrates"] for c in data["calibration"])
     assert not any(c["id"] in INPUT_IDS for c in data["claims"])
     md = (tmp_path / "validation.md").read_text()
     assert "Claims treated as inputs" in md and "Closed loop on this machine" in md
+    assert "Calibration claims (in-sample; not counted)" in md and "leak test" in md
     assert (tmp_path / "img" / "validation_scatter.png").stat().st_size > 1000
     assert (tmp_path / "img" / "validation_errors.png").stat().st_size > 1000
     assert json.loads((tmp_path / "validation.json").read_text())["claims"]
