@@ -1,0 +1,382 @@
+"""Steady-state serving report: where the warm-up ends, figures over the steady part, what binds.
+
+``ServeSim.metrics()`` averages over the whole run, warm-up included: the first requests meet
+empty queues and a half-full decode batch, so a short run reports a TTFT that is too good and a
+throughput that is too low. This module (docs/serve-report.md) adds three things:
+
+* ``steady_state(times, values)``: the end of the warm-up transient of a series (per-request
+  TTFT or TPOT in arrival order, or per-interval tokens/s) by MSER-5, and whether the run was
+  long enough for that end to be trusted.
+* ``windowed(...)``: TTFT/TPOT percentiles and tokens/s over the part of the run after it, under
+  ServeSim.metrics()'s key names with a ``steady_`` prefix.
+* ``binding_resource(roles)``: which resource limits the deployment (compute, memory bandwidth,
+  network, latency floor, KV capacity), or that none does (offered load).
+
+``steady_metrics`` and ``format_report`` put the three together for the CLI. Inputs are plain
+arrays (no simulator state), so a trace or another simulator's output can be read the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from dsref.sim.scenario import MAX_DURATION_S
+
+MSER_BATCH = 5          # MSER-5: batch means of 5 observations (White, Cobb & Spratt 2000)
+# Fewest batches for a truncation point to mean anything: with fewer, one batch decides it.
+# Ours (assumption): 10 batches = 50 observations; MSER papers test on runs of hundreds.
+MIN_BATCHES = 10
+# The candidate truncation points stop this many batches before the end: the marginal standard
+# error of the last few batches is an estimate from 1-4 numbers and can be spuriously small
+# (the "end effect" MSER is known for). Ours (assumption).
+MIN_TAIL_BATCHES = 5
+# binding_resource: a role below this utilisation has idle time to spare (not saturated).
+SATURATED_UTILIZATION = 0.9
+# ... and KV capacity binds when the mean KV occupancy is this high or this share of steps had
+# a request at the head of a queue waiting for KV space. Ours (assumption): at 95% occupancy
+# the next long prompt does not fit; a 1% blocked share is well past a transient burst.
+KV_FULL_UTILIZATION = 0.95
+KV_BLOCKED_SHARE = 0.01
+
+PERCENTILES = (50, 90, 99)
+BUSY_PARTS = (("compute_s", "compute"), ("memory_s", "memory bandwidth"), ("comm_s", "network"),
+              ("floor_s", "latency floor"))
+ROLE_FIELDS = ("compute_s", "memory_s", "comm_s", "floor_s", "idle_s", "kv_blocked_steps", "steps",
+               "kv_utilization", "utilization")
+
+
+# ---------------------------------------------------------------- steady state (MSER-5)
+@dataclass(frozen=True)
+class SteadyState:
+    """Where the warm-up ends. start_s: time of the first observation kept (the run's first
+    observation when nothing is truncated); reached: whether the truncation point is trustworthy
+    (False: the run is too short, or the load exceeds capacity and the series never settles);
+    note: one line for the user (how long to run when not reached)."""
+
+    start_s: float
+    reached: bool
+    method: str
+    note: str
+    truncated: int = 0   # observations dropped as warm-up
+    points: int = 0      # finite observations in the series
+
+
+def _nice_ceil(x: float) -> float:
+    """The smallest of 1, 2, 5 x 10^k that is >= x (durations a person would type)."""
+    if x <= 0:
+        return 1.0
+    mag = 10.0 ** math.floor(math.log10(x))
+    return next(m * mag for m in (1, 2, 5, 10) if m * mag >= x * (1 - 1e-12))
+
+
+def _advice(want_s: float) -> str:
+    if want_s > MAX_DURATION_S:
+        return (f"a run of {want_s:,.0f} s would be needed, over the {MAX_DURATION_S:,.0f} s limit: "
+                "lower the load (it may exceed capacity)")
+    return f"run at least --duration {_nice_ceil(want_s):g}"
+
+
+def mser(values: np.ndarray, batch: int = MSER_BATCH) -> tuple[int, np.ndarray]:
+    """MSER-m over a series: (truncated batches d*, the MSER statistic for d = 0 .. k-MIN_TAIL_BATCHES).
+
+    Batch means z_1..z_k of ``batch`` consecutive values (a trailing partial batch is dropped);
+    MSER(d) = sum_{j>d} (z_j - mean(z_{d+1..k}))^2 / (k - d)^2, the squared marginal standard
+    error of the mean of what is kept; d* minimises it (first minimum on ties)."""
+    k = len(values) // batch
+    z = values[:k * batch].reshape(k, batch).mean(axis=1)
+    z = z - z.mean()  # centred: the running sums below then lose no precision to a large mean
+    s1 = np.cumsum(z[::-1])[::-1]          # s1[d] = sum_{j >= d} z_j (0-based)
+    s2 = np.cumsum((z * z)[::-1])[::-1]
+    m = np.arange(k, 0, -1, dtype=float)   # batches kept when d are dropped
+    stat = np.maximum(s2 - s1 * s1 / m, 0.0) / (m * m)
+    stat = stat[:k - MIN_TAIL_BATCHES + 1]
+    return int(np.argmin(stat)), stat
+
+
+def steady_state(times, values, *, min_fraction: float = 0.5, span: tuple[float, float] | None = None,
+                 tolerance: float = 0.01, tail_s: float = 0.0) -> SteadyState:
+    """End of the warm-up transient of ``values`` observed at ``times``, by MSER-5.
+
+    MSER-5 (K. P. White Jr. 1997, "An effective truncation heuristic for bias reduction in
+    simulation output", Simulation 69(6):323-334, doi:10.1177/003754979706900601; batch size 5
+    as in K. P. White Jr., M. J. Cobb, S. C. Spratt 2000, "A comparison of five steady-state
+    truncation heuristics for simulation", Proc. Winter Simulation Conference, 755-760,
+    doi:10.1109/WSC.2000.899870): average the series in batches of 5, and drop the d leading
+    batches that minimise the squared standard error of the mean of the rest,
+    sum_{j>d} (z_j - zbar_d)^2 / (k - d)^2. Dropping a transient lowers the variance faster
+    than it shrinks the sample; dropping stationary data only shrinks the sample.
+
+    As White advises, a truncation point in the late part of the run means the run is too short
+    (the series is still drifting: a warm-up longer than the run, or a load beyond capacity
+    whose queues keep growing): ``reached`` is False when the point falls in the last
+    ``min_fraction`` of the run's time span, or when there are fewer than MIN_BATCHES x 5
+    finite observations; the note then says how long to run. Candidate points stop
+    MIN_TAIL_BATCHES batches before the end (the end effect: a handful of batches can show a
+    spuriously small error; openkim/kim-convergence, kim_convergence/ucl/mser_m.py, ignores
+    min(5, k/4) end batches for the same reason and rejects points past half the data).
+
+    One addition of ours, for long runs: when the best point is late but the best point in the
+    allowed first part gives a kept mean within ``tolerance`` (relative, default 1%) of the
+    late one's, the drift is real but too small to matter and the earlier point is returned
+    with ``reached`` True (tolerance=0: White's rule alone).
+
+    times: observation times (e.g. arrival times of requests); values: the series (NaN and inf
+    are dropped, so per-request arrays with unfinished requests can be passed as they are);
+    span: (start, end) of the run, default (first, last) time; the point's position is measured
+    in it (pass the run's duration: per-request series end before the run does); tail_s: seconds
+    the run goes on after span's end (a series cut before the run's end), added to the advice.
+    """
+    t = np.asarray(times, dtype=float).ravel()
+    v = np.asarray(values, dtype=float).ravel()
+    if t.shape != v.shape:
+        raise ValueError(f"steady_state: field 'values': {len(v)} values for {len(t)} times")
+    if not 0.0 < min_fraction < 1.0:
+        raise ValueError(f"steady_state: field 'min_fraction': must be in (0, 1), got {min_fraction}")
+    if not 0.0 <= tolerance < 1.0:
+        raise ValueError(f"steady_state: field 'tolerance': must be in [0, 1), got {tolerance}")
+    ok = np.isfinite(t) & np.isfinite(v)
+    t, v = t[ok], v[ok]
+    order = np.argsort(t, kind="stable")
+    t, v = t[order], v[order]
+    n = len(t)
+    if span is not None:
+        t0, t1 = float(span[0]), float(span[1])
+        if not t1 > t0:
+            raise ValueError(f"steady_state: field 'span': end {t1} must be after start {t0}")
+    else:
+        t0, t1 = (float(t[0]), float(t[-1])) if n else (0.0, 0.0)
+    method = f"MSER-{MSER_BATCH}"
+    need = MIN_BATCHES * MSER_BATCH
+    if n < need:
+        length = t1 - t0
+        if n and length > 0:  # observations come at about n / length per second: scale up, x2 for the warm-up half
+            tip = _advice(length * need / n / (1 - min_fraction) + tail_s)
+        else:
+            tip = "run longer or at a higher load"
+        return SteadyState(t0, False, method, f"{n} observations, fewer than the {need} {method} needs: {tip}",
+                           0, n)
+    d, stat = mser(v)
+    limit = t0 + (1.0 - min_fraction) * (t1 - t0)
+
+    def at(d):
+        return float(t[d * MSER_BATCH]) if d else t0
+    start = at(d)
+    if start <= limit:
+        cut = d * MSER_BATCH
+        note = (f"steady from {start:,.4g} s ({method} drops the first {cut:,} of {n:,} observations)" if cut
+                else f"steady from the start ({method} drops nothing of {n:,} observations)")
+        return SteadyState(start, True, method, note, cut, n)
+    # The best point is late. With ~1e5-1e6 requests any drift is significant, however small: a
+    # slow fluctuation of the running batch moves per-request TPOT by 0.3% for minutes (the
+    # day-6 scenario, docs/serve-report.md). Accept the best point in the allowed part when
+    # the later one changes the kept mean by at most ``tolerance`` of it.
+    allowed = int(np.searchsorted(t[::MSER_BATCH][:len(stat)], limit, side="right"))
+    if allowed > 0 and tolerance > 0:
+        d2 = int(np.argmin(stat[:allowed]))
+        late, early = float(v[d * MSER_BATCH:].mean()), float(v[d2 * MSER_BATCH:].mean())
+        shift = abs(early - late) / abs(late) if late else math.inf
+        if shift <= tolerance:
+            cut = d2 * MSER_BATCH
+            note = (f"steady from {at(d2):,.4g} s ({method} drops the first {cut:,} of {n:,} observations; its "
+                    f"best point, {start:,.4g} s, is in the last {min_fraction:.0%} of the run but moves the mean "
+                    f"by only {shift:.2%}, within the {tolerance:.0%} tolerance)")
+            return SteadyState(at(d2), True, method, note, cut, n)
+    # the warm-up lasted at least start - t0 and must fit in the first (1 - min_fraction)
+    # of the run; x2 because a point this late is a lower bound (the series may still drift)
+    want = 2.0 * (start - t0) / (1.0 - min_fraction) + tail_s
+    judged = f"a {t1 - t0:,.4g} s run" if not tail_s else \
+        f"the first {t1 - t0:,.4g} s of arrivals (later ones are cut: only quick requests finish)"
+    note = (f"warm-up not over: {method} truncates at {start - t0:,.4g} s of {judged}, in the last "
+            f"{min_fraction:.0%}; {_advice(want)}, or the load exceeds capacity if the values keep rising")
+    return SteadyState(start, False, method, note, d * MSER_BATCH, n)
+
+
+# ---------------------------------------------------------------- windowed figures
+def _pct(a: np.ndarray, q: float):
+    return float(np.percentile(a, q)) if len(a) else None
+
+
+def windowed(arrival, prompt, output, first, done, start_s: float, end_s: float) -> dict:
+    """Figures over the steady part [start_s, end_s) of a run, ServeSim.metrics() key names with a
+    ``steady_`` prefix.
+
+    TTFT and TPOT as metrics() defines them (TTFT = first token - arrival over requests that got
+    one; TPOT = (done - first) / (output - 1) over finished requests with output > 1), restricted
+    to requests that arrived at or after start_s. Throughput counts completions in the window:
+    prompt tokens of requests whose first token came (prefill done) in [start_s, end_s] and
+    output tokens of requests that finished in it, over end_s - start_s. Counting only the
+    requests that arrived after start_s would leave out the ones in flight at the window's start
+    and undercount by about (request latency / window); in steady state the work in flight at the
+    start and at the end is the same on average, so completion counting is unbiased, and under
+    overload it measures capacity, not the offered rate. Unlike metrics() (tokens as generated,
+    re-prefills of preempted requests included) it counts each request's own tokens once.
+
+    arrival, prompt, output, first, done: per request (ServeSim: wl.t, wl.prompt, wl.output,
+    sh.first, sh.done; NaN where not reached).
+    """
+    a = np.asarray(arrival, dtype=float)
+    arrays = {"prompt": prompt, "output": output, "first": first, "done": done}
+    arrays = {k: np.asarray(x, dtype=float) for k, x in arrays.items()}
+    for k, x in arrays.items():
+        if x.shape != a.shape:
+            raise ValueError(f"windowed: field '{k}': {x.shape} entries for {a.shape} arrivals")
+    p, o, f, dn = arrays["prompt"], arrays["output"], arrays["first"], arrays["done"]
+    if not (math.isfinite(start_s) and math.isfinite(end_s) and end_s > start_s):
+        raise ValueError(f"windowed: field 'start_s': window [{start_s}, {end_s}) is empty or not finite")
+    inside = a >= start_s
+    started = inside & ~np.isnan(f)
+    ttft = (f - a)[started]
+    fin = inside & ~np.isnan(dn) & (o > 1)
+    tpot = ((dn - f) / np.maximum(o - 1, 1))[fin]
+    width = end_s - start_s
+    with np.errstate(invalid="ignore"):  # NaN compares False: not reached, not counted
+        tok_in = float(p[(f >= start_s) & (f <= end_s)].sum())
+        tok_out = float(o[(dn >= start_s) & (dn <= end_s)].sum())
+    res = {"steady_start_s": float(start_s), "steady_window_s": width,
+           "steady_requests_arrived": int(inside.sum()), "steady_requests_started": int(started.sum()),
+           "steady_requests_finished": int((inside & ~np.isnan(dn)).sum()),
+           "steady_input_tokens_per_s": tok_in / width, "steady_output_tokens_per_s": tok_out / width,
+           "steady_ttft_mean_s": float(ttft.mean()) if len(ttft) else None}
+    res.update({f"steady_ttft_p{q}_s": _pct(ttft, q) for q in PERCENTILES})
+    res["steady_tpot_mean_s"] = float(tpot.mean()) if len(tpot) else None
+    res.update({f"steady_tpot_p{q}_s": _pct(tpot, q) for q in PERCENTILES})
+    return res
+
+
+# ---------------------------------------------------------------- binding resource
+def _role_shares(role: str, r: dict) -> dict:
+    for k in ROLE_FIELDS:
+        if k not in r:
+            raise ValueError(f"binding_resource: field '{role}.{k}': missing")
+        x = r[k]
+        if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)) or not math.isfinite(x) \
+                or x < 0:
+            raise ValueError(f"binding_resource: field '{role}.{k}': must be a finite number >= 0, got {x!r}")
+    total = sum(float(r[k]) for k, _ in BUSY_PARTS) + float(r["idle_s"])
+    out = {name: (float(r[k]) / total if total else 0.0) for k, name in BUSY_PARTS}
+    out["idle"] = float(r["idle_s"]) / total if total else 0.0
+    out["utilization"] = float(r["utilization"])
+    out["kv_utilization"] = float(r["kv_utilization"])
+    out["kv_blocked_share"] = float(r["kv_blocked_steps"]) / r["steps"] if r["steps"] else 0.0
+    return out
+
+
+def binding_resource(role_breakdown: dict) -> tuple[str, dict]:
+    """What limits the deployment, and the shares behind the verdict.
+
+    role_breakdown: per role ("prefill", "decode", "aggregated"), the role's instance time in
+    seconds split as compute_s (compute-bound op time), memory_s (memory-bound op time), comm_s
+    (exposed communication: EP all-to-all, TP all-reduce, KV transfer not hidden by overlap),
+    floor_s (fixed per-step latency: launch / synchronisation floors), idle_s (no step running),
+    plus kv_blocked_steps and steps (steps at which a request waited for KV space, of all steps),
+    kv_utilization (mean occupied share of the KV cache) and utilization (busy share of
+    instances x duration). Shares are of the five times' sum, so they add up to 1 per role.
+
+    The rule, first match wins:
+      1. "KV capacity": some role's KV cache is full (kv_utilization >= 0.95) or blocks
+         admissions (kv_blocked_steps >= 1% of its steps): the batch cannot grow, whatever
+         the step time (of several such roles, the fuller one).
+      2. "offered load": the busiest role (highest utilization) is below 90% busy: every role
+         has idle time, the deployment is not saturated and more load would be served.
+      3. otherwise, on the busiest role, the largest of compute, memory bandwidth, network and
+         latency floor (ties in that order).
+
+    Returns (name, {"role": the role the verdict is about, "reason": one line,
+    "roles": {role: {"compute", "memory bandwidth", "network", "latency floor", "idle" (shares),
+    "utilization", "kv_utilization", "kv_blocked_share"}}}).
+    """
+    if not isinstance(role_breakdown, dict) or not role_breakdown:
+        raise ValueError("binding_resource: field 'roles': need a non-empty dict of role -> time split")
+    roles = {}
+    for role, r in role_breakdown.items():
+        if not isinstance(r, dict):
+            raise ValueError(f"binding_resource: field '{role}': must be a dict, got {type(r).__name__}")
+        roles[role] = _role_shares(role, r)
+    kv = [(max(s["kv_utilization"] / KV_FULL_UTILIZATION, s["kv_blocked_share"] / KV_BLOCKED_SHARE), role)
+          for role, s in roles.items()
+          if s["kv_utilization"] >= KV_FULL_UTILIZATION or s["kv_blocked_share"] >= KV_BLOCKED_SHARE]
+    if kv:
+        role = max(kv, key=lambda x: x[0])[1]  # max keeps the first of equals: dict order
+        s = roles[role]
+        return "KV capacity", {"role": role, "roles": roles, "reason": (
+            f"{role}: KV cache {s['kv_utilization']:.0%} full on average, requests waited for KV space at "
+            f"{s['kv_blocked_share']:.1%} of steps")}
+    role = max(roles, key=lambda k: roles[k]["utilization"])
+    s = roles[role]
+    if s["utilization"] < SATURATED_UTILIZATION:
+        return "offered load", {"role": role, "roles": roles, "reason": (
+            f"the busiest role, {role}, is {s['utilization']:.0%} busy (< {SATURATED_UTILIZATION:.0%}): "
+            "not saturated, more load would be served")}
+    name = max((n for _, n in BUSY_PARTS), key=lambda n: s[n])
+    return name, {"role": role, "roles": roles, "reason": (
+        f"{role} is {s['utilization']:.0%} busy and {name} is the largest share of its time ({s[name]:.0%})")}
+
+
+# ---------------------------------------------------------------- the report
+def _settled(arrival, series, latency, duration_s: float, min_fraction: float) -> SteadyState:
+    """steady_state of a per-request series in arrival order, cut where it stops being fair:
+    near the end only requests quick enough to be done are in it (short outputs for TPOT, which
+    run at a slightly different TPOT; short waits for TTFT), a drift MSER would take for warm-up.
+    The cut is the run's end minus the 99th percentile of the observed latency (arrival to the
+    observation); the position of the truncation point is judged within [0, cut]."""
+    seen = latency[np.isfinite(latency)]
+    cut = duration_s - float(np.percentile(seen, 99)) if len(seen) else duration_s
+    if cut <= 0:  # requests take about as long as the run: nothing is fair, use it all (and fail)
+        cut = duration_s
+    keep = arrival <= cut
+    return steady_state(arrival[keep], series[keep], min_fraction=min_fraction, span=(0.0, cut),
+                        tail_s=duration_s - cut)
+
+
+def steady_metrics(arrival, prompt, output, first, done, duration_s: float, *, roles: dict | None = None,
+                   min_fraction: float = 0.5) -> dict:
+    """Steady-state detection on per-request TTFT and TPOT (in arrival order; both must settle,
+    the later start wins), the windowed figures after it, and (with ``roles``) the binding
+    resource. Keys: steady_state_reached, steady_state_method, steady_state_note, the windowed()
+    keys, and binding_resource / binding_role / binding_reason / binding_shares."""
+    a = np.asarray(arrival, dtype=float)
+    f, dn = np.asarray(first, dtype=float), np.asarray(done, dtype=float)
+    o = np.asarray(output, dtype=float)
+    D = float(duration_s)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpot = np.where(o > 1, (dn - f) / np.maximum(o - 1, 1), np.nan)
+    found = [(name, _settled(a, series, latency, D, min_fraction))
+             for name, series, latency in (("TTFT", f - a, f - a), ("TPOT", tpot, dn - a))]
+    late = max(found, key=lambda x: (not x[1].reached, x[1].start_s))  # a failure first, else the later start
+    st = late[1]
+    res = {"steady_state_reached": all(s.reached for _, s in found), "steady_state_method": st.method,
+           "steady_state_note": f"{late[0]}: {st.note}"}
+    start = min(st.start_s, D * (1 - 1e-9))  # a window even when not reached (flagged)
+    res.update(windowed(a, prompt, o, f, dn, start, D))
+    if roles is not None:
+        name, sh = binding_resource(roles)
+        res.update({"binding_resource": name, "binding_role": sh["role"], "binding_reason": sh["reason"],
+                    "binding_shares": sh["roles"]})
+    return res
+
+
+def _ms(x, digits=1) -> str:
+    return "n/a" if x is None else f"{x * 1e3:,.{digits}f} ms"
+
+
+def format_report(r: dict) -> list[str]:
+    """Lines for `dsref sim serve`'s text output (after the whole-run figures), from a dict with
+    the steady_metrics() keys."""
+    ok = r["steady_state_reached"]
+    lines = [f"  steady     {'reached' if ok else 'NOT reached'} ({r['steady_state_method']}): "
+             f"{r['steady_state_note']}"]
+    pre = "  " if ok else "  (warm-up figures, not steady) "
+    lines.append(f"{pre}after {r['steady_start_s']:,.0f} s: output {r['steady_output_tokens_per_s']:,.0f} tok/s, "
+                 f"input {r['steady_input_tokens_per_s']:,.0f} tok/s; TTFT p50 {_ms(r['steady_ttft_p50_s'])} "
+                 f"p99 {_ms(r['steady_ttft_p99_s'])}; TPOT p50 {_ms(r['steady_tpot_p50_s'], 2)} "
+                 f"p99 {_ms(r['steady_tpot_p99_s'], 2)}")
+    if "binding_resource" in r:
+        lines.append(f"  bound by   {r['binding_resource']}: {r['binding_reason']}")
+        for role, s in r["binding_shares"].items():
+            lines.append(f"    {role:10s} compute {s['compute']:.0%}, memory {s['memory bandwidth']:.0%}, "
+                         f"network {s['network']:.0%}, floor {s['latency floor']:.0%}, idle {s['idle']:.0%}; "
+                         f"KV {s['kv_utilization']:.0%} full, blocked at {s['kv_blocked_share']:.1%} of steps")
+    return lines
