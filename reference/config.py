@@ -6,7 +6,7 @@ simulator's cost model (one source of truth).
 
 Dimension letters used across the project (code, formulas, docs):
     B batch, T tokens (query length), S key length, D hidden_size,
-    H attention heads, K kv heads (dense GQA), L layers, V vocab,
+    H attention heads, K kv heads (GQA), L layers, V vocab,
     E routed experts, k experts per token, F expert / MLP intermediate,
     R kv_lora_rank (latent), Q q_lora_rank, N qk_nope_head_dim,
     P qk_rope_head_dim, A v_head_dim.
@@ -56,10 +56,18 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a DeepSeek-V3/V2-family MoE+MLA model, or a dense GQA model.
+    """Architecture of a DeepSeek-V3/V2-family MoE+MLA model, or a GQA model.
 
-    Field names follow Hugging Face config.json. ``arch="dense"`` describes the
-    Qwen/LLaMA comparison models (used by the simulator only).
+    Field names follow Hugging Face config.json. ``arch`` names the attention family:
+      * "deepseek": MLA (latent KV cache) + DeepSeekMoE (shared experts, grouped routing);
+      * "dense": ordinary (non-latent) GQA/MHA attention, the Qwen/LLaMA models. Its FFN is
+        a SwiGLU MLP, or, when n_routed_experts > 0, a Qwen3-MoE block (softmax router,
+        top-k, optional renormalisation, no shared expert). ``qk_norm`` adds Qwen3's
+        per-head RMSNorm on q and k. "dense" is the attention's name, not the FFN's: a
+        Qwen3-MoE config is arch "dense" with ``is_moe`` True, so every consumer that
+        branches on the attention (KV-cache layout, TP sharding of KV heads) stays right.
+    The JAX model implements "deepseek" only; "dense" models run in the float64 NumPy
+    reference and the simulator.
     """
 
     name: str = field(default="custom", compare=False)
@@ -73,7 +81,7 @@ class ModelConfig:
     moe_layer_freq: int = 1
     num_attention_heads: int = 128
     num_key_value_heads: int = 128
-    head_dim: int | None = None  # dense models only
+    head_dim: int | None = None  # GQA models only (Qwen3: 128, not hidden/heads)
     q_lora_rank: int | None = 1536
     kv_lora_rank: int = 512
     qk_nope_head_dim: int = 128
@@ -95,14 +103,25 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     num_nextn_predict_layers: int = 0
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # dense (Qwen) q/k/v bias
+    attention_bias: bool = False  # dense (Qwen2) q/k/v bias
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on each q and k head, before RoPE
+    # Qwen3-MoE layer placement (HF Qwen3MoeDecoderLayer): layer i is MoE iff i is not in
+    # mlp_only_layers and (i + 1) % decoder_sparse_step == 0. DeepSeek uses
+    # first_k_dense_replace / moe_layer_freq instead.
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
     hidden_act: str = "silu"
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     # ------------------------------------------------------------------ derived
     @property
     def is_moe(self) -> bool:
-        return self.arch == "deepseek" and self.n_routed_experts > 0
+        return self.n_routed_experts > 0
+
+    @property
+    def is_mla(self) -> bool:
+        """Latent attention (DeepSeek MLA); else GQA/MHA with a K/V cache per kv head."""
+        return self.arch == "deepseek"
 
     @property
     def qk_head_dim(self) -> int:
@@ -110,8 +129,11 @@ class ModelConfig:
 
     def is_moe_layer(self, i: int) -> bool:
         """Layer i uses the MoE block (else a dense MLP of intermediate_size)."""
-        return (self.is_moe and i >= self.first_k_dense_replace
-                and i % self.moe_layer_freq == 0)
+        if not self.is_moe:
+            return False
+        if self.arch == "dense":  # Qwen3-MoE rule (transformers Qwen3MoeDecoderLayer)
+            return i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
+        return i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
 
     @property
     def num_moe_layers(self) -> int:
@@ -172,12 +194,20 @@ class ModelConfig:
                 v["rope_type"] = v["type"]
             if f.name == "head_dim" and v is None:
                 continue
+            if f.name == "mlp_only_layers":
+                v = list(v)
             d[f.name] = v
         if self.arch == "deepseek":
             v2 = self.scoring_func == "softmax"
             d.setdefault("model_type", "deepseek_v2" if v2 else "deepseek_v3")
             d.setdefault("architectures", ["DeepseekV2ForCausalLM" if v2 else "DeepseekV3ForCausalLM"])
         else:
+            if self.is_moe:  # Qwen3-MoE names its expert count num_experts
+                d["num_experts"] = self.n_routed_experts
+                d.setdefault("model_type", "qwen3_moe")
+                d.setdefault("architectures", ["Qwen3MoeForCausalLM"])
+            elif self.qk_norm:
+                d.setdefault("model_type", "qwen3")
             d.setdefault("model_type", "qwen2" if self.attention_bias else "llama")
             d["_dsref_arch"] = "dense"
         d["_dsref_name"] = self.name
@@ -223,11 +253,11 @@ _INT_FIELDS = {
     "num_hidden_layers", "first_k_dense_replace", "moe_layer_freq", "num_attention_heads",
     "num_key_value_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
     "v_head_dim", "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "n_group",
-    "topk_group", "max_position_embeddings", "num_nextn_predict_layers",
+    "topk_group", "max_position_embeddings", "num_nextn_predict_layers", "decoder_sparse_step",
 }
 _OPT_INT_FIELDS = {"q_lora_rank", "head_dim"}
 _FLOAT_FIELDS = {"routed_scaling_factor", "rope_theta", "rms_norm_eps"}
-_BOOL_FIELDS = {"norm_topk_prob", "tie_word_embeddings", "attention_bias", "rope_interleave"}
+_BOOL_FIELDS = {"norm_topk_prob", "tie_word_embeddings", "attention_bias", "rope_interleave", "qk_norm"}
 _STR_FIELDS = {"topk_method", "scoring_func", "hidden_act"}
 # Fields without which a DeepSeek model is ambiguous (defaults would silently guess).
 _REQUIRED_DEEPSEEK = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -235,6 +265,10 @@ _REQUIRED_DEEPSEEK = ("vocab_size", "hidden_size", "num_hidden_layers", "num_att
                       "intermediate_size")
 _REQUIRED_DENSE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                    "intermediate_size")
+_REQUIRED_QWEN3_MOE = _REQUIRED_DENSE + ("num_experts", "num_experts_per_tok", "moe_intermediate_size")
+# model_type -> the GQA family. qwen3 / qwen3_moe add per-head q/k RMSNorm.
+_GQA_TYPES = ("qwen2", "llama", "mistral", "qwen3", "qwen3_moe")
+_QK_NORM_TYPES = ("qwen3", "qwen3_moe")
 
 
 def _typed(name: str, v: Any, source: str):
@@ -258,6 +292,12 @@ def _typed(name: str, v: Any, source: str):
         if not isinstance(v, str):
             raise bad("a string")
         return v
+    if name == "mlp_only_layers":
+        if v is None:
+            return ()
+        if not isinstance(v, (list, tuple)) or any(isinstance(x, bool) or not isinstance(x, int) for x in v):
+            raise bad("a list of layer indices")
+        return tuple(v)
     return v
 
 
@@ -303,8 +343,10 @@ def _parse_rope(d: dict[str, Any], source: str) -> tuple[RopeScaling | None, flo
 
 def _from_hf_dict(d: dict[str, Any], source: str, name: str | None) -> ModelConfig:
     mt = str(d.get("model_type", ""))
-    dense = mt in ("qwen2", "llama", "mistral", "qwen3") or d.get("_dsref_arch") == "dense"
-    required = _REQUIRED_DENSE if dense else _REQUIRED_DEEPSEEK
+    dense = mt in _GQA_TYPES or d.get("_dsref_arch") == "dense"
+    # A GQA MoE (Qwen3-MoE) names its experts num_experts; our own files carry both names.
+    gqa_moe = dense and (mt == "qwen3_moe" or bool(d.get("num_experts")))
+    required = (_REQUIRED_QWEN3_MOE if gqa_moe else _REQUIRED_DENSE) if dense else _REQUIRED_DEEPSEEK
     for r in required:
         if r not in d:
             raise ConfigError(f"{source}: required field '{r}' is missing")
@@ -319,7 +361,18 @@ def _from_hf_dict(d: dict[str, Any], source: str, name: str | None) -> ModelConf
         kw["rope_theta"] = _typed("rope_theta", theta, source)
     if dense:
         kw.setdefault("num_key_value_heads", kw["num_attention_heads"])
-        kw.update(n_routed_experts=0, n_shared_experts=0, q_lora_rank=None, first_k_dense_replace=kw["num_hidden_layers"])
+        kw.update(q_lora_rank=None, first_k_dense_replace=kw["num_hidden_layers"])
+        if "qk_norm" not in d:
+            kw["qk_norm"] = mt in _QK_NORM_TYPES
+        if gqa_moe:
+            # Qwen3-MoE routing (transformers Qwen3MoeTopKRouter): softmax over all experts,
+            # plain top-k, renormalised iff norm_topk_prob; no groups, no shared expert, no scale.
+            kw.update(n_routed_experts=_typed("n_routed_experts", d["num_experts"], source),
+                      n_shared_experts=0, scoring_func="softmax", topk_method="greedy", n_group=1,
+                      topk_group=1, routed_scaling_factor=1.0, first_k_dense_replace=0)
+            kw.setdefault("norm_topk_prob", False)  # the transformers Qwen3MoeConfig default
+        else:
+            kw.update(n_routed_experts=0, n_shared_experts=0)
         if "attention_bias" not in d:
             kw["attention_bias"] = mt == "qwen2"
     else:
@@ -335,8 +388,8 @@ def _from_hf_dict(d: dict[str, Any], source: str, name: str | None) -> ModelConf
         for k in ("n_routed_experts", "n_shared_experts"):
             if k in d and d[k] is None:
                 kw[k] = 0
-    kw["extra"] = {k: v for k, v in d.items()
-                   if k not in known and k not in ("rope_parameters", "_dsref_name", "_dsref_arch")}
+    consumed = ("rope_parameters", "_dsref_name", "_dsref_arch") + (("num_experts",) if gqa_moe else ())
+    kw["extra"] = {k: v for k, v in d.items() if k not in known and k not in consumed}
     try:
         cfg = ModelConfig(**kw)
     except TypeError as e:  # pragma: no cover - defensive
@@ -360,9 +413,15 @@ def _validate(c: ModelConfig, source: str) -> None:
     if c.hidden_act != "silu":
         err("hidden_act", f"= {c.hidden_act!r}: only 'silu' is implemented")
     if c.arch == "dense":
-        if c.num_attention_heads % c.num_key_value_heads:
+        if c.num_key_value_heads <= 0 or c.num_attention_heads % c.num_key_value_heads:
             err("num_key_value_heads", f"({c.num_key_value_heads}) must divide num_attention_heads ({c.num_attention_heads})")
+        if c.head_dim is not None and (c.head_dim <= 0 or c.head_dim % 2):
+            err("head_dim", f"must be a positive even number (rotary halves), got {c.head_dim}")
+        if c.is_moe:
+            _validate_gqa_moe(c, err)
         return
+    if c.qk_norm:
+        err("qk_norm", "is a GQA (Qwen3) feature; MLA normalises its latents instead")
     for f in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
         if getattr(c, f) <= 0:
             err(f, f"must be > 0, got {getattr(c, f)}")
@@ -408,3 +467,23 @@ def _validate(c: ModelConfig, source: str) -> None:
             err("rope_scaling.original_max_position_embeddings", "must be > 0")
         if rs.beta_fast <= 0 or rs.beta_slow <= 0:
             err("rope_scaling.beta_fast", "beta_fast and beta_slow must be > 0")
+
+
+def _validate_gqa_moe(c: ModelConfig, err) -> None:
+    """A GQA MoE is Qwen3-MoE: what its router and layer placement can express."""
+    if c.moe_intermediate_size <= 0:
+        err("moe_intermediate_size", "must be > 0")
+    if not 1 <= c.num_experts_per_tok <= c.n_routed_experts:
+        err("num_experts_per_tok", f"= {c.num_experts_per_tok} must be in [1, num_experts={c.n_routed_experts}]")
+    if c.n_shared_experts:
+        err("n_shared_experts", "must be 0 for a GQA MoE (Qwen3-MoE has no shared expert)")
+    if c.scoring_func != "softmax" or c.topk_method != "greedy" or c.n_group != 1:
+        err("scoring_func", "a GQA MoE routes by softmax + plain top-k (scoring_func 'softmax', "
+            "topk_method 'greedy', n_group 1)")
+    if c.routed_scaling_factor != 1.0:
+        err("routed_scaling_factor", "must be 1.0 for a GQA MoE (Qwen3-MoE does not scale its weights)")
+    if c.decoder_sparse_step < 1:
+        err("decoder_sparse_step", f"must be >= 1, got {c.decoder_sparse_step}")
+    bad = [i for i in c.mlp_only_layers if not 0 <= i < c.num_hidden_layers]
+    if bad:
+        err("mlp_only_layers", f"{bad} outside [0, num_hidden_layers={c.num_hidden_layers})")

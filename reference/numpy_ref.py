@@ -2,9 +2,12 @@
 
 Short and literal on purpose: every function follows the equations of the
 DeepSeek-V2 (MLA, arXiv 2405.04434) and DeepSeek-V3 (arXiv 2412.19437) papers,
-and docs/architecture.md points here. Weights are a flat dict with Hugging Face
-names; routed experts are stacked: ``model.layers.{i}.mlp.experts.gate_proj.weight``
-has shape [E, F, D].
+and docs/architecture.md points here. GQA models (arch "dense": Qwen2.5, LLaMA,
+Qwen3 with its per-head q/k RMSNorm, Qwen3-MoE with its softmax top-k router)
+run through ``gqa`` and ``qwen3_gate`` (docs/models.md).
+
+Weights are a flat dict with Hugging Face names; routed experts are stacked:
+``model.layers.{i}.mlp.experts.gate_proj.weight`` has shape [E, F, D].
 
 Shapes use the project's letters: B batch, T tokens, D hidden, H heads,
 N nope dim, P rope dim, A value dim, R kv_lora_rank, E experts, k top-k, F ffn.
@@ -162,13 +165,21 @@ def mla(x, w, cfg: ModelConfig, positions, prefix: str):
 
 
 def gqa(x, w, cfg: ModelConfig, positions, prefix: str):
-    """Grouped-query attention of the dense comparison models (Qwen2.5 / LLaMA-3)."""
+    """Grouped-query attention (Qwen2.5 / LLaMA / Qwen3 / Qwen3-MoE).
+
+    Qwen3 (qk_norm): q and k are RMS-normalised over head_dim, each head on its own
+    with one shared [head_dim] weight, after the projection and *before* RoPE
+    (transformers Qwen3MoeAttention; eps = rms_norm_eps).
+    """
     B, T, _ = x.shape
     H, K, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dense_head_dim
     g = lambda n: w.get(prefix + n)
     q = linear(x, g("q_proj.weight"), g("q_proj.bias")).reshape(B, T, H, hd)
     k = linear(x, g("k_proj.weight"), g("k_proj.bias")).reshape(B, T, K, hd)
     v = linear(x, g("v_proj.weight"), g("v_proj.bias")).reshape(B, T, K, hd)
+    if cfg.qk_norm:
+        q = rms_norm(q, g("q_norm.weight"), cfg.rms_norm_eps)
+        k = rms_norm(k, g("k_norm.weight"), cfg.rms_norm_eps)
     cos, sin = rope_cos_sin(cfg, positions)
     q, k = apply_rope_half(q, cos, sin), apply_rope_half(k, cos, sin)
     k, v = np.repeat(k, H // K, axis=2), np.repeat(v, H // K, axis=2)
@@ -226,6 +237,21 @@ def gate(x, w, cfg: ModelConfig, prefix: str):
     return logits, ids, wts
 
 
+def qwen3_gate(x, w, cfg: ModelConfig, prefix: str):
+    """Qwen3-MoE router (transformers Qwen3MoeTopKRouter): p = softmax(x W_g) over all E
+    experts, the k largest p, divided by their sum iff norm_topk_prob (also for k = 1);
+    no groups, no bias, no scaling. Returns (router_logits, topk_ids, topk_weights)."""
+    k = cfg.num_experts_per_tok
+    logits = linear(x, w[prefix + "gate.weight"])
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    ids = np.argsort(-p, axis=-1, kind="stable")[:, :k]
+    wts = np.take_along_axis(p, ids, axis=-1)
+    if cfg.norm_topk_prob:
+        wts = wts / wts.sum(-1, keepdims=True)
+    return logits, ids, wts
+
+
 def mlp(x, w, prefix: str):
     """SwiGLU MLP: (silu(x W_gate) * x W_up) W_down."""
     return linear(silu(linear(x, w[prefix + "gate_proj.weight"])) * linear(x, w[prefix + "up_proj.weight"]),
@@ -233,10 +259,11 @@ def mlp(x, w, prefix: str):
 
 
 def moe(x, w, cfg: ModelConfig, prefix: str, capture: dict | None = None):
-    """DeepSeekMoE: shared experts (always on) + weighted sum of the k routed experts."""
+    """DeepSeekMoE: shared experts (always on) + weighted sum of the k routed experts.
+    Qwen3-MoE (arch 'dense'): the same sum with its own router and no shared expert."""
     shape = x.shape
     x = x.reshape(-1, shape[-1])
-    logits, ids, wts = gate(x, w, cfg, prefix)
+    logits, ids, wts = (gate if cfg.arch == "deepseek" else qwen3_gate)(x, w, cfg, prefix)
     out = np.zeros_like(x)
     for e in np.unique(ids):
         tok, slot = np.nonzero(ids == e)

@@ -17,7 +17,9 @@ from dsref.reference.config import ModelConfig
 
 
 def attention_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """MLA weights of one layer, in HF layout [out_features, in_features]."""
+    """Attention weights of one layer (MLA, or GQA for arch 'dense'), in HF layout
+    [out_features, in_features]. Qwen3's q_norm / k_norm are one head_dim-wide RMSNorm
+    weight each, shared by all heads (transformers Qwen3MoeAttention)."""
     D, H = c.hidden_size, c.num_attention_heads
     N, P, A, R = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
     s: dict[str, tuple[int, ...]] = {}
@@ -31,6 +33,9 @@ def attention_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
             s["k_proj.bias"] = (K * hd,)
             s["v_proj.bias"] = (K * hd,)
         s["o_proj.weight"] = (D, H * hd)
+        if c.qk_norm:
+            s["q_norm.weight"] = (hd,)
+            s["k_norm.weight"] = (hd,)
         return s
     if c.q_lora_rank is None:
         s["q_proj.weight"] = (H * (N + P), D)
@@ -50,7 +55,12 @@ def mlp_shapes(D: int, F: int) -> dict[str, tuple[int, ...]]:
 
 
 def moe_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Router + stacked routed experts [E, ...] + shared experts (HF names; experts stacked)."""
+    """Router + stacked routed experts [E, ...] + shared experts (HF names; experts stacked).
+
+    Qwen3-MoE uses the same rows: its checkpoint stores each expert separately
+    (mlp.experts.{e}.gate_proj.weight, transformers 5 fuses gate_up_proj in memory);
+    the table stacks them [E, ...] as for DeepSeek, with no correction bias and no
+    shared expert."""
     D, E, F = c.hidden_size, c.n_routed_experts, c.moe_intermediate_size
     s: dict[str, tuple[int, ...]] = {"gate.weight": (E, D)}
     if c.topk_method == "noaux_tc":

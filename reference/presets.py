@@ -3,8 +3,19 @@
 Sources: the config.json of each Hugging Face repository
 (deepseek-ai/DeepSeek-V3, deepseek-ai/DeepSeek-V2, deepseek-ai/DeepSeek-V2-Lite,
 moonshotai/Moonlight-16B-A3B, moonshotai/Kimi-K2-Instruct, Qwen/Qwen2.5-*,
-meta-llama/Llama-3.*). Small presets ("tiny-*", "small-*") exist for tests and
-benchmarks; they exercise the same code paths (groups, YaRN, dense-first-k).
+meta-llama/Llama-3.*, Qwen/Qwen3-30B-A3B, Qwen/Qwen3-235B-A22B, meta-llama/Llama-2-13b-hf).
+Small presets ("tiny-*", "small-*") exist for tests and benchmarks; they exercise
+the same code paths (groups, YaRN, dense-first-k, qk-norm + softmax top-k MoE).
+
+Qwen3-MoE (docs/models.md): Qwen/Qwen3-30B-A3B config.json (transformers 4.51.0):
+hidden 2048, 48 layers, 32 heads, 4 kv heads, head_dim 128, 128 experts, top-8,
+moe_intermediate 768, norm_topk_prob true, decoder_sparse_step 1, mlp_only_layers [],
+vocab 151936, rope_theta 1e6, rms_norm_eps 1e-6, max_position 40960, untied.
+Qwen/Qwen3-235B-A22B: hidden 4096, 94 layers, 64 heads, 4 kv heads, head_dim 128,
+128 experts, top-8, moe_intermediate 1536, intermediate 12288 (unused: no dense
+layer), otherwise as 30B-A3B. Llama-2-13B (meta-llama/Llama-2-13b-hf config.json):
+hidden 5120, 40 layers, 40 heads = 40 kv heads (MHA), intermediate 13824,
+vocab 32000, rope_theta 1e4, rms_norm_eps 1e-5, max_position 4096, untied.
 """
 
 from __future__ import annotations
@@ -33,12 +44,25 @@ def _dense(**kw) -> ModelConfig:
                 rope_scaling=None, tie_word_embeddings=False, num_nextn_predict_layers=0)
     base.update(kw)
     base.setdefault("first_k_dense_replace", base["num_hidden_layers"])
-    return ModelConfig(**base)
+    cfg = ModelConfig(**base)
+    cfg.validate(f"preset {cfg.name}")
+    return cfg
 
 
 def _qwen(**kw):
     return _dense(attention_bias=True, rope_theta=1e6, vocab_size=152064, head_dim=128,
                   num_key_value_heads=8, rms_norm_eps=1e-6, max_position_embeddings=32768, **kw)
+
+
+def _qwen3_moe(**kw):
+    """Qwen3-MoE: GQA with per-head q/k RMSNorm, every layer a 128-expert top-8 MoE."""
+    base = dict(qk_norm=True, attention_bias=False, rope_theta=1e6, vocab_size=151936, head_dim=128,
+                num_key_value_heads=4, rms_norm_eps=1e-6, max_position_embeddings=40960,
+                n_routed_experts=128, num_experts_per_tok=8, norm_topk_prob=True, scoring_func="softmax",
+                topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0,
+                decoder_sparse_step=1, mlp_only_layers=(), first_k_dense_replace=0)
+    base.update(kw)
+    return _dense(**base)
 
 
 def _llama(**kw):
@@ -105,7 +129,24 @@ _PRESETS = {
     "llama-3.1-405b": lambda: _llama(name="llama-3.1-405b", hidden_size=16384,
                                      intermediate_size=53248, num_hidden_layers=126,
                                      num_attention_heads=128),
+    "llama-2-13b": lambda: _llama(name="llama-2-13b", hidden_size=5120, intermediate_size=13824,
+                                  num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
+                                  head_dim=None, vocab_size=32000, rope_theta=10000.0, rms_norm_eps=1e-5,
+                                  max_position_embeddings=4096),
+    # ---- GQA + MoE (Qwen3-MoE): NumPy reference and simulator only
+    "qwen3-30b-a3b": lambda: _qwen3_moe(name="qwen3-30b-a3b", hidden_size=2048, intermediate_size=6144,
+                                        moe_intermediate_size=768, num_hidden_layers=48,
+                                        num_attention_heads=32),
+    "qwen3-235b-a22b": lambda: _qwen3_moe(name="qwen3-235b-a22b", hidden_size=4096,
+                                          intermediate_size=12288, moe_intermediate_size=1536,
+                                          num_hidden_layers=94, num_attention_heads=64),
     # ---- small presets for tests and benchmarks (same code paths as the real ones)
+    # Qwen3-MoE in miniature: head_dim != hidden/heads, GQA 2:1, 16 experts top-4.
+    "tiny-qwen3-moe": lambda: _qwen3_moe(
+        name="tiny-qwen3-moe", vocab_size=256, hidden_size=64, intermediate_size=96,
+        moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=24, n_routed_experts=16, num_experts_per_tok=4, rope_theta=10000.0,
+        max_position_embeddings=128),
     "tiny-v3": lambda: _v3(
         name="tiny-v3", vocab_size=256, hidden_size=64, intermediate_size=96,
         moe_intermediate_size=32, num_hidden_layers=3, first_k_dense_replace=1,
