@@ -31,6 +31,18 @@ Chunk times (sim.stepcost over costmodel.training_ops, per device)
     AdamW on the rank's optimizer shard (the costmodel's adamw op per parameter),
     parameter all-gather. dp_overlap starts the reduce-scatter at the start of the
     rank's last backward chunk instead of after it.
+
+Kernel mechanisms the FLOP counts miss (each a time multiplier on one class of ops, from a
+cited kernel benchmark; ``TrainSim(mechanisms=...)`` switches them off for attribution):
+  * attention_backward: FlashAttention's backward runs 5 matmuls per tile where the forward
+    runs 2 (it recomputes the scores), i.e. 2.5x the forward FLOPs, not the cost model's 2x,
+    and at a lower rate than the forward (FA3 paper: 542 vs 638 TFLOP/s at seq 4K, head dim 128).
+  * wgrad_gemm: FP8 weight-gradient GEMMs (reduction over tokens, transposed operands) run
+    below the forward GEMM's rate at the same shapes (DeepGEMM's PR #95 wgrad tables vs its
+    PR #74 forward tables, H800). Applied to FP8 GEMMs only (the tables are FP8).
+Attribution (``attribute(sc)``): the critical rank's step time split into compute by op kind,
+recomputation, the SMs held by the all-to-all, exposed all-to-all, pipeline idle, DP tail;
+and the step time with each mechanism switched off.
 """
 
 from __future__ import annotations
@@ -53,6 +65,46 @@ SECONDS_PER_DAY = 86400.0
 SECONDS_PER_HOUR = 3600.0
 UP_PROJECTIONS = ("q_b_proj", "kv_b_expand")  # MLA up-projections (naive/training form), DeepSeek-V3 sec. 3.2.3
 DEFAULT_MFU_PRECISION = "bf16"
+
+# ------------------------------------------------------------ kernel mechanisms (sources inline)
+# FlashAttention backward FLOPs / forward FLOPs as the kernels execute them (QK^T recomputed, dP, dV,
+# dQ, dK: 5 products vs 2): Dao-AILab/flash-attention benchmarks/benchmark_flash_attention.py,
+# flops(): bwd = 2.5 x fwd (the convention of every FA paper's backward TFLOP/s). Confidence: high.
+FA_BWD_FLOPS_RATIO = 2.5
+# FlashAttention-3 (Shah et al. 2024, arXiv 2407.08608), BF16 on H100 SXM5, head dim 128, seq 4K
+# (bar labels of the figures "Attention forward speed, head dim 128" and "Attention backward speed,
+# head dim 128"): forward 638, backward 542 TFLOP/s. H800 has the H100's SMs. MLA's training
+# attention has d_qk 192 / d_v 128 (DeepSeek's kernels are not public): head dim 128 is the
+# nearest published point. Confidence: medium.
+FA3_FWD_TFLOPS, FA3_BWD_TFLOPS = 638.0, 542.0
+# Backward attention time / the cost model's (2x forward FLOPs at the forward's rate).
+ATTN_BWD_TIME_RATIO = FA_BWD_FLOPS_RATIO / costmodel.BACKWARD_FLOPS_RATIO * FA3_FWD_TFLOPS / FA3_BWD_TFLOPS
+# DeepGEMM FP8 (fine-grained scaling, CUDA-core promotion every 128 elements) on H800, TFLOP/s at
+# DeepSeek-V3 shapes, the same forward/wgrad shape pairs (weight [N, K] <-> wgrad output [K, N]):
+#   forward: deepseek-ai/DeepGEMM PR #74 (Mar 2025) 'Opti' column, dense M = 4096 rows,
+#            grouped-contiguous 4 groups x 8192 rows;
+#   wgrad:   deepseek-ai/DeepGEMM PR #95 (May 2025) tables, reduction over 4096 tokens (dense) and
+#            8192 tokens per expert (k-grouped, 4 groups; the PR #95 figures as quoted in issue #107).
+# The ratio of equal-FLOP times is what is applied (the catalog's gpu.gemm sets the forward rate).
+# Confidence: medium (PR #95 says its kernels are ~20% faster than DeepSeek's internal CUTLASS
+# wgrad, so V3's own training wgrad may have been slower still; not used).
+DEEPGEMM_FWD_DENSE = {(24576, 1536): 1166.0, (32768, 512): 748.0, (7168, 16384): 1470.0, (7168, 2048): 1204.0}
+DEEPGEMM_WGRAD_DENSE = {(24576, 1536): 986.0, (32768, 512): 878.0, (7168, 16384): 994.0, (7168, 2048): 920.0}
+DEEPGEMM_FWD_GROUPED = {(4096, 7168): 1381.0, (7168, 2048): 1262.0}
+DEEPGEMM_WGRAD_GROUPED = {(4096, 7168): 1044.0, (7168, 2048): 1033.0}
+
+
+def equal_flop_time_ratio(slow: dict, fast: dict) -> float:
+    """Time of equal-FLOP GEMMs at the ``slow`` rates / at the ``fast`` rates (same shape keys)."""
+    if set(slow) != set(fast):
+        raise ValueError("kernel tables must cover the same shapes")
+    return sum(1.0 / slow[k] for k in slow) / sum(1.0 / fast[k] for k in fast)
+
+
+WGRAD_TIME_RATIO = {"gemm": equal_flop_time_ratio(DEEPGEMM_WGRAD_DENSE, DEEPGEMM_FWD_DENSE),
+                    "moe_gemm": equal_flop_time_ratio(DEEPGEMM_WGRAD_GROUPED, DEEPGEMM_FWD_GROUPED)}
+MECHANISMS = ("attention_backward", "wgrad_gemm")
+PHASES = ("F", "B", "R", "W")  # forward, backward input-gradient, recomputation, weight gradient
 
 
 # --------------------------------------------------------------- schedules
@@ -185,6 +237,19 @@ def balanced_ranges(costs, pp: int) -> list[tuple[int, int]]:
     return out[::-1]
 
 
+_TABLES: dict = {}
+
+
+def _table(cfg, quant, device) -> OpTable:
+    """The training OpTable of (model, quantisation, device), built once per process (a few hundred
+    ms; attribution builds several simulators of the same scenario)."""
+    key = (cfg, quant, repr(device))  # Device holds dicts (unhashable); its repr lists every field
+    hit = _TABLES.get(key)
+    if hit is None:
+        hit = _TABLES[key] = OpTable.build(cfg, quant, device, mla_form="naive", logits="all", training=True)
+    return hit
+
+
 def stage_ranges(L: int, pp: int) -> list[tuple[int, int]]:
     """Contiguous layer ranges, as even as possible (the first stages take the remainder)."""
     base, rem = divmod(L, pp)
@@ -200,13 +265,18 @@ class TrainSim:
     """One training step of a scenario; ``run()`` returns the metrics dict."""
 
     def __init__(self, sc: Scenario | Deployment, *, record: bool = False, fixed: StageTimes | None = None,
-                 p2p_s: float = 0.0):
+                 p2p_s: float = 0.0, mechanisms: tuple[str, ...] | None = None):
         """fixed: the same chunk times on every stage, with sends of ``p2p_s`` and no DP traffic,
-        replacing the cost model (tests of the schedules' closed forms)."""
+        replacing the cost model (tests of the schedules' closed forms). mechanisms: the kernel
+        mechanisms applied (default: all of MECHANISMS; () gives the plain cost-model chunk times)."""
         dep = sc if isinstance(sc, Deployment) else resolve(sc)
         sc = dep.sc
         if sc.kind != "train":
             raise ScenarioError(f"{sc.source}: field 'kind': expected a train scenario, got {sc.kind!r}")
+        self.mechanisms = MECHANISMS if mechanisms is None else tuple(mechanisms)
+        bad = sorted(set(self.mechanisms) - set(MECHANISMS))
+        if bad:
+            raise ValueError(f"unknown training mechanism(s) {bad}; known: {list(MECHANISMS)}")
         self.sc, self.record, self.fixed = sc, record, fixed
         d = sc
         self.cfg, self.quant, self.node, self.device = dep.cfg, dep.quant, dep.node, dep.device
@@ -217,6 +287,7 @@ class TrainSim:
         self.tokens_mb = self.seq * self.mbs
         self.lat = dep.latency_s
         self.ranges = stage_ranges(self.cfg.num_hidden_layers, self.par.pp)
+        self.parts: list[dict] | None = None  # per stage: {phase: {op kind: seconds per micro-batch}}
         if fixed is not None:
             self.p2p_s = p2p_s
             self.stages = [fixed] * self.par.pp
@@ -224,10 +295,13 @@ class TrainSim:
             self.stages = self._stage_times()
 
     # ---------------------------------------------------------- chunk costs
-    def _stage_times(self) -> list[StageTimes]:
-        cfg, dev = self.cfg, self.device
-        table = OpTable.build(cfg, self.quant, dev, mla_form="naive", logits="all", training=True)
-        phase = np.array(table.phase)
+    def _phase_rows(self, table: OpTable) -> dict:
+        """Per phase: (op mask, per-op FLOP/byte multiplier) over the table's ops.
+
+        B = the input-gradient half of every weight op + the whole backward of ops without weights;
+        W = the weight-gradient half; R = the forward ops recomputed in the backward."""
+        cfg = self.cfg
+        phase, kinds = np.array(table.phase), np.array(table.kinds)
         fwd, bwd = phase == "fwd", phase == "bwd"
         wgt = table.has_weight_grad
         half = 1.0 / costmodel.BACKWARD_FLOPS_RATIO
@@ -238,59 +312,99 @@ class TrainSim:
             recomp = fwd & (table.layer >= 0) & (table.layer < cfg.num_hidden_layers)
         else:
             names = np.array(table.names)
-            recomp = fwd & ((np.array(table.kinds) == "norm") | np.isin(names, UP_PROJECTIONS))
-        par = self.par
+            recomp = fwd & ((kinds == "norm") | np.isin(names, UP_PROJECTIONS))
+        b_scale = np.where(bwd & wgt, half, 1.0)
+        w_scale = np.full(len(phase), half)
+        if "attention_backward" in self.mechanisms:
+            b_scale = np.where(bwd & (kinds == "attention"), b_scale * ATTN_BWD_TIME_RATIO, b_scale)
+        if "wgrad_gemm" in self.mechanisms and self.quant.gemm_precision == "fp8":
+            for kind, ratio in WGRAD_TIME_RATIO.items():
+                w_scale = np.where(kinds == kind, w_scale * ratio, w_scale)
+        one = np.ones(len(phase))
+        return {"F": (fwd, one), "B": (bwd, b_scale), "R": (recomp, one), "W": (bwd & wgt, w_scale)}
+
+    def _stage_times(self) -> list[StageTimes]:
+        cfg, dev = self.cfg, self.device
+        table = _table(cfg, self.quant, dev)
+        rows = self._phase_rows(table)
+        kinds = np.array(table.kinds)
+        kind_names = sorted(set(table.kinds))
         x = uniform(self.mbs, self.seq, 0)  # one micro-batch, no prefix
         kw = dict(mla_form="naive", logits="all", node=self.node, latency_s=self.lat, table=table)
         L = cfg.num_hidden_layers
 
-        mtp = self._mtp_times(table, x, kw) if self.sc.mtp else None  # once: the balanced split needs it too
+        memo: dict = {}
 
-        def times(lo, hi):
-            f = StepCost(cfg, self.quant, dev, par, layers=(lo, hi), rows=fwd, **kw)
-            b_scale = np.where(bwd & wgt, half, 1.0)
-            b = StepCost(cfg, self.quant, dev, par, layers=(lo, hi), rows=bwd, scale=b_scale, **kw)
-            w = StepCost(cfg, self.quant, dev, par, layers=(lo, hi), rows=bwd & wgt, scale=np.full(len(phase), half),
-                         **kw)
-            r = StepCost(cfg, self.quant, dev, par, layers=(lo, hi), rows=recomp, **kw)
-            f_c = f.replica_compute_s(x)
-            b_c = b.replica_compute_s(x) + r.replica_compute_s(x)
-            w_c = w.replica_compute_s(x)
-            comm = f.comm_s(x.tokens)
-            if mtp is not None and hi == L:
-                f_c, b_c, w_c, comm = (v + e for v, e in zip((f_c, b_c, w_c, comm), mtp))
-            return StageTimes(f_c, comm, b_c, comm, w_c)
+        def cost(lo, hi, ph, kind=None):
+            # every dense layer has the same ops, and so has every MoE layer (costmodel.forward_ops
+            # builds them from one shape): a range's cost depends only on how many of each it holds
+            # and on whether it holds the embedding / the head
+            n_moe = sum(cfg.is_moe_layer(i) for i in range(lo, hi))
+            key = (hi - lo - n_moe, n_moe, lo == 0, hi == L, ph, kind)
+            if key not in memo:
+                memo[key] = _cost(lo, hi, ph, kind)
+            return memo[key]
+
+        def _cost(lo, hi, ph, kind):
+            mask, scale = rows[ph]
+            if kind is not None:
+                mask = mask & (kinds == kind)
+                if not mask.any():
+                    return 0.0
+            return StepCost(cfg, self.quant, dev, self.par, layers=(lo, hi), rows=mask, scale=scale,
+                            **kw).replica_compute_s(x)
+
+        def parts(lo, hi) -> dict:
+            """{phase: {op kind: seconds}} of layers [lo, hi) (embedding with 0, head with L)."""
+            out = {ph: {k: v for k in kind_names if (v := cost(lo, hi, ph, k))} for ph in PHASES}
+            if self.sc.mtp and hi == L:
+                # each MTP depth: one more decoder layer + the shared output head on every token (TR
+                # sec. 2.2), costed as the last layer + head; its eh_proj (2D x D per token, ~8% of the
+                # module's FLOPs for V3) and two RMSNorms are not counted
+                depth = cfg.num_nextn_predict_layers
+                for ph in PHASES:
+                    out[ph]["mtp"] = depth * cost(L - 1, L, ph)
+            return out
+
+        def comm(lo, hi) -> float:
+            sc_ = StepCost(cfg, self.quant, dev, self.par, layers=(lo, hi), rows=rows["F"][0], **kw)
+            c = sc_.comm_s(x.tokens)
+            if self.sc.mtp and hi == L:
+                c += cfg.num_nextn_predict_layers * StepCost(cfg, self.quant, dev, self.par, layers=(L - 1, L),
+                                                             rows=rows["F"][0], **kw).comm_s(x.tokens)
+            return c
 
         if self.sc.stage_split == "balanced":
             # stage costs are sums over their layers (embedding with layer 0, head and MTP with layer L-1)
-            costs = [t.f_c + t.b_c + t.w_c for t in (times(i, i + 1) for i in range(L))]
+            costs = []
+            for i in range(L):
+                c = sum(cost(i, i + 1, ph) for ph in PHASES)
+                if self.sc.mtp and i == L - 1:
+                    c *= 1 + cfg.num_nextn_predict_layers
+                costs.append(c)
             self.ranges = balanced_ranges(costs, self.par.pp)
-        out = [times(lo, hi) for lo, hi in self.ranges]
+        cache: dict = {}
+        self.parts = []
+        out = []
+        for lo, hi in self.ranges:
+            key = (int(lo), int(hi))
+            if key not in cache:
+                p = parts(*key)
+                t = {ph: sum(p[ph].values()) for ph in PHASES}
+                m = comm(*key)
+                cache[key] = (p, StageTimes(t["F"], m, t["B"] + t["R"], m, t["W"]))
+            self.parts.append(cache[key][0])
+            out.append(cache[key][1])
         ops = pp_comm(cfg, self.tokens_mb, 1, self.par.pp, self.quant.act_bytes)
         self.p2p_s = sum(roofline.comm_time(c, dev, node=self.node, latency_s=self.lat) for c in ops)
         self.params = [stage_params(cfg, lo, hi, lo == 0, hi == L, self.sc.mtp) for lo, hi in self.ranges]
+        # busiest EP rank's routed rows / the mean, as sim.stepcost charges them (1.0 where that
+        # version of the step cost assumes perfectly balanced experts)
+        probe = StepCost(cfg, self.quant, dev, self.par, layers=(0, L), rows=rows["F"][0], **kw)
+        ep_tokens = x.tokens * self.par.ep
+        self.ep_load_factor = (probe.rank_tokens(ep_tokens) * self.par.ep / ep_tokens
+                               if hasattr(probe, "rank_tokens") and self.par.ep > 1 else 1.0)
         return out
-
-    def _mtp_times(self, table: OpTable, x: StepFeatures, kw: dict) -> tuple[float, float, float, float]:
-        """(F, B, W compute, EP comm) of the MTP module(s) on the last stage, per micro-batch.
-
-        Each MTP depth is one more transformer layer plus the shared output head on every
-        token (tech report sec. 2.2), costed as the model's last layer + head; its eh_proj
-        (2D x D per token, ~8% of the module's FLOPs for V3) and two RMSNorms are not counted.
-        """
-        cfg, par = self.cfg, self.par
-        L, depth = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
-        phase = np.array(table.phase)
-        fwd, bwd = phase == "fwd", phase == "bwd"
-        half = 1.0 / costmodel.BACKWARD_FLOPS_RATIO
-        last = (L - 1, L)
-        f = StepCost(cfg, self.quant, self.device, par, layers=last, rows=fwd, **kw)
-        b = StepCost(cfg, self.quant, self.device, par, layers=last, rows=bwd,
-                     scale=np.where(bwd & table.has_weight_grad, half, 1.0), **kw)
-        w = StepCost(cfg, self.quant, self.device, par, layers=last, rows=bwd & table.has_weight_grad,
-                     scale=np.full(len(phase), half), **kw)
-        return (depth * f.replica_compute_s(x), depth * b.replica_compute_s(x),
-                depth * w.replica_compute_s(x), depth * f.comm_s(x.tokens))
 
     def _compute_share(self) -> float:
         """Share of the device's cores left to compute while EP communication kernels run
@@ -299,6 +413,10 @@ class TrainSim:
         return 1.0 if not rc else (self.device.cores - rc) / self.device.cores
 
     def _chunk(self, rank: int, task) -> float:
+        return self._chunk_split(rank, task)[0]
+
+    def _chunk_split(self, rank: int, task) -> tuple[float, list, float, float, bool]:
+        """(seconds, [(stage, phases)] computed, compute c, all-to-all m, overlapped) of one chunk."""
         st = self.stages
         ov = self.sc.ep_overlap
         dual = self.sc.schedule == "dualpipe"
@@ -307,19 +425,23 @@ class TrainSim:
             return rank if p == 0 else self.par.pp - 1 - rank
         kind = task[0]
         if kind == "FB":
-            a, b = st[stage(task[1][0])], st[stage(task[2][0])]
+            sa, sb = stage(task[1][0]), stage(task[2][0])
+            a, b = st[sa], st[sb]
             c, m = a.f_c + b.b_c + b.w_c, a.f_m + b.b_m
-            return max(c / self._compute_share(), m) if ov else c + m
-        s = st[stage(task[1])]
+            work = [(sa, ("F",)), (sb, ("B", "R", "W"))]
+            return (max(c / self._compute_share(), m) if ov else c + m), work, c, m, ov
+        si = stage(task[1])
+        s = st[si]
         if kind == "F":
-            c, m = s.f_c, s.f_m
+            c, m, ph = s.f_c, s.f_m, ("F",)
         elif kind == "B":
-            c, m = s.b_c, s.b_m
+            c, m, ph = s.b_c, s.b_m, ("B", "R")
         elif kind == "BW":
-            c, m = s.b_c + s.w_c, s.b_m
+            c, m, ph = s.b_c + s.w_c, s.b_m, ("B", "R", "W")
         else:
-            return s.w_c
-        return max(c / self._compute_share(), m) if (ov and not dual) else c + m
+            return s.w_c, [(si, ("W",))], s.w_c, 0.0, False
+        hide = ov and not dual
+        return (max(c / self._compute_share(), m) if hide else c + m), [(si, ph)], c, m, hide
 
     def _dp_tail(self, rank: int) -> dict:
         """ZeRO-1 reduce-scatter, AdamW on the shard, all-gather for this rank's parameters."""
@@ -353,6 +475,9 @@ class TrainSim:
         busy = [0.0] * pp
         last_bwd_start = [0.0] * pp
         end = [0.0] * pp
+        # per rank: micro-batch chunks run per (stage, phase), and how each chunk's all-to-all went
+        acct = [{"work": {}, "sm_reserved_s": 0.0, "ep_comm_exposed_s": 0.0, "ep_comm_hidden_s": 0.0}
+                for _ in range(pp)]
 
         def ev(key):
             e = done.get(key)
@@ -386,7 +511,16 @@ class TrainSim:
                         t_ready = e.value + delay
                         if t_ready > env.now:
                             yield env.timeout(t_ready - env.now)
-                dt = self._chunk(rank, task)
+                dt, work, c, m_s, hidden = self._chunk_split(rank, task)
+                a = acct[rank]
+                for st_i, phs in work:
+                    for ph in phs:
+                        a["work"][(st_i, ph)] = a["work"].get((st_i, ph), 0) + 1
+                # overlapped: compute stretched to c / share (the SMs the all-to-all holds), the
+                # all-to-all exposed where it outlasts that; not overlapped: c + m
+                a["sm_reserved_s"] += (dt - c - max(0.0, dt - c / self._compute_share())) if hidden else 0.0
+                a["ep_comm_exposed_s"] += max(0.0, dt - c / self._compute_share()) if hidden else dt - c
+                a["ep_comm_hidden_s"] += m_s - (max(0.0, dt - c / self._compute_share()) if hidden else dt - c)
                 start = env.now
                 if task[0] != "F":
                     last_bwd_start[rank] = start
@@ -413,7 +547,7 @@ class TrainSim:
             rs_start = last_bwd_start[r] if self.sc.dp_overlap else end[r]
             rs_end = max(end[r], rs_start + t["reduce_scatter_s"])
             fin = rs_end + t["optimizer_s"] + t["all_gather_s"]
-            tails.append(dict(t, exposed_s=fin - end[r], finish_s=fin))
+            tails.append(dict(t, exposed_s=fin - end[r], finish_s=fin, reduce_scatter_exposed_s=rs_end - end[r]))
             step = max(step, fin)
             if self.record:
                 for sp in ((r, "dp reduce-scatter", rs_start, t["reduce_scatter_s"], "dp comm"),
@@ -423,9 +557,52 @@ class TrainSim:
                         spans.append(sp)
         bubble = 1.0 - sum(busy) / (pp * span) if span > 0 else 0.0
         self.spans = spans
-        return self._metrics(step, span, bubble, busy, tails, events, time.perf_counter() - wall0)
+        crit = max(range(pp), key=lambda r: tails[r]["finish_s"])
+        att = self._attribution(crit, acct[crit], busy[crit], end[crit], tails[crit])
+        return self._metrics(step, span, bubble, busy, tails, events, time.perf_counter() - wall0, att)
 
-    def _metrics(self, step, span, bubble, busy, tails, events, wall) -> dict:
+    def _attribution(self, rank: int, acct: dict, busy: float, end: float, tail: dict) -> dict:
+        """The step time of ``rank`` (the one that finishes last) split into what it spent it on;
+        the entries add up to its finish time (= the step time)."""
+        kinds: dict = {}
+        for (st_i, ph), n in acct["work"].items():
+            if self.parts is None:  # fixed chunk times: phases only
+                v = {"F": self.stages[st_i].f_c, "B": self.stages[st_i].b_c, "W": self.stages[st_i].w_c,
+                     "R": 0.0}[ph]
+                items = {f"phase_{ph}": v}.items()
+            else:
+                items = self.parts[st_i][ph].items()
+            for k, v in items:
+                key = "recompute" if ph == "R" else k
+                kinds[key] = kinds.get(key, 0.0) + n * v
+        compute = sum(kinds.values())
+        out = {"rank": rank,
+               "compute_by_kind_s": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+               "compute_s": compute,
+               "sm_reserved_for_ep_s": acct["sm_reserved_s"],
+               "ep_comm_exposed_s": acct["ep_comm_exposed_s"],
+               "ep_comm_hidden_s": acct["ep_comm_hidden_s"],
+               "pipeline_idle_s": end - busy,
+               "dp_reduce_scatter_exposed_s": tail.get("reduce_scatter_exposed_s", 0.0),
+               "optimizer_s": tail["optimizer_s"], "dp_all_gather_s": tail["all_gather_s"]}
+        out["total_s"] = (compute + out["sm_reserved_for_ep_s"] + out["ep_comm_exposed_s"] + out["pipeline_idle_s"]
+                          + out["dp_reduce_scatter_exposed_s"] + out["optimizer_s"] + out["dp_all_gather_s"])
+        return out
+
+    def dualpipe_bubble_formula_s(self) -> float | None:
+        """DeepSeek-V3 TR sec. 3.2.1 (Table 2): DualPipe's bubble per rank (PP/2 - 1)(F&B + B - 3W),
+        with this simulator's chunk times of a middle rank (F&B: an overlapped pair; B: a lone
+        input-gradient chunk with its all-to-all; W: a weight-gradient chunk). None for 1F1B."""
+        pp = self.par.pp
+        if self.sc.schedule != "dualpipe":
+            return None
+        r = pp // 2 - 1
+        fb = self._chunk(r, ("FB", (0, 0), (1, 0)))
+        b = self._chunk(r, ("B", 1, 0))
+        w = self._chunk(r, ("W", 1, 0))
+        return (pp / 2 - 1) * (fb + b - 3 * w)
+
+    def _metrics(self, step, span, bubble, busy, tails, events, wall, att) -> dict:
         sc, cfg, dev = self.sc, self.cfg, self.device
         tokens = sc.global_batch * self.seq
         flops_tok = costmodel.training_flops_per_token(cfg, self.seq, recompute="none")
@@ -461,6 +638,15 @@ class TrainSim:
                 "p2p_send_s": self.p2p_s, "rank_busy_s": busy,
                 "dp_tail_s": tails, "recompute": sc.recompute, "ep_overlap": sc.ep_overlap,
                 "dp_overlap": sc.dp_overlap,
+                "stage_layers": [[int(lo), int(hi)] for lo, hi in self.ranges],
+                "stage_compute_by_kind_s": self.parts,
+                "step_attribution": att,
+                "dualpipe_bubble_formula_s": self.dualpipe_bubble_formula_s() if self.fixed is None else None,
+                "ep_busiest_rank_load_factor": getattr(self, "ep_load_factor", 1.0),
+                "mechanisms": list(self.mechanisms),
+                "mechanism_multipliers": {"attention_backward_time": ATTN_BWD_TIME_RATIO,
+                                          "wgrad_time_dense_fp8": WGRAD_TIME_RATIO["gemm"],
+                                          "wgrad_time_grouped_fp8": WGRAD_TIME_RATIO["moe_gemm"]},
             },
             "events": events, "sim_wall_s": wall,
         }
@@ -474,3 +660,20 @@ def _label(task) -> str:
 
 def simulate(sc: Scenario, **kw) -> dict:
     return TrainSim(sc, **kw).run()
+
+
+def mechanism_effects(sc: Scenario, base: dict | None = None) -> dict:
+    """Step time with every kernel mechanism, without each one in turn, and without any (the plain
+    cost model): what each mechanism adds to the step (its removal's saving; they interact only
+    through max() in the overlapped chunks and the pipeline, so the parts need not add up exactly)."""
+    base = base if base is not None else simulate(sc)
+    t0 = base["step_time_s"]
+    out = {"step_time_s": t0, "added_s": {}, "added_fraction": {}}
+    for name in MECHANISMS:
+        t = simulate(sc, mechanisms=tuple(n for n in MECHANISMS if n != name))["step_time_s"]
+        out["added_s"][name] = t0 - t
+        out["added_fraction"][name] = (t0 - t) / t
+    plain = simulate(sc, mechanisms=())["step_time_s"]
+    out["plain_cost_model_step_time_s"] = plain
+    out["all_added_fraction"] = (t0 - plain) / plain
+    return out
