@@ -60,6 +60,10 @@ SOFTMAX_FLOPS_PER_ELEM = 6   # scale, (nope+pe) add, max-reduce, subtract, sum-r
 SILU_MUL_FLOPS_PER_ELEM = 5  # x*sigmoid(x) (negate, add, divide, multiply) * up
 RESIDUAL_FLOPS_PER_ELEM = 1
 ROUTER_FLOPS_PER_SCORE = 4   # scoring function, bias add, group masking, normalisation
+# Qwen3-MoE router (reference/numpy_ref.py qwen3_gate): softmax over all E logits -- max-reduce,
+# subtract, sum-reduce, divide (exp is a transcendental) -- then top-k; renormalising k weights
+# is O(k), not O(E), and is left out.
+ROUTER_SOFTMAX_FLOPS_PER_SCORE = 4
 COMBINE_FLOPS_PER_ELEM = 2   # weight * expert output, scatter-add into the token
 
 BACKWARD_FLOPS_RATIO = 2     # dgrad + wgrad per forward product (Kaplan et al. 2020)
@@ -238,6 +242,9 @@ def _gqa_ops(cfg: ModelConfig, quant: Quant, w: dict[str, float], i: int, sh: St
     if cfg.attention_bias:
         ops.append(_elem("qkv_bias", i, M * (H + 2 * K) * hd, RESIDUAL_FLOPS_PER_ELEM, ab, wbytes=sum(
             w[f"self_attn.{p}_proj.bias"] for p in "qkv")))
+    if cfg.qk_norm:  # Qwen3: RMSNorm of every q and k head over head_dim, before RoPE
+        ops.append(_elem("qk_norm", i, M * (H + K) * hd, RMSNORM_FLOPS_PER_ELEM, ab, "norm",
+                         w["self_attn.q_norm.weight"] + w["self_attn.k_norm.weight"]))
     ops.append(_elem("rope", i, M * (H + K) * hd, ROPE_FLOPS_PER_ELEM, ab))
     S, Se = sh.keys, sh.keys_per_query
     scores = M * H * Se
@@ -287,12 +294,16 @@ def _expected_windows(n: int, probs: tuple[float, ...], window: int) -> float:
 
 
 def _moe_ops(cfg: ModelConfig, quant: Quant, weights: _Weights, i: int, M: int, shares) -> list[Op]:
+    """Router + routed experts (+ shared experts). DeepSeekMoE and Qwen3-MoE (arch 'dense')
+    differ only in the router's scoring and in having shared experts: the routed experts are
+    the same ops, so sim/stepcost.py's EP model (ROUTED_EXPERT rows) applies to both."""
     D, E, k, F = cfg.hidden_size, cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
     ab, gp = quant.act_bytes, quant.gemm_precision
     w = weights.layer(i)
     router_w = weights.group(i, ROUTER)
+    per_score = ROUTER_FLOPS_PER_SCORE if cfg.is_mla else ROUTER_SOFTMAX_FLOPS_PER_SCORE
     ops = [_gemm("router", i, M, D, E, router_w, ab, "fp32", "router"),
-           _elem("router_scores", i, M * E, ROUTER_FLOPS_PER_SCORE, 4)]
+           _elem("router_scores", i, M * E, per_score, 4)]
     touched = moe_stats.expected_distinct(shares, E, k, M)
     per_expert = weights.group(i, ROUTED_EXPERT) / E
     rows = M * k
