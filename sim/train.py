@@ -103,7 +103,50 @@ def equal_flop_time_ratio(slow: dict, fast: dict) -> float:
 
 WGRAD_TIME_RATIO = {"gemm": equal_flop_time_ratio(DEEPGEMM_WGRAD_DENSE, DEEPGEMM_FWD_DENSE),
                     "moe_gemm": equal_flop_time_ratio(DEEPGEMM_WGRAD_GROUPED, DEEPGEMM_FWD_GROUPED)}
-MECHANISMS = ("attention_backward", "wgrad_gemm")
+# FP8 casts around the GEMMs (TR sec. 3.5.2, "Support for ... FP8 cast" / "Transposed GEMM
+# Operations"): "we need to read 128 BF16 activation values ... from HBM for quantization, and the
+# quantized FP8 values are then written back to HBM, only to be read again for MMA"; "activations
+# during the forward pass are quantized into 1x128 FP8 tiles and stored. During the backward pass,
+# the matrix needs to be read out, dequantized, transposed, re-quantized into 128x1 tiles, and
+# stored in HBM". Bytes moved per element (fp32 scale per 128 elements, TR sec. 3.3):
+#   forward, each FP8 GEMM input: read BF16 + write FP8 + scale;
+#   backward, each FP8 GEMM's output gradient (Dgrad's FP8 input): read BF16, write FP8 in both
+#     tile layouts (1x128 for Dgrad, 128x1 for Wgrad) -- an assumption: one pass, two outputs;
+#   backward, each cached FP8 input (Wgrad's other operand): read FP8 + write FP8 transposed.
+# Memory-bound passes at the catalog's memory efficiency. Confidence: medium-low (which casts
+# DeepSeek fused into neighbouring kernels is not published; the TR names these as unfused).
+_SCALE_B = 4.0 / 128
+FP8_CAST_BYTES = {"forward_input": 2.0 + 1.0 + _SCALE_B, "backward_grad": 2.0 + 2.0 + 2 * _SCALE_B,
+                  "backward_input_transpose": 1.0 + _SCALE_B + 1.0 + _SCALE_B}
+
+
+def fp8_gemm_widths(cfg, moe: bool) -> tuple[float, float]:
+    """(input elements, output elements) per token of one layer's FP8 GEMMs, each input cast once
+    (q_a and kv_a share theirs; the MoE input is cast once before the dispatch, TR sec. 3.3.3, and
+    shared with the shared expert's gate/up); routed experts count k rows per token."""
+    D, H = cfg.hidden_size, cfg.num_attention_heads
+    if cfg.arch == "deepseek":
+        R, P, N, A = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
+        Q = cfg.q_lora_rank
+        if Q is None:
+            ins, outs = D + R + H * A, H * (N + P) + (R + P) + H * (N + A) + D
+        else:
+            ins, outs = D + Q + R + H * A, Q + (R + P) + H * (N + P) + H * (N + A) + D
+    else:
+        hd, K = cfg.dense_head_dim, cfg.num_key_value_heads
+        ins, outs = D + H * hd, (H + 2 * K) * hd + D
+    if moe:
+        k, F = cfg.num_experts_per_tok, cfg.moe_intermediate_size
+        Fs = F * cfg.n_shared_experts
+        ins += D + Fs + k * F
+        outs += 2 * Fs + D + k * (2 * F + D)
+    else:
+        ins += D + cfg.intermediate_size
+        outs += 2 * cfg.intermediate_size + D
+    return float(ins), float(outs)
+
+
+MECHANISMS = ("attention_backward", "wgrad_gemm", "fp8_cast")
 PHASES = ("F", "B", "R", "W")  # forward, backward input-gradient, recomputation, weight gradient
 
 
@@ -323,6 +366,22 @@ class TrainSim:
         one = np.ones(len(phase))
         return {"F": (fwd, one), "B": (bwd, b_scale), "R": (recomp, one), "W": (bwd & wgt, w_scale)}
 
+    def _fp8_cast_s(self, tokens: float) -> dict | None:
+        """{moe layer?: {phase: seconds}} of one layer's FP8 casts for ``tokens`` tokens (per device;
+        routed rows: the balanced k per token), or None when the mechanism is off / GEMMs are not FP8."""
+        if "fp8_cast" not in self.mechanisms or self.quant.gemm_precision != "fp8":
+            return None
+        b = FP8_CAST_BYTES
+        out = {}
+        for moe in (False, True):
+            ins, outs = fp8_gemm_widths(self.cfg, moe)
+            nbytes = {"F": ins * b["forward_input"], "B": outs * b["backward_grad"],
+                      "W": ins * b["backward_input_transpose"]}
+            out[moe] = {ph: roofline.op_time(costmodel.Op("fp8_cast", None, "elementwise", 0.0,
+                                                          act_bytes_read=v * tokens), self.device).time_s
+                        for ph, v in nbytes.items()}
+        return out
+
     def _stage_times(self) -> list[StageTimes]:
         cfg, dev = self.cfg, self.device
         table = _table(cfg, self.quant, dev)
@@ -354,9 +413,15 @@ class TrainSim:
             return StepCost(cfg, self.quant, dev, self.par, layers=(lo, hi), rows=mask, scale=scale,
                             **kw).replica_compute_s(x)
 
+        cast = self._fp8_cast_s(x.tokens)
+
         def parts(lo, hi) -> dict:
             """{phase: {op kind: seconds}} of layers [lo, hi) (embedding with 0, head with L)."""
             out = {ph: {k: v for k in kind_names if (v := cost(lo, hi, ph, k))} for ph in PHASES}
+            if cast is not None:
+                n_moe = sum(cfg.is_moe_layer(i) for i in range(lo, hi))
+                for ph in ("F", "B", "W"):
+                    out[ph]["fp8_cast"] = (hi - lo - n_moe) * cast[False][ph] + n_moe * cast[True][ph]
             if self.sc.mtp and hi == L:
                 # each MTP depth: one more decoder layer + the shared output head on every token (TR
                 # sec. 2.2), costed as the last layer + head; its eh_proj (2D x D per token, ~8% of the
@@ -364,6 +429,8 @@ class TrainSim:
                 depth = cfg.num_nextn_predict_layers
                 for ph in PHASES:
                     out[ph]["mtp"] = depth * cost(L - 1, L, ph)
+                    if cast is not None and ph != "R":
+                        out[ph]["mtp"] += depth * cast[cfg.is_moe_layer(L - 1)][ph]
             return out
 
         def comm(lo, hi) -> float:
@@ -379,6 +446,8 @@ class TrainSim:
             costs = []
             for i in range(L):
                 c = sum(cost(i, i + 1, ph) for ph in PHASES)
+                if cast is not None:
+                    c += sum(cast[cfg.is_moe_layer(i)][ph] for ph in ("F", "B", "W"))
                 if self.sc.mtp and i == L - 1:
                     c *= 1 + cfg.num_nextn_predict_layers
                 costs.append(c)

@@ -224,6 +224,20 @@ def test_kernel_mechanism_multipliers_follow_their_sources():
         train.equal_flop_time_ratio({1: 1.0}, {2: 1.0})
 
 
+def test_fp8_cast_widths_count_every_gemm_operand():
+    from dsref.reference.presets import get_preset
+    from dsref.sim.train import fp8_gemm_widths
+    cfg = get_preset("deepseek-v3")
+    D, F, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
+    ins_d, outs_d = fp8_gemm_widths(cfg, moe=False)
+    ins_m, outs_m = fp8_gemm_widths(cfg, moe=True)
+    attn_in = D + 1536 + 512 + 128 * 128            # x (q_a, kv_a), q latent, kv latent, o_proj input
+    assert ins_d == attn_in + D + cfg.intermediate_size
+    assert ins_m == attn_in + D + F + k * F          # MoE input once, shared + routed down inputs
+    # gradients of every GEMM output: gate/up (2F) and down (D) per routed row and for the shared expert
+    assert outs_m - outs_d == pytest.approx((k + 1) * (2 * F + D) - (2 * cfg.intermediate_size + D))
+
+
 def test_v3_step_attribution_adds_up_and_mechanisms_cost_time():
     from dsref.sim.train import MECHANISMS, TrainSim, mechanism_effects
     sc = load("deepseek-v3-pretrain")
@@ -250,6 +264,7 @@ def test_v3_step_attribution_adds_up_and_mechanisms_cost_time():
     assert eff["plain_cost_model_step_time_s"] < r["step_time_s"]
     plain = TrainSim(sc, mechanisms=())
     assert plain.stages[1].b_c < sim.stages[1].b_c and plain.stages[1].w_c < sim.stages[1].w_c
-    assert plain.stages[1].f_c == pytest.approx(sim.stages[1].f_c, rel=1e-12)  # forward untouched
+    # the forward changes only by its FP8 casts
+    assert plain.stages[1].f_c == pytest.approx(sim.stages[1].f_c - sim.parts[1]["F"]["fp8_cast"], rel=1e-12)
     with pytest.raises(ValueError, match="unknown training mechanism"):
         TrainSim(sc, mechanisms=("magic",))
