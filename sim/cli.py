@@ -109,7 +109,10 @@ def register_local(sub) -> None:
                        formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="preset name or checkpoint directory")
     p.add_argument("--device", required=True, help="device id, 'host', or node preset")
-    p.add_argument("--quant", default="bf16", help="weight format: fp32, bf16, fp8, int8, q8_0, q4_k_m")
+    p.add_argument("--quant", default="bf16",
+                   help="weight format: fp32, bf16, fp8, int8, nvfp4, nvfp4_v2, mxfp4, q2_k, q3_k_s, q3_k_m, "
+                        "q4_k_s, q4_k_m, q5_k_m, q6_k, q8_0, iq1_s; append +kv-<dtype> for the KV-cache type "
+                        "(bf16, fp16, fp8, fp32; llama.cpp formats: bf16, fp16, fp32, q8_0), e.g. nvfp4+kv-fp8")
     p.add_argument("--context", type=positive_int, default=4096, help="tokens in the KV cache while decoding (>= 1)")
     p.add_argument("--batch", type=integer(1, MAX_BATCH, "the MoE statistics' cost grows with the batch"),
                    default=1, help=f"sequences decoded together (1..{MAX_BATCH:,})")
