@@ -192,6 +192,8 @@ EXPERIMENTS: tuple[tuple[str, str], ...] = (
     ("dsref.experiments.day6_serving", "run"),
     ("dsref.experiments.edge_devices", "run"),
     ("dsref.experiments.ascend_vs_h100", "run"),
+    ("dsref.experiments.published_sglang_h100", "run"),
+    ("dsref.experiments.published_cloudmatrix", "run"),
     ("dsref.experiments.published_calibration", "run"),
 )
 
