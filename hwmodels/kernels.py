@@ -10,7 +10,8 @@ or training throughput):
 * the fixed cost (alpha) of one small collective, by link, collective and participant count;
 * GEMM compute / memory-bandwidth fractions of peak as a function of the row count M
   (DeepGEMM README tables for Hopper), plain or grouped (MoE, rows per expert);
-* DeepEP low-latency dispatch/combine times by EP size;
+* DeepEP low-latency dispatch/combine times by EP size, and its normal (high-throughput)
+  kernels' bottleneck bandwidths by EP size;
 * attention kernel efficiencies (FlashMLA decode bandwidth, prefill compute fraction).
 
 File layout (every figure carries ``source`` and ``confidence``)::
@@ -45,7 +46,8 @@ COLLECTIVES = ("all_reduce", "all_to_all", "p2p")
 PHASES = ("decode", "prefill")
 GEMM_KINDS = ("dense", "grouped")
 _SECTION_KINDS = ("class", "generation", "device")
-_FIGURE_KEYS = ("launch_eager", "launch_graph", "step_overhead", "collective", "gemm", "ep_low_latency", "attention")
+_FIGURE_KEYS = ("launch_eager", "launch_graph", "step_overhead", "collective", "gemm", "ep_low_latency", "ep_normal",
+                "attention")
 _META_KEYS = ("description", "devices", "inherits")
 # Columns of a GEMM table's ``raw`` rows, as the DeepGEMM README prints them (groups = 1 for
 # normal GEMMs): keeping the published rows lets a reader check the derived curve.
@@ -133,6 +135,20 @@ class EpTable:
 
 
 @dataclass(frozen=True)
+class EpNormalTable:
+    """DeepEP normal (high-throughput) kernels: bottleneck bandwidth (B/s) per EP size."""
+
+    ep: tuple[int, ...]
+    dispatch_bw: tuple[float, ...]
+    combine_bw: tuple[float, ...]
+    source: str
+    confidence: str
+
+    def at(self, ep: float) -> tuple[float, float]:
+        return _interp_log2(self.ep, self.dispatch_bw, ep), _interp_log2(self.ep, self.combine_bw, ep)
+
+
+@dataclass(frozen=True)
 class KernelProfile:
     """Kernel-level figures for one device / generation / class (see the module docstring).
 
@@ -151,6 +167,7 @@ class KernelProfile:
     gemm: dict = field(default_factory=dict)          # "dense" | "grouped" -> GemmCurve
     ep_table: EpTable | None = None
     attention: dict = field(default_factory=dict)     # "decode" | "prefill" -> fraction
+    ep_normal: EpNormalTable | None = None
 
     def has_collective(self, link: str, collective: str) -> bool:
         return (link, collective) in self.collectives
@@ -197,6 +214,15 @@ class KernelProfile:
         if not tokens_per_rank >= 0:
             raise CatalogError(f"tokens per rank must be >= 0, got {tokens_per_rank!r}")
         return None if self.ep_table is None else self.ep_table.at(ep, tokens_per_rank)
+
+    def ep_normal_bandwidth(self, ep: int) -> tuple[float, float] | None:
+        """(dispatch, combine) bottleneck bandwidth in B/s per GPU of the normal (prefill /
+        training) EP kernels at EP size ``ep``: piecewise linear in log2(ep) between the
+        table's sizes, clamped outside. A layer's dispatch then takes bytes sent per GPU / this
+        bandwidth. None when the profile has no table."""
+        if not ep > 0:
+            raise CatalogError(f"EP size must be positive, got {ep!r}")
+        return None if self.ep_normal is None else self.ep_normal.at(ep)
 
     def attention_efficiency(self, kind: str) -> float | None:
         """'decode': memory-bandwidth fraction of a decode attention kernel; 'prefill': compute
@@ -340,6 +366,16 @@ def _ep(raw: Any, file: Any, key: str) -> EpTable:
                    source, conf)
 
 
+def _ep_normal(raw: Any, file: Any, key: str) -> EpNormalTable:
+    source, conf = _provenance(raw, file, key, {"ep", "dispatch_gbs", "combine_gbs", "tokens_per_rank"})
+    ep = _increasing_ints(raw, file, key, "ep", 2)
+    d = _numbers(raw, file, key, "dispatch_gbs", len(ep))
+    c = _numbers(raw, file, key, "combine_gbs", len(ep))
+    if "tokens_per_rank" in raw:
+        _number(raw["tokens_per_rank"], file, f"{key}.tokens_per_rank")
+    return EpNormalTable(ep, tuple(v * 1e9 for v in d), tuple(v * 1e9 for v in c), source, conf)
+
+
 def _merge(child: Mapping, parent: Mapping) -> dict:
     """Child figures win; nested tables (step_overhead, collective.<link>, gemm, attention) merge
     key by key. A table with a ``source`` is one figure and is taken whole."""
@@ -418,6 +454,11 @@ def _build_profile(name: str, data: Mapping, file: Any, key: str) -> KernelProfi
         ep_table = _ep(data["ep_low_latency"], file, f"{key}.ep_low_latency")
         note("ep_low_latency", ep_table.source, ep_table.confidence)
 
+    ep_normal = None
+    if "ep_normal" in data:
+        ep_normal = _ep_normal(data["ep_normal"], file, f"{key}.ep_normal")
+        note("ep_normal", ep_normal.source, ep_normal.confidence)
+
     attention = {}
     araw = data.get("attention", {})
     if not isinstance(araw, dict):
@@ -429,7 +470,7 @@ def _build_profile(name: str, data: Mapping, file: Any, key: str) -> KernelProfi
         note(f"attention.{kind}", s, c)
 
     return KernelProfile(name, vals["launch_eager"], vals["launch_graph"], step_s, sources, confs,
-                         collectives, gemm, ep_table, attention)
+                         collectives, gemm, ep_table, attention, ep_normal)
 
 
 def load_kernel_table(path: str | os.PathLike | None = None) -> KernelTable:

@@ -126,7 +126,8 @@ def test_gemm_curve_is_the_median_of_the_published_rows():
     assert hop.gemm_efficiency(128, False)[0] == pytest.approx(521.5 / 1979)
     c64, c128 = hop.gemm_efficiency(64, False)[0], hop.gemm_efficiency(128, False)[0]
     assert hop.gemm_efficiency(96, False)[0] == pytest.approx(c64 + math.log2(1.5) * (c128 - c64))
-    assert K.get_profile("blackwell").gemm_efficiency(128, False) is None
+    assert K.get_profile("blackwell").gemm_efficiency(128, True) is None
+    assert K.get_profile("ampere").gemm_efficiency(128, False) is None
     with pytest.raises(CatalogError):
         hop.gemm_efficiency(0, False)
 
@@ -149,6 +150,27 @@ def test_ep_low_latency_table():
     assert c == pytest.approx(114e-6 + 128 * 114688 / 127e9)
     assert hop.ep_low_latency_s(1024, 128) == hop.ep_low_latency_s(256, 128)
     assert K.get_profile("ampere").ep_low_latency_s(8, 128) is None
+
+
+def test_blackwell_gemm_bandwidth_column_is_derived_from_its_tflops():
+    # vLLM publishes only TFLOP/s; the file's GB/s = (MK + NK + 2MN) bytes / kernel time
+    t = DATA["generation"]["blackwell"]["gemm"]["dense"]
+    for _, m, n, k, tflops, gbs in t["raw"]:
+        seconds = 2 * m * n * k / (tflops * 1e12)
+        assert gbs * 1e9 == pytest.approx((m * k + n * k + 2 * m * n) / seconds, rel=2e-3)
+    comp = K.get_profile("blackwell").gemm.get("dense").compute
+    assert all(b >= a for a, b in zip(comp, comp[1:]))
+
+
+def test_ep_normal_bandwidth():
+    hop = K.get_profile("hopper")
+    assert hop.ep_normal_bandwidth(8) == pytest.approx((153e9, 158e9))
+    assert hop.ep_normal_bandwidth(4) == hop.ep_normal_bandwidth(8)          # clamped
+    assert hop.ep_normal_bandwidth(256) == pytest.approx((51e9, 50e9))
+    d = hop.ep_normal_bandwidth(12)[0]
+    assert d == pytest.approx(153e9 + math.log2(1.5) * (43e9 - 153e9))
+    assert K.get_profile("blackwell").ep_normal_bandwidth(8)[0] > hop.ep_normal_bandwidth(8)[0]
+    assert K.get_profile("gpu").ep_normal_bandwidth(8) is None
 
 
 def test_attention_efficiency():
