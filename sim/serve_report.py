@@ -268,12 +268,17 @@ def binding_resource(role_breakdown: dict) -> tuple[str, dict]:
     """What limits the deployment, and the shares behind the verdict.
 
     role_breakdown: per role ("prefill", "decode", "aggregated"), the role's instance time in
-    seconds split as compute_s (compute-bound op time), memory_s (memory-bound op time), comm_s
-    (exposed communication: EP all-to-all, TP all-reduce, KV transfer not hidden by overlap),
-    floor_s (fixed per-step latency: launch / synchronisation floors), idle_s (no step running),
-    plus kv_blocked_steps and steps (steps at which a request waited for KV space, of all steps),
-    kv_utilization (mean occupied share of the KV cache) and utilization (busy share of
-    instances x duration). Shares are of the five times' sum, so they add up to 1 per role.
+    seconds split as compute_s (time of ops bound by compute), memory_s (ops bound by memory
+    bandwidth), comm_s (exposed communication: EP all-to-all, TP all-reduce not hidden by
+    overlap), floor_s (fixed latency: kernel launch floors and per-step host overhead, as
+    sim.stepcost's breakdown() gives them), idle_s (no step running), plus kv_blocked_steps and
+    steps (steps at which a request waited for KV space, of all steps), kv_utilization (mean
+    occupied share of the KV cache) and utilization (how much of the role's capacity the load
+    uses, 0..1). For prefill that is the busy share of instances x duration. A decode (or
+    aggregated) instance steps whenever one request runs, so its busy share is ~1 at any load;
+    its utilization should be the mean running batch over the largest batch it may hold
+    (max_batch_per_device x DP ranks), KV space being judged by kv_utilization. Shares are of
+    the five times' sum, so they add up to 1 per role.
 
     The rule, first match wins:
       1. "KV capacity": some role's KV cache is full (kv_utilization >= 0.95) or blocks
@@ -362,21 +367,24 @@ def _ms(x, digits=1) -> str:
     return "n/a" if x is None else f"{x * 1e3:,.{digits}f} ms"
 
 
+INDENT = " " * 13  # the value column of `dsref sim serve`'s text output ("  requests   ...")
+
+
 def format_report(r: dict) -> list[str]:
     """Lines for `dsref sim serve`'s text output (after the whole-run figures), from a dict with
     the steady_metrics() keys."""
     ok = r["steady_state_reached"]
     lines = [f"  steady     {'reached' if ok else 'NOT reached'} ({r['steady_state_method']}): "
              f"{r['steady_state_note']}"]
-    pre = "  " if ok else "  (warm-up figures, not steady) "
-    lines.append(f"{pre}after {r['steady_start_s']:,.0f} s: output {r['steady_output_tokens_per_s']:,.0f} tok/s, "
-                 f"input {r['steady_input_tokens_per_s']:,.0f} tok/s; TTFT p50 {_ms(r['steady_ttft_p50_s'])} "
+    when = f"from {r['steady_start_s']:,.0f} s" + ("" if ok else " (warm-up figures, not steady)")
+    lines.append(f"{INDENT}{when}: output {r['steady_output_tokens_per_s']:,.0f} tok/s, input "
+                 f"{r['steady_input_tokens_per_s']:,.0f} tok/s; TTFT p50 {_ms(r['steady_ttft_p50_s'])} "
                  f"p99 {_ms(r['steady_ttft_p99_s'])}; TPOT p50 {_ms(r['steady_tpot_p50_s'], 2)} "
                  f"p99 {_ms(r['steady_tpot_p99_s'], 2)}")
     if "binding_resource" in r:
         lines.append(f"  bound by   {r['binding_resource']}: {r['binding_reason']}")
         for role, s in r["binding_shares"].items():
-            lines.append(f"    {role:10s} compute {s['compute']:.0%}, memory {s['memory bandwidth']:.0%}, "
+            lines.append(f"{INDENT}{role}: compute {s['compute']:.0%}, memory {s['memory bandwidth']:.0%}, "
                          f"network {s['network']:.0%}, floor {s['latency floor']:.0%}, idle {s['idle']:.0%}; "
                          f"KV {s['kv_utilization']:.0%} full, blocked at {s['kv_blocked_share']:.1%} of steps")
     return lines
