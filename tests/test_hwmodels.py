@@ -29,11 +29,22 @@ REQUIRED_IDS = {
     "tpu-v5e", "tpu-v5p", "raspberry-pi-5", "radeon-pro-w7700", "ampereone-a192-32x",
     "epyc-9654", "m3-ultra", "biren-br100", "moore-threads-s4000", "kunlunxin-p800",
     "hygon-k100", "enflame-s60", "metax-c500", "iluvatar-tiangai-150",
+    "rtx-3090", "rtx-4090", "epyc-9135", "epyc-9755", "epyc-9654-2s",
 }
 REQUIRED_SYSTEMS = {
     "h800-node", "h800-cluster-2048", "h100-node", "h200-node", "b200-node", "gb200-nvl72",
     "cloudmatrix-384", "raspberry-pi-5", "raspberry-pi-5-w7700", "ampereone-server", "host",
+    "h20-node", "ascend-910b-node", "epyc-9654-2s", "epyc-9654-2s-rtx-4090", "epyc-9135-rtx-4090",
+    "epyc-9654-rtx-3090",
 }
+# Presets that are one host CPU plus one accelerator over PCIe (partial offload / CPU+GPU hybrid):
+# (preset, accelerator, host CPU, host memory in GB as configured in the preset).
+OFFLOAD_NODES = (
+    ("epyc-9654-2s-rtx-4090", "rtx-4090", "epyc-9654-2s", 1536),
+    ("epyc-9135-rtx-4090", "rtx-4090", "epyc-9135", 768),
+    ("epyc-9654-rtx-3090", "rtx-3090", "epyc-9654", 384),
+)
+PCIE4_X16 = 16e9 * 16 * 128 / 130 / 8  # B/s per direction: 16 GT/s x 16 lanes, 128b/130b
 TERA = 1e12
 
 
@@ -358,3 +369,126 @@ def test_cli_probe_quick(tmp_path, capsys):
     rc, out = _run_cli(["hw", "probe", "--quick", "--out", str(target)], capsys)
     assert rc == 0 and target.exists()
     assert load_device(target).id == "host"
+
+
+# ------------------------------------------- deployments added for V3/R1 ----
+
+def test_consumer_gpu_figures_match_whitepaper_arithmetic():
+    g4, g3 = load_device("rtx-4090"), load_device("rtx-3090")
+    # GDDR6X: per-pin rate x 384-bit bus / 8
+    assert g4.memory_bandwidth == pytest.approx(21e9 * 384 / 8)
+    assert g3.memory_bandwidth == pytest.approx(19.5e9 * 384 / 8)
+    assert g4.memory_bytes == g3.memory_bytes == pytest.approx(24e9)
+    # non-tensor fp32 = CUDA cores x 2 (FMA) x boost clock
+    assert g4.peak("fp32") == pytest.approx(16384 * 2 * 2.52e9, rel=1e-3)
+    assert g3.peak("fp32") == pytest.approx(10496 * 2 * 1.695e9, rel=1e-3)
+    # the files use the FP32-accumulate tensor rates: on GeForce that is 2x the fp32 rate for
+    # fp16/bf16 (the FP16-accumulate rate would be 4x), fp8 twice that, int8 4x bf16
+    for g in (g4, g3):
+        assert g.peak("fp16") == g.peak("bf16") == pytest.approx(2 * g.peak("fp32"), rel=5e-3)
+        assert g.peak("int8") == pytest.approx(4 * g.peak("bf16"), rel=1e-3)
+        assert g.peak("int4") == pytest.approx(2 * g.peak("int8"))
+        assert g.intra_node_bandwidth == pytest.approx(PCIE4_X16, rel=1e-3)
+        assert g.price_usd_per_hour is not None and g.figures["price"].confidence == "low"
+    assert g4.peak("fp8") == pytest.approx(2 * g4.peak("bf16"), rel=1e-3)
+    assert "fp8" not in g3.peak_flops and g3.peak("fp8") == g3.peak("bf16")  # Ampere: no FP8 units
+    assert g4.peak("fp4") == g4.peak("fp8")  # Ada: no FP4 units
+    assert (g4.power_w, g3.power_w) == (450, 350)
+
+
+def test_epyc_closed_forms():
+    e9135, e9755, e9654, e2s = (load_device(i) for i in ("epyc-9135", "epyc-9755", "epyc-9654", "epyc-9654-2s"))
+    # memory bandwidth = channels x MT/s x 8 B
+    assert e9135.memory_bandwidth == pytest.approx(12 * 6000e6 * 8)
+    assert e9755.memory_bandwidth == pytest.approx(12 * 6000e6 * 8)
+    assert e2s.memory_bandwidth == pytest.approx(24 * 4800e6 * 8) == pytest.approx(2 * e9654.memory_bandwidth)
+    # fp32 = cores x base GHz x FLOP/cycle: Zen 5 runs AVX-512 on 512-bit pipes (64), Zen 4 as 2 x 256 (32)
+    assert e9135.peak("fp32") == pytest.approx(16 * 3.65e9 * 64)
+    assert e9755.peak("fp32") == pytest.approx(128 * 2.7e9 * 64)
+    assert e2s.peak("fp32") == pytest.approx(192 * 2.4e9 * 32)
+    assert e9654.peak("fp32") == pytest.approx(96 * 2.4e9 * 32, rel=1e-3)
+    for d in (e9135, e9755, e2s):
+        assert d.peak("bf16") == pytest.approx(2 * d.peak("fp32"))  # VDPBF16PS
+        assert d.peak("int8") == pytest.approx(4 * d.peak("fp32"))  # VPDPBUSD
+        assert d.device_class == "cpu"
+    # the dual-socket device is exactly two sockets
+    assert e2s.cores == 2 * e9654.cores
+    assert e2s.memory_bytes == pytest.approx(2 * e9654.memory_bytes)
+    assert e2s.power_w == pytest.approx(2 * e9654.power_w)
+    assert (e9135.power_w, e9755.power_w) == (200, 500)
+
+
+def test_per_generation_gemm_overrides():
+    base = efficiency("gpu", "gemm")
+    for dev_id in ("b200", "gb200", "h20", "rtx-4090"):
+        d = load_device(dev_id)
+        fig = d.efficiency_overrides["gemm"]
+        assert d.efficiency("gemm") == fig.value != base, dev_id
+        assert "microbenchmark" in fig.source.lower() and fig.confidence == "low", dev_id
+    # Blackwell: vLLM's SM100 CUTLASS FP8 GEMM at M=16384, N=K=4096 ran 2,447-2,545 of 4,500 TFLOP/s
+    for dev_id in ("b200", "gb200"):
+        assert 2447 / 4500 - 0.005 <= load_device(dev_id).efficiency("gemm") <= 2545 / 4500 + 0.005
+    # H20 and 4090: same-harness square-GEMM fraction, scaled by the H100's in that harness onto
+    # gpu.gemm's basis; these are the four fp16/bf16 numbers at 8192^2 and 10240^2 cited in the files
+    h100 = (736.19 + 668.42 + 797.51 + 719.72) / 4 / 989
+    for dev_id, runs, peak in (("rtx-4090", (155.50, 156.88, 160.17, 158.54), 165.2),
+                               ("h20", (138.52, 142.09, 138.60, 142.25), 148)):
+        expect = base * (sum(runs) / 4 / peak) / h100
+        assert load_device(dev_id).efficiency("gemm") == pytest.approx(expect, abs=0.01), dev_id
+    # no kernel-level GEMM benchmark of the 3090 was found: the class default stays, and the file says so
+    g3 = load_device("rtx-3090")
+    assert "gemm" not in g3.efficiency_overrides and g3.efficiency("gemm") == base
+    assert "class default" in g3.notes
+
+
+def test_new_node_presets():
+    h20 = load_system("h20-node")
+    assert isinstance(h20, Node) and h20.device.id == "h20" and h20.devices_per_node == 8
+    assert h20.fabric_bandwidth == pytest.approx(450e9)  # 900 GB/s bidirectional NVLink
+    assert h20.network_bandwidth_per_device == pytest.approx(50e9)  # one 400 Gb/s NIC per GPU
+    assert h20.host_memory_bytes is None and h20.pcie_bandwidth == pytest.approx(63e9)
+    a2 = load_system("ascend-910b-node")
+    assert a2.device.id == "ascend-910b" and a2.num_devices == 8
+    assert a2.fabric_bandwidth == pytest.approx(a2.device.intra_node_bandwidth) == pytest.approx(196e9)
+    assert a2.network_bandwidth_per_device == pytest.approx(a2.device.network_bandwidth) == pytest.approx(25e9)
+    cpu2 = load_system("epyc-9654-2s")
+    assert cpu2.device.id == cpu2.host_cpu.id == "epyc-9654-2s"
+    assert cpu2.host_memory_bandwidth == pytest.approx(921.6e9)
+    for name, acc, host, gb in OFFLOAD_NODES:
+        n = load_system(name)
+        assert (n.device.id, n.host_cpu.id, n.devices_per_node, n.nics_per_node) == (acc, host, 1, 0), name
+        assert n.pcie_bandwidth == pytest.approx(PCIE4_X16, rel=1e-3), name
+        assert n.host_memory_bytes == pytest.approx(gb * 1e9), name
+        assert "configuration choice" in n.figures["host_memory"].source.lower(), name
+        assert n.host_memory_bandwidth == pytest.approx(n.host_cpu.memory_bandwidth), name
+
+
+def test_offload_nodes_resolve_as_sim_local_targets():
+    from dsref.sim.local import resolve_target
+
+    for name, acc, host, gb in OFFLOAD_NODES:
+        t = resolve_target(name)
+        assert (t.device.id, t.host.id, t.n_devices) == (acc, host, 1), name
+        assert t.host_memory_bytes == pytest.approx(gb * 1e9) and t.pcie_bandwidth == pytest.approx(PCIE4_X16, rel=1e-3)
+    t = resolve_target("epyc-9654-2s")  # the device id wins; either way a CPU-only target
+    assert t.device.id == "epyc-9654-2s" and t.host is None
+
+
+def test_cli_lists_and_shows_new_entries(capsys):
+    rc, out = _run_cli(["hw", "list", "--json"], capsys)
+    by_id = {r["id"]: r for r in json.loads(out.out)}
+    assert rc == 0
+    assert by_id["rtx-4090"]["peak_bf16_flops"] == pytest.approx(165.2 * TERA)
+    assert by_id["epyc-9135"]["memory_bandwidth"] == pytest.approx(576e9)
+    for dev_id in ("rtx-3090", "rtx-4090", "epyc-9135", "epyc-9755", "epyc-9654-2s"):
+        rc, out = _run_cli(["hw", "show", dev_id, "--json"], capsys)
+        data = json.loads(out.out)
+        assert rc == 0 and all(f["source"] for f in data["figures"].values()), dev_id
+        rc, out = _run_cli(["hw", "show", dev_id], capsys)
+        assert rc == 0 and dev_id in out.out
+    for name in ("h20-node", "ascend-910b-node") + tuple(n for n, *_ in OFFLOAD_NODES):
+        rc, out = _run_cli(["hw", "show", name, "--json"], capsys)
+        data = json.loads(out.out)
+        assert rc == 0 and data["name"] == name and data["kind"] == "node", name
+        rc, out = _run_cli(["hw", "show", name], capsys)
+        assert rc == 0 and f"x {data['device']}" in out.out, name
