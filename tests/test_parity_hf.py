@@ -1,6 +1,7 @@
 """Parity with Hugging Face transformers (the independent implementation).
 
-Small random models in adversarial configurations; float32 logits must agree to
+Small random models in adversarial configurations (DeepSeek through the JAX model and the
+float64 NumPy reference; Qwen3-MoE through the NumPy reference); float32 logits must agree to
 max|ours - theirs| / max|theirs| <= 1e-5, and the selected experts must be the
 same set on every token of every MoE layer.
 """
@@ -16,7 +17,7 @@ from dsref.reference import numpy_ref  # noqa: E402
 from dsref.reference.config import RopeScaling  # noqa: E402
 from dsref.reference.model import DeepseekModel, forward, jit_forward  # noqa: E402
 from dsref.reference.presets import get_preset  # noqa: E402
-from tests.conftest import hf_state_to_ours, make_hf_model  # noqa: E402
+from tests.conftest import hf_state_to_ours, make_hf_model, randomize_hf  # noqa: E402
 
 YARN = RopeScaling(factor=4.0, original_max_position_embeddings=16, beta_fast=32.0, beta_slow=1.0,
                    mscale=1.0, mscale_all_dim=1.0)
@@ -98,3 +99,62 @@ def test_bias_changes_selection_but_not_weights():
     nobias[p + "gate.e_score_correction_bias"] = np.zeros_like(sd[p + "gate.e_score_correction_bias"])
     _, ids_0, _ = numpy_ref.gate(x, nobias, cfg, p)
     assert (np.sort(ids_b, -1) != np.sort(ids_0, -1)).any(axis=-1).mean() > 0.2
+
+
+# ------------------------------------------------------------------ Qwen3-MoE
+# GQA + per-head q/k RMSNorm + softmax top-k MoE: the float64 NumPy reference only (the JAX
+# model implements DeepSeek). Each case targets a gotcha: head_dim != hidden/heads, GQA 2:1,
+# norm_topk_prob off, HF's (i + 1) % decoder_sparse_step placement with mlp_only_layers
+# (dense layers of intermediate_size in between), top-1 with renormalisation (weight 1).
+QWEN3_CASES = {
+    "qwen3-moe-base": {},
+    "qwen3-moe-unnormalised": dict(norm_topk_prob=False),
+    "qwen3-moe-sparse-step-2-mlp-only-0": dict(num_hidden_layers=4, decoder_sparse_step=2, mlp_only_layers=(3,)),
+    "qwen3-moe-top1-mha": dict(num_experts_per_tok=1, num_key_value_heads=4),
+}
+
+
+def make_hf_qwen3_moe(cfg, seed: int):
+    """transformers' Qwen3MoeForCausalLM with cfg's shapes and adversarial random weights."""
+    import transformers
+    torch.set_num_threads(2)
+    torch.manual_seed(seed)
+    hf_cfg = transformers.Qwen3MoeConfig(**cfg.to_hf_dict())
+    hf_cfg._attn_implementation = "eager"
+    return randomize_hf(transformers.Qwen3MoeForCausalLM(hf_cfg).eval(), seed)
+
+
+def hf_logits_and_qwen3_routing(hf_model, tokens):
+    """Logits and, per MoE layer, the selected expert ids (hooks on Qwen3MoeTopKRouter)."""
+    got, hooks = {}, []
+    for i, layer in enumerate(hf_model.model.layers):
+        if hasattr(layer.mlp, "experts"):
+            hooks.append(layer.mlp.gate.register_forward_hook(
+                lambda m, a, out, i=i: got.__setitem__(i, out[2].numpy())))
+    with torch.no_grad():
+        logits = hf_model(torch.as_tensor(tokens)).logits.float().numpy()
+    for h in hooks:
+        h.remove()
+    return logits, got
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("case", sorted(QWEN3_CASES))
+def test_qwen3_moe_numpy_reference_matches_transformers(case, seed):
+    cfg = get_preset("tiny-qwen3-moe").replace(**QWEN3_CASES[case])
+    hf = make_hf_qwen3_moe(cfg, seed)
+    sd = hf_state_to_ours(hf.state_dict(), cfg)
+    # The tensor table (reference/params.py) is exactly what transformers builds.
+    from dsref.reference.params import tensors
+    assert {t.name: t.shape for t in tensors(cfg)} == {k: v.shape for k, v in sd.items()}
+    tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, (2, 13))
+    theirs, hf_ids = hf_logits_and_qwen3_routing(hf, tokens)
+    cap = {}
+    ours = numpy_ref.forward(tokens, {k: v.astype(np.float64) for k, v in sd.items()}, cfg, capture=cap)
+    rel = np.abs(ours - theirs).max() / np.abs(theirs).max()
+    assert rel <= 1e-5, f"{case} seed {seed}: rel err {rel:.2e}"
+    moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    assert sorted(hf_ids) == moe_layers and moe_layers
+    for i in moe_layers:
+        ours_ids = np.sort(cap[f"layers.{i}.topk_ids"].reshape(-1, cfg.num_experts_per_tok), -1)
+        assert np.array_equal(ours_ids, np.sort(hf_ids[i], -1)), f"layer {i}: expert sets differ"
