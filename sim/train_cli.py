@@ -18,7 +18,42 @@ def _print_train(r: dict) -> None:
     b = r["breakdown"]
     print(f"  per micro-batch  stage 1 forward {b['stage_forward_compute_s'][1] * 1e3:.1f} ms compute + "
           f"{b['stage_forward_comm_s'][1] * 1e3:.1f} ms all-to-all; p2p send {b['p2p_send_s'] * 1e3:.2f} ms")
+    _print_audit(r)
     print(f"  simulator        {r['events']:,} events in {r['sim_wall_s']:.3f} s")
+
+
+def _print_audit(r: dict) -> None:
+    """Where the critical rank's step time goes, and what each kernel mechanism adds."""
+    b = r["breakdown"]
+    a = b.get("step_attribution")
+    if not a:
+        return
+    step = r["step_time_s"]
+
+    def line(label, v):
+        print(f"    {label:<30} {v:8.3f} s  {v / step:6.1%}")
+    print(f"  step of rank {a['rank']} (the last to finish), {step:.3f} s:")
+    for k, v in a["compute_by_kind_s"].items():
+        line(f"compute: {k}", v)
+    line("SMs held by the all-to-all", a["sm_reserved_for_ep_s"])
+    line("all-to-all exposed", a["ep_comm_exposed_s"])
+    line("pipeline idle (bubble, waits)", a["pipeline_idle_s"])
+    line("DP reduce-scatter exposed", a["dp_reduce_scatter_exposed_s"])
+    line("optimizer", a["optimizer_s"])
+    line("DP all-gather", a["dp_all_gather_s"])
+    print(f"    (all-to-all hidden under compute: {a['ep_comm_hidden_s']:.3f} s)")
+    busy = b["rank_busy_s"]
+    print(f"  rank busy        max {max(busy):.3f} s, mean {sum(busy) / len(busy):.3f} s")
+    f = b.get("dualpipe_bubble_formula_s")
+    if f is not None:
+        print(f"  DualPipe bubble  TR formula (PP/2-1)(F&B+B-3W) = {f:.3f} s per rank (middle-stage chunks); "
+              f"simulated idle on rank {a['rank']}: {a['pipeline_idle_s']:.3f} s")
+    if b.get("ep_busiest_rank_load_factor", 1.0) != 1.0:
+        print(f"  EP load          busiest rank's routed rows = {b['ep_busiest_rank_load_factor']:.3f} x the mean")
+    eff = r.get("mechanism_effects")
+    if eff:
+        parts = ", ".join(f"{k} +{v:.3f} s ({eff['added_fraction'][k]:+.1%})" for k, v in eff["added_s"].items())
+        print(f"  mechanisms       {parts}; plain cost model {eff['plain_cost_model_step_time_s']:.3f} s")
 
 
 def cmd_train(args) -> int:
@@ -47,6 +82,7 @@ def cmd_train(args) -> int:
         sc = sc.with_overrides(over)
     sim = train.TrainSim(sc, record=bool(args.trace or args.plot))
     r = sim.run()
+    r["mechanism_effects"] = train.mechanism_effects(sc, r)
     from dsref.sim import trace
     from dsref.sim.cli import emit_outputs
     return emit_outputs(args, r, _print_train, lambda path: trace.write(path, trace.train_trace(sim)),
