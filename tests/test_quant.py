@@ -3,7 +3,9 @@ published files, and the KV-cache type option.
 
 Published sizes (Hugging Face file listings show decimal GB to 3 significant digits):
   * mradermacher/Qwen2.5-14B-GGUF (static llama.cpp quants of Qwen/Qwen2.5-14B): Q2_K 5.77,
-    Q3_K_S 6.66, Q3_K_M 7.34, Q4_K_S 8.57, Q4_K_M 8.99, Q6_K 12.1, Q8_0 15.7 GB.
+    Q3_K_S 6.66, Q3_K_M 7.34, Q4_K_S 8.57, Q4_K_M 8.99, Q6_K 12.1, Q8_0 15.7 GB;
+    bartowski/Qwen2.5-14B-Instruct-GGUF Q5_K_M 10.5 GB; mradermacher/Qwen2.5-14B-Instruct-1M-i1-GGUF
+    i1-IQ1_S 3.61 GB (the 1M model has Qwen2.5-14B's shapes: its i1-Q2_K is the same 5.77 GB).
   * unsloth/DeepSeek-R1-GGUF, sum of the split files: DeepSeek-R1-Q2_K 49.4+48.5+48.8+48.9+48.4
     = 244.0 GB; DeepSeek-R1-Q3_K_M 49.7+5x49.2+23.5 = 319.2 GB; DeepSeek-R1-Q4_K_M
     48.3+49.4+49.5+48.3+49.4+48.3+49.4+46.9+14.8 = 404.3 GB.
@@ -83,6 +85,10 @@ def test_ggml_block_sizes(fmt, bpw):
     ("q4_k_s", "qwen2.5-14b", "self_attn.v_proj.weight", 4, "q4_k"),
     ("q4_k_s", "qwen2.5-14b", "mlp.down_proj.weight", 5, "q5_k"),
     ("q4_k_s", "qwen2.5-14b", "mlp.down_proj.weight", 6, "q4_k"),
+    # Q5_K_M: Q6_K attn_v / ffn_down in use_more_bits layers
+    ("q5_k_m", "qwen2.5-14b", "mlp.down_proj.weight", 8, "q6_k"),
+    ("q5_k_m", "qwen2.5-14b", "mlp.down_proj.weight", 9, "q5_k"),
+    ("q6_k", "qwen2.5-14b", "mlp.down_proj.weight", 9, "q6_k"),
     # Q4_K_M on MLA: attn_kv_b is attn_v-like (category_is_attn_v)
     ("q4_k_m", "deepseek-v3", "self_attn.kv_b_proj.weight", 0, "q6_k"),
     ("q4_k_m", "deepseek-v3", "self_attn.kv_b_proj.weight", 8, "q4_k"),
@@ -121,8 +127,10 @@ def test_llama_cpp_tensor_types(ftype, model, name, layer, want):
     ("qwen2.5-14b", "q3_k_m", 7.34, 0.005),
     ("qwen2.5-14b", "q4_k_s", 8.57, 0.005),
     ("qwen2.5-14b", "q4_k_m", 8.99, 0.005),
+    ("qwen2.5-14b", "q5_k_m", 10.5, 0.05),
     ("qwen2.5-14b", "q6_k", 12.1, 0.05),
     ("qwen2.5-14b", "q8_0", 15.7, 0.05),
+    ("qwen2.5-14b", "iq1_s", 3.61, 0.005),
     ("deepseek-r1", "q2_k", 244.0, 5 * 0.05),
     ("deepseek-r1", "q3_k_m", 319.2, 7 * 0.05),
     ("deepseek-r1", "q4_k_m", 404.3, 9 * 0.05),
