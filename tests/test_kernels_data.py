@@ -132,17 +132,32 @@ def test_gemm_curve_is_the_median_of_the_published_rows():
         hop.gemm_efficiency(0, False)
 
 
-def test_ep_low_latency_table():
-    hop = K.get_profile("hopper")
-    t = DATA["generation"]["hopper"]["ep_low_latency"]
+@pytest.mark.parametrize("section", [("generation", "hopper"), ("device", "ascend-910c")])
+def test_ep_low_latency_rows(section):
+    kind, name = section
+    prof, t = K.get_profile(name), DATA[kind][name]["ep_low_latency"]
     for i, ep in enumerate(t["ep"]):
-        d, c = hop.ep_low_latency_s(ep, t["tokens_per_rank"])
+        d, c = prof.ep_low_latency_s(ep, t["tokens_per_rank"])
         assert d == pytest.approx(t["dispatch_us"][i] * 1e-6) and c == pytest.approx(t["combine_us"][i] * 1e-6)
         # latency x bandwidth is the byte count the benchmark divides by (within rounding)
         assert t["dispatch_us"][i] * t["dispatch_gbs"][i] * 1e3 == pytest.approx(
             t["tokens_per_rank"] * t["dispatch_bytes_per_token"], rel=0.03)
         assert t["combine_us"][i] * t["combine_gbs"][i] * 1e3 == pytest.approx(
             t["tokens_per_rank"] * t["combine_bytes_per_token"], rel=0.03)
+
+
+def test_ascend_910c_has_its_own_section():
+    from dsref.hwmodels.catalog import load_device
+    p910c, p910b = K.kernel_profile(load_device("ascend-910c")), K.kernel_profile(load_device("ascend-910b"))
+    assert p910c.name == "ascend-910c" and p910b.name == "ascend"
+    assert p910c.ep_low_latency_s(8, 128) == pytest.approx((132e-6, 126e-6))
+    assert p910b.ep_low_latency_s(8, 128) is None
+    assert p910c.launch_eager_s == p910b.launch_eager_s            # inherited
+    assert p910c.collective_latency_s("intra", "all_reduce", 8) == p910b.collective_latency_s("intra", "all_reduce", 8)
+
+
+def test_ep_low_latency_table():
+    hop = K.get_profile("hopper")
     # fewer tokens keep the latency floor; more add (tokens - 128) x bytes / bandwidth
     assert hop.ep_low_latency_s(8, 1) == hop.ep_low_latency_s(8, 128)
     d, c = hop.ep_low_latency_s(8, 256)
