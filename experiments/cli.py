@@ -35,7 +35,11 @@ from dsref.sim import cli as sim_cli
 DESCRIPTION = """\
 Compare the simulator's predictions with the published figures they model (DeepSeek's reports,
 vendor and third-party measurements): prints, per claim, the predicted and the published value,
-the unit and the signed error, then the median and the largest |error|.
+the unit and the signed error, then the median and the largest |error| over the validation claims.
+Each claim has a role (experiments/data/public_claims.json): 'validation' claims are predicted and
+counted; 'calibration' claims (measurements a data-file number was solved from) are listed apart
+with their in-sample error, "calibration, not counted"; 'input' claims are what the scenarios take
+as given and are never predicted.
 
 Nothing is written unless --out-dir is given; then DIR/validation.md, DIR/validation.json and
 DIR/img/validation_*.png (with --whatif also the what-if pages). The closed loop (this machine
@@ -62,8 +66,8 @@ def cmd_validate(args) -> int:
 
 def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true",
-                   help="print one JSON object: the claims, median_abs_error, max_abs_error, closed_loop, ... "
-                        "(no progress bar)")
+                   help="print one JSON object: the claims (each with its role), median_abs_error and "
+                        "max_abs_error over validation claims, calibration, closed_loop, ... (no progress bar)")
     p.add_argument("--out-dir", default=None, metavar="DIR",
                    help="write validation.md, validation.json and img/validation_*.png under DIR "
                         "(the repository's are in docs); without it nothing is written")

@@ -15,7 +15,8 @@ Per NPU = per package: the per-die figures of the simulator x device_split.
 
 from __future__ import annotations
 
-from dsref.experiments.published_sglang_h100 import PEAK_MULTIPLE, peak_bound_tokens_per_s, saturation_note
+from dsref.experiments.published_sglang_h100 import (PEAK_MULTIPLE, saturated_decode, saturated_prefill,
+                                                      saturation_note)
 from dsref.experiments.registry import Record, record
 
 SCENARIO = "cloudmatrix-384-infer"
@@ -26,21 +27,13 @@ DECODE_STEP_FLOOR_S = 0.020  # decode offered load = slots / (output tokens x th
 
 
 def simulate(duration_s: float) -> dict:
-    from dsref.sim import scenario, serve
+    from dsref.sim import scenario
     sc = scenario.load(SCENARIO)
-    split = sc.device_split
-    pre_rate = PEAK_MULTIPLE * peak_bound_tokens_per_s(sc, "prefill") / sc.workload.prompt_tokens.mean
-    pre = serve.simulate(sc.with_overrides({"workload": {"rate_per_s": pre_rate},
-                                            "decode": {"instances": sc.decode.instances * OTHER_SIDE}}),
-                         duration_s=duration_s)
-    out_len = sc.workload.output_tokens.mean
-    slots = sc.decode.max_batch_per_device * sc.decode.devices * sc.decode.instances
-    dec_rate = slots / (out_len * DECODE_STEP_FLOOR_S)
-    dec = serve.simulate(sc.with_overrides({"workload": {"rate_per_s": dec_rate,
-                                                         "prompt_tokens": {"dist": "fixed", "mean": DECODE_PROMPT}},
-                                            "prefill": {"instances": PREFILL_FOR_DECODE}}),
-                         duration_s=duration_s)
-    return {"prefill_sat": pre, "decode_sat": dec, "pre_rate": pre_rate, "dec_rate": dec_rate, "split": split}
+    pre, pre_rate = saturated_prefill(sc, duration_s, OTHER_SIDE)
+    dec, dec_rate = saturated_decode(sc, duration_s, PREFILL_FOR_DECODE, DECODE_STEP_FLOOR_S,
+                                     {"prompt_tokens": {"dist": "fixed", "mean": DECODE_PROMPT}})
+    return {"prefill_sat": pre, "decode_sat": dec, "pre_rate": pre_rate, "dec_rate": dec_rate,
+            "split": sc.device_split}
 
 
 def run(claims: dict, *, fast: bool = False) -> list[Record]:

@@ -48,21 +48,37 @@ def saturation_note(res: dict, role: str) -> str:
     return f"; WARNING: {role} pool not saturated (busy {u:.0%}, mean queue {queued:.0f})"
 
 
-def simulate(duration_s: float) -> dict:
-    from dsref.sim import scenario, serve
+def saturated_prefill(sc, duration_s: float, other_side: int = OTHER_SIDE) -> tuple[dict, float]:
+    """(metrics, offered req/s) of the prefill pool alone and saturated: offered PEAK_MULTIPLE x its
+    peak bound, ``other_side`` x the decode instances so decode never holds it back."""
+    from dsref.sim import serve
+    rate = PEAK_MULTIPLE * peak_bound_tokens_per_s(sc, "prefill") / sc.workload.prompt_tokens.mean
+    res = serve.simulate(sc.with_overrides({"workload": {"rate_per_s": rate},
+                                            "decode": {"instances": sc.decode.instances * other_side}}),
+                         duration_s=duration_s)
+    return res, rate
+
+
+def saturated_decode(sc, duration_s: float, prefill_instances: int, step_floor_s: float,
+                     workload: dict | None = None) -> tuple[dict, float]:
+    """(metrics, offered req/s) of the decode pool held full: ``prefill_instances`` feed it and the offered
+    load is slots / (output tokens x ``step_floor_s``), more than it can hold (the run's queue shows it)."""
+    from dsref.sim import serve
     from dsref.sim.deployment import resolve
+    d = sc.decode
+    devices = d.devices or d.nodes * resolve(sc).node.devices_per_node * sc.device_split
+    rate = d.max_batch_per_device * devices * d.instances / (sc.workload.output_tokens.mean * step_floor_s)
+    res = serve.simulate(sc.with_overrides({"workload": {**(workload or {}), "rate_per_s": rate},
+                                            "prefill": {"instances": prefill_instances}}),
+                         duration_s=duration_s)
+    return res, rate
+
+
+def simulate(duration_s: float) -> dict:
+    from dsref.sim import scenario
     sc = scenario.load(SCENARIO)
-    prompt = sc.workload.prompt_tokens.mean
-    out_len = sc.workload.output_tokens.mean
-    pre_rate = PEAK_MULTIPLE * peak_bound_tokens_per_s(sc, "prefill") / prompt
-    pre = serve.simulate(sc.with_overrides({"workload": {"rate_per_s": pre_rate},
-                                            "decode": {"instances": sc.decode.instances * OTHER_SIDE}}),
-                         duration_s=duration_s)
-    slots = sc.decode.max_batch_per_device * sc.decode.nodes * resolve(sc).node.devices_per_node * sc.decode.instances
-    dec_rate = slots / (out_len * DECODE_STEP_FLOOR_S)
-    dec = serve.simulate(sc.with_overrides({"workload": {"rate_per_s": dec_rate},
-                                            "prefill": {"instances": DECODE_PREFILL_INSTANCES}}),
-                         duration_s=duration_s)
+    pre, pre_rate = saturated_prefill(sc, duration_s)
+    dec, dec_rate = saturated_decode(sc, duration_s, DECODE_PREFILL_INSTANCES, DECODE_STEP_FLOOR_S)
     return {"prefill_sat": pre, "decode_sat": dec, "pre_rate": pre_rate, "dec_rate": dec_rate}
 
 
