@@ -22,19 +22,23 @@ MISSES = """
 ## Largest remaining gaps and why
 
 - **Training (`dsv3_tr_pretrain_gpuh`, `_gpuh_per_T`, `_days_per_T`, `_total_gpuh`, `_cost_total`):
-  about -12%; `_ctxext_gpuh` about -20%.** (Was -30% / -36%.) What closed most of it, each a published
-  mechanism of the V3 recipe, none fitted: the MTP module is trained with the model on the last stage
-  with the output head (TR sec. 2.2), and the output head runs in BF16 (sec. 3.3.1); the EP all-to-all
-  kernels hold 20 of the H800's 132 SMs while they overlap compute (sec. 3.2.2); FP8 GEMM efficiency is
-  DeepGEMM's own median at V3's shapes (0.56 of peak, not the generic 0.70); stage compute is balanced
-  (the head + MTP stage still dominates); goodput 0.90 is an assumption taken from Llama 3's reported
-  ">90% effective training time" (at 1.0 the prediction is -21%). Correcting a bug the other way: the
-  NVLink and IB legs of one all-to-all now run concurrently (DeepEP; before, they were summed), so the
-  F&B pairs are compute-bound (forward compute ~27 ms vs all-to-all ~31 ms per 4-layer stage and
-  micro-batch). Not modelled: the batch-size ramp (3% of the tokens), expert load imbalance (sim.stepcost
-  assumes EPLB-perfect balance), FP8 quantisation/transposition kernels, the DP all-gather overlap.
-  Context extension also runs on a layout we had to assume (see the reading); at 32K-128K it is
-  attention-bound, where one gpu.attention factor (0.55) serves forward and backward alike.
+  about -13% with the plain roofline step cost, about -8% once sim.stepcost charges DeepGEMM's
+  row curves and the busiest EP rank; `_ctxext_gpuh` about -10%.** Goodput is 1.0 (no longer
+  Llama 3's 0.90): the published hours are throughput x tokens (180K GPU-h/T x 14.8T = 2.664M;
+  3.7 days/T x 2,048 x 24 h = 182K/T), so the whole gap is the step time's. Published mechanisms
+  of the V3 recipe in the step, none fitted: MTP trained on the last stage with the output head
+  (TR sec. 2.2), BF16 head (sec. 3.3.1), 20 of 132 SMs held by the all-to-all (sec. 3.2.2),
+  selective recomputation (RMSNorm, MLA up-projections), FP8 GEMMs at DeepGEMM's rates; and three
+  kernel mechanisms the FLOP counts miss (each +2-4% of the step, `dsref sim train` prints them):
+  FlashAttention's backward runs 2.5x the forward FLOPs at 542 vs 638 TFLOP/s (FA3 paper), FP8
+  weight-gradient GEMMs run 15-27% slower than the forward at the same shapes (DeepGEMM PR #95 vs
+  #74), and the BF16->FP8 casts the report calls unfused (sec. 3.5.2). The record's note splits
+  the step of the rank that sets it (rank 0: stage 0 + the head/MTP stage, ~37% of its step in
+  head + MTP). Not modelled: the real stage layout (unpublished; a split that balances DualPipe's
+  rank pairs rather than stages would make the prediction faster), the batch-size ramp (3% of the
+  tokens), the BF16 head's own GEMM efficiency (the catalog's gpu.gemm is FP8-derived), the MLA
+  attention shapes (d_qk 192; the FA3 figures are head dim 128). Context extension also runs on a
+  layout we had to assume (see the reading).
 - **`d6_decode_node_tps` (+24%) and `d6_prefill_node_tps` (+17%).** (Was +60% / +54%.) Read as
   saturated capacity; the production figures are daily averages at the operating point DeepSeek
   autoscaled to. The main correction: two-micro-batch overlap hides only part of the shorter of compute

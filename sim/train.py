@@ -59,7 +59,7 @@ from dsref.sim.comm import dp_zero1_comm, pp_comm
 from dsref.sim.deployment import Deployment, resolve
 from dsref.sim.parallel import stage_params
 from dsref.sim.scenario import Scenario, ScenarioError
-from dsref.sim.stepcost import OpTable, StepCost, StepFeatures, uniform
+from dsref.sim.stepcost import OpTable, StepCost, uniform
 
 SECONDS_PER_DAY = 86400.0
 SECONDS_PER_HOUR = 3600.0
