@@ -71,7 +71,6 @@ _GGML_BLOCK = {
     "iq1_s": (50, 256), "iq1_m": (56, 256), "iq2_xxs": (66, 256), "iq2_xs": (74, 256), "iq2_s": (82, 256),
     "iq3_xxs": (98, 256), "iq3_s": (110, 256), "iq4_nl": (18, 32), "iq4_xs": (136, 256), "mxfp4": (17, 32),
 }
-QK_K = 256  # super-block length of the k- and i-quants (ggml-common.h)
 # tensor_type_fallback(): the type used when a row is not a multiple of the type's block.
 _GGML_FALLBACK = {
     "iq1_s": "iq4_nl", "iq1_m": "iq4_nl", "iq2_xxs": "iq4_nl", "iq2_xs": "iq4_nl", "iq2_s": "iq4_nl",
@@ -240,16 +239,16 @@ def gguf_tensor_type(ftype: str, name: str, shape: tuple[int, ...], layer: int |
     return t
 
 
-def q4_k_m_format(name: str, shape: tuple[int, ...], layer: int | None, n_layers: int, cfg=None) -> str:
-    """The ggml type llama.cpp stores this tensor in under Q4_K_M (kept for callers of the old name)."""
-    return gguf_tensor_type("q4_k_m", name, shape, layer, _gguf_model(cfg, n_layers, "q4_k_m"))
+@functools.lru_cache(maxsize=64)
+def _gguf_model_of(cfg) -> GgufModel:
+    return GgufModel.of(cfg)  # once per model, not once per tensor (the layer scan is O(layers))
 
 
 def _gguf_model(cfg, n_layers: int, ftype: str) -> GgufModel:
     if cfg is None:
         raise ValueError(f"quantisation {ftype}: llama.cpp's per-tensor rules read the model's GQA ratio, "
                          "expert count and layer kinds; pass cfg=")
-    m = GgufModel.of(cfg)
+    m = _gguf_model_of(cfg)
     if m.n_layers != n_layers:
         raise ValueError(f"n_layers {n_layers} disagrees with the model config ({m.n_layers})")
     return m
