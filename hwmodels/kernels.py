@@ -21,8 +21,9 @@ File layout (every figure carries ``source`` and ``confidence``)::
     [device.<id>]                   inherits = "<profile>"; figures for one device only
 
 A section takes every figure it does not give itself from the section it ``inherits``
-(figure by figure: e.g. ``collective.inter.all_reduce`` alone can be overridden). Profile
-names (class, generation and device ids) share one namespace.
+(figure by figure: e.g. ``collective.inter.all_reduce`` alone can be overridden), less those
+it lists in ``[<section>.omit]`` (``"gemm.dense" = "why this table does not apply here"``).
+Profile names (class, generation and device ids) share one namespace.
 
 Bad data raises :class:`dsref.hwmodels.catalog.CatalogError` naming the file and key.
 """
@@ -33,7 +34,7 @@ import functools
 import math
 import os
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -48,7 +49,9 @@ GEMM_KINDS = ("dense", "grouped")
 _SECTION_KINDS = ("class", "generation", "device")
 _FIGURE_KEYS = ("launch_eager", "launch_graph", "step_overhead", "collective", "gemm", "ep_low_latency", "ep_normal",
                 "attention")
-_META_KEYS = ("description", "devices", "inherits")
+_META_KEYS = ("description", "devices", "inherits", "omit")
+# Figures every profile must have after inheritance: they cannot be omitted.
+_REQUIRED = ("launch_eager", "launch_graph", "step_overhead", "step_overhead.decode", "step_overhead.prefill")
 # Columns of a GEMM table's ``raw`` rows, as the DeepGEMM README prints them (groups = 1 for
 # normal GEMMs): keeping the published rows lets a reader check the derived curve.
 GEMM_RAW_COLUMNS = ("groups", "m", "n", "k", "tflops", "gbs")
@@ -168,6 +171,7 @@ class KernelProfile:
     ep_table: EpTable | None = None
     attention: dict = field(default_factory=dict)     # "decode" | "prefill" -> fraction
     ep_normal: EpNormalTable | None = None
+    omitted: dict = field(default_factory=dict)       # figure key -> why an inherited figure is dropped
 
     def has_collective(self, link: str, collective: str) -> bool:
         return (link, collective) in self.collectives
@@ -376,6 +380,20 @@ def _ep_normal(raw: Any, file: Any, key: str) -> EpNormalTable:
     return EpNormalTable(ep, tuple(v * 1e9 for v in d), tuple(v * 1e9 for v in c), source, conf)
 
 
+def _without(tree: Mapping, path: list[str]) -> dict:
+    """A copy of ``tree`` without the entry at ``path`` (an empty parent table is dropped)."""
+    out = dict(tree)
+    if len(path) == 1:
+        out.pop(path[0], None)
+    else:
+        sub = _without(out[path[0]], path[1:])
+        if sub:
+            out[path[0]] = sub
+        else:
+            out.pop(path[0])
+    return out
+
+
 def _merge(child: Mapping, parent: Mapping) -> dict:
     """Child figures win; nested tables (step_overhead, collective.<link>, gemm, attention) merge
     key by key. A table with a ``source`` is one figure and is taken whole."""
@@ -522,19 +540,44 @@ def _load_cached(file_name: str, _mtime: int) -> KernelTable:
                 raise _err(file, f"{key}.devices", f"device {d!r} already listed by generation '{generation_of[d]}'")
             generation_of[d] = name
 
-    def resolved(name: str, chain: tuple[str, ...]) -> dict:
+    def resolved(name: str, chain: tuple[str, ...]) -> tuple[dict, dict]:
+        """(figures after inheritance and omissions, {omitted key: reason})."""
         key, raw = sections[name]
         own = {k: v for k, v in raw.items() if k in _FIGURE_KEYS}
         parent = raw.get("inherits")
         if parent is None:
-            return own
-        if not isinstance(parent, str) or parent not in sections:
-            raise _err(file, f"{key}.inherits", f"{parent!r} is not a profile in this file")
-        if parent in chain:
-            raise _err(file, f"{key}.inherits", f"inheritance cycle {' -> '.join(chain + (parent,))}")
-        return _merge(own, resolved(parent, chain + (parent,)))
+            merged, omitted = own, {}
+        else:
+            if not isinstance(parent, str) or parent not in sections:
+                raise _err(file, f"{key}.inherits", f"{parent!r} is not a profile in this file")
+            if parent in chain:
+                raise _err(file, f"{key}.inherits", f"inheritance cycle {' -> '.join(chain + (parent,))}")
+            inherited, omitted = resolved(parent, chain + (parent,))
+            merged, omitted = _merge(own, inherited), dict(omitted)
+        omit = raw.get("omit", {})
+        if not isinstance(omit, dict):
+            raise _err(file, f"{key}.omit", "must be a table of \"figure.key\" = \"reason\"")
+        for fig_key, reason in omit.items():
+            ok = f"{key}.omit.{fig_key}"
+            if not isinstance(reason, str) or not reason.strip():
+                raise _err(file, ok, "the reason must be a non-empty string")
+            if fig_key in _REQUIRED:
+                raise _err(file, ok, "a required figure cannot be omitted")
+            *path, leaf = fig_key.split(".")
+            node = merged
+            for part in path:
+                node = node.get(part) if isinstance(node, dict) else None
+            if not isinstance(node, dict) or leaf not in node:
+                raise _err(file, ok, "no such inherited figure to omit")
+            # copy the tables on the way down so the parent's resolved figures stay intact
+            merged = _without(merged, path + [leaf])
+            omitted[fig_key] = reason
+        return merged, omitted
 
-    profiles = {name: _build_profile(name, resolved(name, (name,)), file, key) for name, (key, _) in sections.items()}
+    profiles = {}
+    for name, (key, _) in sections.items():
+        figures, omitted = resolved(name, (name,))
+        profiles[name] = replace(_build_profile(name, figures, file, key), omitted=omitted)
     devices = frozenset(n for n, (k, _) in sections.items() if k.startswith("device."))
     return KernelTable(profiles, generation_of, devices, str(file))
 

@@ -58,8 +58,8 @@ def test_profiles_and_their_sources():
 
 def test_catalog_devices_resolve():
     by_id = {d.id: K.kernel_profile(d).name for d in list_devices()}
-    for d in ("h100", "h800", "h20", "h200"):
-        assert by_id[d] == "hopper"
+    assert by_id["h100"] == by_id["h800"] == "hopper"
+    assert by_id["h20"] == "h20" and by_id["h200"] == "h200"      # hopper less the H800 GEMM table
     assert by_id["b200"] == by_id["gb200"] == "blackwell"
     assert by_id["a100"] == "ampere"
     assert by_id["ascend-910b"] == "ascend"
@@ -97,6 +97,18 @@ def test_collective_interpolation_and_edges():
     with pytest.raises(CatalogError, match="collective.inter.all_reduce"):
         K.get_profile("tpu").collective_latency_s("inter", "all_reduce", 16)
     assert not K.get_profile("cpu").has_collective("intra", "all_reduce")
+
+
+def test_h20_h200_drop_the_h800_gemm_fractions_but_keep_the_rest():
+    hop = K.get_profile("hopper")
+    for name in ("h20", "h200"):
+        p = K.get_profile(name)
+        assert p.gemm_efficiency(64, False) is None and p.gemm_efficiency(64, True) is None
+        assert set(p.omitted) == {"gemm.dense", "gemm.grouped"} and all(len(r) > 40 for r in p.omitted.values())
+        assert "gemm.dense" not in p.sources
+        assert p.ep_low_latency_s(8, 128) == hop.ep_low_latency_s(8, 128)
+        assert p.attention_efficiency("decode") == hop.attention_efficiency("decode")
+    assert hop.gemm_efficiency(64, False) is not None and not hop.omitted
 
 
 def test_generation_overrides_only_what_it_gives():
@@ -287,6 +299,12 @@ confidence = "low"
     ("[class.gpu.ep_low_latency]\nep = [8]\ndispatch_us = [1]\ndispatch_gbs = [1]\ncombine_us = [1]\n"
      "source = \"s\"\nconfidence = \"low\"\n", "class.gpu.ep_low_latency.combine_gbs"),
     ("[widgets.x]\na = 1\n", "widgets"),
+    ("[generation.g]\ndevices = [\"a\"]\ninherits = \"gpu\"\n[generation.g.omit]\n\"launch_graph\" = \"no\"\n",
+     "generation.g.omit.launch_graph"),
+    ("[generation.g]\ndevices = [\"a\"]\ninherits = \"gpu\"\n[generation.g.omit]\n\"gemm.dense\" = \"none here\"\n",
+     "generation.g.omit.gemm.dense"),
+    ("[generation.g]\ndevices = [\"a\"]\ninherits = \"gpu\"\n[generation.g.omit]\n\"attention.decode\" = \"\"\n",
+     "generation.g.omit.attention.decode"),
 ])
 def test_bad_file_names_file_and_key(tmp_path, extra, key):
     p = write(tmp_path, extra)
