@@ -181,6 +181,10 @@ def test_summary_never_counts_a_calibration_claim():
     assert s1["median_abs_error"] == s0["median_abs_error"]
     out = validate.table(val + [cal])
     assert out.index("calibration claims") < out.index("k ") and validate.CAL_LABEL in out
+    # a record built by hand for a real calibration claim, left at the default role, is still not counted
+    cid = next(iter(registry.claims_with_role("calibration")))
+    sneaky = Record(cid, 1000.0, 1.0, "u", "s")
+    assert sneaky.role == "validation" and validate.summary(val + [sneaky]) == {**s0, "n_calibration": 1}
 
 
 # ------------------------------------------------------------------ (b) the leak test
