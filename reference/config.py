@@ -367,10 +367,14 @@ def _from_hf_dict(d: dict[str, Any], source: str, name: str | None) -> ModelConf
         if gqa_moe:
             # Qwen3-MoE routing (transformers Qwen3MoeTopKRouter): softmax over all experts,
             # plain top-k, renormalised iff norm_topk_prob; no groups, no shared expert, no scale.
+            # Defaults only: a field that says otherwise (a shared expert, a sigmoid gate) is
+            # rejected by validation instead of silently replaced.
             kw.update(n_routed_experts=_typed("n_routed_experts", d["num_experts"], source),
-                      n_shared_experts=0, scoring_func="softmax", topk_method="greedy", n_group=1,
-                      topk_group=1, routed_scaling_factor=1.0, first_k_dense_replace=0)
-            kw.setdefault("norm_topk_prob", False)  # the transformers Qwen3MoeConfig default
+                      first_k_dense_replace=0)
+            for k, v in dict(n_shared_experts=0, scoring_func="softmax", topk_method="greedy", n_group=1,
+                             topk_group=1, routed_scaling_factor=1.0,
+                             norm_topk_prob=False).items():  # transformers Qwen3MoeConfig default
+                kw.setdefault(k, v)
         else:
             kw.update(n_routed_experts=0, n_shared_experts=0)
         if "attention_bias" not in d:

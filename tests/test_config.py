@@ -108,6 +108,9 @@ PUBLISHED = {  # name: (total, activated, tolerance) from the model cards / pape
     "qwen2.5-72b": (72.7e9, None, 0.01),
     "llama-3.1-405b": (405e9, None, 0.01),
     "llama-3.1-8b": (8.03e9, None, 0.01),
+    "llama-2-13b": (13.0e9, None, 0.005),  # Llama 2 paper (arXiv 2307.09288) Table 1: 13B
+    "qwen3-30b-a3b": (30.5e9, None, 0.005),  # model card; activated: tests/test_qwen3_moe.py
+    "qwen3-235b-a22b": (235e9, None, 0.005),
 }
 
 
@@ -117,8 +120,10 @@ def test_param_counts_match_published(name):
     cfg = get_preset(name)
     pc = cfg.param_counts()
     assert pc["total_params"] == pytest.approx(total, rel=tol)
-    if active is None:  # dense: everything but the input embedding table
+    if active is None and not cfg.is_moe:  # dense: everything but the input embedding table
         assert pc["activated_params"] == pc["total_params"] - cfg.vocab_size * cfg.hidden_size
+    elif active is None:  # Qwen counts activated parameters differently: tests/test_qwen3_moe.py
+        assert pc["activated_params"] < pc["total_params"] / 5
     else:
         assert pc["activated_params"] == pytest.approx(active, rel=0.025)
 
@@ -146,6 +151,10 @@ def test_kv_cache_bytes():
     assert get_preset("deepseek-v3").kv_cache_bytes_per_token() == 70_272
     assert get_preset("qwen2.5-72b").kv_cache_bytes_per_token() == 327_680
     assert get_preset("llama-3.1-405b").kv_cache_bytes_per_token() == 516_096
+    # GQA: layers x 2 (K and V) x kv heads x head_dim x 2 bytes
+    assert get_preset("qwen3-30b-a3b").kv_cache_bytes_per_token() == 48 * 2 * 4 * 128 * 2 == 98_304
+    assert get_preset("qwen3-235b-a22b").kv_cache_bytes_per_token() == 94 * 2 * 4 * 128 * 2
+    assert get_preset("llama-2-13b").kv_cache_bytes_per_token() == 40 * 2 * 40 * 128 * 2 == 819_200
 
 
 def test_every_preset_loads_and_round_trips(tmp_path):

@@ -42,7 +42,11 @@ def test_v3_params_671b_37b():
 
 
 @pytest.mark.parametrize("name,expected", [("deepseek-v3", 70_272), ("qwen2.5-72b", 327_680),
-                                           ("llama-3.1-405b", 516_096)])
+                                           ("llama-3.1-405b", 516_096),
+                                           # GQA: layers x 2 x kv_heads x head_dim x 2 B
+                                           ("qwen3-30b-a3b", 48 * 2 * 4 * 128 * 2),
+                                           ("qwen3-235b-a22b", 94 * 2 * 4 * 128 * 2),
+                                           ("llama-2-13b", 40 * 2 * 40 * 128 * 2)])
 def test_kv_cache_bytes_per_token(name, expected):
     assert get_preset(name).kv_cache_bytes_per_token(2.0) == expected
 
@@ -63,6 +67,24 @@ def test_training_convention_is_6n_plus_causal_attention():
     n_act = cfg.param_counts()["activated_params"] - vec - cfg.hidden_size
     att = 2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * (seq + 1) / 2 * cfg.num_hidden_layers
     assert costmodel.training_flops_per_token(cfg, seq) == pytest.approx(6 * n_act + 3 * att, rel=1e-9)
+
+
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "qwen3-235b-a22b", "llama-2-13b"])
+def test_gqa_training_flops_closed_form(name):
+    """ISCA-style FLOPs/token from the config alone: 3 x (2 x matmul weights a token uses +
+    causal attention at 4096); GQA attention is QK^T and PV over head_dim for every query head.
+    Qwen3-MoE: q/k/v/o, router over E, k of E experts (3 matrices of D x F), LM head."""
+    cfg = get_preset(name)
+    seq, D, H, K, hd, L = 4096, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, \
+        cfg.dense_head_dim, cfg.num_hidden_layers
+    attn_w = D * H * hd * 2 + D * K * hd * 2
+    if cfg.is_moe:
+        ffn_w = D * cfg.n_routed_experts + cfg.num_experts_per_tok * 3 * D * cfg.moe_intermediate_size
+    else:
+        ffn_w = 3 * D * cfg.intermediate_size
+    n = L * (attn_w + ffn_w) + cfg.vocab_size * D
+    att = L * 2 * H * (hd + hd) * (seq + 1) / 2
+    assert costmodel.training_flops_per_token(cfg, seq) == pytest.approx(3 * (2 * n + att), rel=1e-12)
 
 
 def test_v3_per_token_totals():
