@@ -36,7 +36,7 @@ Kernel mechanisms the FLOP counts miss (each a time multiplier on one class of o
 cited kernel benchmark; ``TrainSim(mechanisms=...)`` switches them off for attribution):
   * attention_backward: FlashAttention's backward runs 5 matmuls per tile where the forward
     runs 2 (it recomputes the scores), i.e. 2.5x the forward FLOPs, not the cost model's 2x,
-    and at a lower rate than the forward (FA3 paper: 542 vs 638 TFLOP/s at seq 4K, head dim 128).
+    and at a lower rate than the forward (FA3 paper, head dim 128: 542 vs 638 TFLOP/s at seq 4K).
   * wgrad_gemm: FP8 weight-gradient GEMMs (reduction over tokens, transposed operands) run
     below the forward GEMM's rate at the same shapes (DeepGEMM's PR #95 wgrad tables vs its
     PR #74 forward tables, H800). Applied to FP8 GEMMs only (the tables are FP8).
@@ -71,14 +71,28 @@ DEFAULT_MFU_PRECISION = "bf16"
 # dQ, dK: 5 products vs 2): Dao-AILab/flash-attention benchmarks/benchmark_flash_attention.py,
 # flops(): bwd = 2.5 x fwd (the convention of every FA paper's backward TFLOP/s). Confidence: high.
 FA_BWD_FLOPS_RATIO = 2.5
-# FlashAttention-3 (Shah et al. 2024, arXiv 2407.08608), BF16 on H100 SXM5, head dim 128, seq 4K
-# (bar labels of the figures "Attention forward speed, head dim 128" and "Attention backward speed,
-# head dim 128"): forward 638, backward 542 TFLOP/s. H800 has the H100's SMs. MLA's training
-# attention has d_qk 192 / d_v 128 (DeepSeek's kernels are not public): head dim 128 is the
-# nearest published point. Confidence: medium.
-FA3_FWD_TFLOPS, FA3_BWD_TFLOPS = 638.0, 542.0
-# Backward attention time / the cost model's (2x forward FLOPs at the forward's rate).
-ATTN_BWD_TIME_RATIO = FA_BWD_FLOPS_RATIO / costmodel.BACKWARD_FLOPS_RATIO * FA3_FWD_TFLOPS / FA3_BWD_TFLOPS
+# FlashAttention-3 (Shah et al. 2024, arXiv 2407.08608), BF16 on H100 SXM5, head dim 128: the bar
+# labels of the figures "Attention forward speed, head dim 128" and "Attention backward speed, head
+# dim 128" (TFLOP/s; the backward counted as 2.5x the forward FLOPs) at sequence lengths 512 .. 16K.
+# The causal-mask setting of the two figures was not re-checked here; the same setting is assumed for
+# both (only their ratio is used). H800 has the H100's SMs. MLA's training attention has d_qk 192 /
+# d_v 128 (DeepSeek's kernels are not public): head dim 128 is the nearest published point.
+# Confidence: medium.
+FA3_SEQ = (512, 1024, 2048, 4096, 8192, 16384)
+FA3_FWD_TFLOPS = (467.0, 565.0, 625.0, 638.0, 646.0, 648.0)
+FA3_BWD_TFLOPS = (316.0, 424.0, 501.0, 542.0, 559.0, 561.0)
+
+
+def attention_backward_time_ratio(seq_len: int) -> float:
+    """Backward attention time / the cost model's (2x forward FLOPs at the forward's rate): 2.5/2 x
+    the FA3 forward/backward rate ratio at ``seq_len`` (linear in log2 between the figure's lengths,
+    clamped outside 512 .. 16K)."""
+    lg = np.log2(FA3_SEQ)
+    x = float(np.clip(np.log2(max(seq_len, 1)), lg[0], lg[-1]))
+    fwd, bwd = np.interp(x, lg, FA3_FWD_TFLOPS), np.interp(x, lg, FA3_BWD_TFLOPS)
+    return FA_BWD_FLOPS_RATIO / costmodel.BACKWARD_FLOPS_RATIO * float(fwd / bwd)
+
+
 # DeepGEMM FP8 (fine-grained scaling, CUDA-core promotion every 128 elements) on H800, TFLOP/s at
 # DeepSeek-V3 shapes, the same forward/wgrad shape pairs (weight [N, K] <-> wgrad output [K, N]):
 #   forward: deepseek-ai/DeepGEMM PR #74 (Mar 2025) 'Opti' column, dense M = 4096 rows,
@@ -359,7 +373,8 @@ class TrainSim:
         b_scale = np.where(bwd & wgt, half, 1.0)
         w_scale = np.full(len(phase), half)
         if "attention_backward" in self.mechanisms:
-            b_scale = np.where(bwd & (kinds == "attention"), b_scale * ATTN_BWD_TIME_RATIO, b_scale)
+            b_scale = np.where(bwd & (kinds == "attention"), b_scale * attention_backward_time_ratio(self.seq),
+                               b_scale)
         if "wgrad_gemm" in self.mechanisms and self.quant.gemm_precision == "fp8":
             for kind, ratio in WGRAD_TIME_RATIO.items():
                 w_scale = np.where(kinds == kind, w_scale * ratio, w_scale)
@@ -713,7 +728,7 @@ class TrainSim:
                 "dualpipe_bubble_formula_s": self.dualpipe_bubble_formula_s() if self.fixed is None else None,
                 "ep_busiest_rank_load_factor": getattr(self, "ep_load_factor", 1.0),
                 "mechanisms": list(self.mechanisms),
-                "mechanism_multipliers": {"attention_backward_time": ATTN_BWD_TIME_RATIO,
+                "mechanism_multipliers": {"attention_backward_time": attention_backward_time_ratio(self.seq),
                                           "wgrad_time_dense_fp8": WGRAD_TIME_RATIO["gemm"],
                                           "wgrad_time_grouped_fp8": WGRAD_TIME_RATIO["moe_gemm"]},
             },

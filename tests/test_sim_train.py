@@ -215,7 +215,11 @@ def test_train_cli_json(capsys):
 def test_kernel_mechanism_multipliers_follow_their_sources():
     from dsref.sim import train
     # FA backward: 2.5x the forward FLOPs at 542 vs 638 TFLOP/s, against the cost model's 2x at one rate
-    assert train.ATTN_BWD_TIME_RATIO == pytest.approx(1.25 * 638 / 542)
+    r = train.attention_backward_time_ratio
+    assert r(4096) == pytest.approx(1.25 * 638 / 542)
+    assert r(512) == pytest.approx(1.25 * 467 / 316) and r(256) == r(512)      # clamped below the figure
+    assert r(131072) == r(16384) == pytest.approx(1.25 * 648 / 561)            # and above it
+    assert r(4096) < r(3000) < r(2048)                                          # log2-linear in between
     # wgrad slower than the forward GEMM at every DeepGEMM shape pair but one (the K = 512 forward is
     # the worst shape of its table); the equal-FLOP time ratio > 1 for both kernel families
     assert 1.0 < train.WGRAD_TIME_RATIO["gemm"] < train.WGRAD_TIME_RATIO["moe_gemm"] < 1.5
