@@ -116,6 +116,9 @@ def test_recomputation_adds_forward_work():
     ("qwen2.5-14b", "q4_k_m", 8.99),   # bartowski/Qwen2.5-14B-Instruct-GGUF Q4_K_M file size
     ("llama-3.1-8b", "q4_k_m", 4.92),  # bartowski/Meta-Llama-3.1-8B-Instruct-GGUF Q4_K_M
     ("llama-3.1-8b", "q8_0", 8.54),    # same repository, Q8_0
+    ("qwen3-30b-a3b", "bf16", 61.10),  # bartowski/Qwen_Qwen3-30B-A3B-GGUF README file table
+    ("qwen3-30b-a3b", "q8_0", 32.48),  # same table
+    ("llama-2-13b", "q4_k_m", 7.87),   # TheBloke/Llama-2-13B-GGML README: llama-2-13b q4_K_M 7.87 GB
 ])
 def test_gguf_sizes_match_published_files(name, quant, published_gb):
     got = model_weight_bytes(get_preset(name), get_quant(quant))["total"] / GB
