@@ -34,8 +34,8 @@ MISSES = """
   weight-gradient GEMMs run 15-27% slower than the forward at the same shapes (DeepGEMM PR #95 vs
   #74), and the BF16->FP8 casts the report calls unfused (sec. 3.5.2). The record's note splits
   the step of the rank that sets it (rank 0: stage 0 + the head/MTP stage, ~37% of its step in
-  head + MTP). Not modelled: the real stage layout (unpublished; a split that balances DualPipe's
-  rank pairs rather than stages would make the prediction faster), the batch-size ramp (3% of the
+  head + MTP). Not modelled: the real stage layout (unpublished; splits balancing DualPipe's rank
+  pairs instead of stages, tried by hand, were slower), the batch-size ramp (3% of the
   tokens), the BF16 head's own GEMM efficiency (the catalog's gpu.gemm is FP8-derived), the MLA
   attention shapes (d_qk 192; the FA3 figures are head dim 128). Context extension also runs on a
   layout we had to assume (see the reading).
