@@ -37,7 +37,9 @@ def simulate(duration_s: float) -> dict:
 
 
 def run(claims: dict, *, fast: bool = False) -> list[Record]:
-    runs = simulate(30.0 if fast else 180.0)
+    # 300 simulated s: the pool needs ~15-20 s to fill (prefill latency + 1,024-step requests), which the
+    # whole-run average includes
+    runs = simulate(30.0 if fast else 300.0)
     pre, dec, split = runs["prefill_sat"], runs["decode_sat"], runs["split"]
     p_dies = pre["roles"]["prefill"]["devices"]
     d = dec["roles"]["decode"]

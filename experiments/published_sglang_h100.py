@@ -97,7 +97,9 @@ def run(claims: dict, *, fast: bool = False) -> list[Record]:
         record(claims, "sglang_h100_decode_node_tps", dec["output_tokens_per_s_per_node"],
                reading=("decode pool (9 nodes, EP72) alone and held full: up to 256 sequences per GPU, 2,000-token "
                         "inputs + 100-token outputs (KV ~2,000), two-batch overlap, no MTP"),
-               note=(f"mean running {dec['running_mean'] / ddev:.0f} seqs/GPU, TPOT {dec['tpot_mean_s'] * 1e3:.1f} ms, "
+               note=(f"mean running {dec['running_mean'] / ddev:.0f} seqs/GPU; TPOT of a running request "
+                     f"{dec['running_mean'] / dec['output_tokens_per_s'] * 1e3:.1f} ms (mean TPOT incl. the wait for a "
+                     f"slot {dec['tpot_mean_s'] * 1e3:.0f} ms); "
                      f"{dec['queue_decode_waiting_mean']:.0f} requests waiting for a decode slot on average "
                      f"({DECODE_PREFILL_INSTANCES} prefill instances, {runs['dec_rate']:.0f} req/s offered); "
                      f"{dec['duration_s']:.0f} simulated s incl. the fill" + saturation_note(dec, "decode"))),
