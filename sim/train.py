@@ -727,6 +727,10 @@ class TrainSim:
                 "step_attribution": att,
                 "dualpipe_bubble_formula_s": self.dualpipe_bubble_formula_s() if self.fixed is None else None,
                 "ep_busiest_rank_load_factor": getattr(self, "ep_load_factor", 1.0),
+                # TR sec. 3.2.1: cross-node EP makes computation : communication about 1:1 (forward chunk
+                # of a middle stage, compute at all SMs)
+                "middle_stage_forward_compute_to_all_to_all": (st[len(st) // 2].f_c / st[len(st) // 2].f_m
+                                                               if st[len(st) // 2].f_m else None),
                 "mechanisms": list(self.mechanisms),
                 "mechanism_multipliers": {"attention_backward_time": attention_backward_time_ratio(self.seq),
                                           "wgrad_time_dense_fp8": WGRAD_TIME_RATIO["gemm"],

@@ -48,6 +48,9 @@ def _print_audit(r: dict) -> None:
     if f is not None:
         print(f"  DualPipe bubble  TR formula (PP/2-1)(F&B+B-3W) = {f:.3f} s per rank (middle-stage chunks); "
               f"simulated idle on rank {a['rank']}: {a['pipeline_idle_s']:.3f} s")
+    ratio = b.get("middle_stage_forward_compute_to_all_to_all")
+    if ratio is not None:
+        print(f"  compute : a2a    {ratio:.2f} : 1 in a middle stage's forward chunk (TR sec. 3.2.1: about 1:1)")
     if b.get("ep_busiest_rank_load_factor", 1.0) != 1.0:
         print(f"  EP load          busiest rank's routed rows = {b['ep_busiest_rank_load_factor']:.3f} x the mean")
     eff = r.get("mechanism_effects")

@@ -262,6 +262,8 @@ def test_v3_step_attribution_adds_up_and_mechanisms_cost_time():
     # DualPipe's published bubble formula, with the simulator's chunk times, is positive and below a step
     f = r["breakdown"]["dualpipe_bubble_formula_s"]
     assert 0 < f < r["pipeline_time_s"]
+    # the TR's ~1:1 computation : all-to-all of cross-node EP, within a factor of two
+    assert 0.5 < r["breakdown"]["middle_stage_forward_compute_to_all_to_all"] < 2.0
     eff = mechanism_effects(sc, r)
     assert set(eff["added_s"]) == set(MECHANISMS)
     assert all(v > 0 for v in eff["added_s"].values())
