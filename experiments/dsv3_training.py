@@ -64,8 +64,11 @@ def context_extension() -> list[dict]:
     for seq, batch in CTX_STAGES:
         tokens = CTX_STEPS * batch * seq
         r = pretrain({"seq_len": seq, "global_batch": MIN_BATCH_DUALPIPE, "token_budget": float(tokens)})
+        att = r["breakdown"]["step_attribution"]
         out.append({"seq_len": seq, "batch": batch, "tokens": tokens, "tokens_per_s": r["tokens_per_s"],
-                    "device_hours": r["device_hours"], "mfu": r["mfu"], "step_time_s": r["step_time_s"]})
+                    "device_hours": r["device_hours"], "mfu": r["mfu"], "step_time_s": r["step_time_s"],
+                    "attention_share": att["compute_by_kind_s"].get("attention", 0.0) / r["step_time_s"],
+                    "attention_backward_ratio": r["breakdown"]["mechanism_multipliers"]["attention_backward_time"]})
     return out
 
 
@@ -108,8 +111,9 @@ def run(claims: dict, *, fast: bool = False) -> list[Record]:
         claims, "dsv3_tr_ctxext_gpuh", ctx_h,
         reading=("TR sec. 4.3: 1000 steps at 32K x batch 1920, then 1000 at 128K x batch 480 "
                  "(62.9B tokens each); layout: pre-training PP16/EP64/DP128 DualPipe with 32 micro-batches"),
-        note="; ".join(f"{s['seq_len'] // 1024}K: {s['device_hours'] / 1e3:.0f}K GPU-h, MFU {s['mfu']:.0%}"
-                       for s in ctx)))
+        note="; ".join(f"{s['seq_len'] // 1024}K: {s['device_hours'] / 1e3:.0f}K GPU-h, MFU {s['mfu']:.0%}, attention "
+                       f"{s['attention_share']:.0%} of the step (backward at {s['attention_backward_ratio']:.2f}x "
+                       "the cost model's, FA3 16K figures)" for s in ctx)))
     post = float(claims[POSTTRAIN_GPUH_PUBLISHED]["value"])
     out.append(record(claims, "dsv3_tr_posttrain_gpuh", None, status="not_modelled",
                       note="SFT + RL (rollout generation, reward models) are not modelled by sim.train"))
