@@ -157,7 +157,8 @@ class KernelProfile:
 
     Times are seconds. ``sources`` and ``confidence`` map a figure key (``launch_eager``,
     ``step_overhead.decode``, ``collective.intra.all_reduce``, ``gemm.dense``,
-    ``ep_low_latency``, ``attention.decode``, ...) to its cited source / confidence.
+    ``ep_low_latency``, ``attention.decode``, ...) to its cited source / confidence;
+    ``omitted`` maps an inherited figure this profile drops to the reason.
     """
 
     name: str
@@ -202,7 +203,10 @@ class KernelProfile:
         per expert), from the median over the published shapes at each M. Piecewise linear in
         log2(rows) between table points, clamped at the ends. None when the profile has no table.
         A step charges max(FLOPs / (peak x compute), bytes / (bw x memory)): at a table point
-        both terms give the kernel's measured time for the median shape."""
+        each term runs at the median published rate. The fractions are what the kernels achieved
+        on the table's device (a memory-bound point has a low compute fraction and vice versa),
+        so they hold for devices of the same compute / bandwidth balance; profiles of other
+        devices omit them (kernels.toml [device.h20.omit])."""
         if not rows > 0:
             raise CatalogError(f"GEMM rows must be positive, got {rows!r}")
         curve = self.gemm.get("grouped" if grouped else "dense")
