@@ -40,9 +40,12 @@ cited kernel benchmark; ``TrainSim(mechanisms=...)`` switches them off for attri
   * wgrad_gemm: FP8 weight-gradient GEMMs (reduction over tokens, transposed operands) run
     below the forward GEMM's rate at the same shapes (DeepGEMM's PR #95 wgrad tables vs its
     PR #74 forward tables, H800). Applied to FP8 GEMMs only (the tables are FP8).
-Attribution (``attribute(sc)``): the critical rank's step time split into compute by op kind,
-recomputation, the SMs held by the all-to-all, exposed all-to-all, pipeline idle, DP tail;
-and the step time with each mechanism switched off.
+  * fp8_cast: the BF16 -> FP8 quantisation passes before each FP8 GEMM and the backward's
+    gradient casts and 1x128 -> 128x1 transposes (TR sec. 3.5.2), memory-bound.
+Attribution: ``run()``'s breakdown.step_attribution splits the step of the rank that finishes
+last into compute by op kind, recomputation, the SMs held by the all-to-all, exposed all-to-all,
+pipeline idle and the DP tail (the parts add up to the step time); ``mechanism_effects(sc)``
+gives the step time with each mechanism switched off.
 """
 
 from __future__ import annotations
@@ -117,12 +120,11 @@ def equal_flop_time_ratio(slow: dict, fast: dict) -> float:
 
 WGRAD_TIME_RATIO = {"gemm": equal_flop_time_ratio(DEEPGEMM_WGRAD_DENSE, DEEPGEMM_FWD_DENSE),
                     "moe_gemm": equal_flop_time_ratio(DEEPGEMM_WGRAD_GROUPED, DEEPGEMM_FWD_GROUPED)}
-# FP8 casts around the GEMMs (TR sec. 3.5.2, "Support for ... FP8 cast" / "Transposed GEMM
-# Operations"): "we need to read 128 BF16 activation values ... from HBM for quantization, and the
-# quantized FP8 values are then written back to HBM, only to be read again for MMA"; "activations
-# during the forward pass are quantized into 1x128 FP8 tiles and stored. During the backward pass,
-# the matrix needs to be read out, dequantized, transposed, re-quantized into 128x1 tiles, and
-# stored in HBM". Bytes moved per element (fp32 scale per 128 elements, TR sec. 3.3):
+# FP8 casts around the GEMMs. TR sec. 3.5.2 (suggestions on hardware design) describes them as
+# separate HBM round trips today: BF16 activations are read from HBM to be quantised, the FP8 values
+# written back and read again by the MMA; in the backward, the FP8 activations cached in 1x128 tiles
+# are read, dequantised, transposed, re-quantised into 128x1 tiles and written back (paraphrased).
+# Bytes moved per element (fp32 scale per 128 elements, TR sec. 3.3):
 #   forward, each FP8 GEMM input: read BF16 + write FP8 + scale;
 #   backward, each FP8 GEMM's output gradient (Dgrad's FP8 input): read BF16, write FP8 in both
 #     tile layouts (1x128 for Dgrad, 128x1 for Wgrad) -- an assumption: one pass, two outputs;
