@@ -32,6 +32,17 @@ def _print_audit(r: dict) -> None:
 
     def line(label, v):
         print(f"    {label:<30} {v:8.3f} s  {v / step:6.1%}")
+    parts = b.get("stage_compute_by_kind_s")
+    if parts:
+        print("  per micro-batch  stage (layers): F / B / recompute / W compute, all-to-all each way [ms]")
+        seen = set()
+        for i, (p, (lo, hi)) in enumerate(zip(parts, b["stage_layers"])):
+            row = tuple(round(sum(p[ph].values()) * 1e3, 2) for ph in ("F", "B", "R", "W"))
+            if (row, hi - lo) in seen:
+                continue
+            seen.add((row, hi - lo))
+            print(f"    stage {i:>2} ({lo}-{hi - 1}): " + " / ".join(f"{v:.1f}" for v in row)
+                  + f", {b['stage_forward_comm_s'][i] * 1e3:.1f}")
     print(f"  step of rank {a['rank']} (the last to finish), {step:.3f} s:")
     for k, v in a["compute_by_kind_s"].items():
         line(f"compute: {k}", v)
