@@ -195,6 +195,7 @@ EXPERIMENTS: tuple[tuple[str, str], ...] = (
     ("dsref.experiments.published_sglang_h100", "run"),
     ("dsref.experiments.published_cloudmatrix", "run"),
     ("dsref.experiments.published_deepseek_profile", "run"),
+    ("dsref.experiments.published_lmsys_gb200", "run"),
     ("dsref.experiments.published_calibration", "run"),
 )
 
