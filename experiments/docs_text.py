@@ -23,7 +23,7 @@ MISSES = """
 
 - **Training (`dsv3_tr_pretrain_gpuh`, `_gpuh_per_T`, `_days_per_T`, `_total_gpuh`, `_cost_total`):
   about -13% with the plain roofline step cost, about -8% once sim.stepcost charges DeepGEMM's
-  row curves and the busiest EP rank; `_ctxext_gpuh` about -10%.** Goodput is 1.0 (no longer
+  row curves and the busiest EP rank; `_ctxext_gpuh` about -10% to -11%.** Goodput is 1.0 (no longer
   Llama 3's 0.90): the published hours are throughput x tokens (180K GPU-h/T x 14.8T = 2.664M;
   3.7 days/T x 2,048 x 24 h = 182K/T), so the whole gap is the step time's. Published mechanisms
   of the V3 recipe in the step, none fitted: MTP trained on the last stage with the output head

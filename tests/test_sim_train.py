@@ -210,6 +210,8 @@ def test_train_cli_json(capsys):
     r = json.loads(capsys.readouterr().out)
     for k in ("step_time_s", "bubble_fraction", "mfu", "tokens_per_day", "device_hours", "cost_usd"):
         assert k in r
+    assert set(r["mechanism_effects"]["added_s"]) == {"attention_backward", "wgrad_gemm", "fp8_cast"}
+    assert r["breakdown"]["step_attribution"]["total_s"] == pytest.approx(r["step_time_s"])
 
 
 def test_kernel_mechanism_multipliers_follow_their_sources():
