@@ -45,7 +45,7 @@ def _fmt(x) -> str:
 
 
 def gate_failures(stored: list[dict], records: list[Record], rel_tol: float = REL_TOL) -> list[str]:
-    """One line per claim whose figure moved (or appeared, vanished, changed status or published
+    """One line per claim whose figure moved (or appeared, vanished, changed status, role or published
     value) between the stored claims of validation.json and freshly computed records."""
     old = {c["key"]: c for c in stored}
     new = {r.key: r for r in records}
@@ -56,6 +56,8 @@ def gate_failures(stored: list[dict], records: list[Record], rel_tol: float = RE
         o, r = old[k], new[k]
         if o["status"] != r.status:
             out.append(f"{k}: status {o['status']} -> {r.status}")
+        if o.get("role", "validation") != r.role:  # a claim moved in or out of the statistics
+            out.append(f"{k}: role {o.get('role', 'validation')} -> {r.role}")
         if _moved(o["published"], r.published, 1e-9) is not None:
             out.append(f"{k}: published {_fmt(o['published'])} -> {_fmt(r.published)} (claims file changed)")
         rel = _moved(o["predicted"], r.predicted, rel_tol)
@@ -72,6 +74,8 @@ def test_gate_message_names_the_claim_and_the_move():
     assert gate_failures(stored, [Record("x", 100.9, 90.0, "tok/s", "src")]) == []
     assert gate_failures([], [rec])[0].startswith("x: computed")
     assert gate_failures(stored, [])[0] == "x: in docs/validation.json but no longer computed"
+    cal = Record("x", 100.0, 90.0, "tok/s", "src", role="calibration")
+    assert gate_failures(stored, [cal]) == ["x: role validation -> calibration"]
     nm = Record("x", None, 90.0, "tok/s", "src", status="not_modelled")
     assert gate_failures(stored, [nm]) == ["x: status predicted -> not_modelled",
                                            "x: predicted 100 -> None tok/s"]
