@@ -42,6 +42,9 @@ KV_FULL_UTILIZATION = 0.95
 KV_BLOCKED_SHARE = 0.01
 
 PERCENTILES = (50, 90, 99)
+# fill_time: the decode batch counts as full when the work still missing from it is at most
+# this share of its steady amount (ours, assumption: the same 1% as steady_state's tolerance)
+FILL_DEFICIT = 0.01
 BUSY_PARTS = (("compute_s", "compute"), ("memory_s", "memory bandwidth"), ("comm_s", "network"),
               ("floor_s", "latency floor"))
 ROLE_FIELDS = ("compute_s", "memory_s", "comm_s", "floor_s", "idle_s", "kv_blocked_steps", "steps",
@@ -139,8 +142,9 @@ def steady_state(times, values, *, min_fraction: float = 0.5, span: tuple[float,
         raise ValueError(f"steady_state: field 'tolerance': must be in [0, 1), got {tolerance}")
     ok = np.isfinite(t) & np.isfinite(v)
     t, v = t[ok], v[ok]
-    order = np.argsort(t, kind="stable")
-    t, v = t[order], v[order]
+    if len(t) > 1 and not (np.diff(t) >= 0).all():  # arrival order is usually given: no sort
+        order = np.argsort(t, kind="stable")
+        t, v = t[order], v[order]
     n = len(t)
     if span is not None:
         t0, t1 = float(span[0]), float(span[1])
@@ -195,6 +199,42 @@ def steady_state(times, values, *, min_fraction: float = 0.5, span: tuple[float,
 
 
 # ---------------------------------------------------------------- windowed figures
+def generated(first, done, output, tpot: float | None, x, side: str = "left") -> np.ndarray:
+    """Output tokens generated before each time in ``x`` (sorted), summed over requests: each
+    request's first token at its first-token time (side 'left': one at exactly x is not yet
+    counted; 'right': it is), its other output - 1 evenly over (first, done] (a request's decode
+    steps take about the same time). A request still running at the end (no done time)
+    generates at ``tpot`` s/token from its first token, capped at its output (tpot None: only
+    its first token counts).
+
+    The ramps sum to x * sum(r) - sum(r c) over the breakpoints c <= x (+r at first, -r at
+    done, r = tokens / (done - first)): binned onto the grid, no sort of the requests."""
+    x = np.atleast_1d(np.asarray(x, dtype=float))
+    m = len(x)
+    started = ~np.isnan(first)
+    f = first[started]
+    n = np.maximum(output[started] - 1, 0.0)
+    d = done[started].copy()
+    run = np.isnan(d) & (n > 0)
+    if tpot:
+        d[run] = f[run] + n[run] * tpot
+    else:
+        n = np.where(run, 0.0, n)
+    ramp = (n > 0) & (d > f)
+    # tokens at the first-token time: the first, plus the rest when they came with it (done ==
+    # first: not in ServeSim for outputs > 1; kept exact anyway)
+    at_first = 1.0 + np.where(ramp, 0.0, n)
+    k = np.searchsorted(x, f, side="right" if side == "left" else "left")  # counted from grid point k on
+    out = np.cumsum(np.bincount(k, at_first, minlength=m + 1))[:m]
+    r = n[ramp] / (d[ramp] - f[ramp])
+    c = np.concatenate([f[ramp], d[ramp]])
+    w = np.concatenate([r, -r])
+    kc = np.searchsorted(x, c, side="left")  # c <= x_j from j = kc on
+    W = np.cumsum(np.bincount(kc, w, minlength=m + 1))[:m]
+    WC = np.cumsum(np.bincount(kc, w * c, minlength=m + 1))[:m]
+    return out + x * W - WC
+
+
 def _pct(a: np.ndarray, q: float):
     return float(np.percentile(a, q)) if len(a) else None
 
@@ -205,14 +245,19 @@ def windowed(arrival, prompt, output, first, done, start_s: float, end_s: float)
 
     TTFT and TPOT as metrics() defines them (TTFT = first token - arrival over requests that got
     one; TPOT = (done - first) / (output - 1) over finished requests with output > 1), restricted
-    to requests that arrived at or after start_s. Throughput counts completions in the window:
-    prompt tokens of requests whose first token came (prefill done) in [start_s, end_s] and
-    output tokens of requests that finished in it, over end_s - start_s. Counting only the
-    requests that arrived after start_s would leave out the ones in flight at the window's start
-    and undercount by about (request latency / window); in steady state the work in flight at the
-    start and at the end is the same on average, so completion counting is unbiased, and under
-    overload it measures capacity, not the offered rate. Unlike metrics() (tokens as generated,
-    re-prefills of preempted requests included) it counts each request's own tokens once.
+    to requests that arrived at or after start_s.
+
+    Throughput counts the tokens produced inside the window, over end_s - start_s, whoever they
+    belong to: the prompt tokens of requests whose first token came (prefill done) in it, and
+    output tokens as generated: each request's first token at its first-token time, its other
+    output - 1 evenly over (first, done] (decode steps of one request take about the same time),
+    the part inside the window counted. A request still running at end_s has no done time: it is
+    taken to generate at the steady median TPOT since its first token, capped at its output.
+    Counting only the requests that arrived after start_s (or only completions) would miss the
+    work in flight at an edge of the window: a bias of about request latency / window, large when
+    outputs are long (a 5,000-token answer at 80 ms/token runs 400 s). Like metrics() this counts
+    tokens as generated, but each request's own tokens once (metrics() also counts re-prefills of
+    preempted requests).
 
     arrival, prompt, output, first, done: per request (ServeSim: wl.t, wl.prompt, wl.output,
     sh.first, sh.done; NaN where not reached).
@@ -233,8 +278,10 @@ def windowed(arrival, prompt, output, first, done, start_s: float, end_s: float)
     tpot = ((dn - f) / np.maximum(o - 1, 1))[fin]
     width = end_s - start_s
     with np.errstate(invalid="ignore"):  # NaN compares False: not reached, not counted
-        tok_in = float(p[(f >= start_s) & (f <= end_s)].sum())
-        tok_out = float(o[(dn >= start_s) & (dn <= end_s)].sum())
+        in_win = (f >= start_s) & (f <= end_s)
+        tok_in = float(p[in_win].sum())
+    fill = _pct(tpot, 50)
+    tok_out = float(generated(f, dn, o, fill, end_s, "right")[0] - generated(f, dn, o, fill, start_s, "left")[0])
     res = {"steady_start_s": float(start_s), "steady_window_s": width,
            "steady_requests_arrived": int(inside.sum()), "steady_requests_started": int(started.sum()),
            "steady_requests_finished": int((inside & ~np.isnan(dn)).sum()),
@@ -336,12 +383,43 @@ def _settled(arrival, series, latency, duration_s: float, min_fraction: float) -
                         tail_s=duration_s - cut)
 
 
+def fill_time(first, done, output, tpot: float | None, deficit: float = FILL_DEFICIT) -> float:
+    """Seconds after which the decode batch holds all but ``deficit`` of its steady work.
+
+    With requests entering decode at a steady rate, each decoding for S seconds, the work in
+    flight at time T after the start falls short of the steady amount by E[(S - T)+] / E[S]
+    (the requests that would still be running had they arrived before the start: an M/G/inf
+    count). Output tokens/s therefore ramps for as long as the longest outputs run, which can be
+    minutes after TTFT and TPOT have settled. S per request: done - first when finished, else
+    (output - 1) x ``tpot`` (the steady median); 1-token outputs do not decode."""
+    n = np.maximum(np.asarray(output, dtype=float) - 1, 0.0)
+    with np.errstate(invalid="ignore"):
+        S = np.where(np.isnan(done), n * (tpot or 0.0), done - first)
+    S = np.sort(S[(n > 0) & np.isfinite(S)])
+    total = S.sum()
+    if not len(S) or total <= 0:
+        return 0.0
+    tail = np.cumsum(S[::-1])[::-1]            # tail[i] = sum of S[i:]
+    above = len(S) - np.arange(len(S))         # how many of S are >= S[i]
+    short = (tail - S * above) / total         # E[(S - T)+] / E[S] at T = S[i]
+    return float(S[int(np.argmax(short <= deficit))])
+
+
 def steady_metrics(arrival, prompt, output, first, done, duration_s: float, *, roles: dict | None = None,
                    min_fraction: float = 0.5) -> dict:
-    """Steady-state detection on per-request TTFT and TPOT (in arrival order; both must settle,
-    the later start wins), the windowed figures after it, and (with ``roles``) the binding
-    resource. Keys: steady_state_reached, steady_state_method, steady_state_note, the windowed()
-    keys, and binding_resource / binding_role / binding_reason / binding_shares."""
+    """Where the run is steady, the figures over that part, and (with ``roles``) what binds.
+
+    Steady means: per-request TTFT and TPOT (in arrival order) have settled (steady_state, MSER-5),
+    and the decode batch has filled (fill_time, counted from where TTFT settled: requests enter
+    decode at a steady rate from there). The latest of the three starts the window; it must fall
+    in the first 1 - min_fraction of the run. Keys: steady_state_reached, steady_state_method,
+    steady_state_note, the windowed() keys, and binding_resource / binding_role / binding_reason /
+    binding_shares.
+
+    Why not MSER on output tokens/s per interval: the series is correlated over a request's
+    lifetime (tens of intervals when outputs are long), and MSER-5 then truncates at slow
+    fluctuations: on synthetic runs with 40 s lifetimes, 3 of 8 seeds were called not steady at
+    truncation points past 85% of the run (docs/serve-report.md)."""
     a = np.asarray(arrival, dtype=float)
     f, dn = np.asarray(first, dtype=float), np.asarray(done, dtype=float)
     o = np.asarray(output, dtype=float)
@@ -351,11 +429,25 @@ def steady_metrics(arrival, prompt, output, first, done, duration_s: float, *, r
     found = [(name, _settled(a, series, latency, D, min_fraction))
              for name, series, latency in (("TTFT", f - a, f - a), ("TPOT", tpot, dn - a))]
     late = max(found, key=lambda x: (not x[1].reached, x[1].start_s))  # a failure first, else the later start
-    st = late[1]
-    res = {"steady_state_reached": all(s.reached for _, s in found), "steady_state_method": st.method,
-           "steady_state_note": f"{late[0]}: {st.note}"}
-    start = min(st.start_s, D * (1 - 1e-9))  # a window even when not reached (flagged)
-    res.update(windowed(a, prompt, o, f, dn, start, D))
+    name, st = late
+    reached = all(s.reached for _, s in found)
+    note, start = f"{name}: {st.note}", st.start_s
+    fill = fill_time(f, dn, o, _pct(tpot[np.isfinite(tpot)], 50))
+    batch_full = found[0][1].start_s + fill
+    if reached and batch_full > start:
+        start = batch_full
+        limit = (1.0 - min_fraction) * D
+        why = (f"the decode batch fills {fill:,.4g} s after TTFT settles at {found[0][1].start_s:,.4g} s "
+               f"(requests decode that long: all but {FILL_DEFICIT:.0%} of the steady work in flight)")
+        if start <= limit:
+            note = f"output tokens/s: steady from {start:,.4g} s: {why}"
+        else:
+            reached = False
+            note = (f"output tokens/s: not steady before {start:,.4g} s, in the last {min_fraction:.0%} of the "
+                    f"run: {why}; {_advice(start / (1.0 - min_fraction))}")
+    res = {"steady_state_reached": reached, "steady_state_method": f"{st.method} + batch fill",
+           "steady_state_note": note}
+    res.update(windowed(a, prompt, o, f, dn, min(start, D * (1 - 1e-9)), D))  # a window even when not reached
     if roles is not None:
         name, sh = binding_resource(roles)
         res.update({"binding_resource": name, "binding_role": sh["role"], "binding_reason": sh["reason"],

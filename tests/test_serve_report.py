@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dsref.sim.serve_report import (KV_BLOCKED_SHARE, KV_FULL_UTILIZATION, MIN_BATCHES, MSER_BATCH,
-                                    SATURATED_UTILIZATION, binding_resource, format_report, mser,
+                                    SATURATED_UTILIZATION, binding_resource, fill_time, format_report, mser,
                                     steady_state, steady_metrics, windowed)
 
 SEEDS = range(5)
@@ -168,12 +168,13 @@ def test_windowed_closed_forms():
     assert w["steady_tpot_p50_s"] == pytest.approx(0.020 + 0.001 * 44.5)
     assert w["steady_tpot_p90_s"] == pytest.approx(0.020 + 0.001 * 91.1)
     assert w["steady_tpot_p99_s"] == pytest.approx(0.020 + 0.001 * 99.11)
-    # completions in [100, 300]: every first token (early requests at 150..249 s, late ones at
-    # 101..202 s), so every prompt; every output but the ten unfinished (the last done at
-    # 202 + 0.12 x 10 = 203.2 s): 190 x 11 tokens + the 1-token request
+    # tokens in [100, 300]: every first token (early requests at 150..249 s, late ones at
+    # 101..202 s), so every prompt; every output token: the finished ones are done by
+    # 202 + 0.12 x 10 = 203.2 s, the ten unfinished run at the median TPOT (64.5 ms) from
+    # ~151..161 s, their 10 tokens done within a second: 200 x 11 + the 1-token request
     assert np.nanmax(first) <= 300 and np.nanmax(done) <= 300
     assert w["steady_input_tokens_per_s"] == pytest.approx(201 * 100 / 200)
-    assert w["steady_output_tokens_per_s"] == pytest.approx((190 * 11 + 1) / 200)
+    assert w["steady_output_tokens_per_s"] == pytest.approx((200 * 11 + 1) / 200)
     assert w["steady_window_s"] == 200.0 and w["steady_start_s"] == 100.0
     # the window is closed at its start: the request at 100 s is in at 100 s, out at 100.5 s
     later = windowed(t, prompt, out, first, done, 100.5, 300.0)
@@ -181,18 +182,55 @@ def test_windowed_closed_forms():
     assert later["steady_ttft_p50_s"] == pytest.approx(1.505)  # 1.01 .. 2.00
 
 
-def test_windowed_counts_completions_in_the_window():
-    """A narrower window [100, 150]: prompts of the requests whose first token came in it (of the
-    early ones only t = 0, at 150 s; the late ones t = 100..148, first token at 101..150.48 s),
-    outputs of the requests done in it; requests in flight at either edge are cut off."""
+def _tokens_in(first, done, out, s, e, tpot):
+    """The documented rule, one request at a time: first token at `first`, the rest evenly over
+    (first, done], an unfinished request at `tpot` s/token from its first token."""
+    total = 0.0
+    for f, d, o in zip(first, done, out):
+        if math.isnan(f):
+            continue
+        total += s <= f <= e
+        if o <= 1:
+            continue
+        if math.isnan(d):
+            d = f + (o - 1) * tpot
+        total += (o - 1) * max(0.0, min(d, e) - max(f, s)) / (d - f)
+    return total
+
+
+def test_windowed_counts_tokens_generated_in_the_window():
+    """A narrower window [100, 150.3]: prompts of the requests whose first token came in it (of
+    the early ones only t = 0, at 150 s; the late ones t = 100 + i, first token at 101 + 1.01 i s,
+    for i = 0..48), and output tokens generated in it, requests in flight at an edge in part."""
     t, prompt, out, first, done = _requests()
-    w = windowed(t, prompt, out, first, done, 100.0, 150.0)
-    n_in = int(((first >= 100) & (first <= 150)).sum())
-    assert n_in == 1 + 49  # t=0 (first at 150 s) and t=100..148
-    assert w["steady_input_tokens_per_s"] == pytest.approx(n_in * 100 / 50)
-    with np.errstate(invalid="ignore"):
-        fin = (done >= 100) & (done <= 150)
-    assert w["steady_output_tokens_per_s"] == pytest.approx(out[fin].sum() / 50)
+    done[120] = np.nan  # in flight at the end: generating at the median TPOT since 121.2 s
+    w = windowed(t, prompt, out, first, done, 100.0, 150.3)
+    n_in = int(((first >= 100) & (first <= 150.3)).sum())
+    assert n_in == 1 + 49
+    assert w["steady_input_tokens_per_s"] == pytest.approx(n_in * 100 / 50.3)
+    want = _tokens_in(first, done, out, 100.0, 150.3, w["steady_tpot_p50_s"])
+    assert w["steady_output_tokens_per_s"] == pytest.approx(want / 50.3, rel=1e-12)
+    # a window ending before any first token: nothing produced
+    none = windowed(t, prompt, out, first, done, 0.0, 100.5)
+    assert none["steady_output_tokens_per_s"] == 0.0 and none["steady_input_tokens_per_s"] == 0.0
+
+
+def test_windowed_edges_by_hand():
+    """Window [15, 30]. A (first token 10 s, done 20 s, 11 tokens): 5 of its 10 later tokens fall
+    after 15 s. C (first 16 s, done 26 s): all 11. B (first 17 s, 101 tokens, unfinished):
+    its first token + 13 s at the median TPOT of 1 s/token = 14. 30 tokens in 15 s."""
+    t = np.array([0.0, 15.0, 16.0])           # A, C, B
+    first = np.array([10.0, 16.0, 17.0])
+    done = np.array([20.0, 26.0, np.nan])
+    out = np.array([11, 11, 101])
+    w = windowed(t, np.array([7, 30, 500]), out, first, done, 15.0, 30.0)
+    assert w["steady_output_tokens_per_s"] == pytest.approx(30 / 15)
+    assert w["steady_input_tokens_per_s"] == pytest.approx(530 / 15)
+    assert w["steady_tpot_p50_s"] == pytest.approx(1.0)
+    # no finished request after the start: no TPOT to run B at, only first tokens count
+    w = windowed(t, np.array([7, 30, 500]), out, first, done, 16.5, 30.0)
+    assert w["steady_tpot_p50_s"] is None
+    assert w["steady_output_tokens_per_s"] == pytest.approx((3.5 + 9.5 + 1) / 13.5)  # A, C in part; B first
 
 
 def test_windowed_from_the_start_is_the_whole_run_definition():
@@ -329,11 +367,13 @@ def test_steady_metrics_on_a_warming_run(seed):
     t, prompt, out, first, done = _poisson_run(seed)
     r = steady_metrics(t, prompt, out, first, done, 600.0)
     assert r["steady_state_reached"]
-    assert 20 < r["steady_start_s"] < 150
+    # the TTFT transient (2.7 exp(-t/15) s) sinks under its noise (50 ms) at 15 ln 54 = 60 s;
+    # the output tokens/s series (3 s intervals of Poisson work) may cut later, within the first half
+    assert 0.8 * 15 * math.log(2.7 / 0.05) < r["steady_start_s"] < 300
     # after the warm-up TTFT is the steady 0.3 s + Exp(50 ms): p50 0.3 + 0.05 ln 2
     assert r["steady_ttft_p50_s"] == pytest.approx(0.3 + 0.05 * math.log(2), abs=0.01)
     lines = format_report(r)
-    assert lines[0].startswith("  steady     reached (MSER-5)")
+    assert lines[0].startswith("  steady     reached (MSER-5 + batch fill)")
     assert "warm-up figures" not in lines[1]
 
 
@@ -347,3 +387,62 @@ def test_steady_metrics_overloaded_run_and_binding():
     text = "\n".join(format_report(r))
     assert "NOT reached" in text and "(warm-up figures, not steady)" in text
     assert "bound by   memory bandwidth" in text and "memory 90%" in text
+
+
+def test_steady_metrics_waits_for_the_batch_to_fill():
+    """Flat TTFT and TPOT, but 10,000-token answers at 20 ms/token run 200 s each: output tokens/s
+    ramps for 200 s while the batch fills, and the steady window starts after it."""
+    rng = np.random.default_rng(7)
+    t = np.cumsum(rng.exponential(1 / 2, 2000))
+    t = t[t < 1000]
+    n = len(t)
+    out = np.full(n, 10_000)
+    first = t + 0.3 + rng.exponential(0.05, n)
+    done = first + (0.02 + rng.normal(0, 0.0005, n)) * (out - 1)
+    done[done > 1000] = np.nan
+    r = steady_metrics(t, np.full(n, 1000), out, first, done, 1000.0)
+    assert r["steady_state_reached"]
+    assert r["steady_state_note"].startswith("output tokens/s")
+    # the batch is full once the first requests end: 200 s (+ their ~0.35 s TTFT, + the noise
+    # of the longest decode times, 0.5 ms x 9,999 x ~3 sd)
+    assert 199 < r["steady_start_s"] < 216
+    # steady: 2 requests/s x 10,000 tokens: the requests in flight over the window, counted
+    rate = 10_000 * ((t >= r["steady_start_s"] - 200) & (t < 1000 - 200)).sum() / (1000 - r["steady_start_s"])
+    assert r["steady_output_tokens_per_s"] == pytest.approx(rate, rel=0.01)
+    # the whole run (the same count from 0 s) carries the 200 s ramp: ~10% lower
+    whole = windowed(t, np.full(n, 1000), out, first, done, 0.0, 1000.0)["steady_output_tokens_per_s"]
+    assert whole < 0.93 * r["steady_output_tokens_per_s"]
+
+
+def test_fill_time_closed_forms():
+    """E[(S - T)+] / E[S] <= 1%: S all equal -> T = S; S = 1 (x 99) and 100 (x 1): the one long
+    request holds 100/199 of the work, so T must be within 1.99 of 100 -> the largest S."""
+    f = np.zeros(100)
+    assert fill_time(f, f + 30.0, np.full(100, 11.0), None) == 30.0
+    done = np.r_[np.ones(99), 100.0]
+    assert fill_time(f, done, np.full(100, 11.0), None) == 100.0
+    # a looser deficit: T = 1 leaves 99/199 = 49.7% missing; at T = S[i] the deficit is only
+    # evaluated at the observed values, so a 50% bound is met at T = 1
+    assert fill_time(f, done, np.full(100, 11.0), None, deficit=0.5) == 1.0
+    # unfinished requests decode at the given TPOT: (output - 1) x tpot = 10 x 3 s
+    assert fill_time(f, np.full(100, np.nan), np.full(100, 11.0), 3.0) == 30.0
+    # 1-token outputs do not decode; none at all: 0
+    assert fill_time(f, f, np.ones(100), None) == 0.0
+
+
+def test_batch_still_filling_is_not_reached():
+    """Answers that decode for 600 s in a 1,000 s run: the batch is not full before 600 s, past
+    the first half: not steady, and the advice is a run of at least 2 x 600 s -> 2,000 s."""
+    rng = np.random.default_rng(8)
+    t = np.cumsum(rng.exponential(1 / 5, 6000))
+    t = t[t < 1000]
+    n = len(t)
+    out = np.full(n, 30_001)
+    first = t + 0.3 + rng.exponential(0.05, n)
+    done = first + 0.02 * (out - 1)
+    done[done > 1000] = np.nan
+    r = steady_metrics(t, np.full(n, 1000), out, first, done, 1000.0)
+    assert not r["steady_state_reached"]
+    assert r["steady_state_note"].startswith("output tokens/s: not steady before")
+    assert "--duration 2000" in r["steady_state_note"]
+    assert "(warm-up figures, not steady)" in format_report(r)[1]
