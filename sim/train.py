@@ -399,6 +399,35 @@ class TrainSim:
                         for ph, v in nbytes.items()}
         return out
 
+    def _mtp_input_s(self, tokens: float) -> dict:
+        """{phase: seconds} of one MTP depth's input block for ``tokens`` tokens: two RMSNorms over D
+        and eh_proj ([T, 2D] x [2D, D], the weight from reference.params with the scenario's
+        quantisation), costed by sim.roofline like the cost model's own ops; backward = 2x forward
+        (norms in B; eh_proj half in B, half in W with the wgrad mechanism's ratio; its input cast
+        with the fp8_cast mechanism)."""
+        from dsref.reference.params import tensors
+        from dsref.sim.quant import tensor_bytes
+        cfg, q, dev = self.cfg, self.quant, self.device
+        D, ab = cfg.hidden_size, q.act_bytes
+        w = {t.rel: tensor_bytes(cfg, q, t) for t in tensors(cfg, mtp=True) if t.mtp}
+        proj = costmodel.Op("eh_proj", None, "gemm", 2.0 * tokens * 2 * D * D, w.get("eh_proj.weight", 0.0),
+                            tokens * 2 * D * ab, tokens * D * ab, precision=q.gemm_precision, gemm_rows=float(tokens),
+                            gemm_matrix_bytes=w.get("eh_proj.weight") or None)
+        norm = costmodel.Op("mtp_norms", None, "norm", 2.0 * tokens * D * costmodel.RMSNORM_FLOPS_PER_ELEM,
+                            w.get("enorm.weight", 0.0) + w.get("hnorm.weight", 0.0), 2 * tokens * D * ab,
+                            2 * tokens * D * ab, precision="fp32")
+        tp, tn = roofline.op_time(proj, dev).time_s, roofline.op_time(norm, dev).time_s
+        half = costmodel.BACKWARD_FLOPS_RATIO / 2.0
+        wr = WGRAD_TIME_RATIO["gemm"] if "wgrad_gemm" in self.mechanisms and q.gemm_precision == "fp8" else 1.0
+        out = {"F": tp + tn, "B": half * tp + costmodel.BACKWARD_FLOPS_RATIO * tn, "R": 0.0, "W": half * tp * wr}
+        if "fp8_cast" in self.mechanisms and q.gemm_precision == "fp8":
+            b = FP8_CAST_BYTES
+            for ph, nbytes in (("F", 2 * D * b["forward_input"]), ("B", D * b["backward_grad"]),
+                               ("W", 2 * D * b["backward_input_transpose"])):
+                out[ph] += roofline.op_time(costmodel.Op("fp8_cast", None, "elementwise", 0.0,
+                                                         act_bytes_read=nbytes * tokens), dev).time_s
+        return out
+
     def _stage_times(self) -> list[StageTimes]:
         cfg, dev = self.cfg, self.device
         table = _table(cfg, self.quant, dev)
@@ -431,6 +460,7 @@ class TrainSim:
                             **kw).replica_compute_s(x)
 
         cast = self._fp8_cast_s(x.tokens)
+        mtp_in = self._mtp_input_s(x.tokens) if self.sc.mtp else None
 
         def parts(lo, hi) -> dict:
             """{phase: {op kind: seconds}} of layers [lo, hi) (embedding with 0, head with L)."""
@@ -440,12 +470,13 @@ class TrainSim:
                 for ph in ("F", "B", "W"):
                     out[ph]["fp8_cast"] = (hi - lo - n_moe) * cast[False][ph] + n_moe * cast[True][ph]
             if self.sc.mtp and hi == L:
-                # each MTP depth: one more decoder layer + the shared output head on every token (TR
-                # sec. 2.2), costed as the last layer + head; its eh_proj (2D x D per token, ~8% of the
-                # module's FLOPs for V3) and two RMSNorms are not counted
+                # each MTP depth (TR sec. 2.2, eq. 21): RMSNorm of the previous depth's hidden state and
+                # of the next token's embedding, their concatenation projected 2D -> D (eh_proj), one
+                # more decoder layer and the shared output head on every token: the last layer + head,
+                # plus eh_proj and the two norms
                 depth = cfg.num_nextn_predict_layers
                 for ph in PHASES:
-                    out[ph]["mtp"] = depth * cost(L - 1, L, ph)
+                    out[ph]["mtp"] = depth * (cost(L - 1, L, ph) + mtp_in[ph])
                     if cast is not None and ph != "R":
                         out[ph]["mtp"] += depth * cast[cfg.is_moe_layer(L - 1)][ph]
             return out
@@ -466,7 +497,7 @@ class TrainSim:
                 if cast is not None:
                     c += sum(cast[cfg.is_moe_layer(i)][ph] for ph in ("F", "B", "W"))
                 if self.sc.mtp and i == L - 1:
-                    c *= 1 + cfg.num_nextn_predict_layers
+                    c = c * (1 + cfg.num_nextn_predict_layers) + cfg.num_nextn_predict_layers * sum(mtp_in.values())
                 costs.append(c)
             self.ranges = balanced_ranges(costs, self.par.pp)
         cache: dict = {}

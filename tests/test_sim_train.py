@@ -276,3 +276,15 @@ def test_v3_step_attribution_adds_up_and_mechanisms_cost_time():
     assert plain.stages[1].f_c == pytest.approx(sim.stages[1].f_c - sim.parts[1]["F"]["fp8_cast"], rel=1e-12)
     with pytest.raises(ValueError, match="unknown training mechanism"):
         TrainSim(sc, mechanisms=("magic",))
+
+
+def test_mtp_input_block_is_costed():
+    """eh_proj ([T, 2D] x [2D, D]) and the two norms of each MTP depth: no faster than the FP8 peak,
+    backward split into B and W, part of the last stage's MTP share."""
+    from dsref.sim.train import TrainSim
+    sim = TrainSim(load("deepseek-v3-pretrain"))
+    D, T = sim.cfg.hidden_size, 4096
+    t = sim._mtp_input_s(T)
+    assert t["F"] >= 2.0 * T * 2 * D * D / sim.device.peak("fp8")
+    assert t["B"] > 0 and t["W"] > 0 and t["R"] == 0
+    assert sim.parts[-1]["F"]["mtp"] > t["F"]
