@@ -22,7 +22,7 @@ MISSES = """
 ## Largest remaining gaps and why
 
 - **Training (`dsv3_tr_pretrain_gpuh`, `_gpuh_per_T`, `_days_per_T`, `_total_gpuh`, `_cost_total`):
-  about -13% with the plain roofline step cost, about -8% once sim.stepcost charges DeepGEMM's
+  about -12% with the plain roofline step cost, about -7% once sim.stepcost charges DeepGEMM's
   row curves and the busiest EP rank; `_ctxext_gpuh` about -10% to -11%.** Goodput is 1.0 (no longer
   Llama 3's 0.90): the published hours are throughput x tokens (180K GPU-h/T x 14.8T = 2.664M;
   3.7 days/T x 2,048 x 24 h = 182K/T), so the whole gap is the step time's. Published mechanisms
@@ -34,7 +34,7 @@ MISSES = """
   weight-gradient GEMMs run 15-27% slower than the forward at the same shapes (DeepGEMM PR #95 vs
   #74), and the BF16->FP8 casts the report calls unfused (sec. 3.5.2). The record's note splits
   the step of the rank that sets it (rank 0: stage 0 + the head/MTP stage, ~37% of its step in
-  head + MTP). Not modelled: the real stage layout (unpublished; splits balancing DualPipe's rank
+  head + MTP, whose eh_proj and norms are now costed too). Not modelled: the real stage layout (unpublished; splits balancing DualPipe's rank
   pairs instead of stages, tried by hand, were slower), the batch-size ramp (3% of the
   tokens), the BF16 head's own GEMM efficiency (the catalog's gpu.gemm is FP8-derived), the MLA
   attention shapes (d_qk 192; the FA3 figures are head dim 128). Context extension also runs on a
