@@ -2,17 +2,19 @@
 
 ``ServeSim.metrics()`` averages over the whole run, warm-up included: the first requests meet
 empty queues and a half-full decode batch, so a short run reports a TTFT that is too good and a
-throughput that is too low. This module (docs/serve-report.md) adds three things:
+throughput that is too low. This module (docs/serve-report.md) adds:
 
 * ``steady_state(times, values)``: the end of the warm-up transient of a series (per-request
-  TTFT or TPOT in arrival order, or per-interval tokens/s) by MSER-5, and whether the run was
-  long enough for that end to be trusted.
-* ``windowed(...)``: TTFT/TPOT percentiles and tokens/s over the part of the run after it, under
-  ServeSim.metrics()'s key names with a ``steady_`` prefix.
+  TTFT or TPOT in arrival order, or per-interval tokens/s from ``generated``) by MSER-5, and
+  whether the run was long enough for that end to be trusted.
+* ``fill_time(...)``: how long the decode batch takes to fill (output tokens/s ramps for as long
+  as the longest outputs run, often after TTFT and TPOT have settled).
+* ``windowed(...)``: TTFT/TPOT percentiles and tokens/s over the part of the run after a start
+  time, under ServeSim.metrics()'s key names with a ``steady_`` prefix.
 * ``binding_resource(roles)``: which resource limits the deployment (compute, memory bandwidth,
   network, latency floor, KV capacity), or that none does (offered load).
 
-``steady_metrics`` and ``format_report`` put the three together for the CLI. Inputs are plain
+``steady_metrics`` and ``format_report`` put them together for the CLI. Inputs are plain
 arrays (no simulator state), so a trace or another simulator's output can be read the same way.
 """
 
@@ -112,14 +114,16 @@ def steady_state(times, values, *, min_fraction: float = 0.5, span: tuple[float,
     sum_{j>d} (z_j - zbar_d)^2 / (k - d)^2. Dropping a transient lowers the variance faster
     than it shrinks the sample; dropping stationary data only shrinks the sample.
 
-    As White advises, a truncation point in the late part of the run means the run is too short
-    (the series is still drifting: a warm-up longer than the run, or a load beyond capacity
-    whose queues keep growing): ``reached`` is False when the point falls in the last
-    ``min_fraction`` of the run's time span, or when there are fewer than MIN_BATCHES x 5
-    finite observations; the note then says how long to run. Candidate points stop
-    MIN_TAIL_BATCHES batches before the end (the end effect: a handful of batches can show a
-    spuriously small error; openkim/kim-convergence, kim_convergence/ucl/mser_m.py, ignores
-    min(5, k/4) end batches for the same reason and rejects points past half the data).
+    A truncation point in the late part of the run is read as a run too short (the series is
+    still drifting: a warm-up longer than the run, or a load beyond capacity whose queues keep
+    growing), as is the practice with MSER (openkim/kim-convergence, kim_convergence/ucl/
+    mser_m.py, rejects points past half the data; see also W. W. Franklin, K. P. White Jr. 2008,
+    "Stationarity tests and MSER-5", Proc. Winter Simulation Conference, 541-546): ``reached``
+    is False when the point falls in the last ``min_fraction`` of the run's time span, or when
+    there are fewer than MIN_BATCHES x 5 finite observations; the note then says how long to
+    run. Candidate points stop MIN_TAIL_BATCHES batches before the end (the end effect: a
+    handful of batches can show a spuriously small error; kim-convergence ignores min(5, k/4)
+    end batches for the same reason).
 
     One addition of ours, for long runs: when the best point is late but the best point in the
     allowed first part gives a kept mean within ``tolerance`` (relative, default 1%) of the
@@ -252,7 +256,8 @@ def windowed(arrival, prompt, output, first, done, start_s: float, end_s: float)
     output tokens as generated: each request's first token at its first-token time, its other
     output - 1 evenly over (first, done] (decode steps of one request take about the same time),
     the part inside the window counted. A request still running at end_s has no done time: it is
-    taken to generate at the steady median TPOT since its first token, capped at its output.
+    taken to generate at the window's median TPOT (the run's, if none finished in the window)
+    since its first token, capped at its output.
     Counting only the requests that arrived after start_s (or only completions) would miss the
     work in flight at an edge of the window: a bias of about request latency / window, large when
     outputs are long (a 5,000-token answer at 80 ms/token runs 400 s). Like metrics() this counts
@@ -281,6 +286,9 @@ def windowed(arrival, prompt, output, first, done, start_s: float, end_s: float)
         in_win = (f >= start_s) & (f <= end_s)
         tok_in = float(p[in_win].sum())
     fill = _pct(tpot, 50)
+    if fill is None:  # nobody that arrived in the window finished (a short window): the run's median
+        every = ~np.isnan(dn) & (o > 1)
+        fill = _pct(((dn - f) / np.maximum(o - 1, 1))[every], 50)
     tok_out = float(generated(f, dn, o, fill, end_s, "right")[0] - generated(f, dn, o, fill, start_s, "left")[0])
     res = {"steady_start_s": float(start_s), "steady_window_s": width,
            "steady_requests_arrived": int(inside.sum()), "steady_requests_started": int(started.sum()),

@@ -227,10 +227,14 @@ def test_windowed_edges_by_hand():
     assert w["steady_output_tokens_per_s"] == pytest.approx(30 / 15)
     assert w["steady_input_tokens_per_s"] == pytest.approx(530 / 15)
     assert w["steady_tpot_p50_s"] == pytest.approx(1.0)
-    # no finished request after the start: no TPOT to run B at, only first tokens count
+    # no finished request arrived after the start: B runs at the run's median TPOT (A's and C's
+    # 1 s/token): A 3.5, C 9.5 (its first token at 16 s is before the window), B 1 + 13
     w = windowed(t, np.array([7, 30, 500]), out, first, done, 16.5, 30.0)
     assert w["steady_tpot_p50_s"] is None
-    assert w["steady_output_tokens_per_s"] == pytest.approx((3.5 + 9.5 + 1) / 13.5)  # A, C in part; B first
+    assert w["steady_output_tokens_per_s"] == pytest.approx((3.5 + 9.5 + 14) / 13.5)
+    # no finished request at all: only B's first token
+    w = windowed(t, np.array([7, 30, 500]), out, first, np.full(3, np.nan), 16.5, 30.0)
+    assert w["steady_output_tokens_per_s"] == pytest.approx(1 / 13.5)
 
 
 def test_windowed_from_the_start_is_the_whole_run_definition():
