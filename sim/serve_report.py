@@ -31,10 +31,15 @@ MSER_BATCH = 5          # MSER-5: batch means of 5 observations (White, Cobb & S
 # Fewest batches for a truncation point to mean anything: with fewer, one batch decides it.
 # Ours (assumption): 10 batches = 50 observations; MSER papers test on runs of hundreds.
 MIN_BATCHES = 10
-# The candidate truncation points stop this many batches before the end: the marginal standard
-# error of the last few batches is an estimate from 1-4 numbers and can be spuriously small
-# (the "end effect" MSER is known for). Ours (assumption).
+# The candidate truncation points stop this many batches, and at least this share of them,
+# before the end: the marginal standard error of the last few batches is an estimate from a
+# few numbers and can be spuriously small (the "end effect" MSER is known for). Per-request
+# series make it worse: requests prefilled in one batch have nearly equal TTFTs, so at 1,600
+# requests/s the last 5 batches (25 requests, 16 ms) look perfectly steady (day-6, 300 s,
+# seed 1: a minimum at the very last candidate). Dropping the last 10% costs nothing: a point
+# there would be in the last half and fail anyway. Ours (assumption).
 MIN_TAIL_BATCHES = 5
+TAIL_FRACTION = 0.1
 # binding_resource: a role below this utilisation has idle time to spare (not saturated).
 SATURATED_UTILIZATION = 0.9
 # ... and KV capacity binds when the mean KV occupancy is this high or this share of steps had
@@ -85,7 +90,8 @@ def _advice(want_s: float) -> str:
 
 
 def mser(values: np.ndarray, batch: int = MSER_BATCH) -> tuple[int, np.ndarray]:
-    """MSER-m over a series: (truncated batches d*, the MSER statistic for d = 0 .. k-MIN_TAIL_BATCHES).
+    """MSER-m over a series: (truncated batches d*, the MSER statistic for the candidates
+    d = 0 .. k - max(MIN_TAIL_BATCHES, ceil(TAIL_FRACTION k))).
 
     Batch means z_1..z_k of ``batch`` consecutive values (a trailing partial batch is dropped);
     MSER(d) = sum_{j>d} (z_j - mean(z_{d+1..k}))^2 / (k - d)^2, the squared marginal standard
@@ -97,7 +103,7 @@ def mser(values: np.ndarray, batch: int = MSER_BATCH) -> tuple[int, np.ndarray]:
     s2 = np.cumsum((z * z)[::-1])[::-1]
     m = np.arange(k, 0, -1, dtype=float)   # batches kept when d are dropped
     stat = np.maximum(s2 - s1 * s1 / m, 0.0) / (m * m)
-    stat = stat[:k - MIN_TAIL_BATCHES + 1]
+    stat = stat[:k - max(MIN_TAIL_BATCHES, math.ceil(TAIL_FRACTION * k)) + 1]
     return int(np.argmin(stat)), stat
 
 
@@ -121,9 +127,9 @@ def steady_state(times, values, *, min_fraction: float = 0.5, span: tuple[float,
     "Stationarity tests and MSER-5", Proc. Winter Simulation Conference, 541-546): ``reached``
     is False when the point falls in the last ``min_fraction`` of the run's time span, or when
     there are fewer than MIN_BATCHES x 5 finite observations; the note then says how long to
-    run. Candidate points stop MIN_TAIL_BATCHES batches before the end (the end effect: a
-    handful of batches can show a spuriously small error; kim-convergence ignores min(5, k/4)
-    end batches for the same reason).
+    run. Candidate points stop MIN_TAIL_BATCHES batches, and at least TAIL_FRACTION of them,
+    before the end (the end effect: a handful of batches can show a spuriously small error;
+    kim-convergence ignores min(5, k/4) end batches for the same reason).
 
     One addition of ours, for long runs: when the best point is late but the best point in the
     allowed first part gives a kept mean within ``tolerance`` (relative, default 1%) of the

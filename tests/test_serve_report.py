@@ -22,9 +22,21 @@ def test_mser_statistic_matches_its_definition():
     d, stat = mser(x)
     z = x[:100].reshape(20, 5).mean(axis=1)
     want = [((z[i:] - z[i:].mean()) ** 2).sum() / (20 - i) ** 2 for i in range(len(stat))]
-    assert len(stat) == 20 - 5 + 1  # the last MIN_TAIL_BATCHES - 1 points are not candidates
+    assert len(stat) == 20 - 5 + 1  # no point leaving fewer than 5 batches is a candidate
     np.testing.assert_allclose(stat, want, rtol=1e-9, atol=1e-15)
     assert d == int(np.argmin(want))
+    # with 200 batches, none leaving fewer than 10% of them (20)
+    assert len(mser(np.random.default_rng(1).normal(size=1000))[1]) == 200 - 20 + 1
+
+
+def test_end_effect_of_batched_requests_is_ignored():
+    """Per-request TTFTs come in runs of nearly equal values (one prefill batch): a stationary
+    series of such runs, whose last 40 values are one run, is steady from the start."""
+    rng = np.random.default_rng(5)
+    level = np.repeat(rng.normal(1.0, 0.2, 500), 40)   # 500 prefill batches of 40 requests
+    x = level + rng.normal(0, 1e-4, len(level))
+    s = steady_state(np.arange(len(x)) * 0.025, x)
+    assert s.reached and s.start_s < 0.5 * 500
 
 
 @pytest.mark.parametrize("seed", SEEDS)
