@@ -374,11 +374,11 @@ def binding_resource(role_breakdown: dict) -> tuple[str, dict]:
     s = roles[role]
     if s["utilization"] < SATURATED_UTILIZATION:
         return "offered load", {"role": role, "roles": roles, "reason": (
-            f"the busiest role, {role}, is {s['utilization']:.0%} busy (< {SATURATED_UTILIZATION:.0%}): "
+            f"the most utilized role, {role}, is at {s['utilization']:.0%} (< {SATURATED_UTILIZATION:.0%}): "
             "not saturated, more load would be served")}
     name = max((n for _, n in BUSY_PARTS), key=lambda n: s[n])
     return name, {"role": role, "roles": roles, "reason": (
-        f"{role} is {s['utilization']:.0%} busy and {name} is the largest share of its time ({s[name]:.0%})")}
+        f"{role} is at {s['utilization']:.0%} utilization and {name} is the largest share of its time ({s[name]:.0%})")}
 
 
 # ---------------------------------------------------------------- the report
