@@ -220,6 +220,7 @@ def generated(first, done, output, tpot: float | None, x, side: str = "left") ->
     The ramps sum to x * sum(r) - sum(r c) over the breakpoints c <= x (+r at first, -r at
     done, r = tokens / (done - first)): binned onto the grid, no sort of the requests."""
     x = np.atleast_1d(np.asarray(x, dtype=float))
+    first, done, output = (np.asarray(a, dtype=float) for a in (first, done, output))
     m = len(x)
     started = ~np.isnan(first)
     f = first[started]
@@ -250,7 +251,7 @@ def _pct(a: np.ndarray, q: float):
 
 
 def windowed(arrival, prompt, output, first, done, start_s: float, end_s: float) -> dict:
-    """Figures over the steady part [start_s, end_s) of a run, ServeSim.metrics() key names with a
+    """Figures over the steady part [start_s, end_s] of a run, ServeSim.metrics() key names with a
     ``steady_`` prefix.
 
     TTFT and TPOT as metrics() defines them (TTFT = first token - arrival over requests that got
@@ -281,7 +282,7 @@ def windowed(arrival, prompt, output, first, done, start_s: float, end_s: float)
             raise ValueError(f"windowed: field '{k}': {x.shape} entries for {a.shape} arrivals")
     p, o, f, dn = arrays["prompt"], arrays["output"], arrays["first"], arrays["done"]
     if not (math.isfinite(start_s) and math.isfinite(end_s) and end_s > start_s):
-        raise ValueError(f"windowed: field 'start_s': window [{start_s}, {end_s}) is empty or not finite")
+        raise ValueError(f"windowed: field 'start_s': window [{start_s}, {end_s}] is empty or not finite")
     inside = a >= start_s
     started = inside & ~np.isnan(f)
     ttft = (f - a)[started]
@@ -408,7 +409,7 @@ def fill_time(first, done, output, tpot: float | None, deficit: float = FILL_DEF
     (output - 1) x ``tpot`` (the steady median); 1-token outputs do not decode."""
     n = np.maximum(np.asarray(output, dtype=float) - 1, 0.0)
     with np.errstate(invalid="ignore"):
-        S = np.where(np.isnan(done), n * (tpot or 0.0), done - first)
+        S = np.where(np.isnan(done), n * tpot if tpot else np.nan, done - first)  # no tpot: unknown
     S = np.sort(S[(n > 0) & np.isfinite(S)])
     total = S.sum()
     if not len(S) or total <= 0:
@@ -440,8 +441,8 @@ def steady_metrics(arrival, prompt, output, first, done, duration_s: float, *, r
     D = float(duration_s)
     with np.errstate(invalid="ignore", divide="ignore"):
         tpot = np.where(o > 1, (dn - f) / np.maximum(o - 1, 1), np.nan)
-    found = [(name, _settled(a, series, latency, D, min_fraction))
-             for name, series, latency in (("TTFT", f - a, f - a), ("TPOT", tpot, dn - a))]
+    series = [("TTFT", f - a, f - a)] + ([("TPOT", tpot, dn - a)] if (o > 1).any() else [])  # 1-token answers: no TPOT
+    found = [(name, _settled(a, x, latency, D, min_fraction)) for name, x, latency in series]
     late = max(found, key=lambda x: (not x[1].reached, x[1].start_s))  # a failure first, else the later start
     name, st = late
     reached = all(s.reached for _, s in found)

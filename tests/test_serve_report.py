@@ -247,6 +247,7 @@ def test_windowed_edges_by_hand():
     # no finished request at all: only B's first token
     w = windowed(t, np.array([7, 30, 500]), out, first, np.full(3, np.nan), 16.5, 30.0)
     assert w["steady_output_tokens_per_s"] == pytest.approx(1 / 13.5)
+    assert fill_time(first, np.full(3, np.nan), out, None) == 0.0  # no decode time known
 
 
 def test_windowed_from_the_start_is_the_whole_run_definition():
@@ -462,3 +463,17 @@ def test_batch_still_filling_is_not_reached():
     assert r["steady_state_note"].startswith("output tokens/s: not steady before")
     assert "--duration 2000" in r["steady_state_note"]
     assert "(warm-up figures, not steady)" in format_report(r)[1]
+
+
+def test_one_token_answers_have_no_tpot_to_wait_for():
+    """Every answer one token long (done at the first token): TTFT alone decides."""
+    rng = np.random.default_rng(9)
+    t = np.cumsum(rng.exponential(1 / 20, 6000))
+    t = t[t < 300]
+    first = t + 0.2 + rng.exponential(0.02, len(t))
+    r = steady_metrics(t, np.full(len(t), 100), np.ones(len(t)), first, first.copy(), 300.0)
+    assert r["steady_state_reached"] and r["steady_state_note"].startswith("TTFT")
+    assert r["steady_tpot_p50_s"] is None
+    # output tokens/s: one per request, at its first-token time
+    n = ((first >= r["steady_start_s"]) & (first <= 300)).sum()
+    assert r["steady_output_tokens_per_s"] == pytest.approx(n / (300 - r["steady_start_s"]))
