@@ -194,6 +194,8 @@ class ModelConfig:
                 v["rope_type"] = v["type"]
             if f.name == "head_dim" and v is None:
                 continue
+            if f.name in _GQA_ONLY_FIELDS and self.arch == "deepseek":
+                continue  # meaningless for MLA: keep DeepSeek config.json files as they were
             if f.name == "mlp_only_layers":
                 v = list(v)
             d[f.name] = v
@@ -269,6 +271,7 @@ _REQUIRED_QWEN3_MOE = _REQUIRED_DENSE + ("num_experts", "num_experts_per_tok", "
 # model_type -> the GQA family. qwen3 / qwen3_moe add per-head q/k RMSNorm.
 _GQA_TYPES = ("qwen2", "llama", "mistral", "qwen3", "qwen3_moe")
 _QK_NORM_TYPES = ("qwen3", "qwen3_moe")
+_GQA_ONLY_FIELDS = ("qk_norm", "decoder_sparse_step", "mlp_only_layers")
 
 
 def _typed(name: str, v: Any, source: str):
