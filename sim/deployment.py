@@ -24,6 +24,7 @@ from dsref.hwmodels.systems import Cluster, load_system
 from dsref.reference.config import ConfigError, ModelConfig
 from dsref.reference.presets import load_config
 from dsref.sim.local import activation_bytes
+from dsref.sim.moe_stats import zipf_shares
 from dsref.sim.parallel import Parallelism
 from dsref.sim.quant import Quant, get_quant
 from dsref.sim.scenario import Scenario, _err, _pos
@@ -63,18 +64,53 @@ class Deployment:
         layer + head in the decode form), fitted once per deployment."""
         if role not in self._costs:
             par, c = self.par[role], {}
+            r = self.sc.instance(role)
+            shares = (zipf_shares(self.cfg.n_routed_experts, r.routing_zipf)
+                      if r.routing_zipf > 0 and self.cfg.is_moe else None)
             for phase, form, logits in SERVE_PHASES:
                 if (phase, form) not in self._tables:
                     self._tables[(phase, form)] = OpTable.build(self.cfg, self.quant, self.device, mla_form=form,
                                                                 logits=logits)
                 c[phase] = StepCost(self.cfg, self.quant, self.device, par, mla_form=form, logits=logits,
-                                    node=self.link_node, latency_s=self.latency_s, table=self._tables[(phase, form)])
+                                    node=self.link_node, latency_s=self.latency_s, table=self._tables[(phase, form)],
+                                    phase=phase, cuda_graph=uses_cuda_graph(r.cuda_graph, role, phase),
+                                    routing_shares=shares, kernel_floors=self.sc.kernel_floors)
             L = self.cfg.num_hidden_layers
             c["mtp"] = StepCost(self.cfg, self.quant, self.device, par, mla_form="absorbed", logits="all",
                                 node=self.link_node, latency_s=self.latency_s, layers=(L - 1, L),
-                                table=self._tables[("decode", "absorbed")])
+                                table=self._tables[("decode", "absorbed")],
+                                cuda_graph=uses_cuda_graph(r.cuda_graph, role, "decode"), routing_shares=shares,
+                                kernel_floors=self.sc.kernel_floors)
             self._costs[role] = c
         return self._costs[role]
+
+
+CUDA_GRAPH_MODES = ("auto", "on", "off")
+
+
+def uses_cuda_graph(mode: str, role: str, phase: str) -> bool:
+    """Whether a step's kernels replay from a captured graph: 'on' / 'off', or 'auto' = decode steps
+    (SGLang, vLLM and TensorRT-LLM capture decode batches; prefill shapes vary and run eagerly)."""
+    if mode == "auto":
+        return phase == "decode"
+    return mode == "on"
+
+
+def mtp_depths(r) -> tuple[float, ...]:
+    """Per-depth conditional acceptance of an instance's MTP drafts (empty: MTP off)."""
+    if r.mtp_acceptance_per_depth:
+        return tuple(r.mtp_acceptance_per_depth)
+    return (r.mtp_acceptance,) if r.mtp_acceptance > 0 else ()
+
+
+def mtp_tokens_per_step(depths) -> float:
+    """Expected tokens a sequence gains per decode step with drafts accepted at ``depths``:
+    1 (the verified token) + a1 + a1 a2 + ... (a draft counts only if every earlier one did)."""
+    out, run = 1.0, 1.0
+    for a in depths:
+        run *= a
+        out += run
+    return out
 
 
 def resolve(sc: Scenario) -> Deployment:
@@ -96,9 +132,15 @@ def _model(sc: Scenario) -> ModelConfig:
 
 def _quant(sc: Scenario) -> Quant:
     try:
-        return get_quant(sc.quant)
+        q = get_quant(sc.quant)
     except ValueError as e:
         raise _err(sc.source, "quant", str(e)) from None
+    if sc.kv_dtype:
+        try:
+            q = get_quant(sc.quant, kv_dtype=sc.kv_dtype)
+        except ValueError as e:
+            raise _err(sc.source, "kv_dtype", str(e)) from None
+    return q
 
 
 def _system(sc: Scenario):
@@ -165,15 +207,24 @@ def _check_instance(dep: Deployment, role: str) -> None:
     s, r = sc.source, sc.instance(role)
     for k in ("instances", "tp", "ep", "pp", "token_budget_per_device", "max_batch_per_device"):
         _pos(sc, f"{role}.{k}", getattr(r, k))
-    for k in ("nodes", "devices", "attn_dp", "redundant_experts", "node_limit", "max_requests_per_step"):
+    for k in ("nodes", "devices", "attn_dp", "redundant_experts", "node_limit", "max_requests_per_step", "moe_tp"):
         _pos(sc, f"{role}.{k}", getattr(r, k), True)
     n = _instance_devices(dep, role)
     if n <= 0:
         raise _err(s, f"{role}.nodes", "the instance has zero devices")
     if not 0.0 <= r.mtp_acceptance < 1.0:
         raise _err(s, f"{role}.mtp_acceptance", f"must be in [0, 1), got {r.mtp_acceptance}")
-    if r.mtp_acceptance > 0 and cfg.num_nextn_predict_layers < 1:
-        raise _err(s, f"{role}.mtp_acceptance", f"model {cfg.name} has no MTP module")
+    depth = r.mtp_acceptance_per_depth
+    if len(depth) > 8 or any(not 0.0 < a <= 1.0 for a in depth):
+        raise _err(s, f"{role}.mtp_acceptance_per_depth",
+                   f"must list 1 to 8 acceptance rates in (0, 1], got {list(depth)}")
+    if mtp_depths(r) and cfg.num_nextn_predict_layers < 1:
+        fld = "mtp_acceptance_per_depth" if depth else "mtp_acceptance"
+        raise _err(s, f"{role}.{fld}", f"model {cfg.name} has no MTP module")
+    if r.cuda_graph not in CUDA_GRAPH_MODES:
+        raise _err(s, f"{role}.cuda_graph", f"must be one of {', '.join(CUDA_GRAPH_MODES)}, got {r.cuda_graph!r}")
+    if r.routing_zipf < 0 or r.routing_zipf > 4:
+        raise _err(s, f"{role}.routing_zipf", f"must be in [0, 4] (0 = uniform routing), got {r.routing_zipf}")
     tp, pp, ep = r.tp, r.pp, r.ep
     dp = r.attn_dp or n // (tp * pp)
     if dp * tp * pp != n:
@@ -189,11 +240,17 @@ def _check_instance(dep: Deployment, role: str) -> None:
         raise _err(s, f"{role}.ep", f"model {cfg.name} has no experts")
     if cfg.num_hidden_layers < pp:
         raise _err(s, f"{role}.pp", f"{pp} stages for {cfg.num_hidden_layers} layers")
+    moe_tp = r.moe_tp or (tp // ep if cfg.is_moe and tp % ep == 0 else 1)
+    if cfg.is_moe and (ep * moe_tp > n or n % (ep * moe_tp)):
+        raise _err(s, f"{role}.moe_tp", f"ep {ep} x moe_tp {moe_tp} must divide the {n} devices of the instance")
+    if cfg.is_moe and cfg.moe_intermediate_size % moe_tp:
+        raise _err(s, f"{role}.moe_tp", f"moe_tp {moe_tp} does not divide the experts' width "
+                   f"{cfg.moe_intermediate_size}")
     par = dep.par[role] = Parallelism(
         devices=n, dp=dp, tp=tp, ep=ep, pp=pp,
         expert_slots=(cfg.n_routed_experts + r.redundant_experts) if cfg.is_moe else 0,
         devices_per_node=sc.scaleup_devices or dep.node.devices_per_node * sc.device_split,
-        node_limit=r.node_limit or None)
+        node_limit=r.node_limit or None, moe_tp=moe_tp if cfg.is_moe else 1)
     cap = dep.capacity[role] = _kv_capacity(dep, role, par)
     if cap["kv_tokens_per_device"] < 1:
         raise _err(s, f"{role}.nodes", f"model does not fit in memory: weights {cap['weight_bytes_per_device'] / 1e9:.1f}"

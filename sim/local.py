@@ -178,7 +178,7 @@ def _embed_bytes(cfg, quant) -> float:
 
 
 def _split_time(ops, tgt: Target, gpu_layers: int, head_on_device: bool, n_layers: int, tokens: int,
-                act_bytes: float, hidden: int, cfg: ModelConfig, logit_rows: int):
+                act_bytes: float, hidden: int, cfg: ModelConfig, logit_rows: int, floor_s: float = 0.0):
     """Step time with ops placed on the device or on the host (partial offload) or TP over a node."""
     first_gpu = n_layers - gpu_layers
     if tgt.host is None or gpu_layers == n_layers and head_on_device:
@@ -206,7 +206,7 @@ def _split_time(ops, tgt: Target, gpu_layers: int, head_on_device: bool, n_layer
                            count=1 if head_on_device else 2))
         if head_on_device:
             comm.append(CommOp("pcie_logits", logit_rows * cfg.vocab_size * LOGITS_BYTES, "pcie", "pcie"))
-    dev_t = roofline.step_time(dev_ops, tgt.device, comm, node=tgt.node)
+    dev_t = roofline.step_time(dev_ops, tgt.device, comm, node=tgt.node, kernel_floor_s=floor_s)
     host_t = None
     if host_ops:
         host_t = roofline.step_time(host_ops, tgt.host, memory_bandwidth=tgt.host_memory_bandwidth)
@@ -226,6 +226,23 @@ def _merge_kinds(*steps) -> dict:
         d["intensity_flop_per_byte"] = d["flops"] / d["bytes"] if d["bytes"] else None
         d["bound"] = "memory" if d["memory_bound_time_s"] >= d["time_s"] / 2 else "compute"
     return out
+
+
+def framework_floors(quant: Quant, tgt: Target) -> dict:
+    """A serving framework's fixed costs on the target's accelerator (hwmodels/kernels.py): every
+    kernel takes at least the launch floor (decode replays a captured CUDA graph, prefill launches
+    eagerly), and each step pays the host overhead. None for llama.cpp plans (their per-node cost
+    is runtime_overhead's) and for targets without a kernel profile."""
+    if quant.runtime == "llama.cpp":
+        return {"decode_kernel_s": 0.0, "prefill_kernel_s": 0.0, "decode_host_s": 0.0, "prefill_host_s": 0.0}
+    from dsref.sim.stepcost import _profile
+    prof = _profile(tgt.device)
+    if prof is None:
+        return {"decode_kernel_s": 0.0, "prefill_kernel_s": 0.0, "decode_host_s": 0.0, "prefill_host_s": 0.0}
+    ovh = prof.step_overhead_s or {}
+    return {"decode_kernel_s": prof.launch_graph_s, "prefill_kernel_s": prof.launch_eager_s,
+            "decode_host_s": ovh.get("decode", 0.0), "prefill_host_s": ovh.get("prefill", 0.0),
+            "profile": prof.name}
 
 
 def runtime_overhead(cfg: ModelConfig, quant: Quant, tgt: Target) -> dict:
@@ -270,16 +287,17 @@ def estimate(model: str | ModelConfig, device: str, quant: str = "bf16", *, cont
         return out
     n = cfg.num_hidden_layers
     ovh = runtime_overhead(cfg, quant, tgt)
+    fl = framework_floors(quant, tgt)
     dec = costmodel.decode_ops(cfg, quant, batch, context, mla_form=mla_form)
     d_dev, d_host = _split_time(dec, tgt, mem["gpu_layers"], mem["head_on_device"], n, batch,
-                                quant.act_bytes, cfg.hidden_size, cfg, batch)
-    t_dec = d_dev.time_s + (d_host.time_s if d_host else 0.0) + ovh["per_graph_s"]
+                                quant.act_bytes, cfg.hidden_size, cfg, batch, fl["decode_kernel_s"])
+    t_dec = d_dev.time_s + (d_host.time_s if d_host else 0.0) + ovh["per_graph_s"] + fl["decode_host_s"]
     pre_form = "expanded_cache" if mla_form == "expanded_cache" else "naive"
     pre = costmodel.prefill_ops(cfg, quant, batch, prompt_tokens, logits="last", mla_form=pre_form)
     p_dev, p_host = _split_time(pre, tgt, mem["gpu_layers"], mem["head_on_device"], n, batch * prompt_tokens,
-                                quant.act_bytes, cfg.hidden_size, cfg, batch)
+                                quant.act_bytes, cfg.hidden_size, cfg, batch, fl["prefill_kernel_s"])
     t_pre = (p_dev.time_s + (p_host.time_s if p_host else 0.0)
-             + ovh["per_graph_s"] * llama_cpp.graphs_per_step(prompt_tokens))
+             + ovh["per_graph_s"] * llama_cpp.graphs_per_step(prompt_tokens) + fl["prefill_host_s"])
     tot = costmodel.totals(dec)
     out.update(
         decode_step_s=t_dec, decode_tokens_per_s=batch / t_dec, prefill_s=t_pre,
@@ -289,6 +307,7 @@ def estimate(model: str | ModelConfig, device: str, quant: str = "bf16", *, cont
         decode_breakdown=_merge_kinds(d_dev, d_host), prefill_breakdown=_merge_kinds(p_dev, p_host),
         decode_comm_s=d_dev.comm_time_s, decode_host_s=d_host.time_s if d_host else 0.0,
         graph_nodes=ovh["graph_nodes"], decode_overhead_s=ovh["per_graph_s"], overhead_source=ovh["source"],
+        framework_floors=fl,
         memory_margin_bytes=mem["memory_available_bytes"] - mem["memory_required_bytes"],
         message=(f"fits: {mem['memory_required_bytes'] / gb:.1f} GB of {mem['memory_available_bytes'] / gb:.1f} GB"
                  + (f"; {mem['gpu_layers']}/{n} layers on {tgt.device.id}" if tgt.host is not None else "")))

@@ -10,6 +10,9 @@ One type, ``Parallelism``, for the step cost (sim.stepcost), the communication v
   * ep: expert parallelism: the expert slots (routed experts + redundant replicas,
     DeepSeek's EPLB) are split over ep devices; in training EP spans DP ranks, so each
     expert's weights are replicated over dp / ep ranks (``expert_dp``).
+  * moe_tp: tensor parallelism *inside* each routed expert (vLLM/SGLang's default when EP is off:
+    every device of a TP group holds 1/moe_tp of every expert and runs all the group's tokens
+    through its slices). Expert weights are split over ep x moe_tp devices.
   * pp: pipeline stages (contiguous layer ranges).
   * devices_per_node: devices sharing the fast scale-up fabric (NVLink node, or an NVL72 /
     CloudMatrix Unified Bus domain); collectives within it use the intra-node link.
@@ -37,6 +40,7 @@ class Parallelism:
     expert_slots: int = 0        # routed experts + redundant replicas (0: the model's routed experts)
     devices_per_node: int = 8
     node_limit: int | None = None
+    moe_tp: int = 1
 
     def slots(self, cfg: ModelConfig) -> int:
         """Expert slots over the EP group (each holds one expert replica)."""
@@ -49,7 +53,7 @@ class Parallelism:
 
     def weight_bytes_per_device(self, cfg: ModelConfig, quant: Quant) -> dict[str, float]:
         """Stored weight bytes on one device (the tensor table under ``quant``): routed experts
-        split over EP (with redundant replicas), everything else (attention, dense MLP, shared
+        split over EP (with redundant replicas) and moe_tp, everything else (attention, dense MLP, shared
         experts, norms, router, embedding, head) replicated over DP ranks and divided by TP;
         layers divided by PP (the mean stage)."""
         expert = other = glob = 0.0
@@ -62,7 +66,7 @@ class Parallelism:
             else:
                 other += b
         E = cfg.n_routed_experts
-        expert_dev = expert / max(E, 1) * self.slots(cfg) / max(self.ep, 1) if E else 0.0
+        expert_dev = expert / max(E, 1) * self.slots(cfg) / max(self.ep, 1) / max(self.moe_tp, 1) if E else 0.0
         other_dev = other / self.tp
         per_dev = (expert_dev + other_dev) / self.pp + glob / self.tp
         return {"experts": expert_dev / self.pp, "non_expert": other_dev / self.pp, "globals": glob / self.tp,

@@ -48,13 +48,16 @@ class OpTime:
     op: Op
     compute_s: float
     memory_s: float
+    floor_s: float = 0.0  # the kernel's launch floor (hwmodels/kernels.py), 0 when not charged
 
     @property
     def time_s(self) -> float:
-        return max(self.compute_s, self.memory_s) * self.op.count
+        return max(self.compute_s, self.memory_s, self.floor_s) * self.op.count
 
     @property
     def bound(self) -> str:
+        if self.floor_s > max(self.compute_s, self.memory_s):
+            return "floor"
         return "compute" if self.compute_s >= self.memory_s else "memory"
 
 
@@ -117,7 +120,7 @@ def device_efficiencies(device) -> dict[str, float]:
 
 
 def op_time(op: Op, device, *, memory_bandwidth: float | None = None,
-            effs: dict[str, float] | None = None) -> OpTime:
+            effs: dict[str, float] | None = None, floor_s: float = 0.0) -> OpTime:
     """Roofline time of one op on ``device`` (a hwmodels Device).
 
     memory_bandwidth overrides where the op's bytes come from (e.g. weights left in
@@ -138,7 +141,7 @@ def op_time(op: Op, device, *, memory_bandwidth: float | None = None,
         bw *= gemv.at(op.gemm_matrix_bytes)  # measured streaming rate of a matrix this size
     else:
         bw *= effs["memory"]
-    return OpTime(op, flops / peak if flops else 0.0, op.bytes / bw if op.bytes else 0.0)
+    return OpTime(op, flops / peak if flops else 0.0, op.bytes / bw if op.bytes else 0.0, floor_s)
 
 
 def link_bandwidth(device, link: str, node=None) -> float:
@@ -158,20 +161,40 @@ def link_bandwidth(device, link: str, node=None) -> float:
 
 
 def comm_time(c: CommOp, device, *, node=None, latency_s: dict[str, float] | None = None) -> float:
-    """Time of ``c.count`` calls of one collective: bytes / (bw * eff) + latency each."""
+    """Time of ``c.count`` calls of one collective: bytes / (bw * eff) + latency each.
+
+    Latency per call: the larger of the device's kernel profile's collective latency for this
+    link, collective and group size (hwmodels/kernels.py: NCCL/DeepEP/HCCL published small-message
+    figures) and the system preset's network latency (``latency_s``, clusters)."""
     if c.bytes == 0:
         return 0.0
     eff = device.efficiency(_LINK_EFF[c.collective] if c.link != "pcie" else "pcie")
-    lat = (latency_s or {}).get(c.link, 0.0)
+    lat = max((latency_s or {}).get(c.link, 0.0), _collective_alpha(device, c))
     return c.count * (c.bytes / (link_bandwidth(device, c.link, node) * eff) + lat)
+
+
+def _collective_alpha(device, c: CommOp) -> float:
+    """The kernel profile's per-call latency of this collective; 0 where the profile has no figure
+    for the link (e.g. CPU profiles have no scale-up fabric) -- reported by `dsref hw kernels`."""
+    from dsref.hwmodels.catalog import CatalogError
+    from dsref.hwmodels.kernels import kernel_profile
+    try:
+        prof = kernel_profile(device)
+        # a host <-> device copy is a point-to-point transfer over the PCIe link
+        coll = "p2p" if c.collective == "pcie" else c.collective
+        return prof.collective_latency_s(c.link, coll, max(int(c.participants), 2)) if prof else 0.0
+    except CatalogError:
+        return 0.0
 
 
 def step_time(ops: list[Op], device, comm: list[CommOp] = (), *, node=None, overhead_s: float = 0.0,
               overlap: bool = False, latency_s: dict[str, float] | None = None,
-              memory_bandwidth: float | None = None) -> StepTime:
-    """Roofline time of a whole step on one device (ops already divided per device)."""
+              memory_bandwidth: float | None = None, kernel_floor_s: float = 0.0) -> StepTime:
+    """Roofline time of a whole step on one device (ops already divided per device); every op
+    (kernel) takes at least ``kernel_floor_s``."""
     effs = device_efficiencies(device)
-    times = [op_time(op, device, memory_bandwidth=memory_bandwidth, effs=effs) for op in ops]
+    times = [op_time(op, device, memory_bandwidth=memory_bandwidth, effs=effs, floor_s=kernel_floor_s)
+             for op in ops]
     tc = sum(t.time_s for t in times)
     ct = [(c, comm_time(c, device, node=node, latency_s=latency_s)) for c in comm]
     tm = sum(t for _, t in ct)

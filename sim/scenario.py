@@ -92,6 +92,15 @@ class Instance(_Table):
     max_requests_per_step: int = 0         # prefill requests per step (0 = only the token budget limits)
     two_microbatch_overlap: bool = False   # split each step in two micro-batches: max(2*compute(half), comm)
     mtp_acceptance: float = 0.0            # MTP: 1 draft token accepted with this probability (0 = off)
+    # MTP with d draft tokens per step: acceptance of draft i given drafts 1..i-1 were accepted
+    # (e.g. [0.9, 0.75, 0.6]); overrides mtp_acceptance. Expected tokens per step 1 + a1 + a1 a2 + ...
+    mtp_acceptance_per_depth: tuple = ()
+    moe_tp: int = 0                        # tensor parallelism inside each expert (0 = auto: tp / ep when
+                                           # ep divides tp, i.e. TP-sharded experts when EP is off)
+    cuda_graph: str = "auto"               # kernels replayed from a captured graph: auto (decode and
+                                           # aggregated steps yes, prefill no) | on | off
+    routing_zipf: float = 0.0              # expert popularity skew: Zipf exponent of the assignment
+                                           # shares (0 = uniform routing)
     activation_reserve_bytes: float = -1.0  # -1: largest prefill op's activations (sim.local.activation_bytes)
 
 
@@ -106,6 +115,7 @@ class _ScenarioBase(_Table):
     quant: str = "fp8"
     seed: int = 0
     system: str = ""               # hwmodels node or cluster preset
+    kv_dtype: str = ""             # KV-cache element type: "" (the quantisation's) | bf16 | fp16 | fp8 | fp32
     # where it came from (messages name the source; relative trace paths start at base_dir)
     source: str = "<scenario>"
     base_dir: Path = Path(".")
@@ -125,6 +135,8 @@ class ServeScenario(_ScenarioBase):
     scaleup_devices: int = 0       # devices sharing the scale-up fabric (0 = a node; NVL72 / CloudMatrix UB: more)
     mode: str = "disaggregated"    # disaggregated | aggregated
     ctx_quantum_tokens: int = 64   # decode step-time cache granularity of the mean context (0 = exact)
+    kernel_floors: bool = True     # charge kernel launch floors, per-step host overhead and the kernel
+                                   # tables' GEMM curves (hwmodels/kernels.toml); false = plain roofline
     sample_interval_s: float = 0.0  # queue-length sampling period (0 = duration / 200)
     workload: Workload = Workload()
     prefill: Instance = Instance()
@@ -214,6 +226,11 @@ def _merge(base: dict, over: dict, src: str, prefix: str = "") -> dict:
                 v = type(d)(v)
             elif isinstance(d, str) and not isinstance(v, str):
                 raise _err(src, name, f"must be a string, got {v!r}")
+            elif isinstance(d, tuple):  # a list of numbers
+                if not isinstance(v, (list, tuple)) or any(
+                        isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) for x in v):
+                    raise _err(src, name, f"must be a list of finite numbers, got {v!r}")
+                v = tuple(float(x) for x in v)
             out[k] = v
     return out
 

@@ -54,7 +54,7 @@ import simpy
 from dsref.sim import roofline
 from dsref.sim.comm import CommOp, kv_transfer_bytes
 from dsref.sim.scenario import Length, Scenario, ScenarioError
-from dsref.sim.deployment import Deployment, resolve
+from dsref.sim.deployment import Deployment, mtp_depths, mtp_tokens_per_step, resolve
 from dsref.sim.stepcost import RequestTable, StepFeatures, request, uniform
 
 SECONDS_PER_HOUR = 3600.0
@@ -255,8 +255,9 @@ class Instance:
         self.budget = r.token_budget_per_device * self.par.dp
         self.max_req = r.max_requests_per_step or 10**12
         self.max_batch = r.max_batch_per_device * self.par.dp
-        self.tps = 1.0 + r.mtp_acceptance
-        self.mtp = r.mtp_acceptance > 0
+        self.mtp_depth = len(mtp_depths(r))  # draft tokens per step (0: MTP off)
+        self.tps = mtp_tokens_per_step(mtp_depths(r))
+        self.mtp = self.mtp_depth > 0
         self.two_mb = r.two_microbatch_overlap
         self.ready: list = []          # chunks in KV transfer
         self.waiting: deque = deque()  # [chunk, from, to]: ready, waiting for KV space / a slot
@@ -294,11 +295,12 @@ class Instance:
         hit = self._dcache.get(key)
         if hit is not None:
             return hit
-        T = 2.0 if self.mtp else 1.0  # MTP: the draft token is verified with the next one
+        d = self.mtp_depth
+        T = 1.0 + d  # MTP: the d draft tokens are verified with the next one in one step
         cost = self.sim.cost[self.role]
         tot, comp, _ = cost["decode"].decode(uniform(per, T, mean_ctx), two_microbatch=self.two_mb)
-        if self.mtp:  # the MTP module: one more layer + head on one token per sequence
-            extra = cost["mtp"].decode_compute_s(uniform(per, 1.0, mean_ctx))
+        if self.mtp:  # drafting: the MTP module (one layer + head) runs d times on one token per sequence
+            extra = d * cost["mtp"].decode_compute_s(uniform(per, 1.0, mean_ctx))
             tot += extra
             comp += extra
         out = (tot, comp)
@@ -790,7 +792,7 @@ class ServeSim:
         sc = self.sc
         self.wl = make_workload(sc, self.duration, self.seed)
         self.env = env = simpy.Environment()
-        tps = 1.0 + sc.instance("decode" if sc.mode == "disaggregated" else "aggregated").mtp_acceptance
+        tps = mtp_tokens_per_step(mtp_depths(sc.instance("decode" if sc.mode == "disaggregated" else "aggregated")))
         self.sh = _Shared(env, self.wl, tps)
         self.arrival_wake = env.event()
         self.instances = []
@@ -919,7 +921,59 @@ class ServeSim:
             "energy_j_per_output_token": (power * devices * D / out_tokens if power and out_tokens else None),
             "energy_note": "device board power x devices x wall time / output tokens (all devices at TDP)",
         }
+        if len(wl.t):
+            from dsref.sim.serve_report import steady_metrics
+            res.update(steady_metrics(wl.t, wl.prompt, wl.output, sh.first, sh.done, D,
+                                      roles=self._role_breakdown(roles, q)))
         return res
+
+    def _role_breakdown(self, roles: dict, q: np.ndarray) -> dict:
+        """Per role, its instance time split into compute / memory / network / floor / idle seconds
+        (sim.serve_report.binding_resource's input): the busy time is split as one representative
+        step splits (StepCost.breakdown at the role's mean batch; with two-micro-batch overlap only
+        the exposed part of the communication counts as network)."""
+        sc, sh, wl, D = self.sc, self.sh, self.wl, self.duration
+        mean_prompt = float(wl.prompt.mean()) if len(wl.prompt) else 1.0
+        mean_out = float(wl.output.mean()) if len(wl.output) else 1.0
+        running = float(q[:, 3].mean()) if len(q) else 0.0
+        out = {}
+        for name, r in roles.items():
+            inst = [i for i in self.instances if i.role == name]
+            par, cfg = inst[0].par, sc.instance(name)
+            total = r["instances"] * D
+            steps = sum(i.steps for i in inst)
+            if name == "prefill":
+                feats = uniform(1, max(1.0, cfg.token_budget_per_device), 0.0)
+                cost = self.cost[name]["prefill"]
+                util = r["busy_s"] / total if total else 0.0
+            else:
+                per = max(1.0, running / max(r["instances"] * par.dp, 1))
+                cost = self.cost[name]["decode"]
+                feats = uniform(per, 1.0 + inst[0].mtp_depth, mean_prompt + mean_out / 2)
+                cap = cfg.max_batch_per_device * par.dp * r["instances"]
+                util = min(1.0, running / cap) if cap else 0.0
+            parts = cost.breakdown(feats)
+            busy_parts = {k: float(parts.get(k, 0.0)) for k in ("compute_s", "memory_s", "floor_s", "comm_s", "host_s")}
+            if cfg.two_microbatch_overlap:
+                tot, c, m = cost._step(feats.vector(), cost._decode_ep_tokens(feats), feats.tokens, True)
+                work = tot - busy_parts["host_s"]
+                exposed = max(0.0, work - c / cost.device.efficiency("overlap"))
+                scale = (work - exposed) / c if c else 0.0
+                for k in ("compute_s", "memory_s", "floor_s"):
+                    busy_parts[k] *= scale
+                busy_parts["comm_s"] = exposed
+            step = sum(busy_parts.values()) or 1.0
+            frac = r["busy_s"] / step
+            kv_cap = self.capacity[name]["kv_tokens_per_instance"] * r["instances"]
+            kv_used = running * (mean_prompt + mean_out / 2) if name != "prefill" else 0.0
+            out[name] = {"compute_s": busy_parts["compute_s"] * frac, "memory_s": busy_parts["memory_s"] * frac,
+                         "comm_s": busy_parts["comm_s"] * frac,
+                         "floor_s": (busy_parts["floor_s"] + busy_parts["host_s"]) * frac,
+                         "idle_s": max(0.0, total - r["busy_s"]),
+                         "kv_blocked_steps": sh.kv_blocked_steps if name != "prefill" else 0, "steps": steps,
+                         "kv_utilization": min(1.0, kv_used / kv_cap) if kv_cap else 0.0,
+                         "utilization": util}
+        return out
 
 
 def simulate(sc: Scenario, **kw) -> dict:

@@ -23,8 +23,10 @@ def steady_state_warnings(r: dict) -> list[str]:
     if admitted <= 0:
         return []
     unfinished = (admitted - r["requests_finished"]) / admitted
+    # the steady-state window's verdict (sim/serve_report.py) comes after the unfinished-share check
+    out = [f"not steady: {r['steady_state_note']}"] if r.get("steady_state_reached") is False else []
     if unfinished <= UNFINISHED_WARN:
-        return []
+        return out
     d = r["duration_s"]
     want = d * unfinished / (UNFINISHED_WARN / 2)  # unfinished share ~ request time / duration
     mag = 10.0 ** math.floor(math.log10(want))
@@ -33,7 +35,7 @@ def steady_state_warnings(r: dict) -> list[str]:
             "steady state), or lower the load if it exceeds capacity" if longer > d else
             "the load exceeds capacity (queues still growing) or requests take longer than the run")
     return [f"{unfinished:.0%} of the {admitted:,} admitted requests were unfinished when the {d:g} s run "
-            f"ended: {hint}"]
+            f"ended: {hint}"] + out
 
 
 def _fmt(x, unit="", scale=1.0, digits=1):
@@ -62,6 +64,10 @@ def _print_serve(r: dict) -> None:
     print(f"  cost       ${_fmt(r['cost_usd_per_million_output_tokens'], '', digits=3)} per million output tokens, "
           f"${_fmt(r['cost_usd_per_day'], '', digits=0)} per day; energy "
           f"{_fmt(r['energy_j_per_output_token'], ' J', digits=2)} per output token")
+    if "steady_state_reached" in r:
+        from dsref.sim.serve_report import format_report
+        for line in format_report(r):
+            print(line)
     print(f"  simulator  {r['events']:,} events in {r['sim_wall_s']:.2f} s")
 
 

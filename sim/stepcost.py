@@ -35,7 +35,7 @@ from dsref.reference.config import ModelConfig
 from dsref.sim import costmodel, roofline
 from dsref.sim.comm import CommOp, ep_comm, grouped_time, tp_comm
 from dsref.sim.costmodel import StepShape
-from dsref.sim.moe_stats import expected_distinct_uniform
+from dsref.sim.moe_stats import expected_distinct_uniform, expected_max_rank_load
 from dsref.sim.parallel import Parallelism
 from dsref.sim.quant import Quant, get_quant
 
@@ -46,6 +46,7 @@ _FIT_SHAPES = ((1, 1, 0), (2, 3, 5), (3, 7, 11), (1, 16, 100), (4, 2, 50), (5, 9
 _TRAIN_FIT_SHAPES = ((1, 1, 0), (2, 3, 0), (3, 7, 0), (1, 16, 0), (4, 2, 0), (5, 9, 0), (2, 33, 0), (7, 5, 0))
 _FIT_RTOL = 1e-7
 MOE_KIND = "moe_gemm"
+GEMM_ROW_KINDS = ("gemm", "head")  # dense GEMMs whose rows are the step's tokens (kernel-table curves)
 WEIGHT_KINDS = ("gemm", "moe_gemm", "head", "router")  # ops whose backward has a weight-gradient half
 
 
@@ -214,10 +215,21 @@ class StepCost:
 
     def __init__(self, cfg: ModelConfig, quant: Quant | str, device, par: Parallelism, *, mla_form: str,
                  logits: str, node=None, latency_s: dict | None = None, layers: tuple[int, int] | None = None,
-                 table: OpTable | None = None, rows: np.ndarray | None = None, scale: np.ndarray | None = None):
+                 table: OpTable | None = None, rows: np.ndarray | None = None, scale: np.ndarray | None = None,
+                 phase: str | None = None, cuda_graph: bool = False, routing_shares: np.ndarray | None = None,
+                 kernel_floors: bool = True):
         """layers: [lo, hi) layer range (embedding with lo = 0, head with hi = L); rows: extra op mask;
-        scale: per-op multiplier of FLOPs and bytes (e.g. the weight-gradient half of a backward op)."""
+        scale: per-op multiplier of FLOPs and bytes (e.g. the weight-gradient half of a backward op);
+        phase: 'decode' | 'prefill' (serving steps pay the kernel profile's per-step host overhead once
+        per step) or None (training micro-batches: no per-step host term); cuda_graph: kernels replayed
+        from a captured graph (the profile's graph launch floor) instead of launched one by one;
+        routing_shares: expert assignment shares for skewed routing (None: uniform; with redundant
+        experts EPLB is taken to even out the ranks' means); kernel_floors: False turns every floor and
+        size-dependent kernel curve off (the plain roofline, for ablations)."""
         self.cfg, self.device, self.par, self.node = cfg, device, par, node
+        self.phase = phase
+        self.profile = _profile(device) if kernel_floors else None
+        self.routing_shares = routing_shares
         self.quant = get_quant(quant) if isinstance(quant, str) else quant
         self.latency_s = latency_s or {}
         self.table = table or OpTable.build(cfg, self.quant, device, mla_form=mla_form, logits=logits)
@@ -240,16 +252,27 @@ class StepCost:
         moe = keep & t.is_moe
         # non-MoE byte coefficients merged: activation/tp + KV/kv_div + weight/tp
         scd, scm = sc[dense][:, None], sc[moe][:, None]
+        gemm_kind = np.array([k in GEMM_ROW_KINDS for k in t.kinds])
         self._d = _compress(t.flops[dense] / tp * scd,
                             (t.act[dense] / tp + t.kv[dense] / kv_div + t.weight[dense] / tp) * scd,
-                            t.spf[dense], t.spb[dense], t.count[dense])
+                            t.spf[dense], t.spb[dense], t.count[dense], gemm_kind[dense].astype(float))
         self._m = (t.flops[moe] * scm, (t.act[moe] + t.weight[moe]) * scm, t.moe_weight[moe] * sc[moe],
                    t.spf[moe], t.spb[moe], t.count[moe])
         # fast evaluation: rows pre-multiplied by their seconds per FLOP / byte, stacked [compute; memory]
-        f, b, spf, spb, cnt = self._d
+        f, b, spf, spb, cnt, is_gemm = self._d
         self._n = len(cnt)
         self._stack = np.vstack([f * spf[:, None], b * spb[:, None]])
         self._count = cnt
+        self._is_gemm = is_gemm > 0.5
+        self._floor_kernel = 0.0
+        self._step_overhead = 0.0
+        self._eff = (device.efficiency("gemm"), device.efficiency("memory"))
+        prof = self.profile
+        if prof is not None:
+            self._floor_kernel = prof.launch_graph_s if cuda_graph else prof.launch_eager_s
+            self._step_overhead = (prof.step_overhead_s or {}).get(phase, 0.0) if phase else 0.0
+        mtp_ = max(getattr(par, "moe_tp", 1), 1)  # experts split tensor-parallel: 1/moe_tp of each
+        self._m = tuple(a / mtp_ for a in self._m[:3]) + self._m[3:]
         fm, bm, wm, spfm, spbm, cm = self._m
         if len(cm) and (np.abs(fm[:, 2:]).max() > _FIT_RTOL * np.abs(fm[:, 1]).max()
                         or np.abs(bm[:, 2:]).max() > _FIT_RTOL * np.abs(bm[:, 1]).max()):
@@ -259,25 +282,81 @@ class StepCost:
             key = (fm[i, 0] * spfm[i], fm[i, 1] * spfm[i], bm[i, 0] * spbm[i], bm[i, 1] * spbm[i], wm[i] * spbm[i])
             rows[key] = rows.get(key, 0.0) + cm[i]
         self._moe_rows = [k + (v,) for k, v in rows.items()]
-        self._comm_affine: tuple[float, float] | None = None
+        self._comm_affine: tuple[float, float, float, float] | None = None
+        self._ll = None
         self._overlap: float | None = None
+        self._n_moe_kernels = float(sum(cm)) if len(cm) else 0.0
         self.layer_fraction = (hi - lo) / L
+        self._rank_cache: dict[float, float] = {}
         self.slots = par.slots(cfg)
         self.local_slots = self.slots / max(par.ep, 1)
 
     # ------------------------------------------------------------------ compute
-    def _compute(self, x: np.ndarray, ep_tokens: float) -> float:
-        """Roofline compute time of per-device features x = [1, M, B, M*S_eff, B*S] (sum over ops of
-        max(compute, memory)), with ``ep_tokens`` tokens routed across the EP group."""
+    def _compute(self, x: np.ndarray, ep_tokens: float, parts: dict | None = None) -> float:
+        """Compute time of per-device features x = [1, M, B, M*S_eff, B*S] with ``ep_tokens`` tokens
+        routed across the EP group: sum over ops of max(compute, memory, kernel floor).
+
+        Kernel profile (hwmodels/kernels.py), when the device has one: GEMM ops run at the
+        published kernel tables' compute and bandwidth fractions for their rows (dense: the step's
+        M tokens on this device; routed experts: rows per touched expert on the busiest EP rank)
+        instead of the catalog's flat gemm / memory efficiencies, and every kernel takes at least
+        the launch floor. The busiest EP rank's routed rows are the expected maximum over ranks
+        (sim/moe_stats.expected_max_rank_load), not the mean. ``parts``: if given, filled with the
+        seconds bound by compute, memory and the floor (for reports)."""
         y = self._stack @ x
-        total = float(np.dot(np.maximum(y[:self._n], y[self._n:]), self._count))
+        n = self._n
+        yc, ym = y[:n], y[n:]
+        prof, floor = self.profile, self._floor_kernel
+        if prof is not None and self._is_gemm.any():
+            eff = prof.gemm_efficiency(max(float(x[1]), 1.0), grouped=False)
+            if eff is not None:
+                yc = np.where(self._is_gemm, yc * (self._eff[0] / eff[0]), yc)
+                ym = np.where(self._is_gemm, ym * (self._eff[1] / eff[1]), ym)
+        t = np.maximum(np.maximum(yc, ym), floor)
+        total = float(np.dot(t, self._count))
+        if parts is not None:
+            for key, sel in (("compute_s", (yc >= ym) & (yc >= floor)), ("memory_s", (ym > yc) & (ym >= floor)),
+                             ("floor_s", (floor > yc) & (floor > ym))):
+                parts[key] = parts.get(key, 0.0) + float(np.dot(t[sel], self._count[sel]))
         if self._moe_rows:
-            m_dev = ep_tokens / max(self.par.ep, 1)  # tokens whose rows land on one EP device (balanced)
+            m_dev = self.rank_tokens(ep_tokens)  # tokens whose rows land on the busiest EP rank
             touched = self.local_slots * (1.0 - (1.0 - self.cfg.num_experts_per_tok / self.slots)
                                           ** ep_tokens) if ep_tokens > 0 else 0.0
+            fc = fb = 1.0
+            if prof is not None and touched > 0:
+                eff = prof.gemm_efficiency(m_dev * self.cfg.num_experts_per_tok / touched, grouped=True)
+                if eff is not None:
+                    fc, fb = self._eff[0] / eff[0], self._eff[1] / eff[1]
             for cf0, cf1, cb0, cb1, cw, cnt in self._moe_rows:
-                total += cnt * max(cf0 + cf1 * m_dev, cb0 + cb1 * m_dev + cw * touched)
+                c = (cf0 + cf1 * m_dev) * fc
+                m = (cb0 + cb1 * m_dev + cw * touched) * fb
+                tm = max(c, m, floor)
+                total += cnt * tm
+                if parts is not None:
+                    key = "floor_s" if floor > max(c, m) else ("compute_s" if c >= m else "memory_s")
+                    parts[key] = parts.get(key, 0.0) + cnt * tm
         return total
+
+    def rank_tokens(self, ep_tokens: float) -> float:
+        """Tokens whose routed rows land on the busiest of the EP group's ranks when ``ep_tokens``
+        tokens are routed: the expected maximum rank load / k (uniform routing, or the scenario's
+        skew; redundant experts (EPLB) even out the ranks' means, not the per-step fluctuation)."""
+        ep = max(self.par.ep, 1)
+        if ep == 1 or ep_tokens <= 0:
+            return ep_tokens / ep
+        key = round(ep_tokens, 3)
+        hit = self._rank_cache.get(key)
+        if hit is None:
+            cfg = self.cfg
+            E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+            shares = self.routing_shares
+            # redundant slots (EPLB) even out the ranks' means; a skew without them needs the
+            # contiguous E / ep blocks of the model's own experts
+            balanced = self.slots > E or shares is None or E % ep != 0
+            hit = expected_max_rank_load(ep_tokens, E, k, ep, None if balanced else shares, balanced) / k
+            if len(self._rank_cache) < 100_000:
+                self._rank_cache[key] = hit
+        return hit
 
     def compute_s(self, f: StepFeatures, ep_tokens: float) -> float:
         """Compute time of one device's features ``f`` with ``ep_tokens`` routed across its EP group."""
@@ -286,8 +365,9 @@ class StepCost:
     # The tokens routed across one EP group, from the features and the layout; one rule per use:
     def _decode_ep_tokens(self, rank: StepFeatures) -> float:
         # decode: every DP rank charged at the busiest rank's batch (ranks differ by at most one
-        # sequence); the EP group holds ep of the instance's devices
-        return rank.tokens * self.par.dp * self.par.ep / self.par.devices
+        # sequence); the EP group holds ep of the instance's devices (x moe_tp: each expert-TP
+        # device sees every token of its group)
+        return rank.tokens * self.par.dp * self.par.ep * max(self.par.moe_tp, 1) / self.par.devices
 
     def replica_compute_s(self, f: StepFeatures) -> float:
         """Training: compute time of one micro-batch ``f`` on one device; the EP group spans ep
@@ -299,27 +379,39 @@ class StepCost:
         return self._compute(rank.vector(), self._decode_ep_tokens(rank))
 
     # -------------------------------------------------------------------- comm
-    def _comm_exact(self, tokens: int) -> float:
+    def _comm_exact(self, tokens: float) -> tuple[float, float]:
+        """(EP, TP) seconds of one forward pass over all layers (no layer-range fractions)."""
         ops: list[CommOp] = ep_comm(self.cfg, tokens, self.par)
         ep_t = grouped_time(ops, lambda c: roofline.comm_time(c, self.device, node=self.node,
                                                               latency_s=self.latency_s))
         tp_t = sum(roofline.comm_time(c, self.device, node=self.node, latency_s=self.latency_s)
                    for c in tp_comm(self.cfg, tokens, self.par, self.quant.act_bytes))
-        return (ep_t * self.moe_layer_fraction + tp_t * self.layer_fraction)
+        return ep_t, tp_t
 
     def comm_s(self, tokens_per_device: float) -> float:
         """EP dispatch/combine and TP all-reduce time of one forward pass (sim.comm volumes through
-        sim.roofline.comm_time). Volumes are linear in tokens and each call adds a fixed latency, so
-        the time is affine in tokens: evaluated exactly at 1 and 1025 tokens once, then interpolated
-        (exact at every token count; the catalog is not re-read per step)."""
+        sim.roofline.comm_time: a bandwidth term + the per-call latency of the link and collective).
+        Volumes are linear in tokens and each call adds a fixed latency, so each part is affine in
+        tokens: evaluated exactly at 1 and 1025 tokens once, then interpolated (exact at every count).
+        Decode EP runs DeepEP-style low-latency kernels: their published per-layer time at this EP
+        size (kernel profile) is a floor under the bandwidth formula."""
         if tokens_per_device <= 0:
             return 0.0
         if self._comm_affine is None:
-            t1, t2 = self._comm_exact(1), self._comm_exact(1025)
-            slope = (t2 - t1) / 1024
-            self._comm_affine = (t1 - slope, slope)
-        a, b = self._comm_affine
-        return a + b * tokens_per_device
+            (e1, t1), (e2, t2) = self._comm_exact(1), self._comm_exact(1025)
+            self._comm_affine = (e1 - (e2 - e1) / 1024, (e2 - e1) / 1024, t1 - (t2 - t1) / 1024, (t2 - t1) / 1024)
+            ll = None
+            if self.phase == "decode" and self.profile is not None and self.par.ep > 1 and self.cfg.is_moe:
+                ll = self.profile.ep_low_latency_s
+            self._ll = ll
+        ea, eb, ta, tb = self._comm_affine
+        t = float(tokens_per_device)
+        ep_t = ea + eb * t if eb or ea else 0.0
+        if self._ll is not None:
+            lat = self._ll(self.par.ep, t)
+            if lat is not None:
+                ep_t = max(ep_t, sum(lat) * self.cfg.num_moe_layers)
+        return ep_t * self.moe_layer_fraction + (ta + tb * t) * self.layer_fraction
 
     # -------------------------------------------------------------------- steps
     def prefill(self, total: StepFeatures, *, two_microbatch: bool = False) -> tuple[float, float, float]:
@@ -328,7 +420,8 @@ class StepCost:
         EP group routes its ep / devices share of the instance's tokens."""
         n = max(1, int(round(total.seqs)))
         rank = total.scaled(math.ceil(n / self.par.dp) / n)
-        return self._step(rank.vector(), total.tokens * self.par.ep / self.par.devices, rank.tokens, two_microbatch)
+        return self._step(rank.vector(), total.tokens * self.par.ep * max(self.par.moe_tp, 1) / self.par.devices,
+                          rank.tokens, two_microbatch)
 
     def decode(self, rank: StepFeatures, *, two_microbatch: bool = False) -> tuple[float, float, float]:
         """(total, compute, comm) seconds of a decode step whose busiest DP rank has features ``rank``."""
@@ -336,28 +429,52 @@ class StepCost:
 
     def _step(self, x: np.ndarray, ep_tokens: float, tokens_per_device: float,
               two_microbatch: bool) -> tuple[float, float, float]:
-        """(total, compute, comm) seconds. two_microbatch: the batch is split in two halves whose
-        compute overlaps the other half's all-to-all; the catalog's ``overlap`` efficiency is the
-        share of the shorter of the two that is hidden: max(C, M) + (1 - overlap) * min(C, M)
-        with C = 2 * compute(half), M = comm(all) (overlap = 1: perfect, 0: none)."""
+        """(total, compute, comm) seconds; total includes the profile's per-step host overhead.
+
+        two_microbatch: the batch is split in two halves whose compute overlaps the other half's
+        all-to-all. While the communication kernels run they hold part of the device (DeepEP's
+        kernels occupy SMs), so overlapped compute runs at the catalog's ``overlap`` share of the
+        device: C' = C / overlap with C = 2 * compute(half); the two halves pipeline over the
+        step's n MoE layers, so one layer's shorter phase is exposed at the start and end:
+        t = max(C', M) + min(C', M) / n (M = comm(all))."""
         if two_microbatch:
             c = 2.0 * self._compute(x / 2.0, ep_tokens / 2.0)
             m = self.comm_s(tokens_per_device)
             if self._overlap is None:
                 self._overlap = self.device.efficiency("overlap")
-            return max(c, m) + (1.0 - self._overlap) * min(c, m), c, m
+            cs = c / self._overlap
+            n = max(1.0, self.moe_layer_fraction * self.cfg.num_moe_layers)
+            return max(cs, m) + min(cs, m) / n + self._step_overhead, c, m
         c = self._compute(x, ep_tokens)
         m = self.comm_s(tokens_per_device)
-        return c + m, c, m
+        return c + m + self._step_overhead, c, m
+
+    def breakdown(self, rank: StepFeatures, ep_tokens: float | None = None) -> dict:
+        """Seconds of one step of ``rank`` features bound by compute, memory bandwidth, kernel floors,
+        communication and host overhead (no micro-batch overlap): what binds a step."""
+        parts: dict = {}
+        ep_t = self._decode_ep_tokens(rank) if ep_tokens is None else ep_tokens
+        self._compute(rank.vector(), ep_t, parts)
+        parts["comm_s"] = self.comm_s(rank.tokens)
+        parts["host_s"] = self._step_overhead
+        return parts
 
 
-def _compress(f, b, spf, spb, count):
-    """Merge ops with identical coefficients and rates (e.g. the same op in every MoE layer):
-    their roofline times are identical, so one row with the summed count is exact."""
-    rows = np.concatenate([f, b, spf[:, None], spb[:, None]], axis=1)
+def _compress(f, b, spf, spb, count, flag):
+    """Merge ops with identical coefficients, rates and GEMM flag (e.g. the same op in every MoE
+    layer): their roofline times are identical, so one row with the summed count is exact."""
+    rows = np.concatenate([f, b, spf[:, None], spb[:, None], flag[:, None]], axis=1)
     uniq, inv = np.unique(rows, axis=0, return_inverse=True)
     cnt = np.zeros(len(uniq))
     np.add.at(cnt, inv.ravel(), count)
     n = f.shape[1]
-    return uniq[:, :n], uniq[:, n:2 * n], uniq[:, 2 * n], uniq[:, 2 * n + 1], cnt
+    return uniq[:, :n], uniq[:, n:2 * n], uniq[:, 2 * n], uniq[:, 2 * n + 1], cnt, uniq[:, 2 * n + 2]
 
+
+def _profile(device):
+    """The device's kernel profile (hwmodels/kernels.py); None for a device with its own measured
+    curves (the host probe file), whose rates already include what the profile would add."""
+    if getattr(device, "gemm_rows_curve", None) is not None or getattr(device, "gemv_bandwidth_curve", None) is not None:
+        return None
+    from dsref.hwmodels.kernels import kernel_profile
+    return kernel_profile(device)
