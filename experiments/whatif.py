@@ -16,7 +16,7 @@ from pathlib import Path
 SERVE_TARGETS = (  # (label, system preset, quant, device_split)
     ("H800", "h800-node", "fp8", 1),
     ("H100", "h100-node", "fp8", 1),
-    ("H20", None, "fp8", 1),
+    ("H20", "h20-node", "fp8", 1),
     ("H200", "h200-node", "fp8", 1),
     ("B200", "b200-node", "fp8", 1),
     ("Ascend 910C", "ascend-910c-node", "int8", 2),
@@ -200,7 +200,7 @@ def write_training_page(out_dir: Path) -> dict:
          "392 GB/s per NPU, one 400 Gb/s RDMA NIC per NPU). The 910C has no FP8 units, so its GEMMs run in "
          "BF16 (quantisation `bf16`); H800 keeps the published FP8 recipe. Efficiencies: efficiency.toml "
          "`npu.*` (low-confidence assumptions, cited there) vs `gpu.*`. Both runs train the MTP module and "
-         "assume the same goodput (0.90); the H800 run keeps DeepSeek's 20 of 132 SMs for communication, the "
+         f"assume the same goodput ({h800.get('goodput', 1.0):.2f}: the report's GPU-hours are throughput x tokens); the H800 run keeps DeepSeek's 20 of 132 SMs for communication, the "
          "910C run reserves none (no published figure: optimistic for the 910C). Memory capacity per device "
          "is not checked by sim.train.\n",
          "| | 2048 H800 | 2048 Ascend 910C |", "|---|---:|---:|"]
@@ -261,7 +261,8 @@ def write_six_million_page(out_dir: Path) -> dict:
              f"DeepSeek paid. The 2.788M GPU-hours are {wall_days:.0f} days of the full {gpus}-GPU cluster.")
     L.append(f"- This simulator reproduces the pre-training part at {pre['device_hours'] / 1e6:.2f}M GPU-hours "
              f"({(pre['device_hours'] / g['dsv3_tr_pretrain_gpuh'] - 1):+.0%}; docs/validation.md) from the "
-             "stated recipe (plan, FP8, DualPipe, MTP, 20 SMs for communication, an assumed 90% goodput): "
+             f"stated recipe (plan, FP8, DualPipe, MTP, 20 SMs for communication, goodput {pre['goodput']:.2f}: the "
+             "published hours are throughput x tokens): "
              "the published compute is physically plausible -- if anything the report's figure is higher "
              "than the simulated run, not lower.\n")
     L.append("## Not covered\n")

@@ -242,6 +242,47 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return _show_device(dev, as_json=False)
 
 
+def cmd_kernels(args: argparse.Namespace) -> int:
+    """A device's kernel profile (hwmodels/data/kernels.toml): floors, latencies, GEMM curves, sources."""
+    from .kernels import kernel_profile
+    dev = load_device(args.device)
+    prof = kernel_profile(dev)
+    rows = [1, 16, 64, 128, 256, 1024, 4096]
+    gemm = {str(r): {"dense": prof.gemm_efficiency(r, False), "grouped": prof.gemm_efficiency(r, True)} for r in rows}
+    coll = {}
+    for link in ("intra", "inter", "pcie"):
+        for c in ("all_reduce", "all_to_all", "p2p"):
+            if prof.has_collective(link, c):
+                coll[f"{link}.{c}"] = {str(n): prof.collective_latency_s(link, c, n) for n in (2, 8, 16, 64)}
+    ep = {str(e): prof.ep_low_latency_s(e, 128) for e in (8, 32, 64, 128, 256)}
+    out = {"device": dev.id, "profile": prof.name, "launch_eager_s": prof.launch_eager_s,
+           "launch_graph_s": prof.launch_graph_s, "step_overhead_s": prof.step_overhead_s,
+           "gemm_efficiency": gemm, "collective_latency_s": coll, "ep_low_latency_s_at_128_tokens": ep,
+           "attention_efficiency": {k: prof.attention_efficiency(k) for k in ("decode", "prefill")},
+           "sources": prof.sources, "confidence": prof.confidence, "omitted": prof.omitted}
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    us = lambda s: "n/a" if s is None else f"{s * 1e6:,.2f} us"  # noqa: E731
+    print(f"{dev.id}: kernel profile '{prof.name}' (hwmodels/data/kernels.toml; docs/kernels.md)")
+    print(f"  launch floor   eager {us(prof.launch_eager_s)} per kernel, CUDA graph {us(prof.launch_graph_s)}")
+    print("  host overhead  " + ", ".join(f"{k} {us(v)} per step" for k, v in (prof.step_overhead_s or {}).items()))
+    print("  GEMM rows      fraction of peak compute / of peak bandwidth (grouped: rows per expert)")
+    for r, g in gemm.items():
+        print(f"  {r:>8s} rows   " + ("flat catalog efficiencies" if g["dense"] is None else
+                                     f"dense {g['dense'][0]:.2f} / {g['dense'][1]:.2f}")
+              + ("" if g["grouped"] is None else f", grouped {g['grouped'][0]:.2f} / {g['grouped'][1]:.2f}"))
+    for k, v in coll.items():
+        print(f"  {k:17s} " + ", ".join(f"{n} ranks {us(t)}" for n, t in v.items()))
+    if any(v is not None for v in ep.values()):
+        print("  EP low-latency " + ", ".join(f"EP{e}: {us(v[0])} + {us(v[1])}" for e, v in ep.items() if v))
+    for k, src in sorted(prof.sources.items()):
+        print(f"  - {k} [{prof.confidence.get(k, '?')}]: {src}")
+    for k, why in sorted(prof.omitted.items()):
+        print(f"  - {k}: omitted ({why})")
+    return 0
+
+
 def cmd_hw_help(args: argparse.Namespace) -> int:
     args.hw_parser.print_help()
     return 2
@@ -252,7 +293,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from dsref.reference.cli_common import HelpFormatter
     hw = subparsers.add_parser(
         "hw", help="hardware catalog: list, show and probe devices",
-        description=HW_HELP, epilog="examples:\n  dsref hw list\n  dsref hw show h800\n  dsref hw probe",
+        description=HW_HELP, epilog="examples:\n  dsref hw list\n  dsref hw show h800\n  dsref hw kernels h800\n  dsref hw probe",
         formatter_class=HelpFormatter,
     )
     hw.set_defaults(func=cmd_hw_help, hw_parser=hw)
@@ -291,4 +332,15 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p_probe.add_argument("--out", default=None, help="write the device file here instead of the host path")
     p_probe.add_argument("--quick", action="store_true", help="small sizes, ~3 s, rough numbers")
     p_probe.set_defaults(func=cmd_probe)
+
+    p_k = sub.add_parser(
+        "kernels", help="a device's kernel profile: launch floors, host overhead, collective latency, GEMM curves",
+        description="The kernel-level figures the simulators charge on a device (hwmodels/data/kernels.toml):\n"
+                    "per-kernel launch floor (eager / CUDA graph), per-step host overhead, collective latency\n"
+                    "per call by link and group size, GEMM efficiency by rows (DeepGEMM tables), the DeepEP\n"
+                    "low-latency EP table, each with its source and confidence.",
+        epilog="examples:\n  dsref hw kernels h800\n  dsref hw kernels b200 --json", formatter_class=HelpFormatter)
+    p_k.add_argument("device", metavar="DEVICE", help="device id (see `dsref hw list`)")
+    p_k.add_argument("--json", action="store_true", help="print JSON (seconds, fractions)")
+    p_k.set_defaults(func=cmd_kernels)
     return hw

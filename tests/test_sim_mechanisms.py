@@ -272,3 +272,16 @@ def test_offload_node_estimate_runs_with_floors():
     r = estimate("llama-3.1-8b", "rtx-4090", "bf16", context=2048)
     fl = r["framework_floors"]
     assert fl["decode_kernel_s"] > 0 and fl["decode_host_s"] > 0  # a framework on a GPU pays the floors
+
+
+def test_hw_kernels_cli(capsys):
+    from dsref.experiments.cli import main
+    assert main(["hw", "kernels", "h800"]) == 0
+    out = capsys.readouterr().out
+    assert "kernel profile 'hopper'" in out and "launch floor" in out and "source" not in out.splitlines()[0]
+    assert main(["hw", "kernels", "h800", "--json"]) == 0
+    import json
+    js = json.loads(capsys.readouterr().out)
+    assert js["profile"] == "hopper" and js["sources"] and js["launch_graph_s"] < js["launch_eager_s"]
+    assert main(["hw", "kernels", "no-such-device"]) == 2
+    assert "no-such-device" in capsys.readouterr().err
