@@ -35,7 +35,7 @@ from dsref.reference.config import ModelConfig
 from dsref.sim import costmodel, roofline
 from dsref.sim.comm import CommOp, ep_comm, grouped_time, tp_comm
 from dsref.sim.costmodel import StepShape
-from dsref.sim.moe_stats import expected_distinct_uniform, expected_max_rank_load
+from dsref.sim.moe_stats import expected_distinct_uniform, expected_max_rank_load, expected_max_std_normal
 from dsref.sim.parallel import Parallelism
 from dsref.sim.quant import Quant, get_quant
 
@@ -288,6 +288,8 @@ class StepCost:
         self._n_moe_kernels = float(sum(cm)) if len(cm) else 0.0
         self.layer_fraction = (hi - lo) / L
         self._rank_cache: dict[float, float] = {}
+        self._z: float | None = None
+        self._n_moe_layers = cfg.num_moe_layers
         self.slots = par.slots(cfg)
         self.local_slots = self.slots / max(par.ep, 1)
 
@@ -353,7 +355,15 @@ class StepCost:
             # redundant slots (EPLB) even out the ranks' means; a skew without them needs the
             # contiguous E / ep blocks of the model's own experts
             balanced = self.slots > E or shares is None or E % ep != 0
-            hit = expected_max_rank_load(ep_tokens, E, k, ep, None if balanced else shares, balanced) / k
+            if balanced:  # equal means: the closed form of expected_max_rank_load, without its arrays
+                if self._z is None:
+                    self._z = expected_max_std_normal(ep)
+                f = 1.0 / ep
+                var = k * f * (1 - f) * (E - k) / (E - 1) if E > 1 else 0.0
+                top = ep_tokens * k * f + math.sqrt(ep_tokens * var) * self._z
+                hit = min(ep_tokens * k, max(top, ep_tokens * k * f)) / k
+            else:
+                hit = expected_max_rank_load(ep_tokens, E, k, ep, shares, False) / k
             if len(self._rank_cache) < 100_000:
                 self._rank_cache[key] = hit
         return hit
@@ -410,7 +420,7 @@ class StepCost:
         if self._ll is not None:
             lat = self._ll(self.par.ep, t)
             if lat is not None:
-                ep_t = max(ep_t, sum(lat) * self.cfg.num_moe_layers)
+                ep_t = max(ep_t, (lat[0] + lat[1]) * self._n_moe_layers)
         return ep_t * self.moe_layer_fraction + (ta + tb * t) * self.layer_fraction
 
     # -------------------------------------------------------------------- steps
@@ -443,7 +453,7 @@ class StepCost:
             if self._overlap is None:
                 self._overlap = self.device.efficiency("overlap")
             cs = c / self._overlap
-            n = max(1.0, self.moe_layer_fraction * self.cfg.num_moe_layers)
+            n = max(1.0, self.moe_layer_fraction * self._n_moe_layers)
             return max(cs, m) + min(cs, m) / n + self._step_overhead, c, m
         c = self._compute(x, ep_tokens)
         m = self.comm_s(tokens_per_device)
