@@ -40,6 +40,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, field, replace
 
 from dsref.experiments.registry import load_claims, signed_error
@@ -95,6 +96,7 @@ class AicPoint:
     # 'fp8' in systems/data/*/mla/sglang/*/wideep_*_mla_perf.parquet): BF16 is refused. Stated in notes.
     kvcache_quant: str = "fp8"
     label: str = ""              # what differs from the published deployment (shown in notes)
+    standin: str = ""            # the same in a few words, for the table ("" = the published shape)
 
     def kwargs(self) -> dict:
         """Keyword arguments of aiconfigurator.cli.api.cli_estimate."""
@@ -153,13 +155,14 @@ D6_MTP_ACCEPT = 0.85                                    # low end of the publish
 
 _D6_PREFILL = AicPoint("h100_sxm", "sglang", "static_ctx", isl=D6_PROMPT, osl=1, prefix=D6_PREFIX,
                        batch=D6_BATCH_PREFILL, dp=32, ep=32, metric="input_tps_per_node",
-                       label=f"{H800_STANDIN}; {DEEPSEEK_ENGINE}")
+                       label=f"{H800_STANDIN}; {DEEPSEEK_ENGINE}", standin="H100 for H800; SGLang for DeepSeek's engine")
 _D6_DECODE = AicPoint("h100_sxm", "sglang", "static_gen", isl=D6_KV, osl=100, batch=128, dp=144, ep=144,
                       nextn=1, nextn_accepted=D6_MTP_ACCEPT, metric="output_tps_per_node",
-                      label=f"{H800_STANDIN}; {DEEPSEEK_ENGINE}")
+                      label=f"{H800_STANDIN}; {DEEPSEEK_ENGINE}", standin="H100 for H800; SGLang for DeepSeek's engine")
 # aiconfigurator's h100 DeepEP tables cover 1-8 nodes: EP64 is the largest EP it times.
 _D6_DECODE_EP64 = replace(_D6_DECODE, dp=64, ep=64, label=(
-    "STAND-IN EP64 (8 nodes, 4 routed experts/GPU) for the published EP144 (18 nodes, 2/GPU); " + _D6_DECODE.label))
+    "STAND-IN EP64 (8 nodes, 4 routed experts/GPU) for the published EP144 (18 nodes, 2/GPU); " + _D6_DECODE.label),
+    standin="EP64 for EP144; " + _D6_DECODE.standin)
 _H100_DECODE = AicPoint("h100_sxm", "sglang", "static_gen", isl=2000, osl=100, batch=256, dp=72, ep=72,
                         metric="output_tps_per_node")
 
@@ -186,13 +189,14 @@ def deployments() -> list[Deployment]:
                    aic=_H100_DECODE,
                    aic_standin=replace(_H100_DECODE, dp=64, ep=64, label=(
                        "STAND-IN EP64 (8 nodes) for the published EP72 (9 nodes): aiconfigurator's h100 DeepEP "
-                       "tables stop at 8 nodes")),
+                       "tables stop at 8 nodes"), standin="EP64 for EP72"),
                    sources=(LMSYS_H100,),
                    note="9 nodes EP72/DP72, 256 seqs/GPU, 2,000-token inputs, 100-token outputs (KV 2,000-2,100)"),
         Deployment("lmsys_gb200_decode_gpu_tps", None, None,
                    aic=AicPoint("gb200", "sglang", "static_gen", isl=2000, osl=100, batch=256, dp=48, ep=48,
                                 metric="output_tps_per_gpu", gpus_per_node=4,
-                                label="batch 256/GPU is an assumption (the blog does not state the GB200 batch)"),
+                                label="batch 256/GPU is an assumption (the blog does not state the GB200 batch)",
+                                standin="batch assumed"),
                    sources=(LMSYS_GB200,),
                    note="12 GB200 nodes x 4 GPUs = EP48/DP48 decode, 2,000-token inputs, 100-token outputs"),
     ]
@@ -252,26 +256,44 @@ def aic_versions() -> dict[str, str] | str:
     return out
 
 
-def run_aiconfigurator(points: dict[str, AicPoint], timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, dict]:
-    """{name: {"ok": result} | {"error": reason}} for every point, in one child process."""
+def start_aiconfigurator(points: dict[str, AicPoint]):
+    """Start the child process for ``points``; a handle for ``finish_aiconfigurator``. It runs while
+    our simulations do (each side is CPU-bound and single-threaded for the most part)."""
     if not points:
-        return {}
+        return None, {}
     vers = aic_versions()
     if isinstance(vers, str):
-        return {n: {"error": vers} for n in points}
-    payload = json.dumps([[n, p.kwargs()] for n, p in points.items()])
+        return None, {n: {"error": vers} for n in points}
     env = dict(os.environ, AICONFIGURATOR_LOG_LEVEL="ERROR")
+    proc = subprocess.Popen([sys.executable, "-c", _WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    return (proc, json.dumps([[n, p.kwargs()] for n, p in points.items()]), time.monotonic()), points
+
+
+def finish_aiconfigurator(handle, points, timeout_s: float) -> dict[str, dict]:
+    """{name: {"ok": result} | {"error": reason}} for every point of ``start_aiconfigurator``."""
+    if handle is None:
+        return points  # already the answers (nothing to run, or why it cannot run)
+    proc, payload, t0 = handle
+    left = max(1.0, timeout_s - (time.monotonic() - t0))
     try:
-        proc = subprocess.run([sys.executable, "-c", _WORKER], input=payload, capture_output=True, text=True,
-                              timeout=timeout_s, env=env)
+        stdout, stderr = proc.communicate(payload, timeout=left)
     except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
         return {n: {"error": f"aiconfigurator timed out after {timeout_s:.0f} s"} for n in points}
     try:
-        res = json.loads(proc.stdout)
+        res = json.loads(stdout)
     except json.JSONDecodeError:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        tail = (stderr.strip().splitlines() or ["no output"])[-1][:300]
         return {n: {"error": f"aiconfigurator failed (exit {proc.returncode}): {tail}"} for n in points}
     return {n: res.get(n, {"error": "no answer from aiconfigurator"}) for n in points}
+
+
+def run_aiconfigurator(points: dict[str, AicPoint], timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, dict]:
+    """{name: {"ok": result} | {"error": reason}} for every point, in one child process."""
+    handle, pts = start_aiconfigurator(points)
+    return finish_aiconfigurator(handle, pts, timeout_s)
 
 
 def aic_metric(p: AicPoint, res: dict) -> float:
@@ -320,14 +342,20 @@ def run(claims: dict | None = None, *, fast: bool = False, timeout_s: float = DE
     """One row per deployment whose claim is in the claims file (see the module docstring)."""
     claims = load_claims() if claims is None else claims
     deps = [d for d in deployments() if d.claim in claims and (not only or d.claim in only)]
-    recs = ours_records({d.experiment for d in deps if d.experiment}, claims, fast)
     points: dict[str, AicPoint] = {}
     for d in deps:
         if d.aic is not None:
             points[d.claim] = d.aic
             if d.aic_standin is not None:
                 points[d.claim + ":standin"] = d.aic_standin
-    aic = run_aiconfigurator(points, timeout_s)
+    handle, pts = start_aiconfigurator(points)
+    try:
+        recs = ours_records({d.experiment for d in deps if d.experiment}, claims, fast)
+    except BaseException:
+        if handle is not None:
+            handle[0].kill()
+        raise
+    aic = finish_aiconfigurator(handle, pts, timeout_s)
     return [_row(d, claims[d.claim], recs, aic) for d in deps]
 
 
@@ -356,7 +384,7 @@ def _row(d: Deployment, claim: dict, recs: dict, aic: dict) -> dict:
         else:
             ours, ours_why = rec.predicted, ""
             notes.append(f"ours: {d.scenario} via experiments/{d.experiment}.py ({rec.reading or rec.note})")
-    aic_value, aic_why = None, ""
+    aic_value, aic_why, aic_standin, used = None, "", "", d.aic
     if d.aic is None:
         aic_why = "no aiconfigurator inputs for this deployment"
     else:
@@ -371,6 +399,7 @@ def _row(d: Deployment, claim: dict, recs: dict, aic: dict) -> dict:
             aic_why = _short(res["error"])
         else:
             aic_value = aic_metric(used, res["ok"])
+            aic_standin = used.standin
             ok = res["ok"]
             extra = f"TTFT {ok['ttft_ms']:.0f} ms" if used.mode == "static_ctx" else f"TPOT {ok['tpot_ms']:.1f} ms"
             notes.append(f"aiconfigurator: {used.describe()} -> {extra} ({used.backend} tables {ok['backend_version']})")
@@ -388,6 +417,8 @@ def _row(d: Deployment, claim: dict, recs: dict, aic: dict) -> dict:
         "published": published, "ours": ours, "ours_error": signed_error(ours, published),
         "ours_why": ours_why, "aiconfigurator": aic_value,
         "aiconfigurator_error": signed_error(aic_value, published), "aiconfigurator_why": aic_why,
+        "aiconfigurator_standin": aic_standin,
+        "aiconfigurator_kv": "FP8 KV for BF16" if aic_value is not None and used.kvcache_quant == "fp8" else "",
         "notes": "; ".join(n for n in notes if n), "sources": list(d.sources) or [claim.get("source", "")],
     }
 
@@ -408,9 +439,13 @@ def summary(rows: list[dict]) -> dict:
     """Mean |error| of each tool over the rows where both have a number (like for like)."""
     both = [r for r in rows if r["ours_error"] is not None and r["aiconfigurator_error"] is not None]
     mean = (lambda xs: sum(abs(x) for x in xs) / len(xs) if xs else None)
+    same = [r for r in both if not r["aiconfigurator_standin"]]
     return {"rows_both": len(both),
             "ours_mean_abs_error": mean([r["ours_error"] for r in both]),
             "aiconfigurator_mean_abs_error": mean([r["aiconfigurator_error"] for r in both]),
+            "rows_like_for_like": len(same),
+            "like_for_like_ours_mean_abs_error": mean([r["ours_error"] for r in same]),
+            "like_for_like_aiconfigurator_mean_abs_error": mean([r["aiconfigurator_error"] for r in same]),
             "closer": {r["claim"]: ("ours" if abs(r["ours_error"]) < abs(r["aiconfigurator_error"]) else "aiconfigurator")
                        for r in both}}
 
@@ -426,6 +461,10 @@ def versions() -> dict:
         here = os.path.dirname(os.path.abspath(__file__))
         commit = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, timeout=10).stdout.strip()
+        # the simulator's numbers come from the working tree, which may hold uncommitted edits
+        if commit and subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                                     capture_output=True, text=True, timeout=10).stdout.strip():
+            commit += " + uncommitted changes"
     except (OSError, subprocess.SubprocessError):
         pass
     aic = aic_versions()
@@ -448,21 +487,29 @@ def markdown(rows: list[dict], command: str, vers: dict) -> str:
         "**aiconfigurator**: NVIDIA's aiconfigurator (`pip install 'deepseek-ref[peer]'`, "
         f"pinned {AIC_DIST}=={AIC_PINNED}), static single-phase estimate (`static_ctx` for prefill, `static_gen` "
         "for decode) at the published batch, from its per-operation tables measured on real GPUs. A '-' comes "
-        "with its reason under the table. Rows marked STAND-IN in the notes ran a shape aiconfigurator "
-        "accepts instead of the published one: their error is not like for like.",
+        "with its reason under the table. The last column says what aiconfigurator ran in place of the "
+        "published deployment where it could not describe it (no H800, no DeepSeek engine, DeepEP tables up to "
+        "8 H100 nodes, SGLang MLA tables with an FP8 KV cache only): such errors are not like for like.",
         "",
-        "| claim | hardware | published | ours | ours error | aiconfigurator | aiconfigurator error |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| claim | hardware | published | ours | ours error | aiconfigurator | aiconfigurator error | aiconfigurator stand-in |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(f"| `{r['claim']}` | {r['hardware']} | {_num(r['published'])} | {_num(r['ours'])} | "
-                     f"{_err(r['ours_error'])} | {_num(r['aiconfigurator'])} | {_err(r['aiconfigurator_error'])} |")
+                     f"{_err(r['ours_error'])} | {_num(r['aiconfigurator'])} | {_err(r['aiconfigurator_error'])} | "
+                     f"{'-' if r['aiconfigurator'] is None else '; '.join(filter(None, (r['aiconfigurator_standin'], r['aiconfigurator_kv'])))} |")
     lines.append("")
     if s["rows_both"]:
         closer = ", ".join(f"`{k}` {v}" for k, v in s["closer"].items())
         lines += [f"Over the {s['rows_both']} rows where both tools give a number: mean |error| ours "
                   f"{s['ours_mean_abs_error'] * 100:.0f}%, aiconfigurator {s['aiconfigurator_mean_abs_error'] * 100:.0f}% "
-                  f"(closer: {closer}).", ""]
+                  f"(closer: {closer})."]
+        if s["rows_like_for_like"]:
+            lines.append(f"Like for like (same GPU, EP size and engine; only the KV cache dtype differs), "
+                         f"{s['rows_like_for_like']} row{'s' if s['rows_like_for_like'] > 1 else ''}: ours "
+                         f"{s['like_for_like_ours_mean_abs_error'] * 100:.0f}%, aiconfigurator "
+                         f"{s['like_for_like_aiconfigurator_mean_abs_error'] * 100:.0f}%.")
+        lines.append("")
     lines += ["## Notes per row", ""]
     for r in rows:
         lines.append(f"- `{r['claim']}` ({r['unit']}; role {r['role'] or '-'}; scenario {r['scenario'] or 'none'}): "

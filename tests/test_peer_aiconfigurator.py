@@ -60,7 +60,7 @@ def test_table_says_not_installed_when_aiconfigurator_is_absent(monkeypatch):
 
     def no_child(*a, **k):
         raise AssertionError("no aiconfigurator process may be started when it is not installed")
-    monkeypatch.setattr(subprocess, "run", no_child)
+    monkeypatch.setattr(subprocess, "Popen", no_child)
     claims = load_claims()
     rows = pa.run(claims)
     assert [r["claim"] for r in rows] == [d.claim for d in pa.deployments() if d.claim in claims]
@@ -78,14 +78,15 @@ def test_refused_shape_falls_back_to_the_labelled_standin(monkeypatch):
     ok = {"ttft_ms": 0.0, "tpot_ms": 100.0, "backend_version": "x", "kv_cache_warning": None, "comm_fallbacks": [],
           "raw": {"tokens/s/gpu": 2000.0, "tokens/s/user": 10.0, "seq/s": 1.0, "num_total_gpus": 64}}
 
-    def fake_aic(points, timeout_s):
-        return {n: ({"ok": ok} if n.endswith(":standin") else {"error": "PerfDataNotAvailableError: no EP144"})
-                for n in points}
-    monkeypatch.setattr(pa, "run_aiconfigurator", fake_aic)
+    def fake_start(points):  # no handle: the answers themselves (as when nothing can run)
+        return None, {n: ({"ok": ok} if n.endswith(":standin") else {"error": "PerfDataNotAvailableError: no EP144"})
+                      for n in points}
+    monkeypatch.setattr(pa, "start_aiconfigurator", fake_start)
     rows = {r["claim"]: r for r in pa.run(load_claims(), only=["d6_decode_node_tps", "d6_prefill_node_tps"])}
     dec = rows["d6_decode_node_tps"]
     assert dec["aiconfigurator"] == pytest.approx(2000.0 * 8)  # per GPU x 8 GPUs per node
     assert "refused the published shape" in dec["notes"] and "STAND-IN EP64" in dec["notes"]
+    assert dec["aiconfigurator_standin"].startswith("EP64 for EP144")  # shown in the table, not only the notes
     pre = rows["d6_prefill_node_tps"]  # no stand-in: the refusal is the answer
     assert pre["aiconfigurator"] is None and "no EP144" in pre["aiconfigurator_why"]
 
