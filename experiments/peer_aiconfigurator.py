@@ -562,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
                    help=f"seconds allowed for all aiconfigurator estimates together (default {DEFAULT_TIMEOUT_S:.0f})")
     p.add_argument("--claim", action="append", default=None, metavar="ID",
-                   help="only this claim id (repeatable); default: every deployment in deployments()")
+                   help="only this claim id (repeatable); one of: " + ", ".join(d.claim for d in deployments()))
     return p
 
 
@@ -580,6 +580,9 @@ def main(argv=None) -> int:
             parser.error("--out: empty path")
         if os.path.isdir(args.out):
             parser.error(f"--out {args.out}: is a directory; give a file name")
+        parent = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(parent):  # checked before minutes of simulation, not after
+            parser.error(f"--out {args.out}: folder {parent} does not exist")
     rows = run(fast=args.fast, timeout_s=args.timeout, only=args.claim)
     vers = versions()
     shown = ["python -m dsref.experiments.peer_aiconfigurator"] + list(sys.argv[1:] if argv is None else argv)
@@ -588,8 +591,12 @@ def main(argv=None) -> int:
                           "deployments": [asdict(d) for d in deployments()]}, indent=1))
     text = markdown(rows, " ".join(shown), vers)
     if args.out is not None:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text)
+        try:
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as e:
+            print(f"{parser.prog}: error: --out {args.out}: {e.strerror or e}", file=sys.stderr)
+            return 2
     elif not args.json:
         print(text, end="")
     return 0

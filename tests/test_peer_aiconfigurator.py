@@ -101,7 +101,8 @@ def test_metric_conversions():
                       {"raw": {"tokens/s/gpu": 1.0}})
 
 
-@pytest.mark.parametrize("argv", [["--bogus"], ["--timeout", "0"], ["--claim", "nope"], ["--out", ""]])
+@pytest.mark.parametrize("argv", [["--bogus"], ["--timeout", "0"], ["--claim", "nope"], ["--out", ""],
+                                  ["--out", "/nonexistent-dir/x.md"]])
 def test_cli_bad_options_exit_2_with_one_line(argv, capsys):
     with pytest.raises(SystemExit) as e:
         pa.main(argv)
