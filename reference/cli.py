@@ -137,7 +137,8 @@ def cmd_info(args) -> int:
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
-    print(f"{cfg.name}  ({'MLA + DeepSeekMoE' if cfg.arch == 'deepseek' else 'dense GQA'})")
+    kind = "MLA + DeepSeekMoE" if cfg.arch == "deepseek" else ("GQA + MoE" if cfg.is_moe else "dense GQA")
+    print(f"{cfg.name}  ({kind})")
     print(f"  parameters        {_fmt_count(d['total_params'])} total, {_fmt_count(d['activated_params'])} "
           f"activated per token (LM head in, input embedding out)")
     if d["mtp_params"]:
@@ -160,7 +161,12 @@ def cmd_info(args) -> int:
             f"{cfg.softmax_scale:.5f}" if rs else ""))
     else:
         print(f"  attention         GQA {cfg.num_attention_heads} q / {cfg.num_key_value_heads} kv heads, "
-              f"head_dim {cfg.dense_head_dim}; KV cache (bf16) {kv:,.0f} B/token")
+              f"head_dim {cfg.dense_head_dim}" + (", q/k RMSNorm" if getattr(cfg, "qk_norm", False) else "")
+              + f"; KV cache (bf16) {kv:,.0f} B/token")
+        if cfg.is_moe:
+            print(f"  MoE               {cfg.n_routed_experts} routed + {cfg.n_shared_experts} shared, top-"
+                  f"{cfg.num_experts_per_tok}, {cfg.scoring_func} router, norm_topk_prob {cfg.norm_topk_prob}, "
+                  f"{cfg.num_moe_layers} of {cfg.num_hidden_layers} layers")
     if "checkpoint" in d:
         ck = d["checkpoint"]
         print(f"  checkpoint        {json.dumps({k: v for k, v in ck.items() if not isinstance(v, (list, dict))})}")

@@ -513,8 +513,9 @@ class DeepseekModel(nnx.Module):
         time grows with experts x MoE layers), 'stacked' (one [E, ...] array; XLA:CPU copies
         each used expert per call) or 'auto' (see MAX_PER_EXPERT_BRANCHES)."""
         if cfg.arch != "deepseek":
-            raise ValueError(f"{cfg.name}: the JAX model implements DeepSeek MLA+MoE; dense "
-                             "models are described for the simulator only")
+            raise ValueError(f"{cfg.name}: the JAX model implements DeepSeek MLA+MoE; GQA models "
+                             "(dense, and Qwen3-MoE) run in the float64 NumPy reference "
+                             "(reference/numpy_ref.py) and the simulators only")
         rngs = rngs or nnx.Rngs(0)
         self.cfg = cfg
         self.dtype = dtype

@@ -145,10 +145,13 @@ class _Weights:
 
     def __init__(self, cfg: ModelConfig, quant: Quant):
         self._bytes: dict[int | None, dict[str, float]] = {}
+        self._prec: dict[int | None, dict[str, str]] = {}
         self._groups: dict[tuple[int | None, str], float] = {}
         for t in tensors(cfg):
             b = tensor_bytes(cfg, quant, t)
             self._bytes.setdefault(t.layer, {})[t.rel] = b
+            # the rate its matmul runs at (an FP4 recipe keeps the MLA projections in BF16)
+            self._prec.setdefault(t.layer, {})[t.rel] = quant.tensor_precision(t.rel, t.shape, cfg)
             self._groups[(t.layer, t.group)] = self._groups.get((t.layer, t.group), 0.0) + b
 
     def layer(self, i: int) -> dict[str, float]:
@@ -156,6 +159,10 @@ class _Weights:
 
     def glob(self, name: str) -> float:
         return self._bytes[None][name]
+
+    def prec(self, i: int) -> dict[str, str]:
+        """Peak-rate key of each weight's matmul in layer i (sim.quant.Quant.tensor_precision)."""
+        return self._prec[i]
 
     def group(self, i: int, group: str) -> float:
         return self._groups.get((i, group), 0.0)
@@ -178,21 +185,23 @@ def _elem(name, layer, n_elems, flops_per, ab, kind="elementwise", wbytes=0.0, p
 
 
 # --------------------------------------------------------------------- attention
-def _mla_ops(cfg: ModelConfig, quant: Quant, w: dict[str, float], i: int, sh: StepShape) -> list[Op]:
+def _mla_ops(cfg: ModelConfig, quant: Quant, w: dict[str, float], i: int, sh: StepShape,
+             prec: dict[str, str] | None = None) -> list[Op]:
     D, H, R, P = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
     N, A = cfg.qk_nope_head_dim, cfg.v_head_dim
     M, B, ab, gp = sh.m, sh.batch, quant.act_bytes, quant.gemm_precision
+    pr = (prec or {}).get
     kvb = quant.kv_bytes
     ops: list[Op] = []
     if cfg.q_lora_rank is None:
-        ops.append(_gemm("q_proj", i, M, D, H * (N + P), w["self_attn.q_proj.weight"], ab, gp))
+        ops.append(_gemm("q_proj", i, M, D, H * (N + P), w["self_attn.q_proj.weight"], ab, pr("self_attn.q_proj.weight", gp)))
     else:
         Q = cfg.q_lora_rank
-        ops.append(_gemm("q_a_proj", i, M, D, Q, w["self_attn.q_a_proj.weight"], ab, gp))
+        ops.append(_gemm("q_a_proj", i, M, D, Q, w["self_attn.q_a_proj.weight"], ab, pr("self_attn.q_a_proj.weight", gp)))
         ops.append(_elem("q_a_layernorm", i, M * Q, RMSNORM_FLOPS_PER_ELEM, ab, "norm",
                          w["self_attn.q_a_layernorm.weight"]))
-        ops.append(_gemm("q_b_proj", i, M, Q, H * (N + P), w["self_attn.q_b_proj.weight"], ab, gp))
-    ops.append(_gemm("kv_a_proj_with_mqa", i, M, D, R + P, w["self_attn.kv_a_proj_with_mqa.weight"], ab, gp))
+        ops.append(_gemm("q_b_proj", i, M, Q, H * (N + P), w["self_attn.q_b_proj.weight"], ab, pr("self_attn.q_b_proj.weight", gp)))
+    ops.append(_gemm("kv_a_proj_with_mqa", i, M, D, R + P, w["self_attn.kv_a_proj_with_mqa.weight"], ab, pr("self_attn.kv_a_proj_with_mqa.weight", gp)))
     ops.append(_elem("kv_a_layernorm", i, M * R, RMSNORM_FLOPS_PER_ELEM, ab, "norm",
                      w["self_attn.kv_a_layernorm.weight"]))
     ops.append(_elem("rope", i, M * (H + 1) * P, ROPE_FLOPS_PER_ELEM, ab))
@@ -202,15 +211,15 @@ def _mla_ops(cfg: ModelConfig, quant: Quant, w: dict[str, float], i: int, sh: St
     scores = M * H * Se
     w_kvb = w["self_attn.kv_b_proj.weight"]
     if sh.mla_form == "absorbed":
-        ops.append(_gemm("q_absorb", i, M * H, N, R, w_kvb * N / (N + A), ab, gp, rows=M))  # one [M,N]x[N,R] per head
+        ops.append(_gemm("q_absorb", i, M * H, N, R, w_kvb * N / (N + A), ab, pr("self_attn.kv_b_proj.weight", gp), rows=M))  # one [M,N]x[N,R] per head
         ops.append(Op("mla_attention", i, "attention", 2.0 * scores * (R + P) + 2.0 * scores * R,
                       0.0, M * H * (R + P) * ab, M * H * R * ab, cache_read, cache_write, precision=quant.attn_precision))
         ops.append(_elem("softmax", i, scores, SOFTMAX_FLOPS_PER_ELEM, 0.0))
-        ops.append(_gemm("out_absorb", i, M * H, R, A, w_kvb * A / (N + A), ab, gp, rows=M))
+        ops.append(_gemm("out_absorb", i, M * H, R, A, w_kvb * A / (N + A), ab, pr("self_attn.kv_b_proj.weight", gp), rows=M))
     elif sh.mla_form == "naive":
         ops.append(Op("kv_b_expand", i, "gemm", 2.0 * B * S * R * H * (N + A), w_kvb,
                       act_bytes_written=B * S * H * (N + A) * ab, kv_bytes_read=cache_read,
-                      kv_bytes_written=cache_write, precision=gp, gemm_rows=float(B * S),
+                      kv_bytes_written=cache_write, precision=pr("self_attn.kv_b_proj.weight", gp), gemm_rows=float(B * S),
                       gemm_matrix_bytes=w_kvb))
         ops.append(Op("attention", i, "attention", 2.0 * scores * (N + P) + 2.0 * scores * A, 0.0,
                       M * H * (N + P) * ab + B * S * (H * (N + A) + P) * ab, M * H * A * ab,
@@ -222,23 +231,25 @@ def _mla_ops(cfg: ModelConfig, quant: Quant, w: dict[str, float], i: int, sh: St
         # repeated per head) and values H*A, which every decode step reads back.
         ops.append(Op("kv_b_proj", i, "gemm", 2.0 * M * R * H * (N + A), weight_bytes=w_kvb,
                       act_bytes_read=M * R * ab, act_bytes_written=M * H * (N + A) * ab,
-                      kv_bytes_written=M * H * (N + P + A) * kvb, precision=gp, gemm_matrix_bytes=w_kvb))
+                      kv_bytes_written=M * H * (N + P + A) * kvb, precision=pr("self_attn.kv_b_proj.weight", gp), gemm_matrix_bytes=w_kvb))
         ops.append(Op("attention", i, "attention", 2.0 * scores * (N + P) + 2.0 * scores * A,
                       act_bytes_read=M * H * (N + P) * ab, act_bytes_written=M * H * A * ab,
                       kv_bytes_read=B * S * H * (N + P + A) * kvb, precision=quant.attn_precision))
         ops.append(_elem("softmax", i, scores, SOFTMAX_FLOPS_PER_ELEM, 0.0))
     else:
         raise ValueError(f"mla_form must be 'absorbed', 'naive' or 'expanded_cache', got {sh.mla_form!r}")
-    ops.append(_gemm("o_proj", i, M, H * A, D, w["self_attn.o_proj.weight"], ab, gp))
+    ops.append(_gemm("o_proj", i, M, H * A, D, w["self_attn.o_proj.weight"], ab, pr("self_attn.o_proj.weight", gp)))
     return ops
 
 
-def _gqa_ops(cfg: ModelConfig, quant: Quant, w: dict[str, float], i: int, sh: StepShape) -> list[Op]:
+def _gqa_ops(cfg: ModelConfig, quant: Quant, w: dict[str, float], i: int, sh: StepShape,
+            prec: dict[str, str] | None = None) -> list[Op]:
     D, H, K, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dense_head_dim
     M, B, ab, gp = sh.m, sh.batch, quant.act_bytes, quant.gemm_precision
-    ops = [_gemm("q_proj", i, M, D, H * hd, w["self_attn.q_proj.weight"], ab, gp),
-           _gemm("k_proj", i, M, D, K * hd, w["self_attn.k_proj.weight"], ab, gp),
-           _gemm("v_proj", i, M, D, K * hd, w["self_attn.v_proj.weight"], ab, gp)]
+    pr = (prec or {}).get
+    ops = [_gemm("q_proj", i, M, D, H * hd, w["self_attn.q_proj.weight"], ab, pr("self_attn.q_proj.weight", gp)),
+           _gemm("k_proj", i, M, D, K * hd, w["self_attn.k_proj.weight"], ab, pr("self_attn.k_proj.weight", gp)),
+           _gemm("v_proj", i, M, D, K * hd, w["self_attn.v_proj.weight"], ab, pr("self_attn.v_proj.weight", gp))]
     if cfg.attention_bias:
         ops.append(_elem("qkv_bias", i, M * (H + 2 * K) * hd, RESIDUAL_FLOPS_PER_ELEM, ab, wbytes=sum(
             w[f"self_attn.{p}_proj.bias"] for p in "qkv")))
@@ -251,7 +262,7 @@ def _gqa_ops(cfg: ModelConfig, quant: Quant, w: dict[str, float], i: int, sh: St
     ops.append(Op("attention", i, "attention", 2.0 * scores * hd * 2, 0.0, M * H * hd * ab, M * H * hd * ab,
                   B * S * 2 * K * hd * quant.kv_bytes, M * 2 * K * hd * quant.kv_bytes, precision=quant.attn_precision))
     ops.append(_elem("softmax", i, scores, SOFTMAX_FLOPS_PER_ELEM, 0.0))
-    ops.append(_gemm("o_proj", i, M, H * hd, D, w["self_attn.o_proj.weight"], ab, gp))
+    ops.append(_gemm("o_proj", i, M, H * hd, D, w["self_attn.o_proj.weight"], ab, pr("self_attn.o_proj.weight", gp)))
     return ops
 
 
@@ -331,7 +342,7 @@ def forward_ops(cfg: ModelConfig, quant: Quant | str, sh: StepShape, moe_shares=
     for i in range(cfg.num_hidden_layers):
         w = weights.layer(i)
         ops.append(_elem("input_layernorm", i, M * D, RMSNORM_FLOPS_PER_ELEM, ab, "norm", w["input_layernorm.weight"]))
-        ops += _mla_ops(cfg, quant, w, i, sh) if cfg.arch == "deepseek" else _gqa_ops(cfg, quant, w, i, sh)
+        ops += (_mla_ops if cfg.arch == "deepseek" else _gqa_ops)(cfg, quant, w, i, sh, weights.prec(i))
         ops.append(_elem("attn_residual", i, M * D, RESIDUAL_FLOPS_PER_ELEM, ab))
         ops.append(_elem("post_attention_layernorm", i, M * D, RMSNORM_FLOPS_PER_ELEM, ab, "norm",
                          w["post_attention_layernorm.weight"]))

@@ -247,7 +247,8 @@ class StepCost:
         self.moe_layer_fraction = (sum(cfg.is_moe_layer(i) for i in range(lo, hi)) / cfg.num_moe_layers
                                    if cfg.num_moe_layers else 0.0)
         tp = par.tp
-        kv_div = tp if cfg.arch == "dense" else 1
+        # GQA: KV heads split over TP ranks, replicated once TP exceeds them; MLA's latent is not split
+        kv_div = min(tp, max(cfg.num_key_value_heads, 1)) if cfg.arch == "dense" else 1
         dense = keep & ~t.is_moe
         moe = keep & t.is_moe
         # non-MoE byte coefficients merged: activation/tp + KV/kv_div + weight/tp

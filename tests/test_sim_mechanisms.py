@@ -285,3 +285,16 @@ def test_hw_kernels_cli(capsys):
     assert js["profile"] == "hopper" and js["sources"] and js["launch_graph_s"] < js["launch_eager_s"]
     assert main(["hw", "kernels", "no-such-device"]) == 2
     assert "no-such-device" in capsys.readouterr().err
+
+
+def test_fp4_recipe_keeps_mla_projections_at_bf16_rate():
+    from dsref.sim import costmodel
+    cfg = get_preset(V3)
+    ops = {o.name: o for o in costmodel.forward_ops(cfg, "nvfp4", costmodel.StepShape(1, 16, 0, mla_form="naive"))
+           if o.layer == 3}
+    assert ops["q_a_proj"].precision == "bf16" and ops["kv_b_expand"].precision == "bf16"
+    assert ops["routed_experts"].precision == "fp4"
+    ops8 = {o.name: o for o in costmodel.forward_ops(cfg, "fp8", costmodel.StepShape(1, 16, 0)) if o.layer == 3}
+    assert ops8["q_a_proj"].precision == "fp8"
+    # a Hopper device has no fp4 rate: the catalog falls back to fp8 (weight-only FP4)
+    assert load_device("h800").resolve_precision("fp4") == "fp8"
