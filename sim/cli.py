@@ -54,7 +54,7 @@ def cmd_local(args) -> int:
         except ValueError as e:
             raise ValueError(f"{opt} {v}: {e}") from None
     r = estimate(cfg, args.device, args.quant, context=args.context, batch=args.batch,
-                 prompt_tokens=args.prompt_tokens, mla_form=args.mla_form)
+                 prompt_tokens=args.prompt_tokens, mla_form=args.mla_form, offload=args.offload)
     if args.json:
         print(json.dumps(r, indent=2, default=float))
         return 0 if r["fits"] else 1
@@ -63,7 +63,10 @@ def cmd_local(args) -> int:
     print(f"  memory    required {_gb(r['memory_required_bytes'])} = weights {_gb(r['weights_bytes'])} + KV cache "
           f"{_gb(r['kv_cache_bytes'])} + activations {_gb(r['activation_bytes'])}; available "
           f"{_gb(r['memory_available_bytes'])}")
-    if r.get("bytes_on_host") is not None:
+    if r.get("bytes_on_host") is not None and r.get("offload") == "experts":
+        print(f"  placement routed experts in host memory on the CPU ({_gb(r['bytes_on_host'])} with the embedding), "
+              f"the rest on the accelerator ({_gb(r['bytes_on_device'])})")
+    elif r.get("bytes_on_host") is not None:
         print(f"  placement {r['gpu_layers']} layers on the accelerator ({_gb(r['bytes_on_device'])}), "
               f"{_gb(r['bytes_on_host'])} in host memory")
     if not r["fits"]:
@@ -121,6 +124,10 @@ def register_local(sub) -> None:
     p.add_argument("--mla-form", default="absorbed", choices=("absorbed", "expanded_cache"),
                    help="KV-cache layout of MLA models: absorbed (the compressed latent) or expanded_cache "
                         "(llama.cpp's pre-April-2025 expanded K/V)")
+    p.add_argument("--offload", default="layers", choices=("layers", "experts"),
+                   help="on a host + accelerator node: layers (llama.cpp -ngl: the last layers that fit go on "
+                        "the accelerator) or experts (routed experts in host memory, run by the CPU; attention, "
+                        "shared experts and KV cache on the accelerator: llama.cpp -ot exps=CPU, ktransformers)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_local)
 

@@ -22,7 +22,13 @@ and XLA reuse one compute buffer for the graph, so it is the largest single op's
 inputs + outputs in the prefill chunk plus the fp32 logits. Operating-system and
 runtime reservations are not modelled (no cited figure); the margin is reported.
 
-Partial offload (llama.cpp ``-ngl``): when the weights do not fit in the
+Expert offload (``offload="experts"``: llama.cpp ``--override-tensor "exps=CPU"``, the
+ktransformers placement): the routed experts (their weights, GEMMs and SwiGLU) stay in host
+memory and run on the host CPU; attention, dense and shared-expert MLPs, the head and the KV
+cache sit on the accelerator. Each MoE layer sends the hidden state over PCIe to the host and
+the experts' output back (two copies per MoE layer and step, each paying the link's latency).
+
+Partial offload (llama.cpp ``-ngl``, ``offload="layers"``): when the weights do not fit in the
 accelerator, the last layers go to it (llama.cpp assigns layers
 [n_layer - ngl, n_layer) to the GPU); the embedding, and the output layer unless
 every layer fits, stay in host memory. Ops of host layers run at the host CPU's
@@ -37,7 +43,7 @@ import numbers
 from dataclasses import dataclass
 
 from dsref.reference.config import ModelConfig
-from dsref.reference.params import EMBED, tensors
+from dsref.reference.params import EMBED, ROUTED_EXPERT, tensors
 from dsref.reference.presets import load_config
 from dsref.sim import costmodel, llama_cpp, roofline
 from dsref.sim.comm import CommOp, tp_comm
@@ -113,6 +119,9 @@ def resolve_target(name: str) -> Target:
 
 
 MLA_FORMS = ("absorbed", "expanded_cache")
+OFFLOADS = ("layers", "experts")
+# ops that run where the routed experts' weights are (costmodel._moe_ops)
+EXPERT_OPS = ("routed_experts", "routed_silu_mul", "moe_combine")
 
 
 def kv_bytes_per_token(cfg: ModelConfig, quant: Quant, mla_form: str = "absorbed") -> float:
@@ -136,7 +145,7 @@ def activation_bytes(cfg: ModelConfig, quant: Quant, batch: int, prompt_tokens: 
 
 
 def memory_budget(cfg: ModelConfig, quant: Quant, tgt: Target, context: int, batch: int, prompt_tokens: int,
-                mla_form: str = "absorbed") -> dict:
+                mla_form: str = "absorbed", offload: str = "layers") -> dict:
     wb = model_weight_bytes(cfg, quant)
     kv = kv_bytes_per_token(cfg, quant, mla_form) * context * batch
     act = activation_bytes(cfg, quant, batch, prompt_tokens)
@@ -152,6 +161,13 @@ def memory_budget(cfg: ModelConfig, quant: Quant, tgt: Target, context: int, bat
     n = cfg.num_hidden_layers
     if tgt.host is None:
         out.update(fits=required <= dev_mem, gpu_layers=n, head_on_device=True)
+        return out
+    if offload == "experts":
+        experts = sum(tensor_bytes(cfg, quant, t) for t in tensors(cfg) if t.group == ROUTED_EXPERT)
+        on_host = experts + _embed_bytes(cfg, quant)
+        on_device = required - on_host
+        out.update(fits=on_device <= dev_mem and on_host <= (host_mem or 0.0), gpu_layers=n, head_on_device=True,
+                   bytes_on_device=on_device, bytes_on_host=on_host, offload="experts")
         return out
     # Partial offload: the device keeps the activation buffer, then the last layers that fit.
     per_layer = _layer_bytes(cfg, quant, context, batch, mla_form)
@@ -178,10 +194,14 @@ def _embed_bytes(cfg, quant) -> float:
 
 
 def _split_time(ops, tgt: Target, gpu_layers: int, head_on_device: bool, n_layers: int, tokens: int,
-                act_bytes: float, hidden: int, cfg: ModelConfig, logit_rows: int, floor_s: float = 0.0):
+                act_bytes: float, hidden: int, cfg: ModelConfig, logit_rows: int, floor_s: float = 0.0,
+                offload: str = "layers"):
     """Step time with ops placed on the device or on the host (partial offload) or TP over a node."""
     first_gpu = n_layers - gpu_layers
-    if tgt.host is None or gpu_layers == n_layers and head_on_device:
+    if tgt.host is not None and offload == "experts":
+        dev_ops = [op for op in ops if op.kind != "embed" and op.name not in EXPERT_OPS]
+        host_ops = [op for op in ops if op.kind == "embed" or op.name in EXPERT_OPS]
+    elif tgt.host is None or gpu_layers == n_layers and head_on_device:
         dev_ops = [op for op in ops if op.kind != "embed"] if tgt.host is not None else ops
         host_ops = [op for op in ops if op.kind == "embed"] if tgt.host is not None else []
     else:
@@ -200,7 +220,11 @@ def _split_time(ops, tgt: Target, gpu_layers: int, head_on_device: bool, n_layer
     comm: list[CommOp] = []
     if n > 1:
         comm += tp_comm(cfg, tokens, Parallelism(devices=n, tp=n, devices_per_node=n), act_bytes)
-    if tgt.host is not None and host_ops and dev_ops:
+    if tgt.host is not None and offload == "experts" and cfg.is_moe:
+        # each MoE layer: hidden state to the host's experts and their output back
+        comm.append(CommOp("pcie_expert_io", tokens * hidden * act_bytes, "pcie", "pcie",
+                           count=2 * cfg.num_moe_layers))
+    elif tgt.host is not None and host_ops and dev_ops:
         # into the device layers; back out to the host's output layer, or the logits come out
         comm.append(CommOp("pcie_hidden_state", tokens * hidden * act_bytes, "pcie", "pcie",
                            count=1 if head_on_device else 2))
@@ -260,22 +284,29 @@ def runtime_overhead(cfg: ModelConfig, quant: Quant, tgt: Target) -> dict:
 
 
 def estimate(model: str | ModelConfig, device: str, quant: str = "bf16", *, context: int = 4096, batch: int = 1,
-             prompt_tokens: int = 512, mla_form: str = "absorbed") -> dict:
+             prompt_tokens: int = 512, mla_form: str = "absorbed", offload: str = "layers") -> dict:
     """Decode and prefill throughput and the memory budget of ``model`` on ``device``.
 
     context: tokens in the KV cache during decode (and the cache to allocate);
     prompt_tokens: the prefill length; mla_form: the KV-cache layout of MLA models
-    ('absorbed' latent or llama.cpp's pre-April-2025 'expanded_cache'). Returns a JSON-ready dict.
+    ('absorbed' latent or llama.cpp's pre-April-2025 'expanded_cache'); offload: on a host +
+    accelerator node, 'layers' (llama.cpp -ngl: the last layers that fit on the accelerator) or
+    'experts' (routed experts on the host CPU, the rest on the accelerator). Returns a JSON-ready dict.
     """
     check_sizes(context, batch, prompt_tokens)
+    if offload not in OFFLOADS:
+        raise ValueError(f"offload must be one of {', '.join(OFFLOADS)}, got {offload!r}")
     cfg = load_config(model) if isinstance(model, str) else model
     quant = get_quant(quant)
     tgt = resolve_target(device)
     if cfg.arch != "deepseek":
         mla_form = "absorbed"  # no MLA: the GQA cache has one layout
-    mem = memory_budget(cfg, quant, tgt, context, batch, prompt_tokens, mla_form)
+    if offload == "experts" and not (cfg.is_moe and tgt.host is not None):
+        raise ValueError(f"offload 'experts' needs an MoE model and a host + accelerator node "
+                         f"(model {cfg.name}, target {tgt.name})")
+    mem = memory_budget(cfg, quant, tgt, context, batch, prompt_tokens, mla_form, offload)
     out = {"model": cfg.name, "device": tgt.name, "quant": quant.name, "context": context, "batch": batch,
-           "prompt_tokens": prompt_tokens, "mla_form": mla_form, **mem}
+           "prompt_tokens": prompt_tokens, "mla_form": mla_form, "offload": offload, **mem}
     gb = 1e9
     if not mem["fits"]:
         out.update(decode_tokens_per_s=None, prefill_tokens_per_s=None, decode_step_s=None,
@@ -290,12 +321,12 @@ def estimate(model: str | ModelConfig, device: str, quant: str = "bf16", *, cont
     fl = framework_floors(quant, tgt)
     dec = costmodel.decode_ops(cfg, quant, batch, context, mla_form=mla_form)
     d_dev, d_host = _split_time(dec, tgt, mem["gpu_layers"], mem["head_on_device"], n, batch,
-                                quant.act_bytes, cfg.hidden_size, cfg, batch, fl["decode_kernel_s"])
+                                quant.act_bytes, cfg.hidden_size, cfg, batch, fl["decode_kernel_s"], offload)
     t_dec = d_dev.time_s + (d_host.time_s if d_host else 0.0) + ovh["per_graph_s"] + fl["decode_host_s"]
     pre_form = "expanded_cache" if mla_form == "expanded_cache" else "naive"
     pre = costmodel.prefill_ops(cfg, quant, batch, prompt_tokens, logits="last", mla_form=pre_form)
     p_dev, p_host = _split_time(pre, tgt, mem["gpu_layers"], mem["head_on_device"], n, batch * prompt_tokens,
-                                quant.act_bytes, cfg.hidden_size, cfg, batch, fl["prefill_kernel_s"])
+                                quant.act_bytes, cfg.hidden_size, cfg, batch, fl["prefill_kernel_s"], offload)
     t_pre = (p_dev.time_s + (p_host.time_s if p_host else 0.0)
              + ovh["per_graph_s"] * llama_cpp.graphs_per_step(prompt_tokens) + fl["prefill_host_s"])
     tot = costmodel.totals(dec)

@@ -298,3 +298,21 @@ def test_fp4_recipe_keeps_mla_projections_at_bf16_rate():
     assert ops8["q_a_proj"].precision == "fp8"
     # a Hopper device has no fp4 rate: the catalog falls back to fp8 (weight-only FP4)
     assert load_device("h800").resolve_precision("fp4") == "fp8"
+
+
+def test_expert_offload_places_routed_experts_on_the_host():
+    from dsref.reference.params import ROUTED_EXPERT, tensors
+    from dsref.sim.local import estimate
+    from dsref.sim.quant import get_quant, tensor_bytes
+    cfg, q = get_preset(V3), get_quant("q4_k_m")
+    r = estimate(cfg, "epyc-9654-2s-rtx-4090", "q4_k_m", context=2048, offload="experts")
+    experts = sum(tensor_bytes(cfg, q, t) for t in tensors(cfg) if t.group == ROUTED_EXPERT)
+    assert experts < r["bytes_on_host"] < experts * 1.01  # + the input embedding
+    assert r["bytes_on_device"] + r["bytes_on_host"] == pytest.approx(r["memory_required_bytes"])
+    assert r["fits"] and r["decode_tokens_per_s"] > 0
+    # the host's expert GEMMs are in the host part of the step; the device runs the rest
+    assert r["decode_host_s"] > 0 and "moe_gemm" in r["decode_breakdown"]
+    with pytest.raises(ValueError, match="offload"):
+        estimate("llama-3.1-8b", "rtx-4090", "q4_k_m", offload="experts")
+    with pytest.raises(ValueError, match="offload"):
+        estimate(cfg, "epyc-9654-2s-rtx-4090", "q4_k_m", offload="gpu")
