@@ -510,6 +510,7 @@ def markdown(rows: list[dict], command: str, vers: dict) -> str:
                          f"{s['like_for_like_ours_mean_abs_error'] * 100:.0f}%, aiconfigurator "
                          f"{s['like_for_like_aiconfigurator_mean_abs_error'] * 100:.0f}%.")
         lines.append("")
+    lines += ["Reading it: " + READING, ""]
     lines += ["## Notes per row", ""]
     for r in rows:
         lines.append(f"- `{r['claim']}` ({r['unit']}; role {r['role'] or '-'}; scenario {r['scenario'] or 'none'}): "
@@ -526,6 +527,18 @@ def markdown(rows: list[dict], command: str, vers: dict) -> str:
         lines += ["", "Listed in `deployments()` but not in the claims file when this page was made: "
                   + ", ".join(f"`{m}`" for m in missing) + "."]
     return "\n".join(lines) + "\n"
+
+
+#: What a reader needs to weigh the two columns (checked in aiconfigurator 0.12.0's source, not guessed).
+READING = (
+    "mechanisms behind the aiconfigurator column, from its source. Its DeepSeek graph "
+    "(aiconfigurator_core/sdk/models/deepseek.py) overlaps only the routed and shared experts of a decode "
+    "step; we found no two-micro-batch overlap of compute with the DeepEP all-to-all for SGLang wide EP (its "
+    "only ping-pong model is the separate 'afd' mode), while both publications overlap two micro-batches: "
+    "its steps pay the all-to-all in full. Its single-point estimate has no EPLB option (its sweep tasks "
+    "default to enable_eplb=False). A stand-in EP64 puts more routed experts on each GPU than the published "
+    "EP72/EP144 (more expert weight read per decode step). Our simulator models the overlap "
+    "(two_microbatch_overlap in the scenarios).")
 
 
 # ----------------------------------------------------------------------------- CLI
