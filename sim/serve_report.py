@@ -462,7 +462,9 @@ def steady_metrics(arrival, prompt, output, first, done, duration_s: float, *, r
                     f"run: {why}; {_advice(start / (1.0 - min_fraction))}")
     res = {"steady_state_reached": reached, "steady_state_method": f"{st.method} + batch fill",
            "steady_state_note": note}
-    res.update(windowed(a, prompt, o, f, dn, min(start, D * (1 - 1e-9)), D))  # a window even when not reached
+    # a window even when not reached: from the found start, or (later than the run allows) over the
+    # last min_fraction of the run -- warm-up figures, labelled as such, never an empty window
+    res.update(windowed(a, prompt, o, f, dn, start if reached else min(start, (1.0 - min_fraction) * D), D))
     if roles is not None:
         name, sh = binding_resource(roles)
         res.update({"binding_resource": name, "binding_role": sh["role"], "binding_reason": sh["reason"],
