@@ -138,10 +138,9 @@ class Deployment:
 # prefill on 4 nodes EP32 at 1K/2K/4K prompts; decode on 9 nodes EP72, "256 sequences, 2,000 input
 # length" (Profile Results, decode table); prefill "16,384 tokens per device" (Overall Throughput).
 LMSYS_H100 = "LMSYS blog 2025-05-05 (lm-sys.github.io blog/2025-05-05-large-scale-ep.md), Evaluation + Profile Results"
-# LMSYS, "Deploying DeepSeek on GB200 NVL72 with PD and Large Scale EP (Part I)" (2025-06-16),
-# blog/2025-06-16-gb200-part-1.md: 12 decode nodes (4 GPUs each: EP48), 2,000-token inputs,
-# "input and output lengths are set to 2000 and 100", setup mirrors the H100 blog.
-LMSYS_GB200 = "LMSYS blog 2025-06-16 (lm-sys.github.io blog/2025-06-16-gb200-part-1.md), End-to-end Performance"
+# The GB200 claim (LMSYS, GB200 NVL72 Part II, 2025-09-25) states its own setup in public_claims.json:
+# decode on 48 GPUs (EP48), 2,000-token inputs, 100-token outputs, BF16 KV cache, "batch chosen to make
+# the KV cache roughly full" (no number given).
 DAY6 = "DeepSeek open-infra-index Day 6 (2025-03-01) + LMSYS 2025-05-05 Profile Results table (DeepSeek blog column: batch 128, KV 4,989)"
 
 # Day 6 workload as the deepseek-day6 scenario reads it: mean prompt 4,383 tokens, 56.3% of them
@@ -192,13 +191,18 @@ def deployments() -> list[Deployment]:
                        "tables stop at 8 nodes"), standin="EP64 for EP72"),
                    sources=(LMSYS_H100,),
                    note="9 nodes EP72/DP72, 256 seqs/GPU, 2,000-token inputs, 100-token outputs (KV 2,000-2,100)"),
-        Deployment("lmsys_gb200_decode_gpu_tps", None, None,
+        Deployment("dsprofile_prefill_node_tps", "deepseek-profile", "published_deepseek_profile",
+                   aic=AicPoint("h100_sxm", "sglang", "static_ctx", isl=4096, osl=1, batch=16384 // 4096, dp=32, ep=32,
+                                metric="input_tps_per_node", label=f"{H800_STANDIN}; {DEEPSEEK_ENGINE}",
+                                standin="H100 for H800; SGLang for DeepSeek's engine"),
+                   note=("profiled prefill: EP32/DP32 (4 nodes), 4,096-token prompts, 16,384 tokens/GPU = 4 prompts/GPU; "
+                         "the profile routes tokens perfectly balanced, aiconfigurator has no such switch")),
+        Deployment("lmsys_gb200_p2_decode_gpu_tps", "sglang-gb200-decode", "published_lmsys_gb200",
                    aic=AicPoint("gb200", "sglang", "static_gen", isl=2000, osl=100, batch=256, dp=48, ep=48,
                                 metric="output_tps_per_gpu", gpus_per_node=4,
-                                label="batch 256/GPU is an assumption (the blog does not state the GB200 batch)",
+                                label="batch 256/GPU is an assumption (the claim says only 'KV cache roughly full')",
                                 standin="batch assumed"),
-                   sources=(LMSYS_GB200,),
-                   note="12 GB200 nodes x 4 GPUs = EP48/DP48 decode, 2,000-token inputs, 100-token outputs"),
+                   note="decode 48 GB200 GPUs (12 trays x 4) EP48/DP48, 2,000-token inputs, 100-token outputs"),
     ]
 
 
@@ -314,6 +318,8 @@ def aic_metric(p: AicPoint, res: dict) -> float:
 
 def _short(err: str, n: int = 260) -> str:
     err = " ".join(err.split())
+    if "Cross-node EP requires DeepEP A2A data" in err:  # say what it means before the raw message
+        err = "no DeepEP all-to-all measurements for this many nodes in its tables -- " + err
     return err if len(err) <= n else err[: n - 3] + "..."
 
 
@@ -534,8 +540,8 @@ READING = (
     "mechanisms behind the aiconfigurator column, from its source. Its DeepSeek graph "
     "(aiconfigurator_core/sdk/models/deepseek.py) overlaps only the routed and shared experts of a decode "
     "step; we found no two-micro-batch overlap of compute with the DeepEP all-to-all for SGLang wide EP (its "
-    "only ping-pong model is the separate 'afd' mode), while both publications overlap two micro-batches: "
-    "its steps pay the all-to-all in full. Its single-point estimate has no EPLB option (its sweep tasks "
+    "only ping-pong model is the separate 'afd' mode), while the H800 and H100 deployments overlap two "
+    "micro-batches: its steps pay the all-to-all in full. Its single-point estimate has no EPLB option (its sweep tasks "
     "default to enable_eplb=False). A stand-in EP64 puts more routed experts on each GPU than the published "
     "EP72/EP144 (more expert weight read per decode step). Our simulator models the overlap "
     "(two_microbatch_overlap in the scenarios).")
@@ -545,7 +551,7 @@ READING = (
 
 DESCRIPTION = """\
 Predict published DeepSeek-V3/R1 serving deployments on NVIDIA GPUs (DeepSeek's Day-6 H800
-figures, LMSYS's SGLang H100 and GB200 runs) with this project's simulator and with NVIDIA's
+figures and prefill profile, LMSYS's SGLang H100 and GB200 runs) with this project's simulator and with NVIDIA's
 aiconfigurator, and tabulate both errors against the published figures.
 
 aiconfigurator is optional (pip install 'deepseek-ref[peer]'); without it its column says

@@ -14,21 +14,15 @@ from dsref.experiments import peer_aiconfigurator as pa
 from dsref.experiments.registry import Record, load_claims
 from dsref.sim.scenario import builtin_names
 
-# Being added to public_claims.json by another change (LMSYS GB200 NVL72 blog); run() skips a
-# deployment whose claim is not in the file. Drop it from here once the claim lands.
-AWAITED = {"lmsys_gb200_decode_gpu_tps"}
-
-
 def test_deployments_refer_to_existing_claims_scenarios_and_experiments():
     claims = load_claims()
     deps = pa.deployments()
     assert len({d.claim for d in deps}) == len(deps)
     missing = {d.claim for d in deps} - set(claims)
-    assert missing <= AWAITED, f"deployments name claims not in public_claims.json: {missing - AWAITED}"
+    assert not missing, f"deployments name claims not in public_claims.json: {missing}"
     scenarios = set(builtin_names())
     for d in deps:
-        if d.claim in claims:
-            assert claims[d.claim]["role"] == "validation", d.claim
+        assert claims[d.claim]["role"] == "validation", d.claim
         if d.scenario is not None:
             assert d.scenario in scenarios, d
             assert importlib.util.find_spec(f"dsref.experiments.{d.experiment}") is not None, d
