@@ -206,7 +206,7 @@ def deployments() -> list[Deployment]:
     ]
 
 
-#: Published NVIDIA-GPU claims left out, with the reason (printed under the table).
+#: Published serving claims left out, with the reason (printed under the table).
 NOT_COMPARED: dict[str, str] = {
     "isca_tpot_ib_layer": ("a communication-only bound (the ISCA'25 paper's formula), not a deployment: "
                            "aiconfigurator predicts whole decode steps; ours is experiments/isca_tpot.py"),
@@ -214,6 +214,10 @@ NOT_COMPARED: dict[str, str] = {
     "isca_tpot_gb200": "as isca_tpot_ib_layer: TPOT lower bound from EP traffic alone on GB200 NVLink",
     "d6_cost": "arithmetic on published inputs (nodes x price), no performance model involved",
     "d6_revenue": "arithmetic on published inputs (token volumes x list prices)",
+    "cloudmatrix_prefill_npu_tps": "Huawei Ascend 910C (CloudMatrix384): aiconfigurator models NVIDIA GPUs only",
+    "cloudmatrix_decode_npu_tps": "as cloudmatrix_prefill_npu_tps",
+    "cloudmatrix_decode_npu_tps_15ms": "as cloudmatrix_prefill_npu_tps",
+    "asc_910c_60pct": "an Ascend-to-H100 ratio without a stated workload; aiconfigurator has no Ascend model",
 }
 
 
@@ -526,7 +530,7 @@ def markdown(rows: list[dict], command: str, vers: dict) -> str:
         if r["aiconfigurator_why"]:
             lines.append(f"  - aiconfigurator: {r['aiconfigurator_why']}")
         lines.append(f"  - source: {'; '.join(r['sources'])}")
-    lines += ["", "## Published NVIDIA points not compared", ""]
+    lines += ["", "## Published serving points not compared", ""]
     lines += [f"- `{k}`: {v}" for k, v in NOT_COMPARED.items()]
     missing = [d.claim for d in deployments() if d.claim not in {r["claim"] for r in rows}]
     if missing:
