@@ -88,6 +88,32 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_validate)
 
 
+def register_peer(subparsers) -> None:
+    """``dsref peer aiconfigurator ...``: the same deployments predicted by another simulator, side by side."""
+    from dsref.reference.cli_common import HelpFormatter
+    p = subparsers.add_parser(
+        "peer", help="side by side with another simulator (aiconfigurator) on published deployments",
+        description="Predict the same published NVIDIA DeepSeek deployments with this simulator and a peer, and\n"
+                    "tabulate both errors against the published figures (docs/peer_aiconfigurator.md).\n"
+                    "The peer is an optional dependency: pip install 'deepseek-ref[peer]'; without it its\n"
+                    "column says why. Options after the tool's name are the tool's: see\n"
+                    "`dsref peer aiconfigurator --help`.",
+        epilog="examples:\n  dsref peer aiconfigurator --fast\n"
+               "  dsref peer aiconfigurator --out docs/peer_aiconfigurator.md",
+        formatter_class=HelpFormatter)
+    p.add_argument("tool", choices=("aiconfigurator",), help="the peer simulator")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="its options (--out, --json, --fast, --timeout, --claim)")
+    p.set_defaults(func=cmd_peer)
+
+
+def cmd_peer(args) -> int:
+    from dsref.experiments import peer_aiconfigurator
+    try:
+        return peer_aiconfigurator.main(list(args.args), prog=f"dsref peer {args.tool}")
+    except SystemExit as e:  # its parser reports bad options (one line) and exits 2; --help exits 0
+        return int(e.code or 0)
+
+
 def _version() -> str:
     try:
         return version("deepseek-ref")
@@ -104,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     for module in (info_cli, generate_cli, init_checkpoint, oracle_cli, hw_cli, sim_cli):  # help order
         module.register(sub)
     register(sub)
+    register_peer(sub)
     return p
 
 

@@ -44,28 +44,37 @@ CASES = (
 
 _README = ("Jeff Geerling, geerlingguy/ollama-benchmark README 'Findings / Llama' table (commit 0cc8abb), "
            "Ollama default tags = Q4_K_M")
-#: Independent measurements on the same hardware and runtime, per sim.local target:
-#: (model, tokens/s) pairs to solve for (memory efficiency, per-node overhead), held-out ones, KV length.
+#: Independent measurements on the same hardware and runtime, per sim.local target: the (model,
+#: calibration claim id) pairs solved for (memory efficiency, per-node overhead) -- their tokens/s
+#: live once, in public_claims.json (role 'calibration'; ``fit_rates``) --, held-out (model,
+#: tokens/s) runs, KV length.
 CALIBRATION = {
     "raspberry-pi-5": {
-        "fit": (("llama-3.2-3b", 4.88), ("llama-3.1-8b", 2.17)),
+        "fit": (("llama-3.2-3b", "geer_cal_pi5_llama32_3b"), ("llama-3.1-8b", "geer_cal_pi5_llama31_8b")),
         "held_out": (),
         "context": LLAMA_ANSWER_KV,
         "source": _README + "; Pi 5 16GB rows = ai-benchmarks issue #7 test 1b (firmware 8 Jan 2025), Ollama CPU",
     },
     "ampereone-server": {
-        "fit": (("llama-3.2-3b", 23.52), ("llama-3.1-8b", 17.47)),
+        "fit": (("llama-3.2-3b", "geer_cal_ampereone_llama32_3b"), ("llama-3.1-8b", "geer_cal_ampereone_llama31_8b")),
         "held_out": (("llama-3.1-70b", 3.86), ("llama-3.1-405b", 0.90)),
         "context": LLAMA_ANSWER_KV,
         "source": _README + "; AmpereOne A192-32X (512GB) rows, Ollama CPU",
     },
     "raspberry-pi-5-w7700": {
-        "fit": (("llama-3.2-3b", 56.14), ("llama-3.1-8b", 39.87)),
+        "fit": (("llama-3.2-3b", "geer_cal_pi5w7700_llama32_3b"), ("llama-3.1-8b", "geer_cal_pi5w7700_llama31_8b")),
         "held_out": (),
         "context": LLAMA_BENCH_TG_KV,
         "source": _README + "; 'Pi 5 - 8GB (AMD Pro W7700)' rows, llama.cpp Vulkan (footnote 1), all layers on the GPU",
     },
 }
+
+
+def fit_rates(target: str) -> tuple[tuple[str, float], ...]:
+    """((model, measured tokens/s), ...) that calibrate ``target``, read from the claims file."""
+    from dsref.experiments.registry import load_claims
+    claims = load_claims()
+    return tuple((model, float(claims[cid]["value"])) for model, cid in CALIBRATION[target]["fit"])
 
 
 def _parts(model: str, target: str, context: int) -> dict:
@@ -84,7 +93,7 @@ def calibrate(target: str) -> dict:
     then re-runs sim.local with the stored values). Returns eff and per_node in seconds.
     """
     cal = CALIBRATION[target]
-    (m1, r1), (m2, r2) = cal["fit"]
+    (m1, r1), (m2, r2) = fit_rates(target)
     a, b = _parts(m1, target, cal["context"]), _parts(m2, target, cal["context"])
     y1, y2 = 1 / r1 - a["fixed_s"], 1 / r2 - b["fixed_s"]
     det = a["stream_s_at_eff1"] * b["nodes"] - b["stream_s_at_eff1"] * a["nodes"]
@@ -98,7 +107,7 @@ def held_out_errors(target: str) -> list[tuple[str, float, float]]:
     from dsref.sim.local import estimate
     cal = CALIBRATION[target]
     out = []
-    for model, rate in cal["fit"] + cal["held_out"]:
+    for model, rate in fit_rates(target) + cal["held_out"]:
         r = estimate(model, target, QUANT, context=cal["context"], prompt_tokens=PROMPT)
         out.append((model, r["decode_tokens_per_s"], rate))
     return out

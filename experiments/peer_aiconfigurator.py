@@ -574,8 +574,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m dsref.experiments.peer_aiconfigurator", description=DESCRIPTION, epilog=EPILOG,
+def build_parser(prog: str = "python -m dsref.experiments.peer_aiconfigurator") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description=DESCRIPTION, epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", metavar="FILE.md", default=None,
                    help="write the markdown table to FILE.md (the repository's is docs/peer_aiconfigurator.md); "
@@ -589,8 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
+def main(argv=None, prog: str | None = None) -> int:
+    """The command line (``dsref peer aiconfigurator ...`` or ``python -m ...``); exit 0, or 2 on bad input."""
+    parser = build_parser(prog) if prog else build_parser()
     args = parser.parse_args(argv)
     if not args.timeout > 0:
         parser.error(f"--timeout: must be > 0 seconds, got {args.timeout}")
@@ -608,7 +609,7 @@ def main(argv=None) -> int:
             parser.error(f"--out {args.out}: folder {parent} does not exist")
     rows = run(fast=args.fast, timeout_s=args.timeout, only=args.claim)
     vers = versions()
-    shown = ["python -m dsref.experiments.peer_aiconfigurator"] + list(sys.argv[1:] if argv is None else argv)
+    shown = [parser.prog] + list(sys.argv[1:] if argv is None else argv)
     if args.json:
         print(json.dumps({"versions": vers, "rows": rows, "summary": summary(rows),
                           "deployments": [asdict(d) for d in deployments()]}, indent=1))

@@ -32,12 +32,8 @@ def run(claims: dict, *, fast: bool = False) -> list[Record]:
     out = []
     for cid, (target, model) in CASES.items():
         cal = ed.CALIBRATION[target]
-        rates = dict(cal["fit"])
-        # The claims file and edge_devices.CALIBRATION state the same measurement; a mismatch means one
-        # was edited without the other and the data files were solved from a different number.
-        if abs(rates[model] - float(claims[cid]["value"])) > 1e-9:
-            raise ValueError(f"public_claims.json {cid}: value {claims[cid]['value']} differs from "
-                             f"experiments/edge_devices.CALIBRATION[{target!r}] {model} {rates[model]}")
+        if (model, cid) not in cal["fit"]:  # edge_devices reads the rate from this claim (one copy)
+            raise ValueError(f"experiments/edge_devices.CALIBRATION[{target!r}] does not list {cid} for {model}")
         r = estimate(model, target, ed.QUANT, context=cal["context"], prompt_tokens=ed.PROMPT)
         out.append(record(claims, cid, r["decode_tokens_per_s"],
                           reading=f"eval rate at mean KV length {cal['context']} (as edge_devices.calibrate)",

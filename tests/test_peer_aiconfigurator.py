@@ -119,3 +119,13 @@ def test_real_aiconfigurator_prediction():
     # 32 sequences per GPU at TPOT tens of ms: hundreds to a few thousand tokens/s per GPU
     assert 100 < v < 10000, v
     assert res["ok"]["tpot_ms"] == pytest.approx(32 / v * 1e3, rel=1e-3)
+
+
+def test_dsref_peer_cli_wiring(capsys):
+    from dsref.experiments.cli import main
+    assert main(["peer", "aiconfigurator", "--claim", "no-such-claim"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dsref peer aiconfigurator: error: --claim no-such-claim")
+    with pytest.raises(SystemExit) as e:
+        main(["peer", "no-such-tool"])
+    assert e.value.code == 2
