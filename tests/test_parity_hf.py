@@ -45,20 +45,29 @@ def _ours(cfg, sd):
     return DeepseekModel(cfg, rngs=nnx.Rngs(0)).load_hf(sd)
 
 
-def _hf_routing(hf_model, tokens):
-    """Selected expert ids per MoE layer, via hooks on the routers."""
-    got = {}
-    hooks = []
+def _logits_and_routing(hf_model, tokens, is_router):
+    """Logits and, per MoE layer whose ``layer.mlp`` passes ``is_router``, the selected expert ids
+    (forward hooks on the routers; their third output is the top-k index tensor)."""
+    got, hooks = {}, []
     for i, layer in enumerate(hf_model.model.layers):
-        gate = getattr(layer.mlp, "gate", None)
-        if gate is None or not hasattr(gate, "e_score_correction_bias") and not hasattr(gate, "topk_method"):
-            continue
-        hooks.append(gate.register_forward_hook(lambda m, a, out, i=i: got.__setitem__(i, out[2].numpy())))
+        if is_router(layer.mlp):
+            hooks.append(layer.mlp.gate.register_forward_hook(
+                lambda m, a, out, i=i: got.__setitem__(i, out[2].numpy())))
     with torch.no_grad():
         logits = hf_model(torch.as_tensor(tokens)).logits.float().numpy()
     for h in hooks:
         h.remove()
     return logits, got
+
+
+def _deepseek_router(mlp) -> bool:
+    gate = getattr(mlp, "gate", None)
+    return gate is not None and (hasattr(gate, "e_score_correction_bias") or hasattr(gate, "topk_method"))
+
+
+def _hf_routing(hf_model, tokens):
+    """Logits and selected expert ids per MoE layer of a DeepSeek model."""
+    return _logits_and_routing(hf_model, tokens, _deepseek_router)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -126,16 +135,7 @@ def make_hf_qwen3_moe(cfg, seed: int):
 
 def hf_logits_and_qwen3_routing(hf_model, tokens):
     """Logits and, per MoE layer, the selected expert ids (hooks on Qwen3MoeTopKRouter)."""
-    got, hooks = {}, []
-    for i, layer in enumerate(hf_model.model.layers):
-        if hasattr(layer.mlp, "experts"):
-            hooks.append(layer.mlp.gate.register_forward_hook(
-                lambda m, a, out, i=i: got.__setitem__(i, out[2].numpy())))
-    with torch.no_grad():
-        logits = hf_model(torch.as_tensor(tokens)).logits.float().numpy()
-    for h in hooks:
-        h.remove()
-    return logits, got
+    return _logits_and_routing(hf_model, tokens, lambda mlp: hasattr(mlp, "experts"))
 
 
 @pytest.mark.parametrize("seed", [0, 1])
