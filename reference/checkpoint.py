@@ -30,8 +30,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shutil
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -576,9 +579,24 @@ def save_checkpoint(tensors_or_model, cfg: ModelConfig, out_dir: str | Path, *, 
             shards.append([])
         shards[-1].append(u)
     out.mkdir(parents=True, exist_ok=True)
-    for old in [out / SINGLE_FILE, out / INDEX_FILE, *out.glob("model-*-of-*.safetensors")]:
-        if old.exists():
-            old.unlink()  # stale files of an earlier write would make the checkpoint ambiguous
+    # Everything is written into a staging folder inside ``out`` first (nothing is written outside
+    # the output path); an earlier checkpoint in ``out`` is replaced only once the new one is
+    # complete (a failure or interrupt while writing leaves it as it was; the staging folder is removed).
+    stage = Path(tempfile.mkdtemp(prefix=".writing-", dir=out))
+    try:
+        _write_staged(stage, shards, last, cfg, dtype, block)
+        for old in [out / SINGLE_FILE, out / INDEX_FILE, *out.glob("model-*-of-*.safetensors")]:
+            if old.exists():
+                old.unlink()  # stale files of an earlier write would make the checkpoint ambiguous
+        for f in sorted(stage.iterdir(), key=lambda f: f.name == "config.json"):  # config.json last
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return out
+
+
+def _write_staged(out: Path, shards, last: dict, cfg: ModelConfig, dtype: str, block) -> None:
+    """The shards, the index (when sharded) and config.json of save_checkpoint, into ``out``."""
     from safetensors.numpy import save_file
 
     names = ([SINGLE_FILE] if len(shards) == 1 else
@@ -604,7 +622,6 @@ def save_checkpoint(tensors_or_model, cfg: ModelConfig, out_dir: str | Path, *, 
         d["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                     "weight_block_size": list(block)}
     (out / "config.json").write_text(json.dumps(d, indent=2) + "\n")
-    return out
 
 
 # ------------------------------------------------------------------ describe

@@ -432,3 +432,27 @@ def _shapes_hf(cfg):
     for i in range(cfg.num_hidden_layers):
         out += list(layer_shapes(cfg, i).values())
     return out
+
+
+def test_save_checkpoint_failure_keeps_the_earlier_checkpoint(tmp_path, monkeypatch):
+    """A write that fails halfway (disk full, interrupt) leaves the checkpoint already in the folder
+    readable and unchanged, and no staging files behind."""
+    import safetensors.numpy as stn
+    cfg = get_preset("tiny-v3")
+    model = DeepseekModel(cfg, rngs=nnx.Rngs(0))
+    out = save_checkpoint(model, cfg, tmp_path / "w", dtype="float32", max_shard_bytes=20_000)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real, calls = stn.save_file, []
+
+    def flaky(data, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(data, path, metadata=metadata)
+    monkeypatch.setattr(stn, "save_file", flaky)
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint(model, cfg, out, dtype="bfloat16", max_shard_bytes=20_000)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.setattr(stn, "save_file", real)
+    save_checkpoint(model, cfg, out, dtype="bfloat16")  # a complete rewrite replaces every old shard
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
