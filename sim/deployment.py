@@ -73,13 +73,13 @@ class Deployment:
                                                                 logits=logits)
                 c[phase] = StepCost(self.cfg, self.quant, self.device, par, mla_form=form, logits=logits,
                                     node=self.link_node, latency_s=self.latency_s, table=self._tables[(phase, form)],
-                                    phase=phase, cuda_graph=uses_cuda_graph(r.cuda_graph, role, phase),
+                                    phase=phase, cuda_graph=uses_cuda_graph(r.cuda_graph, phase),
                                     routing_shares=shares, kernel_floors=self.sc.kernel_floors)
             L = self.cfg.num_hidden_layers
             c["mtp"] = StepCost(self.cfg, self.quant, self.device, par, mla_form="absorbed", logits="all",
                                 node=self.link_node, latency_s=self.latency_s, layers=(L - 1, L),
                                 table=self._tables[("decode", "absorbed")],
-                                cuda_graph=uses_cuda_graph(r.cuda_graph, role, "decode"), routing_shares=shares,
+                                cuda_graph=uses_cuda_graph(r.cuda_graph, "decode"), routing_shares=shares,
                                 kernel_floors=self.sc.kernel_floors)
             self._costs[role] = c
         return self._costs[role]
@@ -88,7 +88,7 @@ class Deployment:
 CUDA_GRAPH_MODES = ("auto", "on", "off")
 
 
-def uses_cuda_graph(mode: str, role: str, phase: str) -> bool:
+def uses_cuda_graph(mode: str, phase: str) -> bool:
     """Whether a step's kernels replay from a captured graph: 'on' / 'off', or 'auto' = decode steps
     (SGLang, vLLM and TensorRT-LLM capture decode batches; prefill shapes vary and run eagerly)."""
     if mode == "auto":

@@ -255,12 +255,10 @@ def _merge_kinds(*steps) -> dict:
 def framework_floors(quant: Quant, tgt: Target) -> dict:
     """A serving framework's fixed costs on the target's accelerator (hwmodels/kernels.py): every
     kernel takes at least the launch floor (decode replays a captured CUDA graph, prefill launches
-    eagerly), and each step pays the host overhead. None for llama.cpp plans (their per-node cost
-    is runtime_overhead's) and for targets without a kernel profile."""
-    if quant.runtime == "llama.cpp":
-        return {"decode_kernel_s": 0.0, "prefill_kernel_s": 0.0, "decode_host_s": 0.0, "prefill_host_s": 0.0}
-    from dsref.sim.stepcost import _profile
-    prof = _profile(tgt.device)
+    eagerly), and each step pays the host overhead. All zero for llama.cpp plans (their per-node
+    cost is runtime_overhead's) and for targets without a kernel profile."""
+    from dsref.sim.stepcost import device_kernel_profile
+    prof = None if quant.runtime == "llama.cpp" else device_kernel_profile(tgt.device)
     if prof is None:
         return {"decode_kernel_s": 0.0, "prefill_kernel_s": 0.0, "decode_host_s": 0.0, "prefill_host_s": 0.0}
     ovh = prof.step_overhead_s or {}

@@ -952,16 +952,8 @@ class ServeSim:
                 feats = uniform(per, 1.0 + inst[0].mtp_depth, mean_prompt + mean_out / 2)
                 cap = cfg.max_batch_per_device * par.dp * r["instances"]
                 util = min(1.0, running / cap) if cap else 0.0
-            parts = cost.breakdown(feats)
+            parts = cost.breakdown(feats, two_microbatch=cfg.two_microbatch_overlap)
             busy_parts = {k: float(parts.get(k, 0.0)) for k in ("compute_s", "memory_s", "floor_s", "comm_s", "host_s")}
-            if cfg.two_microbatch_overlap:
-                tot, c, m = cost._step(feats.vector(), cost._decode_ep_tokens(feats), feats.tokens, True)
-                work = tot - busy_parts["host_s"]
-                exposed = max(0.0, work - c / cost.device.efficiency("overlap"))
-                scale = (work - exposed) / c if c else 0.0
-                for k in ("compute_s", "memory_s", "floor_s"):
-                    busy_parts[k] *= scale
-                busy_parts["comm_s"] = exposed
             step = sum(busy_parts.values()) or 1.0
             frac = r["busy_s"] / step
             kv_cap = self.capacity[name]["kv_tokens_per_instance"] * r["instances"]

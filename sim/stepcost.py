@@ -35,7 +35,7 @@ from dsref.reference.config import ModelConfig
 from dsref.sim import costmodel, roofline
 from dsref.sim.comm import CommOp, ep_comm, grouped_time, tp_comm
 from dsref.sim.costmodel import StepShape
-from dsref.sim.moe_stats import expected_distinct_uniform, expected_max_rank_load, expected_max_std_normal
+from dsref.sim.moe_stats import expected_distinct_uniform, expected_max_rank_load
 from dsref.sim.parallel import Parallelism
 from dsref.sim.quant import Quant, get_quant
 
@@ -228,7 +228,7 @@ class StepCost:
         size-dependent kernel curve off (the plain roofline, for ablations)."""
         self.cfg, self.device, self.par, self.node = cfg, device, par, node
         self.phase = phase
-        self.profile = _profile(device) if kernel_floors else None
+        self.profile = device_kernel_profile(device) if kernel_floors else None
         self.routing_shares = routing_shares
         self.quant = get_quant(quant) if isinstance(quant, str) else quant
         self.latency_s = latency_s or {}
@@ -289,7 +289,6 @@ class StepCost:
         self._n_moe_kernels = float(sum(cm)) if len(cm) else 0.0
         self.layer_fraction = (hi - lo) / L
         self._rank_cache: dict[float, float] = {}
-        self._z: float | None = None
         self._n_moe_layers = cfg.num_moe_layers
         self.slots = par.slots(cfg)
         self.local_slots = self.slots / max(par.ep, 1)
@@ -356,15 +355,7 @@ class StepCost:
             # redundant slots (EPLB) even out the ranks' means; a skew without them needs the
             # contiguous E / ep blocks of the model's own experts
             balanced = self.slots > E or shares is None or E % ep != 0
-            if balanced:  # equal means: the closed form of expected_max_rank_load, without its arrays
-                if self._z is None:
-                    self._z = expected_max_std_normal(ep)
-                f = 1.0 / ep
-                var = k * f * (1 - f) * (E - k) / (E - 1) if E > 1 else 0.0
-                top = ep_tokens * k * f + math.sqrt(ep_tokens * var) * self._z
-                hit = min(ep_tokens * k, max(top, ep_tokens * k * f)) / k
-            else:
-                hit = expected_max_rank_load(ep_tokens, E, k, ep, shares, False) / k
+            hit = expected_max_rank_load(ep_tokens, E, k, ep, None if balanced else shares, balanced) / k
             if len(self._rank_cache) < 100_000:
                 self._rank_cache[key] = hit
         return hit
@@ -417,7 +408,7 @@ class StepCost:
             self._ll = ll
         ea, eb, ta, tb = self._comm_affine
         t = float(tokens_per_device)
-        ep_t = ea + eb * t if eb or ea else 0.0
+        ep_t = ea + eb * t
         if self._ll is not None:
             lat = self._ll(self.par.ep, t)
             if lat is not None:
@@ -460,14 +451,25 @@ class StepCost:
         m = self.comm_s(tokens_per_device)
         return c + m + self._step_overhead, c, m
 
-    def breakdown(self, rank: StepFeatures, ep_tokens: float | None = None) -> dict:
+    def breakdown(self, rank: StepFeatures, ep_tokens: float | None = None, *,
+                  two_microbatch: bool = False) -> dict:
         """Seconds of one step of ``rank`` features bound by compute, memory bandwidth, kernel floors,
-        communication and host overhead (no micro-batch overlap): what binds a step."""
+        communication and host overhead: what binds a step. With ``two_microbatch`` the parts add up
+        to the overlapped step (``_step``): compute, memory and floor scaled to the compute-side time
+        of the step, ``comm_s`` only the communication that overlap leaves exposed."""
         parts: dict = {}
         ep_t = self._decode_ep_tokens(rank) if ep_tokens is None else ep_tokens
         self._compute(rank.vector(), ep_t, parts)
         parts["comm_s"] = self.comm_s(rank.tokens)
         parts["host_s"] = self._step_overhead
+        if two_microbatch:
+            tot, c, _ = self._step(rank.vector(), ep_t, rank.tokens, True)
+            work = tot - self._step_overhead
+            exposed = max(0.0, work - c / self._overlap)
+            scale = (work - exposed) / c if c else 0.0
+            for k in ("compute_s", "memory_s", "floor_s"):
+                parts[k] = parts.get(k, 0.0) * scale
+            parts["comm_s"] = exposed
         return parts
 
 
@@ -482,7 +484,7 @@ def _compress(f, b, spf, spb, count, flag):
     return uniq[:, :n], uniq[:, n:2 * n], uniq[:, 2 * n], uniq[:, 2 * n + 1], cnt, uniq[:, 2 * n + 2]
 
 
-def _profile(device):
+def device_kernel_profile(device):
     """The device's kernel profile (hwmodels/kernels.py); None for a device with its own measured
     curves (the host probe file), whose rates already include what the profile would add."""
     if getattr(device, "gemm_rows_curve", None) is not None or getattr(device, "gemv_bandwidth_curve", None) is not None:
