@@ -466,7 +466,10 @@ class StepCost:
             tot, c, _ = self._step(rank.vector(), ep_t, rank.tokens, True)
             work = tot - self._step_overhead
             exposed = max(0.0, work - c / self._overlap)
-            scale = (work - exposed) / c if c else 0.0
+            # the full batch's compute-side parts, stretched to the overlapped step's compute side
+            # (two half batches, slowed by the SMs the EP kernels hold)
+            own = sum(parts.get(k, 0.0) for k in ("compute_s", "memory_s", "floor_s"))
+            scale = (work - exposed) / own if own else 0.0
             for k in ("compute_s", "memory_s", "floor_s"):
                 parts[k] = parts.get(k, 0.0) * scale
             parts["comm_s"] = exposed

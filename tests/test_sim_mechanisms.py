@@ -316,3 +316,12 @@ def test_expert_offload_places_routed_experts_on_the_host():
         estimate("llama-3.1-8b", "rtx-4090", "q4_k_m", offload="experts")
     with pytest.raises(ValueError, match="offload"):
         estimate(cfg, "epyc-9654-2s-rtx-4090", "q4_k_m", offload="gpu")
+
+
+def test_breakdown_adds_up_to_the_step_with_and_without_overlap(fake_profile):
+    fake_profile()
+    sc = _cost(Parallelism(devices=32, dp=32, ep=32, devices_per_node=8))
+    x = uniform(64, 1, 2000)
+    for tbo in (False, True):
+        parts = sc.breakdown(x, two_microbatch=tbo)
+        assert sum(parts.values()) == pytest.approx(sc.decode(x, two_microbatch=tbo)[0], rel=1e-9)
