@@ -61,7 +61,8 @@ SECONDS_PER_HOUR = 3600.0
 TOKENS_PER_MILLION = 1e6
 PROGRESS_MIN_WALL_S = 2.0  # show a progress bar only for runs expected to take longer
 MAX_TRACE_EVENTS = 200_000
-DISPATCH_MIN_CHUNK = 32  # a prefill batch is split over at most len(batch) / 32 decode instances
+DISPATCH_MIN_CHUNK = 32
+NEVER = 1 << 62  # a step number no run reaches  # a prefill batch is split over at most len(batch) / 32 decode instances
 
 
 # ---------------------------------------------------------------- workload
@@ -177,9 +178,9 @@ class _Shared:
         self.idle: list = []                # idle pulling instances (wake events)
         self.first = np.full(n, np.nan)     # first-token time
         self.done = np.full(n, np.nan)      # set at prefill for 1-token outputs, else by finish_times()
-        # decode joins, one per cohort (requests of one chunk admitted at one step):
-        # (instance index, ids, finish offsets, lo, hi, join step); done times are resolved from
-        # these and each instance's step end times once, at the end (finish_times)
+        # decode joins, one per cohort (requests of one chunk admitted at one step): (instance
+        # index, chunk, lo, hi, join step); done times are resolved from these and each
+        # instance's step end times once, at the end (finish_times)
         self.joins: list = []
         self.cancelled: list = []           # (join index, position): preempted after that join
         self.preemptions = 0
@@ -212,14 +213,16 @@ class _Chunk:
     would dominate on a few requests); ids and finish offsets also as NumPy arrays, kept by the
     join records (finish_times)."""
 
-    __slots__ = ("pos", "t", "ctx", "fin", "fin_np", "gen", "ids")
+    __slots__ = ("pos", "t", "ctx", "ctx_np", "fin", "fin_np", "fin_min", "fin_max", "gen", "ids")
 
-    def __init__(self, t, ctx, fin_np, gen, ids):
+    def __init__(self, t, ctx, fin_np, gen, ids, ctx_np=None):
         self.pos = 0                # requests before pos have moved to the waiting queue
         self.t = t                  # ready times (sorted); None: all ready
-        self.ctx = ctx              # context at join (prompt + generated tokens)
+        self.ctx = ctx              # context at join (prompt + generated tokens), Python ints
+        self.ctx_np = np.array(ctx, np.int64) if ctx_np is None else ctx_np  # the same, NumPy
         self.fin_np = fin_np        # decode steps until the request finishes
         self.fin = fin_np.tolist()
+        self.fin_min, self.fin_max = min(self.fin), max(self.fin)
         self.gen = gen              # tokens generated before joining; None: 1 each (fresh requests)
         self.ids = ids              # request ids (NumPy)
 
@@ -431,7 +434,8 @@ class Instance:
         if k > 1:  # chunk i takes positions i, i + k, ...: group by position % k, keeping the order
             o = o[np.argsort(o % k, kind="stable")]
         ids = o + a if ids is None else ids[o]
-        ts, cs, fs = t[o].tolist(), ctx[o].tolist(), fin[o]
+        cn = ctx[o]
+        ts, cs, fs = t[o].tolist(), cn.tolist(), fin[o]
         gs = [gen[j] for j in o.tolist()] if gen is not None else None
         lo = 0
         for i, d in enumerate(decs):
@@ -439,9 +443,10 @@ class Instance:
             if hi == lo:
                 continue
             if k == 1:
-                ch = _Chunk(ts, cs, fs, gs, ids)
+                ch = _Chunk(ts, cs, fs, gs, ids, cn)
             else:
-                ch = _Chunk(ts[lo:hi], cs[lo:hi], fs[lo:hi], gs[lo:hi] if gs is not None else None, ids[lo:hi])
+                ch = _Chunk(ts[lo:hi], cs[lo:hi], fs[lo:hi], gs[lo:hi] if gs is not None else None, ids[lo:hi],
+                            cn[lo:hi])
             d.ready.append(ch)
             d.pending += hi - lo
             t0 = ch.t[0]
@@ -487,7 +492,6 @@ class Instance:
         room = self.kv_cap - (s0 + n * tps * step)  # KV tokens still free
         slots = self.max_batch - n
         tps_step = tps * step
-        fin_n, fin_c, mask = self._fin_n, self._fin_c, self._mask
         sh = self.sim.sh
         joined = 0
         while waiting and slots > 0:
@@ -497,28 +501,45 @@ class Instance:
             lo = i
             stop = min(end, i + slots)
             blocked = False
-            while i < stop:  # one request: the same float operations, in the same order, as ever
-                ctx = ctxs[i]
-                if ctx + 1 > room:
-                    if n + joined + i - lo == 0:  # can never fit on this instance
-                        sh.rejected += 1
-                        self.pending -= 1
-                        i = lo = i + 1
-                        stop = min(end, i + slots)
-                        continue
-                    blocked = True
-                    break
-                c = ctx - tps_step
-                f = (step + fins[i]) & mask
-                fin_n[f] += 1
-                fin_c[f] += c
-                s0 += c
-                room -= ctx
-                i += 1
-            if i > lo:  # a cohort joined: record it
-                order = self.order
-                order.append([len(sh.joins), ch, lo, i, step, step + max(fins[lo:i])])
-                sh.joins.append((self.idx, ch.ids, ch.fin_np, lo, i, step))
+            part = ctxs[i:stop]
+            # Fast path: the whole cohort fits with a margin far above the rounding of the running
+            # room (|error| <= a few ulps of it), so every per-request check below would pass.
+            # Only the float chains s0 and room are still walked request by request (the same
+            # operations in the same order); the finish buckets are added later, in join order
+            # (_flush, np.add.at), which gives every bucket the same sequential sum.
+            if room - sum(part) >= 1.0 + 1e-6 * abs(room):
+                for ctx in part:
+                    s0 += ctx - tps_step
+                    room -= ctx
+                i = stop
+                self._pend.append((ch, lo, i, step, tps_step))
+                first = step + ch.fin_min  # no earlier than this cohort's first finish: flush then
+                if first < self._due:
+                    self._due = first
+            else:  # near the KV capacity: one request at a time, buckets written directly
+                self._flush()
+                fin_n, fin_c, mask = self._fin_n, self._fin_c, self._mask
+                while i < stop:  # one request: the same float operations, in the same order, as ever
+                    ctx = ctxs[i]
+                    if ctx + 1 > room:
+                        if n + joined + i - lo == 0:  # can never fit on this instance
+                            sh.rejected += 1
+                            self.pending -= 1
+                            i = lo = i + 1
+                            stop = min(end, i + slots)
+                            continue
+                        blocked = True
+                        break
+                    c = ctx - tps_step
+                    f = (step + fins[i]) & mask
+                    fin_n[f] += 1
+                    fin_c[f] += c
+                    s0 += c
+                    room -= ctx
+                    i += 1
+            if i > lo:  # a cohort joined: record it (the chunk's last finish bounds the cohort's)
+                self.order.append([len(sh.joins), ch, lo, i, step, step + ch.fin_max])
+                sh.joins.append((self.idx, ch, lo, i, step))
                 slots -= i - lo
                 joined += i - lo
             if i == end:
@@ -532,10 +553,32 @@ class Instance:
         self.n_run = n + joined
         self.pending -= joined
 
+    def _flush(self):
+        """Add the finish-bucket contributions of the cohorts admitted on the fast path, in join
+        order (np.add.at adds element by element, so each bucket gets the same sequential sum as
+        adding them one request at a time at admission). Called before a bucket is read or
+        written directly: at the first step one of them finishes, before preempting, and before
+        an admission one request at a time."""
+        pend = self._pend
+        if not pend:
+            return
+        size = [hi - lo for _, lo, hi, _, _ in pend]
+        f = np.concatenate([ch.fin_np[lo:hi] for ch, lo, hi, _, _ in pend])
+        f += np.repeat(np.array([p[3] for p in pend], np.int64), size)
+        f &= self._mask
+        # c = ctx - tps * join step, element by element as at admission
+        c = np.concatenate([ch.ctx_np[lo:hi] for ch, lo, hi, _, _ in pend]) - \
+            np.repeat(np.array([p[4] for p in pend]), size)
+        np.add.at(self._fin_c_np, f, c)
+        np.add.at(self._fin_n_np, f, 1)
+        pend.clear()
+        self._due = NEVER
+
     def _preempt_if_full(self):
         tps, step = self.tps, self.step_idx
         used = self.s0 + self.n_run * (tps * step + 1.0)  # + the tokens the next step writes
         sh, wl, order = self.sim.sh, self.sim.wl, self.order
+        self._flush()
         while self.n_run > 1 and used > self.kv_cap:
             e = order[-1]  # newest first (LIFO, as vLLM)
             jx, ch, lo, top, join = e[:5]
@@ -567,6 +610,8 @@ class Instance:
         """Advance the step counter; retire the requests whose finish step this is."""
         step = self.step_idx = self.step_idx + 1
         self.step_end.append(self.sim.env.now)
+        if step >= self._due:
+            self._flush()
         j = step & self._mask
         c = self._fin_c[j]
         k = self._fin_n[j]
@@ -584,9 +629,14 @@ class Instance:
         step times has none)."""
         ring = self.sim.sh.fin_ring
         self._mask = ring - 1
-        self._fin_n = [0] * ring     # step % ring -> requests finishing then
+        self._fin_n = array("q", bytes(8 * ring))  # step % ring -> requests finishing then
         self._fin_c = array("d", bytes(8 * ring))  # step % ring -> sum of their s0 terms (contiguous
         # doubles: the same values as a list of floats, without a float object per bucket)
+        self._fin_n_np = np.frombuffer(self._fin_n, np.int64)  # the same memory, for _flush
+        self._fin_c_np = np.frombuffer(self._fin_c, np.float64)
+        self._pend: list = []        # fast-path cohorts not yet in the buckets: (chunk, lo, hi, join
+        # step, tps * join step)
+        self._due = NEVER            # no later than the earliest finish step among them
 
     def run_decode(self):
         self._start_decoding()
@@ -694,19 +744,18 @@ def finish_times(sh: _Shared, decoders: list) -> None:
     (a preempted request that rejoined has a later join). Vectorised over all joins."""
     if not sh.joins:
         return
-    inst, ids, fins, lo, hi, step = zip(*sh.joins)
-    lo, hi = np.array(lo), np.array(hi)
-    ids = np.concatenate([a[i:j] for a, i, j in zip(ids, lo.tolist(), hi.tolist())])
-    fins = np.concatenate([a[i:j] for a, i, j in zip(fins, lo.tolist(), hi.tolist())])
-    size = hi - lo
+    inst, chunks, lo, hi, step = zip(*sh.joins)
+    size = np.array(hi) - np.array(lo)
+    ids = np.concatenate([ch.ids[i:j] for ch, i, j in zip(chunks, lo, hi)])
+    fs = np.concatenate([ch.fin_np[i:j] for ch, i, j in zip(chunks, lo, hi)])
+    fs += np.repeat(np.array(step, np.int64), size)
     inst = np.repeat(np.array(inst), size)
-    fs = np.repeat(np.array(step, np.int64), size) + fins
     n_steps = np.array([len(d.step_end) for d in decoders])
     valid = fs <= n_steps[inst]
     if sh.cancelled:
         start = np.concatenate([[0], np.cumsum(size)[:-1]])
         jx, pos = np.array(sh.cancelled).T
-        valid[start[jx] + pos - lo[jx]] = False
+        valid[start[jx] + pos - np.array(lo)[jx]] = False
     ends = np.concatenate([np.asarray(d.step_end, float) for d in decoders])
     first_end = np.concatenate([[0], np.cumsum(n_steps)[:-1]])
     sh.done[ids[valid]] = ends[(first_end[inst] + fs - 1)[valid]]
