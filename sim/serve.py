@@ -509,11 +509,18 @@ class Instance:
             # operations in the same order); the finish buckets are added later, in join order
             # (_flush, np.add.at), which gives every bucket the same sequential sum.
             if room - sum(part) >= 1.0 + 1e-6 * abs(room):
+                cs = [ctx - tps_step for ctx in part]
+                for c in cs:
+                    s0 += c
                 for ctx in part:
-                    s0 += ctx - tps_step
                     room -= ctx
                 i = stop
-                self._pend.append((ch, lo, i, step, tps_step))
+                # kept as Python lists while hot: slicing the chunks' arrays at flush time cost
+                # more than the per-request bucket updates it replaces
+                self._pend_c += cs
+                self._pend_f += fins[lo:i]
+                self._pend_size.append(i - lo)
+                self._pend_step.append(step)
                 first = step + ch.fin_min  # no earlier than this cohort's first finish: flush then
                 if first < self._due:
                     self._due = first
@@ -560,19 +567,14 @@ class Instance:
         adding them one request at a time at admission). Called before a bucket is read or
         written directly: at the first step one of them finishes, before preempting, and before
         an admission one request at a time."""
-        pend = self._pend
-        if not pend:
+        if not self._pend_size:
             return
-        size = [hi - lo for _, lo, hi, _, _ in pend]
-        f = np.concatenate([ch.fin_np[lo:hi] for ch, lo, hi, _, _ in pend])
-        f += np.repeat(np.array([p[3] for p in pend], np.int64), size)
+        f = np.array(self._pend_f, np.int64)
+        f += np.repeat(np.array(self._pend_step, np.int64), self._pend_size)
         f &= self._mask
-        # c = ctx - tps * join step, element by element as at admission
-        c = np.concatenate([ch.ctx_np[lo:hi] for ch, lo, hi, _, _ in pend]) - \
-            np.repeat(np.array([p[4] for p in pend]), size)
-        np.add.at(self._fin_c_np, f, c)
+        np.add.at(self._fin_c_np, f, np.array(self._pend_c))
         np.add.at(self._fin_n_np, f, 1)
-        pend.clear()
+        self._pend_c, self._pend_f, self._pend_size, self._pend_step = [], [], [], []
         self._due = NEVER
 
     def _preempt_if_full(self):
@@ -635,8 +637,9 @@ class Instance:
         # doubles: the same values as a list of floats, without a float object per bucket)
         self._fin_n_np = np.frombuffer(self._fin_n, np.int64)  # the same memory, for _flush
         self._fin_c_np = np.frombuffer(self._fin_c, np.float64)
-        self._pend: list = []        # fast-path cohorts not yet in the buckets: (chunk, lo, hi, join
-        # step, tps * join step)
+        # fast-path cohorts not yet in the buckets: per request its s0 term and finish offset,
+        # per cohort its size and join step
+        self._pend_c, self._pend_f, self._pend_size, self._pend_step = [], [], [], []
         self._due = NEVER            # no later than the earliest finish step among them
 
     def run_decode(self):
