@@ -214,15 +214,14 @@ class _Chunk:
     would dominate on a few requests); ids and finish offsets also as NumPy arrays, kept by the
     join records (finish_times)."""
 
-    __slots__ = ("pos", "t", "ctx", "ctx_np", "fin", "fin_np", "fin_min", "fin_max", "gen", "ids")
+    __slots__ = ("pos", "t", "ctx", "fin", "fin_np", "fin_min", "fin_max", "gen", "ids")
 
-    def __init__(self, t, ctx, fin_np, gen, ids, ctx_np=None):
+    def __init__(self, t, ctx, fin_np, gen, ids, fin=None):
         self.pos = 0                # requests before pos have moved to the waiting queue
         self.t = t                  # ready times (sorted); None: all ready
-        self.ctx = ctx              # context at join (prompt + generated tokens), Python ints
-        self.ctx_np = np.array(ctx, np.int64) if ctx_np is None else ctx_np  # the same, NumPy
+        self.ctx = ctx              # context at join (prompt + generated tokens)
         self.fin_np = fin_np        # decode steps until the request finishes
-        self.fin = fin_np.tolist()
+        self.fin = fin_np.tolist() if fin is None else fin  # the same as a list
         self.fin_min, self.fin_max = min(self.fin), max(self.fin)
         self.gen = gen              # tokens generated before joining; None: 1 each (fresh requests)
         self.ids = ids              # request ids (NumPy)
@@ -429,14 +428,17 @@ class Instance:
             decs = [decs[loads.index(min(loads))]]
         else:
             decs = [decs[j] for j in sorted(range(len(decs)), key=loads.__getitem__)[:k]]
-        # positions in (ready time, id) order; ids increase with position when not given, so a
-        # stable sort by time breaks ties by id
-        o = np.argsort(t, kind="stable") if ids is None else np.lexsort((ids, t))
-        if k > 1:  # chunk i takes positions i, i + k, ...: group by position % k, keeping the order
-            o = o[np.argsort(o % k, kind="stable")]
+        # positions in (ready time, id) order, and with k > 1 grouped by position % k first (chunk
+        # i takes positions i, i + k, ...); ids increase with position when not given, so a stable
+        # sort by time breaks ties by id
+        if k == 1:
+            o = np.argsort(t, kind="stable") if ids is None else np.lexsort((ids, t))
+        else:
+            mod = self.sim.position_mod(k, m)
+            o = np.lexsort((t, mod)) if ids is None else np.lexsort((ids, t, mod))
         ids = o + a if ids is None else ids[o]
-        cn = ctx[o]
-        ts, cs, fs = t[o].tolist(), cn.tolist(), fin[o]
+        fs = fin[o]
+        ts, cs, fl = t[o].tolist(), ctx[o].tolist(), fs.tolist()
         gs = [gen[j] for j in o.tolist()] if gen is not None else None
         lo = 0
         for i, d in enumerate(decs):
@@ -444,10 +446,10 @@ class Instance:
             if hi == lo:
                 continue
             if k == 1:
-                ch = _Chunk(ts, cs, fs, gs, ids, cn)
+                ch = _Chunk(ts, cs, fs, gs, ids, fl)
             else:
                 ch = _Chunk(ts[lo:hi], cs[lo:hi], fs[lo:hi], gs[lo:hi] if gs is not None else None, ids[lo:hi],
-                            cn[lo:hi])
+                            fl[lo:hi])
             d.ready.append(ch)
             d.pending += hi - lo
             t0 = ch.t[0]
@@ -785,6 +787,7 @@ class ServeSim:
         self.progress = progress
         self.prefill_service = prefill_service
         self.rec = Recorder(record)
+        self._mods: dict = {}
         dep = self.dep
         self.cfg, self.quant, self.node, self.device = dep.cfg, dep.quant, dep.node, dep.device
         link_node, lat = dep.link_node, dep.latency_s
@@ -802,6 +805,13 @@ class ServeSim:
         self.kv_latency_s = t_one - self.kv_s_per_token
         if sc.mode == "aggregated":
             self.kv_s_per_token = self.kv_latency_s = 0.0
+
+    def position_mod(self, k: int, m: int) -> np.ndarray:
+        """[0, 1, ..., m - 1] % k (cached: _dispatch groups every batch by it)."""
+        a = self._mods.get(k)
+        if a is None or len(a) < m:
+            a = self._mods[k] = np.arange(max(m, 4096)) % k
+        return a[:m]
 
     def _arrivals(self):
         """Wake idle pulling instances at arrival times (only while some instance is idle)."""
@@ -941,8 +951,9 @@ class ServeSim:
         fin = ~np.isnan(sh.done) & (wl.output > 1)
         tpot = ((sh.done - sh.first) / np.maximum(wl.output - 1, 1))[fin]
 
-        def pct(a, q):
-            return float(np.percentile(a, q)) if len(a) else None
+        def pct(a):  # p50, p90, p99 from one partition (the same floats as one call per quantile)
+            return [float(v) for v in np.percentile(a, [50, 90, 99])] if len(a) else [None] * 3
+        tt, tp = pct(ttft), pct(tpot)
         price = self.device.price_usd_per_hour
         power = self.device.power_w
         dev_hours = devices * D / SECONDS_PER_HOUR
@@ -964,9 +975,9 @@ class ServeSim:
             "offered_input_tokens_per_s": float(wl.prompt.sum()) / D,
             "offered_output_tokens_per_s": float(wl.output.sum()) / D,
             "ttft_mean_s": float(ttft.mean()) if len(ttft) else None,
-            "ttft_p50_s": pct(ttft, 50), "ttft_p90_s": pct(ttft, 90), "ttft_p99_s": pct(ttft, 99),
+            "ttft_p50_s": tt[0], "ttft_p90_s": tt[1], "ttft_p99_s": tt[2],
             "tpot_mean_s": float(tpot.mean()) if len(tpot) else None,
-            "tpot_p50_s": pct(tpot, 50), "tpot_p90_s": pct(tpot, 90), "tpot_p99_s": pct(tpot, 99),
+            "tpot_p50_s": tp[0], "tpot_p90_s": tp[1], "tpot_p99_s": tp[2],
             "preemptions": sh.preemptions, "kv_blocked_steps": sh.kv_blocked_steps,
             "rejected": sh.rejected,
             "queue_prefill_mean": float(q[:, 1].mean()) if len(q) else 0.0,
