@@ -210,21 +210,21 @@ class _Shared:
 class _Chunk:
     """Requests handed to one decode instance together (one prefill step's share; in aggregated
     mode one step's prefilled requests), in the order they become ready (KV transferred), ties
-    by id. Parallel Python lists for the per-request admission loop (NumPy's per-call overhead
-    would dominate on a few requests); ids and finish offsets also as NumPy arrays, kept by the
-    join records (finish_times)."""
+    by id. Ready times as a Python list (bisect); contexts, finish offsets and ids as NumPy
+    arrays: the admission copies a cohort's slice out with tolist() when it needs Python numbers
+    (fresh objects, in cache; per-request Python objects made at dispatch were cold by then)."""
 
-    __slots__ = ("pos", "t", "ctx", "fin", "fin_np", "fin_min", "fin_max", "gen", "ids")
+    __slots__ = ("pos", "t", "ctx", "fin", "fin_min", "fin_max", "gen", "ids")
 
-    def __init__(self, t, ctx, fin_np, gen, ids, fin=None):
+    def __init__(self, t, ctx, fin, gen, ids, fin_min=None, fin_max=None):
         self.pos = 0                # requests before pos have moved to the waiting queue
-        self.t = t                  # ready times (sorted); None: all ready
-        self.ctx = ctx              # context at join (prompt + generated tokens)
-        self.fin_np = fin_np        # decode steps until the request finishes
-        self.fin = fin_np.tolist() if fin is None else fin  # the same as a list
-        self.fin_min, self.fin_max = min(self.fin), max(self.fin)
+        self.t = t                  # ready times (sorted list); None: all ready
+        self.ctx = ctx              # context at join (prompt + generated tokens), int64
+        self.fin = fin              # decode steps until the request finishes, int64
+        self.fin_min = int(fin.min()) if fin_min is None else fin_min
+        self.fin_max = int(fin.max()) if fin_max is None else fin_max
         self.gen = gen              # tokens generated before joining; None: 1 each (fresh requests)
-        self.ids = ids              # request ids (NumPy)
+        self.ids = ids              # request ids, int64
 
 
 class Instance:
@@ -437,26 +437,31 @@ class Instance:
             mod = self.sim.position_mod(k, m)
             o = np.lexsort((t, mod)) if ids is None else np.lexsort((ids, t, mod))
         ids = o + a if ids is None else ids[o]
-        fs = fin[o]
-        ts, cs, fl = t[o].tolist(), ctx[o].tolist(), fs.tolist()
+        fs, cn = fin[o], ctx[o]
+        ts = t[o].tolist()
         gs = [gen[j] for j in o.tolist()] if gen is not None else None
-        lo = 0
+        if k == 1:
+            bounds = [0, m]
+        else:  # chunk i holds (m - i + k - 1) // k requests
+            bounds = [0]
+            for i in range(k):
+                bounds.append(bounds[-1] + (m - i + k - 1) // k)
+        starts = bounds[:-1]
+        f_min = np.minimum.reduceat(fs, starts).tolist()
+        f_max = np.maximum.reduceat(fs, starts).tolist()
         for i, d in enumerate(decs):
-            hi = lo + (m - i + k - 1) // k
-            if hi == lo:
-                continue
+            lo, hi = bounds[i], bounds[i + 1]
             if k == 1:
-                ch = _Chunk(ts, cs, fs, gs, ids, fl)
+                ch = _Chunk(ts, cn, fs, gs, ids, f_min[0], f_max[0])
             else:
-                ch = _Chunk(ts[lo:hi], cs[lo:hi], fs[lo:hi], gs[lo:hi] if gs is not None else None, ids[lo:hi],
-                            fl[lo:hi])
+                ch = _Chunk(ts[lo:hi], cn[lo:hi], fs[lo:hi], gs[lo:hi] if gs is not None else None, ids[lo:hi],
+                            f_min[i], f_max[i])
             d.ready.append(ch)
             d.pending += hi - lo
             t0 = ch.t[0]
             if t0 < d.sleep_until and not d.wake.triggered:
                 d.sleep_until = t0
                 env.process(_wake_at(env, d, t0))
-            lo = hi
 
     def load(self) -> int:
         return self.n_run + self.pending
@@ -500,28 +505,25 @@ class Instance:
         while waiting and slots > 0:
             seg = waiting[0]
             ch, i, end = seg
-            ctxs, fins = ch.ctx, ch.fin
             lo = i
             stop = min(end, i + slots)
             blocked = False
-            part = ctxs[i:stop]
+            cn = ch.ctx[i:stop]
+            part = cn.tolist()
             # Fast path: the whole cohort fits with a margin far above the rounding of the running
             # room (|error| <= a few ulps of it), so every per-request check below would pass.
             # Only the float chains s0 and room are still walked request by request (the same
             # operations in the same order); the finish buckets are added later, in join order
             # (_flush, np.add.at), which gives every bucket the same sequential sum.
             if room - sum(part) >= 1.0 + 1e-6 * abs(room):
-                cs = [ctx - tps_step for ctx in part]
-                for c in cs:
-                    s0 += c
+                c = cn - tps_step  # element by element as ctx - tps_step below
+                for x in c.tolist():
+                    s0 += x
                 for ctx in part:
                     room -= ctx
                 i = stop
-                # kept as Python lists while hot: slicing the chunks' arrays at flush time cost
-                # more than the per-request bucket updates it replaces
-                self._pend_c += cs
-                self._pend_f += fins[lo:i]
-                self._pend_size.append(i - lo)
+                self._pend_c.append(c)
+                self._pend_f.append(ch.fin[lo:i])
                 self._pend_step.append(step)
                 first = step + ch.fin_min  # no earlier than this cohort's first finish: flush then
                 if first < self._due:
@@ -529,6 +531,7 @@ class Instance:
             else:  # near the KV capacity: one request at a time, buckets written directly
                 self._flush()
                 fin_n, fin_c, mask = self._fin_n, self._fin_c, self._mask
+                ctxs, fins = ch.ctx.tolist(), ch.fin.tolist()
                 while i < stop:  # one request: the same float operations, in the same order, as ever
                     ctx = ctxs[i]
                     if ctx + 1 > room:
@@ -569,14 +572,15 @@ class Instance:
         adding them one request at a time at admission). Called before a bucket is read or
         written directly: at the first step one of them finishes, before preempting, and before
         an admission one request at a time."""
-        if not self._pend_size:
+        if not self._pend_f:
             return
-        f = np.array(self._pend_f, np.int64)
-        f += np.repeat(np.array(self._pend_step, np.int64), self._pend_size)
+        pf = self._pend_f
+        f = np.concatenate(pf)
+        f += np.repeat(np.array(self._pend_step, np.int64), [len(x) for x in pf])
         f &= self._mask
-        np.add.at(self._fin_c_np, f, np.array(self._pend_c))
+        np.add.at(self._fin_c_np, f, np.concatenate(self._pend_c))
         np.add.at(self._fin_n_np, f, 1)
-        self._pend_c, self._pend_f, self._pend_size, self._pend_step = [], [], [], []
+        self._pend_c, self._pend_f, self._pend_step = [], [], []
         self._due = NEVER
 
     def _preempt_if_full(self):
@@ -591,10 +595,10 @@ class Instance:
                 order.pop()
                 continue
             top = e[3] = top - 1
-            fs = join + ch.fin[top]
+            fs = join + int(ch.fin[top])
             if fs <= step:
                 continue  # already finished
-            ctx = ch.ctx[top]
+            ctx = int(ch.ctx[top])
             gen = ch.gen[top] if ch.gen is not None else 1
             rid = int(ch.ids[top])
             c = ctx - tps * join
@@ -625,9 +629,13 @@ class Instance:
             self.n_run -= k
             self._fin_n[j] = 0
             self._fin_c[j] = 0.0
-        if len(self.order) > self._prune_at:  # drop cohorts whose requests have all finished
-            self.order = [e for e in self.order if e[5] > step]
-            self._prune_at = 2 * len(self.order) + 4096
+        if len(self.order) > self._prune_at:
+            self._prune(step)
+
+    def _prune(self, step: int):
+        """Drop cohorts whose requests have all finished from ``order``."""
+        self.order = [e for e in self.order if e[5] > step]
+        self._prune_at = 2 * len(self.order) + 4096
 
     def _start_decoding(self):
         """The finish-bucket ring (allocated when the run starts: an instance built only for its
@@ -639,17 +647,22 @@ class Instance:
         # doubles: the same values as a list of floats, without a float object per bucket)
         self._fin_n_np = np.frombuffer(self._fin_n, np.int64)  # the same memory, for _flush
         self._fin_c_np = np.frombuffer(self._fin_c, np.float64)
-        # fast-path cohorts not yet in the buckets: per request its s0 term and finish offset,
-        # per cohort its size and join step
-        self._pend_c, self._pend_f, self._pend_size, self._pend_step = [], [], [], []
+        # fast-path cohorts not yet in the buckets: their s0 terms and finish offsets (arrays),
+        # and join steps
+        self._pend_c, self._pend_f, self._pend_step = [], [], []
         self._due = NEVER            # no later than the earliest finish step among them
 
     def run_decode(self):
+        """Decode steps while requests run. The step-time cache lookup (decode_time) and the
+        retirement (_retire) are inlined: they run at every decode step (the most frequent event)."""
         self._start_decoding()
         env, sh = self.sim.env, self.sim.sh
         rec = self.sim.rec
         tps, kv_cap = self.tps, self.kv_cap
-        timeout, decode_time, admit, retire = env.timeout, self.decode_time, self._admit, self._retire
+        timeout, decode_time, admit = env.timeout, self.decode_time, self._admit
+        dcache_get, dp, q = self._dcache.get, self.par.dp, self.sim.ctx_quantum
+        step_end = self.step_end
+        fin_n, fin_c, mask = self._fin_n, self._fin_c, self._mask
         while True:
             if self.ready or self.waiting:
                 admit()
@@ -663,7 +676,12 @@ class Instance:
                 yield self.wake
                 self.sleep_until = math.inf
                 continue
-            dt, comp = decode_time(n, self.s0 + n * tps * self.step_idx)
+            ctx_sum = self.s0 + n * tps * self.step_idx
+            mean_ctx = ctx_sum / n  # decode_time's cache key, computed as there
+            if q:
+                mean_ctx = round(mean_ctx / q) * q
+            hit = dcache_get((-(-n // dp), mean_ctx))
+            dt, comp = hit if hit is not None else decode_time(n, ctx_sum)
             start = env.now
             yield timeout(dt)
             self.busy_s += dt
@@ -672,8 +690,22 @@ class Instance:
             if rec.on:
                 rec.span(self.role, self.name, "decode", start, dt, {"batch": n})
             sh.tokens_out += n * tps
-            retire()
-            if self.s0 + self.n_run * (tps * self.step_idx + 1.0) > kv_cap:
+            # _retire, inlined
+            step = self.step_idx = self.step_idx + 1
+            step_end.append(env.now)
+            if step >= self._due:
+                self._flush()
+            j = step & mask
+            c = fin_c[j]
+            k = fin_n[j]
+            if k or c:
+                self.s0 -= c
+                self.n_run -= k
+                fin_n[j] = 0
+                fin_c[j] = 0.0
+            if len(self.order) > self._prune_at:
+                self._prune(step)
+            if self.s0 + self.n_run * (tps * step + 1.0) > kv_cap:
                 self._preempt_if_full()
 
     def run_aggregated(self):
@@ -722,7 +754,8 @@ class Instance:
             if m:  # prefilled requests wait for a decode slot, retries first
                 fin = [_fin_step(int(wl.output[r[0]]) - r[3], self.tps) for r in retries] \
                     + sh.fin_fresh[a:b][keep].tolist()
-                ch = _Chunk(None, [r[1] for r in retries] + wl.prompt[a:b][keep].tolist(), np.array(fin, np.int64),
+                ch = _Chunk(None, np.concatenate([np.array([r[1] for r in retries], np.int64), wl.prompt[a:b][keep]]),
+                            np.array(fin, np.int64),
                             [r[3] for r in retries] + [1] * len(keep) if retries else None,
                             np.concatenate([np.array([r[0] for r in retries], np.int64), keep + a]))
                 self.waiting.append([ch, 0, m])
@@ -753,7 +786,7 @@ def finish_times(sh: _Shared, decoders: list) -> None:
     inst, chunks, lo, hi, step = zip(*sh.joins)
     size = np.array(hi) - np.array(lo)
     ids = np.concatenate([ch.ids[i:j] for ch, i, j in zip(chunks, lo, hi)])
-    fs = np.concatenate([ch.fin_np[i:j] for ch, i, j in zip(chunks, lo, hi)])
+    fs = np.concatenate([ch.fin[i:j] for ch, i, j in zip(chunks, lo, hi)])
     fs += np.repeat(np.array(step, np.int64), size)
     inst = np.repeat(np.array(inst), size)
     n_steps = np.array([len(d.step_end) for d in decoders])
