@@ -245,6 +245,10 @@ class Instance:
     now and then).
     """
 
+    # False: admit one request at a time, finish buckets written at once (the reference the fast
+    # path must match bit for bit; tests/test_sim_serve.py)
+    fast_admission = True
+
     def __init__(self, sim: "ServeSim", role: str, idx: int):
         self.sim, self.role, self.idx = sim, role, idx
         sc = sim.sc
@@ -344,7 +348,8 @@ class Instance:
                 csum = np.cumsum(self.sim.wl.prompt[a:b])
                 b = a + int(np.searchsorted(csum, kv_free, side="right"))
             if b > a:
-                x = x + sh.features.span(a, b)
+                span = sh.features.span(a, b)
+                x = x + span if retries else span  # 0.0 + v == v: the same features
                 used += float(cum[b] - cum[a])
                 sh.head = b
         return retries, (a, b), x, used
@@ -355,6 +360,7 @@ class Instance:
         L = len(self.lanes)
         perm = (np.arange(L) + np.arange(L)[:, None]) % L  # perm[i]: lanes i, i+1, ... (mod L)
         dec_tps = sim.decoders[0].tps
+        rec = sim.rec
         while True:
             retries, (a, b), x, used = self.take_prefill(self.budget, None)
             if not retries and b == a:
@@ -365,10 +371,15 @@ class Instance:
             yield env.timeout(dt)
             nr = len(retries)
             n_req = nr + b - a
-            self._account(start, dt, comp, "prefill", {"requests": n_req, "new_tokens": used})
+            self.busy_s += dt  # _account, inlined
+            self.compute_s += comp
+            self.steps += 1
+            if rec.on:
+                rec.span(self.role, self.name, "prefill", start, dt, {"requests": n_req, "new_tokens": used})
             now = env.now
             # prompt tokens are integers: the prefix-sum difference is the exact sum
-            sh.tokens_in += float(sh.cum_prompt[b] - sh.cum_prompt[a]) + sum(r[1] - r[3] + 1 for r in retries)
+            fresh_in = float(sh.cum_prompt[b] - sh.cum_prompt[a])
+            sh.tokens_in += fresh_in + sum(r[1] - r[3] + 1 for r in retries) if nr else fresh_in
             prompts = wl.prompt[a:b]
             if nr:
                 prompts = np.concatenate([np.array([r[1] for r in retries], np.int64), prompts])
@@ -515,7 +526,7 @@ class Instance:
             # Only the float chains s0 and room are still walked request by request (the same
             # operations in the same order); the finish buckets are added later, in join order
             # (_flush, np.add.at), which gives every bucket the same sequential sum.
-            if room - sum(part) >= 1.0 + 1e-6 * abs(room):
+            if self.fast_admission and room - sum(part) >= 1.0 + 1e-6 * abs(room):
                 c = cn - tps_step  # element by element as ctx - tps_step below
                 for x in c.tolist():
                     s0 += x

@@ -271,3 +271,83 @@ def test_weight_bytes_per_device_uses_the_tied_head_rule():
         for quant in ("q4_k_m", "bf16"):
             got = Parallelism().weight_bytes_per_device(cfg, get_quant(quant))["total"]
             assert got == pytest.approx(model_weight_bytes(cfg, get_quant(quant))["total"]), (name, quant)
+
+
+def _same_result(a: dict, b: dict, path: str = "") -> list:
+    """Fields that differ (exactly: floats compared bit for bit, NaN equal to NaN); machine-speed
+    fields skipped."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), path
+        return [d for k in a if k not in ("sim_wall_s", "sim_cpu_s", "events_per_s")
+                for d in _same_result(a[k], b[k], f"{path}.{k}")]
+    if isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _same_result(x, y, f"{path}[{i}]")]
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return []
+    return [] if (type(a) is type(b) and a == b) else [path]
+
+
+@pytest.mark.parametrize("case", ["day6", "kv-pressure"])
+def test_fast_admission_matches_one_request_at_a_time(monkeypatch, case):
+    """The decode admission's fast path (a cohort that fits joins without per-request bucket
+    updates; its finish buckets are added later in join order with np.add.at) must give the same
+    result, bit for bit, as admitting one request at a time. day6: disaggregated, the fast path
+    throughout; kv-pressure: aggregated near a full KV cache, both paths, waits and preemptions
+    (a preemption flushes the pending buckets first). Exact decode contexts in both, so a context
+    sum off by one rounding changes the step times."""
+    from dsref.sim import serve
+    if case == "day6":
+        # exact decode contexts (no step-time cache quantum): a context sum off by one ulp moves a step time
+        sc, kw = load("deepseek-day6", {"ctx_quantum_tokens": 0}), {"duration_s": 4.0, "seed": 2}
+    else:
+        d = _one_device("aggregated", prompt=2000, output=3000, hit=0.0)
+        d["workload"].update(arrival="poisson", rate_per_s=5.0)
+        d["aggregated"]["activation_reserve_bytes"] = 79.5e9 - 31.4e9 - 0.7e9  # a ~20k-token KV cache
+        d["duration_s"] = 40.0
+        d["workload"]["output_tokens"] = {"dist": "lognormal", "mean": 3000, "cv": 1.0, "min": 1, "max": 20000}
+        sc, kw = from_dict(d), {}
+    flushed = []
+    real_flush = serve.Instance._flush
+
+    def counting_flush(self):
+        flushed.append(len(self._pend_f))
+        real_flush(self)
+    monkeypatch.setattr(serve.Instance, "_flush", counting_flush)
+    sim = ServeSim(sc, **kw)
+    fast = sim.run()
+    assert sum(flushed) > 0  # the fast path was taken
+    if case == "kv-pressure":
+        assert fast["preemptions"] > 0 and fast["kv_blocked_steps"] > 0
+    monkeypatch.setattr(serve.Instance, "fast_admission", False)
+    flushed.clear()
+    ref_sim = ServeSim(sc, **kw)
+    ref = ref_sim.run()
+    assert sum(flushed) == 0  # ... and here never
+    assert _same_result(fast, ref) == []
+    # the decode state itself, bit for bit: running requests, their summed context terms (a float
+    # chain the results see only through rounded step times) and the finish buckets
+    for d, r in zip(sim.decoders, ref_sim.decoders):
+        d._flush()
+        assert (d.n_run, d.s0, d.step_idx) == (r.n_run, r.s0, r.step_idx)
+        assert d._fin_n == r._fin_n and d._fin_c == r._fin_c
+
+
+def test_generated_at_matches_generated():
+    """serve_report._generated_at (two points from one set of per-request arrays) returns exactly
+    generated(...)[0] at each point, ties at the point and unfinished requests included."""
+    from dsref.sim.serve_report import _generated_at, generated
+    rng = np.random.default_rng(5)
+    n = 20_000
+    first = np.round(rng.uniform(0, 100, n), 1)       # rounded: many ties with the points
+    done = first + np.round(rng.uniform(0, 30, n), 1)
+    output = rng.integers(1, 400, n).astype(float)
+    first[rng.random(n) < 0.05] = np.nan
+    done[rng.random(n) < 0.2] = np.nan
+    done[:50] = first[:50]                            # done with the first token: no ramp
+    points = [(50.0, "left"), (50.0, "right"), (first[3], "left"), (done[7], "right"), (0.0, "left"),
+              (130.0, "right")]
+    for tpot in (None, 0.037):
+        got = _generated_at(first, done, output, tpot, points)
+        want = [float(generated(first, done, output, tpot, x, side)[0]) for x, side in points]
+        assert got == want
