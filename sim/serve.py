@@ -279,7 +279,10 @@ class Instance:
         self.sleep_until = math.inf
         self.lanes = np.zeros(self.par.devices)  # NIC lanes: time each becomes free (disaggregated prefill)
         self.lane_i = 0
-        self._dcache: dict = {}
+        # decode step times by (busiest rank's batch, mean context): one cache per role, shared by
+        # its instances (same step cost, layout and MTP), so a step time computed by one is a hit
+        # for the others
+        self._dcache: dict = sim.decode_caches.setdefault(role, {})
 
     # ------------------------------------------------------------ step times
     def prefill_time(self, x: StepFeatures) -> tuple[float, float]:
@@ -832,6 +835,7 @@ class ServeSim:
         self.prefill_service = prefill_service
         self.rec = Recorder(record)
         self._mods: dict = {}
+        self.decode_caches: dict = {}  # role -> Instance._dcache
         dep = self.dep
         self.cfg, self.quant, self.node, self.device = dep.cfg, dep.quant, dep.node, dep.device
         link_node, lat = dep.link_node, dep.latency_s
