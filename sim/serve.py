@@ -94,6 +94,10 @@ def _lengths(spec: Length, n: int, rng: np.random.Generator) -> np.ndarray:
     else:  # uniform with the given mean and coefficient of variation
         half = min(mean, mean * cv * math.sqrt(3.0))
         x = rng.uniform(mean - half, mean + half, n)
+    if x.dtype == np.float64:  # in place: the same values without two more n-sized temporaries
+        np.rint(x, out=x)
+        np.clip(x, spec.min, spec.max, out=x)
+        return x.astype(np.int64)
     return np.clip(np.rint(x), spec.min, spec.max).astype(np.int64)
 
 
@@ -192,6 +196,9 @@ class _Shared:
         # prompt tokens and 1-token outputs as integer prefix sums: a batch's total (exact in any
         # order) and "any request of this batch done at prefill?" in O(1)
         self.cum_prompt = np.concatenate([[0], np.cumsum(wl.prompt)])
+        # prompts as floats (exact: integers < 2**53): a decode request's context, so that
+        # admission's context - tps * step is float - float (int64 - float casts, several x slower)
+        self.prompt_f = wl.prompt.astype(np.float64)
         self.cum_one = np.concatenate([[0], np.cumsum(wl.output <= 1)])
         self.fin_fresh = _fin_steps(wl.output - 1, tps)  # decode steps of each fresh request
         # finish buckets are a ring indexed by step: longer than any request's decode steps
@@ -219,7 +226,7 @@ class _Chunk:
     def __init__(self, t, ctx, fin, gen, ids, fin_min=None, fin_max=None):
         self.pos = 0                # requests before pos have moved to the waiting queue
         self.t = t                  # ready times (sorted list); None: all ready
-        self.ctx = ctx              # context at join (prompt + generated tokens), int64
+        self.ctx = ctx              # context at join (prompt + generated tokens), float64 (integers)
         self.fin = fin              # decode steps until the request finishes, int64
         self.fin_min = int(fin.min()) if fin_min is None else fin_min
         self.fin_max = int(fin.max()) if fin_max is None else fin_max
@@ -237,7 +244,13 @@ class Instance:
     every request by ``tps`` tokens): the ring ``_fin_n`` / ``_fin_c`` (indexed by step
     mod its length) holds how many finish at each step and the sum of their s0 terms, so
     retiring is O(1) per step; the summed context is s0 + n * tps * step (s0 = sum of
-    context at join - tps * join step). Which requests finished when is not needed during
+    context at join - tps * join step). A cohort that fits with room to spare (the usual
+    case) joins without touching the ring: its bucket terms wait in ``_pend_*`` and are added
+    in join order with np.add.at (``_flush``) no later than the step its first request
+    finishes; every bucket gets the same sequential sum as with per-request updates, and
+    s0 and the free room are still summed request by request, so every float is the same
+    (``fast_admission = False`` keeps the per-request path as the reference; near the KV
+    capacity that path is taken anyway). Which requests finished when is not needed during
     the run: each join is recorded (_Shared.joins) with the instance's step end times
     (``step_end``) and resolved into done times once at the end. ``order`` lists the
     cohorts [join index, chunk, lo, top, join step, last finish step] in join order for
@@ -383,9 +396,9 @@ class Instance:
             # prompt tokens are integers: the prefix-sum difference is the exact sum
             fresh_in = float(sh.cum_prompt[b] - sh.cum_prompt[a])
             sh.tokens_in += fresh_in + sum(r[1] - r[3] + 1 for r in retries) if nr else fresh_in
-            prompts = wl.prompt[a:b]
+            prompts = sh.prompt_f[a:b]
             if nr:
-                prompts = np.concatenate([np.array([r[1] for r in retries], np.int64), prompts])
+                prompts = np.concatenate([np.array([r[1] for r in retries], np.float64), prompts])
             dur = prompts * sim.kv_s_per_token + sim.kv_latency_s
             # KV transfer: request j goes out on NIC lane (lane_i + j) % L, FIFO per lane: grid
             # [rows, L], request j in row j // L, column j % L; a lane's transfers end at
@@ -419,7 +432,7 @@ class Instance:
             r_ids = np.array([r[0] for r in retries], np.int64)
             self._dispatch(np.concatenate([t_done[:nr], t_done[nr:][keep]]),
                            np.concatenate([r_ids, keep + a]),
-                           np.concatenate([prompts[:nr], wl.prompt[a:b][keep]]),
+                           np.concatenate([prompts[:nr], sh.prompt_f[a:b][keep]]),
                            np.array([_fin_step(int(wl.output[r[0]]) - r[3], dec_tps) for r in retries]
                                     + sh.fin_fresh[a:b][keep].tolist(), np.int64),
                            [r[3] for r in retries] + [1] * len(keep) if nr else None, a)
@@ -440,6 +453,13 @@ class Instance:
         loads = [d.n_run + d.pending for d in decs]
         if k == 1:
             decs = [decs[loads.index(min(loads))]]
+        elif k <= 8:  # k C-level scans instead of a sort: the first of the least loaded, k times
+            pick = []
+            for _ in range(k):
+                j = loads.index(min(loads))
+                pick.append(decs[j])
+                loads[j] = math.inf
+            decs = pick
         else:
             decs = [decs[j] for j in sorted(range(len(decs)), key=loads.__getitem__)[:k]]
         # positions in (ready time, id) order, and with k > 1 grouped by position % k first (chunk
@@ -768,7 +788,8 @@ class Instance:
             if m:  # prefilled requests wait for a decode slot, retries first
                 fin = [_fin_step(int(wl.output[r[0]]) - r[3], self.tps) for r in retries] \
                     + sh.fin_fresh[a:b][keep].tolist()
-                ch = _Chunk(None, np.concatenate([np.array([r[1] for r in retries], np.int64), wl.prompt[a:b][keep]]),
+                ch = _Chunk(None, np.concatenate([np.array([r[1] for r in retries], np.float64),
+                                                  sh.prompt_f[a:b][keep]]),
                             np.array(fin, np.int64),
                             [r[3] for r in retries] + [1] * len(keep) if retries else None,
                             np.concatenate([np.array([r[0] for r in retries], np.int64), keep + a]))
