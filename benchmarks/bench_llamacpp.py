@@ -116,6 +116,9 @@ def find_converter(explicit: str | None = None) -> Path | None:
     return None
 
 
+_PROBED: dict[str, str | None] = {}  # converter path -> why it cannot be imported (None: it can)
+
+
 def availability(converter: str | None = None) -> tuple[str | None, Path | None]:
     """(why llama.cpp cannot be used here, or None; the converter's path)."""
     try:
@@ -128,12 +131,13 @@ def availability(converter: str | None = None) -> tuple[str | None, Path | None]
                 "in the llama-cpp-python sdist under vendor/llama.cpp)"), None
     if not conv.is_file():
         return f"converter {conv} does not exist", None
-    probe = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
-                            "import convert_hf_to_gguf", str(conv.parent)], capture_output=True, text=True)
-    if probe.returncode != 0:
+    key = str(conv.resolve())
+    if key not in _PROBED:  # importing it (torch, transformers) takes ~8 s: once per process
+        probe = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                                "import convert_hf_to_gguf", str(conv.parent)], capture_output=True, text=True)
         last = (probe.stderr.strip().splitlines() or ["no message"])[-1]
-        return f"cannot import the converter {conv} ({last})", None
-    return None, conv
+        _PROBED[key] = None if probe.returncode == 0 else f"cannot import the converter {conv} ({last})"
+    return _PROBED[key], (None if _PROBED[key] else conv)
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -213,7 +217,11 @@ def prepare_converter_input(checkpoint_dir: str | Path, work_dir: str | Path) ->
             raise ValueError(f"{src / 'config.json'}: vocab_size {vocab}; a byte-level tokenizer needs >= 256")
         train_tokenizer(vocab).save(str(dst / "tokenizer.json"))
         tokenizer = "dsref train_tokenizer (the checkpoint has no tokenizer.json)"
-    n_ids = len(_read_json(dst / "tokenizer.json", "tokenizer")["model"]["vocab"])
+    tok = _read_json(dst / "tokenizer.json", "tokenizer")
+    n_ids = len(tok["model"]["vocab"])
+    if not tok["model"].get("merges"):  # llama.cpp: "cannot find tokenizer merges in model file"
+        raise ValueError(f"{src}: tokenizer has no BPE merges ({n_ids} ids: bytes only); llama.cpp cannot load "
+                         "a BPE vocabulary without merges (vocab_size must exceed 256)")
     if n_ids > int(cfg.get("vocab_size", 0)):
         raise ValueError(f"{tok_path}: {n_ids} ids, more than config.json's vocab_size {cfg.get('vocab_size')}")
     # transformers would otherwise choose a tokenizer class from model_type (DeepSeek -> Llama)
