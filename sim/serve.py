@@ -550,15 +550,14 @@ class Instance:
             # operations in the same order); the finish buckets are added later, in join order
             # (_flush, np.add.at), which gives every bucket the same sequential sum.
             if self.fast_admission and room - sum(part) >= 1.0 + 1e-6 * abs(room):
-                c = cn - tps_step  # element by element as ctx - tps_step below
-                for x in c.tolist():
-                    s0 += x
                 for ctx in part:
+                    s0 += ctx - tps_step
                     room -= ctx
                 i = stop
-                self._pend_c.append(c)
+                self._pend_c.append(cn)  # contexts: _flush subtracts tps * step, as here
                 self._pend_f.append(ch.fin[lo:i])
                 self._pend_step.append(step)
+                self._pend_ts.append(tps_step)
                 first = step + ch.fin_min  # no earlier than this cohort's first finish: flush then
                 if first < self._due:
                     self._due = first
@@ -609,12 +608,15 @@ class Instance:
         if not self._pend_f:
             return
         pf = self._pend_f
+        size = [len(x) for x in pf]
         f = np.concatenate(pf)
-        f += np.repeat(np.array(self._pend_step, np.int64), [len(x) for x in pf])
+        f += np.repeat(np.array(self._pend_step, np.int64), size)
         f &= self._mask
-        np.add.at(self._fin_c_np, f, np.concatenate(self._pend_c))
+        c = np.concatenate(self._pend_c)  # c = ctx - tps * join step, element by element as at admission
+        c -= np.repeat(np.array(self._pend_ts), size)
+        np.add.at(self._fin_c_np, f, c)
         np.add.at(self._fin_n_np, f, 1)
-        self._pend_c, self._pend_f, self._pend_step = [], [], []
+        self._pend_c, self._pend_f, self._pend_step, self._pend_ts = [], [], [], []
         self._due = NEVER
 
     def _preempt_if_full(self):
@@ -681,9 +683,9 @@ class Instance:
         # doubles: the same values as a list of floats, without a float object per bucket)
         self._fin_n_np = np.frombuffer(self._fin_n, np.int64)  # the same memory, for _flush
         self._fin_c_np = np.frombuffer(self._fin_c, np.float64)
-        # fast-path cohorts not yet in the buckets: their s0 terms and finish offsets (arrays),
-        # and join steps
-        self._pend_c, self._pend_f, self._pend_step = [], [], []
+        # fast-path cohorts not yet in the buckets: their contexts and finish offsets (arrays),
+        # join steps and tps * join step
+        self._pend_c, self._pend_f, self._pend_step, self._pend_ts = [], [], [], []
         self._due = NEVER            # no later than the earliest finish step among them
 
     def run_decode(self):
