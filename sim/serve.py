@@ -40,7 +40,6 @@ from __future__ import annotations
 
 from array import array
 import gc
-import json
 import math
 from bisect import bisect_right
 import sys
@@ -54,96 +53,15 @@ import simpy
 
 from dsref.sim import roofline
 from dsref.sim.comm import CommOp, kv_transfer_bytes
-from dsref.sim.scenario import Length, Scenario, ScenarioError
+from dsref.sim.scenario import Scenario, ScenarioError
 from dsref.sim.deployment import Deployment, mtp_depths, mtp_tokens_per_step, resolve
+from dsref.sim.serve_workload import Workload, make_workload, read_trace  # noqa: F401 (re-exported)
 from dsref.sim.stepcost import RequestTable, StepFeatures, request, uniform
 
-SECONDS_PER_HOUR = 3600.0
-TOKENS_PER_MILLION = 1e6
 PROGRESS_MIN_WALL_S = 2.0  # show a progress bar only for runs expected to take longer
 MAX_TRACE_EVENTS = 200_000
-DISPATCH_MIN_CHUNK = 32
-NEVER = 1 << 62  # a step number no run reaches  # a prefill batch is split over at most len(batch) / 32 decode instances
-
-
-# ---------------------------------------------------------------- workload
-@dataclass
-class Workload:
-    """Requests sorted by arrival time. cached: prompt tokens served by the prefix cache."""
-
-    t: np.ndarray
-    prompt: np.ndarray
-    output: np.ndarray
-    cached: np.ndarray
-
-    @property
-    def n(self) -> int:
-        return len(self.t)
-
-
-def _lengths(spec: Length, n: int, rng: np.random.Generator) -> np.ndarray:
-    mean, cv = spec.mean, spec.cv
-    d = spec.dist
-    if d == "fixed" or cv == 0:
-        x = np.full(n, mean)
-    elif d == "lognormal":
-        s2 = math.log1p(cv * cv)
-        x = rng.lognormal(math.log(mean) - s2 / 2, math.sqrt(s2), n)
-    elif d == "exponential":
-        x = rng.exponential(mean, n)
-    else:  # uniform with the given mean and coefficient of variation
-        half = min(mean, mean * cv * math.sqrt(3.0))
-        x = rng.uniform(mean - half, mean + half, n)
-    if x.dtype == np.float64:  # in place: the same values without two more n-sized temporaries
-        np.rint(x, out=x)
-        np.clip(x, spec.min, spec.max, out=x)
-        return x.astype(np.int64)
-    return np.clip(np.rint(x), spec.min, spec.max).astype(np.int64)
-
-
-def make_workload(sc: Scenario, duration_s: float, seed: int) -> Workload:
-    """Arrivals in [0, duration) with independent seeded streams per quantity."""
-    w = sc.workload
-    if w.arrival == "trace":
-        return read_trace(sc.trace_path(), duration_s)
-    ss = np.random.SeedSequence(seed)
-    r_arr, r_in, r_out = (np.random.Generator(np.random.PCG64(s)) for s in ss.spawn(3))
-    rate = w.rate_per_s
-    if w.arrival == "constant":
-        t = np.arange(0.0, duration_s, 1.0 / rate)
-    else:
-        expect = rate * duration_s
-        n_draw = int(expect + 10 * math.sqrt(expect) + 10)
-        t = np.cumsum(r_arr.exponential(1.0 / rate, n_draw))
-        while t[-1] < duration_s:  # practically never: top up
-            t = np.concatenate([t, t[-1] + np.cumsum(r_arr.exponential(1.0 / rate, n_draw))])
-        t = t[t < duration_s]
-    n = len(t)
-    prompt = _lengths(w.prompt_tokens, n, r_in)
-    output = _lengths(w.output_tokens, n, r_out)
-    cached = np.minimum(np.floor(prompt * w.prefix_cache_hit_rate).astype(np.int64), prompt - 1)
-    return Workload(t, prompt, output, cached)
-
-
-def read_trace(path, duration_s: float) -> Workload:
-    """JSONL, one request per line: {"t": arrival s, "prompt_tokens", "output_tokens", "cached_tokens"}."""
-    rows = []
-    with open(path) as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                rows.append((float(r["t"]), int(r["prompt_tokens"]), int(r["output_tokens"]),
-                             int(r.get("cached_tokens", 0))))
-            except (ValueError, KeyError, TypeError) as e:
-                raise ScenarioError(f"{path}: field 'line {i}': bad trace record ({e})") from None
-            if rows[-1][1] < 1 or rows[-1][2] < 1 or rows[-1][3] < 0 or rows[-1][0] < 0:
-                raise ScenarioError(f"{path}: field 'line {i}': tokens must be >= 1, cached >= 0, t >= 0")
-    rows.sort()
-    a = np.array([r for r in rows if r[0] < duration_s], float).reshape(-1, 4)
-    prompt = a[:, 1].astype(np.int64)
-    return Workload(a[:, 0], prompt, a[:, 2].astype(np.int64), np.minimum(a[:, 3].astype(np.int64), prompt - 1))
+DISPATCH_MIN_CHUNK = 32  # a prefill batch is split over at most len(batch) / 32 decode instances
+NEVER = 1 << 62  # a step number no run reaches
 
 
 # ---------------------------------------------------------------- the model
@@ -993,124 +911,9 @@ class ServeSim:
 
     # ------------------------------------------------------------ metrics
     def metrics(self) -> dict:
-        sc, sh, wl = self.sc, self.sh, self.wl
-        D = self.duration
-        node_devs = self.node.devices_per_node * sc.device_split
-        roles = {}
-        for inst in self.instances:
-            r = roles.setdefault(inst.role, {"instances": 0, "devices": 0, "busy_s": 0.0, "compute_s": 0.0,
-                                             "steps": 0})
-            r["instances"] += 1
-            r["devices"] += inst.par.devices
-            r["busy_s"] += inst.busy_s
-            r["compute_s"] += inst.compute_s
-            r["steps"] += inst.steps
-        for name, r in roles.items():
-            r["nodes"] = r["devices"] / node_devs
-            r["utilization"] = r["busy_s"] / (r["instances"] * D)
-            r["compute_fraction_of_busy"] = r["compute_s"] / r["busy_s"] if r["busy_s"] else 0.0
-            r["kv_tokens_per_instance"] = self.capacity[name]["kv_tokens_per_instance"]
-            r["weight_bytes_per_device"] = self.capacity[name]["weight_bytes_per_device"]
-        devices = sum(r["devices"] for r in roles.values())
-        nodes = devices / node_devs
-        in_nodes = roles.get("prefill", roles.get("aggregated"))["nodes"]
-        out_nodes = roles.get("decode", roles.get("aggregated"))["nodes"]
-        in_rate = sh.tokens_in / D
-        out_rate = sh.tokens_out / D
-        started = ~np.isnan(sh.first)
-        ttft = (sh.first - wl.t)[started]
-        fin = ~np.isnan(sh.done) & (wl.output > 1)
-        tpot = ((sh.done - sh.first) / np.maximum(wl.output - 1, 1))[fin]
-
-        def pct(a):  # p50, p90, p99 from one partition (the same floats as one call per quantile)
-            return [float(v) for v in np.percentile(a, [50, 90, 99])] if len(a) else [None] * 3
-        tt, tp = pct(ttft), pct(tpot)
-        price = self.device.price_usd_per_hour
-        power = self.device.power_w
-        dev_hours = devices * D / SECONDS_PER_HOUR
-        out_tokens = sh.tokens_out
-        cost = price * dev_hours if price is not None else None
-        q = np.array(self.samples) if self.samples else np.zeros((0, 4))
-        res = {
-            "scenario": sc.name, "mode": sc.mode, "model": self.cfg.name, "device": self.device.id,
-            "seed": self.seed, "duration_s": D, "requests_arrived": int(wl.n),
-            "requests_started": int(started.sum()), "requests_finished": int((~np.isnan(sh.done)).sum()),
-            "devices": devices, "nodes": nodes,
-            "input_tokens_per_s": in_rate, "output_tokens_per_s": out_rate,
-            "input_tokens_per_s_per_device": in_rate / devices, "output_tokens_per_s_per_device": out_rate / devices,
-            "input_tokens_per_s_per_node": in_rate / in_nodes, "output_tokens_per_s_per_node": out_rate / out_nodes,
-            "input_tokens_per_s_per_node_all": in_rate / nodes, "output_tokens_per_s_per_node_all": out_rate / nodes,
-            "device_split": sc.device_split,
-            "input_tokens_per_s_per_package": in_rate / devices * sc.device_split,
-            "output_tokens_per_s_per_package": out_rate / devices * sc.device_split,
-            "offered_input_tokens_per_s": float(wl.prompt.sum()) / D,
-            "offered_output_tokens_per_s": float(wl.output.sum()) / D,
-            "ttft_mean_s": float(ttft.mean()) if len(ttft) else None,
-            "ttft_p50_s": tt[0], "ttft_p90_s": tt[1], "ttft_p99_s": tt[2],
-            "tpot_mean_s": float(tpot.mean()) if len(tpot) else None,
-            "tpot_p50_s": tp[0], "tpot_p90_s": tp[1], "tpot_p99_s": tp[2],
-            "preemptions": sh.preemptions, "kv_blocked_steps": sh.kv_blocked_steps,
-            "rejected": sh.rejected,
-            "queue_prefill_mean": float(q[:, 1].mean()) if len(q) else 0.0,
-            "queue_prefill_max": int(q[:, 1].max()) if len(q) else 0,
-            "queue_decode_waiting_mean": float(q[:, 2].mean()) if len(q) else 0.0,
-            "running_mean": float(q[:, 3].mean()) if len(q) else 0.0,
-            "queue_samples": [list(map(float, r)) for r in q[:: max(1, len(q) // 200)]],
-            "roles": roles,
-            "device_hours": dev_hours,
-            "cost_usd": cost,
-            "cost_usd_per_day": price * devices * 24 if price is not None else None,
-            "cost_usd_per_million_output_tokens": (cost / (out_tokens / TOKENS_PER_MILLION)
-                                                   if cost is not None and out_tokens else None),
-            "price_source": f"hwmodels catalog: {self.device.id} price_usd_per_hour = {price}",
-            "energy_j_per_output_token": (power * devices * D / out_tokens if power and out_tokens else None),
-            "energy_note": "device board power x devices x wall time / output tokens (all devices at TDP)",
-        }
-        if len(wl.t):
-            from dsref.sim.serve_report import steady_metrics
-            res.update(steady_metrics(wl.t, wl.prompt, wl.output, sh.first, sh.done, D,
-                                      roles=self._role_breakdown(roles, q)))
-        return res
-
-    def _role_breakdown(self, roles: dict, q: np.ndarray) -> dict:
-        """Per role, its instance time split into compute / memory / network / floor / idle seconds
-        (sim.serve_report.binding_resource's input): the busy time is split as one representative
-        step splits (StepCost.breakdown at the role's mean batch; with two-micro-batch overlap only
-        the exposed part of the communication counts as network)."""
-        sc, sh, wl, D = self.sc, self.sh, self.wl, self.duration
-        mean_prompt = float(wl.prompt.mean()) if len(wl.prompt) else 1.0
-        mean_out = float(wl.output.mean()) if len(wl.output) else 1.0
-        running = float(q[:, 3].mean()) if len(q) else 0.0
-        out = {}
-        for name, r in roles.items():
-            inst = [i for i in self.instances if i.role == name]
-            par, cfg = inst[0].par, sc.instance(name)
-            total = r["instances"] * D
-            steps = sum(i.steps for i in inst)
-            if name == "prefill":
-                feats = uniform(1, max(1.0, cfg.token_budget_per_device), 0.0)
-                cost = self.cost[name]["prefill"]
-                util = r["busy_s"] / total if total else 0.0
-            else:
-                per = max(1.0, running / max(r["instances"] * par.dp, 1))
-                cost = self.cost[name]["decode"]
-                feats = uniform(per, 1.0 + inst[0].mtp_depth, mean_prompt + mean_out / 2)
-                cap = cfg.max_batch_per_device * par.dp * r["instances"]
-                util = min(1.0, running / cap) if cap else 0.0
-            parts = cost.breakdown(feats, two_microbatch=cfg.two_microbatch_overlap)
-            busy_parts = {k: float(parts.get(k, 0.0)) for k in ("compute_s", "memory_s", "floor_s", "comm_s", "host_s")}
-            step = sum(busy_parts.values()) or 1.0
-            frac = r["busy_s"] / step
-            kv_cap = self.capacity[name]["kv_tokens_per_instance"] * r["instances"]
-            kv_used = running * (mean_prompt + mean_out / 2) if name != "prefill" else 0.0
-            out[name] = {"compute_s": busy_parts["compute_s"] * frac, "memory_s": busy_parts["memory_s"] * frac,
-                         "comm_s": busy_parts["comm_s"] * frac,
-                         "floor_s": (busy_parts["floor_s"] + busy_parts["host_s"]) * frac,
-                         "idle_s": max(0.0, total - r["busy_s"]),
-                         "kv_blocked_steps": sh.kv_blocked_steps if name != "prefill" else 0, "steps": steps,
-                         "kv_utilization": min(1.0, kv_used / kv_cap) if kv_cap else 0.0,
-                         "utilization": util}
-        return out
+        """The result dict of the finished run (sim.serve_metrics)."""
+        from dsref.sim.serve_metrics import run_metrics
+        return run_metrics(self)
 
 
 def simulate(sc: Scenario, **kw) -> dict:
