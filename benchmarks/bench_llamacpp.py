@@ -13,6 +13,11 @@ Measured (median of --runs runs after one warm-up run; load and conversion exclu
                          tokens/s; --bandwidth also measures the read bandwidth the way
                          benchmarks/bench_decode.py does (dsref.hwmodels.probe)
 
+Threads: n_threads = n_threads_batch = the cores this process may use (--threads to change).
+llama.cpp's CPU backend here is built with OpenMP; libgomp's threads spin while they wait, so
+when other processes hold the cores, two spinning threads lose most of their time
+(--omp-wait-policy passive, or --threads 1, measures that; see docs/performance.md).
+
 Skips cleanly (exit 0, one line "llama.cpp not available: <why>", and a "skipped" key with
 --json) when llama_cpp or the converter cannot be imported.
 
@@ -66,6 +71,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -122,7 +128,7 @@ _PROBED: dict[str, str | None] = {}  # converter path -> why it cannot be import
 def availability(converter: str | None = None) -> tuple[str | None, Path | None]:
     """(why llama.cpp cannot be used here, or None; the converter's path)."""
     try:
-        import llama_cpp  # noqa: F401  (its shared library loads at import)
+        importlib.import_module("llama_cpp")  # its shared library (and libgomp) loads here
     except Exception as e:  # ImportError, or OSError from a missing libllama
         return f"cannot import llama_cpp ({type(e).__name__}: {e}); pip install llama-cpp-python", None
     conv = find_converter(converter)
@@ -365,14 +371,14 @@ def measure(checkpoint_dir, dtype="float32", prompt_tokens=128, new_tokens=32, r
         "internal_prefill_tokens_per_s": statistics.median(ipre) if ipre else None,
         "internal_decode_tokens_per_s": statistics.median(idec) if idec else None,
         "tokens": rs[0]["tokens"], "same_tokens_every_run": all(r["tokens"] == rs[0]["tokens"] for r in rs),
-        "load_cpu": os.getloadavg(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_cpu": os.getloadavg(),
     }
     try:  # dsref's activated-parameter count, as bench_decode.py uses it
         from dsref.reference.checkpoint import read_config
         act = read_config(checkpoint_dir).param_counts()["activated_params"]
         out["activated_weight_bytes_per_token"] = act * _WEIGHT_BYTES[g["gguf_type"]]
         out["decode_weight_bandwidth_Bps"] = out["activated_weight_bytes_per_token"] * out["decode_tokens_per_s"]
-    except Exception as e:  # a checkpoint dsref cannot read is still benchmarked
+    except (ImportError, OSError, ValueError, KeyError) as e:  # one dsref cannot read is still benchmarked
         out["activated_weight_bytes_per_token"] = None
         out["activated_weight_bytes_note"] = f"dsref could not read the config ({e})"
     return out
@@ -427,11 +433,17 @@ def main(argv=None) -> int:
     ap.add_argument("--converter", help="convert_hf_to_gguf.py (default: $LLAMA_CPP_CONVERTER)")
     ap.add_argument("--gguf-dir", help="where GGUFs are written and reused (default: <tmp>/dsref-gguf)")
     ap.add_argument("--flash-attn", action="store_true", help="llama.cpp flash attention (llama-cpp-python: off)")
+    ap.add_argument("--omp-wait-policy", choices=("active", "passive"),
+                    help="set OMP_WAIT_POLICY before llama.cpp loads (default: inherited; libgomp spins)")
     ap.add_argument("--compare-dsref", type=int, default=0, metavar="N",
                     help="also run dsref's greedy decode (float32) on the first prompt and compare N tokens")
     ap.add_argument("--bandwidth", action="store_true", help="measure the read bandwidth (dsref.hwmodels.probe)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
+    if a.omp_wait_policy:  # read by libgomp when llama.cpp's library loads, i.e. at `import llama_cpp`
+        if "llama_cpp" in sys.modules:
+            raise SystemExit("--omp-wait-policy: llama_cpp is already loaded in this process")
+        os.environ["OMP_WAIT_POLICY"] = a.omp_wait_policy
     dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
     bad = [d for d in dtypes if d not in GGUF_TYPES]
     if bad or not dtypes:
@@ -453,8 +465,7 @@ def main(argv=None) -> int:
                 res["results"].append(measure(ck, d, n, a.new_tokens, a.runs, converter=a.converter,
                                               gguf_dir=a.gguf_dir, threads=a.threads, flash_attn=a.flash_attn))
         if a.compare_dsref:
-            first = next(r for r in res["results"] if r["gguf_type"] == "f32") if "f32" in \
-                [r["gguf_type"] for r in res["results"]] else None
+            first = next((r for r in res["results"] if r["gguf_type"] == "f32"), None)
             if first is None:
                 res["dsref_agreement"] = {"skipped": "--compare-dsref needs a float32 run"}
             else:
