@@ -152,7 +152,7 @@ def steady_state(times, values, *, min_fraction: float = 0.5, span: tuple[float,
         raise ValueError(f"steady_state: field 'tolerance': must be in [0, 1), got {tolerance}")
     ok = np.isfinite(t) & np.isfinite(v)
     t, v = t[ok], v[ok]
-    if len(t) > 1 and not (np.diff(t) >= 0).all():  # arrival order is usually given: no sort
+    if len(t) > 1 and not (t[1:] >= t[:-1]).all():  # arrival order is usually given: no sort
         order = np.argsort(t, kind="stable")
         t, v = t[order], v[order]
     n = len(t)
@@ -487,9 +487,16 @@ def steady_metrics(arrival, prompt, output, first, done, duration_s: float, *, r
     f, dn = np.asarray(first, dtype=float), np.asarray(done, dtype=float)
     o = np.asarray(output, dtype=float)
     D = float(duration_s)
+    multi = o > 1
     with np.errstate(invalid="ignore", divide="ignore"):
-        tpot = np.where(o > 1, (dn - f) / np.maximum(o - 1, 1), np.nan)
-    series = [("TTFT", f - a, f - a)] + ([("TPOT", tpot, dn - a)] if (o > 1).any() else [])  # 1-token answers: no TPOT
+        # np.where(multi, (dn - f) / np.maximum(o - 1, 1), nan), in place (the same floats)
+        tpot = dn - f
+        den = o - 1
+        np.maximum(den, 1, out=den)
+        tpot /= den
+        tpot[~multi] = np.nan
+    ttft = f - a  # the series and its latency (one array: _settled does not modify it)
+    series = [("TTFT", ttft, ttft)] + ([("TPOT", tpot, dn - a)] if multi.any() else [])  # 1-token answers: no TPOT
     found = [(name, _settled(a, x, latency, D, min_fraction)) for name, x, latency in series]
     late = max(found, key=lambda x: (not x[1].reached, x[1].start_s))  # a failure first, else the later start
     name, st = late
