@@ -101,11 +101,11 @@ class _Shared:
         self.idle: list = []                # idle pulling instances (wake events)
         self.first = np.full(n, np.nan)     # first-token time
         self.done = np.full(n, np.nan)      # set at prefill for 1-token outputs, else by finish_times()
-        # decode joins, one per cohort (requests of one chunk admitted at one step): (instance
-        # index, chunk, lo, hi, join step); done times are resolved from these and each
+        # each request's latest decode join: the instance (-1: none, or preempted since) and the
+        # step at whose end it finishes there; done times are resolved from these and each
         # instance's step end times once, at the end (finish_times)
-        self.joins: list = []
-        self.cancelled: list = []           # (join index, position): preempted after that join
+        self.join_inst = np.full(n, -1, np.int32)
+        self.join_fin = np.zeros(n, np.int64)
         self.preemptions = 0
         self.kv_blocked_steps = 0   # steps at which the head of a queue waited for KV-cache space
         self.rejected = 0           # requests larger than an empty instance's KV cache
@@ -169,9 +169,10 @@ class Instance:
     s0 and the free room are still summed request by request, so every float is the same
     (``fast_admission = False`` keeps the per-request path as the reference; near the KV
     capacity that path is taken anyway). Which requests finished when is not needed during
-    the run: each join is recorded (_Shared.joins) with the instance's step end times
-    (``step_end``) and resolved into done times once at the end. ``order`` lists the
-    cohorts [join index, chunk, lo, top, join step, last finish step] in join order for
+    the run: each request's join (instance, finish step) is recorded (_Shared.join_inst /
+    join_fin, written with the buckets) and resolved into done times with the instance's step
+    end times (``step_end``) once at the end. ``order`` lists the
+    cohorts [chunk, lo, top, join step, last finish step] in join order for
     LIFO preemption (from ``top`` down; finished requests skipped, finished cohorts pruned
     now and then).
     """
@@ -474,6 +475,7 @@ class Instance:
                 i = stop
                 self._pend_c.append(cn)  # contexts: _flush subtracts tps * step, as here
                 self._pend_f.append(ch.fin[lo:i])
+                self._pend_ids.append(ch.ids[lo:i])
                 self._pend_step.append(step)
                 self._pend_ts.append(tps_step)
                 first = step + ch.fin_min  # no earlier than this cohort's first finish: flush then
@@ -501,9 +503,12 @@ class Instance:
                     s0 += c
                     room -= ctx
                     i += 1
+                if i > lo:
+                    ids = ch.ids[lo:i]
+                    sh.join_fin[ids] = ch.fin[lo:i] + step
+                    sh.join_inst[ids] = self.idx
             if i > lo:  # a cohort joined: record it (the chunk's last finish bounds the cohort's)
-                self.order.append([len(sh.joins), ch, lo, i, step, step + ch.fin_max])
-                sh.joins.append((self.idx, ch, lo, i, step))
+                self.order.append([ch, lo, i, step, step + ch.fin_max])
                 slots -= i - lo
                 joined += i - lo
             if i == end:
@@ -529,12 +534,16 @@ class Instance:
         size = [len(x) for x in pf]
         f = np.concatenate(pf)
         f += np.repeat(np.array(self._pend_step, np.int64), size)
+        ids = np.concatenate(self._pend_ids)
+        sh = self.sim.sh
+        sh.join_fin[ids] = f
+        sh.join_inst[ids] = self.idx
         f &= self._mask
         c = np.concatenate(self._pend_c)  # c = ctx - tps * join step, element by element as at admission
         c -= np.repeat(np.array(self._pend_ts), size)
         np.add.at(self._fin_c_np, f, c)
         np.add.at(self._fin_n_np, f, 1)
-        self._pend_c, self._pend_f, self._pend_step, self._pend_ts = [], [], [], []
+        self._pend_c, self._pend_f, self._pend_step, self._pend_ts, self._pend_ids = [], [], [], [], []
         self._due = NEVER
 
     def _preempt_if_full(self):
@@ -544,11 +553,11 @@ class Instance:
         self._flush()
         while self.n_run > 1 and used > self.kv_cap:
             e = order[-1]  # newest first (LIFO, as vLLM)
-            jx, ch, lo, top, join = e[:5]
+            ch, lo, top, join = e[:4]
             if top == lo:
                 order.pop()
                 continue
-            top = e[3] = top - 1
+            top = e[2] = top - 1
             fs = join + int(ch.fin[top])
             if fs <= step:
                 continue  # already finished
@@ -563,7 +572,7 @@ class Instance:
             used -= ctx + tps * (step - join) + 1.0
             self.n_run -= 1
             sh.preemptions += 1
-            sh.cancelled.append((jx, top))
+            sh.join_inst[rid] = -1  # this join will not finish (a rejoin records anew)
             prompt = int(wl.prompt[rid]) + g - 1  # recompute preemption: everything but the last token
             sh.retry.append((rid, prompt, int(wl.cached[rid]), g))
             if sh.idle:
@@ -588,7 +597,7 @@ class Instance:
 
     def _prune(self, step: int):
         """Drop cohorts whose requests have all finished from ``order``."""
-        self.order = [e for e in self.order if e[5] > step]
+        self.order = [e for e in self.order if e[4] > step]
         self._prune_at = 2 * len(self.order) + 4096
 
     def _start_decoding(self):
@@ -601,9 +610,9 @@ class Instance:
         # doubles: the same values as a list of floats, without a float object per bucket)
         self._fin_n_np = np.frombuffer(self._fin_n, np.int64)  # the same memory, for _flush
         self._fin_c_np = np.frombuffer(self._fin_c, np.float64)
-        # fast-path cohorts not yet in the buckets: their contexts and finish offsets (arrays),
+        # fast-path cohorts not yet in the buckets: their contexts, finish offsets and ids (arrays),
         # join steps and tps * join step
-        self._pend_c, self._pend_f, self._pend_step, self._pend_ts = [], [], [], []
+        self._pend_c, self._pend_f, self._pend_step, self._pend_ts, self._pend_ids = [], [], [], [], []
         self._due = NEVER            # no later than the earliest finish step among them
 
     def run_decode(self):
@@ -732,24 +741,19 @@ def _wake_at(env, inst, t):
 
 
 def finish_times(sh: _Shared, decoders: list) -> None:
-    """Fill ``sh.done`` for the requests that joined a decode batch: a request that joined
-    instance i at step s with finish offset f is done at the end of that instance's step
-    s + f, if it ran that far within the window and was not preempted after that join
-    (a preempted request that rejoined has a later join). Vectorised over all joins."""
-    if not sh.joins:
+    """Fill ``sh.done`` for the requests that joined a decode batch: a request whose latest join
+    (not preempted since) is on instance i with finish step f is done at the end of that
+    instance's step f, if it ran that far within the window. Vectorised over all requests."""
+    for d in decoders:
+        if hasattr(d, "_pend_f"):
+            d._flush()  # the joins not yet written (their buckets too: the run is over)
+    ids = np.flatnonzero(sh.join_inst >= 0)
+    if not len(ids):
         return
-    inst, chunks, lo, hi, step = zip(*sh.joins)
-    size = np.array(hi) - np.array(lo)
-    ids = np.concatenate([ch.ids[i:j] for ch, i, j in zip(chunks, lo, hi)])
-    fs = np.concatenate([ch.fin[i:j] for ch, i, j in zip(chunks, lo, hi)])
-    fs += np.repeat(np.array(step, np.int64), size)
-    inst = np.repeat(np.array(inst), size)
+    inst = sh.join_inst[ids]
+    fs = sh.join_fin[ids]
     n_steps = np.array([len(d.step_end) for d in decoders])
     valid = fs <= n_steps[inst]
-    if sh.cancelled:
-        start = np.concatenate([[0], np.cumsum(size)[:-1]])
-        jx, pos = np.array(sh.cancelled).T
-        valid[start[jx] + pos - np.array(lo)[jx]] = False
     ends = np.concatenate([np.asarray(d.step_end, float) for d in decoders])
     first_end = np.concatenate([[0], np.cumsum(n_steps)[:-1]])
     sh.done[ids[valid]] = ends[(first_end[inst] + fs - 1)[valid]]
