@@ -21,8 +21,9 @@ when other processes hold the cores, two spinning threads lose most of their tim
 Skips cleanly (exit 0, one line "llama.cpp not available: <why>", and a "skipped" key with
 --json) when llama_cpp or the converter cannot be imported.
 
-Installation (what these numbers were taken with: llama-cpp-python 0.3.36, its vendored
-llama.cpp ggml 0.25.3, gguf-py 0.19.0, Python 3.11, gcc 12.2, torch 2.13 CPU):
+Installation (what these numbers were taken with: llama-cpp-python 0.3.36, which vendors
+llama.cpp ggml-org/llama.cpp@0c1e57098 (its CHANGELOG; ggml 0.25.3, gguf-py 0.19.0), Python
+3.11, gcc 12.2, torch 2.13 CPU; the build took ~27 minutes at -j2 on 2 shared cores):
     pip download llama-cpp-python --no-binary :all: --no-deps -d /tmp/llcpp
     tar xzf /tmp/llcpp/llama_cpp_python-*.tar.gz -C /tmp/llcpp
     CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=2 pip install /tmp/llcpp/llama_cpp_python-*.tar.gz
@@ -52,6 +53,11 @@ DEEPSEEK2 architecture, MLA kept compressed in the KV cache):
     the converter's own code.
   * llama.cpp applies DeepSeek's rotary embedding to interleaved pairs (rope_interleave true,
     the original DeepSeek layout); a checkpoint with rope_interleave false is refused.
+  * A byte-level BPE of only 256 ids (tiny presets) has no merges, and llama.cpp refuses a BPE
+    vocabulary without merges: refused here with that reason.
+  * No bos/eos ids in config.json and no special tokens (dsref's tokenizer has none): llama.cpp
+    then takes id 11 as BOS, EOS and end-of-generation. The greedy loop here never stops on
+    EOS, so only llama-cpp-python's high-level completion calls would be affected.
   * Checkpoints without tokenizer.json (transformers' save_pretrained of a bare config) get
     dsref's byte-level BPE (init_checkpoint.train_tokenizer) in the converter's input copy;
     only token ids are benchmarked, so the vocabulary's content does not matter.
