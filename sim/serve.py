@@ -870,7 +870,7 @@ class ServeSim:
         self.samples = []
         interval = sc.sample_interval_s or self.duration / 200
         env.process(self._sampler(interval))
-        # The run allocates millions of long-lived objects (joins, chunks, step times) and no
+        # The run allocates millions of long-lived objects (chunks, cohort records, step times) and no
         # reference cycles worth collecting: the cyclic GC's full passes over them cost ~15% of
         # a long run (measured: 900 s of day-6, 11.5-12.4 s CPU with it, 9.9-10.1 s without).
         # Paused for the run only; objects freed by reference counting are freed as ever.
