@@ -446,7 +446,8 @@ def load_checkpoint(path: str | Path, *, dtype=None, with_mtp: bool = False, deq
     import jax.numpy as jnp
     from flax import nnx
 
-    from dsref.reference.model import DeepseekModel, StackedExperts
+    from dsref.reference.model import DeepseekModel
+    from dsref.reference.weights import LayerSlice
 
     dtype = jnp.float32 if dtype is None else dtype
     path = Path(path)
@@ -456,10 +457,8 @@ def load_checkpoint(path: str | Path, *, dtype=None, with_mtp: bool = False, deq
     params = dict(model.hf_items())
     for name, a in read_tensors(path, cfg, with_mtp=with_mtp, dequant=dequant):
         p = params.pop(name)
-        if isinstance(p, StackedExperts):  # per-expert arrays: converted one expert at a time
-            p.set_value(a)
-        else:
-            p.set_value(jax.device_put(jnp.asarray(a, p.dtype)))
+        # a layer tensor goes into its stack in place (LayerSlice); a global is converted whole
+        p.set_value(a if isinstance(p, LayerSlice) else jax.device_put(jnp.asarray(a, p.dtype)))
         del a
     if params:  # pragma: no cover - the plan and the model share reference.params
         raise CheckpointError(f"{path}: internal error, weights not loaded: {sorted(params)[:5]}")

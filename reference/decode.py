@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dsref.reference import unrolled
 from dsref.reference.model import DeepseekModel, ExpandedCache, LatentCache, forward, mtp_logits
 
 
@@ -33,11 +34,13 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 def init_cache(model: DeepseekModel, batch: int, length: int, form: str = "absorbed", dtype=None,
                layers: int | None = None) -> list:
-    """Zeroed cache, one per layer: LatentCache (form 'absorbed') or ExpandedCache ('naive')."""
+    """Zeroed cache: one LatentCache (form 'absorbed') or ExpandedCache ('naive') per layer
+    stack of the model, its fields stacked over the stack's layers ([L, B, S, ...]);
+    ``layers=n``: one stack of n layers instead (the MTP module's cache: layers=1)."""
     cfg = model.cfg
     kind = LatentCache if form == "absorbed" else ExpandedCache
-    n = cfg.num_hidden_layers if layers is None else layers
-    return [kind.zeros(cfg, batch, length, dtype or model.dtype) for _ in range(n)]
+    counts = [st.count for st in model.stacks] if layers is None else [layers]
+    return [kind.zeros(cfg, batch, length, dtype or model.dtype, layers=n) for n in counts]
 
 
 def cache_bytes(cache) -> int:
@@ -85,6 +88,10 @@ def _decode_fn(graphdef, treedef, leaves, tokens, positions, cache, key, tempera
     """One decode step fused with sampling: one dispatch per generated token."""
     model = _merge(graphdef, treedef, leaves)
     out = forward(model, tokens, positions, cache)
+    return _pick(out, key, temperature, top_p, greedy, top_k)
+
+
+def _pick(out, key, temperature, top_p, greedy, top_k):
     cache, last = out.cache, out.logits[:, -1]
     nxt = jnp.argmax(last, -1).astype(jnp.int32) if greedy else sample(last, key, temperature, top_k, top_p)
     return nxt, cache
@@ -97,6 +104,16 @@ def _mtp_fn(graphdef, treedef, leaves, next_tokens, hidden, positions, cache):
 
 
 _CACHE_ARG = {"donate_argnames": ("cache",)}
+
+
+def _unrolled_prefill_fn(layout, weights, tokens, positions, cache, last):
+    out = unrolled.forward(layout, weights, tokens, positions, cache, mla_form="naive", chunk_only=True,
+                           logits_at=last)
+    return out.logits, out.hidden, out.cache
+
+
+def _unrolled_decode_fn(layout, weights, tokens, positions, cache, key, temperature, top_p, greedy: bool, top_k: int):
+    return _pick(unrolled.forward(layout, weights, tokens, positions, cache), key, temperature, top_p, greedy, top_k)
 
 
 @dataclass(frozen=True)
@@ -128,10 +145,31 @@ def _steps_for(graphdef, treedef) -> _Steps:
                   mtp=jax.jit(partial(_mtp_fn, graphdef, treedef), **_CACHE_ARG))
 
 
-def compiled_steps(model: DeepseekModel) -> tuple[_Steps, list]:
-    """(the jitted steps of this model's structure, the flat state leaves they take)."""
+@lru_cache(maxsize=16)
+def _unrolled_steps_for(graphdef, treedef, layout) -> _Steps:
+    """The prefill and decode steps with the layers unrolled (reference/unrolled.py); they take
+    the split weights instead of the state leaves. The others (step, mtp) stay the scan's."""
+    scan = _steps_for(graphdef, treedef)
+    return _Steps(step=scan.step,
+                  prefill=jax.jit(partial(_unrolled_prefill_fn, layout), **_CACHE_ARG),
+                  decode=jax.jit(partial(_unrolled_decode_fn, layout), static_argnames=("greedy", "top_k"),
+                                 **_CACHE_ARG),
+                  mtp=scan.mtp)
+
+
+LAYER_MODES = ("scan", "unrolled")
+
+
+def compiled_steps(model: DeepseekModel, layers: str = "scan") -> tuple[_Steps, list]:
+    """(the jitted steps of this model's structure, what their first argument takes: the flat
+    state leaves, or with layers='unrolled' the split weights of reference/unrolled.py for the
+    prefill and decode steps -- the step and mtp functions always take the leaves)."""
+    if layers not in LAYER_MODES:
+        raise ValueError(f"layers must be one of {LAYER_MODES}, got {layers!r}")
     graphdef, state = nnx.split(model)
     leaves, treedef = jax.tree.flatten(state)
+    if layers == "unrolled":
+        return _unrolled_steps_for(graphdef, treedef, unrolled.Layout.of(model)), unrolled.split_weights(model)
     return _steps_for(graphdef, treedef), leaves
 
 
@@ -247,7 +285,8 @@ def check_sampling(*, temperature: float = 0.0, top_k: int = 0, top_p: float = 1
 
 def generate(model: DeepseekModel, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_tokens=(), form: str = "absorbed",
-             use_mtp: bool = False, on_token=None, measure_compile: bool = False) -> GenerationResult:
+             use_mtp: bool = False, on_token=None, measure_compile: bool = False,
+             layers: str = "scan") -> GenerationResult:
     """Generate for a batch of prompts (lists of ids, any lengths). Seeded and reproducible.
 
     on_token(batch_index, token_id) is called as tokens are produced (streaming).
@@ -257,7 +296,12 @@ def generate(model: DeepseekModel, prompts: list[list[int]], max_new_tokens: int
     the clock starts and report the seconds each took in ``compile_s`` (a step already
     compiled in this process, or found in JAX's persistent cache, takes little); prefill_s
     and decode_s then time execution only.
+    layers: "scan" (one compiled body per layer kind: compile time independent of depth) or
+    "unrolled" (reference/unrolled.py: weights read in place, faster decode on XLA:CPU,
+    compile time growing with layers x experts; plain decoding only, not with use_mtp).
     """
+    if layers not in LAYER_MODES:
+        raise ValueError(f"layers must be one of {LAYER_MODES}, got {layers!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
@@ -267,6 +311,8 @@ def generate(model: DeepseekModel, prompts: list[list[int]], max_new_tokens: int
     if any(t < 0 or t >= V for p in prompts for t in p):
         raise ValueError(f"token ids must be in [0, vocab_size={V})")
     if use_mtp:
+        if layers != "scan":
+            raise ValueError("MTP self-speculative decoding runs the layer scan (layers='scan')")
         if temperature > 0:
             raise ValueError("MTP self-speculative decoding is implemented for greedy decoding (temperature 0)")
         if not len(model.mtp):
@@ -274,7 +320,7 @@ def generate(model: DeepseekModel, prompts: list[list[int]], max_new_tokens: int
         return _generate_mtp(model, prompts, max_new_tokens, stop_tokens, form, on_token, measure_compile)
     if top_k >= V:  # keeps every token: the same as off (and lax.top_k needs k <= V)
         top_k = 0
-    fns, state = compiled_steps(model)
+    fns, state = compiled_steps(model, layers)
     B = len(prompts)
     stop = set(int(s) for s in stop_tokens)
     S = kv_cache_length(max(len(p) for p in prompts), max_new_tokens)

@@ -32,125 +32,12 @@ from flax import nnx
 from dsref.reference.config import MLA_NORM_EPS, ModelConfig
 from dsref.reference.dispatch import expert_window_rows as block_size
 from dsref.reference.numpy_ref import rope_frequencies
-from dsref.reference.params import EMBED, FINAL_NORM, ROUTED_EXPERT, Tensor, head_name, tensors
+from dsref.reference.params import EMBED, FINAL_NORM, Tensor, head_name, layer_tensors, tensors
+from dsref.reference.unrolled import routed_experts_switch
+from dsref.reference.weights import (BITS, F32, ExpertsAt, LayerAt, LayerStack, Weights, expert_matrix, storage_dtype,
+                                     take, to_storage)
 
-F32 = jnp.float32
 NEG_INF = -jnp.inf
-
-
-def _attr(hf_name: str) -> str:
-    return hf_name.replace(".", "__")
-
-
-def _init_value(name: str, shape, dtype, key, std: float):
-    if name.endswith("norm.weight"):
-        return jnp.ones(shape, dtype)
-    if name.endswith("e_score_correction_bias") or name.endswith(".bias"):
-        return jnp.zeros(shape, F32 if "e_score" in name else dtype)
-    # numpy's generator, seeded from the explicit JAX key: jax.random would compile one
-    # kernel per distinct shape (seconds for a small model), numpy draws at memory speed.
-    if isinstance(key, jax.core.Tracer):  # abstract init (nnx.eval_shape): shapes only
-        return (jax.random.normal(key, shape, F32) * std).astype(dtype)
-    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).tolist())
-    return jnp.asarray((rng.standard_normal(shape, np.float32) * std)).astype(dtype)
-
-
-def _param_dtype(name: str, dtype):
-    # The balancing bias is added to sigmoid scores in [0, 1]: keep it in float32.
-    return F32 if name.endswith("e_score_correction_bias") else dtype
-
-
-#: Most routed-expert branches (experts x MoE layers) a model may hold per expert under
-#: expert_layout="auto". Each expert of each MoE layer is one ``lax.switch`` branch that
-#: XLA compiles separately, per compiled program: on a 2-vCPU EPYC a 4-layer model with
-#: 256 experts took ~400 s to compile its prefill and decode steps (5 s stacked), small-v3
-#: (32 x 7 = 224 branches) ~30 s (10 s stacked). Above the budget the weights stay stacked
-#: and XLA:CPU copies each used expert out at every call (slower steps, bounded compile).
-MAX_PER_EXPERT_BRANCHES = 512
-
-
-def expert_layout_for(cfg: ModelConfig, layout: str = "auto") -> str:
-    """'per_expert' or 'stacked' (see MAX_PER_EXPERT_BRANCHES); explicit choices pass through."""
-    if layout not in ("auto", "per_expert", "stacked"):
-        raise ValueError(f"expert_layout must be 'auto', 'per_expert' or 'stacked', got {layout!r}")
-    if layout != "auto":
-        return layout
-    layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers  # MTP layers are MoE layers too
-    moe_layers = sum(1 for i in range(layers) if cfg.is_moe_layer(i))
-    return "per_expert" if cfg.n_routed_experts * moe_layers <= MAX_PER_EXPERT_BRANCHES else "stacked"
-
-
-class Weights(nnx.Module):
-    """Named weights of one layer of the tensor table; ``w[name]`` reads one.
-
-    With ``per_expert``, a routed-expert weight declared stacked [E, ...] is held as E
-    separate arrays and ``w[name]`` returns that tuple: on XLA:CPU, indexing a stacked
-    array with a traced expert id copies the expert's matrices at every call (one
-    token's routed experts in small-v3 ran at ~21 GB/s that way against ~33 GB/s from
-    separate arrays), while a separate array is read in place. The checkpoint view
-    (``hf_items``) is stacked either way.
-    """
-
-    def __init__(self, rows: list[Tensor], dtype, keys, std: float = 0.02, per_expert: bool = False):
-        """rows: one layer's rows of the tensor table (named by ``rel``); keys: one PRNG key
-        per row, in order (see DeepseekModel)."""
-        for t, key in zip(rows, keys, strict=True):
-            value = _init_value(t.rel, t.shape, _param_dtype(t.rel, dtype), key, std)
-            if per_expert and t.group == ROUTED_EXPERT:
-                setattr(self, _attr(t.rel), nnx.List([nnx.Param(value[e]) for e in range(t.shape[0])]))
-            else:
-                setattr(self, _attr(t.rel), nnx.Param(value))
-
-    def __getitem__(self, name: str):
-        v = getattr(self, _attr(name))
-        return tuple(p[...] for p in v) if isinstance(v, nnx.List) else v[...]
-
-    def __contains__(self, name: str) -> bool:
-        return hasattr(self, _attr(name))
-
-    def get(self, name, default=None):
-        return self[name] if name in self else default
-
-    def names(self) -> list[str]:
-        return [k.replace("__", ".") for k, v in vars(self).items() if isinstance(v, (nnx.Param, nnx.List))]
-
-    def param(self, name: str):
-        """The variable behind ``name`` (a StackedExperts view for routed experts)."""
-        v = getattr(self, _attr(name))
-        return StackedExperts(v) if isinstance(v, nnx.List) else v
-
-
-class StackedExperts:
-    """The stacked [E, ...] checkpoint view of E per-expert nnx.Params: shape, dtype,
-    get_value / set_value and ``[...]`` read and write all E at once."""
-
-    def __init__(self, params):
-        self.params = params
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (len(self.params), *self.params[0].shape)
-
-    @property
-    def dtype(self):
-        return self.params[0].dtype
-
-    def get_value(self):
-        return jnp.stack([p.get_value() for p in self.params])
-
-    def set_value(self, value):
-        if tuple(value.shape) != self.shape:
-            raise ValueError(f"stacked experts: shape {tuple(value.shape)} != expected {self.shape}")
-        for e, p in enumerate(self.params):  # a NumPy value is sliced as views: one expert copied at a time
-            p.set_value(jnp.asarray(value[e], self.dtype))
-
-    def __getitem__(self, idx):
-        return self.get_value()[idx]
-
-    def __setitem__(self, idx, value):
-        if idx is not Ellipsis:
-            raise TypeError("stacked experts are assigned whole (w[...] = array)")
-        self.set_value(value)
 
 
 class Prefixed:
@@ -170,17 +57,28 @@ class Prefixed:
 
 
 # ------------------------------------------------------------------ KV caches
+# A cache is one per-layer array set: the fields below, each [B, S, ...]; the model keeps
+# one per stack of layers, each field stacked [L, B, S, ...] (``zeros(..., layers=L)``),
+# and a layer reads and writes its slice through ``LayerCache``.
 class LatentCache(NamedTuple):
-    """Absorbed-MLA cache of one layer: the normalised latent c_kv [B, S, R] and the rotated
-    shared key k_pe [B, S, P] -- nothing per head (R + P values per token)."""
+    """Absorbed-MLA cache: the normalised latent c_kv [B, S, R] and the rotated shared key
+    k_pe [B, S, P] -- nothing per head (R + P values per token)."""
 
     c_kv: jax.Array
     k_pe: jax.Array
 
+    expanded = False
+
     @classmethod
-    def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype) -> "LatentCache":
-        return cls(jnp.zeros((batch, length, cfg.kv_lora_rank), dtype),
-                   jnp.zeros((batch, length, cfg.qk_rope_head_dim), dtype))
+    def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype, layers: int | None = None) -> "LatentCache":
+        lead = () if layers is None else (layers,)
+        z = jnp.zeros if layers is None else _stored_zeros
+        return cls(z((*lead, batch, length, cfg.kv_lora_rank), dtype),
+                   z((*lead, batch, length, cfg.qk_rope_head_dim), dtype))
+
+    @property
+    def length(self) -> int:
+        return self[0].shape[-2]
 
     def write(self, positions, c_kv, k_pe) -> "LatentCache":
         return _cache_write(self, positions, c_kv, k_pe)
@@ -190,22 +88,35 @@ class LatentCache(NamedTuple):
 
 
 class ExpandedCache(NamedTuple):
-    """Naive-MLA cache of one layer: per-head keys k [B, S, H, N+P] and values v [B, S, H, A]."""
+    """Naive-MLA cache: per-head keys k [B, S, H, N+P] and values v [B, S, H, A]."""
 
     k: jax.Array
     v: jax.Array
 
+    expanded = True
+
     @classmethod
-    def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype) -> "ExpandedCache":
+    def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype, layers: int | None = None) -> "ExpandedCache":
         H = cfg.num_attention_heads
-        return cls(jnp.zeros((batch, length, H, cfg.qk_head_dim), dtype),
-                   jnp.zeros((batch, length, H, cfg.v_head_dim), dtype))
+        lead = () if layers is None else (layers,)
+        z = jnp.zeros if layers is None else _stored_zeros
+        return cls(z((*lead, batch, length, H, cfg.qk_head_dim), dtype),
+                   z((*lead, batch, length, H, cfg.v_head_dim), dtype))
+
+    @property
+    def length(self) -> int:
+        return self[0].shape[-3]
 
     def write(self, positions, k, v) -> "ExpandedCache":
         return _cache_write(self, positions, k, v)
 
     def read(self, dtype):
         return _cache_read(self, dtype)
+
+
+def _stored_zeros(shape, dtype):
+    """Zeros of a stacked cache as stored (bf16 on CPU: bits, see LayerCache)."""
+    return jnp.zeros(shape, storage_dtype(dtype))
 
 
 def _cache_write(cache, positions, *new):
@@ -217,6 +128,35 @@ def _cache_write(cache, positions, *new):
 def _cache_read(cache, dtype):
     """All S slots of every field, in the compute dtype."""
     return tuple(a.astype(dtype) for a in cache)
+
+
+class LayerCache(NamedTuple):
+    """Layer j (traced under the layer scan) of a stacked cache (fields [L, B, S, ...]),
+    with the per-layer interface: write at positions, read all S slots. A bf16 stacked
+    cache on CPU is stored as its bits, like the weights (reference/weights.py): XLA:CPU
+    upcasts a bf16 scatter's or slice's whole operand, here every layer's cache."""
+
+    stack: LatentCache | ExpandedCache
+    j: Any
+
+    @property
+    def expanded(self) -> bool:
+        return self.stack.expanded
+
+    @property
+    def length(self) -> int:
+        return self.stack.length
+
+    def write(self, positions, *new) -> "LayerCache":
+        b = jnp.arange(positions.shape[0])[:, None]
+        out = []
+        for old, x in zip(self.stack, new, strict=True):
+            x = to_storage(x.astype(jnp.bfloat16)) if old.dtype == BITS else x.astype(old.dtype)
+            out.append(old.at[self.j, b, positions].set(x))
+        return LayerCache(type(self.stack)(*out), self.j)
+
+    def read(self, dtype):
+        return tuple(take(a, self.j).astype(dtype) for a in self.stack)
 
 
 class ForwardOutput(NamedTuple):
@@ -236,14 +176,19 @@ def _mm(cfg_dtype):
 
 def einsum(spec, a, b, precision=None):
     """einsum accumulating in float32 where the backend supports it for the input dtype
-    (XLA:CPU has no bf16 x bf16 -> f32 dot; it accumulates bf16 dots in f32 internally)."""
+    (XLA:CPU has no bf16 x bf16 -> f32 dot; it accumulates bf16 dots in f32 internally).
+    A float32 operand (a bf16 weight widened for XLA:CPU, see reference/weights.py) makes the
+    product float32: bf16 values multiplied exactly, accumulated in float32."""
+    if a.dtype != b.dtype and F32 in (a.dtype, b.dtype):
+        return jnp.einsum(spec, a.astype(F32), b.astype(F32), precision=precision)
     acc = F32 if (a.dtype == F32 or jax.default_backend() != "cpu") else None
     return jnp.einsum(spec, a, b, precision=precision, preferred_element_type=acc)
 
 
 def linear(x, w, precision=None):
-    """x @ w.T with w in [out, in] (checkpoint layout)."""
-    return einsum("...i,oi->...o", x, w.astype(x.dtype), precision).astype(x.dtype)
+    """x @ w.T with w in [out, in] (checkpoint layout), result in x's dtype."""
+    w = w if w.dtype == F32 else w.astype(x.dtype)
+    return einsum("...i,oi->...o", x, w, precision).astype(x.dtype)
 
 
 def rms_norm(x, weight, eps):
@@ -325,7 +270,7 @@ def mla_absorbed(w, cfg: ModelConfig, q_nope, q_pe, c_kv, k_pe, mask, prec):
     """Attention in the latent space: q_nope W_uk -> [B,T,H,R]; scores against c_kv; out via W_uv."""
     H, N, A, R = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
     wkv = w["kv_b_proj.weight"].reshape(H, N + A, R)
-    w_uk, w_uv = wkv[:, :N].astype(q_nope.dtype), wkv[:, N:].astype(q_nope.dtype)
+    w_uk, w_uv = wkv[:, :N], wkv[:, N:]  # float32 (widened bf16 on CPU) or the model dtype
     q_lat = einsum("bthn,hnr->bthr", q_nope, w_uk, prec).astype(q_nope.dtype)
     scores = (einsum("bthr,bsr->bhts", q_lat, c_kv, prec)
               + einsum("bthp,bsp->bhts", q_pe, k_pe, prec))
@@ -377,10 +322,11 @@ def routed_experts(w, x, ids, wts, num_experts: int, prec):
     The (token, expert) assignments are sorted by expert. A loop visits only the
     experts in use and runs each one's rows through the SwiGLU in windows of C rows
     (the last window of an expert may run into the next expert's rows: those results
-    are discarded). Unused experts are never read. Per-expert weights (a tuple of E
-    arrays per matrix, ``Weights`` with per_expert) are reached by a ``lax.switch`` on
-    the expert id, whose branch reads them in place; stacked [E, ...] weights are
-    indexed once per used expert, which XLA:CPU does by copying that expert's matrices.
+    are discarded). Unused experts are never read: a used expert's matrices are sliced
+    out of the stacked [E, ...] weights (an ``ExpertsAt`` of a layer stack, or a plain
+    array) by its id, one dynamic slice each, so the program has no branch per expert;
+    given one array per expert (a tuple, reference/unrolled.py) a ``lax.switch`` on the
+    id enters that expert's branch, which reads its arrays in place.
     x [M, D], ids/wts [M, k] -> [M, D].
     """
     M, D = x.shape
@@ -389,8 +335,12 @@ def routed_experts(w, x, ids, wts, num_experts: int, prec):
     tok = order // ids.shape[1]
     xs = jnp.concatenate([x[tok], jnp.zeros((C - 1, D), x.dtype)])  # a window may run C-1 rows past the end
     wg, wu, wd = (w[f"experts.{n}_proj.weight"] for n in ("gate", "up", "down"))
+    for m in (wg, wu, wd):
+        E = m.num_experts if isinstance(m, (ExpertsAt, tuple)) else m.shape[0]
+        if E != num_experts:
+            raise ValueError(f"{E} routed experts in the weights for num_experts={num_experts}")
 
-    def windows(g, u, d, ys, first, n):
+    def rows(ys, first, n, g, u, d):
         def window(b, ys):
             r = first + b * C
             yb = swiglu(jax.lax.dynamic_slice_in_dim(xs, r, C), g, u, d, prec)
@@ -399,18 +349,16 @@ def routed_experts(w, x, ids, wts, num_experts: int, prec):
             return jax.lax.dynamic_update_slice_in_dim(ys, yb, r, axis=0)
         return jax.lax.fori_loop(0, (n + C - 1) // C, window, ys)
 
-    if isinstance(wg, (tuple, list)):
-        if not len(wg) == len(wu) == len(wd) == num_experts:
-            raise ValueError(f"{len(wg)}/{len(wu)}/{len(wd)} routed-expert arrays for {num_experts} experts")
-        branches = [partial(windows, g, u, d) for g, u, d in zip(wg, wu, wd)]
+    if isinstance(wg, tuple):  # one array per expert (reference/unrolled.py): a branch per expert
+        run = routed_experts_switch(wg, wu, wd, rows)
 
         def expert(j, ys):
             e = used[j]
-            return jax.lax.switch(e, branches, ys, start[e], counts[e])
+            return run(e, ys, start[e], counts[e])
     else:
         def expert(j, ys):
             e = used[j]
-            return windows(wg[e], wu[e], wd[e], ys, start[e], counts[e])
+            return rows(ys, start[e], counts[e], *(expert_matrix(m, e) for m in (wg, wu, wd)))
 
     ys = jax.lax.fori_loop(0, n_used, expert, jnp.zeros((A + C - 1, D), x.dtype))
     y = ys[:A].astype(F32) * wts.reshape(-1)[order].astype(F32)[:, None]
@@ -455,8 +403,10 @@ def decoder_layer(w, cfg: ModelConfig, i: int, h, positions, cache=None, *, mla_
                   prec=None, capture: dict | None = None, k_valid=None, chunk_only: bool = False):
     """One pre-norm block: h + MLA(norm(h)); then + MoE/MLP(norm(h)).
 
-    cache: None (attend within h only), a LatentCache or an ExpandedCache that the new
-    latents (keys/values) are written into at ``positions``; the new cache is returned.
+    cache: None (attend within h only), or a layer's cache (a LatentCache, ExpandedCache, or
+    a LayerCache of a stacked one) that the new latents (keys/values) are written into at
+    ``positions``; the new cache is returned. capture: filled with this layer's attn_out,
+    hidden and, for MoE layers, router_logits, topk_ids and topk_weights (unprefixed).
     chunk_only: the cache holds nothing before this chunk (a prefill from position 0),
     so attend within the chunk's own keys (in ``mla_form``) instead of over all S slots
     of the cache; the chunk is still written into the cache.
@@ -468,10 +418,9 @@ def decoder_layer(w, cfg: ModelConfig, i: int, h, positions, cache=None, *, mla_
         if cache is None or chunk_only:
             k_pos = positions
         else:
-            B, S = cache[0].shape[:2]
-            k_pos = jnp.broadcast_to(jnp.arange(S), (B, S))
+            k_pos = jnp.broadcast_to(jnp.arange(cache.length), (h.shape[0], cache.length))
         mask = attention_mask(positions, k_pos, k_valid)
-        if isinstance(cache, ExpandedCache):  # per-head keys and values are what is cached
+        if cache is not None and cache.expanded:  # per-head keys and values are what is cached
             k, v = expand_kv(sa, cfg, c_kv, k_pe, prec)
             cache = cache.write(positions, k, v)
             if not chunk_only:
@@ -496,22 +445,35 @@ def decoder_layer(w, cfg: ModelConfig, i: int, h, positions, cache=None, *, mla_
             y = swiglu(x, m["gate_proj.weight"], m["up_proj.weight"], m["down_proj.weight"], prec)
         h = h + y
     if capture is not None:
-        capture[f"layers.{i}.attn_out"] = a
-        capture[f"layers.{i}.hidden"] = h
-        capture.update({f"layers.{i}.{k}": v for k, v in cap.items()})
+        capture.update(attn_out=a, hidden=h, **cap)
     return h, cache
 
 
 # ------------------------------------------------------------------- model
+def layer_kind(cfg: ModelConfig, i: int) -> tuple:
+    """What makes two decoder layers stackable: the same weights (names and shapes)."""
+    return tuple((t.rel, t.shape) for t in layer_tensors(cfg, i))
+
+
+def layer_runs(cfg: ModelConfig) -> list[range]:
+    """The main decoder layers cut into maximal runs of consecutive layers of one kind
+    (V3: the first_k_dense_replace dense layers, then the MoE layers): one scan each."""
+    runs: list[range] = []
+    for i in range(cfg.num_hidden_layers):
+        if runs and layer_kind(cfg, i) == layer_kind(cfg, runs[-1].start):
+            runs[-1] = range(runs[-1].start, i + 1)
+        else:
+            runs.append(range(i, i + 1))
+    return runs
+
+
 class DeepseekModel(nnx.Module):
     """DeepSeek-V3/V2 causal LM. Weights: ``self.globals`` (embedding, final norm, head),
-    ``self.layers[i]`` (one Weights per decoder layer), ``self.mtp`` (MTP modules, optional)."""
+    ``self.stacks`` (one LayerStack per run of same-kind decoder layers, see ``layer_runs``),
+    ``self.mtp`` (the MTP modules as one LayerStack, when loaded). ``layer(i)`` views one layer."""
 
     def __init__(self, cfg: ModelConfig, *, dtype=F32, rngs: nnx.Rngs | None = None, with_mtp: bool = False,
-                 std: float = 0.02, expert_layout: str = "auto"):
-        """expert_layout: how routed experts are held, 'per_expert' (read in place; compile
-        time grows with experts x MoE layers), 'stacked' (one [E, ...] array; XLA:CPU copies
-        each used expert per call) or 'auto' (see MAX_PER_EXPERT_BRANCHES)."""
+                 std: float = 0.02):
         if cfg.arch != "deepseek":
             raise ValueError(f"{cfg.name}: the JAX model implements DeepSeek MLA+MoE; GQA models "
                              "(dense, and Qwen3-MoE) run in the float64 NumPy reference "
@@ -519,33 +481,38 @@ class DeepseekModel(nnx.Module):
         rngs = rngs or nnx.Rngs(0)
         self.cfg = cfg
         self.dtype = dtype
-        # One Weights per layer of the tensor table (globals, decoder layers, MTP modules).
         by_layer: dict[int | None, list[Tensor]] = {}
         for t in tensors(cfg, mtp=with_mtp):
             by_layer.setdefault(t.layer, []).append(t)
-        decl = list(by_layer.values())
-        # Every key is drawn before any weight is made: under nnx.eval_shape each draw
-        # walks the whole trace so far, and the per-expert arrays of a 671B model add
-        # ~45k slices to it (drawing as we go took ~9 min instead of seconds).
-        keys = [[rngs.params() for _ in rows] for rows in decl]
-        self.expert_layout = expert_layout_for(cfg, expert_layout)
-        pe = self.expert_layout == "per_expert"
-        w = [Weights(rows, dtype, k, std, pe) for rows, k in zip(decl, keys)]
-        self.globals = w[0]
-        self.layers = nnx.List(w[1:1 + cfg.num_hidden_layers])
-        self.mtp = nnx.List(w[1 + cfg.num_hidden_layers:])
+        # Every key is drawn first, in tensor-table order (so an init is the same values as
+        # one layer at a time): under nnx.eval_shape each draw walks the whole trace so far.
+        keys = {layer: [rngs.params() for _ in rows] for layer, rows in by_layer.items()}
+        self.globals = Weights(by_layer[None], dtype, keys[None], std)
+        L = cfg.num_hidden_layers
+        self.stacks = nnx.List([LayerStack(r.start, [by_layer[i] for i in r], dtype, [keys[i] for i in r], std)
+                                for r in layer_runs(cfg)])
+        mtp = [i for i in by_layer if i is not None and i >= L]
+        self.mtp = nnx.List([LayerStack(L, [by_layer[i] for i in mtp], dtype, [keys[i] for i in mtp], std)]
+                            if mtp else [])
+
+    def layer(self, i: int) -> LayerAt:
+        """Decoder layer i (an MTP module for i >= num_hidden_layers), addressed by names
+        relative to 'model.layers.{i}.'; ``raw(name)`` gives the stored dtype."""
+        for st in [*self.stacks, *self.mtp]:
+            if i in st.layers:
+                return st.at(i - st.first)
+        raise IndexError(f"layer {i}: the model has layers 0..{self.cfg.num_hidden_layers - 1}"
+                         + (f" and MTP {self.mtp[0].first}.." if len(self.mtp) else ""))
 
     # -- names <-> arrays (checkpoint layout)
     def hf_items(self):
-        """(hf_name, nnx.Param) for every weight, in checkpoint naming."""
+        """(hf_name, param) for every weight, in checkpoint naming: the globals' nnx.Params,
+        and a LayerSlice (layer j of a stacked Param, same interface) per layer tensor."""
         for n in self.globals.names():
             yield n, self.globals.param(n)
-        for i, lw in enumerate(self.layers):
-            for n in lw.names():
-                yield f"model.layers.{i}.{n}", lw.param(n)
-        for j, mw in enumerate(self.mtp):
-            for n in mw.names():
-                yield f"model.layers.{self.cfg.num_hidden_layers + j}.{n}", mw.param(n)
+        for st in [*self.stacks, *self.mtp]:
+            for n, j, p in st.slices():
+                yield f"model.layers.{st.first + j}.{n}", p
 
     def load_hf(self, tensors: dict[str, Any]):
         """Set every weight from a {hf_name: array} dict (shapes must match exactly)."""
@@ -564,27 +531,54 @@ class DeepseekModel(nnx.Module):
         return forward(self, tokens, positions, cache, mla_form=mla_form, capture=capture, k_valid=k_valid)
 
 
+def run_stack(st: LayerStack, cfg: ModelConfig, h, positions, cache=None, *, mla_form="absorbed", prec=None,
+              capture: dict | None = None, k_valid=None, chunk_only: bool = False):
+    """The layers of one stack, as one ``jax.lax.scan`` over the layer index: the weights
+    stay stacked and each layer's are sliced out by index (reference/weights.py), the
+    stacked cache (fields [L, B, S, ...]) rides in the carry and is updated in place.
+    Returns (h, the new stacked cache or None); capture gets ``layers.{i}.*`` per layer."""
+    arrays = {n: st.stacked(n) for n in st.names()}
+
+    def body(carry, j):
+        h, c = carry
+        cap = {} if capture is not None else None
+        lc = None if c is None else LayerCache(c, j)
+        h, lc = decoder_layer(LayerAt(arrays, j, st.expert_names), cfg, st.first, h, positions, lc,
+                              mla_form=mla_form, prec=prec, capture=cap, k_valid=k_valid, chunk_only=chunk_only)
+        return (h, None if c is None else lc.stack), cap
+
+    with jax.named_scope(f"layers{st.first}-{st.first + st.count - 1}"):
+        (h, cache), caps = jax.lax.scan(body, (h, cache), jnp.arange(st.count))
+    if capture is not None:
+        for k, v in caps.items():
+            capture.update({f"layers.{st.first + j}.{k}": v[j] for j in range(st.count)})
+    return h, cache
+
+
 def forward(model: DeepseekModel, tokens, positions=None, cache=None, *, mla_form="absorbed",
             capture: dict | None = None, k_valid=None, chunk_only: bool = False,
             logits_at=None) -> ForwardOutput:
     """tokens [B, T] -> ForwardOutput(logits [B, T, V] float32, new cache, hidden [B, T, D]).
 
-    positions [B, T] default to 0..T-1. cache: list (one per layer) of LatentCache
-    (c_kv [B, S, R], k_pe [B, S, P]) or ExpandedCache. chunk_only: see
-    ``decoder_layer`` (prefill into an empty cache). logits_at [B] (int): compute the
-    LM head only at that index of each sequence: logits [B, V] (a prefill needs the
-    last prompt position only; the head is the largest matmul of small models).
+    positions [B, T] default to 0..T-1. cache: one stacked cache per layer stack (see
+    ``reference.decode.init_cache``): LatentCache (c_kv [L, B, S, R], k_pe [L, B, S, P]) or
+    ExpandedCache. chunk_only: see ``decoder_layer`` (prefill into an empty cache).
+    logits_at [B] (int): compute the LM head only at that index of each sequence: logits
+    [B, V] (a prefill needs the last prompt position only; the head is the largest matmul
+    of small models).
     """
     cfg, g = model.cfg, model.globals
     prec = _mm(model.dtype)
     B, T = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-    h = g[EMBED][tokens].astype(model.dtype)
+    h = g.raw(EMBED)[tokens].astype(model.dtype)  # rows gathered in the stored dtype
+    if cache is not None and len(cache) != len(model.stacks):
+        raise ValueError(f"cache has {len(cache)} stacks for the model's {len(model.stacks)} (init_cache)")
     new_cache = []
-    for i, lw in enumerate(model.layers):
-        h, c = decoder_layer(lw, cfg, i, h, positions, None if cache is None else cache[i], mla_form=mla_form,
-                             prec=prec, capture=capture, k_valid=k_valid, chunk_only=chunk_only)
+    for s, st in enumerate(model.stacks):
+        h, c = run_stack(st, cfg, h, positions, None if cache is None else cache[s], mla_form=mla_form, prec=prec,
+                         capture=capture, k_valid=k_valid, chunk_only=chunk_only)
         new_cache.append(c)
     hn = rms_norm(h, g[FINAL_NORM], cfg.rms_norm_eps)
     head = g[head_name(cfg)]
@@ -595,24 +589,25 @@ def forward(model: DeepseekModel, tokens, positions=None, cache=None, *, mla_for
 def mtp_logits(model: DeepseekModel, tokens, h_main, positions=None, depth: int = 0, cache=None):
     """MTP module `depth`: hidden h_t (after the final norm) + embedding of token t+1 -> logits for t+2.
 
-    tokens [B, T] are the *next* tokens (t+1) aligned with h_main [B, T, D].
+    tokens [B, T] are the *next* tokens (t+1) aligned with h_main [B, T, D]. cache: a list
+    holding one one-layer stacked cache (``init_cache(model, B, S, layers=1)``).
     Returns ForwardOutput(logits [B, T, V], the new MTP cache when one is given, the module's
     hidden state after its shared_head norm).
     """
-    cfg, g, w = model.cfg, model.globals, model.mtp[depth]
+    cfg, g, w = model.cfg, model.globals, model.mtp[0].at(depth)
     prec = _mm(model.dtype)
     B, T = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-    emb = g[EMBED][tokens].astype(model.dtype)
+    emb = g.raw(EMBED)[tokens].astype(model.dtype)
     x = jnp.concatenate([rms_norm(emb, w["enorm.weight"], cfg.rms_norm_eps),
                          rms_norm(h_main.astype(model.dtype), w["hnorm.weight"], cfg.rms_norm_eps)], axis=-1)
     x = linear(x, w["eh_proj.weight"], prec)
     x, c = decoder_layer(w, cfg, cfg.num_hidden_layers + depth, x, positions,
-                         None if cache is None else cache[0], prec=prec)
+                         None if cache is None else LayerCache(cache[0], 0), prec=prec)
     head = g[head_name(cfg)]
     hn = rms_norm(x, w["shared_head.norm.weight"], cfg.rms_norm_eps)
-    return ForwardOutput(linear(hn, head, prec).astype(F32), None if cache is None else [c], hn)
+    return ForwardOutput(linear(hn, head, prec).astype(F32), None if cache is None else [c.stack], hn)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "mla_form"))

@@ -148,6 +148,8 @@ ROWS = [
     # --- generate: limits of the checkpoint
     (T + ["--mtp"], ["MTP weights", "are missing", "/ck"]),
     (T + ["--mtp", "--temperature", "0.7"], ["--mtp", "--temperature"]),
+    (T + ["--mtp", "--layers", "unrolled"], ["--mtp", "--layers unrolled"]),
+    (T + ["--layers", "sideways"], ["--layers", "sideways"]),
     (T + ["--max-new-tokens", "126"], ["--max-new-tokens", "128", "at most 125 new tokens"]),
     (T + ["--max-new-tokens", "100000000"], ["--max-new-tokens", "100000000", "128"]),
     (T + ["--max-new-tokens", "100000000000"], ["--max-new-tokens", "100000000000", "128"]),

@@ -138,7 +138,7 @@ def test_read_tensors_stacks_experts(hf_ckpts, v3):
         np.testing.assert_array_equal(stacked[e], raw[f"model.layers.2.mlp.experts.{e}.up_proj.weight"])
     bias = got["model.layers.1.mlp.gate.e_score_correction_bias"]
     assert np.abs(bias).min() > 0
-    np.testing.assert_array_equal(model.layers[1]["mlp.gate.e_score_correction_bias"], bias)
+    np.testing.assert_array_equal(model.layer(1).raw("mlp.gate.e_score_correction_bias"), bias)
 
 
 def test_with_mtp_requires_mtp_tensors(hf_ckpts):

@@ -183,3 +183,43 @@ def test_cache_write_places_each_sequence_at_its_positions(tiny, kind):
             others = np.setdiff1d(np.arange(8), np.asarray(pos[b]))
             assert not a[b, others].any()
     assert all(r.dtype == jnp.float32 for r in out.read(jnp.float32))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_unrolled_layers_compute_what_the_scan_computes(dtype):
+    """layers='unrolled' (separate per-layer and per-expert arrays aliasing the stacks, a branch
+    per expert) against the layer scan: float32 bit-identical (logits, caches, tokens); bf16
+    within bf16 rounding (XLA fuses the two programs differently, so intermediate bf16
+    roundings differ)."""
+    from dsref.reference.unrolled import split_weights
+    cfg = get_preset("tiny-v3")
+    m = DeepseekModel(cfg, rngs=nnx.Rngs(1), std=0.2, dtype=jnp.dtype(dtype))
+    toks, pos = jnp.asarray([[1, 2, 3, 4, 5, 6, 7, 8]] * 2), jnp.broadcast_to(jnp.arange(8), (2, 8))
+    outs = []
+    for mode in ("scan", "unrolled"):
+        fns, st = compiled_steps(m, mode)
+        lg, _, c = fns.prefill(st, toks, pos, init_cache(m, 2, 16), jnp.asarray([7, 5]))
+        nxt, c = fns.decode(st, jnp.asarray([[9], [4]]), jnp.asarray([[8], [6]]), c, jax.random.key(0), 0.0, 1.0,
+                            greedy=True, top_k=0)
+        outs.append((np.asarray(lg), [np.asarray(a) for s in c for a in s]))
+    (l1, c1), (l2, c2) = outs
+    if dtype == "float32":
+        np.testing.assert_array_equal(l1, l2)
+        for a, b in zip(c1, c2):
+            np.testing.assert_array_equal(a, b)
+        p = [[1, 2, 3, 4, 5], [7, 8]]
+        assert generate(m, p, 10).tokens == generate(m, p, 10, layers="unrolled").tokens
+    else:
+        assert np.abs(l1 - l2).max() / np.abs(l1).max() < 5e-2
+    # the split arrays alias the stacks: no second copy of the model on CPU
+    w = split_weights(m)
+    st0 = m.stacks[-1]
+    name = st0.expert_names[0]
+    if jax.default_backend() == "cpu":
+        a = w["layers"][st0.first + 1][name][3]
+        want = st0.stacked(name).unsafe_buffer_pointer() + (1 * st0.stacked(name).shape[1] + 3) * a.nbytes
+        assert a.unsafe_buffer_pointer() == want
+    with pytest.raises(ValueError, match="layers"):
+        generate(m, [[1, 2]], 2, layers="sideways")
+    with pytest.raises(ValueError, match="scan"):
+        generate(m, [[1, 2]], 2, layers="unrolled", use_mtp=True)

@@ -33,7 +33,7 @@ import pytest
 from flax import nnx
 
 from dsref.reference.config import ModelConfig
-from dsref.reference.model import DeepseekModel, LatentCache, block_size, forward
+from dsref.reference.model import DeepseekModel, LatentCache, block_size, forward, layer_runs
 from dsref.reference.presets import get_preset
 from dsref.sim.costmodel import StepShape, forward_ops, routed_expert_flops, totals
 
@@ -63,7 +63,7 @@ def xla_flops(cfg: ModelConfig, batch: int, tokens: int, form: str, cache_slots:
         fn = jax.jit(lambda s, t: forward(nnx.merge(gd, s), t, mla_form=form))
         compiled = fn.lower(st, tok).compile(FAST_COMPILE)
     else:
-        cache = [LatentCache.zeros(cfg, batch, cache_slots, jnp.float32) for _ in range(cfg.num_hidden_layers)]
+        cache = [LatentCache.zeros(cfg, batch, cache_slots, jnp.float32, layers=len(r)) for r in layer_runs(cfg)]
         pos = jnp.full((batch, tokens), POS, jnp.int32)
         fn = jax.jit(lambda s, t, p, c: forward(nnx.merge(gd, s), t, p, c, mla_form=form))
         compiled = fn.lower(st, tok, pos, cache).compile(FAST_COMPILE)
