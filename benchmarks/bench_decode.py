@@ -15,7 +15,9 @@ Measured, median of --repeats runs after a warm-up:
   load peak memory   peak RSS growth while loading a checkpoint written by our writer, in a
                      fresh process, against the bytes of the weights in memory
 
-Run:  python benchmarks/bench_decode.py [--json]
+Run:  python benchmarks/bench_decode.py [--layers scan|unrolled] [--llamacpp] [--json]
+(--llamacpp: llama.cpp on the same weights, written with save_pretrained and converted by its
+own converter, see benchmarks/bench_llamacpp.py; skipped when it is not installed)
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ def _median_time(fn, repeats):
     return statistics.median(ts), ts
 
 
-def bench(preset: str, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+def bench(preset: str, prompt_len: int, new_tokens: int, repeats: int, layers: str = "scan",
+          llamacpp: bool = False) -> dict:
     import jax
     import numpy as np
     import torch
@@ -60,8 +63,8 @@ def bench(preset: str, prompt_len: int, new_tokens: int, repeats: int) -> dict:
     pt = torch.as_tensor([prompt])
 
     # ours: warm-up compiles the prefill bucket and the decode step
-    generate(ours, [prompt], new_tokens)
-    runs = [generate(ours, [prompt], new_tokens) for _ in range(repeats)]
+    generate(ours, [prompt], new_tokens, layers=layers)
+    runs = [generate(ours, [prompt], new_tokens, layers=layers) for _ in range(repeats)]
     ours_prefill = statistics.median(r.prefill_tokens_per_s for r in runs)
     ours_decode = statistics.median(r.decode_tokens_per_s for r in runs)
     ours_tokens = runs[0].tokens[0]
@@ -78,10 +81,16 @@ def bench(preset: str, prompt_len: int, new_tokens: int, repeats: int) -> dict:
     hf_prefill = prompt_len / t_pre
     hf_decode = (new_tokens - 1) / (t_gen - t_one)
 
+    peer = None
+    if llamacpp:  # the same weights through llama.cpp's converter (benchmarks/bench_llamacpp.py)
+        from benchmarks.bench_llamacpp import measure
+        with tempfile.TemporaryDirectory() as d:
+            hf.save_pretrained(d)
+            peer = measure(d, "float32", prompt, new_tokens, repeats)
     bw = measure_memory_bandwidth(1 << 30, 5, threads)
     active_bytes = cfg.param_counts()["activated_params"] * 4
     return {
-        "preset": preset, "params": cfg.param_counts()["total_params"],
+        "preset": preset, "layers": layers, "llamacpp": peer, "params": cfg.param_counts()["total_params"],
         "activated_params": cfg.param_counts()["activated_params"], "dtype": "float32",
         "threads": threads, "jax": jax.__version__, "torch": torch.__version__,
         "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
@@ -134,10 +143,14 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--layers", choices=("scan", "unrolled"), default="scan",
+                    help="the reference's layer mode (reference/unrolled.py)")
+    ap.add_argument("--llamacpp", action="store_true",
+                    help="also time llama.cpp on the same weights (skipped when it is not installed)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    r = bench(a.preset, a.prompt_len, a.new_tokens, a.repeats)
+    r = bench(a.preset, a.prompt_len, a.new_tokens, a.repeats, a.layers, a.llamacpp)
     r["load"] = bench_load(a.preset)
     if a.json:
         print(json.dumps(r, indent=2))
@@ -151,6 +164,13 @@ def main() -> int:
     print(f"  decode moves {r['ours_decode_bandwidth_Bps'] / 1e9:.1f} GB/s of activated weights = "
           f"{r['ours_decode_bandwidth_fraction']:.0%} of the measured {r['measured_read_bandwidth_Bps'] / 1e9:.1f} GB/s")
     print(f"  same greedy tokens as transformers: {r['same_greedy_tokens']}")
+    peer = r["llamacpp"]
+    if peer is not None and "skipped" in peer:
+        print(f"  llama.cpp: skipped ({peer['skipped']})")
+    elif peer is not None:
+        print(f"  llama.cpp (f32 GGUF):  prefill {peer['prefill_tokens_per_s']:8.1f} tok/s   decode "
+              f"{peer['decode_tokens_per_s']:8.2f} tok/s   ours / llama.cpp decode "
+              f"x{r['ours_decode_tokens_per_s'] / peer['decode_tokens_per_s']:.2f}")
     ld = r["load"]
     print(f"  load: weights {ld['weights_in_memory_bytes'] / 1e9:.2f} GB, peak RSS growth "
           f"{(ld['rss_peak'] - ld['rss_before_load']) / 1e9:.2f} GB ({ld['peak_growth_over_weights']:.2f}x weights)")
