@@ -8,6 +8,8 @@ weights, float32, batch 1. Both engines get the same weights and the same thread
 Measured, median of --repeats runs after a warm-up:
   prefill tokens/s   one forward pass over a --prompt-len prompt (ours: jit, bucketed)
   decode tokens/s    greedy generation of --new-tokens tokens, minus the prefill
+  prefill vs sgemm   a --prefill-len (512) token prefill's FLOPs (sim.costmodel.prefill_ops) per
+                     second, against XLA:CPU's float32 GEMM rate on [512, 2048] x [2048, 2048]
   achieved bandwidth activated weight bytes per token (every weight a token multiplies,
                      k of E experts, LM head; float32) x decode tokens/s, against the
                      machine's read bandwidth measured by hwmodels.probe (numpy sum over a
@@ -41,8 +43,41 @@ def _median_time(fn, repeats):
     return statistics.median(ts), ts
 
 
+def sgemm_flops_per_s(m: int = 512, k: int = 2048, n: int = 2048, repeats: int = 10) -> float:
+    """The machine's float32 GEMM rate through XLA:CPU (what the reference's matmuls run on):
+    median of ``repeats`` [m, k] x [k, n] products at full float32 precision."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.standard_normal((m, k), np.float32))
+    b = jnp.asarray(rng.standard_normal((k, n), np.float32))
+    f = jax.jit(lambda a, b: jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST))
+    f(a, b).block_until_ready()
+    t, _ = _median_time(lambda: f(a, b).block_until_ready(), repeats)
+    return 2.0 * m * k * n / t
+
+
+def bench_prefill(model, cfg, prompt_len: int, repeats: int, layers: str) -> dict:
+    """Prefill of one prompt_len-token prompt (generate with one new token: the prefill and one
+    sampling), against the sgemm rate: FLOPs from the cost model's prefill operations
+    (sim.costmodel.prefill_ops: naive MLA, the causal scores computed in full as the reference
+    does, LM head at the last position)."""
+    import numpy as np
+
+    from dsref.reference.decode import generate
+    from dsref.sim.costmodel import prefill_ops
+    prompt = np.random.default_rng(1).integers(0, cfg.vocab_size, prompt_len).tolist()
+    generate(model, [prompt], 1, layers=layers)
+    t = statistics.median(generate(model, [prompt], 1, layers=layers).prefill_s for _ in range(repeats))
+    flops = sum(op.flops * op.count for op in prefill_ops(cfg, "bf16", 1, prompt_len, attn_impl="masked"))
+    rate = sgemm_flops_per_s()
+    return {"prompt_len": prompt_len, "prefill_s": t, "prefill_tokens_per_s": prompt_len / t, "prefill_flops": flops,
+            "prefill_flops_per_s": flops / t, "sgemm_flops_per_s": rate, "prefill_fraction_of_sgemm": flops / t / rate}
+
+
 def bench(preset: str, prompt_len: int, new_tokens: int, repeats: int, layers: str = "scan",
-          llamacpp: bool = False) -> dict:
+          llamacpp: bool = False, prefill_len: int = 512) -> dict:
     import jax
     import numpy as np
     import torch
@@ -81,6 +116,7 @@ def bench(preset: str, prompt_len: int, new_tokens: int, repeats: int, layers: s
     hf_prefill = prompt_len / t_pre
     hf_decode = (new_tokens - 1) / (t_gen - t_one)
 
+    prefill = bench_prefill(ours, cfg, prefill_len, repeats, layers)
     peer = None
     if llamacpp:  # the same weights through llama.cpp's converter (benchmarks/bench_llamacpp.py)
         from benchmarks.bench_llamacpp import measure
@@ -90,7 +126,7 @@ def bench(preset: str, prompt_len: int, new_tokens: int, repeats: int, layers: s
     bw = measure_memory_bandwidth(1 << 30, 5, threads)
     active_bytes = cfg.param_counts()["activated_params"] * 4
     return {
-        "preset": preset, "layers": layers, "llamacpp": peer, "params": cfg.param_counts()["total_params"],
+        "preset": preset, "layers": layers, "llamacpp": peer, "prefill_long": prefill, "params": cfg.param_counts()["total_params"],
         "activated_params": cfg.param_counts()["activated_params"], "dtype": "float32",
         "threads": threads, "jax": jax.__version__, "torch": torch.__version__,
         "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
@@ -143,6 +179,7 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--prefill-len", type=int, default=512, help="prompt of the prefill-vs-sgemm measurement")
     ap.add_argument("--layers", choices=("scan", "unrolled"), default="scan",
                     help="the reference's layer mode (reference/unrolled.py)")
     ap.add_argument("--llamacpp", action="store_true",
@@ -150,7 +187,7 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    r = bench(a.preset, a.prompt_len, a.new_tokens, a.repeats, a.layers, a.llamacpp)
+    r = bench(a.preset, a.prompt_len, a.new_tokens, a.repeats, a.layers, a.llamacpp, a.prefill_len)
     r["load"] = bench_load(a.preset)
     if a.json:
         print(json.dumps(r, indent=2))
@@ -164,6 +201,10 @@ def main() -> int:
     print(f"  decode moves {r['ours_decode_bandwidth_Bps'] / 1e9:.1f} GB/s of activated weights = "
           f"{r['ours_decode_bandwidth_fraction']:.0%} of the measured {r['measured_read_bandwidth_Bps'] / 1e9:.1f} GB/s")
     print(f"  same greedy tokens as transformers: {r['same_greedy_tokens']}")
+    pl = r["prefill_long"]
+    print(f"  prefill ({pl['prompt_len']} tok): {pl['prefill_tokens_per_s']:.1f} tok/s = "
+          f"{pl['prefill_flops_per_s'] / 1e9:.1f} GFLOP/s = {pl['prefill_fraction_of_sgemm']:.0%} of the measured "
+          f"sgemm {pl['sgemm_flops_per_s'] / 1e9:.1f} GFLOP/s")
     peer = r["llamacpp"]
     if peer is not None and "skipped" in peer:
         print(f"  llama.cpp: skipped ({peer['skipped']})")

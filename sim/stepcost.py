@@ -265,6 +265,7 @@ class StepCost:
         self._stack = np.vstack([f * spf[:, None], b * spb[:, None]])
         self._count = cnt
         self._is_gemm = is_gemm > 0.5
+        self._gemm_idx = np.flatnonzero(self._is_gemm)  # rows rescaled by the kernel table (once per step)
         self._floor_kernel = 0.0
         self._step_overhead = 0.0
         self._eff = (device.efficiency("gemm"), device.efficiency("memory"))
@@ -309,11 +310,12 @@ class StepCost:
         n = self._n
         yc, ym = y[:n], y[n:]
         prof, floor = self.profile, self._floor_kernel
-        if prof is not None and self._is_gemm.any():
+        if prof is not None and len(self._gemm_idx):
             eff = prof.gemm_efficiency(max(float(x[1]), 1.0), grouped=False)
-            if eff is not None:
-                yc = np.where(self._is_gemm, yc * (self._eff[0] / eff[0]), yc)
-                ym = np.where(self._is_gemm, ym * (self._eff[1] / eff[1]), ym)
+            if eff is not None:  # y is this call's own array: rescale the GEMM rows in place
+                g = self._gemm_idx
+                yc[g] = yc[g] * (self._eff[0] / eff[0])
+                ym[g] = ym[g] * (self._eff[1] / eff[1])
         t = np.maximum(np.maximum(yc, ym), floor)
         total = float(np.dot(t, self._count))
         if parts is not None:
