@@ -532,11 +532,13 @@ class DeepseekModel(nnx.Module):
 
 
 def run_stack(st: LayerStack, cfg: ModelConfig, h, positions, cache=None, *, mla_form="absorbed", prec=None,
-              capture: dict | None = None, k_valid=None, chunk_only: bool = False):
+              capture: dict | None = None, k_valid=None, chunk_only: bool = False, unroll: bool = False):
     """The layers of one stack, as one ``jax.lax.scan`` over the layer index: the weights
     stay stacked and each layer's are sliced out by index (reference/weights.py), the
     stacked cache (fields [L, B, S, ...]) rides in the carry and is updated in place.
-    Returns (h, the new stacked cache or None); capture gets ``layers.{i}.*`` per layer."""
+    Returns (h, the new stacked cache or None); capture gets ``layers.{i}.*`` per layer.
+    unroll: emit the scan fully unrolled (same computation; XLA's cost analysis counts a loop
+    body once, so a FLOP count of every layer needs it)."""
     arrays = {n: st.stacked(n) for n in st.names()}
 
     def body(carry, j):
@@ -548,7 +550,7 @@ def run_stack(st: LayerStack, cfg: ModelConfig, h, positions, cache=None, *, mla
         return (h, None if c is None else lc.stack), cap
 
     with jax.named_scope(f"layers{st.first}-{st.first + st.count - 1}"):
-        (h, cache), caps = jax.lax.scan(body, (h, cache), jnp.arange(st.count))
+        (h, cache), caps = jax.lax.scan(body, (h, cache), jnp.arange(st.count), unroll=st.count if unroll else 1)
     if capture is not None:
         for k, v in caps.items():
             capture.update({f"layers.{st.first + j}.{k}": v[j] for j in range(st.count)})
@@ -557,7 +559,7 @@ def run_stack(st: LayerStack, cfg: ModelConfig, h, positions, cache=None, *, mla
 
 def forward(model: DeepseekModel, tokens, positions=None, cache=None, *, mla_form="absorbed",
             capture: dict | None = None, k_valid=None, chunk_only: bool = False,
-            logits_at=None) -> ForwardOutput:
+            logits_at=None, unroll_layers: bool = False) -> ForwardOutput:
     """tokens [B, T] -> ForwardOutput(logits [B, T, V] float32, new cache, hidden [B, T, D]).
 
     positions [B, T] default to 0..T-1. cache: one stacked cache per layer stack (see
@@ -565,7 +567,7 @@ def forward(model: DeepseekModel, tokens, positions=None, cache=None, *, mla_for
     ExpandedCache. chunk_only: see ``decoder_layer`` (prefill into an empty cache).
     logits_at [B] (int): compute the LM head only at that index of each sequence: logits
     [B, V] (a prefill needs the last prompt position only; the head is the largest matmul
-    of small models).
+    of small models). unroll_layers: see ``run_stack``.
     """
     cfg, g = model.cfg, model.globals
     prec = _mm(model.dtype)
@@ -578,7 +580,7 @@ def forward(model: DeepseekModel, tokens, positions=None, cache=None, *, mla_for
     new_cache = []
     for s, st in enumerate(model.stacks):
         h, c = run_stack(st, cfg, h, positions, None if cache is None else cache[s], mla_form=mla_form, prec=prec,
-                         capture=capture, k_valid=k_valid, chunk_only=chunk_only)
+                         capture=capture, k_valid=k_valid, chunk_only=chunk_only, unroll=unroll_layers)
         new_cache.append(c)
     hn = rms_norm(h, g[FINAL_NORM], cfg.rms_norm_eps)
     head = g[head_name(cfg)]

@@ -18,6 +18,10 @@ with the body once 96,011,776 (-0.2%); the real analytic count is 144,929,280. t
 8,083,304 vs 7,979,776 (-1.3%). With every layer dense (no loop) the custom model gives
 131,132,768 vs 131,117,568 (-0.01%). All cases, both MLA forms, prefill and decode: within 2%.
 
+The layer scan (one ``lax.scan`` per stack of same-kind layers) is a while loop too, so
+its body would be counted once per stack: the FLOPs are taken with the scan unrolled
+(``forward(..., unroll_layers=True)``, the same computation).
+
 The reference computes attention over every key slot and masks afterwards, so
 the analytic model runs with attn_impl='masked': prefill without a cache attends
 T keys per query, decode with a cache of S slots attends S keys per query.
@@ -60,12 +64,12 @@ def xla_flops(cfg: ModelConfig, batch: int, tokens: int, form: str, cache_slots:
     gd, st = nnx.split(DeepseekModel(cfg, rngs=nnx.Rngs(0)))
     tok = jnp.zeros((batch, tokens), jnp.int32)
     if cache_slots is None:
-        fn = jax.jit(lambda s, t: forward(nnx.merge(gd, s), t, mla_form=form))
+        fn = jax.jit(lambda s, t: forward(nnx.merge(gd, s), t, mla_form=form, unroll_layers=True))
         compiled = fn.lower(st, tok).compile(FAST_COMPILE)
     else:
         cache = [LatentCache.zeros(cfg, batch, cache_slots, jnp.float32, layers=len(r)) for r in layer_runs(cfg)]
         pos = jnp.full((batch, tokens), POS, jnp.int32)
-        fn = jax.jit(lambda s, t, p, c: forward(nnx.merge(gd, s), t, p, c, mla_form=form))
+        fn = jax.jit(lambda s, t, p, c: forward(nnx.merge(gd, s), t, p, c, mla_form=form, unroll_layers=True))
         compiled = fn.lower(st, tok, pos, cache).compile(FAST_COMPILE)
     ca = compiled.cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
