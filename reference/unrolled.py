@@ -4,8 +4,8 @@
 and slices a layer's (and a used expert's) matrices out of the stacked weights by index:
 one compiled body whatever the depth. XLA:CPU gives a GEMM whole buffers only, so each
 slice is first copied out (a copy fusion), and in a batch-1 decode step, which reads
-every activated weight once, those copies cost: small-v3 decoded ~1.5-2x slower that way
-than from separate arrays (docs/performance.md).
+every activated weight once, those copies cost: small-v3 decoded 1.2x (quiet) to 2x (loaded VM) slower that
+way than from separate arrays (docs/performance.md).
 
 This module is the other trade: the same stacked weights, cut into per-layer and
 per-expert arrays that **alias** the stacks (zero-copy: ``jax.device_put`` of NumPy views
