@@ -27,16 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsref.reference.params import EMBED, FINAL_NORM, head_name
-from dsref.reference.weights import BITS, compute_form, widen_bf16_bits
+from dsref.reference.weights import stored_to_compute
 
 #: Most routed-expert branches (experts x MoE layers) the unrolled form accepts: each is
 #: compiled separately (small-v3, 32 x 7 = 224 branches: ~30 s for prefill + decode on
 #: the 2-vCPU VM; 4 layers x 256 experts took ~400 s).
 MAX_EXPERT_BRANCHES = 512
-
-
-def _stored_to_compute(a):
-    return widen_bf16_bits(a) if a.dtype == BITS else compute_form(a)
 
 
 def _alias(a, index):
@@ -79,7 +75,7 @@ class _Layer:
 
     def __getitem__(self, name):
         a = self.w[name]
-        return _Experts(a) if isinstance(a, tuple) else _stored_to_compute(a)
+        return _Experts(a) if isinstance(a, tuple) else stored_to_compute(a)
 
     def __contains__(self, name):
         return name in self.w
@@ -97,10 +93,10 @@ class _Experts(tuple):
 
 
 def routed_experts_switch(wg, wu, wd, expert_rows):
-    """expert_rows(j, ys, g, u, d) for the j-th used expert, whose id is ``e``: a lax.switch
-    on e whose branch passes that expert's own arrays (read in place)."""
+    """run(e, ys, first, n): ``expert_rows(ys, first, n, g, u, d)`` for expert e, through a
+    lax.switch on e whose branch passes that expert's own arrays (read in place)."""
     def branch(g, u, d, ys, first, n):
-        return expert_rows(ys, first, n, *(_stored_to_compute(m) for m in (g, u, d)))
+        return expert_rows(ys, first, n, *(stored_to_compute(m) for m in (g, u, d)))
     branches = [partial(branch, g, u, d) for g, u, d in zip(wg, wu, wd, strict=True)]
 
     def run(e, ys, first, n):
@@ -144,7 +140,7 @@ def forward(layout: Layout, weights: dict, tokens, positions, cache, *, mla_form
                                       mla_form=mla_form, prec=prec, chunk_only=chunk_only)
             c = lc.stack
         new_cache.append(c)
-    hn = rms_norm(h, _stored_to_compute(g[FINAL_NORM]), cfg.rms_norm_eps)
-    head = _stored_to_compute(g[head_name(cfg)])
+    hn = rms_norm(h, stored_to_compute(g[FINAL_NORM]), cfg.rms_norm_eps)
+    head = stored_to_compute(g[head_name(cfg)])
     logits = linear(hn if logits_at is None else hn[jnp.arange(B), logits_at], head, prec).astype(jnp.float32)
     return ForwardOutput(logits, new_cache, hn)

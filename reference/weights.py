@@ -110,8 +110,12 @@ def take(stack, *index):
     form, read by one dynamic slice (bf16 bits are sliced as integers, then widened)."""
     starts = [jnp.asarray(i, jnp.int32) for i in index] + [jnp.int32(0)] * (stack.ndim - len(index))
     out = jax.lax.dynamic_slice(stack, starts, (1,) * len(index) + stack.shape[len(index):])
-    out = out.reshape(stack.shape[len(index):])
-    return widen_bf16_bits(out) if out.dtype == BITS else compute_form(out)
+    return stored_to_compute(out.reshape(stack.shape[len(index):]))
+
+
+def stored_to_compute(a):
+    """A stored array (bf16 bits on CPU, else the model's dtype) in compute form."""
+    return widen_bf16_bits(a) if a.dtype == BITS else compute_form(a)
 
 
 class Weights(nnx.Module):
