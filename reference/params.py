@@ -147,6 +147,48 @@ class Tensor:
     def numel(self) -> int:
         return numel(self.shape)
 
+    @property
+    def spec(self) -> tuple[str | None, ...]:
+        """How this tensor is split over a device mesh: one entry per dimension, the mesh
+        axis (TENSOR or EXPERT) that dimension is divided over, or None (replicated).
+        ``reference.mesh`` places the model by it and ``sim.plan`` sizes memory by it."""
+        return partition(self)
+
+
+# ------------------------------------------------------------- sharding
+# Mesh axes a weight dimension is split over. The data axis never splits a weight (data
+# parallel replicas hold all of them); see reference/mesh.py and docs/scaling.md.
+TENSOR = "tensor"  # Megatron-style: attention heads, FFN intermediate, vocabulary
+EXPERT = "expert"  # expert parallel: routed experts, whole experts per device
+
+_COLUMN = (TENSOR, None)  # [out, in] split on out: heads / FFN rows (q, k, v, kv_b, gate, up)
+_ROW = (None, TENSOR)     # [out, in] split on in: the projections back to D (o_proj, down)
+
+
+def partition(t: Tensor) -> tuple[str | None, ...]:
+    """The partition spec of one tensor-table row (``Tensor.spec``).
+
+    Column-parallel projections split their output rows over TENSOR and the row-parallel
+    ones that follow them (o_proj, down_proj) their input columns, so an attention block or
+    an MLP needs one all-reduce at its end (Megatron-LM). MLA's down-projections
+    (q_a_proj, kv_a_proj_with_mqa) and their norms are small and stay replicated: the latent
+    c_kv is shared by every head. Routed experts are split over EXPERT on E (whole experts
+    per device) and over TENSOR on their intermediate dim; the router, every norm and the
+    MTP projection are replicated. The vocabulary splits over TENSOR (embedding and head).
+    """
+    leaf = t.rel.rsplit(".", 2)[-2] if t.rel.count(".") >= 1 else t.rel
+    if t.group == GLOBAL:
+        return _COLUMN if len(t.shape) == 2 else (None,) * len(t.shape)
+    if t.group in (ATTENTION, DENSE_MLP, SHARED_EXPERT, ROUTED_EXPERT):
+        if leaf in ("q_proj", "q_b_proj", "k_proj", "v_proj", "kv_b_proj", "gate_proj", "up_proj"):
+            spec = _COLUMN if len(t.shape) - (t.group == ROUTED_EXPERT) == 2 else (TENSOR,)
+        elif leaf in ("o_proj", "down_proj"):
+            spec = _ROW
+        else:
+            spec = (None,) * (len(t.shape) - (t.group == ROUTED_EXPERT))
+        return ((EXPERT,) + spec) if t.group == ROUTED_EXPERT else spec
+    return (None,) * len(t.shape)
+
 
 def numel(shape: tuple[int, ...]) -> int:
     """Elements of an array of this shape."""
