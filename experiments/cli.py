@@ -28,6 +28,7 @@ from dsref.reference import cli as info_cli
 from dsref.reference import generate_cli, init_checkpoint
 from dsref.reference.oracle import cli as oracle_cli
 from dsref.sim import cli as sim_cli
+from dsref.sim import plan_cli
 
 # `dsref validate` runs every experiment of experiments/registry.py against the claims in
 # experiments/data/public_claims.json (dsref.experiments.validate.main). The docs are regenerated
@@ -127,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter)
     p.add_argument("--version", action="version", version=f"dsref {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (info_cli, generate_cli, init_checkpoint, oracle_cli, hw_cli, sim_cli):  # help order
+    for module in (info_cli, generate_cli, init_checkpoint, oracle_cli, hw_cli, sim_cli, plan_cli):  # help order
         module.register(sub)
     register(sub)
     register_peer(sub)
