@@ -307,6 +307,7 @@ class _Plan:
         for t in tensors(cfg, mtp=with_mtp):
             by_layer.setdefault(t.layer, []).append(t)
         self.groups: list[list[_Entry]] = [self._group(rows) for rows in by_layer.values()]
+        self.keys: list[int | None] = list(by_layer)  # the layer of each group (None: the globals)
         L, n_mtp = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
         for j in range(n_mtp):
             pre = f"model.layers.{L + j}."
@@ -378,11 +379,20 @@ class _Plan:
                 out.append(_Entry(name, kind, [base + "gate_up_proj"]))
         return out
 
-    def _load(self, hf: str) -> np.ndarray:
+    def _load(self, hf: str, index=None) -> np.ndarray:
+        """One tensor (index: only a[index] of it, e.g. one expert of a stacked [E, ...] tensor or
+        rows of a matrix; block-wise dequantization is elementwise, so the values are the same)."""
         info = self.r.infos[hf]
         a = self.r.array(hf)
+        if index is not None:
+            a = a[index]
         if info.dtype == _FP8:
-            a = dequantize_fp8_blockwise(a, self.r.array(hf + "_scale_inv"), self.block)
+            s = self.r.array(hf + "_scale_inv")
+            if isinstance(index, np.ndarray):  # rows of a matrix: each row with its block row's scales
+                rs = np.repeat(s[index // self.block[0]].astype(np.float32), self.block[1], axis=-1)
+                a = a.astype(np.float32) * rs[:, :info.shape[-1]]
+            else:
+                a = dequantize_fp8_blockwise(a, s if index is None else s[index], self.block)
         if not np.isfinite(a).all():
             what = " after dequantization" if info.dtype == _FP8 else ""
             raise CheckpointError(f"{info.file}: tensor '{hf}' contains NaN or Inf{what}")
@@ -408,6 +418,77 @@ class _Plan:
             cache.clear()
             a = None  # noqa: F841 - drop the last view before unmapping
             self.r.release()
+
+
+class LayerReader:
+    """Random access to a checkpoint, one decoder layer at a time (reference/oracle/stream.py).
+
+    The same checks as ``read_tensors`` (all headers against config.json, before any data),
+    but nothing is read until asked: ``layer(i)`` gives layer i's tensors (None: the
+    globals) in our layout with routed experts *not* stacked: each is an ``ExpertStack``
+    whose ``[e]`` reads that one expert, so a layer never holds its E experts at once;
+    ``rows(name, ids)`` reads some rows of a matrix (the embedding rows of the tokens).
+    Values are those ``read_tensors`` gives (FP8 dequantized to float32). Call
+    ``release()`` once a layer's arrays are dropped, to unmap the pages they touched.
+    """
+
+    def __init__(self, path: str | Path, cfg: ModelConfig | None = None, *, with_mtp: bool = False):
+        path = Path(path)
+        reader = _Reader(path)
+        self.cfg = cfg if cfg is not None else read_config(path)
+        block = fp8_block(self.cfg, str(path / "config.json"))
+        self._plan = _Plan(reader, self.cfg, with_mtp, block, path / "config.json")
+        self._groups = dict(zip(self._plan.keys, self._plan.groups))
+        self._entries = {e.name: e for g in self._plan.groups for e in g}
+
+    def layer(self, i: int | None) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        cache: dict[str, np.ndarray] = {}
+        for e in self._groups[i]:
+            if e.how == "stack" or e.name.endswith(("mlp.experts.gate_proj.weight", "mlp.experts.up_proj.weight",
+                                                    "mlp.experts.down_proj.weight")):
+                out[e.name] = ExpertStack(self._plan, e)
+                continue
+            src = e.srcs[0]
+            if src not in cache:
+                cache[src] = self._plan._load(src)
+            out[e.name] = cache[src]
+        return out
+
+    def tensor(self, name: str) -> np.ndarray:
+        """One plain tensor by our name (a global such as the final norm)."""
+        return self._plan._load(self._entries[name].srcs[0])
+
+    def rows(self, name: str, ids) -> np.ndarray:
+        """Rows ``ids`` (int array) of the plain matrix ``name`` (our name), as read_tensors' values."""
+        return self._plan._load(self._entries[name].srcs[0], np.asarray(ids, np.int64))
+
+    def release(self) -> None:
+        self._plan.r.release()
+
+
+class ExpertStack:
+    """A stacked routed-expert tensor [E, ...] of one layer, read one expert at a time."""
+
+    def __init__(self, plan: _Plan, entry: _Entry):
+        self._plan, self._e = plan, entry
+        info = plan.r.infos[entry.srcs[0]]
+        self.shape = ((len(entry.srcs), *info.shape) if entry.how == "stack" else
+                      (info.shape[0], info.shape[1] // 2, info.shape[2]) if entry.how in ("gate", "up") else
+                      info.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, e) -> np.ndarray:
+        e = int(e)
+        if not 0 <= e < self.shape[0]:
+            raise IndexError(f"{self._e.name}: expert {e} of {self.shape[0]}")
+        if self._e.how == "stack":
+            return self._plan._load(self._e.srcs[e])
+        a = self._plan._load(self._e.srcs[0], e)
+        half = a.shape[0] // 2
+        return a[:half] if self._e.how == "gate" else a[half:] if self._e.how == "up" else a
 
 
 def read_tensors(path: str | Path, cfg: ModelConfig | None = None, *, with_mtp: bool = False,

@@ -313,7 +313,13 @@ def forward(tokens, w, cfg: ModelConfig, capture: dict | None = None, return_hid
 
 
 def mtp_forward(tokens, h_main, w, cfg: ModelConfig, depth: int = 0):
-    """DeepSeek-V3 multi-token prediction module `depth` (predicts token t+2 at position t).
+    """DeepSeek-V3 multi-token prediction module `depth`: logits [B, T-1, V] (see mtp_hidden)."""
+    return linear(mtp_hidden(tokens, h_main, w, cfg, depth), w[head_name(cfg)])
+
+
+def mtp_hidden(tokens, h_main, w, cfg: ModelConfig, depth: int = 0):
+    """DeepSeek-V3 multi-token prediction module `depth` (predicts token t+2 at position t), up
+    to its shared_head norm (the streaming golden applies the head in vocabulary chunks).
 
     h' = M [RMSNorm(h_t); RMSNorm(Emb(t_{t+1}))], then one decoder layer, then the
     shared head. Inputs: tokens [B, T] and the main model's final hidden state
@@ -330,5 +336,4 @@ def mtp_forward(tokens, h_main, w, cfg: ModelConfig, depth: int = 0):
     B, T1, _ = x.shape
     positions = np.broadcast_to(np.arange(T1), (B, T1))
     x = decoder_layer(x, w, cfg, i, positions, prefix=p)
-    head = w[head_name(cfg)]
-    return linear(rms_norm(x, w[p + "shared_head.norm.weight"], cfg.rms_norm_eps), head)
+    return rms_norm(x, w[p + "shared_head.norm.weight"], cfg.rms_norm_eps)

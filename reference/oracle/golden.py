@@ -165,7 +165,7 @@ def run_reference(checkpoint: str | Path, tokens: np.ndarray, dtype: str = "floa
     checkpoint = Path(checkpoint)
     cfg = read_config(checkpoint)
     check_tokens(tokens, cfg)
-    mtp = cfg.num_nextn_predict_layers > 0 and np.shape(tokens)[1] >= 2 and _stores_mtp(checkpoint, cfg)
+    mtp = wants_mtp(checkpoint, cfg, tokens)
     if dtype == "float64":
         w = {k: np.asarray(v, np.float64) for k, v in read_tensors(checkpoint, cfg, with_mtp=mtp)}
         return numpy_outputs(w, cfg, tokens)
@@ -177,6 +177,12 @@ def run_reference(checkpoint: str | Path, tokens: np.ndarray, dtype: str = "floa
         raise OracleError(f"dtype must be float64, float32 or bfloat16, got {dtype!r}")
     _, model = load_checkpoint(checkpoint, dtype=jdt, with_mtp=mtp)
     return jax_outputs(model, tokens)
+
+
+def wants_mtp(checkpoint: str | Path, cfg: ModelConfig, tokens) -> bool:
+    """Whether a golden dump has mtp.0.logits: the config has an MTP module, there are >= 2 tokens
+    per sequence and the checkpoint stores the module's weights (also for oracle/stream.py)."""
+    return cfg.num_nextn_predict_layers > 0 and np.shape(tokens)[1] >= 2 and _stores_mtp(Path(checkpoint), cfg)
 
 
 def _stores_mtp(checkpoint: Path, cfg: ModelConfig) -> bool:

@@ -1,0 +1,270 @@
+"""Golden dumps of checkpoints larger than memory: the reference run one decoder layer at a time.
+
+``dsref golden --stream`` (docs/oracle.md, "Streaming golden dumps"). The in-memory golden
+(golden.run_reference) reads every weight first; here the checkpoint stays memory-mapped
+(checkpoint.LayerReader) and, for each decoder layer, only that layer's tensors are read
+(FP8 dequantized for that layer only), the layer runs on the hidden states of the whole
+token batch, its outputs are captured and its weights dropped before the next layer.
+
+* Embedding: only the rows of the token ids present are read.
+* LM head: float32 applies it in vocabulary chunks; float64 in one piece (the V3 head is
+  129280 x 7168, 7.4 GB in float64), since chunking changes the last bit (see _head64).
+* float64: reference.numpy_ref's own functions, on the same values in the same order as
+  the in-memory float64 golden, so the dump is bit-identical to it (tests/test_stream_golden.py).
+  Routed experts are read one expert at a time, and only the experts the router chose
+  (numpy_ref.moe indexes the stack per used expert): a V3 layer needs ~2 GB, not 95 GB.
+* float32: the JAX model's ``decoder_layer`` jitted on one layer's weights (a dict; routed
+  experts stacked [E, ...] in float32, as the model wants them: one V3 MoE layer is ~47 GB).
+  It matches the in-memory float32 golden to float32 rounding (XLA fuses one layer at a
+  time instead of the whole model), not bit for bit.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dsref.reference.checkpoint import ExpertStack, LayerReader, read_config
+from dsref.reference.config import ModelConfig
+from dsref.reference.oracle import golden
+from dsref.reference.params import EMBED, FINAL_NORM, head_name
+
+HEAD_CHUNK_BYTES = 256 * 2**20  # one vocabulary chunk of the float32 LM head
+
+
+class _Experts64:
+    """An ExpertStack seen as float64: ``[e]`` reads expert e and widens it (what numpy_ref.moe indexes)."""
+
+    def __init__(self, stack: ExpertStack):
+        self.stack, self.shape = stack, stack.shape
+
+    def __getitem__(self, e) -> np.ndarray:
+        return np.asarray(self.stack[e], np.float64)
+
+
+def _layer_weights(reader: LayerReader, i: int, wrap) -> dict[str, Any]:
+    return {k: (wrap(v) if isinstance(v, ExpertStack) else v) for k, v in reader.layer(i).items()}
+
+
+def _embedding_rows(reader: LayerReader, tokens: np.ndarray):
+    """(rows of the embedding for the distinct ids, tokens renumbered into those rows)."""
+    ids, inverse = np.unique(tokens, return_inverse=True)
+    return reader.rows(EMBED, ids), inverse.reshape(tokens.shape)
+
+
+def _head_chunks(cfg: ModelConfig, itemsize: int):
+    """(first, last) vocabulary rows of each LM-head chunk."""
+    step = max(1, HEAD_CHUNK_BYTES // (itemsize * cfg.hidden_size))
+    return [(v, min(v + step, cfg.vocab_size)) for v in range(0, cfg.vocab_size, step)]
+
+
+class _Progress:
+    """One tqdm bar over the model's steps on stderr (tqdm is what `dsref validate` uses)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        self.times: list[tuple[str, float]] = []
+        self.t0 = time.perf_counter()
+        if enabled:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, unit="layer", file=sys.stderr, desc="golden --stream")
+
+    def step(self, what: str) -> None:
+        t = time.perf_counter()
+        self.times.append((what, t - self.t0))
+        self.t0 = t
+        if self.bar is not None:
+            self.bar.set_postfix_str(what)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _run64(reader: LayerReader, cfg: ModelConfig, tokens: np.ndarray, mtp: bool, prog: _Progress):
+    """numpy_ref.forward (+ mtp_forward), layer by layer; same operations on the same values."""
+    from dsref.reference import numpy_ref as nr
+    f64 = np.float64
+    B, T = tokens.shape
+    positions = np.broadcast_to(np.arange(T), (B, T))
+    table, local = _embedding_rows(reader, tokens)
+    table = np.asarray(table, f64)  # widening is elementwise: rows of the widened table
+    h = table[local]
+    cap: dict[str, Any] = {}
+    for i in range(cfg.num_hidden_layers):
+        w = _layer_weights(reader, i, _Experts64)
+        w = {k: v if isinstance(v, _Experts64) else np.asarray(v, f64) for k, v in w.items()}
+        h = nr.decoder_layer(h, w, cfg, i, positions, cap)
+        del w
+        reader.release()
+        prog.step(f"layer {i}")
+    hn = nr.rms_norm(h, np.asarray(reader.tensor(FINAL_NORM), f64), cfg.rms_norm_eps)
+    out = {"logits": _head64(reader, cfg, hn), **cap}
+    prog.step("lm head")
+    if mtp:
+        L = cfg.num_hidden_layers
+        w = _layer_weights(reader, L, _Experts64)
+        w = {k: v if isinstance(v, _Experts64) else np.asarray(v, f64) for k, v in w.items()}
+        w[EMBED] = table  # mtp_hidden gathers Emb(t+1) from it with the renumbered ids
+        x = nr.mtp_hidden(local, hn, w, cfg)
+        del w
+        reader.release()
+        out[golden.MTP_LOGITS] = _head64(reader, cfg, x)
+        prog.step("mtp")
+    return out
+
+
+def _head64(reader: LayerReader, cfg: ModelConfig, x: np.ndarray) -> np.ndarray:
+    """The LM head in one matmul, not in vocabulary chunks: BLAS rounds a chunked product
+    differently in the last bit (measured: logits differ for 7-, 100- and 333-row chunks), and
+    float64 must be bit-identical to the in-memory golden. So the float64 stream's peak is
+    max(one layer, the head: vocab x hidden x 8 bytes; 7.4 GB for V3)."""
+    from dsref.reference import numpy_ref as nr
+    head = np.asarray(reader.tensor(head_name(cfg)), np.float64)
+    out = nr.linear(x, head)
+    del head
+    reader.release()
+    return out
+
+
+# ------------------------------------------------------------------ float32 (JAX)
+def _jax_layer(cfg: ModelConfig, i: int):
+    """decoder_layer under jit for the kind of layer i (the index only picks dense vs MoE,
+    as in model.run_stack, which passes a stack's first index for all of its layers)."""
+    import jax
+
+    from dsref.reference import model as m
+    from dsref.reference.weights import F32
+
+    def run(w, h, positions):
+        cap: dict[str, Any] = {}
+        h, _ = m.decoder_layer(w, cfg, i, h, positions, prec=m._mm(F32), capture=cap)
+        return h, cap
+    return jax.jit(run)
+
+
+def _weights32(reader: LayerReader, i: int) -> dict[str, Any]:
+    """Layer i's weights relative to 'model.layers.{i}.', float32, routed experts stacked."""
+    import jax.numpy as jnp
+    pre = f"model.layers.{i}."
+    out = {}
+    for k, v in reader.layer(i).items():
+        if isinstance(v, ExpertStack):  # one expert at a time into the stack (never two copies)
+            a = np.empty(v.shape, np.float32)
+            for e in range(len(v)):
+                a[e] = v[e]
+            v = a
+        out[k.removeprefix(pre)] = jnp.asarray(np.asarray(v, np.float32))
+        del v
+    return out
+
+
+def _run32(reader: LayerReader, cfg: ModelConfig, tokens: np.ndarray, mtp: bool, prog: _Progress):
+    import jax
+    import jax.numpy as jnp
+
+    from dsref.reference import model as m
+    from dsref.reference.weights import F32
+    prec = m._mm(F32)
+    B, T = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+    table, local = _embedding_rows(reader, tokens)
+    table = jnp.asarray(np.asarray(table, np.float32))
+    h = table[jnp.asarray(local)]
+    cap: dict[str, Any] = {}
+    fns: dict[bool, Any] = {}
+    for i in range(cfg.num_hidden_layers):
+        moe = cfg.is_moe_layer(i)
+        fn = fns.get(moe) or fns.setdefault(moe, _jax_layer(cfg, i))
+        w = _weights32(reader, i)
+        h, c = fn(w, h, positions)
+        cap.update({f"layers.{i}.{k}": np.asarray(v) for k, v in c.items()})
+        del w
+        reader.release()
+        prog.step(f"layer {i}")
+    hn = m.rms_norm(h, jnp.asarray(np.asarray(reader.tensor(FINAL_NORM), np.float32)), cfg.rms_norm_eps)
+    out = {"logits": _head32(reader, cfg, hn), **cap}
+    prog.step("lm head")
+    if mtp:
+        L = cfg.num_hidden_layers
+        w = _weights32(reader, L)
+
+        @jax.jit
+        def front(w, emb, hm):
+            # model.mtp_logits up to its shared_head norm (it takes a whole DeepseekModel; here
+            # the weights of one module are a dict): same functions, same order.
+            x = jnp.concatenate([m.rms_norm(emb, w["enorm.weight"], cfg.rms_norm_eps),
+                                 m.rms_norm(hm, w["hnorm.weight"], cfg.rms_norm_eps)], axis=-1)
+            x = m.linear(x, w["eh_proj.weight"], prec)
+            pos = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+            x, _ = m.decoder_layer(w, cfg, L, x, pos, prec=prec)
+            return m.rms_norm(x, w["shared_head.norm.weight"], cfg.rms_norm_eps)
+        x = front(w, table[jnp.asarray(local[:, 1:])], hn[:, :-1])
+        del w
+        reader.release()
+        out[golden.MTP_LOGITS] = _head32(reader, cfg, x)
+        prog.step("mtp")
+    return out
+
+
+def _head32(reader: LayerReader, cfg: ModelConfig, x) -> np.ndarray:
+    import jax
+    import jax.numpy as jnp
+
+    from dsref.reference import model as m
+    from dsref.reference.weights import F32
+    head = jax.jit(lambda x, w: m.linear(x, w, m._mm(F32)).astype(F32))
+    out = np.empty((*x.shape[:-1], cfg.vocab_size), np.float32)
+    for a, b in _head_chunks(cfg, 4):
+        w = jnp.asarray(np.asarray(reader.rows(head_name(cfg), np.arange(a, b)), np.float32))
+        out[..., a:b] = np.asarray(head(x, w))
+        reader.release()
+    return out
+
+
+# ------------------------------------------------------------------ entry points
+def run_stream(checkpoint: str | Path, tokens: np.ndarray, dtype: str = "float64", *,
+               progress: bool = False) -> tuple[dict[str, np.ndarray], list[tuple[str, float]]]:
+    """(dump tensors, [(step, seconds)]) of the reference on a checkpoint dir, layer by layer."""
+    if dtype not in ("float32", "float64"):
+        raise golden.OracleError(f"golden dtype must be float32 or float64, got {dtype!r}")
+    checkpoint = Path(checkpoint)
+    cfg = read_config(checkpoint)
+    if cfg.arch != "deepseek" and dtype == "float32":
+        raise golden.OracleError(f"{checkpoint}: {cfg.name} is not a DeepSeek MLA model; the float32 (JAX) "
+                                 "reference runs DeepSeek only: use --dtype float64")
+    golden.check_tokens(tokens, cfg)
+    mtp = golden.wants_mtp(checkpoint, cfg, tokens)
+    reader = LayerReader(checkpoint, cfg, with_mtp=mtp)  # every header checked before any data
+    prog = _Progress(cfg.num_hidden_layers + 1 + int(mtp), progress)
+    try:
+        out = (_run64 if dtype == "float64" else _run32)(reader, cfg, tokens, mtp, prog)
+    finally:
+        prog.close()
+        reader.release()
+    if dtype == "float32":
+        out = {k: v if v.dtype.kind in "iu" else v.astype(np.float32) for k, v in
+               ((k, np.asarray(v)) for k, v in out.items())}
+    return golden.canonicalize(out), prog.times
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def write_stream_golden(checkpoint: str | Path, tokens: np.ndarray, out: str | Path, dtype: str = "float64", *,
+                        progress: bool = False) -> Path:
+    """write_golden's dump, computed layer by layer; metadata adds stream, peak RSS and step times."""
+    cfg = read_config(checkpoint)
+    outputs, times = run_stream(checkpoint, tokens, dtype, progress=progress)
+    meta = golden.golden_metadata(cfg, tokens, dtype, checkpoint=str(Path(checkpoint).name), stream=True,
+                                  peak_rss_bytes=peak_rss_bytes(),
+                                  step_seconds={k: round(v, 3) for k, v in times})
+    return golden.write_dump(outputs, out, meta)
