@@ -119,12 +119,12 @@ def print_search(plans) -> None:
     print(_header(p0))
     print(f"batch {p0.batch} x context {p0.context:,}, prefill chunk {p0.chunk:,} tokens; "
           f"{len(plans)} meshes (data x expert x tensor = {p0.hw.n_devices}), fitting first, most KV first")
-    print(f"  {'data':>4} {'expert':>6} {'tensor':>6} {'weights':>11} {'KV cache':>11} {'activ.':>11} "
-          f"{'total':>11}  {'fits':<4} {'KV tokens (mesh)':>17}")
+    print(f"  {'data':>4} {'expert':>6} {'tensor':>6} {'weights':>12} {'KV cache':>12} {'activ.':>12} "
+          f"{'total':>12}  {'fits':<4} {'KV tokens (mesh)':>17}")
     for p in plans:
         m = p.mesh
-        print(f"  {m.data:>4} {m.expert:>6} {m.tensor:>6} {_gb(p.weights['per_device']):>11} {_gb(p.kv):>11} "
-              f"{_gb(p.activations['total']):>11} {_gb(p.total):>11}  {'yes' if p.fits else 'no':<4} "
+        print(f"  {m.data:>4} {m.expert:>6} {m.tensor:>6} {_gb(p.weights['per_device']):>12} {_gb(p.kv):>12} "
+              f"{_gb(p.activations['total']):>12} {_gb(p.total):>12}  {'yes' if p.fits else 'no':<4} "
               f"{p.kv_tokens_total:>17,}")
     n = sum(p.fits for p in plans)
     print(f"  {n} of {len(plans)} meshes fit" if n else "  no mesh fits")
