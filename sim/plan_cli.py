@@ -32,8 +32,8 @@ worked plans (V3 on 8x H200, 2x8 H800, TPU v5p-64): docs/memory-plan.md."""
 EPILOG = """\
 examples:
   dsref plan --model deepseek-v3 --system h200-node --mesh expert=8 --quant fp8
-  dsref plan --model deepseek-v3 --system h200-node --search --quant fp8 --batch 64 --context 32768
-  dsref plan --model deepseek-v3 --system h800-node --nodes 2 --mesh data=2,expert=8
+  dsref plan --model deepseek-v3 --system h200-node --search --quant fp8 --batch 32 --context 32768
+  dsref plan --model deepseek-v3 --system h800-node --nodes 2 --mesh expert=8,tensor=2
   dsref plan --model deepseek-v3 --system tpu-v5p-64 --search --quant bf16"""
 
 
@@ -85,7 +85,7 @@ def cmd_plan(args) -> int:
 def _header(p) -> str:
     mtp = " + MTP" if p.mtp else ""
     return (f"{p.model}{mtp} ({p.quant}) on {p.hw.system}"
-            + (f" x {p.hw.nodes}" if p.hw.nodes > 1 else "")
+            + (f", {p.hw.nodes} nodes" if p.hw.nodes > 1 else "")
             + f": {p.hw.n_devices} x {p.hw.device.id}, {_gb(p.hw.memory_bytes)} each, "
               f"usable {p.memory_fraction:g} = {_gb(p.usable)}")
 
