@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache, partial
 
@@ -24,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from dsref.reference import unrolled
+from dsref.reference.mesh import current_mesh, padded_batch, place_batch
 from dsref.reference.model import DeepseekModel, ExpandedCache, LatentCache, forward, mtp_logits
 
 
@@ -242,7 +244,11 @@ def _prefill_inputs(prompts, S, form, model):
         toks[b, : len(p)] = p
     pos = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
     cache = init_cache(model, B, S, form)
-    return toks, lens, (jnp.asarray(toks), jnp.asarray(pos), cache, jnp.asarray(lens - 1, jnp.int32))
+    mesh = current_mesh()
+    if mesh is not None:  # split the batch (the caches' dim 1) over the mesh's data and expert axes
+        cache = jax.tree.map(lambda a: place_batch(a, mesh, 1), cache)
+    return toks, lens, (place_batch(jnp.asarray(toks), mesh), place_batch(jnp.asarray(pos), mesh), cache,
+                        jnp.asarray(lens - 1, jnp.int32))
 
 
 def _compile_now(fn, *args, **static) -> tuple[float, object]:
@@ -286,7 +292,7 @@ def check_sampling(*, temperature: float = 0.0, top_k: int = 0, top_p: float = 1
 def generate(model: DeepseekModel, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_tokens=(), form: str = "absorbed",
              use_mtp: bool = False, on_token=None, measure_compile: bool = False,
-             layers: str = "scan") -> GenerationResult:
+             layers: str = "scan", mesh=None) -> GenerationResult:
     """Generate for a batch of prompts (lists of ids, any lengths). Seeded and reproducible.
 
     on_token(batch_index, token_id) is called as tokens are produced (streaming).
@@ -299,7 +305,15 @@ def generate(model: DeepseekModel, prompts: list[list[int]], max_new_tokens: int
     layers: "scan" (one compiled body per layer kind: compile time independent of depth) or
     "unrolled" (reference/unrolled.py: weights read in place, faster decode on XLA:CPU,
     compile time growing with layers x experts; plain decoding only, not with use_mtp).
+    mesh: a ``jax.sharding.Mesh`` (reference/mesh.py) the model's weights were placed on
+    (``shard_model`` or ``load_sharded``): the batch is split over its data and expert axes
+    (padded with copies of the last prompt to a multiple of their product; the copies are
+    dropped from the result) and the MoE runs expert parallel.
     """
+    if mesh is not None:
+        return _generate_on_mesh(model, prompts, max_new_tokens, mesh, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, seed=seed, stop_tokens=stop_tokens, form=form, use_mtp=use_mtp,
+                                 on_token=on_token, measure_compile=measure_compile, layers=layers)
     if layers not in LAYER_MODES:
         raise ValueError(f"layers must be one of {LAYER_MODES}, got {layers!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
@@ -367,6 +381,25 @@ def generate(model: DeepseekModel, prompts: list[list[int]], max_new_tokens: int
     return GenerationResult(out, t1 - t0, t2 - t1, int(lens.sum()), sum(map(len, out)), steps,
                             compile_s=compiled, first_step_s=t_first - t1 if steps else 0.0,
                             steady_s=t2 - t_first if steps > 1 else 0.0, steady_tokens=sum(emitted[2:]))
+
+
+def _generate_on_mesh(model, prompts, max_new_tokens, mesh, *, on_token=None, layers="scan", **kw):
+    """``generate`` with the batch padded to the mesh's batch split, under ``jax.set_mesh``."""
+    if layers != "scan":
+        raise ValueError("layers='unrolled' runs on one device; on a mesh use the layer scan")
+    B = len(prompts)
+    padded = list(prompts) + [prompts[-1]] * (padded_batch(B, mesh) - B) if prompts else []
+
+    def real(b, t):  # padding rows are not the caller's
+        if on_token and b < B:
+            on_token(b, t)
+
+    with jax.set_mesh(mesh):
+        r = generate(model, padded, max_new_tokens, on_token=real, **kw)
+    drop = r.tokens[B:]
+    extra = sum(len(p) for p in padded[B:])
+    return dataclasses.replace(r, tokens=r.tokens[:B], prompt_tokens=r.prompt_tokens - extra,
+                               new_tokens=r.new_tokens - sum(map(len, drop)))
 
 
 def _generate_mtp(model, prompts, max_new_tokens, stop_tokens, form, on_token,

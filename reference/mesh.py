@@ -83,3 +83,115 @@ def parse_mesh(text: str, option: str = "--mesh") -> MeshShape:
             raise MeshError(f"{option} {text!r}: size of {name!r} must be a positive integer, got {n}")
         sizes[name] = n
     return MeshShape(**sizes)
+
+
+# ------------------------------------------------------------------ devices
+def make_mesh(shape: MeshShape, devices=None, option: str = "--mesh"):
+    """A ``jax.sharding.Mesh`` over the first ``shape.size`` devices (all of them in a
+    multi-process run: every process must take part), axes AXES, GSPMD ("Auto") axes."""
+    import jax
+    import numpy as np
+    from jax.sharding import AxisType, Mesh
+
+    devs = list(jax.devices() if devices is None else devices)
+    if shape.size > len(devs):
+        hint = (" (on CPU, start with XLA_FLAGS=--xla_force_host_platform_device_count=N to split the "
+                "host into N devices)" if devs and devs[0].platform == "cpu" else "")
+        raise MeshError(f"{option} {shape}: needs {shape.size} devices, JAX sees {len(devs)}{hint}")
+    if jax.process_count() > 1 and shape.size != len(devs):
+        raise MeshError(f"{option} {shape}: {shape.size} devices, but the {jax.process_count()} processes "
+                        f"have {len(devs)}; a multi-process mesh uses every device")
+    grid = np.asarray(devs[: shape.size], dtype=object).reshape(shape.data, shape.expert, shape.tensor)
+    return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def mesh_shape(mesh) -> MeshShape:
+    """The MeshShape of a Mesh or AbstractMesh with the axes AXES."""
+    return MeshShape(**{a: int(mesh.shape[a]) for a in AXES})
+
+
+def active_mesh():
+    """The mesh set by ``jax.set_mesh`` (as seen while tracing), when it has our axes and more
+    than one device; else None. The model asks this instead of taking the mesh through every
+    call: JAX's own scoped context, not a global of ours."""
+    import jax
+    m = jax.sharding.get_abstract_mesh()
+    if m.empty or not set(AXES) <= set(m.axis_names) or m.size == 1:
+        return None
+    return m
+
+
+def current_mesh():
+    """The concrete mesh set by ``jax.set_mesh`` (outside tracing), or None."""
+    import jax
+    m = jax.sharding.get_mesh()
+    return None if m is None or m.empty or not set(AXES) <= set(m.axis_names) else m
+
+
+def batch_axes(mesh, batch: int):
+    """The mesh axes a batch of ``batch`` sequences is split over: data and expert when their
+    product divides it, else None (replicated: correct, every device computes every sequence)."""
+    return BATCH_AXES if batch % mesh_shape(mesh).batch_split == 0 else None
+
+
+def dim_spec(row, mesh, lead: int = 0):
+    """PartitionSpec of a tensor-table row's array, with ``lead`` unsplit leading axes (a stack
+    of layers: 1). An axis that does not divide its dimension leaves it replicated, except the
+    routed experts: the expert axis must divide their count (whole experts per device)."""
+    from jax.sharding import PartitionSpec as P
+
+    sizes = mesh_shape(mesh).sizes
+    dims: list = [None] * lead
+    for ax, n in zip(row.spec, row.shape, strict=True):
+        if ax == "expert" and n % sizes[ax]:
+            raise MeshError(f"--mesh expert={sizes[ax]}: does not divide the {n} routed experts "
+                            f"({row.name}); expert parallelism puts whole experts on each device")
+        dims.append(ax if ax is not None and sizes[ax] > 1 and n % sizes[ax] == 0 else None)
+    return P(*dims)
+
+
+def placements(model, mesh):
+    """(nnx.Param, NamedSharding, tensor-table row, first layer or None) for every weight of a
+    DeepseekModel: globals as they are, each stack's tensors with their layer axis unsplit."""
+    from jax.sharding import NamedSharding
+
+    from dsref.reference.params import layer_tensors, tensors
+    from dsref.reference.weights import attr
+
+    cfg = model.cfg
+    rows = {t.rel: t for t in tensors(cfg) if t.layer is None}
+    for n in model.globals.names():
+        yield model.globals.param(n), NamedSharding(mesh, dim_spec(rows[n], mesh)), rows[n], None
+    for st in [*model.stacks, *model.mtp]:
+        by_rel = {t.rel: t for t in layer_tensors(cfg, st.first)}
+        for n in st.names():
+            yield getattr(st, attr(n)), NamedSharding(mesh, dim_spec(by_rel[n], mesh, lead=1)), by_rel[n], st.first
+
+
+def shard_model(model, mesh):
+    """Place every weight of the model on the mesh by its spec (in place); returns the model."""
+    import jax
+    for param, sharding, _, _ in placements(model, mesh):
+        param.set_value(jax.device_put(param.get_value(), sharding))
+    return model
+
+
+def place_batch(x, mesh, dim: int = 0):
+    """x (an array) with dimension ``dim`` (the batch) split over the batch axes when they
+    divide it; replicated otherwise. No mesh: x unchanged."""
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    if mesh is None:
+        return x
+    spec = [None] * x.ndim
+    spec[dim] = batch_axes(mesh, x.shape[dim])
+    return jax.device_put(x, NamedSharding(mesh, P(*spec)))
+
+
+def padded_batch(batch: int, mesh) -> int:
+    """The batch rounded up to a multiple of data x expert (padding rows are whole extra
+    sequences, so the real rows' results do not change)."""
+    n = mesh_shape(mesh).batch_split
+    return -(-batch // n) * n

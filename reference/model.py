@@ -31,6 +31,8 @@ from flax import nnx
 
 from dsref.reference.config import MLA_NORM_EPS, ModelConfig
 from dsref.reference.dispatch import expert_window_rows as block_size
+from dsref.reference.expert_parallel import routed_experts_sharded
+from dsref.reference.mesh import active_mesh
 from dsref.reference.numpy_ref import rope_frequencies
 from dsref.reference.params import EMBED, FINAL_NORM, Tensor, head_name, layer_tensors, tensors
 from dsref.reference.unrolled import routed_experts_switch
@@ -316,7 +318,7 @@ def swiglu(x, wg, wu, wd, prec):
     return linear(jax.nn.silu(linear(x, wg, prec)) * linear(x, wu, prec), wd, prec)
 
 
-def routed_experts(w, x, ids, wts, num_experts: int, prec):
+def routed_experts(w, x, ids, wts, num_experts: int, prec, valid=None):
     """Exact sum_k wts[m,k] * Expert_{ids[m,k]}(x[m]) with work proportional to the k selected.
 
     The (token, expert) assignments are sorted by expert. A loop visits only the
@@ -327,11 +329,17 @@ def routed_experts(w, x, ids, wts, num_experts: int, prec):
     array) by its id, one dynamic slice each, so the program has no branch per expert;
     given one array per expert (a tuple, reference/unrolled.py) a ``lax.switch`` on the
     id enters that expert's branch, which reads its arrays in place.
-    x [M, D], ids/wts [M, k] -> [M, D].
+    x [M, D], ids/wts [M, k] -> [M, D]. valid [M] (optional): rows to compute; the others
+    (padding of the expert-parallel buffers, reference/expert_parallel.py) give zeros and
+    cost nothing: they are sorted behind every expert, to an extra id never visited.
     """
     M, D = x.shape
     A = ids.size
-    C, order, counts, start, used, n_used = dispatch_plan(ids, num_experts)
+    if valid is not None:
+        ids = jnp.where(valid[:, None], ids, num_experts)
+    C, order, counts, start, used, n_used = dispatch_plan(ids, num_experts + (valid is not None))
+    if valid is not None:
+        n_used = jnp.count_nonzero(counts[:num_experts])  # the extra id sorts last in ``used``
     tok = order // ids.shape[1]
     xs = jnp.concatenate([x[tok], jnp.zeros((C - 1, D), x.dtype)])  # a window may run C-1 rows past the end
     wg, wu, wd = (w[f"experts.{n}_proj.weight"] for n in ("gate", "up", "down"))
@@ -388,7 +396,11 @@ def moe(w, cfg: ModelConfig, x, prec, capture: dict | None = None):
     shape = x.shape
     xf = x.reshape(-1, shape[-1])
     logits, ids, wts = route(w, cfg, xf)
-    out = routed_experts(w, xf, ids, wts, cfg.n_routed_experts, prec)
+    if active_mesh() is not None:  # expert parallel over the mesh (reference/expert_parallel.py)
+        out = routed_experts_sharded(w, x, ids.reshape(*shape[:-1], -1), wts.reshape(*shape[:-1], -1),
+                                     cfg.n_routed_experts, prec, routed_experts).reshape(xf.shape)
+    else:
+        out = routed_experts(w, xf, ids, wts, cfg.n_routed_experts, prec)
     if cfg.n_shared_experts:
         out = out + swiglu(xf, w["shared_experts.gate_proj.weight"], w["shared_experts.up_proj.weight"],
                            w["shared_experts.down_proj.weight"], prec)
