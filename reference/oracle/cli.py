@@ -112,7 +112,11 @@ def cmd_golden(args) -> int:
     golden.check_tokens(tokens, cfg, f"--tokens {args.tokens}")  # ids and length <= max_position_embeddings
     from dsref.reference.cli_common import compile_cache
     with compile_cache():  # the float32 path compiles the model: keep it for the next run
-        out = golden.write_golden(args.checkpoint, tokens, args.out, args.dtype)
+        if getattr(args, "stream", False):  # layer by layer: checkpoints larger than memory
+            from dsref.reference.oracle import stream
+            out = stream.write_stream_golden(args.checkpoint, tokens, args.out, args.dtype, progress=True)
+        else:
+            out = golden.write_golden(args.checkpoint, tokens, args.out, args.dtype)
     t, _ = golden.read_dump(out)
     print(f"wrote {out}: {len(t)} tensors ({args.dtype}), logits {list(t['logits'].shape)}")
     return 0
@@ -205,6 +209,13 @@ example:
                    "model's max_position_embeddings")
     p.add_argument("--out", required=True, help="output .safetensors")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="precision of the reference")
+    p.add_argument("--stream", action="store_true", help="for checkpoints larger than memory (DeepSeek-V3 671B "
+                   "on a 64 GB machine): read and run one decoder layer at a time from the memory-mapped "
+                   "files, with a progress bar per layer. float64 (bit-identical to the in-memory dump) reads "
+                   "only the routed experts the tokens use, one at a time: it needs about max(one layer "
+                   "without its experts, the LM head) x 8 bytes, ~7.5 GB for V3. float32 holds one whole "
+                   "layer in float32 (~47 GB for a V3 MoE layer). Slower than in-memory: the reads are not "
+                   "overlapped (docs/oracle.md)")
     p.set_defaults(func=cmd_golden)
 
     p = sub.add_parser("compare", help="compare a candidate dump with a reference dump",
