@@ -62,6 +62,15 @@ nonneg_int = integer(0)
 seed = integer(0, INT_MAX)
 
 
+def mesh_arg(s: str):
+    """--mesh AXIS=SIZE,... (reference/mesh.py), checked when the command line is parsed."""
+    from dsref.reference.mesh import MeshError, parse_mesh
+    try:
+        return parse_mesh(s, option="")
+    except MeshError as e:
+        raise argparse.ArgumentTypeError(str(e).lstrip()) from None
+
+
 def number(low: float = -math.inf, high: float = math.inf, *, low_open: bool = False, why: str = "",
            what: str = ""):
     """A finite number in [low, high] (low_open: (low, high]); ``why`` explains the upper bound,

@@ -15,7 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from dsref.reference.cli_common import compile_cache, host_memory_available, nonneg_int, number, positive_int, seed
+from dsref.reference.cli_common import (compile_cache, host_memory_available, mesh_arg, nonneg_int, number,
+                                       positive_int, seed)
 
 _INT = re.compile(r"\s*[0-9]+\s*")  # one token id: plain decimal digits
 
@@ -69,6 +70,8 @@ def _generate(args, cache_dir: str | None) -> int:
 
     from dsref.reference.checkpoint import _find_files, load_checkpoint, read_config, tokenizer_path
     from dsref.reference.decode import generate, kv_cache_alloc_bytes, kv_cache_length
+    from dsref.reference.mesh import make_mesh
+    from dsref.reference.sharded_load import load_sharded
 
     if (args.prompt is None) == (args.tokens is None):
         raise ValueError("give exactly one of --prompt TEXT or --tokens 1,2,3")
@@ -76,6 +79,9 @@ def _generate(args, cache_dir: str | None) -> int:
         raise ValueError("--mtp (self-speculative decoding) is greedy only: use --temperature 0 or drop --mtp")
     if args.mtp and args.layers != "scan":
         raise ValueError("--mtp runs the layer scan: drop --layers unrolled or drop --mtp")
+    if args.mesh is not None and args.layers != "scan":
+        raise ValueError("--mesh runs the layer scan: drop --layers unrolled or drop --mesh")
+    mesh = None if args.mesh is None else make_mesh(args.mesh)  # too few devices: one line, before loading
     _find_files(args.checkpoint)  # refuse pickles before complaining about config.json
     cfg = read_config(args.checkpoint)
     V = cfg.vocab_size
@@ -127,7 +133,10 @@ def _generate(args, cache_dir: str | None) -> int:
                          f"{need / 2**30:,.2f} GiB ({per:,.0f} B/token, bucketed), more than the "
                          f"{avail[0] / 2**30:,.2f} GiB available ({avail[1]}); ask for fewer new tokens")
     t_load = time.perf_counter()
-    cfg, model = load_checkpoint(args.checkpoint, dtype=dtype, with_mtp=args.mtp)
+    if mesh is None:
+        cfg, model = load_checkpoint(args.checkpoint, dtype=dtype, with_mtp=args.mtp)
+    else:  # each device's shards read from the files, nothing else (reference/sharded_load.py)
+        cfg, model = load_sharded(args.checkpoint, mesh, dtype=dtype, with_mtp=args.mtp)
     jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
     load_s = time.perf_counter() - t_load
     stop = list(args.stop) if args.stop else []
@@ -153,7 +162,7 @@ def _generate(args, cache_dir: str | None) -> int:
         sys.stdout.write(args.prompt if args.prompt is not None else tok.decode(prompt))
     res = generate(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, stop_tokens=stop, use_mtp=args.mtp, on_token=on_token,
-                   measure_compile=True, layers=args.layers)
+                   measure_compile=True, layers=args.layers, mesh=mesh)
     steady = res.steady_decode_tokens_per_s
     # steady state: the decode steps after the first (compiled ahead; the first step still pays
     # first-execution costs); with a single decode step, that step; with none, null
@@ -172,6 +181,7 @@ def _generate(args, cache_dir: str | None) -> int:
         "steady_decode_s": res.steady_s, "steady_decode_tokens": res.steady_tokens,
         "compile_cache_dir": cache_dir,
         "layers": args.layers,
+        "mesh": None if mesh is None else str(args.mesh), "devices": 1 if mesh is None else mesh.size,
         "mtp_acceptance_rate": res.acceptance_rate,
         "kv_cache_bytes_per_token": int(cfg.kv_cache_bytes_per_token(jnp.dtype(dtype).itemsize)),
         "note": ("compile_s: tracing and compiling the prefill, sampling and decode steps before the clock starts "
@@ -234,6 +244,10 @@ example (a small random checkpoint, so the text is gibberish):
                         "so compile time does not grow with depth; 'unrolled' compiles every layer and a branch "
                         "per expert, reading each weight in place: a faster decode on CPU for small models "
                         "(up to 512 experts x MoE layers), a longer compile")
+    p.add_argument("--mesh", type=mesh_arg, metavar="AXIS=SIZE,...",
+                   help="run over a device mesh: data=N splits the batch, expert=N puts E/N whole routed "
+                        "experts on each device (tokens travel by all-to-all), tensor=N splits heads and FFN "
+                        "(e.g. expert=4,tensor=2); the product is the device count (docs/scaling.md)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (tokens, text, timings: compile_s, prefill_s, decode_tokens_per_s, ...)")
     p.add_argument("--no-compile-cache", action="store_true",

@@ -27,6 +27,17 @@ AXES = ("data", "expert", "tensor")
 #: The axes that split the batch (activations, KV cache): data, and expert (attention DP).
 BATCH_AXES = ("data", "expert")
 
+#: The parallel layouts the docs describe (docs/scaling.md), each tested on 8 simulated CPU
+#: devices against one device (tests/test_mesh.py): name -> --mesh value.
+LAYOUTS = {
+    "data parallel": "data=8",
+    "expert parallel (attention data parallel)": "expert=8",
+    "tensor parallel": "tensor=8",
+    "data x expert": "data=2,expert=4",
+    "expert x tensor": "expert=4,tensor=2",
+    "data x expert x tensor": "data=2,expert=2,tensor=2",
+}
+
 
 class MeshError(ValueError):
     """A --mesh value that cannot be used: names the option and what is wrong."""

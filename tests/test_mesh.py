@@ -1,0 +1,145 @@
+"""The model over a device mesh gives what one device gives (reference/mesh.py,
+reference/expert_parallel.py, reference/sharded_load.py).
+
+Every layout in ``mesh.LAYOUTS`` (the ones docs/scaling.md describes) runs on 8 simulated CPU
+devices in a worker process (tests/mesh_worker.py: the device count is fixed when JAX starts),
+on an FP8 checkpoint loaded shard by shard: the loaded weights, the logits and every layer's
+captures (float32, relative <= 1e-5), the routing (exact) and greedy generation (with batch
+padding, and MTP self-speculation once) are compared with one device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsref.reference.expert_parallel import dispatch_slots
+from dsref.reference.mesh import AXES, LAYOUTS, MeshError, MeshShape, dim_spec, padded_batch, parse_mesh
+from dsref.reference.params import tensors
+from dsref.reference.presets import get_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def mesh_results(tmp_path_factory):
+    """Run the worker on the layouts, in two processes at once (compiling is single-threaded)."""
+    d = tmp_path_factory.mktemp("mesh")
+    names = list(LAYOUTS)
+    halves = [names[0::2], names[1::2]]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT.parent), os.environ.get("PYTHONPATH", "")])}
+    env.pop("XLA_FLAGS", None)
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "mesh_worker.py"), str(d / f"{i}.json"), *h],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i, h in enumerate(halves)]
+    results = {}
+    for i, p in enumerate(procs):
+        try:
+            out, _ = p.communicate(timeout=900)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        assert p.returncode == 0, out[-4000:]
+        results.update(json.loads((d / f"{i}.json").read_text()))
+    return results
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_matches_one_device(mesh_results, layout):
+    r = mesh_results[layout]
+    assert r["load_equal"], "weights read shard by shard differ from the whole-checkpoint load"
+    assert r["logits_rel"] <= TOL, r["logits_rel"]
+    bad = {k: v for k, v in r["capture_rel"].items() if v > TOL}
+    assert not bad, bad
+    assert r["ids_equal"], "routing differs from one device"
+    assert r["greedy_equal"], "greedy tokens differ from one device"
+
+
+@pytest.mark.parametrize("layout", [n for n, m in LAYOUTS.items() if "expert" in m])
+def test_expert_layouts_split_experts_and_exchange_tokens(mesh_results, layout):
+    """Expert parallel really is: experts split over 'expert', tokens sent with all-to-all."""
+    r = mesh_results[layout]
+    assert "'expert'" in r["experts_split"], r["experts_split"]
+    assert r["all_to_all"] >= 2, "no all-to-all in the compiled forward"
+
+
+def test_mtp_on_a_mesh(mesh_results):
+    assert mesh_results["data x expert"]["mtp_equal"]
+
+
+def test_docs_describe_every_tested_layout():
+    text = (ROOT / "docs" / "scaling.md").read_text()
+    for name, mesh in LAYOUTS.items():
+        assert f"`{mesh}`" in text, f"docs/scaling.md does not describe the layout {name} ({mesh})"
+
+
+# ----------------------------------------------------------------- in-process pieces
+@pytest.mark.parametrize("text, want", [("data=2,expert=4", MeshShape(2, 4, 1)), ("tensor=8", MeshShape(1, 1, 8)),
+                                        (" expert = 2 , data=1 ", MeshShape(1, 2, 1))])
+def test_parse_mesh(text, want):
+    assert parse_mesh(text) == want
+
+
+@pytest.mark.parametrize("text, says", [("", "empty"), ("data", "AXIS=SIZE"), ("pipe=2", "unknown axis"),
+                                        ("data=2,data=2", "twice"), ("data=0", "positive"), ("data=x", "positive"),
+                                        ("data=1.5", "positive")])
+def test_parse_mesh_refuses(text, says):
+    with pytest.raises(MeshError, match=says):
+        parse_mesh(text)
+
+
+def _mesh(d, e, t):
+    return jax.sharding.AbstractMesh((d, e, t), AXES)
+
+
+def test_specs_follow_the_table_and_divisibility():
+    cfg = get_preset("tiny-v3")  # 16 experts, 4 heads, vocab not a multiple of 3
+    rows = {t.rel: t for t in tensors(cfg) if t.layer in (None, 2)}
+    m = _mesh(1, 4, 2)
+    assert tuple(dim_spec(rows["mlp.experts.gate_proj.weight"], m, lead=1)) == (None, "expert", "tensor", None)
+    assert tuple(dim_spec(rows["mlp.experts.down_proj.weight"], m, lead=1)) == (None, "expert", None, "tensor")
+    assert tuple(dim_spec(rows["self_attn.o_proj.weight"], m)) == (None, "tensor")
+    assert tuple(dim_spec(rows["mlp.gate.weight"], m)) == (None, None)
+    assert tuple(dim_spec(rows["model.embed_tokens.weight"], _mesh(1, 1, 3))) in ((None, None), ("tensor", None))
+    if cfg.vocab_size % 3:
+        assert tuple(dim_spec(rows["model.embed_tokens.weight"], _mesh(1, 1, 3))) == (None, None)
+    with pytest.raises(MeshError, match="expert=3"):
+        dim_spec(rows["mlp.experts.gate_proj.weight"], _mesh(1, 3, 1))
+
+
+def test_padded_batch():
+    assert padded_batch(3, _mesh(2, 4, 1)) == 8 and padded_batch(8, _mesh(2, 4, 1)) == 8
+    assert padded_batch(1, _mesh(1, 1, 8)) == 1
+
+
+def test_dispatch_slots_rank_each_assignment_within_its_device():
+    dest = jnp.asarray([2, 0, 2, 1, 0, 2], jnp.int32)
+    assert dispatch_slots(dest, 3).tolist() == [0, 0, 1, 0, 1, 2]
+
+
+def test_padding_rows_are_skipped_and_give_zeros():
+    """routed_experts(valid=...): the rows the expert-parallel buffers pad with cost nothing
+    and come back zero; the real rows are as without padding."""
+    from dsref.reference.model import routed_experts
+    rng = np.random.default_rng(0)
+    E, D, F, M = 4, 8, 6, 10
+    w = {f"experts.{n}_proj.weight": jnp.asarray(rng.standard_normal(s), jnp.float32)
+         for n, s in (("gate", (E, F, D)), ("up", (E, F, D)), ("down", (E, D, F)))}
+    x = jnp.asarray(rng.standard_normal((M, D)), jnp.float32)
+    ids = jnp.asarray(rng.integers(0, E, (M, 1)), jnp.int32)
+    ones = jnp.ones((M, 1), jnp.float32)
+    valid = jnp.asarray(rng.random(M) < 0.6)
+    full = routed_experts(w, x, ids, ones, E, None)
+    part = routed_experts(w, x, ids, ones, E, None, valid=valid)
+    np.testing.assert_array_equal(np.asarray(part)[~np.asarray(valid)], 0)
+    np.testing.assert_allclose(np.asarray(part)[np.asarray(valid)], np.asarray(full)[np.asarray(valid)], rtol=1e-6)
