@@ -420,13 +420,16 @@ class _Plan:
             self.r.release()
 
 
+_STACKED = tuple(f"mlp.experts.{k}_proj.weight" for k in ("gate", "up", "down"))
+
+
 class LayerReader:
     """Random access to a checkpoint, one decoder layer at a time (reference/oracle/stream.py).
 
     The same checks as ``read_tensors`` (all headers against config.json, before any data),
-    but nothing is read until asked: ``layer(i)`` gives layer i's tensors (None: the
-    globals) in our layout with routed experts *not* stacked: each is an ``ExpertStack``
-    whose ``[e]`` reads that one expert, so a layer never holds its E experts at once;
+    but nothing is read until asked: ``layer(i)`` yields layer i's tensors (None: the
+    globals) one at a time, in our layout with routed experts *not* stacked: each is an
+    ``ExpertStack`` whose ``[e]`` reads that one expert, so a layer never holds its E experts;
     ``rows(name, ids)`` reads some rows of a matrix (the embedding rows of the tokens).
     Values are those ``read_tensors`` gives (FP8 dequantized to float32). Call
     ``release()`` once a layer's arrays are dropped, to unmap the pages they touched.
@@ -441,19 +444,13 @@ class LayerReader:
         self._groups = dict(zip(self._plan.keys, self._plan.groups))
         self._entries = {e.name: e for g in self._plan.groups for e in g}
 
-    def layer(self, i: int | None) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        cache: dict[str, np.ndarray] = {}
+    def layer(self, i: int | None) -> Iterator[tuple[str, Any]]:
+        """(our name, array or ExpertStack) of layer i, read one tensor at a time as iterated."""
         for e in self._groups[i]:
-            if e.how == "stack" or e.name.endswith(("mlp.experts.gate_proj.weight", "mlp.experts.up_proj.weight",
-                                                    "mlp.experts.down_proj.weight")):
-                out[e.name] = ExpertStack(self._plan, e)
-                continue
-            src = e.srcs[0]
-            if src not in cache:
-                cache[src] = self._plan._load(src)
-            out[e.name] = cache[src]
-        return out
+            if e.how != "plain" or e.name.endswith(_STACKED):  # routed experts, whatever the layout
+                yield e.name, ExpertStack(self._plan, e)
+            else:
+                yield e.name, self._plan._load(e.srcs[0])
 
     def tensor(self, name: str) -> np.ndarray:
         """One plain tensor by our name (a global such as the final norm)."""

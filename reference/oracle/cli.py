@@ -214,7 +214,7 @@ example:
                    "files, with a progress bar per layer. float64 (bit-identical to the in-memory dump) reads "
                    "only the routed experts the tokens use, one at a time: it needs about max(one layer "
                    "without its experts, the LM head) x 8 bytes, ~7.5 GB for V3. float32 holds one whole "
-                   "layer in float32 (~47 GB for a V3 MoE layer). Slower than in-memory: the reads are not "
+                   "layer in float32 (~46 GB for a V3 MoE layer). Slower than in-memory: the reads are not "
                    "overlapped (docs/oracle.md)")
     p.set_defaults(func=cmd_golden)
 

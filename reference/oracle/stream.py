@@ -8,7 +8,7 @@ token batch, its outputs are captured and its weights dropped before the next la
 
 * Embedding: only the rows of the token ids present are read.
 * LM head: float32 applies it in vocabulary chunks; float64 in one piece (the V3 head is
-  129280 x 7168, 7.4 GB in float64), since chunking changes the last bit (see _head64).
+  129280 x 7168, 7.4 GB in float64), since chunking changes the last bit (see _run64).
 * float64: reference.numpy_ref's own functions, on the same values in the same order as
   the in-memory float64 golden, so the dump is bit-identical to it (tests/test_stream_golden.py).
   Routed experts are read one expert at a time, and only the experts the router chose
@@ -47,8 +47,11 @@ class _Experts64:
         return np.asarray(self.stack[e], np.float64)
 
 
-def _layer_weights(reader: LayerReader, i: int, wrap) -> dict[str, Any]:
-    return {k: (wrap(v) if isinstance(v, ExpertStack) else v) for k, v in reader.layer(i).items()}
+def _weights64(reader: LayerReader, i: int) -> dict[str, Any]:
+    """Layer i's weights in float64, each widened as it is read (the stored copy is dropped before
+    the next is read); routed experts stay on disk until numpy_ref.moe asks for one."""
+    return {k: _Experts64(v) if isinstance(v, ExpertStack) else np.asarray(v, np.float64)
+            for k, v in reader.layer(i)}
 
 
 def _embedding_rows(reader: LayerReader, tokens: np.ndarray):
@@ -98,39 +101,30 @@ def _run64(reader: LayerReader, cfg: ModelConfig, tokens: np.ndarray, mtp: bool,
     h = table[local]
     cap: dict[str, Any] = {}
     for i in range(cfg.num_hidden_layers):
-        w = _layer_weights(reader, i, _Experts64)
-        w = {k: v if isinstance(v, _Experts64) else np.asarray(v, f64) for k, v in w.items()}
+        w = _weights64(reader, i)
         h = nr.decoder_layer(h, w, cfg, i, positions, cap)
         del w
         reader.release()
         prog.step(f"layer {i}")
     hn = nr.rms_norm(h, np.asarray(reader.tensor(FINAL_NORM), f64), cfg.rms_norm_eps)
-    out = {"logits": _head64(reader, cfg, hn), **cap}
-    prog.step("lm head")
+    final = {"logits": hn}  # what the head is applied to (once read, for both)
     if mtp:
-        L = cfg.num_hidden_layers
-        w = _layer_weights(reader, L, _Experts64)
-        w = {k: v if isinstance(v, _Experts64) else np.asarray(v, f64) for k, v in w.items()}
+        w = _weights64(reader, cfg.num_hidden_layers)
         w[EMBED] = table  # mtp_hidden gathers Emb(t+1) from it with the renumbered ids
-        x = nr.mtp_hidden(local, hn, w, cfg)
+        final[golden.MTP_LOGITS] = nr.mtp_hidden(local, hn, w, cfg)
         del w
         reader.release()
-        out[golden.MTP_LOGITS] = _head64(reader, cfg, x)
         prog.step("mtp")
-    return out
-
-
-def _head64(reader: LayerReader, cfg: ModelConfig, x: np.ndarray) -> np.ndarray:
-    """The LM head in one matmul, not in vocabulary chunks: BLAS rounds a chunked product
-    differently in the last bit (measured: logits differ for 7-, 100- and 333-row chunks), and
-    float64 must be bit-identical to the in-memory golden. So the float64 stream's peak is
-    max(one layer, the head: vocab x hidden x 8 bytes; 7.4 GB for V3)."""
-    from dsref.reference import numpy_ref as nr
-    head = np.asarray(reader.tensor(head_name(cfg)), np.float64)
-    out = nr.linear(x, head)
+    # The LM head in one matmul, not in vocabulary chunks: BLAS rounds a chunked product
+    # differently in the last bit (measured: logits differ for 7-, 100- and 333-row chunks) and
+    # float64 must be bit-identical to the in-memory golden. So the head, vocab x hidden x 8
+    # bytes (7.4 GB for V3), is the float64 stream's largest single allocation.
+    head = np.asarray(reader.tensor(head_name(cfg)), f64)
+    out = {k: nr.linear(x, head) for k, x in final.items()}
     del head
     reader.release()
-    return out
+    prog.step("lm head")
+    return {**out, **cap}
 
 
 # ------------------------------------------------------------------ float32 (JAX)
@@ -164,7 +158,7 @@ def _weights32(reader: LayerReader, i: int) -> dict[str, Any]:
     import jax
     pre = f"model.layers.{i}."
     out = {}
-    for k, v in reader.layer(i).items():
+    for k, v in reader.layer(i):
         if isinstance(v, ExpertStack):  # one expert at a time into the stack (never two copies)
             a = _aligned_empty(v.shape)
             for e in range(len(v)):
@@ -200,8 +194,7 @@ def _run32(reader: LayerReader, cfg: ModelConfig, tokens: np.ndarray, mtp: bool,
         del w
         prog.step(f"layer {i}")
     hn = m.rms_norm(h, jnp.asarray(np.asarray(reader.tensor(FINAL_NORM), np.float32)), cfg.rms_norm_eps)
-    out = {"logits": _head32(reader, cfg, hn), **cap}
-    prog.step("lm head")
+    final = {"logits": hn}
     if mtp:
         L = cfg.num_hidden_layers
         w = _weights32(reader, L)
@@ -217,25 +210,27 @@ def _run32(reader: LayerReader, cfg: ModelConfig, tokens: np.ndarray, mtp: bool,
             pos = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
             x, _ = m.decoder_layer(w, cfg, L, x, pos, prec=prec)
             return m.rms_norm(x, w["shared_head.norm.weight"], cfg.rms_norm_eps)
-        x = front(w, table[jnp.asarray(local[:, 1:])], hn[:, :-1])
+        final[golden.MTP_LOGITS] = front(w, table[jnp.asarray(local[:, 1:])], hn[:, :-1])
         del w
-        reader.release()
-        out[golden.MTP_LOGITS] = _head32(reader, cfg, x)
         prog.step("mtp")
-    return out
+    out = _head32(reader, cfg, final)
+    prog.step("lm head")
+    return {**out, **cap}
 
 
-def _head32(reader: LayerReader, cfg: ModelConfig, x) -> np.ndarray:
+def _head32(reader: LayerReader, cfg: ModelConfig, final: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The LM head on each of ``final``'s hidden states, one vocabulary chunk of it read at a time."""
     import jax
     import jax.numpy as jnp
 
     from dsref.reference import model as m
     from dsref.reference.weights import F32
     head = jax.jit(lambda x, w: m.linear(x, w, m._mm(F32)).astype(F32))
-    out = np.empty((*x.shape[:-1], cfg.vocab_size), np.float32)
+    out = {k: np.empty((*x.shape[:-1], cfg.vocab_size), np.float32) for k, x in final.items()}
     for a, b in _head_chunks(cfg, 4):
         w = jnp.asarray(np.asarray(reader.rows(head_name(cfg), np.arange(a, b)), np.float32))
-        out[..., a:b] = np.asarray(head(x, w))
+        for k, x in final.items():
+            out[k][..., a:b] = np.asarray(head(x, w))
         reader.release()
     return out
 
