@@ -13,17 +13,20 @@ Measured (on --device, default the first GPU JAX sees):
               equal, max |logit difference| of the first step (and its top-2 margin, which
               says how close a greedy tie was)
   prefill     one forward pass over --prefill-lens tokens (the reference's compiled prefill
-              step): FLOPs from sim.costmodel.prefill_ops (attn_impl="masked", as
-              benchmarks/bench_decode.py counts them) per second, against the device's dense
-              peak at the compute precision (bf16 for --dtype bfloat16) from the hwmodels
-              catalog
+              step): FLOPs from sim.costmodel.prefill_ops (attn_impl="masked": the full
+              causal score matrix the reference computes, as benchmarks/bench_decode.py
+              counts them; the causal half, attn_impl="flash", recorded beside it) per
+              second, against the device's dense peak at the compute precision (bf16 for
+              --dtype bfloat16) from the hwmodels catalog
   decode      one decode step (the reference's compiled step, greedy) at each --batches size
               with --context cached tokens: steps dispatched back to back, timed to the last
-              block_until_ready, median of --runs; bytes one step must read (weights, KV
-              cache, activations) from sim.costmodel.decode_ops (attn_impl="masked" over the
-              cache slots the reference allocates: it attends over all of them) over the step
-              time, against the catalog's HBM bandwidth. Also timed with the token fetched to
-              the host after every step, as reference.decode.generate does.
+              block_until_ready, median of --runs; the bytes one step must read (weights of
+              the experts routed to, KV cache of the context + 1 keys, activations) from
+              sim.costmodel.decode_ops over the step time, against the catalog's HBM
+              bandwidth. Recorded beside it: the bytes with the KV read over every cache slot
+              generate() allocates (the reference attends over all, masked), and the step
+              timed with the token fetched to the host after every step, as
+              reference.decode.generate does.
   compile     lower + compile seconds of every prefill and decode program above
   checkpoint  seconds to write and to load the benchmark model's checkpoint
 
@@ -75,7 +78,9 @@ SMOKE = dict(preset="tiny-v3", num_layers=None, dtype="float32", parity_preset="
              parity_new_tokens=4, batches=(1, 2), prefill_lens=(16,), prefill_batch=2, context=16, steps=3, runs=2)
 FULL = dict(preset="moonlight-16b-a3b", num_layers=4, dtype="bfloat16", parity_preset="small-v3",
             parity_prompt_lens=(5, 17, 40), parity_new_tokens=16, batches=(1, 2, 4, 8, 16, 32, 64, 128, 256),
-            prefill_lens=(512, 2048), prefill_batch=1, context=1024, steps=20, runs=3)
+            prefill_lens=(512, 2048), prefill_batch=1, context=1000, steps=20, runs=3)
+# context 1000: generate() would allocate 1024 cache slots for it (kv_cache_length), so the
+# slots the reference attends over are nearly all context
 PEAK_PRECISION = {"bfloat16": "bf16", "float32": "fp32"}
 QUANT = {"bfloat16": "bf16", "float32": "fp32"}  # sim.quant names: bytes per weight / activation / KV
 
@@ -166,17 +171,19 @@ def _write_checkpoint(cfg, dtype: str, d: str) -> float:
 def _load(d: str, dtype: str):
     import jax
     import jax.numpy as jnp
+    from flax import nnx
 
     from dsref.reference.checkpoint import load_checkpoint
     t = time.perf_counter()
     cfg, model = load_checkpoint(d, dtype=jnp.dtype(dtype))
-    jax.block_until_ready(jax.tree.leaves(model))
+    jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
     return cfg, model, time.perf_counter() - t
 
 
 def _weights_device(model) -> str:
     import jax
-    return str(next(iter(jax.tree.leaves(model)[0].devices())))
+    from flax import nnx
+    return ", ".join(sorted({str(d) for a in jax.tree.leaves(nnx.state(model)) for d in a.devices()}))
 
 
 # ------------------------------------------------------------------ measurements
@@ -250,9 +257,11 @@ def prefill(model, fns, state, batch: int, tokens: int, runs: int, dtype: str, c
         times.append(time.perf_counter() - t)
     t = statistics.median(times[1:])
     flops = totals(prefill_ops(cfg, QUANT[dtype], batch, tokens, attn_impl="masked"))["flops"]
+    causal = totals(prefill_ops(cfg, QUANT[dtype], batch, tokens, attn_impl="flash"))["flops"]
     peak = cat.get("peak", {}).get(PEAK_PRECISION[dtype], {}).get("flops_per_s")
     return {"batch": batch, "tokens": tokens, "cache_slots": S, "lower_s": lower_s, "compile_s": compile_s,
             "time_s": t, "times_s": times, "tokens_per_s": batch * tokens / t, "flops": flops,
+            "flops_causal": causal,
             "flops_per_s": flops / t, "peak_precision": PEAK_PRECISION[dtype],
             "peak_fraction": _fraction(flops / t, peak)}
 
@@ -292,13 +301,15 @@ def decode(model, fns, state, batch: int, context: int, steps: int, runs: int, d
         np.asarray(nxt)
         synced.append((time.perf_counter() - t) / steps)
     step, step_sync = statistics.median(piped), statistics.median(synced)
-    tot = totals(decode_ops(cfg, QUANT[dtype], batch, context, attn_impl="masked", key_slots=S))
+    tot = totals(decode_ops(cfg, QUANT[dtype], batch, context, attn_impl="flash"))
+    slots = totals(decode_ops(cfg, QUANT[dtype], batch, context, attn_impl="masked", key_slots=S))
     bw = cat.get("hbm_bandwidth_Bps")
     return {"batch": batch, "context": context, "cache_slots": S, "steps": steps, "runs": runs,
             "lower_s": lower_s, "compile_s": compile_s, "step_s": step, "steps_s": piped,
             "tokens_per_s": batch / step, "synced_step_s": step_sync, "synced_tokens_per_s": batch / step_sync,
             "bytes_per_step": tot["bytes"], "weight_bytes_per_step": tot["weight_bytes"],
-            "kv_bytes_per_step": tot["kv_bytes"], "flops_per_step": tot["flops"], "achieved_Bps": tot["bytes"] / step,
+            "kv_bytes_per_step": tot["kv_bytes"], "bytes_per_step_all_slots": slots["bytes"],
+            "flops_per_step": tot["flops"], "achieved_Bps": tot["bytes"] / step,
             "hbm_fraction": _fraction(tot["bytes"] / step, bw)}
 
 
@@ -367,7 +378,7 @@ def run(a, out_path: str | None) -> dict:
         pd = os.path.join(work, "parity")
 
         def par():
-            with jax.default_device(cpu_dev):
+            with jax.default_device(run_dev):  # random init is quicker there; the file is the same
                 _write_checkpoint(_model_cfg(p["parity_preset"], None), "float32", pd)
             return parity(pd, p["parity_prompt_lens"], p["parity_new_tokens"], run_dev, cpu_dev)
         r["parity"] = step("parity", par)
@@ -386,23 +397,40 @@ def run(a, out_path: str | None) -> dict:
             if model is not None:
                 from dsref.reference.decode import compiled_steps
                 fns, state = compiled_steps(model)
-                for n in p["prefill_lens"]:
-                    m = step(f"prefill {n}", lambda n=n: prefill(model, fns, state, p["prefill_batch"], n, p["runs"],
-                                                                      dtype, cat))
+                def do_prefill(n):
+                    m = step(f"prefill {n}", lambda: prefill(model, fns, state, p["prefill_batch"], n, p["runs"],
+                                                             dtype, cat))
                     if m:
                         r["prefill"].append(m)
                         print(f"  prefill {n:6d} tok: {m['time_s'] * 1e3:9.2f} ms  {m['flops_per_s'] / 1e12:8.2f} "
                               f"TFLOP/s  peak frac {_pct(m['peak_fraction'])}  compile {m['compile_s']:.1f} s", flush=True)
-                for b in p["batches"]:
-                    m = step(f"decode batch {b}", lambda b=b: decode(model, fns, state, b, p["context"], p["steps"],
-                                                                   p["runs"], dtype, cat))
+
+                def do_decode(b):
+                    m = step(f"decode batch {b}", lambda: decode(model, fns, state, b, p["context"], p["steps"],
+                                                                 p["runs"], dtype, cat))
                     if m:
                         r["decode"].append(m)
+                        r["decode"].sort(key=lambda m: m["batch"])
                         print(f"  decode batch {b:4d}: {m['step_s'] * 1e3:8.3f} ms/step  {m['tokens_per_s']:10.1f} tok/s"
                               f"  {m['achieved_Bps'] / 1e9:8.1f} GB/s  HBM frac {_pct(m['hbm_fraction'])}  "
                               f"compile {m['compile_s']:.1f} s", flush=True)
+                coarse, fine = coarse_to_fine(p["batches"])
+                for b in coarse:  # the curve's shape first, should the budget end the run early
+                    do_decode(b)
+                for n in p["prefill_lens"]:
+                    do_prefill(n)
+                for b in fine:
+                    do_decode(b)
     save()
     return r
+
+
+def coarse_to_fine(batches) -> tuple[list[int], list[int]]:
+    """(every third batch size and the largest, the rest), each ascending: measured in that
+    order, a run cut short by its budget still spans the whole range."""
+    bs = sorted(set(batches))
+    coarse = sorted(set(bs[::3] + bs[-1:]))
+    return coarse, [b for b in bs if b not in coarse]
 
 
 def _pct(x) -> str:
@@ -413,7 +441,7 @@ def markdown(r: dict) -> str:
     """The docs/performance.md section of one run."""
     dv, par, ck = r["device"], r["parity"], r["checkpoint"]
     lines = [f"### GPU: {dv['device_kind']}, {r['date_utc']}", "",
-             f"`{r['command']}` -- jax {r['jax_version']}, {r['preset']} cut to {r['num_layers']} layers "
+             f"`{r['command']}` -- jax {r['jax_version']}, {r['preset']} with {r['num_layers']} layers "
              f"({r['params'] / 1e9:.2f}B parameters, {r['activated_params'] / 1e9:.2f}B activated), {r['dtype']}, "
              f"random weights through save_checkpoint/load_checkpoint.", ""]
     if dv["catalog_id"]:
@@ -473,7 +501,18 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=420.0, help="start no measurement after this many seconds")
     ap.add_argument("--out", default=None, help="JSON results, rewritten after every measurement")
     ap.add_argument("--markdown", action="store_true", help="print the docs/performance.md section")
+    ap.add_argument("--from-json", default=None, metavar="FILE", help="measure nothing: print the "
+                    "docs/performance.md section of a results file an earlier run wrote (say, one cut short)")
     a = ap.parse_args(argv)
+    if a.from_json:
+        try:
+            with open(a.from_json) as f:
+                print(markdown(json.load(f)))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"bench_gpu: --from-json {a.from_json}: not a bench_gpu results file ({type(e).__name__}: {e})",
+                  file=sys.stderr)
+            return 2
+        return 0
     for k in ("context", "steps", "runs", "parity_new_tokens", "prefill_batch"):
         v = getattr(a, k)
         if v is not None and v < 1:
