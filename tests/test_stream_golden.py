@@ -177,3 +177,25 @@ def test_stream_refuses_float32_for_gqa(ckpts):
     ck, cfg = ckpts["qwen3-moe"]
     with pytest.raises(golden.OracleError, match="float64"):
         stream.run_stream(ck, _tokens(cfg, 9), "float32")
+
+
+def test_reader_reads_only_the_experts_used_and_fp8_rows(ckpts, monkeypatch):
+    ck, cfg = ckpts["fp8-mtp-sharded"]
+    got: set[tuple[str, int]] = set()
+    item = checkpoint.ExpertStack.__getitem__
+
+    def record(self, e):
+        got.add((self._e.name.split(".mlp.")[0], int(e)))
+        return item(self, e)
+    monkeypatch.setattr(checkpoint.ExpertStack, "__getitem__", record)
+    tok = _tokens(cfg, 10, (1, 3))
+    dump, _ = stream.run_stream(ck, tok, "float64")
+    want = {(f"model.layers.{m.group(1)}", int(e)) for k, v in dump.items()
+            if (m := golden._LAYER_RE.match(k)) and m.group(2) == "topk_ids" for e in np.unique(v)}
+    assert {g for g in got if int(g[0].rsplit(".", 1)[1]) < cfg.num_hidden_layers} == want
+    assert len(want) < cfg.num_hidden_layers * cfg.n_routed_experts  # 3 tokens x top-4 of 16: not all
+    # rows of an FP8 matrix (partial 128-row and -column blocks): the values read_tensors gives
+    name = "model.layers.0.mlp.down_proj.weight"  # [160, 96]: block rows 0-127 and 128-159
+    full = dict(checkpoint.read_tensors(ck, with_mtp=True))[name]
+    ids = np.array([0, 127, 128, 159, 5])
+    np.testing.assert_array_equal(checkpoint.LayerReader(ck, with_mtp=True).rows(name, ids), full[ids])
