@@ -61,11 +61,13 @@ import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# JAX device_kind (the CUDA device name) -> hwmodels catalog id. Only names whose part is
-# unambiguous: "NVIDIA H200" is the SXM part (device/H200.md of this workplace: nvidia-smi and
-# PyTorch name the SXM part plainly 'NVIDIA H200'; the PCIe part is "NVIDIA H200 NVL", not in
-# the catalog); "NVIDIA H100 80GB HBM3" is the SXM5 part (the PCIe part, 2.0 TB/s, is named
-# "NVIDIA H100 PCIe"). Add a name here only with its source.
+# JAX device_kind (the CUDA device name) -> hwmodels catalog id; only names whose part is
+# unambiguous enough for the figure compared against. "NVIDIA H100 80GB HBM3" is the SXM5 part,
+# the PCIe part (2.0 TB/s) being "NVIDIA H100 PCIe" (karpathy/llm.c llmc/mfu.h, gpu_db:
+# "HBM3 = SXM5"). "NVIDIA H200": the CUDA name of the H200 SXM (medium confidence: as reported
+# by nvidia-smi and PyTorch on H200 SXM machines); one public source says the H200 NVL reports the same
+# name: its HBM is the same 4.8 TB/s, its bf16 peak lower, so on an NVL the prefill fraction
+# would be understated. Add a name here only with its source.
 KNOWN_DEVICE_KINDS = {
     "NVIDIA H200": "h200",
     "NVIDIA H100 80GB HBM3": "h100",
@@ -346,7 +348,7 @@ def run(a, out_path: str | None) -> dict:
          "preset": p["preset"], "num_layers": cfg.num_hidden_layers, "dtype": dtype,
          "params": pc["total_params"], "activated_params": pc["activated_params"],
          "budget_s": a.budget_s, "checkpoint": None, "parity": None, "prefill": [], "decode": [],
-         "skipped": [], "errors": []}
+         "skipped": [], "errors": [], "wall_s": {}}
 
     def save():
         r["elapsed_s"] = time.perf_counter() - t0
@@ -362,12 +364,15 @@ def run(a, out_path: str | None) -> dict:
             r["skipped"].append(f"{name}: --budget-s {a.budget_s} spent")
             print(f"  {name}: skipped (budget)", flush=True)
             return None
+        t = time.perf_counter()
         try:
             out = fn()
         except Exception as e:  # noqa: BLE001 - one failed measurement must not lose the others
             r["errors"].append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             print(f"  {name}: ERROR {r['errors'][-1]}", flush=True)
             out = None
+        r["wall_s"][name] = time.perf_counter() - t  # what each part costs: sizes the next lease
+        print(f"  [{name}: {r['wall_s'][name]:.1f} s, {time.perf_counter() - t0:.0f} s in]", flush=True)
         save()
         return out
 

@@ -47,9 +47,10 @@ def test_smoke_json_has_every_field(smoke):
     r, _ = smoke
     for k in ("schema", "date_utc", "command", "device", "jax_version", "jaxlib_version", "preset", "num_layers",
               "dtype", "params", "activated_params", "checkpoint", "parity", "prefill", "decode", "skipped",
-              "errors", "elapsed_s", "budget_s"):
+              "errors", "elapsed_s", "budget_s", "wall_s"):
         assert k in r, k
     assert r["smoke"] is True and r["errors"] == [] and r["skipped"] == []
+    assert set(r["wall_s"]) == {"parity", "checkpoint", "prefill 16", "decode batch 1", "decode batch 2"}
     assert r["device"]["platform"] == "cpu" and r["device"]["catalog_id"] == "h200"
     assert r["checkpoint"]["load_s"] > 0 and r["checkpoint"]["file_bytes"] > 0
     assert [m["batch"] for m in r["decode"]] == [1, 2]
