@@ -50,7 +50,6 @@ import argparse
 import dataclasses
 import datetime as _dt
 import json
-import math
 import os
 import shlex
 import statistics
@@ -233,6 +232,8 @@ def parity(ckpt: str, prompt_lens, new_tokens: int, run_dev, cpu_dev) -> dict:
             "first_step_max_abs_logit_diff": float(np.max(np.abs(a["logits"] - b["logits"]))),
             "first_step_min_top2_margin_cpu": float(np.min(top2[:, 1] - top2[:, 0])),
             "weights_on": {"device": a["weights_on"], "cpu": b["weights_on"]},
+            # a device side that silently ran on the host would pass trivially
+            "devices_as_intended": (a["weights_on"], b["weights_on"]) == (str(run_dev), str(cpu_dev)),
             "compile_s": {"device": a["compile_s"], "cpu": b["compile_s"]}}
 
 
@@ -396,7 +397,8 @@ def run(a, out_path: str | None) -> dict:
                 _, model, load_s = _load(d, dtype)
                 nbytes = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
                 r["checkpoint"] = {"write_s": w, "load_s": load_s, "file_bytes": nbytes,
-                                   "weights_on": _weights_device(model)}
+                                   "weights_on": _weights_device(model),
+                                   "on_run_device": _weights_device(model) == str(run_dev)}
                 return model
             model = step("checkpoint", load)
             if model is not None:
@@ -450,27 +452,29 @@ def markdown(r: dict) -> str:
              f"({r['params'] / 1e9:.2f}B parameters, {r['activated_params'] / 1e9:.2f}B activated), {r['dtype']}, "
              f"random weights through save_checkpoint/load_checkpoint.", ""]
     if dv["catalog_id"]:
-        lines.append(f"Roofline figures: hwmodels catalog `{dv['catalog_id']}` (HBM {dv['hbm_bandwidth_Bps'] / 1e12:.2f} "
-                     f"TB/s: {dv['hbm_source']}).")
+        lines.append(f"Roofline figures: hwmodels catalog `{dv['catalog_id']}` (HBM "
+                     f"{dv['hbm_bandwidth_Bps'] / 1e12:.2f} TB/s: {dv['hbm_source']}).")
     else:
         lines.append(f"No roofline fractions: {dv['unknown_reason']}.")
     if par:
-        lines.append(f"Parity ({par['preset']}, float32, prompts {par['prompt_lens']}, {par['new_tokens']} new tokens): "
+        lines.append(f"Parity ({par['preset']}, float32, prompts {par['prompt_lens']}, {par['new_tokens']} new tokens, "
+                     f"weights on {par['weights_on']['device']} and {par['weights_on']['cpu']}): "
                      f"greedy tokens equal to the CPU run: **{par['tokens_equal']}**; first-step max |logit diff| "
-                     f"{par['first_step_max_abs_logit_diff']:.2e} (smallest top-2 margin {par['first_step_min_top2_margin_cpu']:.3f}).")
+                     f"{par['first_step_max_abs_logit_diff']:.2e} (smallest top-2 margin "
+                     f"{par['first_step_min_top2_margin_cpu']:.3f}).")
     if ck:
         written = "the parity checkpoint" if ck["write_s"] is None else f"written in {ck['write_s']:.1f} s"
         lines.append(f"Checkpoint: {written}, loaded in {ck['load_s']:.1f} s ({ck['file_bytes'] / 1e9:.2f} GB).")
     lines += ["", "| prefill batch x tokens | ms | TFLOP/s | of dense peak | compile s |", "|---|---|---|---|---|"]
-    lines += [f"| {m['batch']} x {m['tokens']} | {m['time_s'] * 1e3:.2f} | {m['flops_per_s'] / 1e12:.2f} | {_pct(m['peak_fraction']).strip()} "
-              f"| {m['compile_s']:.1f} |" for m in r["prefill"]]
+    lines += [f"| {m['batch']} x {m['tokens']} | {m['time_s'] * 1e3:.2f} | {m['flops_per_s'] / 1e12:.2f} | "
+              f"{_pct(m['peak_fraction']).strip()} | {m['compile_s']:.1f} |" for m in r["prefill"]]
     lines += ["", f"| decode batch (context {r['decode'][0]['context'] if r['decode'] else '-'}) | ms/step | tok/s | "
               "tok/s host-synced | GB/s | of HBM roofline | compile s |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {m['batch']} | {m['step_s'] * 1e3:.3f} | {m['tokens_per_s']:.1f} | {m['synced_tokens_per_s']:.1f} | "
               f"{m['achieved_Bps'] / 1e9:.1f} | {_pct(m['hbm_fraction']).strip()} | {m['compile_s']:.1f} |"
               for m in r["decode"]]
     if r["skipped"] or r["errors"]:
-        lines += ["", "Skipped: " + ("; ".join(r["skipped"]) or "none") + ". Errors: " + ("; ".join(r["errors"]) or "none") + "."]
+        lines += ["", f"Skipped: {'; '.join(r['skipped']) or 'none'}. Errors: {'; '.join(r['errors']) or 'none'}."]
     return "\n".join(lines)
 
 
@@ -488,7 +492,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("gpu", "cpu"), default="gpu")
     ap.add_argument("--smoke", action="store_true", help="tiny-v3, batches 1,2, short prompts: seconds on a CPU")
-    ap.add_argument("--preset", default=None, help=f"benchmark model (default {FULL['preset']}; smoke {SMOKE['preset']})")
+    ap.add_argument("--preset", default=None,
+                    help=f"benchmark model (default {FULL['preset']}; smoke {SMOKE['preset']})")
     ap.add_argument("--num-layers", type=int, default=None, help=f"cut the preset to this many layers "
                     f"(default {FULL['num_layers']} for the full run, the preset's own for --smoke)")
     ap.add_argument("--parity-preset", default=None, help=f"float32 parity model (default {FULL['parity_preset']})")
@@ -540,7 +545,9 @@ def main(argv=None) -> int:
     else:
         print(f"parity tokens equal: {par and par['tokens_equal']}; errors: {len(r['errors'])}; "
               f"skipped: {len(r['skipped'])}; {r['elapsed_s']:.0f} s")
-    return 0 if par and par["tokens_equal"] and not r["errors"] else 1
+    ck = r["checkpoint"]
+    ok = par and par["tokens_equal"] and par["devices_as_intended"] and ck and ck["on_run_device"]
+    return 0 if ok and not r["errors"] else 1
 
 
 if __name__ == "__main__":
