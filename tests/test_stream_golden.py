@@ -70,6 +70,7 @@ def test_stream_float64_is_bit_identical(ckpts, name):
     assert [s for s, _ in times][:cfg.num_hidden_layers] == [f"layer {i}" for i in range(cfg.num_hidden_layers)]
 
 
+@pytest.mark.slow  # ~18 s on an idle 2-vCPU VM, nearly all of it compiling the in-memory JAX model
 def test_stream_float32_matches_in_memory_float32(ckpts):
     ck, cfg = ckpts["fp8-mtp-sharded"]
     tok = _tokens(cfg, 6, (2, 5))
