@@ -211,11 +211,10 @@ example:
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="precision of the reference")
     p.add_argument("--stream", action="store_true", help="for checkpoints larger than memory (DeepSeek-V3 671B "
                    "on a 64 GB machine): read and run one decoder layer at a time from the memory-mapped "
-                   "files, with a progress bar per layer. float64 (bit-identical to the in-memory dump) reads "
-                   "only the routed experts the tokens use, one at a time: it needs about max(one layer "
-                   "without its experts, the LM head) x 8 bytes, ~7.5 GB for V3. float32 holds one whole "
-                   "layer in float32 (~46 GB for a V3 MoE layer). Slower than in-memory: the reads are not "
-                   "overlapped (docs/oracle.md)")
+                   "files, with a progress bar per layer; same dump. float64 (bit-identical to the in-memory "
+                   "dump) reads only the routed experts the tokens use, one at a time: for V3 about 10 GB "
+                   "(the LM head in float64) plus 9.2 MB per token. float32 holds one whole layer in float32 "
+                   "(46 GB for a V3 MoE layer). Formula and measurements: docs/oracle.md")
     p.set_defaults(func=cmd_golden)
 
     p = sub.add_parser("compare", help="compare a candidate dump with a reference dump",
