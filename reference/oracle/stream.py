@@ -40,17 +40,21 @@ HEAD_CHUNK_BYTES = 256 * 2**20  # one vocabulary chunk of the float32 LM head
 class _Experts64:
     """An ExpertStack seen as float64: ``[e]`` reads expert e and widens it (what numpy_ref.moe indexes)."""
 
-    def __init__(self, stack: ExpertStack):
-        self.stack, self.shape = stack, stack.shape
+    def __init__(self, stack: ExpertStack, reader: LayerReader):
+        self.stack, self.shape, self.reader = stack, stack.shape, reader
 
     def __getitem__(self, e) -> np.ndarray:
-        return np.asarray(self.stack[e], np.float64)
+        a = np.asarray(self.stack[e], np.float64)
+        # unmap the pages just read: else every used expert's file pages stay in this process's
+        # resident set until the layer ends (11.5 GB of FP8 for a V3 layer when all are used)
+        self.reader.release()
+        return a
 
 
 def _weights64(reader: LayerReader, i: int) -> dict[str, Any]:
     """Layer i's weights in float64, each widened as it is read (the stored copy is dropped before
     the next is read); routed experts stay on disk until numpy_ref.moe asks for one."""
-    return {k: _Experts64(v) if isinstance(v, ExpertStack) else np.asarray(v, np.float64)
+    return {k: _Experts64(v, reader) if isinstance(v, ExpertStack) else np.asarray(v, np.float64)
             for k, v in reader.layer(i)}
 
 
@@ -163,6 +167,7 @@ def _weights32(reader: LayerReader, i: int) -> dict[str, Any]:
             a = _aligned_empty(v.shape)
             for e in range(len(v)):
                 a[e] = v[e]
+                reader.release()  # one expert's file pages mapped at a time (see _Experts64)
         else:
             a = np.array(v, np.float32)  # a copy: never a device array aliasing a memory map
         out[k.removeprefix(pre)] = jax.device_put(a)
