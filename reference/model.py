@@ -36,7 +36,7 @@ from dsref.reference.mesh import active_mesh
 from dsref.reference.numpy_ref import rope_frequencies
 from dsref.reference.params import EMBED, FINAL_NORM, Tensor, head_name, layer_tensors, tensors
 from dsref.reference.unrolled import routed_experts_switch
-from dsref.reference.weights import (BITS, F32, ExpertsAt, LayerAt, LayerStack, Weights, expert_matrix, storage_dtype,
+from dsref.reference.weights import (BITS, F32, ExpertsAt, LayerAt, LayerStack, Weights, storage_dtype,
                                      take, to_storage)
 
 NEG_INF = -jnp.inf
@@ -348,29 +348,98 @@ def routed_experts(w, x, ids, wts, num_experts: int, prec, valid=None):
         if E != num_experts:
             raise ValueError(f"{E} routed experts in the weights for num_experts={num_experts}")
 
-    def rows(ys, first, n, g, u, d):
-        def window(b, ys):
-            r = first + b * C
-            yb = swiglu(jax.lax.dynamic_slice_in_dim(xs, r, C), g, u, d, prec)
-            mine = (jnp.arange(C) < n - b * C)[:, None]  # rows past this expert's belong to the next one
-            yb = jnp.where(mine, yb, jax.lax.dynamic_slice_in_dim(ys, r, C))
-            return jax.lax.dynamic_update_slice_in_dim(ys, yb, r, axis=0)
-        return jax.lax.fori_loop(0, (n + C - 1) // C, window, ys)
-
     if isinstance(wg, tuple):  # one array per expert (reference/unrolled.py): a branch per expert
-        run = routed_experts_switch(wg, wu, wd, rows)
+        run = routed_experts_switch(wg, wu, wd, partial(_rows, xs, C, prec))
 
         def expert(j, ys):
             e = used[j]
             return run(e, ys, start[e], counts[e])
-    else:
-        def expert(j, ys):
-            e = used[j]
-            return rows(ys, start[e], counts[e], *(expert_matrix(m, e) for m in (wg, wu, wd)))
-
-    ys = jax.lax.fori_loop(0, n_used, expert, jnp.zeros((A + C - 1, D), x.dtype))
+        ys = jax.lax.fori_loop(0, n_used, expert, jnp.zeros((A + C - 1, D), x.dtype))
+    else:  # a layer stack's experts [L, E, ...] at layer j, or plain [E, ...] (as layer 0 of one)
+        stacked = isinstance(wg, ExpertsAt)
+        arrays = [m.stack if stacked else m[None] for m in (wg, wu, wd)]
+        j = jnp.asarray(wg.j if stacked else 0, jnp.int32)
+        ys = expert_rows(xs, *arrays, j, counts, start, used, n_used, C, prec)
     y = ys[:A].astype(F32) * wts.reshape(-1)[order].astype(F32)[:, None]
     return jnp.zeros((M, D), F32).at[tok].add(y).astype(x.dtype)
+
+
+def _rows(xs, C, prec, ys, first, n, g, u, d):
+    """Rows first..first+n-1 of the sorted xs through one expert's SwiGLU (g, u, d), written into
+    ys, in windows of C rows (a window's rows past n belong to the next expert: kept as they are)."""
+    def window(b, ys):
+        r = first + b * C
+        yb = swiglu(jax.lax.dynamic_slice_in_dim(xs, r, C), g, u, d, prec)
+        mine = (jnp.arange(C) < n - b * C)[:, None]
+        yb = jnp.where(mine, yb, jax.lax.dynamic_slice_in_dim(ys, r, C))
+        return jax.lax.dynamic_update_slice_in_dim(ys, yb, r, axis=0)
+    return jax.lax.fori_loop(0, (n + C - 1) // C, window, ys)
+
+
+def _expert_rows(xs, gate, up, down, j, counts, start, used, n_used, C, prec):
+    def expert(i, ys):
+        e = used[i]
+        return _rows(xs, C, prec, ys, start[e], counts[e], *(take(m, j, e) for m in (gate, up, down)))
+    return jax.lax.fori_loop(0, n_used, expert, jnp.zeros(xs.shape, xs.dtype))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(9, 10))
+def expert_rows(xs, gate, up, down, j, counts, start, used, n_used, C, prec):
+    """ys [A+C-1, D]: the expert-sorted rows xs through their experts' SwiGLU (experts [L, E, ...]
+    of layer j; ``dispatch_plan``'s counts, start, used, n_used). The loop's trip count depends
+    on the data (only used experts, only their windows), which reverse-mode AD cannot go
+    through, so the gradient is written out (``_expert_rows_bwd``): the same loop, backwards."""
+    return _expert_rows(xs, gate, up, down, j, counts, start, used, n_used, C, prec)
+
+
+def _expert_rows_fwd(xs, gate, up, down, j, counts, start, used, n_used, C, prec):
+    out = _expert_rows(xs, gate, up, down, j, counts, start, used, n_used, C, prec)
+    return out, (xs, gate, up, down, j, counts, start, used, n_used)
+
+
+def _expert_rows_bwd(C, prec, res, dys):
+    """For each used expert and window (x rows, dy rows; W_g, W_u [F, D], W_d [D, F]):
+    g = x W_g^T, u = x W_u^T, a = silu(g) u;  da = dy W_d;  dW_d += dy^T a;
+    dg = da u silu'(g), du = da silu(g);  dx = dg W_g + du W_u;  dW_g += dg^T x, dW_u += du^T x.
+    In float32; rows of a window past the expert's own are masked out of every sum."""
+    xs, gate, up, down, j, counts, start, used, n_used = res
+
+    def mm(spec, a, b):
+        return jnp.einsum(spec, a, b, precision=prec)
+
+    def expert(i, carry):
+        dxs, dgate, dup, ddown = carry
+        e = used[i]
+        first, n = start[e], counts[e]
+        wg, wu, wd = (take(m, j, e).astype(F32) for m in (gate, up, down))
+
+        def window(b, c):
+            dxs, gg, gu, gd = c
+            r = first + b * C
+            mine = (jnp.arange(C) < n - b * C)[:, None]
+            x = jax.lax.dynamic_slice_in_dim(xs, r, C).astype(F32)
+            dy = jnp.where(mine, jax.lax.dynamic_slice_in_dim(dys, r, C).astype(F32), 0.0)
+            g, u = mm("cd,fd->cf", x, wg), mm("cd,fd->cf", x, wu)
+            sig = jax.nn.sigmoid(g)
+            s = g * sig
+            da = mm("cd,df->cf", dy, wd)
+            dg, du = da * u * sig * (1 + g * (1 - sig)), da * s
+            dx = mm("cf,fd->cd", dg, wg) + mm("cf,fd->cd", du, wu)
+            dxs = jax.lax.dynamic_update_slice_in_dim(
+                dxs, jnp.where(mine, dx, jax.lax.dynamic_slice_in_dim(dxs, r, C)), r, axis=0)
+            return dxs, gg + mm("cf,cd->fd", dg, x), gu + mm("cf,cd->fd", du, x), gd + mm("cd,cf->df", dy, s * u)
+
+        zero = (jnp.zeros(wg.shape, F32), jnp.zeros(wu.shape, F32), jnp.zeros(wd.shape, F32))
+        dxs, gg, gu, gd = jax.lax.fori_loop(0, (n + C - 1) // C, window, (dxs, *zero))
+        return (dxs, dgate.at[j, e].add(gg), dup.at[j, e].add(gu), ddown.at[j, e].add(gd))
+
+    init = (jnp.zeros(xs.shape, F32), *(jnp.zeros(m.shape, F32) for m in (gate, up, down)))
+    dxs, dgate, dup, ddown = jax.lax.fori_loop(0, n_used, expert, init)
+    return (dxs.astype(xs.dtype), dgate.astype(gate.dtype), dup.astype(up.dtype), ddown.astype(down.dtype),
+            None, None, None, None, None)
+
+
+expert_rows.defvjp(_expert_rows_fwd, _expert_rows_bwd)
 
 
 def dispatch_plan(ids, num_experts: int):

@@ -42,6 +42,23 @@ def capture_fn(model, tokens):
     return out.logits, cap
 
 
+def loss_and_grads(model, tokens):
+    """A training step's loss (next-token cross-entropy) and its gradient for every weight."""
+    graphdef, params = nnx.split(model)
+
+    def loss(params):
+        logits = forward(nnx.merge(graphdef, params), tokens[:, :-1]).logits
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+    return jax.value_and_grad(loss)(params)
+
+
+def worst_rel(tree, ref) -> float:
+    """Largest error over the leaves, each relative to its reference's largest magnitude."""
+    return max(rel(a, b) if np.abs(np.asarray(b)).max() > 0 else float(np.abs(np.asarray(a)).max())
+               for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(ref), strict=True))
+
+
 def rel(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
@@ -59,6 +76,7 @@ def main(out_path: str, names: list[str]) -> None:
         ref_gen = generate(ref_model, prompts, 5)
         ref_mtp = generate(ref_model, prompts, 5, use_mtp=True)
         ref_state = ref_model.state_dict()
+        ref_loss, ref_grads = jax.jit(loss_and_grads)(ref_model, tokens)
         results = {}
         for name in names:
             t0 = time.perf_counter()
@@ -77,6 +95,9 @@ def main(out_path: str, names: list[str]) -> None:
             r["capture_rel"] = {k: rel(v, ref_cap[k]) for k, v in cap.items() if v.dtype.kind == "f"}
             r["ids_equal"] = all(np.array_equal(np.sort(v, -1), np.sort(ref_cap[k], -1))
                                  for k, v in cap.items() if v.dtype.kind in "iu")
+            with jax.set_mesh(mesh):
+                loss, grads = jax.jit(loss_and_grads)(model, place_batch(tokens, mesh))
+            r["loss_rel"], r["grads_rel"] = rel(loss, ref_loss), worst_rel(grads, ref_grads)
             r["greedy_equal"] = generate(model, prompts, 5, mesh=mesh).tokens == ref_gen.tokens
             if name == "data x expert":  # MTP self-speculation once: it compiles four more programs
                 r["mtp_equal"] = generate(model, prompts, 5, mesh=mesh, use_mtp=True).tokens == ref_mtp.tokens

@@ -63,6 +63,7 @@ def test_layout_matches_one_device(mesh_results, layout):
     assert not bad, bad
     assert r["ids_equal"], "routing differs from one device"
     assert r["greedy_equal"], "greedy tokens differ from one device"
+    assert r["loss_rel"] <= TOL and r["grads_rel"] <= TOL, (r["loss_rel"], r["grads_rel"])
 
 
 @pytest.mark.parametrize("layout", [n for n, m in LAYOUTS.items() if "expert" in m])
