@@ -10,7 +10,10 @@ import sys
 import tempfile
 import time
 
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+# 8 CPU devices; LLVM's optimisation off: the layouts are compared with one device compiled the
+# same way, and compiling ~30 programs takes a third less CPU time (78 s against 120 s, one layout)
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+                           " --xla_backend_optimization_level=0")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
