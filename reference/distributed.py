@@ -246,9 +246,9 @@ def add_distributed_args(parser) -> None:
     ``initialize_from_args``."""
     g = parser.add_argument_group(
         "multi-host (jax.distributed)",
-        "Run one process per host; every process runs the same command. Under SLURM, Open MPI "
-        "and on Cloud TPU VMs JAX detects the settings itself (give --distributed); flags "
-        "override what it detects. See docs/multi-host.md.")
+        "Run one process per host; every process runs the same command. Under SLURM, Open MPI\n"
+        "and on Cloud TPU VMs JAX detects the settings itself (give --distributed); flags\n"
+        "override what it detects. See docs/multi-host.md.")  # line breaks: the CLIs print descriptions raw
     g.add_argument("--coordinator", metavar="HOST:PORT",
                    help=f"address of process 0 and a free port on it, the same on every process "
                         f"(env ${ENV_COORDINATOR})")
@@ -262,7 +262,8 @@ def add_distributed_args(parser) -> None:
                         "otherwise gives each process one GPU")
     g.add_argument("--distributed", action="store_true",
                    help="join a multi-process run, taking what the flags do not give from the "
-                        "launcher (SLURM, Open MPI, Cloud TPU VM)")
+                        "launcher: SLURM, Open MPI and Cloud TPU VMs, which jax.distributed.initialize "
+                        "detects itself (https://docs.jax.dev/en/latest/_autosummary/jax.distributed.initialize.html)")
 
 
 def initialize_from_args(args) -> Summary:
