@@ -267,7 +267,15 @@ def run_stream(checkpoint: str | Path, tokens: np.ndarray, dtype: str = "float64
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set (Linux ru_maxrss is in KiB)."""
+    """This process's peak resident set: VmHWM of /proc/self/status where there is one (ru_maxrss
+    keeps the high-water mark of the process image before exec: a child of a 2 GB parent starts
+    at 2 GB), else ru_maxrss (KiB on Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
