@@ -206,3 +206,14 @@ def padded_batch(batch: int, mesh) -> int:
     sequences, so the real rows' results do not change)."""
     n = mesh_shape(mesh).batch_split
     return -(-batch // n) * n
+
+
+def fetch(x):
+    """A (possibly sharded) array as one NumPy array on this host: in a multi-process run a
+    process holds only its devices' shards, so the others' come over the network
+    (``process_allgather``); every process gets the whole array."""
+    import numpy as np
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -144,3 +144,52 @@ def test_padding_rows_are_skipped_and_give_zeros():
     part = routed_experts(w, x, ids, ones, E, None, valid=valid)
     np.testing.assert_array_equal(np.asarray(part)[~np.asarray(valid)], 0)
     np.testing.assert_allclose(np.asarray(part)[np.asarray(valid)], np.asarray(full)[np.asarray(valid)], rtol=1e-6)
+
+
+# ----------------------------------------------------------------- the command line
+def test_golden_and_generate_on_a_mesh_from_the_command_line(tmp_path):
+    """`dsref golden --mesh` on 2 simulated devices writes the one-device dump (within float32
+    rounding) and records the mesh; `dsref generate --mesh` gives the one-device tokens."""
+    from dsref.experiments.cli import main
+    from dsref.reference.oracle.compare import compare_files
+    from dsref.reference.oracle.golden import read_metadata
+    ck, toks = tmp_path / "ck", tmp_path / "t.npy"
+    assert main(["init-checkpoint", "--preset", "tiny-v3", "--out", str(ck), "--dtype", "fp8"]) == 0
+    np.save(toks, np.random.default_rng(0).integers(0, 200, (3, 6)))
+    assert main(["golden", "--checkpoint", str(ck), "--tokens", str(toks), "--out", str(tmp_path / "one.st")]) == 0
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "PYTHONPATH": os.pathsep.join([str(ROOT.parent), os.environ.get("PYTHONPATH", "")])}
+    cli = [sys.executable, "-m", "dsref.experiments.cli"]
+    r = subprocess.run([*cli, "golden", "--checkpoint", str(ck), "--tokens", str(toks), "--out",
+                        str(tmp_path / "two.st"), "--mesh", "expert=2"], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert read_metadata(tmp_path / "two.st")["mesh"] == "data=1,expert=2,tensor=1"
+    report = compare_files(tmp_path / "one.st", tmp_path / "two.st")
+    assert report.ok, report
+    gen = [*cli, "generate", "--checkpoint", str(ck), "--tokens", "5,6,7", "--max-new-tokens", "4", "--json"]
+    one = subprocess.run(gen, env={**env, "XLA_FLAGS": ""}, capture_output=True, text=True, timeout=600)
+    two = subprocess.run([*gen, "--mesh", "data=2"], env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-1000:], two.stderr[-1000:])
+    a, b = json.loads(one.stdout), json.loads(two.stdout)
+    assert a["tokens"] == b["tokens"] and b["mesh"] == "data=2" and b["devices"] == 2
+
+
+@pytest.mark.parametrize("extra, says", [(["--mesh", "data=4"], "needs 4 devices"),
+                                         (["--mesh", "data=1", "--dtype", "float64"], "--dtype float32"),
+                                         (["--mesh", "data=1", "--stream"], "pick one"),
+                                         (["--mesh", "data=-1"], "positive integer")])
+def test_golden_mesh_bad_values(tmp_path, capsys, extra, says):
+    from dsref.experiments.cli import main
+    ck, toks = tmp_path / "ck", tmp_path / "t.npy"
+    assert main(["init-checkpoint", "--preset", "tiny-v3", "--out", str(ck)]) == 0
+    np.save(toks, np.zeros((1, 3), np.int64))
+    capsys.readouterr()
+    try:
+        rc = main(["golden", "--checkpoint", str(ck), "--tokens", str(toks), "--out", str(tmp_path / "g.st"), *extra])
+    except SystemExit as e:  # argparse rejects the value itself
+        rc = e.code
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert says in err[-1], err
+    assert not (tmp_path / "g.st").exists()

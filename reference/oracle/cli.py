@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from dsref.reference.cli_common import number
+from dsref.reference.cli_common import mesh_arg, number
 
 _DTYPES = ("float32", "bf16", "fp8", "float64")
 
@@ -110,13 +110,28 @@ def cmd_golden(args) -> int:
     cfg = read_config(args.checkpoint)
     tokens = load_tokens_checked(args.tokens, cfg.vocab_size)
     golden.check_tokens(tokens, cfg, f"--tokens {args.tokens}")  # ids and length <= max_position_embeddings
+    mesh = None
+    if getattr(args, "mesh", None) is not None:
+        if args.dtype != "float32":
+            raise OracleError("--mesh runs the JAX reference: use --dtype float32 (float64 is the NumPy "
+                              "reference on one CPU), or drop --mesh")
+        if getattr(args, "stream", False):
+            raise OracleError("--mesh and --stream: pick one (--stream runs layer by layer on one CPU; "
+                              "--mesh holds the model on the mesh's devices)")
+        from dsref.reference.mesh import make_mesh
+        mesh = make_mesh(args.mesh)
     from dsref.reference.cli_common import compile_cache
     with compile_cache():  # the float32 path compiles the model: keep it for the next run
         if getattr(args, "stream", False):  # layer by layer: checkpoints larger than memory
             from dsref.reference.oracle import stream
             out = stream.write_stream_golden(args.checkpoint, tokens, args.out, args.dtype, progress=True)
         else:
-            out = golden.write_golden(args.checkpoint, tokens, args.out, args.dtype)
+            out = golden.write_golden(args.checkpoint, tokens, args.out, args.dtype, mesh)
+    if mesh is not None:
+        import jax
+        if jax.process_index() != 0:  # several hosts: all compute, process 0 writes
+            print(f"process {jax.process_index()}: done; process 0 writes {out}")
+            return 0
     t, _ = golden.read_dump(out)
     print(f"wrote {out}: {len(t)} tensors ({args.dtype}), logits {list(t['logits'].shape)}")
     return 0
@@ -209,6 +224,10 @@ example:
                    "model's max_position_embeddings")
     p.add_argument("--out", required=True, help="output .safetensors")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="precision of the reference")
+    p.add_argument("--mesh", type=mesh_arg, metavar="AXIS=SIZE,...",
+                   help="run the float32 reference over a device mesh (data=, expert=, tensor=; e.g. "
+                        "expert=8 for 8 GPUs): each device loads only its shards; same dump as one device "
+                        "within float32 rounding (docs/scaling.md)")
     p.add_argument("--stream", action="store_true", help="for checkpoints larger than memory (DeepSeek-V3 671B "
                    "on a 64 GB machine): read and run one decoder layer at a time from the memory-mapped "
                    "files, with a progress bar per layer; same dump. float64 (bit-identical to the in-memory "

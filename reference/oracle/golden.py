@@ -146,26 +146,41 @@ def _jit_capture(graphdef, state, tokens):
     return jax.jit(_jax_capture, static_argnums=0)(graphdef, state, tokens)
 
 
-def jax_outputs(model, tokens: np.ndarray) -> dict[str, np.ndarray]:
-    """The JAX model's logits and per-layer captures, under jit (capture is returned as an output)."""
+def jax_outputs(model, tokens: np.ndarray, mesh=None) -> dict[str, np.ndarray]:
+    """The JAX model's logits and per-layer captures, under jit (capture is returned as an output).
+    mesh: the model's weights are on it (reference/mesh.py); the batch is split over its data and
+    expert axes, padded with copies of the last row to a multiple of their product (dropped after)."""
+    import contextlib
+
+    import jax
     import jax.numpy as jnp
     from flax import nnx
+
+    from dsref.reference.mesh import fetch, padded_batch, place_batch
+    B = tokens.shape[0]
+    if mesh is not None:
+        tokens = np.concatenate([tokens, np.repeat(tokens[-1:], padded_batch(B, mesh) - B, axis=0)])
     graphdef, state = nnx.split(model)
-    logits, cap = _jit_capture(graphdef, state, jnp.asarray(tokens))
-    out = {"logits": np.asarray(logits, np.float32)}
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        logits, cap = _jit_capture(graphdef, state, place_batch(jnp.asarray(tokens), mesh))
+    out = {"logits": fetch(logits)[:B].astype(np.float32)}
     for k, v in cap.items():
-        v = np.asarray(v)
+        v = fetch(v)[:B]
         out[k] = v if v.dtype.kind in "iu" else v.astype(np.float32)
     return canonicalize(out)
 
 
-def run_reference(checkpoint: str | Path, tokens: np.ndarray, dtype: str = "float32") -> dict[str, np.ndarray]:
+def run_reference(checkpoint: str | Path, tokens: np.ndarray, dtype: str = "float32",
+                  mesh=None) -> dict[str, np.ndarray]:
     """Dump of the reference on a checkpoint dir: float64 (NumPy) or float32/bfloat16 (JAX); the MTP
-    module's logits too when the checkpoint has its weights."""
+    module's logits too when the checkpoint has its weights. mesh (JAX dtypes only): the model is
+    loaded shard by shard onto it (reference/sharded_load.py) and runs over it."""
     checkpoint = Path(checkpoint)
     cfg = read_config(checkpoint)
     check_tokens(tokens, cfg)
     mtp = wants_mtp(checkpoint, cfg, tokens)
+    if mesh is not None and dtype == "float64":
+        raise OracleError("--mesh runs the JAX reference (float32); float64 is the NumPy reference on one CPU")
     if dtype == "float64":
         w = {k: np.asarray(v, np.float64) for k, v in read_tensors(checkpoint, cfg, with_mtp=mtp)}
         return numpy_outputs(w, cfg, tokens)
@@ -175,8 +190,12 @@ def run_reference(checkpoint: str | Path, tokens: np.ndarray, dtype: str = "floa
     jdt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}.get(dtype)
     if jdt is None:
         raise OracleError(f"dtype must be float64, float32 or bfloat16, got {dtype!r}")
-    _, model = load_checkpoint(checkpoint, dtype=jdt, with_mtp=mtp)
-    return jax_outputs(model, tokens)
+    if mesh is not None:
+        from dsref.reference.sharded_load import load_sharded
+        _, model = load_sharded(checkpoint, mesh, dtype=jdt, with_mtp=mtp)
+    else:
+        _, model = load_checkpoint(checkpoint, dtype=jdt, with_mtp=mtp)
+    return jax_outputs(model, tokens, mesh)
 
 
 def wants_mtp(checkpoint: str | Path, cfg: ModelConfig, tokens) -> bool:
@@ -228,13 +247,20 @@ def golden_metadata(cfg: ModelConfig, tokens: np.ndarray, dtype: str, **extra) -
             "topk_order": "sorted by expert id per token", **extra}
 
 
-def write_golden(checkpoint: str | Path, tokens: np.ndarray, out: str | Path, dtype: str = "float32") -> Path:
-    """Run the reference and write its dump (see module docstring) with metadata."""
+def write_golden(checkpoint: str | Path, tokens: np.ndarray, out: str | Path, dtype: str = "float32",
+                 mesh=None) -> Path:
+    """Run the reference and write its dump (see module docstring) with metadata; mesh: see
+    ``run_reference`` (in a multi-process run every process computes, process 0 writes)."""
     if dtype not in ("float32", "float64"):
         raise OracleError(f"golden dtype must be float32 or float64, got {dtype!r}")
     cfg = read_config(checkpoint)
-    outputs = run_reference(checkpoint, tokens, dtype)
-    return write_dump(outputs, out, golden_metadata(cfg, tokens, dtype, checkpoint=str(Path(checkpoint).name)))
+    outputs = run_reference(checkpoint, tokens, dtype, mesh)
+    extra = {} if mesh is None else {"mesh": ",".join(f"{a}={n}" for a, n in mesh.shape.items())}
+    import jax
+    if mesh is not None and jax.process_index() != 0:
+        return Path(out)
+    return write_dump(outputs, out, golden_metadata(cfg, tokens, dtype, checkpoint=str(Path(checkpoint).name),
+                                                    **extra))
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
