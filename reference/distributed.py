@@ -218,8 +218,10 @@ def shutdown() -> None:
 def to_global(x, sharding):
     """``x`` (a host value every process holds identically) as a global jax.Array laid out by
     ``sharding``: each process builds only its own devices' shards from its copy (no
-    cross-host transfer). Equivalent to ``jax.device_put(x, sharding)``, which jax 0.10.2
-    accepts for a non-fully-addressable sharding too; this is the explicit form."""
+    cross-host transfer). ``jax.device_put(x, sharding)`` gives the same array in jax 0.10.2,
+    but first checks that x is equal on every process by all-gathering all of it
+    (multihost_utils.assert_equal, from jax/_src/dispatch.py): fine for a prompt, N copies of
+    every weight over the network for a model. Nothing here checks that the copies agree."""
     import jax
     import numpy as np
 
