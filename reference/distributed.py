@@ -230,16 +230,12 @@ def to_global(x, sharding):
 
 
 def gather(x):
-    """A (possibly sharded across processes) array as one numpy array on every process. An
-    array this process holds entirely is fetched directly; otherwise every process must call
-    this at the same point (it is a collective: process_allgather)."""
-    import jax
-    import numpy as np
-
-    if not isinstance(x, jax.Array) or x.is_fully_addressable:
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    """A (possibly sharded across processes) array as one numpy array on every process: the
+    same as reference/mesh.py ``fetch`` (one implementation; this name for callers that think
+    in processes). An array spanning processes is a collective fetch (process_allgather):
+    every process must call it at the same point."""
+    from dsref.reference.mesh import fetch
+    return fetch(x)
 
 
 # ------------------------------------------------------------------ CLI
