@@ -5,7 +5,7 @@ The two-process test starts three children at once: the single-device reference 
 workers (tests/multihost_worker.py, 4 CPU devices each, joined by jax.distributed over a free
 localhost port, cross-process collectives through gloo). Layouts:
 
-    expert=4,tensor=2   forward + generate; experts 0-1 on process 0, 2-3 on process 1, so the
+    expert=4,tensor=2   forward + generate; routed experts 0-7 on process 0, 8-15 on process 1, so the
                         MoE's all_to_all crosses the process boundary (tensor stays inside one)
     data=2,expert=4     forward only; the data axis crosses the boundary (expert stays inside)
 
