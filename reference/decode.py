@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from dsref.reference import unrolled
-from dsref.reference.mesh import current_mesh, padded_batch, place_batch
+from dsref.reference.mesh import current_mesh, fetch, padded_batch, place_batch
 from dsref.reference.model import DeepseekModel, ExpandedCache, LatentCache, forward, mtp_logits
 
 
@@ -351,7 +351,7 @@ def generate(model: DeepseekModel, prompts: list[list[int]], max_new_tokens: int
     t0 = time.perf_counter()
     last, _, cache = fns.prefill(state, *pargs)
     key, sub = jax.random.split(key)
-    nxt = np.asarray(sample(last, sub, temperature, top_k, top_p))
+    nxt = fetch(sample(last, sub, temperature, top_k, top_p))
     t1 = time.perf_counter()
     out = [[] for _ in range(B)]
     done = np.zeros(B, bool)
@@ -372,7 +372,7 @@ def generate(model: DeepseekModel, prompts: list[list[int]], max_new_tokens: int
         key, sub = jax.random.split(key)
         nxt, cache = fns.decode(state, jnp.asarray(nxt[:, None]), jnp.asarray(pos[:, None].astype(np.int32)),
                                   cache, sub, temperature, top_p, greedy=temperature <= 0, top_k=top_k)
-        nxt = np.asarray(nxt)  # waits for the step: the next token is back on the host
+        nxt = fetch(nxt)  # waits for the step: the next token is back on the host (every process's)
         pos = pos + 1
         steps += 1
         if steps == 1:
@@ -432,13 +432,13 @@ def _generate_mtp(model, prompts, max_new_tokens, stop_tokens, form, on_token,
         compiled["mtp_decode"], _ = _compile_now(fns.mtp, state, two, _zeros_like(hidden2_s), two, mcache)
     t0 = time.perf_counter()
     logits, hidden, cache = fns.prefill(state, *pargs)
-    x_n = np.asarray(jnp.argmax(logits, -1)).astype(np.int32)  # logits at each prompt's last position
+    x_n = fetch(jnp.argmax(logits, -1)).astype(np.int32)  # logits at each prompt's last position
     # MTP prefill: position t pairs h_t with x_{t+1} (x_n appended after the prompt)
     nxt_toks = np.zeros_like(toks)
     nxt_toks[:, :-1] = toks[:, 1:]
     nxt_toks[bidx, lens - 1] = x_n
     mlog, mcache = fns.mtp(state, jnp.asarray(nxt_toks), hidden, pos_all, mcache)
-    draft = np.asarray(jnp.argmax(mlog[bidx, lens - 1], -1)).astype(np.int32)
+    draft = fetch(jnp.argmax(mlog, -1))[bidx, lens - 1].astype(np.int32)
     t1 = time.perf_counter()
     out = [[] for _ in range(B)]
     done = np.zeros(B, bool)
@@ -460,7 +460,7 @@ def _generate_mtp(model, prompts, max_new_tokens, stop_tokens, form, on_token,
             t_first, steady_from = time.perf_counter(), sum(map(len, out))
         pos = np.stack([n, n + 1], 1).astype(np.int32)
         logits, hidden, cache = fns.step(state, jnp.asarray(np.stack([x_n, draft], 1)), jnp.asarray(pos), cache)
-        pred = np.asarray(jnp.argmax(logits, -1)).astype(np.int32)  # [B, 2]
+        pred = fetch(jnp.argmax(logits, -1)).astype(np.int32)  # [B, 2]
         ok = pred[:, 0] == draft
         steps += 1
         drafted += int((~done).sum())
@@ -473,7 +473,7 @@ def _generate_mtp(model, prompts, max_new_tokens, stop_tokens, form, on_token,
         new_x = np.where(ok, pred[:, 1], pred[:, 0]).astype(np.int32)
         m_in = np.stack([pred[:, 0], np.where(ok, pred[:, 1], 0)], 1).astype(np.int32)
         mlog, mcache = fns.mtp(state, jnp.asarray(m_in), hidden, jnp.asarray(pos), mcache)
-        draft = np.asarray(jnp.argmax(mlog[bidx, ok.astype(np.int64)], -1)).astype(np.int32)
+        draft = fetch(jnp.argmax(mlog, -1))[bidx, ok.astype(np.int64)].astype(np.int32)
         n = n + 1 + ok
         x_n = new_x
     t2 = time.perf_counter()
