@@ -124,9 +124,9 @@ def _run64(reader: LayerReader, cfg: ModelConfig, tokens: np.ndarray, mtp: bool,
     # float64 must be bit-identical to the in-memory golden. So the head, vocab x hidden x 8
     # bytes (7.4 GB for V3), is the float64 stream's largest single allocation.
     head = np.asarray(reader.tensor(head_name(cfg)), f64)
+    reader.release()  # its stored pages, before the matmul
     out = {k: nr.linear(x, head) for k, x in final.items()}
     del head
-    reader.release()
     prog.step("lm head")
     return {**out, **cap}
 
