@@ -265,6 +265,21 @@ def add_distributed_args(parser) -> None:
 
 
 def initialize_from_args(args) -> Summary:
-    """``initialize`` with the options ``add_distributed_args`` added."""
-    return initialize(args.coordinator, args.num_processes, args.process_id,
+    """``initialize`` with the options ``add_distributed_args`` added (for the commands). In a
+    multi-process run the C-level stdout goes to stderr: gloo, JAX's CPU collectives, prints
+    its connection log there ("[Gloo] Rank 0 is connected to ..."), which would corrupt
+    ``--json``; Python's ``sys.stdout`` keeps the real stdout."""
+    info = initialize(args.coordinator, args.num_processes, args.process_id,
                       local_device_ids=args.local_device_ids, auto=args.distributed)
+    if info.process_count > 1 and info.platform == "cpu":
+        _native_stdout_to_stderr()
+    return info
+
+
+def _native_stdout_to_stderr() -> None:
+    import os
+    import sys
+    sys.stdout.flush()
+    real = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = os.fdopen(real, "w", buffering=1)

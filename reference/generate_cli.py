@@ -70,6 +70,7 @@ def _generate(args, cache_dir: str | None) -> int:
 
     from dsref.reference.checkpoint import _find_files, load_checkpoint, read_config, tokenizer_path
     from dsref.reference.decode import generate, kv_cache_alloc_bytes, kv_cache_length
+    from dsref.reference.distributed import initialize_from_args
     from dsref.reference.mesh import make_mesh
     from dsref.reference.sharded_load import load_sharded
 
@@ -81,7 +82,11 @@ def _generate(args, cache_dir: str | None) -> int:
         raise ValueError("--mtp runs the layer scan: drop --layers unrolled or drop --mtp")
     if args.mesh is not None and args.layers != "scan":
         raise ValueError("--mesh runs the layer scan: drop --layers unrolled or drop --mesh")
+    info = initialize_from_args(args)  # several processes (docs/multi-host.md): before any device is touched
+    if info.process_count > 1 and args.mesh is None:
+        raise ValueError("--coordinator/--distributed: a multi-process run needs --mesh over every device")
     mesh = None if args.mesh is None else make_mesh(args.mesh)  # too few devices: one line, before loading
+    quiet = info.process_index != 0  # every process computes, process 0 prints
     _find_files(args.checkpoint)  # refuse pickles before complaining about config.json
     cfg = read_config(args.checkpoint)
     V = cfg.vocab_size
@@ -147,7 +152,7 @@ def _generate(args, cache_dir: str | None) -> int:
     printed = [""]
 
     def on_token(_b, t):
-        if args.json:
+        if args.json or quiet:
             return
         streamed.append(t)
         if tok is not None:
@@ -158,7 +163,7 @@ def _generate(args, cache_dir: str | None) -> int:
             sys.stdout.write(f"{t} ")
         sys.stdout.flush()
 
-    if not args.json and tok is not None:
+    if not args.json and not quiet and tok is not None:
         sys.stdout.write(args.prompt if args.prompt is not None else tok.decode(prompt))
     res = generate(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, stop_tokens=stop, use_mtp=args.mtp, on_token=on_token,
@@ -190,6 +195,8 @@ def _generate(args, cache_dir: str | None) -> int:
     }
     if tok is not None:
         out["text"] = tok.decode(res.tokens[0])
+    if quiet:
+        return 0
     if args.json:
         print(json.dumps(out))
     else:
@@ -205,6 +212,7 @@ def _generate(args, cache_dir: str | None) -> int:
 
 def register(sub) -> None:
     from dsref.reference.cli_common import HelpFormatter
+    from dsref.reference.distributed import add_distributed_args
     # Decoding keeps MLA's latent cache (R+P values per token per layer); FP8 block-scaled weights
     # are dequantized on load (reference/checkpoint.py, reference/decode.py).
     p = sub.add_parser(
@@ -248,6 +256,7 @@ example (a small random checkpoint, so the text is gibberish):
                    help="run over a device mesh: data=N splits the batch, expert=N puts E/N whole routed "
                         "experts on each device (tokens travel by all-to-all), tensor=N splits heads and FFN "
                         "(e.g. expert=4,tensor=2); the product is the device count (docs/scaling.md)")
+    add_distributed_args(p)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (tokens, text, timings: compile_s, prefill_s, decode_tokens_per_s, ...)")
     p.add_argument("--no-compile-cache", action="store_true",

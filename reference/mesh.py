@@ -182,8 +182,13 @@ def placements(model, mesh):
 def shard_model(model, mesh):
     """Place every weight of the model on the mesh by its spec (in place); returns the model."""
     import jax
+
+    from dsref.reference.distributed import to_global
+    # several processes: each builds its own shards (device_put would first gather every whole
+    # weight to every process to check that they agree)
+    put = to_global if jax.process_count() > 1 else jax.device_put
     for param, sharding, _, _ in placements(model, mesh):
-        param.set_value(jax.device_put(param.get_value(), sharding))
+        param.set_value(put(param.get_value(), sharding))
     return model
 
 

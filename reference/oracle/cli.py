@@ -111,6 +111,9 @@ def cmd_golden(args) -> int:
     tokens = load_tokens_checked(args.tokens, cfg.vocab_size)
     golden.check_tokens(tokens, cfg, f"--tokens {args.tokens}")  # ids and length <= max_position_embeddings
     mesh = None
+    from dsref.reference.distributed import initialize_from_args
+    if initialize_from_args(args).process_count > 1 and getattr(args, "mesh", None) is None:
+        raise OracleError("--coordinator/--distributed: a multi-process run needs --mesh over every device")
     if getattr(args, "mesh", None) is not None:
         if args.dtype != "float32":
             raise OracleError("--mesh runs the JAX reference: use --dtype float32 (float64 is the NumPy "
@@ -228,6 +231,8 @@ example:
                    help="run the float32 reference over a device mesh (data=, expert=, tensor=; e.g. "
                         "expert=8 for 8 GPUs): each device loads only its shards; same dump as one device "
                         "within float32 rounding (docs/scaling.md)")
+    from dsref.reference.distributed import add_distributed_args
+    add_distributed_args(p)
     p.add_argument("--stream", action="store_true", help="for checkpoints larger than memory (DeepSeek-V3 671B "
                    "on a 64 GB machine): read and run one decoder layer at a time from the memory-mapped "
                    "files, with a progress bar per layer; same dump. float64 (bit-identical to the in-memory "
