@@ -81,14 +81,7 @@ def main(argv=None) -> int:
         out[f"expert_processes/{spec}"] = np.asarray(sorted({d.process_index for d in mesh.devices[0, :, 0]}))
         lap(f"forward {spec}")
         if spec in args.mesh:
-            try:
-                out[f"tokens/{spec}"] = np.asarray(generate(placed, prompts, NEW_TOKENS, mesh=mesh).tokens, np.int64)
-            except RuntimeError as e:
-                # decode.generate fetching a token array that spans both processes with
-                # np.asarray (the fix: mesh.fetch): reported to the test, which xfails, not hidden.
-                if "non-addressable" not in str(e):
-                    raise
-                out[f"generate_error/{spec}"] = np.asarray(str(e).splitlines()[0])
+            out[f"tokens/{spec}"] = np.asarray(generate(placed, prompts, NEW_TOKENS, mesh=mesh).tokens, np.int64)
             lap(f"generate {spec}")
     out["summary"] = np.asarray(json.dumps({**info.__dict__, "seconds": phases}))
     os.makedirs(args.out, exist_ok=True)
