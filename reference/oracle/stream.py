@@ -12,11 +12,13 @@ token batch, its outputs are captured and its weights dropped before the next la
 * float64: reference.numpy_ref's own functions, on the same values in the same order as
   the in-memory float64 golden, so the dump is bit-identical to it (tests/test_stream_golden.py).
   Routed experts are read one expert at a time, and only the experts the router chose
-  (numpy_ref.moe indexes the stack per used expert): a V3 layer needs ~2 GB, not 95 GB.
+  (numpy_ref.moe indexes the stack per used expert): a V3 MoE layer then needs 1.9 GB of
+  float64 plus 0.35 GB per expert in use, not 93 GB (the largest layer is the dense layer 0,
+  4.7 GB; the head, 7.4 GB, is the largest step: docs/oracle.md has the formula).
 * float32: the JAX model's ``decoder_layer`` jitted on one layer's weights (a dict; routed
-  experts stacked [E, ...] in float32, as the model wants them: one V3 MoE layer is ~47 GB).
-  It matches the in-memory float32 golden to float32 rounding (XLA fuses one layer at a
-  time instead of the whole model), not bit for bit.
+  experts stacked [E, ...] in float32, as the model wants them: one V3 MoE layer is 46 GB).
+  It matches the in-memory float32 golden to float32 rounding (XLA compiles one layer at a
+  time instead of the whole model); bit for bit is not guaranteed (it was on the benchmark).
 """
 
 from __future__ import annotations
