@@ -7,6 +7,7 @@ of what it costs to run.
     dsref golden / compare / conformance   the correctness oracle for other engines
     dsref hw list|show|probe               the hardware catalog
     dsref sim local|serve|train            the cost model and the serving/training simulator
+    dsref plan --model M --system S ...    which device mesh fits a model (memory per device)
     dsref validate                         the simulator against published measurements
 
 Run `dsref COMMAND --help` for each command's options and an example.
