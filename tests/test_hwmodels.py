@@ -35,7 +35,7 @@ REQUIRED_SYSTEMS = {
     "h800-node", "h800-cluster-2048", "h100-node", "h200-node", "b200-node", "gb200-nvl72",
     "cloudmatrix-384", "raspberry-pi-5", "raspberry-pi-5-w7700", "ampereone-server", "host",
     "h20-node", "ascend-910b-node", "epyc-9654-2s", "epyc-9654-2s-rtx-4090", "epyc-9135-rtx-4090",
-    "epyc-9654-rtx-3090",
+    "epyc-9654-rtx-3090", "tpu-v5p-64",
 }
 # Presets that are one host CPU plus one accelerator over PCIe (partial offload / CPU+GPU hybrid):
 # (preset, accelerator, host CPU, host memory in GB as configured in the preset).
