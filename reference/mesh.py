@@ -145,20 +145,27 @@ def batch_axes(mesh, batch: int):
     return BATCH_AXES if batch % mesh_shape(mesh).batch_split == 0 else None
 
 
-def dim_spec(row, mesh, lead: int = 0):
-    """PartitionSpec of a tensor-table row's array, with ``lead`` unsplit leading axes (a stack
-    of layers: 1). An axis that does not divide its dimension leaves it replicated, except the
-    routed experts: the expert axis must divide their count (whole experts per device)."""
-    from jax.sharding import PartitionSpec as P
-
-    sizes = mesh_shape(mesh).sizes
-    dims: list = [None] * lead
+def split_axes(row, shape: MeshShape) -> tuple[str | None, ...]:
+    """Per dimension of a tensor-table row, the mesh axis it is actually split over on a mesh of
+    this shape: its ``Tensor.spec`` where the axis has more than one device and divides the
+    dimension, else None (replicated). The routed experts are the exception: the expert axis
+    must divide their count (whole experts per device). The one rule for placing weights
+    (``dim_spec``) and for sizing them (``sim.plan``)."""
+    sizes = shape.sizes
+    dims: list = []
     for ax, n in zip(row.spec, row.shape, strict=True):
         if ax == "expert" and n % sizes[ax]:
             raise MeshError(f"--mesh expert={sizes[ax]}: does not divide the {n} routed experts "
                             f"({row.name}); expert parallelism puts whole experts on each device")
         dims.append(ax if ax is not None and sizes[ax] > 1 and n % sizes[ax] == 0 else None)
-    return P(*dims)
+    return tuple(dims)
+
+
+def dim_spec(row, mesh, lead: int = 0):
+    """PartitionSpec of a tensor-table row's array on ``mesh`` (``split_axes``), with ``lead``
+    unsplit leading axes (a stack of layers: 1)."""
+    from jax.sharding import PartitionSpec as P
+    return P(*([None] * lead), *split_axes(row, mesh_shape(mesh)))
 
 
 def placements(model, mesh):

@@ -53,7 +53,7 @@ import math
 from dataclasses import dataclass, field
 
 from dsref.reference.config import ModelConfig
-from dsref.reference.mesh import MeshShape
+from dsref.reference.mesh import MeshShape, split_axes
 from dsref.reference.params import GROUPS, Tensor, tensors
 from dsref.sim.quant import Quant, tensor_bytes
 
@@ -114,18 +114,9 @@ def check_mesh(cfg: ModelConfig, mesh: MeshShape, hw: Hardware, option: str = "-
 
 def shard_divisor(t: Tensor, mesh: MeshShape) -> int:
     """How many pieces one device's share of ``t`` is: the product of the sizes of the axes that
-    split a dimension of ``t`` and divide it (an axis that does not divide its dimension replicates)."""
-    div, used = 1, set()
-    for dim, axis in zip(t.shape, t.spec):
-        if axis is None:
-            continue
-        if axis in used:  # the table never splits two dimensions over one axis; a new rule must not
-            raise ValueError(f"{t.name}: spec {t.spec} splits two dimensions over axis {axis!r}")
-        used.add(axis)
-        n = getattr(mesh, axis)
-        if dim % n == 0:
-            div *= n
-    return div
+    split its dimensions on this mesh (``reference.mesh.split_axes``, the rule the model is placed
+    by: an axis that does not divide its dimension replicates)."""
+    return math.prod(getattr(mesh, axis) for axis in split_axes(t, mesh) if axis is not None)
 
 
 def _rows(cfg: ModelConfig, quant: Quant, mtp: bool) -> list[tuple[Tensor, float]]:
