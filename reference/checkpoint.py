@@ -23,7 +23,9 @@ length, a JSON header {name: {dtype, shape, data_offsets}} and raw little-endian
 data, so we parse the header, check every offset against the file size (a
 truncated file is reported before any data is touched) and view the data through
 ``np.memmap`` with ml_dtypes dtypes. Nothing is ever unpickled. Writing uses
-``safetensors.numpy.save_file`` (it accepts ml_dtypes arrays), one shard at a time.
+``safetensors.numpy.save_file`` (it accepts ml_dtypes arrays), one shard at a time, into a
+folder beside the target that then replaces it by rename (``reference.atomic``): a killed
+write leaves the complete old or the complete new checkpoint, never a mix.
 """
 
 from __future__ import annotations
@@ -32,9 +34,7 @@ import json
 import math
 import os
 import re
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterable, Iterator
 import ml_dtypes
 import numpy as np
 
+from dsref.reference.atomic import AtomicWriteError, atomic_dir, recover_dir
 from dsref.reference.config import ModelConfig
 from dsref.reference.params import EMBED, ROUTED_EXPERT, Tensor, head_name, tensors
 
@@ -206,7 +207,12 @@ def _find_files(path: str | Path) -> tuple[Path, list[Path], dict[str, str] | No
     """(dir, safetensors files, weight_map or None, the file to name in errors)."""
     d = Path(path)
     if not d.exists():
-        raise CheckpointError(f"{d}: no such checkpoint directory")
+        # A write killed between its two renames leaves the complete new checkpoint beside the
+        # missing folder; recover_dir finishes that rename (unambiguous, see its docstring) or
+        # says what lies there and what to do.
+        why = recover_dir(d)
+        if why is not None:
+            raise CheckpointError(f"{d}: no such checkpoint directory" + (f"; {why}" if why else ""))
     if d.is_file():
         if d.suffix in PICKLE_SUFFIXES:
             raise _refuse_pickle(d)
@@ -655,21 +661,27 @@ def save_checkpoint(tensors_or_model, cfg: ModelConfig, out_dir: str | Path, *, 
         if max_shard_bytes and shards[-1] and sum(b for b, _ in shards[-1]) + u[0] > max_shard_bytes:
             shards.append([])
         shards[-1].append(u)
-    out.mkdir(parents=True, exist_ok=True)
-    # Everything is written into a staging folder inside ``out`` first (nothing is written outside
-    # the output path); an earlier checkpoint in ``out`` is replaced only once the new one is
-    # complete (a failure or interrupt while writing leaves it as it was; the staging folder is removed).
-    stage = Path(tempfile.mkdtemp(prefix=".writing-", dir=out))
+    # Atomic as seen by a reader: everything is written into a folder beside ``out``, which then
+    # replaces ``out`` by rename (reference/atomic.py), so ``out`` holds the complete old or the
+    # complete new checkpoint at every instant, also when the process is killed. Files of the old
+    # folder that this writer does not produce (tokenizer.json, generation_config.json, ...) are
+    # carried over; old weights, index and config are not (stale shards would be ambiguous).
     try:
-        _write_staged(stage, shards, last, cfg, dtype, block)
-        for old in [out / SINGLE_FILE, out / INDEX_FILE, *out.glob("model-*-of-*.safetensors")]:
-            if old.exists():
-                old.unlink()  # stale files of an earlier write would make the checkpoint ambiguous
-        for f in sorted(stage.iterdir(), key=lambda f: f.name == "config.json"):  # config.json last
-            os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        with atomic_dir(out, carry=_carried) as stage:
+            _write_staged(stage, shards, last, cfg, dtype, block)
+    except AtomicWriteError as e:
+        raise CheckpointError(f"{out}: cannot write the checkpoint here: {e.strerror}") from None
     return out
+
+
+def _carried(name: str) -> bool:
+    """Entries of an existing output folder kept by a rewrite: anything but checkpoint files
+    (and the staging folders an older version of this writer made inside it)."""
+    return not (name in (SINGLE_FILE, INDEX_FILE, "config.json") or _SHARD_RE.match(name)
+                or name.startswith(".writing-"))
+
+
+_SHARD_RE = re.compile(r"^model-\d+-of-\d+\.safetensors$")
 
 
 def _write_staged(out: Path, shards, last: dict, cfg: ModelConfig, dtype: str, block) -> None:
