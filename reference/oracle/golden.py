@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import struct
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from dsref.reference.atomic import atomic_path
 from dsref.reference.checkpoint import CheckpointError, read_config, read_safetensors_header, read_tensors
 from dsref.reference.config import ModelConfig
 
@@ -226,12 +226,8 @@ def write_dump(outputs: dict[str, np.ndarray], path: str | Path, metadata: dict[
     data = {k: np.ascontiguousarray(v) for k, v in canonicalize(outputs).items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     # Atomic: written beside the target, then renamed into place (a killed write leaves the old file).
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         save_file(data, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
