@@ -16,6 +16,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from dsref.reference.atomic import atomic_path, atomic_write_text
 from dsref.experiments.registry import EXPERIMENTS, INPUT_IDS, Record, claims_with_role, load_claims
 
 TARGET_MEDIAN = 0.10
@@ -176,7 +177,8 @@ def plot_scatter(records: list[Record], path: Path) -> None:
     ax.set_title("Simulated vs published (validation claims, predicted)")
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:  # a killed run leaves the old plot, not half a PNG
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
 
@@ -204,7 +206,8 @@ def plot_errors(records: list[Record], path: Path) -> None:
     ax.set_xticklabels([str(t) for t in ticks], fontsize=7)
     ax.set_title("Error per predicted validation claim (dashed: ±10%, ±30%)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:  # a killed run leaves the old plot, not half a PNG
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
 
@@ -257,8 +260,8 @@ def write_outputs(records: list[Record], out_dir: Path, closed_loop: dict | None
     data = to_json(records)
     if closed_loop is not None:
         data["closed_loop"] = closed_loop
-    (out_dir / "validation.json").write_text(json.dumps(data, indent=1, default=float) + "\n")
-    (out_dir / "validation.md").write_text(markdown(records, closed_loop))
+    atomic_write_text(out_dir / "validation.json", json.dumps(data, indent=1, default=float) + "\n")
+    atomic_write_text(out_dir / "validation.md", markdown(records, closed_loop))
     return data
 
 

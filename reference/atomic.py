@@ -114,8 +114,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temp path beside ``path`` for a writer that takes a file name (safetensors save_file,
     savefig, np.save, tokenizer.save); on normal exit it is fsynced and renamed onto ``path``,
     on an exception deleted."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
+    p = Path(path)  # its folder must exist (as for open(path, "w")): a missing one is the caller's error
     clean_leftovers(p)
     tmp = _temp_name(p, "tmp", secrets.token_hex(4), keep_suffix=True)
     try:

@@ -216,7 +216,8 @@ class ModelConfig:
         return d
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
+        from dsref.reference.atomic import atomic_write_text
+        atomic_write_text(path, json.dumps(self.to_hf_dict(), indent=2) + "\n")
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "<dict>", name: str | None = None) -> "ModelConfig":

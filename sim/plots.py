@@ -19,6 +19,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from dsref.reference.atomic import atomic_path
 from dsref.reference.presets import get_preset
 from dsref.sim import costmodel, roofline
 
@@ -105,7 +106,8 @@ def write_roofline_v3(path: str | Path = DEFAULT_OUT) -> Path:
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=130)
+    with atomic_path(out) as tmp:  # a killed run leaves the old plot, not half a PNG
+        fig.savefig(tmp, dpi=130)
     plt.close(fig)
     return out
 

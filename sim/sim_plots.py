@@ -7,6 +7,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from dsref.reference.atomic import atomic_path  # noqa: E402
+
 MS_PER_S = 1e3
 DPI = 120
 
@@ -29,7 +31,8 @@ def plot_sweep(results: list[dict], path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    with atomic_path(path) as tmp:  # a killed run leaves the old plot, not half a PNG
+        fig.savefig(tmp, dpi=DPI)
     plt.close(fig)
 
 
@@ -58,7 +61,8 @@ def plot_serve_timeline(sim, result: dict, path) -> None:
     ax2.grid(alpha=0.3)
     fig.suptitle(f"{result['scenario']}: timeline")
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    with atomic_path(path) as tmp:  # a killed run leaves the old plot, not half a PNG
+        fig.savefig(tmp, dpi=DPI)
     plt.close(fig)
 
 
@@ -80,5 +84,6 @@ def plot_train_timeline(tsim, path) -> None:
     ax.set_title(f"{tsim.sc.name}: {tsim.sc.schedule} (blue F, orange B, green W, purple F&B, "
                  f"grey/red DP sync/optimizer)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    with atomic_path(path) as tmp:  # a killed run leaves the old plot, not half a PNG
+        fig.savefig(tmp, dpi=DPI)
     plt.close(fig)

@@ -10,7 +10,6 @@ pids/tids. Open in https://ui.perfetto.dev or chrome://tracing.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 US_PER_S = 1e6
 
@@ -43,7 +42,8 @@ def build(spans, counters=(), *, process_names: dict | None = None) -> dict:
 
 
 def write(path, trace: dict) -> None:
-    Path(path).write_text(json.dumps(trace))
+    from dsref.reference.atomic import atomic_write_text
+    atomic_write_text(path, json.dumps(trace))
 
 
 def validate(trace: dict) -> None:

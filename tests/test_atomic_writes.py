@@ -277,6 +277,9 @@ def test_golden_dump_survives_kills(tmp_path):
 
 def test_atomic_file_helpers(tmp_path):
     p = tmp_path / "sub" / "r.json"
+    with pytest.raises(FileNotFoundError):  # like open(path, "w"): the folder is the caller's
+        atomic.atomic_write_text(p, "a")
+    p.parent.mkdir()
     atomic.atomic_write_text(p, "a")
     with pytest.raises(RuntimeError):
         with atomic.atomic_open(p, "w") as f:

@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from dsref.reference.atomic import atomic_path, atomic_write_text
 from dsref.reference.checkpoint import read_config, read_tensors, save_checkpoint
 from dsref.reference.config import ModelConfig
 from dsref.reference.oracle.adapters.common import UNSUPPORTED_EXIT, EngineUnsupported
@@ -52,7 +53,8 @@ def build_case(case: Case, out: str | Path) -> Path:
     ck = out / "checkpoint"
     save_checkpoint(w, cfg, ck, dtype="fp8" if case.fp8_block else "float32", fp8_block_size=case.fp8_block)
     tokens = case_tokens(case, cfg)
-    np.save(out / "tokens.npy", tokens)
+    with atomic_path(out / "tokens.npy") as tmp:
+        np.save(tmp, tokens)
     stored = read_config(ck)
     golden = run_reference(ck, tokens, "float64")  # from the weights as stored (fp8 dequantized)
     missing = [n for n in case.dump_tensors if n not in golden]
@@ -67,7 +69,7 @@ def build_case(case: Case, out: str | Path) -> Path:
             "dump_tensors": list(case.dump_tensors), "tolerances": TOLERANCES, "routing_margin": margins,
             "grading": "compare.compare_dumps(golden, candidate, engine dtype): every tensor within the "
                        "engine dtype's tolerance"}
-    (out / "case.json").write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(out / "case.json", json.dumps(meta, indent=2) + "\n")
     return out
 
 
@@ -112,8 +114,8 @@ def write_kit(out_dir: str | Path, cases: list[str] | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for c in chosen:
         build_case(c, out / c.name)
-    (out / "kit.json").write_text(json.dumps({"format": KIT_FORMAT, "cases": [c.name for c in chosen],
-                                              "versions": versions()}, indent=2) + "\n")
+    atomic_write_text(out / "kit.json", json.dumps({"format": KIT_FORMAT, "cases": [c.name for c in chosen],
+                                                   "versions": versions()}, indent=2) + "\n")
     return out
 
 
