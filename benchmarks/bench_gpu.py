@@ -351,13 +351,13 @@ def run(a, out_path: str | None) -> dict:
          "budget_s": a.budget_s, "checkpoint": None, "parity": None, "prefill": [], "decode": [],
          "skipped": [], "errors": [], "wall_s": {}}
 
+    from dsref.reference.atomic import atomic_write_text
+
     def save():
         r["elapsed_s"] = time.perf_counter() - t0
         if out_path:
-            tmp = out_path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(r, f, indent=1)
-            os.replace(tmp, out_path)  # a run killed mid-write leaves the last complete file
+            # a run killed mid-write leaves the last complete file
+            atomic_write_text(out_path, json.dumps(r, indent=1))
 
     def step(name, fn):
         """Run one measurement unless the budget is spent; an error is recorded, not fatal."""

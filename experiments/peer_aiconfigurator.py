@@ -616,7 +616,8 @@ def main(argv=None, prog: str | None = None) -> int:
     text = markdown(rows, " ".join(shown), vers)
     if args.out is not None:
         try:
-            with open(args.out, "w", encoding="utf-8") as f:
+            from dsref.reference.atomic import atomic_open
+            with atomic_open(args.out, "w", encoding="utf-8") as f:  # a killed run leaves the old report
                 f.write(text)
         except OSError as e:
             print(f"{parser.prog}: error: --out {args.out}: {e.strerror or e}", file=sys.stderr)

@@ -52,6 +52,8 @@ from typing import Callable
 
 import numpy as np
 
+from dsref.reference.atomic import atomic_write_text
+
 from .catalog import host_device_path
 
 _KIB = 1024
@@ -354,7 +356,5 @@ def write_probe(path: str | os.PathLike | None = None, *, quick: bool = False) -
     out = Path(path) if path is not None else host_device_path()
     text = to_toml(run_probe(quick=quick))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".toml.tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    atomic_write_text(out, text)  # beside, fsync, rename: a killed probe leaves the old file
     return out

@@ -62,7 +62,7 @@ def leftovers(path: str | Path) -> list[tuple[Path, str, int, str]]:
     pat, out = _leftover_re(p.name), []
     try:
         entries = list(p.parent.iterdir())
-    except FileNotFoundError:
+    except OSError:  # no such folder (or not a folder): nothing was left there
         return []
     for e in entries:
         m = pat.match(e.name)
