@@ -103,7 +103,8 @@ def _kill_after(kind, out, seed, delay: float) -> int:
     p.stdin.flush()
     time.sleep(delay)
     p.send_signal(signal.SIGKILL)
-    p.communicate(timeout=60)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode in (0, -signal.SIGKILL), err[-2000:]  # killed, or done before the kill: not crashed
     return p.returncode
 
 
@@ -142,8 +143,8 @@ def test_checkpoint_survives_kills_at_fixed_points(ckpt):
     cur, seed = 0, 1
     n_files = len(list(ckpt.glob("*.safetensors")))
     assert n_files > 3
-    points = ([("files", k) for k in (1, n_files // 2, n_files)] + [("rename", k) for k in (1, 2, 3)]
-              + [("fsync", k) for k in (1, 4)])
+    points = ([("files", k) for k in (1, n_files)] + [("rename", k) for k in (1, 2, 3)]
+              + [("fsync", 3)])
     seen_missing = False
     for how, n in points:
         rc = _run("ckpt", ckpt, seed, how, n)
@@ -170,7 +171,7 @@ def test_checkpoint_survives_random_kills(ckpt):
     write_s = time.monotonic() - t0  # kills land anywhere in the write (the child is ready by then)
     rng = np.random.default_rng(21)
     cur = 100
-    for i in range(8):
+    for i in range(5):
         seed = 101 + i
         _kill_after("ckpt", ckpt, seed, float(rng.uniform(0.0, write_s)))
         cur = _which_ckpt(ckpt, (cur, seed))  # leftovers of this kill are cleaned by the next write
@@ -241,20 +242,17 @@ def test_python_exception_leaves_nothing_and_rewrite_keeps_other_files(tmp_path,
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
 
 
-def test_bad_targets_named(tmp_path):
+def test_bad_targets_named(tmp_path, monkeypatch):
     f = tmp_path / "file"
     f.write_text("x")
     with pytest.raises(CheckpointError, match=r"file: cannot write the checkpoint here: exists and is not a dir"):
         save_checkpoint(weights(0), CFG, f, dtype="float32")
     d = tmp_path / "here"
     d.mkdir()
-    cwd = os.getcwd()
-    os.chdir(d)
-    try:
-        with pytest.raises(CheckpointError, match=r"cannot write the checkpoint here: holds the current working directory"):
-            save_checkpoint(weights(0), CFG, ".", dtype="float32")
-    finally:
-        os.chdir(cwd)
+    monkeypatch.chdir(d)  # the swap renames the folder away: refused rather than pulled from under the cwd
+    with pytest.raises(CheckpointError, match=r"cannot write the checkpoint here: holds the current working directory"):
+        save_checkpoint(weights(0), CFG, ".", dtype="float32")
+    assert list(d.iterdir()) == []
 
 
 def test_golden_dump_survives_kills(tmp_path):
@@ -268,7 +266,7 @@ def test_golden_dump_survives_kills(tmp_path):
         assert got == (seed if (how, n) == ("fsync", 2) else cur), (how, n)
         cur = got
     rng = np.random.default_rng(7)
-    for seed in range(10, 14):
+    for seed in range(10, 13):
         _kill_after("dump", out, seed, float(rng.uniform(0.0, 0.05)))
         cur = _which_dump(out, (cur, seed))
     assert _run("dump", out, 20, "none") == 0
