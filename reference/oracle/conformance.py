@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from dsref.reference.atomic import atomic_path, atomic_write_text
+from dsref.reference.atomic import atomic_dir, atomic_path, atomic_write_text
 from dsref.reference.checkpoint import read_config, read_tensors, save_checkpoint
 from dsref.reference.config import ModelConfig
 from dsref.reference.oracle.adapters.common import UNSUPPORTED_EXIT, EngineUnsupported
@@ -111,11 +111,14 @@ def write_kit(out_dir: str | Path, cases: list[str] | None = None) -> Path:
     """Write the kit (all cases, or the named ones plus the cases they require) with kit.json listing them."""
     out = Path(out_dir)
     chosen = _select(cases)
-    out.mkdir(parents=True, exist_ok=True)
-    for c in chosen:
-        build_case(c, out / c.name)
-    atomic_write_text(out / "kit.json", json.dumps({"format": KIT_FORMAT, "cases": [c.name for c in chosen],
-                                                   "versions": versions()}, indent=2) + "\n")
+    # The kit is one folder swapped in whole (reference.atomic.atomic_dir): a killed write leaves the
+    # previous kit, never a kit.json naming a half-built case. Entries of an earlier kit that this
+    # write does not rebuild (other cases, files of the user's) are carried over.
+    with atomic_dir(out, carry=lambda name: True) as stage:
+        for c in chosen:
+            build_case(c, stage / c.name)
+        atomic_write_text(stage / "kit.json", json.dumps({"format": KIT_FORMAT, "cases": [c.name for c in chosen],
+                                                         "versions": versions()}, indent=2) + "\n")
     return out
 
 
