@@ -1,0 +1,239 @@
+"""Training the JAX reference with optax: DeepSeek-V3's objective and auxiliary-loss-free balancing.
+
+The objective (DeepSeek-V3 technical report, arXiv:2412.19437):
+
+    L = L_main + lambda * L_MTP + alpha * sum_layers L_bal
+
+    L_main  next-token cross-entropy, mean over the B x (T-1) predicted positions
+    L_MTP   the depth-1 MTP module's cross-entropy for token t+2 (sec. 2.2, eq. 24-25: the mean
+            over the D depths, lambda in front; D = 1 here, as released); lambda = 0.3 for the
+            first 10T tokens, then 0.1 (sec. 4.2)
+    L_bal   the sequence-wise balance loss (sec. 2.1.2, eq. 17-20), per sequence and MoE layer:
+            s'_{i,t} = s_{i,t} / sum_j s_{j,t} (sigmoid affinities normalised per token),
+            f_i = E / (k T) * #{t : i in TopK_t},  P_i = mean_t s'_{i,t},  L_bal = sum_i f_i P_i;
+            averaged over the batch; alpha = 1e-4 in V3 ("extremely small"), 0 = off
+
+Auxiliary-loss-free balancing (sec. 2.1.2; Wang et al. 2024, arXiv:2408.15664): after each step,
+each MoE layer's ``e_score_correction_bias`` moves by gamma * sign(mean load - load_i), where
+load_i counts the tokens of the step's batch routed to expert i. The bias is outside the
+gradient (the optimizer never touches it: ``optax.set_to_zero`` on its leaves) and only selects
+experts, never weights them (``reference.model.route``). gamma = 0.001 for the first 14.3T
+tokens, then 0 (sec. 4.2). MaxVio = max_i load_i / mean load - 1, per MoE layer (Wang et al.).
+
+The optimizer is AdamW (beta1 0.9, beta2 0.95, weight decay 0.1, gradient clipping at norm 1.0:
+V3 sec. 4.2) with linear warmup then cosine decay to ``min_lr_ratio`` of the peak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from dsref.reference.model import DeepseekModel, forward, mtp_logits
+
+F32 = jnp.float32
+BIAS = "mlp__gate__e_score_correction_bias"  # the balancing bias's attribute in a LayerStack
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters (defaults: DeepSeek-V3 sec. 4.2 where it gives them)."""
+
+    steps: int = 100
+    lr: float = 3e-4
+    warmup: int = 10
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    clip_norm: float = 1.0
+    mtp_weight: float = 0.3      # lambda
+    balance_alpha: float = 0.0   # alpha of the sequence-wise balance loss (V3: 1e-4)
+    bias_gamma: float = 0.001    # the bias update speed (0 = no auxiliary-loss-free balancing)
+
+    def __post_init__(self):
+        for name in ("steps", "warmup"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (1 if name == "steps" else 0):
+                raise ValueError(f"{name} must be an integer >= {1 if name == 'steps' else 0}, got {v!r}")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "clip_norm", "mtp_weight", "balance_alpha",
+                     "bias_gamma"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if not 0 <= self.b1 < 1 or not 0 <= self.b2 < 1:
+            raise ValueError(f"b1 and b2 must be in [0, 1), got {self.b1!r}, {self.b2!r}")
+
+
+class StepMetrics(NamedTuple):
+    """One step's numbers (device arrays): the total loss and its parts, the gradient norm before
+    clipping, the learning rate used, and per MoE layer the expert loads [n_moe, E] and MaxVio."""
+
+    loss: jax.Array
+    main: jax.Array
+    mtp: jax.Array
+    balance: jax.Array
+    grad_norm: jax.Array
+    lr: jax.Array
+    loads: jax.Array
+    max_violation: jax.Array
+
+
+def schedule(tc: TrainConfig):
+    """Linear warmup from 0 to lr over ``warmup`` steps, then cosine to lr * min_lr_ratio at ``steps``."""
+    decay = max(tc.steps - tc.warmup, 1)
+    return optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup, tc.warmup + decay, tc.lr * tc.min_lr_ratio)
+
+
+def _names(path) -> list[str]:
+    return [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+
+
+def _is_bias(path) -> bool:
+    return BIAS in _names(path)
+
+
+def optimizer(tc: TrainConfig, params) -> optax.GradientTransformation:
+    """AdamW with the schedule and clipping; the balancing biases are frozen (moved by
+    ``update_biases`` instead); norms and biases get no weight decay."""
+    labels = jax.tree_util.tree_map_with_path(lambda p, _: "bias" if _is_bias(p) else "train", params)
+    decay = jax.tree_util.tree_map_with_path(
+        lambda p, _: not any(n.endswith("norm__weight") or n.endswith("__bias") for n in _names(p)), params)
+    adamw = optax.chain(optax.clip_by_global_norm(tc.clip_norm),
+                        optax.adamw(schedule(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=decay))
+    return optax.multi_transform({"train": adamw, "bias": optax.set_to_zero()}, labels)
+
+
+def cross_entropy(logits, targets):
+    """Mean -log p(target) over every position; logits [..., V] float32, targets [...] int."""
+    logp = jax.nn.log_softmax(logits.astype(F32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+
+
+def balance_loss(router_logits, topk_ids, num_experts: int, scoring_func: str):
+    """Sequence-wise balance loss of one layer (V3 eq. 17-20), averaged over the batch.
+    router_logits [B, T, E], topk_ids [B, T, k]."""
+    k, T = topk_ids.shape[-1], topk_ids.shape[-2]
+    s = jax.nn.sigmoid(router_logits) if scoring_func == "sigmoid" else jax.nn.softmax(router_logits, -1)
+    s = s / jnp.sum(s, -1, keepdims=True)
+    f = num_experts / (k * T) * jax.nn.one_hot(topk_ids, num_experts, dtype=F32).sum((-3, -2))  # [B, E]
+    p = jnp.mean(s, axis=-2)  # [B, E]
+    return jnp.mean(jnp.sum(jax.lax.stop_gradient(f) * p, -1))
+
+
+def moe_layers(model: DeepseekModel) -> list[int]:
+    return [i for st in model.stacks for i in st.layers if model.cfg.is_moe_layer(i)]
+
+
+def loss_fn(params, graphdef, tokens, tc: TrainConfig):
+    """(loss, (parts, loads [n_moe, E])) for token windows [B, T+1]: inputs tokens[:, :-1],
+    targets tokens[:, 1:]; the MTP module (when the model has it) predicts tokens[:, 2:]."""
+    model = nnx.merge(graphdef, params)
+    cfg = model.cfg
+    cap: dict[str, Any] = {}
+    out = forward(model, tokens[:, :-1], capture=cap)
+    main = cross_entropy(out.logits, tokens[:, 1:])
+    mtp = jnp.zeros((), F32)
+    if len(model.mtp) and tc.mtp_weight > 0:
+        # position t: main hidden h_t (after the final norm) + embedding of token t+1 -> token t+2
+        mtp = cross_entropy(mtp_logits(model, tokens[:, 1:-1], out.hidden[:, :-1]).logits, tokens[:, 2:])
+    layers = moe_layers(model)
+    bal = jnp.zeros((), F32)
+    if tc.balance_alpha > 0:
+        bal = sum(balance_loss(cap[f"layers.{i}.router_logits"], cap[f"layers.{i}.topk_ids"],
+                               cfg.n_routed_experts, cfg.scoring_func) for i in layers)
+    loads = jnp.stack([jax.nn.one_hot(cap[f"layers.{i}.topk_ids"], cfg.n_routed_experts, dtype=F32).sum((0, 1, 2))
+                       for i in layers]) if layers else jnp.zeros((0, cfg.n_routed_experts), F32)
+    loss = main + tc.mtp_weight * mtp + tc.balance_alpha * bal
+    return loss, ((main, mtp, bal), loads)
+
+
+def max_violation(loads):
+    """MaxVio per layer: max_i load_i / mean_i load_i - 1 (0 = perfectly balanced)."""
+    return loads.max(-1) / jnp.maximum(loads.mean(-1), 1e-9) - 1
+
+
+def update_biases(params, loads, gamma: float, layer_map):
+    """b_i += gamma * sign(mean load - load_i) for each MoE layer, outside the gradient.
+    layer_map: (stack index, layer within the stack) of each row of ``loads`` [n_moe, E]."""
+    if gamma == 0 or loads.shape[0] == 0:
+        return params
+    delta = gamma * jnp.sign(loads.mean(-1, keepdims=True) - loads)
+    rows: dict[int, list[tuple[int, int]]] = {}
+    for row, (s, j) in enumerate(layer_map):
+        rows.setdefault(s, []).append((j, row))
+
+    def move(path, a):
+        names = _names(path)
+        if BIAS not in names or names[0] != "stacks":  # the MTP module's routing is not counted here
+            return a
+        for j, row in rows.get(int(names[1]), []):
+            a = a.at[j].add(delta[row].astype(a.dtype))
+        return a
+    return jax.tree_util.tree_map_with_path(move, params)
+
+
+@partial(jax.jit, static_argnums=(0, 4, 5, 6), donate_argnums=(1, 2))
+def _train_step(graphdef, params, opt_state, tokens, tx, tc: TrainConfig, layer_map: tuple, step):
+    (loss, ((main, mtp, bal), loads)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, graphdef, tokens, tc)
+    gnorm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    params = update_biases(params, loads, tc.bias_gamma, layer_map)
+    return params, opt_state, StepMetrics(loss, main, mtp, bal, gnorm, schedule(tc)(step), loads,
+                                          max_violation(loads))
+
+
+class Trainer:
+    """A model, its optimizer state and the step count; ``step(tokens)`` trains on one batch of
+    token windows [B, T+1] and returns its StepMetrics. Deterministic given the inputs."""
+
+    def __init__(self, model: DeepseekModel, tc: TrainConfig):
+        if model.dtype != F32:
+            raise ValueError("training keeps float32 weights (the master copy); load or build the model in float32")
+        self.tc = tc
+        self.graphdef, self.params = nnx.split(model)
+        self.tx = _Hashable(optimizer(tc, self.params))
+        self.opt_state = self.tx.init(self.params)
+        self.layer_map = tuple((s, i - st.first) for s, st in enumerate(model.stacks) for i in st.layers
+                               if model.cfg.is_moe_layer(i))
+        self.steps_done = 0
+
+    def step(self, tokens) -> StepMetrics:
+        self.params, self.opt_state, m = _train_step(self.graphdef, self.params, self.opt_state,
+                                                     jnp.asarray(tokens, jnp.int32), self.tx, self.tc, self.layer_map,
+                                                     jnp.int32(self.steps_done))
+        self.steps_done += 1
+        return m
+
+    def model(self) -> DeepseekModel:
+        return nnx.merge(self.graphdef, self.params)
+
+
+class _Hashable:
+    """An optax transformation as a static jit argument (hashed by identity)."""
+
+    def __init__(self, tx):
+        self.tx = tx
+
+    def init(self, params):
+        return self.tx.init(params)
+
+    def update(self, grads, state, params):
+        return self.tx.update(grads, state, params)
+
+
+def windows(ids: np.ndarray, batch: int, seq: int, rng: np.random.Generator) -> np.ndarray:
+    """A batch of ``batch`` random windows of seq+1 consecutive token ids from a 1-D corpus."""
+    if ids.ndim != 1 or ids.size < seq + 2:
+        raise ValueError(f"the corpus has {ids.size} tokens; windows of {seq + 1} need at least {seq + 2}")
+    starts = rng.integers(0, ids.size - seq - 1, batch)
+    return np.stack([ids[s:s + seq + 1] for s in starts]).astype(np.int32)
