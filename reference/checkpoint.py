@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -253,6 +254,11 @@ class _Reader:
 
     def __init__(self, path: str | Path):
         self.dir, self.files, wm, self.where = _find_files(path)
+        # Every shard opened first: a rewrite swapping the folder (reference/atomic.py) mid-load
+        # cannot then hand us the new file's bytes at the old file's offsets -- the open files
+        # pin this checkpoint's inodes -- and a swap between opening and reading a header is
+        # caught below (same inode, or an error).
+        self._files = {f: open(f, "rb") for f in self.files}  # noqa: SIM115 - held for the reader's life
         self.infos: dict[str, TensorInfo] = {}
         for f in self.files:
             for name, info in read_safetensors_header(f).items():
@@ -266,13 +272,21 @@ class _Reader:
                 raise CheckpointError(f"{self.dir / wm[name]}: tensor '{name}' listed in {self.where} "
                                       "is not in that shard")
         self._maps: dict[Path, np.memmap] = {}
+        for f, fh in self._files.items():
+            if os.fstat(fh.fileno()).st_ino != os.stat(f).st_ino:
+                raise CheckpointError(f"{f}: replaced while being read (a checkpoint write finished "
+                                      "meanwhile); load again")
+
+    def __del__(self):
+        for fh in getattr(self, "_files", {}).values():
+            fh.close()
 
     def array(self, name: str) -> np.ndarray:
         """Read-only view (memory-mapped) of one tensor in its stored dtype."""
         info = self.infos[name]
         mm = self._maps.get(info.file)
         if mm is None:
-            mm = self._maps[info.file] = np.memmap(info.file, dtype=np.uint8, mode="r")
+            mm = self._maps[info.file] = np.memmap(self._files[info.file], dtype=np.uint8, mode="r")
         return mm[info.start:info.end].view(_ST_DTYPES[info.dtype]).reshape(info.shape)
 
     def release(self) -> None:
