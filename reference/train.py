@@ -201,7 +201,7 @@ class Trainer:
             raise ValueError("training keeps float32 weights (the master copy); load or build the model in float32")
         self.tc = tc
         self.graphdef, self.params = nnx.split(model)
-        self.tx = _Hashable(optimizer(tc, self.params))
+        self.tx = optimizer(tc, self.params)  # a NamedTuple of functions: hashable, a static jit argument
         self.opt_state = self.tx.init(self.params)
         self.layer_map = tuple((s, i - st.first) for s, st in enumerate(model.stacks) for i in st.layers
                                if model.cfg.is_moe_layer(i))
@@ -216,19 +216,6 @@ class Trainer:
 
     def model(self) -> DeepseekModel:
         return nnx.merge(self.graphdef, self.params)
-
-
-class _Hashable:
-    """An optax transformation as a static jit argument (hashed by identity)."""
-
-    def __init__(self, tx):
-        self.tx = tx
-
-    def init(self, params):
-        return self.tx.init(params)
-
-    def update(self, grads, state, params):
-        return self.tx.update(grads, state, params)
 
 
 def windows(ids: np.ndarray, batch: int, seq: int, rng: np.random.Generator) -> np.ndarray:
