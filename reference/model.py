@@ -669,13 +669,15 @@ def forward(model: DeepseekModel, tokens, positions=None, cache=None, *, mla_for
     return ForwardOutput(logits, None if cache is None else new_cache, hn)
 
 
-def mtp_logits(model: DeepseekModel, tokens, h_main, positions=None, depth: int = 0, cache=None):
+def mtp_logits(model: DeepseekModel, tokens, h_main, positions=None, depth: int = 0, cache=None,
+               capture: dict | None = None):
     """MTP module `depth`: hidden h_t (after the final norm) + embedding of token t+1 -> logits for t+2.
 
     tokens [B, T] are the *next* tokens (t+1) aligned with h_main [B, T, D]. cache: a list
     holding one one-layer stacked cache (``init_cache(model, B, S, layers=1)``).
     Returns ForwardOutput(logits [B, T, V], the new MTP cache when one is given, the module's
-    hidden state after its shared_head norm).
+    hidden state after its shared_head norm). capture: filled as ``decoder_layer`` fills it
+    (unprefixed: attn_out, hidden, and the routing of an MoE module).
     """
     cfg, g, w = model.cfg, model.globals, model.mtp[0].at(depth)
     prec = _mm(model.dtype)
@@ -687,7 +689,7 @@ def mtp_logits(model: DeepseekModel, tokens, h_main, positions=None, depth: int 
                          rms_norm(h_main.astype(model.dtype), w["hnorm.weight"], cfg.rms_norm_eps)], axis=-1)
     x = linear(x, w["eh_proj.weight"], prec)
     x, c = decoder_layer(w, cfg, cfg.num_hidden_layers + depth, x, positions,
-                         None if cache is None else LayerCache(cache[0], 0), prec=prec)
+                         None if cache is None else LayerCache(cache[0], 0), prec=prec, capture=capture)
     head = g[head_name(cfg)]
     hn = rms_norm(x, w["shared_head.norm.weight"], cfg.rms_norm_eps)
     return ForwardOutput(linear(hn, head, prec).astype(F32), None if cache is None else [c.stack], hn)

@@ -173,6 +173,16 @@ _PRESETS = {
         qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
         n_shared_experts=2, num_experts_per_tok=2, n_group=1, topk_group=1, topk_method="greedy",
         routed_scaling_factor=1.0, max_position_embeddings=128),
+    # ~10M parameters (+2M MTP), V3-shaped: the model `dsref train` trains on a laptop CPU in
+    # minutes (docs/training.md); a byte-level BPE of 8,192 ids.
+    "mini-v3": lambda: _v3(
+        name="mini-v3", vocab_size=8192, hidden_size=256, intermediate_size=768,
+        moe_intermediate_size=128, num_hidden_layers=4, first_k_dense_replace=1,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=128, kv_lora_rank=64,
+        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16,
+        n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, rope_scaling=None, max_position_embeddings=1024,
+        num_nextn_predict_layers=1),
     # ~0.5B parameters, ~0.1B activated: the CPU benchmark model.
     "small-v3": lambda: _v3(
         name="small-v3", vocab_size=32000, hidden_size=1024, intermediate_size=2816,
