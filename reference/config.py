@@ -10,6 +10,7 @@ Dimension letters used across the project (code, formulas, docs):
     E routed experts, k experts per token, F expert / MLP intermediate,
     R kv_lora_rank (latent), Q q_lora_rank, N qk_nope_head_dim,
     P qk_rope_head_dim, A v_head_dim.
+DeepSeek-V3.2's lightning indexer (reference/dsa.py): I index_n_heads, J index_head_dim.
 """
 
 from __future__ import annotations
@@ -37,6 +38,16 @@ _ARCH = ("deepseek", "dense")
 #: post-attention norms, the final norm and the MTP norms. Every released checkpoint has
 #: rms_norm_eps = 1e-6, so only other configs tell the two apart.
 MLA_NORM_EPS = 1e-6
+
+#: LayerNorm eps of the V3.2 indexer's key norm (k_norm): transformers builds it as
+#: nn.LayerNorm(index_head_dim, eps=1e-6), DeepSeek's inference code as its LayerNorm default
+#: (1e-6); neither reads the config.
+INDEX_NORM_EPS = 1e-6
+
+#: The indexer fields of a DeepSeek-V3.2 config.json (DeepSeek Sparse Attention). All three or
+#: none: a model has an indexer in every layer iff they are set (transformers DeepseekV32Config:
+#: layer_types = "indexed_attention" for every layer).
+INDEX_FIELDS = ("index_n_heads", "index_head_dim", "index_topk")
 
 
 @dataclass(frozen=True)
@@ -111,6 +122,11 @@ class ModelConfig:
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
     hidden_act: str = "silu"
+    # DeepSeek-V3.2 lightning indexer (DeepSeek Sparse Attention, reference/dsa.py); None: no
+    # indexer (V3, V2, GQA models). Released V3.2 / V3.2-Exp: 64 heads of 128, top-2048.
+    index_n_heads: int | None = None
+    index_head_dim: int | None = None
+    index_topk: int | None = None
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     # ------------------------------------------------------------------ derived
@@ -122,6 +138,17 @@ class ModelConfig:
     def is_mla(self) -> bool:
         """Latent attention (DeepSeek MLA); else GQA/MHA with a K/V cache per kv head."""
         return self.arch == "deepseek"
+
+    @property
+    def has_indexer(self) -> bool:
+        """DeepSeek-V3.2: every layer's MLA attends only to its indexer's top-k keys."""
+        return self.index_topk is not None
+
+    @property
+    def index_softmax_scale(self) -> float:
+        """The indexer's q.k scale: index_head_dim^-1/2, no YaRN mscale (transformers
+        DeepseekV32Indexer.softmax_scale; DeepSeek inference/model.py Indexer.softmax_scale)."""
+        return self.index_head_dim ** -0.5
 
     @property
     def qk_head_dim(self) -> int:
@@ -162,6 +189,10 @@ class ModelConfig:
         MLA absorbed: latent R + rotary key P per layer (V3: (512+64)*2*61 = 70,272 B).
         MLA naive: full keys H*(N+P) and values H*A per layer.
         Dense GQA: 2*K*head_dim per layer.
+        V3.2 adds the indexer's key cache, one index_head_dim key per token and layer, in either
+        form, counted here in the same element type as the rest (transformers keeps it in the
+        model dtype: V3.2 bf16 = (512+64+128)*2*61 = 85,888 B). DeepSeek's inference code stores it
+        as FP8 e4m3 plus one float32 scale per 128 values instead: ``index_cache_bytes_per_token``.
         """
         if self.arch == "dense":
             per_layer = 2 * self.num_key_value_heads * self.dense_head_dim
@@ -169,7 +200,22 @@ class ModelConfig:
             per_layer = self.kv_lora_rank + self.qk_rope_head_dim
         else:
             per_layer = self.num_attention_heads * (self.qk_head_dim + self.v_head_dim)
+        if self.has_indexer:
+            per_layer += self.index_head_dim
         return per_layer * self.num_hidden_layers * bytes_per_elem
+
+    def index_cache_bytes_per_token(self, bytes_per_elem: float | None = 2.0) -> float:
+        """The indexer key cache alone, bytes per token over all layers (0 without an indexer).
+
+        bytes_per_elem=None: DeepSeek's official layout (inference/model.py Indexer: ``k_cache``
+        float8_e4m3fn [.., index_head_dim] + ``k_scale_cache`` float32 [.., index_head_dim/128]),
+        J + 4*ceil(J/128) bytes per layer: V3.2 (128 + 4) * 61 = 8,052 B.
+        """
+        if not self.has_indexer:
+            return 0.0
+        J = self.index_head_dim
+        per_layer = J + 4 * -(-J // 128) if bytes_per_elem is None else J * bytes_per_elem
+        return per_layer * self.num_hidden_layers
 
     def param_counts(self) -> dict[str, int]:
         """Exact parameter counts (see reference/params.py)."""
@@ -196,10 +242,15 @@ class ModelConfig:
                 continue
             if f.name in _GQA_ONLY_FIELDS and self.arch == "deepseek":
                 continue  # meaningless for MLA: keep DeepSeek config.json files as they were
+            if f.name in INDEX_FIELDS and v is None:
+                continue  # no indexer: V3/V2 config.json files stay as they were
             if f.name == "mlp_only_layers":
                 v = list(v)
             d[f.name] = v
-        if self.arch == "deepseek":
+        if self.arch == "deepseek" and self.has_indexer:
+            d.setdefault("model_type", "deepseek_v32")
+            d.setdefault("architectures", ["DeepseekV32ForCausalLM"])
+        elif self.arch == "deepseek":
             v2 = self.scoring_func == "softmax"
             d.setdefault("model_type", "deepseek_v2" if v2 else "deepseek_v3")
             d.setdefault("architectures", ["DeepseekV2ForCausalLM" if v2 else "DeepseekV3ForCausalLM"])
@@ -258,7 +309,7 @@ _INT_FIELDS = {
     "v_head_dim", "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "n_group",
     "topk_group", "max_position_embeddings", "num_nextn_predict_layers", "decoder_sparse_step",
 }
-_OPT_INT_FIELDS = {"q_lora_rank", "head_dim"}
+_OPT_INT_FIELDS = {"q_lora_rank", "head_dim", *INDEX_FIELDS}
 _FLOAT_FIELDS = {"routed_scaling_factor", "rope_theta", "rms_norm_eps"}
 _BOOL_FIELDS = {"norm_topk_prob", "tie_word_embeddings", "attention_bias", "rope_interleave", "qk_norm"}
 _STR_FIELDS = {"topk_method", "scoring_func", "hidden_act"}
@@ -396,6 +447,7 @@ def _from_hf_dict(d: dict[str, Any], source: str, name: str | None) -> ModelConf
         for k in ("n_routed_experts", "n_shared_experts"):
             if k in d and d[k] is None:
                 kw[k] = 0
+        _check_v32_fields(d, kw, mt, source)
     consumed = ("rope_parameters", "_dsref_name", "_dsref_arch") + (("num_experts",) if gqa_moe else ())
     kw["extra"] = {k: v for k, v in d.items() if k not in known and k not in consumed}
     try:
@@ -404,6 +456,34 @@ def _from_hf_dict(d: dict[str, Any], source: str, name: str | None) -> ModelConf
         raise ConfigError(f"{source}: {e}") from None
     cfg.validate(source)
     return cfg
+
+
+def _check_v32_fields(d: dict[str, Any], kw: dict[str, Any], mt: str, source: str) -> None:
+    """DeepSeek-V3.2 (model_type deepseek_v32): the three indexer fields, all or none.
+
+    transformers' DeepseekV32Config would fill a missing one with its default (64 heads of 128,
+    top-2048); we refuse instead, as for every other field a DeepSeek model needs. Files that
+    transformers 5 writes also carry ``mlp_layer_types`` and ``layer_types``: they must say what
+    first_k_dense_replace / moe_layer_freq and the indexer say, or the file is contradictory.
+    """
+    given = [f for f in INDEX_FIELDS if d.get(f) is not None]
+    if mt == "deepseek_v32" or given:
+        for f in INDEX_FIELDS:
+            if f not in given:
+                raise ConfigError(f"{source}: required field '{f}' is missing (a DeepSeek-V3.2 indexer "
+                                  f"needs {', '.join(INDEX_FIELDS)})")
+    mlt = d.get("mlp_layer_types")
+    if mlt is not None:
+        n, k0 = kw["num_hidden_layers"], kw.get("first_k_dense_replace", 3)
+        freq, moe = kw.get("moe_layer_freq", 1), kw.get("n_routed_experts", 256) > 0
+        want = ["sparse" if moe and i >= k0 and i % freq == 0 else "dense" for i in range(n)]
+        if list(mlt) != want:
+            raise ConfigError(f"{source}: field 'mlp_layer_types' = {mlt!r} contradicts first_k_dense_replace="
+                              f"{k0}, moe_layer_freq={freq} (expected {want})")
+    lt = d.get("layer_types")
+    if lt is not None and given and any(t != "indexed_attention" for t in lt):
+        raise ConfigError(f"{source}: field 'layer_types' has {sorted(set(lt) - {'indexed_attention'})}: "
+                          f"only 'indexed_attention' (an indexer in every layer) is implemented")
 
 
 def _validate(c: ModelConfig, source: str) -> None:
@@ -420,6 +500,9 @@ def _validate(c: ModelConfig, source: str) -> None:
         err("rope_theta", f"must be > 0, got {c.rope_theta}")
     if c.hidden_act != "silu":
         err("hidden_act", f"= {c.hidden_act!r}: only 'silu' is implemented")
+    if c.arch == "dense" and any(getattr(c, f) is not None for f in INDEX_FIELDS):
+        err(next(f for f in INDEX_FIELDS if getattr(c, f) is not None),
+            "is a DeepSeek-V3.2 (MLA) field: the indexer reads MLA's compressed query")
     if c.arch == "dense":
         if c.num_key_value_heads <= 0 or c.num_attention_heads % c.num_key_value_heads:
             err("num_key_value_heads", f"({c.num_key_value_heads}) must divide num_attention_heads ({c.num_attention_heads})")
@@ -467,6 +550,7 @@ def _validate(c: ModelConfig, source: str) -> None:
             err("topk_group", f"= {c.topk_group} groups x {per_group} experts < num_experts_per_tok = {c.num_experts_per_tok}")
     if c.routed_scaling_factor <= 0:
         err("routed_scaling_factor", "must be > 0")
+    _validate_indexer(c, err)
     rs = c.rope_scaling
     if rs is not None:
         if rs.factor <= 0:
@@ -475,6 +559,24 @@ def _validate(c: ModelConfig, source: str) -> None:
             err("rope_scaling.original_max_position_embeddings", "must be > 0")
         if rs.beta_fast <= 0 or rs.beta_slow <= 0:
             err("rope_scaling.beta_fast", "beta_fast and beta_slow must be > 0")
+
+
+def _validate_indexer(c: ModelConfig, err) -> None:
+    """The V3.2 indexer: all three fields or none; its queries come from MLA's compressed query
+    (q_lora_rank); its first qk_rope_head_dim dims are rotated (half-split, so an even count)."""
+    set_ = [f for f in INDEX_FIELDS if getattr(c, f) is not None]
+    if not set_:
+        return
+    if len(set_) < len(INDEX_FIELDS):
+        err(next(f for f in INDEX_FIELDS if f not in set_), f"is required with {', '.join(set_)}")
+    for f in INDEX_FIELDS:
+        if getattr(c, f) < 1:
+            err(f, f"must be >= 1, got {getattr(c, f)}")
+    if c.index_head_dim < c.qk_rope_head_dim:
+        err("index_head_dim", f"= {c.index_head_dim} must be >= qk_rope_head_dim = {c.qk_rope_head_dim} "
+            "(the indexer rotates its first qk_rope_head_dim dims)")
+    if c.q_lora_rank is None:
+        err("q_lora_rank", "must be set with an indexer (its queries come from q_a_layernorm(q_a_proj(x)))")
 
 
 def _validate_gqa_moe(c: ModelConfig, err) -> None:

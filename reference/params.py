@@ -47,7 +47,33 @@ def attention_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     s["kv_a_layernorm.weight"] = (R,)
     s["kv_b_proj.weight"] = (H * (N + A), R)
     s["o_proj.weight"] = (D, H * A)
+    if c.has_indexer:
+        s.update({INDEXER + k: v for k, v in indexer_shapes(c).items()})
     return s
+
+
+#: Where a V3.2 layer's indexer weights live, relative to the layer (transformers
+#: DeepseekV32Attention.indexer; the released checkpoints use the same names).
+INDEXER = "indexer."
+
+
+def indexer_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """DeepSeek-V3.2's lightning indexer of one layer (reference/dsa.py), relative to
+    'self_attn.indexer.', in transformers' DeepseekV32Indexer order and names, which are the
+    released checkpoint's (model.layers.{i}.self_attn.indexer.wq_b.weight ...). DeepSeek's own
+    inference code keeps the leaf names under 'layers.{i}.attn.indexer.' (its convert.py maps
+    wq_b, wk, k_norm, weights_proj to themselves).
+
+      wq_b          [I*J, Q]  queries from MLA's compressed query (after q_a_layernorm)
+      wk            [J, D]    one key per token, shared by the I heads
+      k_norm        [J] + [J] LayerNorm weight and bias (a LayerNorm, not an RMSNorm)
+      weights_proj  [I, D]    per-head weights of the score sum
+
+    In the released FP8 checkpoint wq_b and wk are float8_e4m3fn with 128x128 block scales;
+    weights_proj is bf16 and k_norm float32 (the dump cited in reference/presets.py)."""
+    D, Q, I, J = c.hidden_size, c.q_lora_rank, c.index_n_heads, c.index_head_dim
+    return {"wq_b.weight": (I * J, Q), "wk.weight": (J, D), "k_norm.weight": (J,), "k_norm.bias": (J,),
+            "weights_proj.weight": (I, D)}
 
 
 def mlp_shapes(D: int, F: int) -> dict[str, tuple[int, ...]]:
@@ -175,8 +201,14 @@ def partition(t: Tensor) -> tuple[str | None, ...]:
     c_kv is shared by every head. Routed experts are split over EXPERT on E (whole experts
     per device) and over TENSOR on their intermediate dim; the router, every norm and the
     MTP projection are replicated. The vocabulary splits over TENSOR (embedding and head).
+    V3.2's indexer is replicated whole: DeepSeek's inference code builds wq_b, wk and
+    weights_proj as plain (unsplit) Linear layers and checks that every rank selects the same
+    top-k; transformers' tensor-parallel plan leaves the indexer out; its weights are 1-2% of
+    a layer's attention (V3.2: 14M of 201M).
     """
     leaf = t.rel.rsplit(".", 2)[-2] if t.rel.count(".") >= 1 else t.rel
+    if t.rel.startswith("self_attn." + INDEXER):
+        return (None,) * len(t.shape)
     if t.group == GLOBAL:
         return _COLUMN if len(t.shape) == 2 else (None,) * len(t.shape)
     if t.group in (ATTENTION, DENSE_MLP, SHARED_EXPERT, ROUTED_EXPERT):

@@ -16,6 +16,20 @@ Qwen/Qwen3-235B-A22B: hidden 4096, 94 layers, 64 heads, 4 kv heads, head_dim 128
 layer), otherwise as 30B-A3B. Llama-2-13B (meta-llama/Llama-2-13b-hf config.json):
 hidden 5120, 40 layers, 40 heads = 40 kv heads (MHA), intermediate 13824,
 vocab 32000, rope_theta 1e4, rms_norm_eps 1e-5, max_position 4096, untied.
+
+DeepSeek-V3.2 (docs/models.md): deepseek-ai/DeepSeek-V3.2 config.json (model_type deepseek_v32,
+transformers_version 4.44.2), as dumped with the checkpoint's tensor list in a public model report
+(index id 62736905881 of the code search; the dump gives 685,396,921,376 stored values over
+92,425 tensors, which tests/test_dsa.py reproduces): DeepSeek-V3's fields unchanged (same YaRN,
+same 61 layers, 1 MTP module) plus index_n_heads 64, index_head_dim 128, index_topk 2048.
+DeepSeek-V3.2-Exp: deepseek-ai/DeepSeek-V3.2-Exp on GitHub, inference/config_671B_v3.2.json
+(commit 3b99a53; read): the same architecture in the inference code's names (dim 7168, n_layers 61,
+n_dense_layers 3, 128 heads, q_lora 1536, kv_lora 512, 64 rope dims, index_n_heads 64,
+index_head_dim 128, index_topk 2048, YaRN defaults of its ModelArgs: factor 40 from 4096,
+beta 32/1, mscale 1). Its Hugging Face config.json was not found in a stored copy; the fields
+only that file carries (rms_norm_eps, max_position_embeddings, num_nextn_predict_layers,
+mscale_all_dim) are taken equal to V3.2's (assumption, medium confidence: every field the two
+sources both carry agrees, and both models load in transformers as the same DeepseekV32 class).
 """
 
 from __future__ import annotations
@@ -30,6 +44,13 @@ _V2_YARN = RopeScaling(factor=40.0, original_max_position_embeddings=4096, beta_
 
 def _v3(**kw) -> ModelConfig:
     return ModelConfig(**kw)
+
+
+def _v32(**kw) -> ModelConfig:
+    """DeepSeek-V3.2(-Exp): DeepSeek-V3 plus the lightning indexer (64 heads of 128, top-2048)."""
+    base = dict(index_n_heads=64, index_head_dim=128, index_topk=2048)
+    base.update(kw)
+    return _PRESETS["deepseek-v3"]().replace(**base)
 
 
 def _v2(**kw) -> ModelConfig:
@@ -114,6 +135,8 @@ _PRESETS = {
         rope_scaling=RopeScaling(factor=32.0, original_max_position_embeddings=4096, beta_fast=1.0,
                                  beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0),
         max_position_embeddings=131072, rms_norm_eps=1e-6, num_nextn_predict_layers=0),
+    "deepseek-v3.2": lambda: _v32(name="deepseek-v3.2"),
+    "deepseek-v3.2-exp": lambda: _v32(name="deepseek-v3.2-exp"),
     # ---- dense GQA comparison models (simulator and published comparisons)
     "qwen2.5-14b": lambda: _qwen(name="qwen2.5-14b", hidden_size=5120, intermediate_size=13824,
                                  num_hidden_layers=48, num_attention_heads=40),
@@ -173,6 +196,12 @@ _PRESETS = {
         qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
         n_shared_experts=2, num_experts_per_tok=2, n_group=1, topk_group=1, topk_method="greedy",
         routed_scaling_factor=1.0, max_position_embeddings=128),
+    # V3.2 in miniature, adversarial for the indexer: 2 indexer heads (relu zeroes both for many
+    # (query, key) pairs, so exact score ties happen), index_topk 5 below the tests' sequence
+    # lengths (the top-k really drops keys), index_head_dim 12 > qk_rope_head_dim 8 (rotated and
+    # unrotated dims both present), YaRN as in the released config.
+    "tiny-v32": lambda: _PRESETS["tiny-v3"]().replace(
+        name="tiny-v32", index_n_heads=2, index_head_dim=12, index_topk=5),
     # ~10M parameters (+2M MTP), V3-shaped: the model `dsref train` trains on a laptop CPU in
     # minutes (docs/training.md); a byte-level BPE of 8,192 ids.
     "mini-v3": lambda: _v3(
