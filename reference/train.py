@@ -22,6 +22,13 @@ tokens, then 0 (sec. 4.2). MaxVio = max_i load_i / mean load - 1, per MoE layer 
 
 The optimizer is AdamW (beta1 0.9, beta2 0.95, weight decay 0.1, gradient clipping at norm 1.0:
 V3 sec. 4.2) with linear warmup then cosine decay to ``min_lr_ratio`` of the peak.
+
+Precision: the parameters (and AdamW's moments) are float32, the master copy. ``compute=
+"bfloat16"`` runs the forward and backward on a bf16 copy: every weight rounded to bf16 (except
+the balancing bias, which only selects) and bf16 activations between the matmuls, which
+accumulate in float32 (reference.model.einsum); the gradient of the rounding is the identity,
+so it lands on the float32 master weights. MLA runs in its naive form (per-head keys and
+values), as a training step does.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from dsref.reference.model import DeepseekModel, forward, mtp_logits
 
 F32 = jnp.float32
 BIAS = "mlp__gate__e_score_correction_bias"  # the balancing bias's attribute in a LayerStack
+COMPUTE = {"float32": F32, "bfloat16": jnp.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,7 @@ class TrainConfig:
     mtp_weight: float = 0.3      # lambda
     balance_alpha: float = 0.0   # alpha of the sequence-wise balance loss (V3: 1e-4)
     bias_gamma: float = 0.001    # the bias update speed (0 = no auxiliary-loss-free balancing)
+    compute: str = "float32"     # the forward/backward's precision: "float32" or "bfloat16"
 
     def __post_init__(self):
         for name in ("steps", "warmup"):
@@ -68,6 +77,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.compute not in COMPUTE:
+            raise ValueError(f"compute must be one of {', '.join(COMPUTE)}, got {self.compute!r}")
         if not 0 <= self.b1 < 1 or not 0 <= self.b2 < 1:
             raise ValueError(f"b1 and b2 must be in [0, 1), got {self.b1!r}, {self.b2!r}")
 
@@ -128,29 +139,53 @@ def balance_loss(router_logits, topk_ids, num_experts: int, scoring_func: str):
     return jnp.mean(jnp.sum(jax.lax.stop_gradient(f) * p, -1))
 
 
-def moe_layers(model: DeepseekModel) -> list[int]:
-    return [i for st in model.stacks for i in st.layers if model.cfg.is_moe_layer(i)]
+def moe_layers(model: DeepseekModel, tc: TrainConfig | None = None) -> list[int]:
+    """The MoE layers a training step routes through, in the order of its ``loads`` rows: the
+    main model's, then the MTP module's (when the model has one and ``tc`` trains it)."""
+    cfg = model.cfg
+    main = [i for st in model.stacks for i in st.layers if cfg.is_moe_layer(i)]
+    mtp = [i for st in model.mtp for i in st.layers if cfg.is_moe_layer(i)] if _trains_mtp(model, tc) else []
+    return main + mtp[:1]  # depth 0 only: the one MTP module DeepSeek released (and trained here)
+
+
+def _trains_mtp(model: DeepseekModel, tc: TrainConfig | None) -> bool:
+    return len(model.mtp) > 0 and (tc is None or tc.mtp_weight > 0)
+
+
+def compute_params(params, tc: TrainConfig):
+    """The parameters as the forward takes them: bf16-rounded copies for compute="bfloat16"
+    (the balancing bias stays float32: it only selects experts)."""
+    if tc.compute == "float32":
+        return params
+    dt = COMPUTE[tc.compute]
+    return jax.tree_util.tree_map_with_path(
+        lambda p, a: a if _is_bias(p) else a.astype(dt).astype(a.dtype), params)
 
 
 def loss_fn(params, graphdef, tokens, tc: TrainConfig):
     """(loss, (parts, loads [n_moe, E])) for token windows [B, T+1]: inputs tokens[:, :-1],
-    targets tokens[:, 1:]; the MTP module (when the model has it) predicts tokens[:, 2:]."""
-    model = nnx.merge(graphdef, params)
+    targets tokens[:, 1:]; the MTP module (when the model has it) predicts tokens[:, 2:].
+    ``loads`` rows follow ``moe_layers(model, tc)``."""
+    model = nnx.merge(graphdef, compute_params(params, tc))
+    model.dtype = COMPUTE[tc.compute]  # activations (the merged copy only; the graphdef keeps float32)
     cfg = model.cfg
     cap: dict[str, Any] = {}
-    out = forward(model, tokens[:, :-1], capture=cap)
+    out = forward(model, tokens[:, :-1], capture=cap, mla_form="naive")
     main = cross_entropy(out.logits, tokens[:, 1:])
     mtp = jnp.zeros((), F32)
-    if len(model.mtp) and tc.mtp_weight > 0:
+    mcap: dict[str, Any] = {}
+    if _trains_mtp(model, tc):
         # position t: main hidden h_t (after the final norm) + embedding of token t+1 -> token t+2
-        mtp = cross_entropy(mtp_logits(model, tokens[:, 1:-1], out.hidden[:, :-1]).logits, tokens[:, 2:])
-    layers = moe_layers(model)
+        mtp = cross_entropy(mtp_logits(model, tokens[:, 1:-1], out.hidden[:, :-1], capture=mcap).logits,
+                            tokens[:, 2:])
+    L = cfg.num_hidden_layers
+    routing = [(cap[f"layers.{i}.router_logits"], cap[f"layers.{i}.topk_ids"]) if i < L
+               else (mcap["router_logits"], mcap["topk_ids"]) for i in moe_layers(model, tc)]
     bal = jnp.zeros((), F32)
     if tc.balance_alpha > 0:
-        bal = sum(balance_loss(cap[f"layers.{i}.router_logits"], cap[f"layers.{i}.topk_ids"],
-                               cfg.n_routed_experts, cfg.scoring_func) for i in layers)
-    loads = jnp.stack([jax.nn.one_hot(cap[f"layers.{i}.topk_ids"], cfg.n_routed_experts, dtype=F32).sum((0, 1, 2))
-                       for i in layers]) if layers else jnp.zeros((0, cfg.n_routed_experts), F32)
+        bal = sum(balance_loss(lg, ids, cfg.n_routed_experts, cfg.scoring_func) for lg, ids in routing)
+    loads = jnp.stack([jax.nn.one_hot(ids, cfg.n_routed_experts, dtype=F32).sum((0, 1, 2)) for _, ids in routing]
+                      ) if routing else jnp.zeros((0, cfg.n_routed_experts), F32)
     loss = main + tc.mtp_weight * mtp + tc.balance_alpha * bal
     return loss, ((main, mtp, bal), loads)
 
@@ -162,22 +197,32 @@ def max_violation(loads):
 
 def update_biases(params, loads, gamma: float, layer_map):
     """b_i += gamma * sign(mean load - load_i) for each MoE layer, outside the gradient.
-    layer_map: (stack index, layer within the stack) of each row of ``loads`` [n_moe, E]."""
+    layer_map: for each row of ``loads`` [n_moe, E], where its bias lives: (group, stack index,
+    layer within the stack), group "stacks" (main model) or "mtp" (``layer_rows``); a plain
+    (stack, layer) pair means group "stacks"."""
     if gamma == 0 or loads.shape[0] == 0:
         return params
     delta = gamma * jnp.sign(loads.mean(-1, keepdims=True) - loads)
-    rows: dict[int, list[tuple[int, int]]] = {}
-    for row, (s, j) in enumerate(layer_map):
-        rows.setdefault(s, []).append((j, row))
+    rows: dict[tuple[str, int], list[tuple[int, int]]] = {}
+    for row, where in enumerate(layer_map):
+        group, s, j = where if len(where) == 3 else ("stacks", *where)
+        rows.setdefault((group, s), []).append((j, row))
 
     def move(path, a):
         names = _names(path)
-        if BIAS not in names or names[0] != "stacks":  # the MTP module's routing is not counted here
+        if BIAS not in names:
             return a
-        for j, row in rows.get(int(names[1]), []):
+        for j, row in rows.get((names[0], int(names[1])), []):
             a = a.at[j].add(delta[row].astype(a.dtype))
         return a
     return jax.tree_util.tree_map_with_path(move, params)
+
+
+def layer_rows(model: DeepseekModel, tc: TrainConfig) -> tuple[tuple[str, int, int], ...]:
+    """(group, stack index, layer within the stack) of each ``moe_layers(model, tc)`` row."""
+    where = {i: (group, s, i - st.first) for group in ("stacks", "mtp")
+             for s, st in enumerate(getattr(model, group)) for i in st.layers}
+    return tuple(where[i] for i in moe_layers(model, tc))
 
 
 @partial(jax.jit, static_argnums=(0, 4, 5, 6), donate_argnums=(1, 2))
@@ -203,8 +248,8 @@ class Trainer:
         self.graphdef, self.params = nnx.split(model)
         self.tx = optimizer(tc, self.params)  # a NamedTuple of functions: hashable, a static jit argument
         self.opt_state = self.tx.init(self.params)
-        self.layer_map = tuple((s, i - st.first) for s, st in enumerate(model.stacks) for i in st.layers
-                               if model.cfg.is_moe_layer(i))
+        self.layers = tuple(moe_layers(model, tc))  # the layer index of each row of StepMetrics.loads
+        self.layer_map = layer_rows(model, tc)
         self.steps_done = 0
 
     def step(self, tokens) -> StepMetrics:
