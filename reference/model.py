@@ -32,6 +32,10 @@ from flax import nnx
 from dsref.reference.config import MLA_NORM_EPS, ModelConfig
 from dsref.reference.dispatch import expert_window_rows as block_size
 from dsref.reference.expert_parallel import routed_experts_sharded
+from dsref.reference.fp8_train import Fp8Recipe, fp8_linear
+from dsref.reference.fp8_train import dgrad as fp8_dgrad
+from dsref.reference.fp8_train import fprop as fp8_fprop
+from dsref.reference.fp8_train import wgrad as fp8_wgrad
 from dsref.reference.mesh import active_mesh
 from dsref.reference.numpy_ref import rope_frequencies
 from dsref.reference.params import EMBED, FINAL_NORM, Tensor, head_name, layer_tensors, tensors
@@ -187,8 +191,17 @@ def einsum(spec, a, b, precision=None):
     return jnp.einsum(spec, a, b, precision=precision, preferred_element_type=acc)
 
 
+def _plain(prec):
+    """The precision of what stays out of FP8 (V3 sec. 3.3.1: output head, gating, attention
+    operators) when ``prec`` is an Fp8Recipe: full float32; otherwise ``prec`` itself."""
+    return jax.lax.Precision.HIGHEST if isinstance(prec, Fp8Recipe) else prec
+
+
 def linear(x, w, precision=None):
-    """x @ w.T with w in [out, in] (checkpoint layout), result in x's dtype."""
+    """x @ w.T with w in [out, in] (checkpoint layout), result in x's dtype. precision: a
+    jax.lax.Precision, or an Fp8Recipe for DeepSeek-V3's FP8 GEMMs (reference/fp8_train.py)."""
+    if isinstance(precision, Fp8Recipe):
+        return fp8_linear(x, w, precision)
     w = w if w.dtype == F32 else w.astype(x.dtype)
     return einsum("...i,oi->...o", x, w, precision).astype(x.dtype)
 
@@ -257,6 +270,7 @@ def expand_kv(w, cfg: ModelConfig, c_kv, k_pe, prec=None):
 
 def attend_expanded(cfg: ModelConfig, q, k, v, mask, prec):
     """Ordinary multi-head attention: q [B,T,H,N+P], k [B,S,H,N+P], v [B,S,H,A] -> [B,T,H*A]."""
+    prec = _plain(prec)  # attention operators stay out of FP8
     p = _softmax_attend(einsum("bthq,bshq->bhts", q, k, prec) * cfg.softmax_scale, mask)
     o = einsum("bhts,bsha->btha", p.astype(v.dtype), v, prec)
     return o.reshape(o.shape[0], o.shape[1], -1).astype(q.dtype)
@@ -269,7 +283,9 @@ def mla_naive(w, cfg: ModelConfig, q_nope, q_pe, c_kv, k_pe, mask, prec):
 
 
 def mla_absorbed(w, cfg: ModelConfig, q_nope, q_pe, c_kv, k_pe, mask, prec):
-    """Attention in the latent space: q_nope W_uk -> [B,T,H,R]; scores against c_kv; out via W_uv."""
+    """Attention in the latent space: q_nope W_uk -> [B,T,H,R]; scores against c_kv; out via W_uv.
+    Under an Fp8Recipe all of it (W_uk, W_uv included) stays out of FP8: FP8 training uses "naive"."""
+    prec = _plain(prec)
     H, N, A, R = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
     wkv = w["kv_b_proj.weight"].reshape(H, N + A, R)
     w_uk, w_uv = wkv[:, :N], wkv[:, N:]  # float32 (widened bf16 on CPU) or the model dtype
@@ -401,11 +417,22 @@ def _expert_rows_bwd(C, prec, res, dys):
     """For each used expert and window (x rows, dy rows; W_g, W_u [F, D], W_d [D, F]):
     g = x W_g^T, u = x W_u^T, a = silu(g) u;  da = dy W_d;  dW_d += dy^T a;
     dg = da u silu'(g), du = da silu(g);  dx = dg W_g + du W_u;  dW_g += dg^T x, dW_u += du^T x.
-    In float32; rows of a window past the expert's own are masked out of every sum."""
+    In float32; rows of a window past the expert's own are masked out of every sum.
+    prec an Fp8Recipe: each GEMM is the recipe's Fprop, Dgrad or Wgrad (reference/fp8_train.py);
+    a Wgrad's token tiles must not see the next expert's rows, so they are zeroed first."""
     xs, gate, up, down, j, counts, start, used, n_used = res
+    fp8 = isinstance(prec, Fp8Recipe)
 
-    def mm(spec, a, b):
-        return jnp.einsum(spec, a, b, precision=prec)
+    def fprop(x, w):  # x [C, K] W^T, W [N, K]
+        return fp8_fprop(x, w, prec) if fp8 else jnp.einsum("ck,nk->cn", x, w, precision=prec)
+
+    def dgrad(dy, w):  # dy [C, N] W
+        return fp8_dgrad(dy, w, prec) if fp8 else jnp.einsum("cn,nk->ck", dy, w, precision=prec)
+
+    def wgrad(dy, x, mine):  # dy^T x, over the window's rows
+        if fp8:
+            return fp8_wgrad(dy, jnp.where(mine, x, 0.0), prec)
+        return jnp.einsum("cn,ck->nk", dy, x, precision=prec)
 
     def expert(i, carry):
         dxs, dgate, dup, ddown = carry
@@ -419,15 +446,15 @@ def _expert_rows_bwd(C, prec, res, dys):
             mine = (jnp.arange(C) < n - b * C)[:, None]
             x = jax.lax.dynamic_slice_in_dim(xs, r, C).astype(F32)
             dy = jnp.where(mine, jax.lax.dynamic_slice_in_dim(dys, r, C).astype(F32), 0.0)
-            g, u = mm("cd,fd->cf", x, wg), mm("cd,fd->cf", x, wu)
+            g, u = fprop(x, wg), fprop(x, wu)
             sig = jax.nn.sigmoid(g)
             s = g * sig
-            da = mm("cd,df->cf", dy, wd)
+            da = dgrad(dy, wd)
             dg, du = da * u * sig * (1 + g * (1 - sig)), da * s
-            dx = mm("cf,fd->cd", dg, wg) + mm("cf,fd->cd", du, wu)
+            dx = dgrad(dg, wg) + dgrad(du, wu)
             dxs = jax.lax.dynamic_update_slice_in_dim(
                 dxs, jnp.where(mine, dx, jax.lax.dynamic_slice_in_dim(dxs, r, C)), r, axis=0)
-            return dxs, gg + mm("cf,cd->fd", dg, x), gu + mm("cf,cd->fd", du, x), gd + mm("cd,cf->df", dy, s * u)
+            return dxs, gg + wgrad(dg, x, mine), gu + wgrad(du, x, mine), gd + wgrad(dy, s * u, mine)
 
         zero = (jnp.zeros(wg.shape, F32), jnp.zeros(wu.shape, F32), jnp.zeros(wd.shape, F32))
         dxs, gg, gu, gd = jax.lax.fori_loop(0, (n + C - 1) // C, window, (dxs, *zero))
@@ -640,7 +667,7 @@ def run_stack(st: LayerStack, cfg: ModelConfig, h, positions, cache=None, *, mla
 
 def forward(model: DeepseekModel, tokens, positions=None, cache=None, *, mla_form="absorbed",
             capture: dict | None = None, k_valid=None, chunk_only: bool = False,
-            logits_at=None, unroll_layers: bool = False) -> ForwardOutput:
+            logits_at=None, unroll_layers: bool = False, prec=None) -> ForwardOutput:
     """tokens [B, T] -> ForwardOutput(logits [B, T, V] float32, new cache, hidden [B, T, D]).
 
     positions [B, T] default to 0..T-1. cache: one stacked cache per layer stack (see
@@ -648,10 +675,13 @@ def forward(model: DeepseekModel, tokens, positions=None, cache=None, *, mla_for
     ExpandedCache. chunk_only: see ``decoder_layer`` (prefill into an empty cache).
     logits_at [B] (int): compute the LM head only at that index of each sequence: logits
     [B, V] (a prefill needs the last prompt position only; the head is the largest matmul
-    of small models). unroll_layers: see ``run_stack``.
+    of small models). unroll_layers: see ``run_stack``. prec: the matmul precision instead of the
+    dtype's default: a jax.lax.Precision, or an Fp8Recipe for the simulated FP8 training recipe
+    (reference/fp8_train.py: the Linear layers in FP8; embedding, LM head, router, norms and
+    attention operators not).
     """
     cfg, g = model.cfg, model.globals
-    prec = _mm(model.dtype)
+    prec = _mm(model.dtype) if prec is None else prec
     B, T = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T), (B, T))
@@ -665,22 +695,22 @@ def forward(model: DeepseekModel, tokens, positions=None, cache=None, *, mla_for
         new_cache.append(c)
     hn = rms_norm(h, g[FINAL_NORM], cfg.rms_norm_eps)
     head = g[head_name(cfg)]
-    logits = linear(hn if logits_at is None else hn[jnp.arange(B), logits_at], head, prec).astype(F32)
+    logits = linear(hn if logits_at is None else hn[jnp.arange(B), logits_at], head, _plain(prec)).astype(F32)
     return ForwardOutput(logits, None if cache is None else new_cache, hn)
 
 
 def mtp_logits(model: DeepseekModel, tokens, h_main, positions=None, depth: int = 0, cache=None,
-               capture: dict | None = None):
+               capture: dict | None = None, prec=None):
     """MTP module `depth`: hidden h_t (after the final norm) + embedding of token t+1 -> logits for t+2.
 
     tokens [B, T] are the *next* tokens (t+1) aligned with h_main [B, T, D]. cache: a list
     holding one one-layer stacked cache (``init_cache(model, B, S, layers=1)``).
     Returns ForwardOutput(logits [B, T, V], the new MTP cache when one is given, the module's
     hidden state after its shared_head norm). capture: filled as ``decoder_layer`` fills it
-    (unprefixed: attn_out, hidden, and the routing of an MoE module).
+    (unprefixed: attn_out, hidden, and the routing of an MoE module). prec: as ``forward``'s.
     """
     cfg, g, w = model.cfg, model.globals, model.mtp[0].at(depth)
-    prec = _mm(model.dtype)
+    prec = _mm(model.dtype) if prec is None else prec
     B, T = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T), (B, T))
@@ -692,7 +722,7 @@ def mtp_logits(model: DeepseekModel, tokens, h_main, positions=None, depth: int 
                          None if cache is None else LayerCache(cache[0], 0), prec=prec, capture=capture)
     head = g[head_name(cfg)]
     hn = rms_norm(x, w["shared_head.norm.weight"], cfg.rms_norm_eps)
-    return ForwardOutput(linear(hn, head, prec).astype(F32), None if cache is None else [c.stack], hn)
+    return ForwardOutput(linear(hn, head, _plain(prec)).astype(F32), None if cache is None else [c.stack], hn)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "mla_form"))
