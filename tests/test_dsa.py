@@ -292,3 +292,58 @@ def test_one_past_topk_drops_exactly_one_key_per_full_row():
     dropped = ~sel.mask[:, k] & dsa.visible(pos, pos)[:, k]
     s = np.where(dsa.visible(pos, pos)[:, k], sel.scores[:, k], np.inf)
     assert (sel.scores[:, k][dropped] == s.min(-1)).all()  # the lowest visible score is the one dropped
+
+
+def test_v32_checkpoint_round_trips_through_the_loader_and_writer(tmp_path):
+    """The indexer's rows go through the same writer and reader as every other weight, by the
+    names the release uses (bf16 here; FP8 placement: see docs/models.md)."""
+    from dsref.reference.checkpoint import read_safetensors_header, read_tensors, save_checkpoint
+    rng = np.random.default_rng(5)
+    sd = {t.name: rng.normal(0, 0.2, t.shape).astype(np.float32) for t in tensors(CFG)}
+    save_checkpoint(sd, CFG, tmp_path, dtype="bfloat16")
+    assert json.loads((tmp_path / "config.json").read_text())["index_topk"] == CFG.index_topk
+    names = set(read_safetensors_header(tmp_path / "model.safetensors"))
+    assert {PRE + "indexer." + n for n in ("wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias",
+                                           "weights_proj.weight")} <= names
+    back = dict(read_tensors(tmp_path))
+    assert set(back) == set(sd)
+    for n in sd:
+        assert np.allclose(np.asarray(back[n], np.float32), sd[n], rtol=1e-2, atol=1e-3), n
+
+
+def test_inside_the_transformers_model_every_layer_selects_the_same():
+    """A whole DeepseekV32ForCausalLM (tiny-v32, adversarial weights, prompts longer than
+    index_topk): each layer's indexer input captured by a hook; our compressed query equals the
+    q_resid it was given, and our selection equals its top-k on every clear row."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from tests.conftest import hf_state_to_ours, randomize_hf
+    torch.manual_seed(0)
+    hc = transformers.DeepseekV32Config(**CFG.to_hf_dict())
+    hc._attn_implementation = "eager"
+    hf = randomize_hf(transformers.DeepseekV32ForCausalLM(hc).eval(), 0)
+    sd = {k: v.astype(np.float64) for k, v in hf_state_to_ours(hf.state_dict(), CFG).items()}
+    got, hooks = {}, []
+    for i, layer in enumerate(hf.model.layers):
+        hooks.append(layer.self_attn.indexer.register_forward_hook(
+            lambda m, a, out, i=i: got.__setitem__(i, (a[0].numpy(), a[1].numpy(), out.numpy()))))
+    tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 11))
+    with torch.no_grad():
+        hf(torch.as_tensor(tokens))
+    for h in hooks:
+        h.remove()
+    assert sorted(got) == list(range(CFG.num_hidden_layers))
+    pos = np.broadcast_to(np.arange(11), (2, 11))
+    vis = dsa.visible(pos, pos)
+    clear_rows = 0
+    for i, (x, q_resid, hf_ids) in got.items():
+        pre = f"model.layers.{i}.self_attn."
+        x = x.astype(np.float64)
+        qr = dsa.compressed_query(x, sd, pre)
+        assert np.abs(qr - q_resid).max() <= 1e-5 * np.abs(qr).max()
+        ours = dsa.indexer(x, sd, CFG, pos, pre)
+        clear = (dsa.boundary_gap(ours, vis, CFG.index_topk) > 1e-4) & ~ours.tie
+        for b, t in zip(*np.nonzero(clear)):
+            assert set(hf_ids[b, t][vis[b, t, hf_ids[b, t]]]) == set(ours.ids[b, t][ours.ids[b, t] >= 0]), (i, b, t)
+        clear_rows += int((clear & (vis.sum(-1) > CFG.index_topk)).sum())
+    assert clear_rows >= 10  # sparse rows really compared, not only dense ones
