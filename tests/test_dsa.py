@@ -258,7 +258,7 @@ def test_chunks_and_decode_steps_past_zero_select_what_the_full_sequence_selects
     jw = _jax_w(w)
     full_j = _indexer_jax(jw, CFG, jnp.asarray(x), jnp.asarray(pos))
     qj, hwj, kj = _jax_parts(jw, jnp.asarray(x), jnp.asarray(pos))
-    for a, b in ((7, 13), (9, 10), (12, 13), (0, 3)):
+    for a, b in ((7, 13), (9, 10), (12, 13)):  # a chunk, two decode steps
         filled = np.broadcast_to(np.arange(13) < b, pos.shape)
         part = dsa.index_select(q[:, a:b], hw[:, a:b], k_cache, pos[:, a:b], pos, CFG.index_topk, filled)
         assert np.array_equal(part.ids, full.ids[:, a:b]) and np.array_equal(part.mask, full.mask[:, a:b])
@@ -271,7 +271,7 @@ def test_chunks_and_decode_steps_past_zero_select_what_the_full_sequence_selects
     assert not np.array_equal(wrong.ids, full.ids[:, 7:])
 
 
-@pytest.mark.parametrize("T", [1, 4, 5])
+@pytest.mark.parametrize("T", [1, 5])
 def test_sequences_up_to_topk_are_dense_causal(T):
     w, (x, pos) = _weights(3), _inputs(3, T=T, start=20)  # past position 0 too
     for sel in (dsa.indexer(x.astype(np.float64), _f64(w), CFG, pos, PRE),
