@@ -198,10 +198,11 @@ _PRESETS = {
         routed_scaling_factor=1.0, max_position_embeddings=128),
     # V3.2 in miniature, adversarial for the indexer: 2 indexer heads (relu zeroes both for many
     # (query, key) pairs, so exact score ties happen), index_topk 5 below the tests' sequence
-    # lengths (the top-k really drops keys), index_head_dim 12 > qk_rope_head_dim 8 (rotated and
-    # unrotated dims both present), YaRN as in the released config.
+    # lengths (the top-k really drops keys), index_head_dim 16 > qk_rope_head_dim 8 (rotated and
+    # unrotated dims both present; a power of two, as DeepSeek's Hadamard rotation of q and k
+    # needs), YaRN as in tiny-v3.
     "tiny-v32": lambda: _PRESETS["tiny-v3"]().replace(
-        name="tiny-v32", index_n_heads=2, index_head_dim=12, index_topk=5),
+        name="tiny-v32", index_n_heads=2, index_head_dim=16, index_topk=5),
     # ~10M parameters (+2M MTP), V3-shaped: the model `dsref train` trains on a laptop CPU in
     # minutes (docs/training.md); a byte-level BPE of 8,192 ids.
     "mini-v3": lambda: _v3(
