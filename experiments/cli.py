@@ -4,6 +4,7 @@ of what it costs to run.
     dsref info MODEL                       parameters, KV cache, architecture, self-check
     dsref init-checkpoint --preset P ...   a small random checkpoint to try everything on
     dsref generate --checkpoint DIR        text out of a Hugging Face checkpoint
+    dsref train --preset P --data TEXT ... train one on text (V3's objective, resumable)
     dsref golden / compare / conformance   the correctness oracle for other engines
     dsref hw list|show|probe               the hardware catalog
     dsref sim local|serve|train            the cost model and the serving/training simulator
@@ -26,7 +27,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from dsref.hwmodels import cli as hw_cli
 from dsref.reference import cli as info_cli
-from dsref.reference import generate_cli, init_checkpoint
+from dsref.reference import generate_cli, init_checkpoint, train_cli
 from dsref.reference.oracle import cli as oracle_cli
 from dsref.sim import cli as sim_cli
 from dsref.sim import plan_cli
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter)
     p.add_argument("--version", action="version", version=f"dsref {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (info_cli, generate_cli, init_checkpoint, oracle_cli, hw_cli, sim_cli, plan_cli):  # help order
+    for module in (info_cli, generate_cli, init_checkpoint, train_cli, oracle_cli, hw_cli, sim_cli, plan_cli):  # help order
         module.register(sub)
     register(sub)
     register_peer(sub)

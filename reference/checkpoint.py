@@ -580,7 +580,7 @@ def _expected(cfg: ModelConfig, names: Iterable[str]) -> dict[str, Tensor]:
 
 def save_checkpoint(tensors_or_model, cfg: ModelConfig, out_dir: str | Path, *, dtype: str = "bfloat16",
                     max_shard_bytes: int | None = None, expert_layout: str = "per_expert",
-                    fp8_block_size: tuple[int, int] | None = None) -> Path:
+                    fp8_block_size: tuple[int, int] | None = None, atomic: bool = True) -> Path:
     """Write a Hugging Face checkpoint directory that transformers' from_pretrained reads.
 
     tensors_or_model: a DeepseekModel or {our_name: array} (stacked experts, as
@@ -592,6 +592,9 @@ def save_checkpoint(tensors_or_model, cfg: ModelConfig, out_dir: str | Path, *, 
     e_score_correction_bias is always float32. expert_layout: "per_expert" (the
     on-disk layout of DeepSeek and transformers) or "fused" (gate_up_proj/down_proj).
     max_shard_bytes: shard into model-0000k-of-0000N.safetensors + index.json.
+    atomic=False: write straight into ``out_dir``, an existing folder that the caller is
+    assembling and publishes atomically itself (a training checkpoint: weights, optimizer
+    state and tokenizer swapped in together).
     """
     if dtype not in _OUT_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_OUT_DTYPES)}, got {dtype!r}")
@@ -679,6 +682,9 @@ def save_checkpoint(tensors_or_model, cfg: ModelConfig, out_dir: str | Path, *, 
     # complete new checkpoint at every instant, also when the process is killed. Files of the old
     # folder that this writer does not produce (tokenizer.json, generation_config.json, ...) are
     # carried over; old weights, index and config are not (stale shards would be ambiguous).
+    if not atomic:
+        _write_staged(out, shards, last, cfg, dtype, block)
+        return out
     try:
         with atomic_dir(out, carry=_carried) as stage:
             _write_staged(stage, shards, last, cfg, dtype, block)

@@ -46,9 +46,10 @@ def _check_out(out: str) -> Path:
     return p
 
 
-def train_tokenizer(vocab_size: int, *, min_frequency: int = 2):
-    """A byte-level BPE (``tokenizers``) with at most ``vocab_size`` ids, trained on CPython's
-    pydoc topic help; every byte is a token, so any text encodes. Deterministic."""
+def train_tokenizer(vocab_size: int, *, min_frequency: int = 2, texts=None):
+    """A byte-level BPE (``tokenizers``) with at most ``vocab_size`` ids, trained on ``texts``
+    (an iterable of strings; default CPython's pydoc topic help); every byte is a token, so any
+    text encodes. Deterministic."""
     from pydoc_data.topics import topics
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -57,7 +58,7 @@ def train_tokenizer(vocab_size: int, *, min_frequency: int = 2):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
-    tok.train_from_iterator((topics[k] for k in sorted(topics)), trainer)
+    tok.train_from_iterator((topics[k] for k in sorted(topics)) if texts is None else texts, trainer)
     return tok
 
 
