@@ -44,6 +44,14 @@ def test_compare_matches_welch_by_hand_and_tells_apart_only_real_differences():
     ref = stats.ttest_ind(a, b, equal_var=False)
     c = ts.compare(a, b)
     assert c["welch_t"] == pytest.approx(ref.statistic) and c["p"] == pytest.approx(ref.pvalue)
+    # paired by seed: differences -0.5, -0.4, -0.6 -> t = -0.5 / (0.1 / sqrt 3) with 2 dof, whose
+    # two-sided p is 1 - |t| / sqrt(t^2 + 2) (Student t, nu = 2)
+    pc = ts.compare([1.0, 2.0, 3.0], [1.5, 2.4, 3.6])
+    tp = -0.5 / (0.1 / math.sqrt(3))
+    assert pc["paired_t"] == pytest.approx(tp) and pc["paired_p"] == pytest.approx(1 - abs(tp) / math.sqrt(tp * tp + 2))
+    assert pc["paired_p"] < 0.05 < pc["p"]  # the shared seed spread hides it from Welch, not from the pairs
+    flat = ts.compare([1.0, 1.0], [2.0, 2.0])  # no spread: t undefined (JSON null), the difference certain
+    assert flat["welch_t"] is None and flat["p"] == 0.0 and flat["distinguishable"]
     with pytest.raises(ValueError, match="2 values"):
         ts.compare([1.0], [2.0, 3.0])
 
