@@ -239,25 +239,51 @@ def _train_step(graphdef, params, opt_state, tokens, tx, tc: TrainConfig, layer_
 
 class Trainer:
     """A model, its optimizer state and the step count; ``step(tokens)`` trains on one batch of
-    token windows [B, T+1] and returns its StepMetrics. Deterministic given the inputs."""
+    token windows [B, T+1] and returns its StepMetrics. Deterministic given the inputs.
 
-    def __init__(self, model: DeepseekModel, tc: TrainConfig):
+    mesh (reference/mesh.py): the weights are placed by their tensor-table specs (experts over
+    ``expert``, Megatron splits over ``tensor``), AdamW's moments follow them, and each batch is
+    split over data x expert (which must divide it); the MoE layers then run expert-parallel
+    (two all-to-alls each), and XLA inserts the gradient reductions. Same objective, other
+    summation orders: losses agree with one device to float32 rounding, not bit for bit."""
+
+    def __init__(self, model: DeepseekModel, tc: TrainConfig, mesh=None):
         if model.dtype != F32:
             raise ValueError("training keeps float32 weights (the master copy); load or build the model in float32")
-        self.tc = tc
+        self.tc, self.mesh = tc, mesh
+        if mesh is not None:
+            from dsref.reference.mesh import shard_model
+            shard_model(model, mesh)
         self.graphdef, self.params = nnx.split(model)
         self.tx = optimizer(tc, self.params)  # a NamedTuple of functions: hashable, a static jit argument
-        self.opt_state = self.tx.init(self.params)
+        # jit: the moments are created with their parameters' placements
+        self.opt_state = jax.jit(self.tx.init)(self.params)
         self.layers = tuple(moe_layers(model, tc))  # the layer index of each row of StepMetrics.loads
         self.layer_map = layer_rows(model, tc)
         self.steps_done = 0
 
     def step(self, tokens) -> StepMetrics:
-        self.params, self.opt_state, m = _train_step(self.graphdef, self.params, self.opt_state,
-                                                     jnp.asarray(tokens, jnp.int32), self.tx, self.tc, self.layer_map,
-                                                     jnp.int32(self.steps_done))
+        tokens = jnp.asarray(tokens, jnp.int32)
+        if self.mesh is None:
+            self.params, self.opt_state, m = _train_step(self.graphdef, self.params, self.opt_state, tokens,
+                                                         self.tx, self.tc, self.layer_map, jnp.int32(self.steps_done))
+        else:
+            from dsref.reference.mesh import mesh_shape, place_batch
+            split = mesh_shape(self.mesh).batch_split
+            if tokens.shape[0] % split:
+                raise ValueError(f"--batch {tokens.shape[0]}: must be a multiple of the mesh's data x expert = {split}")
+            with jax.set_mesh(self.mesh):
+                self.params, self.opt_state, m = _train_step(
+                    self.graphdef, self.params, self.opt_state, place_batch(tokens, self.mesh), self.tx, self.tc,
+                    self.layer_map, jnp.int32(self.steps_done))
         self.steps_done += 1
         return m
+
+    def load_opt_state(self, state) -> None:
+        """Replace the optimizer state (e.g. read from a checkpoint: host arrays of the same tree),
+        each leaf placed like the one it replaces."""
+        self.opt_state = jax.tree.map(lambda old, new: jax.device_put(jnp.asarray(new, old.dtype), old.sharding),
+                                      self.opt_state, state)
 
     def model(self) -> DeepseekModel:
         return nnx.merge(self.graphdef, self.params)

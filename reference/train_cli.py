@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 
-from dsref.reference.cli_common import HelpFormatter, compile_cache, integer, number, positive_int, seed
+from dsref.reference.cli_common import HelpFormatter, compile_cache, integer, mesh_arg, number, positive_int, seed
 
 DESCRIPTION = """\
 Train a DeepSeek-V3-shaped model on text, with DeepSeek-V3's objective: next-token
@@ -85,9 +85,16 @@ def cmd_train(args) -> int:
     if args.checkpoint_every is None:
         args.checkpoint_every = max(1, min(100, args.steps))
     cfg = _model(args)
+    mesh = None
+    if args.mesh is not None:
+        from dsref.reference.mesh import make_mesh, mesh_shape
+        mesh = make_mesh(args.mesh)  # too few devices: one line naming --mesh
+        if args.batch % mesh_shape(mesh).batch_split:
+            raise ValueError(f"--batch {args.batch}: must be a multiple of the mesh's data x expert = "
+                             f"{mesh_shape(mesh).batch_split} (each of those devices takes whole sequences)")
     spec = RunSpec(cfg=cfg, data=args.data, out=args.out, steps=args.steps, batch=args.batch, seq=args.seq,
                    seed=args.seed, tc=_train_config(args), tokenizer=args.tokenizer, holdout=args.holdout,
-                   checkpoint_every=args.checkpoint_every, with_mtp=args.mtp_weight_used > 0)
+                   checkpoint_every=args.checkpoint_every, with_mtp=args.mtp_weight_used > 0, mesh=mesh)
     try:
         with compile_cache(disable=args.no_compile_cache):
             res = run(spec, progress=not args.no_progress, log=lambda s: print(s, file=sys.stderr))
@@ -139,6 +146,9 @@ def register(sub) -> None:
     p.add_argument("--compute", choices=("float32", "bfloat16"), default="float32",
                    help="precision of the forward and backward (weights are kept in float32)")
     p.add_argument("--no-mtp", action="store_true", help="train without the MTP module (its weights are not made)")
+    p.add_argument("--mesh", type=mesh_arg, metavar="AXIS=SIZE,...",
+                   help="train over a device mesh (one process): data=N and expert=N split the batch, expert=N "
+                   "also puts E/N whole routed experts on each device, tensor=N splits the matmuls (docs/scaling.md)")
     p.add_argument("--tokenizer", help="a tokenizer.json to use instead of training a BPE on --data")
     p.add_argument("--holdout", type=number(0, 0.5), default=0.05, help="fraction of the tokens held out")
     p.add_argument("--checkpoint-every", type=positive_int, default=None,

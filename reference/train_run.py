@@ -201,7 +201,6 @@ def restore_opt_state(template, arrays: dict[str, np.ndarray], where: str):
     """The state tree of ``template`` (``tx.init(params)``) with the saved arrays; every leaf must
     be there with its shape and dtype."""
     import jax
-    import jax.numpy as jnp
     leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
     out = []
     for path, t in leaves:
@@ -212,7 +211,7 @@ def restore_opt_state(template, arrays: dict[str, np.ndarray], where: str):
         if a.shape != tuple(t.shape) or a.dtype != np.dtype(t.dtype):
             raise ValueError(f"{where}: optimizer tensor {k!r} is {a.dtype}{list(a.shape)}, expected "
                              f"{np.dtype(t.dtype)}{list(t.shape)}")
-        out.append(jnp.asarray(a))
+        out.append(a)
     if len(arrays) != len(leaves):
         raise ValueError(f"{where}: {len(arrays)} optimizer tensors, expected {len(leaves)}")
     return jax.tree_util.tree_unflatten(treedef, [o for o in out])
@@ -255,15 +254,15 @@ def read_state(out: Path) -> dict[str, Any] | None:
     return state
 
 
-def load_run(out: Path, tc, state: dict[str, Any]):
+def load_run(out: Path, tc, state: dict[str, Any], mesh=None):
     """The Trainer of a checkpoint folder: weights, optimizer state and step restored exactly."""
     from safetensors.numpy import load_file
 
     from dsref.reference.checkpoint import load_checkpoint
     from dsref.reference.train import Trainer
     _, model = load_checkpoint(out, with_mtp=state["with_mtp"])
-    tr = Trainer(model, tc)
-    tr.opt_state = restore_opt_state(tr.opt_state, load_file(str(out / OPT_FILE)), f"--out {out}")
+    tr = Trainer(model, tc, mesh)
+    tr.load_opt_state(restore_opt_state(tr.opt_state, load_file(str(out / OPT_FILE)), f"--out {out}"))
     tr.steps_done = int(state["step"])
     return tr
 
@@ -286,6 +285,7 @@ class RunSpec:
     checkpoint_every: int = 100
     eval_batches: int = 8
     with_mtp: bool = True
+    mesh: Any = None  # a jax Mesh (reference/mesh.py) or None: one device
 
 
 def _settings(spec: RunSpec, data: dict) -> dict[str, Any]:
@@ -344,11 +344,11 @@ def run(spec: RunSpec, *, progress: bool = True, log: Callable[[str], None] = pr
     settings = _settings(spec, data)
     if old is not None:
         _check_resume(out, {k: old.get(k) for k in settings}, settings)
-        tr = load_run(out, spec.tc, old)
+        tr = load_run(out, spec.tc, old, spec.mesh)
         history, eval_hist = old["history"], old["eval"]
         log(f"resuming {out} at step {tr.steps_done} of {spec.steps}")
     else:
-        tr = Trainer(DeepseekModel(spec.cfg, rngs=nnx.Rngs(spec.seed), with_mtp=spec.with_mtp), spec.tc)
+        tr = Trainer(DeepseekModel(spec.cfg, rngs=nnx.Rngs(spec.seed), with_mtp=spec.with_mtp), spec.tc, spec.mesh)
         history, eval_hist = [], []
     start = tr.steps_done
     eval_fn = jax.jit(lambda p, t: loss_fn(p, tr.graphdef, t, spec.tc)[1][0][0])
@@ -356,11 +356,16 @@ def run(spec: RunSpec, *, progress: bool = True, log: Callable[[str], None] = pr
     def evaluate() -> float | None:
         if not evals:
             return None
-        return float(np.mean([float(eval_fn(tr.params, jnp.asarray(b))) for b in evals]))
+        if spec.mesh is None:
+            return float(np.mean([float(eval_fn(tr.params, jnp.asarray(b))) for b in evals]))
+        from dsref.reference.mesh import place_batch
+        with jax.set_mesh(spec.mesh):
+            return float(np.mean([float(eval_fn(tr.params, place_batch(jnp.asarray(b), spec.mesh))) for b in evals]))
 
     def checkpoint(elapsed: float) -> None:
         state = {"format": FORMAT, "step": tr.steps_done, **settings, "data": data,
                  "position": batches.position(tr.steps_done), "moe_layers": list(tr.layers),
+                 "mesh": None if spec.mesh is None else dict(spec.mesh.shape),
                  "history": history, "eval": eval_hist, "elapsed_s": elapsed}
         save_run(out, tr, spec.cfg, tok, state)
 

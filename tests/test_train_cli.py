@@ -213,3 +213,24 @@ def test_resuming_with_other_settings_or_into_a_foreign_folder_is_refused(corpus
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="not a `dsref train` checkpoint"):
         read_state(tmp_path / "foreign")
+
+
+@pytest.mark.slow
+def test_training_over_a_mesh_follows_one_device(corpus, tmp_path):
+    """--mesh expert=2,tensor=2 on 4 simulated CPU devices (experts split whole, matmuls split
+    Megatron-style, AdamW's moments placed like their weights): the same losses as one device,
+    to float32 rounding (other summation orders), and a checkpoint that reloads on one device."""
+    env = {**_env(tmp_path / "cache"), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    runs = {}
+    for name, extra in (("one", []), ("mesh", ["--mesh", "expert=2,tensor=2"])):
+        # no MTP module and nothing held out: two programs less to compile, the same MoE and MLA
+        cmd = _cmd(corpus, tmp_path / name, *extra, "--no-mtp", "--holdout", "0", "--steps", "3")
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        runs[name] = read_state(tmp_path / name)
+    assert runs["mesh"]["mesh"] == {"data": 1, "expert": 2, "tensor": 2}
+    one, mesh = ([h["loss"] for h in runs[k]["history"]] for k in ("one", "mesh"))
+    np.testing.assert_allclose(mesh, one, rtol=2e-5)
+    assert one[-1] != one[0]  # it trained
+    from dsref.reference.checkpoint import load_checkpoint
+    load_checkpoint(tmp_path / "mesh", with_mtp=True)
