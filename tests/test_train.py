@@ -12,8 +12,10 @@ from flax import nnx
 
 from dsref.reference.model import DeepseekModel, forward, route
 from dsref.reference.presets import get_preset
-from dsref.reference.train import (TrainConfig, Trainer, balance_loss, loss_fn, max_violation, update_biases,
-                                   windows)
+from dsref.reference.train import (BIAS, TrainConfig, Trainer, balance_loss, loss_fn, max_violation,
+                                   update_biases, windows)
+
+BIAS_ATTR = BIAS
 
 
 def corpus(vocab: int) -> np.ndarray:
@@ -160,3 +162,48 @@ def test_windows_refuses_a_corpus_too_short():
     with pytest.raises(ValueError, match="corpus"):
         windows(np.arange(5), 2, 8, np.random.default_rng(0))
 
+
+
+def test_the_mtp_modules_bias_moves_with_its_own_loads(tiny):
+    """The MTP module routes through its own MoE layer: its loads are a row of StepMetrics.loads
+    (after the main model's) and its bias moves by gamma * sign(mean - load) like theirs; without
+    the MTP loss the module is not run and its bias stays."""
+    from dsref.reference.train import moe_layers
+    tokens = windows(corpus(tiny.vocab_size), 4, 16, np.random.default_rng(0))
+    for weight in (0.3, 0.0):
+        tr = Trainer(DeepseekModel(tiny, rngs=nnx.Rngs(0), with_mtp=True), TrainConfig(mtp_weight=weight))
+        assert tr.layers == tuple(moe_layers(tr.model(), tr.tc)) == ((1, 2, 3) if weight else (1, 2))
+        m = tr.step(tokens)
+        bias = np.asarray(tr.params["mtp"][0][BIAS_ATTR][...][0])
+        if weight:
+            loads = np.asarray(m.loads[-1])
+            np.testing.assert_allclose(bias, 0.001 * np.sign(loads.mean() - loads), atol=1e-9)
+            assert np.abs(bias).max() > 0
+        else:
+            assert np.abs(bias).max() == 0 and m.loads.shape[0] == 2
+
+
+def test_bfloat16_compute_keeps_float32_master_weights(tiny):
+    """compute="bfloat16": the loss differs from float32 by bf16 rounding (not 0: the option does
+    something; not more than a few percent), the parameters and AdamW's moments stay float32, and
+    a master weight moves by less than one bf16 step (an update a bf16 weight would round away)."""
+    from dsref.reference.train import compute_params
+    tokens = windows(corpus(tiny.vocab_size), 4, 16, np.random.default_rng(0))
+    model = DeepseekModel(tiny, rngs=nnx.Rngs(0), with_mtp=True)
+    graphdef, params = nnx.split(model)
+    f32, b16 = (float(loss_fn(params, graphdef, jnp.asarray(tokens), TrainConfig(compute=c))[0])
+                for c in ("float32", "bfloat16"))
+    assert 1e-6 < abs(b16 - f32) / f32 < 2e-2, (f32, b16)
+    rounded = jax.tree.leaves(compute_params(params, TrainConfig(compute="bfloat16")))
+    assert all(a.dtype == jnp.float32 and np.array_equal(a, np.asarray(a.astype(jnp.bfloat16), np.float32))
+               for a in rounded)  # float32 arrays holding bf16 values
+    tr = Trainer(model, TrainConfig(compute="bfloat16", lr=1e-5, warmup=0))
+    before = np.asarray(tr.params["stacks"][0]["self_attn__o_proj__weight"][...]).copy()
+    tr.step(tokens)
+    after = np.asarray(tr.params["stacks"][0]["self_attn__o_proj__weight"][...])
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(tr.params) + jax.tree.leaves(tr.opt_state)
+               if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating))
+    moved = after != before
+    step = np.abs(after - before)[moved]
+    ulp = np.abs(before[moved]) * 2.0 ** -8  # half a bf16 step: such an update survives only in float32
+    assert moved.any() and (step < ulp).any()
