@@ -27,7 +27,8 @@ a power of two, the UE8M0 scales of later DeepGEMM kernels and of V3's own cache
 attention-output activations, sec. 3.3.3), q = e4m3(x / s), x ~ q * s. e4m3 rounds to nearest
 even and saturates at +-448 (float8_e4m3fn has no infinity: an unclipped overflow would be
 NaN; the real cast kernels clamp first, and with s = amax/448 only a rounding hair can overflow).
-An all-zero tile gets s = 1 (its values are 0 whatever s is). A tile covers only the elements
+An all-zero tile gets s = 1 (its values are 0 whatever s is; so does a tile whose amax/448
+underflows float32). A tile covers only the elements
 that exist: a dimension that is not a multiple of 128 ends in a partial tile whose scale comes
 from its own elements (zero padding leaves the amax unchanged); tiles start at index 0.
 
@@ -99,13 +100,15 @@ def e4m3(v):
 
 
 def scale_of(amax, pow2: bool = False):
-    """The dequantisation scale of a tile with max-abs ``amax``: amax/448 (1 where amax = 0);
-    pow2: the smallest power of two >= amax/448 (so nothing saturates)."""
+    """The dequantisation scale of a tile with max-abs ``amax``: amax/448; pow2: the smallest power
+    of two >= amax/448 (so nothing saturates). 1 where amax/448 is 0 (an all-zero tile, or one so
+    small that amax/448 underflows float32: its values round to 0, as they would in e4m3 anyway)."""
     s = amax / F32(E4M3_MAX)
+    ok = s > 0
     if pow2:
         m, e = jnp.frexp(s)  # s = m 2^e, m in [0.5, 1): s is a power of two iff m == 0.5
         s = jnp.ldexp(jnp.ones_like(s), jnp.where(m == 0.5, e - 1, e))
-    return jnp.where(amax > 0, s, F32(1.0))
+    return jnp.where(ok, s, F32(1.0))
 
 
 def _quant_grouped(xg, axes, pow2):
