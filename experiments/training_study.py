@@ -583,7 +583,7 @@ def plot_all(out: dict, img: Path) -> list[str]:
 
 # ------------------------------------------------------------------ page
 def _ms(d: dict, fmt: str = "{:.3f}") -> str:
-    return f"{fmt.format(d['mean'])} ± {fmt.format(d['std'])}"
+    return f"{fmt.format(d['mean'])} ± {fmt.replace('+', '').format(d['std'])}"
 
 
 def _t(t) -> str:
@@ -714,7 +714,8 @@ def page(out: dict, imgs: list[str]) -> str:
         L += ["What: V3 (sec. 3.3; appendix B.1) trains with FP8 GEMMs (e4m3, 1x128 activation tiles, "
               "128x128 weight blocks, higher-precision accumulation) and reports a relative loss error below 0.25% "
               "against BF16. Here both arms use `TrainConfig(compute=\"bfloat16\")` (fp32 master weights); the "
-              "FP8 arm adds `fp8=True` (the recipe simulated in reference/train.py). Same seeds, same data.\n",
+              "FP8 arm adds `fp8=True` (reference/train.py's simulation of the recipe). Same seeds, same data; the "
+              "held-out loss of both is evaluated in float32 from the fp32 master weights.\n",
               "| measure | mean ± std over seeds |", "|---|---:|",
               f"| FP8/BF16 - 1, train loss over the last quarter of steps | {_ms(f['rel_gap_train_last_quarter'], '{:+.3%}')} |",
               f"| FP8/BF16 - 1, final held-out loss | {_ms(f['rel_gap_held_final'], '{:+.3%}')} |",
@@ -724,7 +725,8 @@ def page(out: dict, imgs: list[str]) -> str:
               "Compared with V3's < 0.25%: " + ("within it" if abs(f["rel_gap_train_last_quarter"]["mean"]) < 0.0025
                                                 else "outside it") + " on the mean over seeds. V3 measures it "
               "on models of ~16B and ~230B parameters over ~1T tokens (as recalled); a short run of a small model is a different regime "
-              "(larger per-step noise, GEMMs with inner dimension as small as 64, shorter than one 128 tile).\n"]
+              "(larger per-step noise; many of this model's GEMMs have an inner dimension below 128, shorter than one "
+              "quantisation tile).\n"]
     else:
         L.append("Not run: reference/train.py's TrainConfig had no fp8= option when this study ran. The experiment is implemented (experiments/training_study.py, "
                  "`FP8_ARMS`: `TrainConfig(compute=\"bfloat16\")` vs `TrainConfig(compute=\"bfloat16\", fp8=True)`, "
@@ -822,6 +824,7 @@ def replot(out_dir: str) -> dict:
     except (OSError, ValueError) as e:
         raise ValueError(f"--replot: cannot read {src}: {e}") from None
     res["analysis"] = analyse(res)  # from the per-seed records: the JSON and the page agree
+    (out / "img").mkdir(exist_ok=True)
     imgs = plot_all(res, out / "img")
     res["images"] = [f"img/{n}" for n in imgs]
     atomic_write_text(src, json.dumps(res, indent=1, allow_nan=False) + "\n")

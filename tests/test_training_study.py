@@ -154,3 +154,51 @@ def test_fast_study_end_to_end(tmp_path):
     text = (out / "training-experiments.md").read_text()
     assert "--fast toy run" in text and "distinguishable" in text
     assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no temp files left
+
+
+def _synthetic_study(steps=20, seeds=3, fp8_scale=1.002):
+    """A study JSON with every arm, made up: arm losses offset by known amounts, FP8 = BF16 x fp8_scale."""
+    rng = np.random.default_rng(0)
+    size = ts.Size("tiny", 256, steps=steps, batch=2, seq=16, seeds=seeds, eval_every=10, eval_batches=1)
+    evals = [0, 10, 20]
+
+    def rec(seed, off, vio):
+        main = list(5 + off + np.linspace(1, 0, steps) + 0.01 * rng.standard_normal(steps))
+        return {"seed": seed, "train_main": main, "train_mtp": main, "train_balance": [0.0] * steps,
+                "grad_norm": [1.0] * steps, "maxvio_batch": [[vio, vio, vio, 9.0]] * steps,
+                "eval": [{"step": s, "main": 5 + off + 0.01 * seed, "mtp": 5.1, "maxvio_global": [vio, vio, vio, 9.0]}
+                         for s in evals]}
+    runs = {n: {"seeds": [rec(s, 0.1 * i, 1.0 + i) for s in range(seeds)]}
+            for i, (n, *_) in enumerate(ts.BALANCE_ARMS)}
+    runs["mtp 0.3"] = {"same_as": "aux-free"}
+    runs["mtp off"] = {"seeds": [rec(s, 0.0, 1.0) for s in range(seeds)]}
+    runs["bf16"] = {"seeds": [rec(s, 0.0, 1.0) for s in range(seeds)]}
+    runs["fp8"] = {"seeds": [{**r, "train_main": [x * fp8_scale for x in r["train_main"]]}
+                             for r in runs["bf16"]["seeds"]]}
+    settings = {**ts.asdict(size), "config": "tiny-v3", "params": 1, "mtp_params": 1, "activated_params": 1,
+                "n_routed_experts": 16, "experts_per_token": 4, "moe_layers": 3, "eval_steps": evals}
+    data = {"train": 1000, "held": 100, "train_topics": 9, "held_topics": 1, "tokenizer_vocab": 256,
+            "held_unigram_entropy": 5.5, "held_windows": 2, "maxvio_floor_batch": 0.3, "maxvio_floor_global": 0.2}
+    return {"settings": settings, "data": data, "runs": runs, "fp8": {"available": True, "wall_s": 1.0},
+            "wall_s": 60.0}
+
+
+def test_analysis_and_page_of_a_known_study(tmp_path):
+    """Made-up runs with known answers: FP8 = BF16 x 1.002 gives a +0.2% gap (within V3's 0.25%), x 1.004
+    gives +0.4% (outside); MaxVio counts only the main model's MoE layers (the fourth row, 9.0, is the
+    MTP module's); the page and every PNG, FP8's included, are written from the JSON (--replot)."""
+    out = _synthetic_study()
+    an = ts.analyse(out)
+    assert an["fp8"]["rel_gap_train_last_quarter"]["mean"] == pytest.approx(0.002)
+    assert an["table"]["aux-free"]["maxvio_batch"]["mean"] == pytest.approx(1.0)
+    assert an["table"]["none"]["maxvio_global"]["mean"] == pytest.approx(5.0)
+    assert an["balance"]["aux-free vs none"]["maxvio_global"]["diff"] == pytest.approx(-4.0)
+    (tmp_path / "training_study.json").write_text(json.dumps(out))
+    res = ts.replot(str(tmp_path))
+    assert sorted(res["images"]) == sorted(f"img/train_{n}.png" for n in ("loss_curves", "balance", "mtp", "fp8"))
+    page = (tmp_path / "training-experiments.md").read_text()
+    assert "+0.200%" in page and "within it" in page
+    far = _synthetic_study(fp8_scale=1.004)
+    (tmp_path / "training_study.json").write_text(json.dumps(far))
+    ts.replot(str(tmp_path))
+    assert "outside it" in (tmp_path / "training-experiments.md").read_text()
