@@ -628,6 +628,12 @@ def page(out: dict, imgs: list[str]) -> str:
          f"({st['steps'] * st['batch'] * st['seq']:,} tokens, {st['steps'] * st['batch'] * st['seq'] / d['train']:.2f} "
          f"epochs), AdamW (0.9, 0.95, weight decay 0.1, clip 1.0), peak lr {st['lr']:g}, {st['warmup']} warmup "
          "steps, cosine to 10% (reference/train.py).",
+         "- **Trainer**: experiments 1-3 run one compiled step that calls reference/train.py's `loss_fn` (every "
+         "part on), optimizer and bias rule with the arm's (lambda, alpha, gamma) as traced inputs, where "
+         "`Trainer.step` takes them from its static config and would compile once per arm (each compile ~1.5 "
+         "minutes on this machine). tests/test_training_study.py checks it against `Trainer.step` (measured on "
+         "this model over 12 steps: losses bit-identical, parameters within 2.2e-5). In the MTP-off arm the MTP "
+         "loss is computed with weight 0 (no gradient); the FP8 arms use `Trainer` itself.",
          f"- **Repetition**: {n} seeds per arm; seed s fixes the initial weights *and* the order of the training "
          "windows, and is the same in every arm (arms differ only in the setting studied). Tables give mean ± "
          "sample std over seeds; an arm-vs-arm difference is tested with Welch's t-test over the per-seed values "
@@ -655,8 +661,9 @@ def page(out: dict, imgs: list[str]) -> str:
                 "last steps: the held-out topics are other subjects, with names and words the train topics rarely use."
                 if fin > base["train_main_tail"]["mean"] else
                 f" The held-out loss ends {base['train_main_tail']['mean'] - fin:.2f} nats *below* the train loss of "
-                "the last steps: the held-out topics happen to be easier text for this model (their windows are fixed "
-                "and the same for every arm, so the comparisons below are unaffected).")
+                "the last steps (each measured on its batch before that step's update, so on text mostly not yet "
+                "trained on): the held-out topics are apparently easier text for this model. Its windows are fixed "
+                "and the same for every arm, so the comparisons below are unaffected.")
              + (f" The held-out loss is still falling between the last two evaluations ({prev:.2f} -> {fin:.2f}): the "
                 "runs are short (a budget of ~25 minutes for all arms and seeds), and the comparisons below are "
                 "between equally short runs." if fin < prev - 0.02 else "") + "\n")
