@@ -37,6 +37,14 @@ Simulation, not emulation: the dequantised operands (q * s, float32) are multipl
 q * s rounds once (2^-24 relative, none with pow2 scales), far below e4m3's 2^-4. The Tensor
 Cores' ~14-bit accumulation inside each 128-chunk (sec. 3.3.2) is not modelled: V3 promotes to
 FP32 every 128 elements to make it negligible, which is the exact-f32 model here.
+
+In the model (reference/model.py, ``prec=Fp8Recipe()``): q_a/q_b (or q), kv_a, kv_b (naive MLA),
+o_proj, the dense and shared-expert MLPs, the MTP's eh_proj and the routed experts are FP8;
+the embedding, norms, router, attention scores/softmax/values and the LM head are not. The
+routed experts' backward runs per window of C <= 128 rows of one expert, so their Wgrad token
+tiles are those windows (exactly 128 rows when C = 128; finer, so slightly more accurate, than a
+grouped GEMM's 128-row tiles when C < 128). Not modelled: E5M6 and power-of-two scales for the
+attention-output activations, FP8 caching of the SwiGLU inputs, FP8 dispatch (sec. 3.3.3).
 """
 
 from __future__ import annotations
