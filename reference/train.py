@@ -28,7 +28,10 @@ Precision: the parameters (and AdamW's moments) are float32, the master copy. ``
 the balancing bias, which only selects) and bf16 activations between the matmuls, which
 accumulate in float32 (reference.model.einsum); the gradient of the rounding is the identity,
 so it lands on the float32 master weights. MLA runs in its naive form (per-head keys and
-values), as a training step does.
+values), as a training step does. ``fp8=True`` runs the Linear GEMMs (Fprop, Dgrad and Wgrad)
+through DeepSeek-V3's FP8 recipe, simulated (sec. 3.3: e4m3 inputs, 1x128 activation tiles,
+128x128 weight blocks, float32 accumulation; reference/fp8_train.py); the embedding, LM head,
+router, norms and attention operators stay in ``compute``'s precision, as in V3.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from dsref.reference.fp8_train import Fp8Recipe
 from dsref.reference.model import DeepseekModel, forward, mtp_logits
 
 F32 = jnp.float32
@@ -66,6 +70,7 @@ class TrainConfig:
     balance_alpha: float = 0.0   # alpha of the sequence-wise balance loss (V3: 1e-4)
     bias_gamma: float = 0.001    # the bias update speed (0 = no auxiliary-loss-free balancing)
     compute: str = "float32"     # the forward/backward's precision: "float32" or "bfloat16"
+    fp8: bool = False            # V3's FP8 GEMM recipe, simulated (reference/fp8_train.py)
 
     def __post_init__(self):
         for name in ("steps", "warmup"):
@@ -77,6 +82,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if not isinstance(self.fp8, bool):
+            raise ValueError(f"fp8 must be True or False, got {self.fp8!r}")
         if self.compute not in COMPUTE:
             raise ValueError(f"compute must be one of {', '.join(COMPUTE)}, got {self.compute!r}")
         if not 0 <= self.b1 < 1 or not 0 <= self.b2 < 1:
@@ -170,13 +177,14 @@ def loss_fn(params, graphdef, tokens, tc: TrainConfig):
     model.dtype = COMPUTE[tc.compute]  # activations (the merged copy only; the graphdef keeps float32)
     cfg = model.cfg
     cap: dict[str, Any] = {}
-    out = forward(model, tokens[:, :-1], capture=cap, mla_form="naive")
+    prec = Fp8Recipe() if tc.fp8 else None
+    out = forward(model, tokens[:, :-1], capture=cap, mla_form="naive", prec=prec)
     main = cross_entropy(out.logits, tokens[:, 1:])
     mtp = jnp.zeros((), F32)
     mcap: dict[str, Any] = {}
     if _trains_mtp(model, tc):
         # position t: main hidden h_t (after the final norm) + embedding of token t+1 -> token t+2
-        mtp = cross_entropy(mtp_logits(model, tokens[:, 1:-1], out.hidden[:, :-1], capture=mcap).logits,
+        mtp = cross_entropy(mtp_logits(model, tokens[:, 1:-1], out.hidden[:, :-1], capture=mcap, prec=prec).logits,
                             tokens[:, 2:])
     L = cfg.num_hidden_layers
     routing = [(cap[f"layers.{i}.router_logits"], cap[f"layers.{i}.topk_ids"]) if i < L

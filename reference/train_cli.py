@@ -52,7 +52,8 @@ def _train_config(args):
         raise ValueError(f"--warmup {warmup}: more than --steps {args.steps}")
     return TrainConfig(steps=args.steps, lr=args.lr, warmup=warmup, min_lr_ratio=args.min_lr_ratio,
                        weight_decay=args.weight_decay, clip_norm=args.clip, mtp_weight=args.mtp_weight_used,
-                       balance_alpha=args.balance_alpha, bias_gamma=args.bias_gamma, compute=args.compute)
+                       balance_alpha=args.balance_alpha, bias_gamma=args.bias_gamma, compute=args.compute,
+                       fp8=args.fp8)
 
 
 def _model(args):
@@ -145,6 +146,9 @@ def register(sub) -> None:
                    help="auxiliary-loss-free bias update speed (V3: 0.001; 0 = off)")
     p.add_argument("--compute", choices=("float32", "bfloat16"), default="float32",
                    help="precision of the forward and backward (weights are kept in float32)")
+    p.add_argument("--fp8", action="store_true",
+                   help="DeepSeek-V3's FP8 recipe for the Linear GEMMs, simulated: e4m3 inputs in 1x128 activation "
+                   "tiles and 128x128 weight blocks, float32 accumulation (use with --compute bfloat16, as V3)")
     p.add_argument("--no-mtp", action="store_true", help="train without the MTP module (its weights are not made)")
     p.add_argument("--mesh", type=mesh_arg, metavar="AXIS=SIZE,...",
                    help="train over a device mesh (one process): data=N and expert=N split the batch, expert=N "

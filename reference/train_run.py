@@ -98,7 +98,8 @@ def read_corpus(path: str | Path) -> Corpus:
     else:
         raise ValueError(f"--data {path}: no such file or folder")
     if not any(t.strip() for _, t in docs):
-        raise ValueError(f"--data {path}: no text found" + (f" ({len(skipped)} non-text files skipped)" if skipped else ""))
+        why = f" ({len(skipped)} non-text files skipped)" if skipped else ""
+        raise ValueError(f"--data {path}: no text found{why}")
     return Corpus(str(path), tuple(docs), tuple(skipped))
 
 

@@ -207,3 +207,22 @@ def test_bfloat16_compute_keeps_float32_master_weights(tiny):
     step = np.abs(after - before)[moved]
     ulp = np.abs(before[moved]) * 2.0 ** -8  # half a bf16 step: such an update survives only in float32
     assert moved.any() and (step < ulp).any()
+
+
+def test_fp8_option_runs_the_recipe_in_the_training_step(tiny):
+    """TrainConfig(fp8=True): the loss moves off the unquantised one by FP8 rounding (the recipe is
+    applied: not 0) but stays within a few percent; a step's update is finite and close in
+    direction to the unquantised step's."""
+    tokens = jnp.asarray(windows(corpus(tiny.vocab_size), 4, 16, np.random.default_rng(0)))
+    model = DeepseekModel(tiny, rngs=nnx.Rngs(0), with_mtp=True)
+    graphdef, params = nnx.split(model)
+    out = {}
+    for fp8 in (False, True):
+        tc = TrainConfig(compute="bfloat16", fp8=fp8)
+        (loss, _), g = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, graphdef, tokens, tc), has_aux=True))(params)
+        out[fp8] = float(loss), np.concatenate([np.ravel(a) for a in jax.tree.leaves(g)])
+    (l0, g0), (l1, g1) = out[False], out[True]
+    assert 1e-6 < abs(l1 - l0) / l0 < 3e-2, (l0, l1)
+    assert np.isfinite(g1).all() and g1 @ g0 / np.linalg.norm(g0) / np.linalg.norm(g1) > 0.98
+    with pytest.raises(ValueError, match="fp8 must be True or False"):
+        TrainConfig(fp8=1)
