@@ -420,6 +420,7 @@ def add_fp8(out_dir: str, log) -> dict:
     if not res["fp8"]["available"]:
         raise ValueError("--add-fp8: " + res["fp8"]["why"])
     res["wall_s"] += res["fp8"]["wall_s"]
+    res["fp8"]["added_by"] = "--add-fp8"  # run after the other arms, into their JSON
     atomic_write_text(src, json.dumps(res, indent=1, allow_nan=False) + "\n")
     return replot(out_dir)
 
@@ -717,12 +718,15 @@ def page(out: dict, imgs: list[str]) -> str:
     # 4: FP8
     L.append("## 4. FP8 (simulated V3 recipe) vs BF16\n")
     if out["fp8"]["available"]:
-        f = an["fp8"]
+        f = {**an["fp8"], "added_by": out["fp8"].get("added_by")}
         L += ["What: V3 (sec. 3.3; appendix B.1) trains with FP8 GEMMs (e4m3, 1x128 activation tiles, "
               "128x128 weight blocks, higher-precision accumulation) and reports a relative loss error below 0.25% "
               "against BF16. Here both arms use `TrainConfig(compute=\"bfloat16\")` (fp32 master weights); the "
               "FP8 arm adds `fp8=True` (reference/train.py's simulation of the recipe). Same seeds, same data; the "
-              "held-out loss of both is evaluated in float32 from the fp32 master weights.\n",
+              "held-out loss of both is evaluated in float32 from the fp32 master weights."
+              + (" These two arms were run after the others (`--add-fp8`, once reference/train.py had the fp8= "
+                 "option), with the same settings, seeds and held-out windows." if f.get("added_by") else "")
+              + "\n",
               "| measure | mean ± std over seeds |", "|---|---:|",
               f"| FP8/BF16 - 1, train loss over the last quarter of steps | {_ms(f['rel_gap_train_last_quarter'], '{:+.3%}')} |",
               f"| FP8/BF16 - 1, final held-out loss | {_ms(f['rel_gap_held_final'], '{:+.3%}')} |",
