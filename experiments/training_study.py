@@ -195,6 +195,14 @@ def compare(a, b, *, n_boot: int = 10000, seed: int = 0, level: float = 0.05) ->
     return res
 
 
+def mean_ci(v, level: float = 0.95) -> list[float]:
+    """Student-t confidence interval of the mean of per-seed values (e.g. same-seed FP8/BF16 gaps)."""
+    from scipy import stats
+    v = np.asarray(v, float)
+    half = stats.t.ppf(0.5 + level / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size)
+    return [float(v.mean() - half), float(v.mean() + half)]
+
+
 def mean_std(v) -> dict:
     v = np.asarray(v, float)
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size)}
@@ -458,7 +466,8 @@ def analyse(out: dict) -> dict:
             gaps.append(float(fa[n - max(n // 4, 1):].mean() / fb[n - max(n // 4, 1):].mean() - 1))
             held_gaps.append(a["eval"][-1]["main"] / b["eval"][-1]["main"] - 1)
         res["fp8"] = {"rel_gap_train_last_quarter": mean_std(gaps), "rel_gap_held_final": mean_std(held_gaps),
-                      "rel_gap_train_per_seed": gaps, "held": compare(col("fp8", "held_main"), col("bf16", "held_main"))}
+                      "rel_gap_train_per_seed": gaps, "held": compare(col("fp8", "held_main"), col("bf16", "held_main")),
+                      "rel_gap_train_ci95": mean_ci(gaps)}
     return res
 
 
@@ -733,11 +742,13 @@ def page(out: dict, imgs: list[str]) -> str:
               f"| held-out loss BF16 | {_ms(t['bf16']['held_main'])} |", f"| held-out loss FP8 | {_ms(t['fp8']['held_main'])} |\n",
               f"![FP8](img/{imgs[3]})\n",
               "- " + _verdict(f["held"], "held-out loss, FP8 minus BF16") + ".\n",
-              "Compared with V3's < 0.25%: " + ("within it" if abs(f["rel_gap_train_last_quarter"]["mean"]) < 0.0025
-                                                else "outside it") + " on the mean over seeds. V3 measures it "
+              "Compared with V3's < 0.25%: " + _fp8_verdict(f) + ". V3 measures it "
               "on models of ~16B and ~230B parameters over ~1T tokens (as recalled); a short run of a small model is a different regime "
               "(larger per-step noise; many of this model's GEMMs have an inner dimension below 128, shorter than one "
-              "quantisation tile).\n"]
+              "quantisation tile). In the plot the two runs of each seed agree for the first ~20 steps and then "
+              "drift apart, with excursions of a few percent; a likely reason is that rounding differences flip "
+              "top-k expert choices, after which the pair diverges more like two different runs than like one run "
+              "at two precisions.\n"]
     else:
         L.append("Not run: reference/train.py's TrainConfig had no fp8= option when this study ran. The experiment is implemented (experiments/training_study.py, "
                  "`FP8_ARMS`: `TrainConfig(compute=\"bfloat16\")` vs `TrainConfig(compute=\"bfloat16\", fp8=True)`, "
@@ -746,6 +757,18 @@ def page(out: dict, imgs: list[str]) -> str:
     L += ["## Reproduce\n", f"    {CMD}        # the full study (~{out['wall_s'] / 60:.0f} minutes here)",
           "    python -m experiments.training_study --out-dir /tmp/x --fast   # every arm at toy size (smoke test)\n"]
     return "\n".join(L) + "\n"
+
+
+def _fp8_verdict(f: dict, bound: float = 0.0025) -> str:
+    """Where the 95% CI of the mean same-seed train-loss gap lies against V3's bound."""
+    lo, hi = f["rel_gap_train_ci95"]
+    ci = f"the 95% CI of the mean gap over seeds is [{lo:+.3%}, {hi:+.3%}]"
+    if -bound < lo and hi < bound:
+        return f"within it ({ci}, inside +-0.25%)"
+    if lo > bound or hi < -bound:
+        return f"outside it ({ci}, beyond 0.25%)"
+    return (f"not resolved by this run ({ci}: it contains both " + ("0 and " if lo <= 0 <= hi else "")
+            + "a gap of 0.25%; the seed-to-seed spread of the gap is larger than V3's bound)")
 
 
 def _balance_reading(out: dict, an: dict, t: dict) -> str:
