@@ -26,7 +26,7 @@ from flax import nnx
 
 from dsref.reference import unrolled
 from dsref.reference.mesh import current_mesh, fetch, padded_batch, place_batch
-from dsref.reference.model import DeepseekModel, ExpandedCache, LatentCache, forward, mtp_logits
+from dsref.reference.model import DeepseekModel, cache_kind, forward, mtp_logits
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -37,10 +37,11 @@ def bucket(n: int, minimum: int = 16) -> int:
 def init_cache(model: DeepseekModel, batch: int, length: int, form: str = "absorbed", dtype=None,
                layers: int | None = None) -> list:
     """Zeroed cache: one LatentCache (form 'absorbed') or ExpandedCache ('naive') per layer
-    stack of the model, its fields stacked over the stack's layers ([L, B, S, ...]);
+    stack of the model, its fields stacked over the stack's layers ([L, B, S, ...]); for V3.2
+    the Indexed variants, which add the indexer's keys k_idx (``model.cache_kind``).
     ``layers=n``: one stack of n layers instead (the MTP module's cache: layers=1)."""
     cfg = model.cfg
-    kind = LatentCache if form == "absorbed" else ExpandedCache
+    kind = cache_kind(cfg, form)
     counts = [st.count for st in model.stacks] if layers is None else [layers]
     return [kind.zeros(cfg, batch, length, dtype or model.dtype, layers=n) for n in counts]
 

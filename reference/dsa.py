@@ -257,12 +257,19 @@ def index_select_jax(q, hw, k, q_pos, k_pos, topk: int, k_valid=None) -> Selecti
     return select_topk_jax(index_scores_jax(q, k, hw), visible_jax(q_pos, k_pos, k_valid), topk)
 
 
+def index_inputs_jax(w, cfg: ModelConfig, x, qr, positions, prec=HIGHEST, interleaved: bool = False):
+    """A layer's indexer inputs from its tokens x [B, T, D] (the normed layer input) at positions:
+    queries [B, T, I, J], head weights [B, T, I] float32, and the tokens' own keys [B, T, J] (what
+    the indexer key cache stores). qr: MLA's compressed query [B, T, Q]."""
+    cos, sin = rope_tables_jax(cfg, positions)
+    return (index_queries_jax(w, cfg, qr, cos, sin, prec, interleaved), index_head_weights_jax(w, cfg, x),
+            index_keys_jax(w, cfg, x, cos, sin, prec, interleaved))
+
+
 def indexer_jax(w, cfg: ModelConfig, x, positions, prec=HIGHEST, interleaved: bool = False,
                 qr=None) -> Selection:
     """Prefill: x [B, T, D] (the layer's normed input) at positions [B, T] selects among itself.
     qr: MLA's compressed query when the caller has it (else recomputed from q_a_proj)."""
-    cos, sin = rope_tables_jax(cfg, positions)
     qr = compressed_query_jax(w, cfg, x, prec) if qr is None else qr
-    q = index_queries_jax(w, cfg, qr, cos, sin, prec, interleaved)
-    k = index_keys_jax(w, cfg, x, cos, sin, prec, interleaved)
-    return index_select_jax(q, index_head_weights_jax(w, cfg, x), k, positions, positions, cfg.index_topk)
+    q, hw, k = index_inputs_jax(w, cfg, x, qr, positions, prec, interleaved)
+    return index_select_jax(q, hw, k, positions, positions, cfg.index_topk)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dsref.reference import dsa
 from dsref.reference.config import MLA_NORM_EPS, ModelConfig
 from dsref.reference.dispatch import expert_window_rows as block_size
 from dsref.reference.expert_parallel import routed_experts_sharded
@@ -120,6 +121,59 @@ class ExpandedCache(NamedTuple):
         return _cache_read(self, dtype)
 
 
+class IndexedLatentCache(NamedTuple):
+    """V3.2's absorbed-MLA cache: LatentCache's fields plus the indexer's key k_idx [B, S, J] per
+    token (reference/dsa.py; one key shared by the indexer's heads, in the model dtype as
+    transformers keeps it)."""
+
+    c_kv: jax.Array
+    k_pe: jax.Array
+    k_idx: jax.Array
+
+    expanded = False
+    length = LatentCache.length
+    read = LatentCache.read
+
+    def write(self, positions, *new):
+        return _cache_write(self, positions, *new)
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype, layers: int | None = None):
+        return cls(*LatentCache.zeros(cfg, batch, length, dtype, layers), _index_zeros(cfg, batch, length, dtype, layers))
+
+
+class IndexedExpandedCache(NamedTuple):
+    """V3.2's naive-MLA cache: ExpandedCache's k and v plus the indexer's key k_idx [B, S, J]."""
+
+    k: jax.Array
+    v: jax.Array
+    k_idx: jax.Array
+
+    expanded = True
+    length = ExpandedCache.length
+    read = ExpandedCache.read
+
+    def write(self, positions, *new):
+        return _cache_write(self, positions, *new)
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype, layers: int | None = None):
+        return cls(*ExpandedCache.zeros(cfg, batch, length, dtype, layers),
+                   _index_zeros(cfg, batch, length, dtype, layers))
+
+
+def _index_zeros(cfg: ModelConfig, batch: int, length: int, dtype, layers: int | None):
+    lead = () if layers is None else (layers,)
+    return (jnp.zeros if layers is None else _stored_zeros)((*lead, batch, length, cfg.index_head_dim), dtype)
+
+
+def cache_kind(cfg: ModelConfig, form: str = "absorbed"):
+    """The cache class for MLA form 'absorbed' or 'naive' (V3.2: the one with the indexer's keys)."""
+    if cfg.has_indexer:
+        return IndexedLatentCache if form == "absorbed" else IndexedExpandedCache
+    return LatentCache if form == "absorbed" else ExpandedCache
+
+
 def _stored_zeros(shape, dtype):
     """Zeros of a stacked cache as stored (bf16 on CPU: bits, see LayerCache)."""
     return jnp.zeros(shape, storage_dtype(dtype))
@@ -142,7 +196,7 @@ class LayerCache(NamedTuple):
     cache on CPU is stored as its bits, like the weights (reference/weights.py): XLA:CPU
     upcasts a bf16 scatter's or slice's whole operand, here every layer's cache."""
 
-    stack: LatentCache | ExpandedCache
+    stack: LatentCache | ExpandedCache | IndexedLatentCache | IndexedExpandedCache
     j: Any
 
     @property
@@ -231,19 +285,22 @@ def apply_rope(x, cos, sin):
 
 # ---------------------------------------------------------------------- MLA
 def mla_project(w, cfg: ModelConfig, x, positions, prec):
-    """Shared first half of MLA: q_nope [B,T,H,N], q_pe [B,T,H,P], c_kv [B,T,R], k_pe [B,T,P]."""
+    """Shared first half of MLA: q_nope [B,T,H,N], q_pe [B,T,H,P], c_kv [B,T,R], k_pe [B,T,P], and
+    the compressed query qr = q_a_layernorm(q_a_proj(x)) [B,T,Q] (None without q_lora), which the
+    V3.2 indexer reads too."""
     B, T, _ = x.shape
     H, N, P, R = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
     if cfg.q_lora_rank is None:
+        qr = None
         q = linear(x, w["q_proj.weight"], prec)
     else:
-        q = linear(rms_norm(linear(x, w["q_a_proj.weight"], prec), w["q_a_layernorm.weight"], MLA_NORM_EPS),
-                   w["q_b_proj.weight"], prec)
+        qr = rms_norm(linear(x, w["q_a_proj.weight"], prec), w["q_a_layernorm.weight"], MLA_NORM_EPS)
+        q = linear(qr, w["q_b_proj.weight"], prec)
     q = q.reshape(B, T, H, N + P)
     kv = linear(x, w["kv_a_proj_with_mqa.weight"], prec)
     c_kv = rms_norm(kv[..., :R], w["kv_a_layernorm.weight"], MLA_NORM_EPS)
     cos, sin = rope_tables(cfg, positions)
-    return q[..., :N], apply_rope(q[..., N:], cos, sin), c_kv, apply_rope(kv[..., R:], cos, sin)
+    return q[..., :N], apply_rope(q[..., N:], cos, sin), c_kv, apply_rope(kv[..., R:], cos, sin), qr
 
 
 def _softmax_attend(scores, mask):
@@ -518,27 +575,42 @@ def decoder_layer(w, cfg: ModelConfig, i: int, h, positions, cache=None, *, mla_
     chunk_only: the cache holds nothing before this chunk (a prefill from position 0),
     so attend within the chunk's own keys (in ``mla_form``) instead of over all S slots
     of the cache; the chunk is still written into the cache.
+    V3.2 (cfg.has_indexer): the indexer's keys are cached beside the latents (the caches' k_idx
+    field) and MLA attends to its top-index_topk keys only (reference/dsa.py); capture also gets
+    index_ids and index_tie.
     """
+    idx_cap: dict | None = {} if capture is not None else None
     with jax.named_scope(f"layer{i}_mla"):
         x = rms_norm(h, w["input_layernorm.weight"], cfg.rms_norm_eps)
         sa = Prefixed(w, "self_attn.")
-        q_nope, q_pe, c_kv, k_pe = mla_project(sa, cfg, x, positions, prec)
+        q_nope, q_pe, c_kv, k_pe, qr = mla_project(sa, cfg, x, positions, prec)
         if cache is None or chunk_only:
             k_pos = positions
         else:
             k_pos = jnp.broadcast_to(jnp.arange(cache.length), (h.shape[0], cache.length))
-        mask = attention_mask(positions, k_pos, k_valid)
+        if cfg.has_indexer and cache is not None and "k_idx" not in getattr(cache, "stack", cache)._fields:
+            raise ValueError(f"{cfg.name}: a V3.2 model's cache needs the indexer's keys (k_idx): "
+                             "make it with decode.init_cache or model.cache_kind")
+        if cfg.has_indexer:  # V3.2: the mask is the indexer's top-k, chosen once its keys are known
+            iq, ihw, ik = dsa.index_inputs_jax(sa, cfg, x, qr, positions, _plain(prec))
+            extra, mask = (ik,), None
+        else:
+            extra, mask = (), attention_mask(positions, k_pos, k_valid)
         if cache is not None and cache.expanded:  # per-head keys and values are what is cached
             k, v = expand_kv(sa, cfg, c_kv, k_pe, prec)
-            cache = cache.write(positions, k, v)
+            cache = cache.write(positions, k, v, *extra)
             if not chunk_only:
-                k, v = cache.read(h.dtype)
+                k, v, *cached = cache.read(h.dtype)
+                ik = cached[0] if cached else None
+            mask = _index_mask(cfg, iq, ihw, ik, positions, k_pos, k_valid, idx_cap) if mask is None else mask
             o = attend_expanded(cfg, jnp.concatenate([q_nope, q_pe], -1), k, v, mask, prec)
         else:
             if cache is not None:  # the latent c_kv and k_pe are what is cached
-                cache = cache.write(positions, c_kv, k_pe)
+                cache = cache.write(positions, c_kv, k_pe, *extra)
                 if not chunk_only:
-                    c_kv, k_pe = cache.read(h.dtype)
+                    c_kv, k_pe, *cached = cache.read(h.dtype)
+                    ik = cached[0] if cached else None
+            mask = _index_mask(cfg, iq, ihw, ik, positions, k_pos, k_valid, idx_cap) if mask is None else mask
             attend = mla_absorbed if mla_form == "absorbed" else mla_naive
             o = attend(sa, cfg, q_nope, q_pe, c_kv, k_pe, mask, prec)
         a = linear(o, sa["o_proj.weight"], prec)
@@ -553,8 +625,17 @@ def decoder_layer(w, cfg: ModelConfig, i: int, h, positions, cache=None, *, mla_
             y = swiglu(x, m["gate_proj.weight"], m["up_proj.weight"], m["down_proj.weight"], prec)
         h = h + y
     if capture is not None:
-        capture.update(attn_out=a, hidden=h, **cap)
+        capture.update(attn_out=a, hidden=h, **cap, **idx_cap)
     return h, cache
+
+
+def _index_mask(cfg: ModelConfig, q, hw, k, positions, k_pos, k_valid, capture: dict | None):
+    """V3.2: MLA's mask, the indexer's selection of the keys k [B, S, J] at k_pos (always a subset of
+    the causal mask); capture gets index_ids (ascending, -1 padded) and index_tie."""
+    sel = dsa.index_select_jax(q, hw, k, positions, k_pos, cfg.index_topk, k_valid)
+    if capture is not None:
+        capture.update(index_ids=sel.ids, index_tie=sel.tie)
+    return sel.mask
 
 
 # ------------------------------------------------------------------- model

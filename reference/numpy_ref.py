@@ -127,7 +127,7 @@ def apply_rope_half(x, cos, sin):
 
 
 # ------------------------------------------------------------------------- MLA
-def mla(x, w, cfg: ModelConfig, positions, prefix: str):
+def mla(x, w, cfg: ModelConfig, positions, prefix: str, capture: dict | None = None):
     """Multi-head Latent Attention, naive form (keys/values expanded per head).
 
     c_kv = RMSNorm(x W_dkv)            latent   [B, T, R]   (what the cache stores)
@@ -135,6 +135,8 @@ def mla(x, w, cfg: ModelConfig, positions, prefix: str):
     [k_nope | v] = c_kv W_ukv          per head [B, T, H, N+A]
     q = (RMSNorm(x W_dq)) W_uq  (or x W_q without q_lora)   [B, T, H, N+P]
     o = softmax(q.k * scale + causal) v,  out = o W_o
+    V3.2 (cfg.has_indexer): ``causal`` becomes the lightning indexer's top-index_topk selection
+    (reference/dsa.py), a subset of it; capture gets index_ids and index_tie.
     """
     B, T, _ = x.shape
     H, N, P, A, R = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
@@ -157,6 +159,12 @@ def mla(x, w, cfg: ModelConfig, positions, prefix: str):
     scores = (np.einsum("bthn,bshn->bhts", q_nope, k_nope)
               + np.einsum("bthp,bsp->bhts", q_pe, k_pe)) * cfg.softmax_scale
     causal = np.triu(np.ones((T, T), bool), k=1)
+    if cfg.has_indexer:
+        from dsref.reference import dsa  # dsa builds on this module's rope and norms
+        sel = dsa.indexer(x, w, cfg, positions, prefix)
+        causal = ~sel.mask[:, None]  # [B, 1, T, T]: keys the indexer did not select
+        if capture is not None:
+            capture.update(index_ids=sel.ids, index_tie=sel.tie)
     scores = np.where(causal, -np.inf, scores)
     p = np.exp(scores - scores.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
@@ -281,11 +289,16 @@ def moe(x, w, cfg: ModelConfig, prefix: str, capture: dict | None = None):
 def decoder_layer(h, w, cfg: ModelConfig, i: int, positions, capture: dict | None = None,
                   prefix: str | None = None):
     p = f"model.layers.{i}." if prefix is None else prefix
-    attn = mla if cfg.arch == "deepseek" else gqa
-    a = attn(rms_norm(h, w[p + "input_layernorm.weight"], cfg.rms_norm_eps), w, cfg, positions, p + "self_attn.")
+    layer_cap: dict | None = {} if capture is not None else None
+    x = rms_norm(h, w[p + "input_layernorm.weight"], cfg.rms_norm_eps)
+    if cfg.arch != "deepseek":
+        a = gqa(x, w, cfg, positions, p + "self_attn.")
+    elif cfg.has_indexer:  # capture by keyword for V3.2 only: fault injections replace mla with the 5-argument form
+        a = mla(x, w, cfg, positions, p + "self_attn.", capture=layer_cap)
+    else:
+        a = mla(x, w, cfg, positions, p + "self_attn.")
     h = h + a
     x = rms_norm(h, w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
-    layer_cap: dict | None = {} if capture is not None else None
     if cfg.is_moe_layer(i):
         h = h + moe(x, w, cfg, p + "mlp.", layer_cap)
     else:

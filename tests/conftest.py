@@ -59,9 +59,12 @@ def make_hf_model(cfg: ModelConfig, seed: int, **kw):
     torch.set_num_threads(2)
     torch.manual_seed(seed)
     d = cfg.to_hf_dict()
-    cls_cfg, cls_model = ((transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM)
-                          if cfg.scoring_func == "softmax" else
-                          (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM))
+    if cfg.has_indexer:  # DeepSeek-V3.2 (model_type deepseek_v32): MLA + the lightning indexer
+        cls_cfg, cls_model = transformers.DeepseekV32Config, transformers.DeepseekV32ForCausalLM
+    elif cfg.scoring_func == "softmax":
+        cls_cfg, cls_model = transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM
+    else:
+        cls_cfg, cls_model = transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM
     hf_cfg = cls_cfg(**d)
     hf_cfg._attn_implementation = "eager"
     model = cls_model(hf_cfg).eval()
