@@ -70,8 +70,10 @@ _FP8 = "F8_E4M3"
 _NP_TO_ST = {v: k for k, v in _ST_DTYPES.items()}
 # Old transformers checkpoints stored RoPE caches; they carry no information.
 _IGNORABLE = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
-# Linear weights (quantized in FP8 checkpoints); everything else stays bf16/f32.
-_LINEAR = re.compile(r"(_proj|_proj_with_mqa)(\.weight)?$")
+# Linear weights (quantized in FP8 checkpoints); everything else stays bf16/f32. The V3.2 indexer's
+# wq_b and wk are FP8 in the release (with _scale_inv), its weights_proj bf16 (transformers keeps it
+# in float32: _keep_in_fp32_modules), hence the lookbehind.
+_LINEAR = re.compile(r"((?<!weights)_proj|_proj_with_mqa|indexer\.wq_b|indexer\.wk)(\.weight)?$")
 
 
 # ------------------------------------------------------------------ FP8 blocks

@@ -294,21 +294,34 @@ def test_one_past_topk_drops_exactly_one_key_per_full_row():
     assert (sel.scores[:, k][dropped] == s.min(-1)).all()  # the lowest visible score is the one dropped
 
 
-def test_v32_checkpoint_round_trips_through_the_loader_and_writer(tmp_path):
+@pytest.mark.parametrize("dtype", ["bfloat16", "fp8"])
+def test_v32_checkpoint_round_trips_through_the_loader_and_writer(tmp_path, dtype):
     """The indexer's rows go through the same writer and reader as every other weight, by the
-    names the release uses (bf16 here; FP8 placement: see docs/models.md)."""
+    names the release uses. FP8 as the release stores it: wq_b and wk as e4m3 with block scales,
+    weights_proj and the key norm not quantized."""
     from dsref.reference.checkpoint import read_safetensors_header, read_tensors, save_checkpoint
     rng = np.random.default_rng(5)
     sd = {t.name: rng.normal(0, 0.2, t.shape).astype(np.float32) for t in tensors(CFG)}
-    save_checkpoint(sd, CFG, tmp_path, dtype="bfloat16")
+    save_checkpoint(sd, CFG, tmp_path, dtype=dtype, **({"fp8_block_size": (16, 24)} if dtype == "fp8" else {}))
     assert json.loads((tmp_path / "config.json").read_text())["index_topk"] == CFG.index_topk
-    names = set(read_safetensors_header(tmp_path / "model.safetensors"))
-    assert {PRE + "indexer." + n for n in ("wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias",
-                                           "weights_proj.weight")} <= names
+    header = {}
+    for f in tmp_path.glob("*.safetensors"):
+        header.update(read_safetensors_header(f))
+    ix = {n: PRE + "indexer." + n for n in ("wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias",
+                                            "weights_proj.weight")}
+    assert set(ix.values()) <= set(header)
+    if dtype == "fp8":
+        def kind(n):
+            return header[n].dtype
+        assert {kind(ix[n]) for n in ("wq_b.weight", "wk.weight")} == {"F8_E4M3"}
+        assert {ix[n] + "_scale_inv" for n in ("wq_b.weight", "wk.weight")} <= set(header)
+        assert all(kind(ix[n]) == "BF16" and ix[n] + "_scale_inv" not in header
+                   for n in ("weights_proj.weight", "k_norm.weight", "k_norm.bias"))
     back = dict(read_tensors(tmp_path))
     assert set(back) == set(sd)
+    tol = dict(rtol=7e-2, atol=2e-2) if dtype == "fp8" else dict(rtol=1e-2, atol=1e-3)  # e4m3: 3 mantissa bits
     for n in sd:
-        assert np.allclose(np.asarray(back[n], np.float32), sd[n], rtol=1e-2, atol=1e-3), n
+        assert np.allclose(np.asarray(back[n], np.float32), sd[n], **tol), n
 
 
 def test_inside_the_transformers_model_every_layer_selects_the_same():
