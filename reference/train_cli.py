@@ -64,6 +64,10 @@ def _model(args):
     if cfg.arch != "deepseek":
         raise ValueError(f"{option} {name}: a dense GQA model; dsref train trains DeepSeek MLA+MoE models "
                          "(mini-v3, tiny-v3, small-v3, or a DeepSeek config.json)")
+    if getattr(cfg, "has_indexer", False):
+        raise ValueError(f"{option} {name}: a V3.2 model (lightning indexer); training it needs the indexer's own "
+                         "loss (a KL term to the attention's distribution), which is not implemented: the indexer "
+                         "would only decay. Train a V3 model (mini-v3, tiny-v3)")
     if args.seq > cfg.max_position_embeddings:
         raise ValueError(f"--seq {args.seq}: the model's max_position_embeddings is {cfg.max_position_embeddings}")
     has_mtp = cfg.num_nextn_predict_layers > 0 and not args.no_mtp

@@ -167,61 +167,71 @@ def test_windows_refuses_a_corpus_too_short():
 def test_the_mtp_modules_bias_moves_with_its_own_loads(tiny):
     """The MTP module routes through its own MoE layer: its loads are a row of StepMetrics.loads
     (after the main model's) and its bias moves by gamma * sign(mean - load) like theirs; without
-    the MTP loss the module is not run and its bias stays."""
-    from dsref.reference.train import moe_layers
+    the MTP loss the module is not run: no row, so its bias is never moved."""
+    from dsref.reference.train import layer_rows, moe_layers
     tokens = windows(corpus(tiny.vocab_size), 4, 16, np.random.default_rng(0))
-    for weight in (0.3, 0.0):
-        tr = Trainer(DeepseekModel(tiny, rngs=nnx.Rngs(0), with_mtp=True), TrainConfig(mtp_weight=weight))
-        assert tr.layers == tuple(moe_layers(tr.model(), tr.tc)) == ((1, 2, 3) if weight else (1, 2))
-        m = tr.step(tokens)
-        bias = np.asarray(tr.params["mtp"][0][BIAS_ATTR][...][0])
-        if weight:
-            loads = np.asarray(m.loads[-1])
-            np.testing.assert_allclose(bias, 0.001 * np.sign(loads.mean() - loads), atol=1e-9)
-            assert np.abs(bias).max() > 0
-        else:
-            assert np.abs(bias).max() == 0 and m.loads.shape[0] == 2
-
-
-def test_bfloat16_compute_keeps_float32_master_weights(tiny):
-    """compute="bfloat16": the loss differs from float32 by bf16 rounding (not 0: the option does
-    something; not more than a few percent), the parameters and AdamW's moments stay float32, and
-    a master weight moves by less than one bf16 step (an update a bf16 weight would round away)."""
-    from dsref.reference.train import compute_params
-    tokens = windows(corpus(tiny.vocab_size), 4, 16, np.random.default_rng(0))
-    model = DeepseekModel(tiny, rngs=nnx.Rngs(0), with_mtp=True)
+    tr = Trainer(DeepseekModel(tiny, rngs=nnx.Rngs(0), with_mtp=True), TrainConfig(mtp_weight=0.3))
+    assert tr.layers == tuple(moe_layers(tr.model(), tr.tc)) == (1, 2, 3)
+    m = tr.step(tokens)
+    bias = np.asarray(tr.params["mtp"][0][BIAS_ATTR][...][0])
+    loads = np.asarray(m.loads[-1])
+    np.testing.assert_allclose(bias, 0.001 * np.sign(loads.mean() - loads), atol=1e-9)
+    assert np.abs(bias).max() > 0
+    off = TrainConfig(mtp_weight=0.0)
+    model = tr.model()
+    assert moe_layers(model, off) == [1, 2] and all(g == "stacks" for g, _, _ in layer_rows(model, off))
     graphdef, params = nnx.split(model)
-    f32, b16 = (float(loss_fn(params, graphdef, jnp.asarray(tokens), TrainConfig(compute=c))[0])
-                for c in ("float32", "bfloat16"))
+    shape = jax.eval_shape(lambda p: loss_fn(p, graphdef, jnp.asarray(tokens), off), params)  # traced, not compiled
+    assert shape[1][1].shape == (2, tiny.n_routed_experts)
+
+
+@pytest.fixture(scope="module")
+def precisions(tiny):
+    """Loss and gradient of one batch under float32, bfloat16 and bfloat16 + FP8 (same weights)."""
+    tokens = jnp.asarray(windows(corpus(tiny.vocab_size), 4, 16, np.random.default_rng(0)))
+    graphdef, params = nnx.split(DeepseekModel(tiny, rngs=nnx.Rngs(0), with_mtp=True))
+    out = {}
+    for name, tc in (("float32", TrainConfig()), ("bfloat16", TrainConfig(compute="bfloat16")),
+                     ("fp8", TrainConfig(compute="bfloat16", fp8=True))):
+        (loss, _), g = jax.jit(jax.value_and_grad(lambda p, tc=tc: loss_fn(p, graphdef, tokens, tc), has_aux=True))(params)
+        out[name] = float(loss), g
+    return params, out
+
+
+def _flat(tree):
+    return np.concatenate([np.ravel(a) for a in jax.tree.leaves(tree)])
+
+
+def test_bfloat16_compute_keeps_float32_master_weights(precisions):
+    """compute="bfloat16": the loss differs from float32 by bf16 rounding (not 0: the option does
+    something; not more than a few percent); the forward sees bf16 values in float32 arrays; the
+    gradient is float32, and AdamW's update on the float32 master copy keeps steps smaller than a
+    bf16 step of the weight (which a bf16 weight would round away)."""
+    from dsref.reference.train import compute_params, optimizer
+    params, out = precisions
+    (f32, _), (b16, g) = out["float32"], out["bfloat16"]
     assert 1e-6 < abs(b16 - f32) / f32 < 2e-2, (f32, b16)
     rounded = jax.tree.leaves(compute_params(params, TrainConfig(compute="bfloat16")))
     assert all(a.dtype == jnp.float32 and np.array_equal(a, np.asarray(a.astype(jnp.bfloat16), np.float32))
                for a in rounded)  # float32 arrays holding bf16 values
-    tr = Trainer(model, TrainConfig(compute="bfloat16", lr=1e-5, warmup=0))
-    before = np.asarray(tr.params["stacks"][0]["self_attn__o_proj__weight"][...]).copy()
-    tr.step(tokens)
-    after = np.asarray(tr.params["stacks"][0]["self_attn__o_proj__weight"][...])
-    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(tr.params) + jax.tree.leaves(tr.opt_state)
-               if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating))
-    moved = after != before
-    step = np.abs(after - before)[moved]
-    ulp = np.abs(before[moved]) * 2.0 ** -8  # half a bf16 step: such an update survives only in float32
-    assert moved.any() and (step < ulp).any()
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(g))
+    tc = TrainConfig(compute="bfloat16", lr=1e-5, warmup=0)
+    tx = optimizer(tc, params)
+    updates, _ = jax.jit(lambda g, p: tx.update(g, tx.init(p), p))(g, params)  # one program, not op by op
+    w = np.asarray(params["stacks"][0]["self_attn__o_proj__weight"][...])
+    u = np.asarray(updates["stacks"][0]["self_attn__o_proj__weight"][...])
+    new = w + u  # float32 master weights
+    moved = new != w
+    assert moved.any() and (np.abs(u[moved]) < np.abs(w[moved]) * 2.0 ** -8).any()
+    assert (np.asarray(new.astype(jnp.bfloat16), np.float32) == np.asarray(w.astype(jnp.bfloat16), np.float32)).any()
 
 
-def test_fp8_option_runs_the_recipe_in_the_training_step(tiny):
-    """TrainConfig(fp8=True): the loss moves off the unquantised one by FP8 rounding (the recipe is
-    applied: not 0) but stays within a few percent; a step's update is finite and close in
-    direction to the unquantised step's."""
-    tokens = jnp.asarray(windows(corpus(tiny.vocab_size), 4, 16, np.random.default_rng(0)))
-    model = DeepseekModel(tiny, rngs=nnx.Rngs(0), with_mtp=True)
-    graphdef, params = nnx.split(model)
-    out = {}
-    for fp8 in (False, True):
-        tc = TrainConfig(compute="bfloat16", fp8=fp8)
-        (loss, _), g = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, graphdef, tokens, tc), has_aux=True))(params)
-        out[fp8] = float(loss), np.concatenate([np.ravel(a) for a in jax.tree.leaves(g)])
-    (l0, g0), (l1, g1) = out[False], out[True]
+def test_fp8_option_runs_the_recipe_in_the_training_step(precisions):
+    """TrainConfig(fp8=True): the loss moves off the bf16 one by FP8 rounding (the recipe is
+    applied: not 0) but stays within a few percent; the gradient is finite and keeps its direction."""
+    _, out = precisions
+    (l0, g0), (l1, g1) = out["bfloat16"], out["fp8"]
+    g0, g1 = _flat(g0), _flat(g1)
     assert 1e-6 < abs(l1 - l0) / l0 < 3e-2, (l0, l1)
     assert np.isfinite(g1).all() and g1 @ g0 / np.linalg.norm(g0) / np.linalg.norm(g1) > 0.98
     with pytest.raises(ValueError, match="fp8 must be True or False"):

@@ -161,6 +161,7 @@ def test_read_corpus_skips_binary_files_and_hidden_entries(tmp_path):
 @pytest.mark.parametrize("extra,match", [
     (["--data", "/nonexistent/x.txt"], "--data /nonexistent/x.txt: no such file"),
     (["--preset", "qwen2.5-14b"], "--preset qwen2.5-14b: a dense GQA model"),
+    (["--preset", "tiny-v32"], "--preset tiny-v32: a V3.2 model .* not implemented"),
     (["--preset", "deepseek-v3"], "--preset deepseek-v3: .* parameters need about"),
     (["--seq", "4096"], "--seq 4096: the model's max_position_embeddings is 128"),
     (["--steps", "0"], "argument --steps"),
@@ -233,4 +234,4 @@ def test_training_over_a_mesh_follows_one_device(corpus, tmp_path):
     np.testing.assert_allclose(mesh, one, rtol=2e-5)
     assert one[-1] != one[0]  # it trained
     from dsref.reference.checkpoint import load_checkpoint
-    load_checkpoint(tmp_path / "mesh", with_mtp=True)
+    load_checkpoint(tmp_path / "mesh")
