@@ -307,7 +307,8 @@ def _check_resume(out: Path, old: dict, new: dict) -> None:
                 diff.insert(0, "steps")
             if diff:
                 f = diff[0]
-                opt = "--" + f.replace("_", "-")
+                # b1/b2 have no option (V3's values): a checkpoint made otherwise (the Python API) needs a new --out
+                opt = {"clip_norm": "--clip", "b1": "--out", "b2": "--out"}.get(f, "--" + f.replace("_", "-"))
                 raise ValueError(f"{opt}: the checkpoint in {out} was trained with {f}={old[k].get(f)!r}, not "
                                  f"{v[f]!r}; give the same settings to resume, or a new --out")
         elif old.get(k) != v:
@@ -322,7 +323,7 @@ def run(spec: RunSpec, *, progress: bool = True, log: Callable[[str], None] = pr
     from flax import nnx
 
     from dsref.reference.model import DeepseekModel
-    from dsref.reference.train import Trainer, cross_entropy, loss_fn  # noqa: F401
+    from dsref.reference.train import Trainer, loss_fn
 
     out = Path(spec.out)
     old = read_state(out)
