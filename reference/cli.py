@@ -120,6 +120,10 @@ def info_dict(cfg) -> dict:
                  topk_method=cfg.topk_method, scoring_func=cfg.scoring_func, q_lora_rank=cfg.q_lora_rank,
                  kv_lora_rank=cfg.kv_lora_rank, softmax_scale=cfg.softmax_scale,
                  yarn_factor=None if cfg.rope_scaling is None else cfg.rope_scaling.factor)
+        if cfg.has_indexer:  # V3.2's lightning indexer (its key cache is inside kv_cache_bytes_per_token)
+            d.update(index_n_heads=cfg.index_n_heads, index_head_dim=cfg.index_head_dim, index_topk=cfg.index_topk,
+                     index_cache_bytes_per_token=int(cfg.index_cache_bytes_per_token(2.0)),
+                     index_cache_bytes_per_token_official_fp8=int(cfg.index_cache_bytes_per_token(None)))
     else:
         d.update(num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.dense_head_dim)
     return d
@@ -152,6 +156,10 @@ def cmd_info(args) -> int:
               f"rope P={cfg.qk_rope_head_dim}, q_lora={cfg.q_lora_rank}")
         print(f"  KV cache (bf16)   {kv:,.0f} B/token latent  vs  {d['kv_cache_bytes_per_token_naive']:,.0f} "
               f"B/token expanded ({d['kv_cache_bytes_per_token_naive'] / kv:.0f}x)")
+        if cfg.has_indexer:
+            print(f"  sparse attention  lightning indexer: {cfg.index_n_heads} heads x {cfg.index_head_dim}, MLA "
+                  f"attends the top {cfg.index_topk:,} keys; its key cache {d['index_cache_bytes_per_token']:,} "
+                  f"B/token of the above (DeepSeek's FP8 layout: {d['index_cache_bytes_per_token_official_fp8']:,})")
         print(f"  MoE               {cfg.n_routed_experts} routed + {cfg.n_shared_experts} shared, top-"
               f"{cfg.num_experts_per_tok}, {cfg.scoring_func} gate, {cfg.topk_method}, groups "
               f"{cfg.topk_group}/{cfg.n_group}, scale {cfg.routed_scaling_factor}")

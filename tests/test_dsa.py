@@ -360,3 +360,15 @@ def test_inside_the_transformers_model_every_layer_selects_the_same():
             assert set(hf_ids[b, t][vis[b, t, hf_ids[b, t]]]) == set(ours.ids[b, t][ours.ids[b, t] >= 0]), (i, b, t)
         clear_rows += int((clear & (vis.sum(-1) > CFG.index_topk)).sum())
     assert clear_rows >= 10  # sparse rows really compared, not only dense ones
+
+
+def test_info_reports_the_indexer_and_its_cache_only_for_v32():
+    """`dsref info`: V3.2's indexer (heads, dims, top-k) and its key cache, which is part of the
+    KV bytes per token (bf16: (512 + 64 + 128) x 2 x 61 = 85,888; the indexer's share 128 x 2 x 61,
+    or DeepSeek's FP8 layout (128 + 4) x 61); V3's report has none of it."""
+    from dsref.reference.cli import info_dict
+    d = info_dict(get_preset("deepseek-v3.2"))
+    assert (d["index_n_heads"], d["index_head_dim"], d["index_topk"]) == (64, 128, 2048)
+    assert d["kv_cache_bytes_per_token"] == 85_888 and d["index_cache_bytes_per_token"] == 128 * 2 * 61
+    assert d["index_cache_bytes_per_token_official_fp8"] == (128 + 4) * 61
+    assert not any(k.startswith("index_") for k in info_dict(get_preset("deepseek-v3")))
