@@ -30,9 +30,13 @@ ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
 
 
-def run_layouts(tmp_path) -> dict:
-    """Run the worker on every layout, in two processes at once (compiling is single-threaded)."""
-    names = list(LAYOUTS)
+#: By default the layouts that combine axes (each axis appears, and each pair); the single-axis
+#: ones run with `pytest -m expensive` (CI time: each layout compiles ~30 programs).
+COMBINED = ["data x expert", "expert x tensor", "data x expert x tensor"]
+
+
+def run_layouts(tmp_path, names: list[str]) -> dict:
+    """Run the worker on these layouts, in two processes at once (compiling is single-threaded)."""
     halves = [names[0::2], names[1::2]]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT.parent), os.environ.get("PYTHONPATH", "")])}
     env.pop("XLA_FLAGS", None)
@@ -76,13 +80,22 @@ def layout_problems(name: str, r: dict) -> list[str]:
 
 
 @pytest.mark.slow
-def test_every_layout_matches_one_device(tmp_path):
+def test_combined_layouts_match_one_device(tmp_path):
     """One test (the worker compiles ~30 programs per layout: run it once, also under xdist)."""
-    results = run_layouts(tmp_path)
-    assert set(results) == set(LAYOUTS)
+    results = run_layouts(tmp_path, COMBINED)
+    assert set(results) == set(COMBINED)
     assert "mtp_equal" in results["data x expert"]
     problems = [p for name, r in results.items() for p in layout_problems(name, r)]
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.expensive
+def test_single_axis_layouts_match_one_device(tmp_path):
+    single = [n for n in LAYOUTS if n not in COMBINED]
+    assert len(single) == 3
+    results = run_layouts(tmp_path, single)
+    problems = [p for name, r in results.items() for p in layout_problems(name, r)]
+    assert set(results) == set(single) and not problems, "\n".join(problems)
 
 
 def test_docs_describe_every_tested_layout():

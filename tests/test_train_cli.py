@@ -216,7 +216,7 @@ def test_resuming_with_other_settings_or_into_a_foreign_folder_is_refused(corpus
         read_state(tmp_path / "foreign")
 
 
-@pytest.mark.slow
+@pytest.mark.expensive
 def test_training_over_a_mesh_follows_one_device(corpus, tmp_path):
     """--mesh expert=2,tensor=2 on 4 simulated CPU devices (experts split whole, matmuls split
     Megatron-style, AdamW's moments placed like their weights): the same losses as one device,

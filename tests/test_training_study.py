@@ -75,7 +75,7 @@ def test_split_by_topic_has_no_overlap_and_held_out_windows_are_fixed():
         ts.held_out_batches(np.arange(100), ts.FULL)
 
 
-@pytest.mark.slow
+@pytest.mark.expensive
 def test_shared_step_equals_trainer_step():
     """The study's one compiled step (lambda, alpha, gamma traced) against Trainer.step with the same
     values static, on an arm where all three matter: the losses and the parameters (balancing
