@@ -32,6 +32,18 @@ Counting conventions
   * Elementwise ops count the arithmetic per element of the reference code
     (constants below); transcendentals (exp, rsqrt, sigmoid's exp) are not FLOPs,
     as in XLA's HloCostAnalysis.
+  * DeepSeek-V3.2 (cfg.has_indexer, DeepSeek Sparse Attention; docs/simulator.md): every layer
+    adds its lightning indexer (reference/dsa.py): wq_b [M,Q]x[Q,I*J], wk [M,D]x[D,J],
+    weights_proj [M,D]x[D,I], the key LayerNorm, RoPE on (I+1)*P dims, the Hadamard rotation and
+    FP8 quantisation of q and k, the score product 2*M*I*J*S_eff (every visible key: S_eff as
+    above, FP8 -- INDEX_SCORE_PRECISION), relu * weight + head-sum on each of the I*M*S_eff
+    products, the top-k over M*S_eff scores, and the indexer key cache (J elements per token and
+    layer: read B*S, write M). MLA (absorbed form = DeepSeek's MQA mode) then runs over
+    sum_t min(index_topk, visible_t) query-key pairs instead of M*S_eff, and reads
+    sum_seq min(index_topk, S) latent rows instead of B*S (``StepShape.topk_excess``). With
+    S <= index_topk nothing changes: V3's MLA exactly, plus the indexer. The naive and
+    expanded_cache forms keep dense attention with the selection as a mask (DeepSeek's
+    "masked MHA mode" for short prefill), plus the indexer.
   * Training: backward = 2x forward for every op (activation gradient +
     weight gradient, each one forward-sized product: Kaplan et al. 2020 "6N").
     Recomputation adds forward work: "selective" the attention core
@@ -65,6 +77,22 @@ ROUTER_FLOPS_PER_SCORE = 4   # scoring function, bias add, group masking, normal
 # is O(k), not O(E), and is left out.
 ROUTER_SOFTMAX_FLOPS_PER_SCORE = 4
 COMBINE_FLOPS_PER_ELEM = 2   # weight * expert output, scatter-add into the token
+# DeepSeek-V3.2 lightning indexer (reference/dsa.py; DeepSeek-V3.2-Exp inference/model.py Indexer).
+LAYERNORM_FLOPS_PER_ELEM = 7  # k_norm: mean-reduce, subtract, square, var-reduce, x*rsqrt, *weight, +bias
+# q and k are rotated by a Walsh-Hadamard transform (rotate_activation: log2(J) add/sub stages per
+# element) and rounded to FP8 with a per-128 scale (act_quant: amax-reduce, divide): log2(J) + 2.
+INDEX_QUANT_FLOPS_PER_ELEM = 2
+# fp8_index kernel epilogue per (query, head, key) product: relu, * head weight, sum over heads.
+INDEX_EPILOGUE_FLOPS_PER_ELEM = 3
+# Top-k over each query's scores: a radix select on float32 keys makes one histogram update per
+# 8-bit digit, 4 passes in the worst case (torch.topk / CUB radix select); counted per score.
+TOPK_FLOPS_PER_SCORE = 4
+INDEX_SCORE_BYTES = 4        # fp32 index scores written by fp8_index and read by the top-k
+INDEX_ID_BYTES = 4           # int32 selected key ids handed to sparse MLA
+# The index score product runs in FP8 (DeepSeek-V3.2-Exp paper, sec. 1: the indexer "can be
+# implemented in FP8"; inference/kernel.py fp8_index: FP8 q and k, FP32 accumulation). Used when
+# the quantisation's GEMMs are FP8 (DeepSeek's recipe); otherwise at the attention precision.
+INDEX_SCORE_PRECISION = "fp8"
 
 BACKWARD_FLOPS_RATIO = 2     # dgrad + wgrad per forward product (Kaplan et al. 2020)
 # AdamW with fp32 master weights: read grad (bf16) and param, m, v (fp32); write param, m, v.
@@ -136,6 +164,29 @@ class StepShape:
         if self.attn_impl != "flash":
             raise ValueError(f"attn_impl must be 'flash' or 'masked', got {self.attn_impl!r}")
         return self.prefix + (self.tokens + 1) / 2
+
+    def topk_excess(self, topk: int | None) -> tuple[float, float]:
+        """(query-key pairs, keys) beyond a top-k selection, over the whole step:
+        sum over queries of max(0, visible - topk) (flash: query t of T sees prefix + t keys;
+        masked: every query computes all key slots) and sum over sequences of max(0, S - topk).
+        (0, 0) without a top-k (dense attention) or when nothing exceeds it."""
+        if topk is None:
+            return 0.0, 0.0
+        B, T, S = self.batch, self.tokens, self.keys
+        if self.attn_impl == "masked":
+            return float(B * T * max(0, S - topk)), float(B * max(0, S - topk))
+        return B * causal_excess(T, self.prefix, topk), float(B * max(0, S - topk))
+
+
+def causal_excess(tokens, prefix, topk):
+    """sum_{v=prefix+1}^{prefix+tokens} max(0, v - topk): the visible keys beyond the top-k of
+    ``tokens`` causal queries after ``prefix`` cached tokens (arrays broadcast; float)."""
+    t, p = np.asarray(tokens, float), np.asarray(prefix, float)
+    lo = np.maximum(p + 1.0, topk + 1.0)      # first position with more than topk visible keys
+    hi = p + t
+    n = np.maximum(hi - lo + 1.0, 0.0)
+    out = n * ((lo - topk) + (hi - topk)) / 2.0
+    return float(out) if out.ndim == 0 else out
 
 
 class _Weights:
@@ -210,6 +261,12 @@ def _mla_ops(cfg: ModelConfig, quant: Quant, w: dict[str, float], i: int, sh: St
     cache_write = M * (R + P) * kvb
     scores = M * H * Se
     w_kvb = w["self_attn.kv_b_proj.weight"]
+    if cfg.has_indexer:
+        ops += _indexer_ops(cfg, quant, w, i, sh, pr)
+        pair_ex, key_ex = sh.topk_excess(cfg.index_topk)
+        if sh.mla_form == "absorbed" and (pair_ex or key_ex):  # sparse MLA: only the selected keys
+            scores = H * (M * Se - pair_ex)
+            cache_read = (B * S - key_ex) * (R + P) * kvb
     if sh.mla_form == "absorbed":
         ops.append(_gemm("q_absorb", i, M * H, N, R, w_kvb * N / (N + A), ab, pr("self_attn.kv_b_proj.weight", gp), rows=M))  # one [M,N]x[N,R] per head
         ops.append(Op("mla_attention", i, "attention", 2.0 * scores * (R + P) + 2.0 * scores * R,
@@ -240,6 +297,33 @@ def _mla_ops(cfg: ModelConfig, quant: Quant, w: dict[str, float], i: int, sh: St
         raise ValueError(f"mla_form must be 'absorbed', 'naive' or 'expanded_cache', got {sh.mla_form!r}")
     ops.append(_gemm("o_proj", i, M, H * A, D, w["self_attn.o_proj.weight"], ab, pr("self_attn.o_proj.weight", gp)))
     return ops
+
+
+def _indexer_ops(cfg: ModelConfig, quant: Quant, w: dict[str, float], i: int, sh: StepShape, pr) -> list[Op]:
+    """The V3.2 lightning indexer of layer i (conventions: module docstring)."""
+    D, Q, P = cfg.hidden_size, cfg.q_lora_rank, cfg.qk_rope_head_dim
+    I, J, K = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+    M, B, ab, gp, kvb = sh.m, sh.batch, quant.act_bytes, quant.gemm_precision, quant.kv_bytes
+    S, Se = sh.keys, sh.keys_per_query
+    pair_ex, _ = sh.topk_excess(K)
+    n = "self_attn.indexer."
+    prec = INDEX_SCORE_PRECISION if quant.gemm_precision == "fp8" else quant.attn_precision
+    qk_bytes = 1.0 if prec == "fp8" else ab  # q and k as the score product reads them
+    pairs = M * Se
+    return [
+        _gemm("index_wq_b", i, M, Q, I * J, w[n + "wq_b.weight"], ab, pr(n + "wq_b.weight", gp)),
+        _gemm("index_wk", i, M, D, J, w[n + "wk.weight"], ab, pr(n + "wk.weight", gp)),
+        _elem("index_k_norm", i, M * J, LAYERNORM_FLOPS_PER_ELEM, ab, "norm", w[n + "k_norm.weight"] + w[n + "k_norm.bias"]),
+        _gemm("index_weights_proj", i, M, D, I, w[n + "weights_proj.weight"], ab, pr(n + "weights_proj.weight", gp)),
+        _elem("index_rope", i, M * (I + 1) * P, ROPE_FLOPS_PER_ELEM, ab),
+        _elem("index_rotate_quant", i, M * (I + 1) * J, (J - 1).bit_length() + INDEX_QUANT_FLOPS_PER_ELEM, ab),
+        # one key per token and layer in the indexer cache: every visible key read, the new ones written
+        Op("index_scores", i, "attention", 2.0 * pairs * I * J, 0.0, M * I * (J * qk_bytes + 4),
+           pairs * INDEX_SCORE_BYTES, B * S * J * kvb, M * J * kvb, precision=prec),
+        Op("index_relu_sum", i, "elementwise", float(pairs * I * INDEX_EPILOGUE_FLOPS_PER_ELEM), precision="fp32"),
+        Op("index_topk", i, "elementwise", float(pairs * TOPK_FLOPS_PER_SCORE), 0.0, pairs * INDEX_SCORE_BYTES,
+           (pairs - pair_ex) * INDEX_ID_BYTES, precision="fp32"),
+    ]
 
 
 def _gqa_ops(cfg: ModelConfig, quant: Quant, w: dict[str, float], i: int, sh: StepShape,

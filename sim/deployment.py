@@ -33,6 +33,14 @@ from dsref.sim.stepcost import OpTable, StepCost
 # (phase, MLA form, logits) of the serving step costs: prefill in the naive (expanded) MLA form
 # with logits of the last position only, decode in the absorbed form (DeepSeek's choice).
 SERVE_PHASES = (("prefill", "naive", "last"), ("decode", "absorbed", "all"))
+# DeepSeek-V3.2 runs DSA in MLA's MQA (absorbed) mode for prefill too (DeepSeek-V3.2-Exp paper,
+# sec. 1 "Instantiate DSA under MLA"); its masked-MHA mode for short prefills is not modelled here.
+SPARSE_SERVE_PHASES = (("prefill", "absorbed", "last"), ("decode", "absorbed", "all"))
+
+
+def serve_phases(cfg: ModelConfig) -> tuple:
+    """(phase, MLA form, logits) of the serving step costs of ``cfg``."""
+    return SPARSE_SERVE_PHASES if cfg.has_indexer else SERVE_PHASES
 
 
 @dataclass
@@ -67,7 +75,7 @@ class Deployment:
             r = self.sc.instance(role)
             shares = (zipf_shares(self.cfg.n_routed_experts, r.routing_zipf)
                       if r.routing_zipf > 0 and self.cfg.is_moe else None)
-            for phase, form, logits in SERVE_PHASES:
+            for phase, form, logits in serve_phases(self.cfg):
                 if (phase, form) not in self._tables:
                     self._tables[(phase, form)] = OpTable.build(self.cfg, self.quant, self.device, mla_form=form,
                                                                 logits=logits)

@@ -322,6 +322,10 @@ def estimate(model: str | ModelConfig, device: str, quant: str = "bf16", *, cont
                                 quant.act_bytes, cfg.hidden_size, cfg, batch, fl["decode_kernel_s"], offload)
     t_dec = d_dev.time_s + (d_host.time_s if d_host else 0.0) + ovh["per_graph_s"] + fl["decode_host_s"]
     pre_form = "expanded_cache" if mla_form == "expanded_cache" else "naive"
+    if cfg.has_indexer and mla_form == "absorbed" and prompt_tokens > cfg.index_topk:
+        # V3.2: past the top-k DeepSeek prefills in MLA's MQA mode, only the selected keys (paper sec. 1);
+        # shorter prompts select every key, and its masked-MHA mode is the naive form plus the indexer
+        pre_form = "absorbed"
     pre = costmodel.prefill_ops(cfg, quant, batch, prompt_tokens, logits="last", mla_form=pre_form)
     p_dev, p_host = _split_time(pre, tgt, mem["gpu_layers"], mem["head_on_device"], n, batch * prompt_tokens,
                                 quant.act_bytes, cfg.hidden_size, cfg, batch, fl["prefill_kernel_s"], offload)

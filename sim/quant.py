@@ -158,6 +158,12 @@ def _is_router(name: str) -> bool:
     return name.endswith("mlp.gate.weight")
 
 
+def _is_index_weights(name: str) -> bool:
+    """DeepSeek-V3.2's indexer head-weight projection: bf16 in the FP8 release (only wq_b and wk
+    carry _scale_inv; reference/checkpoint.py _LINEAR), so FP8 leaves it 16-bit."""
+    return name.endswith("indexer.weights_proj.weight")
+
+
 def _gguf_rule(ft: str, t: str, cat: str, name: str, ncols: int, layer: int | None, m: GgufModel) -> str:
     """llama_tensor_get_type_impl() for file type ``ft`` whose default ggml type is ``t``."""
     n = m.n_layers
@@ -306,6 +312,8 @@ class Quant:
             return self.head_precision or self.gemm_precision
         if self.weight_format in _FP4 and not _fp4_quantised(self.weight_format, name, shape, cfg):
             return "bf16"
+        if self.weight_format == "fp8" and _is_index_weights(name):
+            return "bf16"
         return self.gemm_precision
 
 
@@ -326,7 +334,7 @@ def _bits_bf16(name, shape, layer, n, cfg):
 
 
 def _bits_fp8(name, shape, layer, n, cfg):
-    if not _is_matrix(shape) or _is_embed_or_head(name) or _is_router(name):
+    if not _is_matrix(shape) or _is_embed_or_head(name) or _is_router(name) or _is_index_weights(name):
         return _bits_bf16(name, shape, layer, n, cfg)
     return 8.0 + FP32_SCALE_BITS / (FP8_BLOCK * FP8_BLOCK)
 

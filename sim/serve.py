@@ -91,8 +91,9 @@ def _fin_step(remaining: int, tps: float) -> int:
 class _Shared:
     """State shared by the processes of one run (no module-level state)."""
 
-    def __init__(self, env, wl: Workload, tps: float):
-        """tps: tokens per decode step of the decoding role (all its instances alike)."""
+    def __init__(self, env, wl: Workload, tps: float, topk: int | None = None):
+        """tps: tokens per decode step of the decoding role (all its instances alike); topk: the
+        model's index_topk (DeepSeek-V3.2 sparse attention), None for dense attention."""
         self.env = env
         self.wl = wl
         n = wl.n
@@ -109,7 +110,7 @@ class _Shared:
         self.preemptions = 0
         self.kv_blocked_steps = 0   # steps at which the head of a queue waited for KV-cache space
         self.rejected = 0           # requests larger than an empty instance's KV cache
-        self.features = RequestTable(wl.prompt - wl.cached, wl.cached)  # fresh prompts, arrival order
+        self.features = RequestTable(wl.prompt - wl.cached, wl.cached, topk)  # fresh prompts, arrival order
         self.cum_new = np.concatenate([[0.0], np.cumsum(wl.prompt - wl.cached)]).astype(float)
         # prompt tokens and 1-token outputs as integer prefix sums: a batch's total (exact in any
         # order) and "any request of this batch done at prefill?" in O(1)
@@ -240,9 +241,9 @@ class Instance:
         d = self.mtp_depth
         T = 1.0 + d  # MTP: the d draft tokens are verified with the next one in one step
         cost = self.sim.cost[self.role]
-        tot, comp, _ = cost["decode"].decode(uniform(per, T, mean_ctx), two_microbatch=self.two_mb)
+        tot, comp, _ = cost["decode"].decode(uniform(per, T, mean_ctx, self.sim.topk), two_microbatch=self.two_mb)
         if self.mtp:  # drafting: the MTP module (one layer + head) runs d times on one token per sequence
-            extra = d * cost["mtp"].decode_compute_s(uniform(per, 1.0, mean_ctx))
+            extra = d * cost["mtp"].decode_compute_s(uniform(per, 1.0, mean_ctx, self.sim.topk))
             tot += extra
             comp += extra
         out = (tot, comp)
@@ -269,7 +270,7 @@ class Instance:
                 break
             sh.retry.popleft()
             retries.append((rid, prompt, cached, gen))
-            x = x + request(new, cached)
+            x = x + request(new, cached, self.sim.topk)
             used += new
             if kv_free is not None:
                 kv_free -= prompt
@@ -783,6 +784,7 @@ class ServeSim:
         self.decode_caches: dict = {}  # role -> Instance._dcache
         dep = self.dep
         self.cfg, self.quant, self.node, self.device = dep.cfg, dep.quant, dep.node, dep.device
+        self.topk = self.cfg.index_topk if self.cfg.has_indexer else None  # V3.2: step features past top-k
         link_node, lat = dep.link_node, dep.latency_s
         self.ctx_quantum = sc.ctx_quantum_tokens
         self.capacity = dep.capacity
@@ -849,7 +851,7 @@ class ServeSim:
         self.wl = make_workload(sc, self.duration, self.seed)
         self.env = env = simpy.Environment()
         tps = mtp_tokens_per_step(mtp_depths(sc.instance("decode" if sc.mode == "disaggregated" else "aggregated")))
-        self.sh = _Shared(env, self.wl, tps)
+        self.sh = _Shared(env, self.wl, tps, self.topk)
         self.arrival_wake = env.event()
         self.instances = []
         if sc.mode == "disaggregated":

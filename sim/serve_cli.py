@@ -87,6 +87,8 @@ def cmd_serve(args) -> int:
     over: dict = {}
     if args.rate is not None:
         over["workload"] = {"rate_per_s": args.rate}
+    if args.model is not None:
+        over["model"] = args.model
     sc = scn.load(args.scenario, over or None)
     if sc.kind != "serve":
         raise scn.ScenarioError(f"{sc.source}: field 'kind': '{sc.kind}' scenario; use `dsref sim {sc.kind}`")
@@ -167,6 +169,8 @@ TPOT percentiles, utilisation, queues and cost.""",
                                              why="one simulated day; the simulation's cost grows with every "
                                                  "step and request"),
                    default=None, help=f"simulated seconds, > 0 and <= {MAX_DURATION_S:,.0f} (default: the scenario's)")
+    p.add_argument("--model", default=None,
+                   help="model preset name or config.json, replacing the scenario's (e.g. deepseek-v3.2)")
     p.add_argument("--seed", type=nonneg_int, default=None, help="random seed >= 0 (default: the scenario's)")
     p.add_argument("--rate", type=number(0.0, low_open=True), default=None,
                    help="request rate per second, > 0 (overrides the scenario)")

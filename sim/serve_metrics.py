@@ -111,13 +111,13 @@ def _role_breakdown(sim, roles: dict, q: np.ndarray) -> dict:
         total = r["instances"] * D
         steps = sum(i.steps for i in inst)
         if name == "prefill":
-            feats = uniform(1, max(1.0, cfg.token_budget_per_device), 0.0)
+            feats = uniform(1, max(1.0, cfg.token_budget_per_device), 0.0, sim.topk)
             cost = sim.cost[name]["prefill"]
             util = r["busy_s"] / total if total else 0.0
         else:
             per = max(1.0, running / max(r["instances"] * par.dp, 1))
             cost = sim.cost[name]["decode"]
-            feats = uniform(per, 1.0 + inst[0].mtp_depth, mean_prompt + mean_out / 2)
+            feats = uniform(per, 1.0 + inst[0].mtp_depth, mean_prompt + mean_out / 2, sim.topk)
             cap = cfg.max_batch_per_device * par.dp * r["instances"]
             util = min(1.0, running / cap) if cap else 0.0
         parts = cost.breakdown(feats, two_microbatch=cfg.two_microbatch_overlap)

@@ -44,6 +44,8 @@ from dsref.sim.quant import Quant, get_quant
 _FIT_SHAPES = ((1, 1, 0), (2, 3, 5), (3, 7, 11), (1, 16, 100), (4, 2, 50), (5, 9, 3), (2, 33, 7), (7, 1, 1000))
 # Training ops have no prefix (features M and B*S coincide; the least-squares fit is exact on that subspace).
 _TRAIN_FIT_SHAPES = ((1, 1, 0), (2, 3, 0), (3, 7, 0), (1, 16, 0), (4, 2, 0), (5, 9, 0), (2, 33, 0), (7, 5, 0))
+# Extra shapes for a top-k (V3.2) model, prefix given relative to index_topk: past it, straddling it.
+_SPARSE_FIT_SHAPES = ((1, 1, 7), (2, 3, 500), (1, 40, -20), (3, 9, 1000), (2, 1, -1), (1, 17, 3))
 _FIT_RTOL = 1e-7
 MOE_KIND = "moe_gemm"
 GEMM_ROW_KINDS = ("gemm", "head")  # dense GEMMs whose rows are the step's tokens (kernel-table curves)
@@ -59,44 +61,73 @@ class StepFeatures(NamedTuple):
 
     tokens: M, new tokens; seqs: B, sequences; attn: sum over sequences of T * S_eff
     (query-key pairs per head, flash attention); keys: sum over sequences of S (keys held).
+    DeepSeek-V3.2 (a top-k given to the constructors): pair_excess, key_excess: the query-key
+    pairs and keys beyond the indexer's top-k (costmodel.StepShape.topk_excess); 0 otherwise.
     """
 
     tokens: float = 0.0
     seqs: float = 0.0
     attn: float = 0.0
     keys: float = 0.0
+    pair_excess: float = 0.0
+    key_excess: float = 0.0
 
     def __add__(self, o: "StepFeatures") -> "StepFeatures":  # a sum of batches, not tuple concatenation
-        return StepFeatures(self.tokens + o.tokens, self.seqs + o.seqs, self.attn + o.attn, self.keys + o.keys)
+        return StepFeatures(self.tokens + o.tokens, self.seqs + o.seqs, self.attn + o.attn, self.keys + o.keys,
+                            self.pair_excess + o.pair_excess, self.key_excess + o.key_excess)
 
     def scaled(self, f: float) -> "StepFeatures":
-        return StepFeatures(self.tokens * f, self.seqs * f, self.attn * f, self.keys * f)
+        return StepFeatures(self.tokens * f, self.seqs * f, self.attn * f, self.keys * f,
+                            self.pair_excess * f, self.key_excess * f)
 
     def vector(self) -> np.ndarray:
         """x = [1, M, B, M*S_eff, B*S]: the order of the fitted coefficients (OpTable)."""
         return np.array([1.0, self.tokens, self.seqs, self.attn, self.keys])
 
+    def sparse_vector(self) -> np.ndarray:
+        """x = [1, M, B, M*S_eff, B*S, pair excess, key excess]: a top-k (V3.2) model's features."""
+        return np.array([1.0, self.tokens, self.seqs, self.attn, self.keys, self.pair_excess, self.key_excess])
 
-def uniform(batch: float, tokens: float, prefix: float) -> StepFeatures:
-    """B sequences of T new tokens after ``prefix`` cached ones (flash attention: S_eff = prefix + (T+1)/2)."""
+
+def _excess(tokens, prefix, topk):
+    """(pair excess, key excess) of one sequence beyond a top-k (costmodel.StepShape.topk_excess)."""
+    if topk is None:
+        return 0.0, 0.0
+    return costmodel.causal_excess(tokens, prefix, topk), max(0.0, prefix + tokens - topk)
+
+
+def uniform(batch: float, tokens: float, prefix: float, topk: int | None = None) -> StepFeatures:
+    """B sequences of T new tokens after ``prefix`` cached ones (flash attention: S_eff = prefix + (T+1)/2);
+    topk: the model's index_topk (DeepSeek-V3.2), None for dense attention."""
     m = batch * tokens
-    return StepFeatures(m, batch, m * (prefix + (tokens + 1) / 2.0), batch * (prefix + tokens))
+    if topk is None:
+        return StepFeatures(m, batch, m * (prefix + (tokens + 1) / 2.0), batch * (prefix + tokens))
+    pe, ke = _excess(float(tokens), float(prefix), topk)
+    return StepFeatures(m, batch, m * (prefix + (tokens + 1) / 2.0), batch * (prefix + tokens), batch * pe, batch * ke)
 
 
-def request(tokens: float, prefix: float) -> StepFeatures:
+def request(tokens: float, prefix: float, topk: int | None = None) -> StepFeatures:
     """One request of ``tokens`` new tokens after ``prefix`` cached ones."""
     t, p = float(tokens), float(prefix)
-    return StepFeatures(t, 1.0, t * (p + (t + 1) / 2.0), p + t)
+    if topk is None:
+        return StepFeatures(t, 1.0, t * (p + (t + 1) / 2.0), p + t)
+    return StepFeatures(t, 1.0, t * (p + (t + 1) / 2.0), p + t, *_excess(t, p, topk))
 
 
 class RequestTable:
     """The features of a list of requests as prefix sums: any contiguous run's sum in O(1)
     (the serving simulator's prefill batches are runs of the arrival-ordered queue)."""
 
-    def __init__(self, tokens: np.ndarray, prefix: np.ndarray):
+    def __init__(self, tokens: np.ndarray, prefix: np.ndarray, topk: int | None = None):
         t = np.asarray(tokens, float)
         p = np.asarray(prefix, float)
-        rows = np.stack([t, np.ones_like(t), t * (p + (t + 1) / 2.0), p + t], axis=-1)
+        cols = [t, np.ones_like(t), t * (p + (t + 1) / 2.0), p + t]
+        if topk is None:
+            cols += [np.zeros_like(t)] * 2
+        else:
+            cols += [np.asarray(costmodel.causal_excess(t, p, topk), float) * np.ones_like(t),
+                     np.maximum(0.0, p + t - topk)]
+        rows = np.stack(cols, axis=-1)
         self._cum = np.vstack([np.zeros(len(StepFeatures._fields)), np.cumsum(rows, axis=0)])
 
     def span(self, a: int, b: int) -> StepFeatures:
@@ -137,8 +168,13 @@ class OpTable:
         quant = get_quant(quant) if isinstance(quant, str) else quant
         X, runs = [], []
         shapes = _TRAIN_FIT_SHAPES if training else _FIT_SHAPES
+        topk = cfg.index_topk if cfg.has_indexer else None
+        if topk is not None and not training:
+            # V3.2: the sparse features are zero while no sequence holds more than topk keys, so
+            # shapes past the top-k (and straddling it) are needed to determine their coefficients
+            shapes = shapes + tuple((b, t, p + topk) for b, t, p in _SPARSE_FIT_SHAPES)
         for b, t, p in shapes:
-            X.append(uniform(b, t, p).vector())
+            X.append(uniform(b, t, p).vector() if topk is None else uniform(b, t, p, topk).sparse_vector())
             if training:
                 runs.append(costmodel.training_ops(cfg, quant, b, t, recompute="none", mla_form=mla_form,
                                                    include_optimizer=False))
@@ -171,6 +207,8 @@ class OpTable:
             if np.ptp(per) > _FIT_RTOL * per.max():
                 raise ValueError(f"op {ops0[i].name}: expert weight bytes not proportional to experts touched")
             moe_w[i] = per[0]
+        if training and topk is not None:
+            raise ValueError(f"{cfg.name}: training step costs of a top-k (DeepSeek-V3.2) model are not modelled")
         if training:  # prefix 0: B*S == M for every training shape; fold that column into M
             for arr in (flops, act, kv, weight):
                 arr[:, 1] += arr[:, 4]
@@ -228,6 +266,9 @@ class StepCost:
         size-dependent kernel curve off (the plain roofline, for ablations)."""
         self.cfg, self.device, self.par, self.node = cfg, device, par, node
         self.phase = phase
+        # the model's top-k (V3.2): features carry the sparse columns and callers build them with it
+        self.topk = cfg.index_topk if cfg.has_indexer else None
+        self._vec = (lambda f: f.vector()) if self.topk is None else (lambda f: f.sparse_vector())
         self.profile = device_kernel_profile(device) if kernel_floors else None
         self.routing_shares = routing_shares
         self.quant = get_quant(quant) if isinstance(quant, str) else quant
@@ -364,7 +405,7 @@ class StepCost:
 
     def compute_s(self, f: StepFeatures, ep_tokens: float) -> float:
         """Compute time of one device's features ``f`` with ``ep_tokens`` routed across its EP group."""
-        return self._compute(f.vector(), ep_tokens)
+        return self._compute(self._vec(f), ep_tokens)
 
     # The tokens routed across one EP group, from the features and the layout; one rule per use:
     def _decode_ep_tokens(self, rank: StepFeatures) -> float:
@@ -376,11 +417,11 @@ class StepCost:
     def replica_compute_s(self, f: StepFeatures) -> float:
         """Training: compute time of one micro-batch ``f`` on one device; the EP group spans ep
         data-parallel replicas, each with its own micro-batch."""
-        return self._compute(f.vector(), f.tokens * self.par.ep)
+        return self._compute(self._vec(f), f.tokens * self.par.ep)
 
     def decode_compute_s(self, rank: StepFeatures) -> float:
         """Compute time of the busiest DP rank's decode features ``rank`` (no communication)."""
-        return self._compute(rank.vector(), self._decode_ep_tokens(rank))
+        return self._compute(self._vec(rank), self._decode_ep_tokens(rank))
 
     # -------------------------------------------------------------------- comm
     def _comm_exact(self, tokens: float) -> tuple[float, float]:
@@ -424,12 +465,12 @@ class StepCost:
         EP group routes its ep / devices share of the instance's tokens."""
         n = max(1, int(round(total.seqs)))
         rank = total.scaled(math.ceil(n / self.par.dp) / n)
-        return self._step(rank.vector(), total.tokens * self.par.ep * max(self.par.moe_tp, 1) / self.par.devices,
+        return self._step(self._vec(rank), total.tokens * self.par.ep * max(self.par.moe_tp, 1) / self.par.devices,
                           rank.tokens, two_microbatch)
 
     def decode(self, rank: StepFeatures, *, two_microbatch: bool = False) -> tuple[float, float, float]:
         """(total, compute, comm) seconds of a decode step whose busiest DP rank has features ``rank``."""
-        return self._step(rank.vector(), self._decode_ep_tokens(rank), rank.tokens, two_microbatch)
+        return self._step(self._vec(rank), self._decode_ep_tokens(rank), rank.tokens, two_microbatch)
 
     def _step(self, x: np.ndarray, ep_tokens: float, tokens_per_device: float,
               two_microbatch: bool) -> tuple[float, float, float]:
@@ -461,11 +502,11 @@ class StepCost:
         of the step, ``comm_s`` only the communication that overlap leaves exposed."""
         parts: dict = {}
         ep_t = self._decode_ep_tokens(rank) if ep_tokens is None else ep_tokens
-        self._compute(rank.vector(), ep_t, parts)
+        self._compute(self._vec(rank), ep_t, parts)
         parts["comm_s"] = self.comm_s(rank.tokens)
         parts["host_s"] = self._step_overhead
         if two_microbatch:
-            tot, c, _ = self._step(rank.vector(), ep_t, rank.tokens, True)
+            tot, c, _ = self._step(self._vec(rank), ep_t, rank.tokens, True)
             work = tot - self._step_overhead
             exposed = max(0.0, work - c / self._overlap)
             # the full batch's compute-side parts, stretched to the overlapped step's compute side

@@ -1,0 +1,307 @@
+"""What if: DeepSeek Sparse Attention (V3.2) vs dense MLA (V3 / V3.1-Terminus) serving cost by token position.
+
+Writes docs/whatif-v32-sparse-attention.md and docs/img/whatif_v32_cost.png. Every number on
+the page is computed here, from the simulator (sim.serve's step costs: sim.stepcost ->
+sim.costmodel + sim.roofline) in the day-6 deployment shape on H800 nodes, priced at the V3
+report's $2 per GPU-hour (claim dsv3_tr_gpu_price) -- the conventions of the serving-cost
+what-if (experiments/whatif.py). Nothing is fitted to DeepSeek's published V3.2 cost figure:
+it is what the page compares against, qualitatively (its text gives no numbers).
+
+``python -m dsref.experiments.whatif_v32 [--out-dir docs] [--fast]``.
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+from dsref.experiments.whatif import SLO_TOKENS_PER_S
+from dsref.reference.atomic import atomic_path, atomic_write_text
+
+MODELS = (("V3 / V3.1-Terminus (dense MLA)", "deepseek-v3"), ("V3.2 (DSA)", "deepseek-v3.2"))
+CONTEXTS = (4096, 8192, 16384, 32768, 65536, 131072)
+FAST_CONTEXTS = (4096, 131072)
+SYSTEM, QUANT = "h800-node", "fp8"   # the serving-cost what-if's H800 row (catalog peaks, FP8 GEMMs)
+# Prefill "at token position L": each sequence prefills the chunk of positions [L - c, L),
+# c = min(L, PREFILL_CHUNK), after L - c cached tokens (chunked prefill), so the cost is that of
+# tokens near position L, the x axis of DeepSeek's figure, rather than a whole prompt's average.
+PREFILL_CHUNK = 4096
+PLOT_GRID = (1024, 2048, 3072, 4096, 6144, 8192, 12288, 16384, 24576, 32768, 49152, 65536, 81920, 98304,
+             114688, 131072)
+CROSS_GRID = tuple(range(512, 32768 + 1, 512))   # scanned for the first context where V3.2 is cheaper
+FIGURE = ("DeepSeek-V3.2-Exp technical report (github.com/deepseek-ai/DeepSeek-V3.2-Exp, DeepSeek_V3_2.pdf, "
+          "Figure 3 'Inference costs of DeepSeek-V3.1-Terminus and DeepSeek-V3.2-Exp on H800 clusters'; the "
+          "same plot is cost.jpg in that repository's README)")
+
+
+def price_per_gpu_hour() -> float:
+    from dsref.experiments.registry import load_claims
+    return float(load_claims()["dsv3_tr_gpu_price"]["value"])
+
+
+@lru_cache(maxsize=None)
+def _setup(model: str):
+    """(ServeSim, prefill Instance, decode Instance, {form: prefill StepCost}) of the day-6 instance
+    shapes (one prefill EP32 instance, one decode EP144 instance) serving ``model`` on H800 nodes."""
+    import simpy
+
+    from dsref.sim import scenario, serve
+    from dsref.sim.deployment import uses_cuda_graph
+    from dsref.sim.stepcost import OpTable, StepCost
+    sc = scenario.load("deepseek-day6", {"model": model, "system": SYSTEM, "quant": QUANT,
+                                         "prefill": {"instances": 1}, "decode": {"instances": 1}})
+    sim = serve.ServeSim(sc, duration_s=1.0)
+    sim.env = simpy.Environment()
+    pre, dec = serve.Instance(sim, "prefill", 0), serve.Instance(sim, "decode", 0)
+    dep, r = sim.dep, sc.instance("prefill")
+    forms = {"absorbed": sim.cost["prefill"]["prefill"]} if dep.cfg.has_indexer else {"naive": sim.cost["prefill"]["prefill"]}
+    if dep.cfg.has_indexer:
+        # DeepSeek's "masked MHA mode" for short prefills: V3's naive (MHA) form with the indexer's
+        # selection as a mask (sim.costmodel: dense attention + the indexer)
+        tab = OpTable.build(dep.cfg, dep.quant, dep.device, mla_form="naive", logits="last")
+        forms["naive"] = StepCost(dep.cfg, dep.quant, dep.device, dep.par["prefill"], mla_form="naive", logits="last",
+                                  node=dep.link_node, latency_s=dep.latency_s, table=tab, phase="prefill",
+                                  cuda_graph=uses_cuda_graph(r.cuda_graph, "prefill"),
+                                  kernel_floors=sc.kernel_floors)
+    return sim, pre, dec, forms
+
+
+def prefill_at(model: str, L: int) -> dict:
+    """Prefill chip-seconds per token at position L, per MLA form; 'best' = the cheaper form."""
+    from dsref.sim.stepcost import uniform
+    sim, pre, _, forms = _setup(model)
+    c = min(L, PREFILL_CHUNK)
+    kv_cap = sim.capacity["prefill"]["kv_tokens_per_instance"]
+    n_req = int(max(1, min(pre.budget // c, kv_cap // L)))   # the batch's KV must fit while it prefills
+    x = uniform(n_req, c, L - c, sim.topk)
+    chips = pre.par.devices
+    out = {"sequences": n_req}
+    for form, cost in forms.items():
+        t, _, _ = cost.prefill(x, two_microbatch=pre.two_mb)
+        out[form] = t * chips / (n_req * c)
+    out["best_form"] = min(forms, key=lambda f: out[f])
+    out["best"] = out[out["best_form"]]
+    return out
+
+
+def decode_at(model: str, L: int) -> dict:
+    """Decode chip-seconds per output token with every sequence at context L: the largest batch per
+    device (<= max_batch_per_device) whose KV cache fits and that keeps >= SLO_TOKENS_PER_S per request
+    (the serving-cost what-if's rule)."""
+    sim, _, dec, _ = _setup(model)
+    kv_dev = sim.capacity["decode"]["kv_tokens_per_instance"] / dec.par.dp
+    cap = int(min(sim.sc.decode.max_batch_per_device, kv_dev // L))
+    best = None
+    for b in range(1, cap + 1):
+        n = b * dec.par.dp
+        step, _ = dec.decode_time(n, float(n * L))
+        if dec.tps / step < SLO_TOKENS_PER_S:
+            break
+        best = (b, step, n * dec.tps / step)
+    if best is None:
+        return {"batch_per_device": 0, "kv_batch_limit": cap, "chip_s_per_token": None}
+    return {"batch_per_device": best[0], "kv_batch_limit": cap, "step_s": best[1],
+            "chip_s_per_token": dec.par.devices / best[2]}
+
+
+def usd_per_million(chip_s: float | None, price: float) -> float | None:
+    return None if chip_s is None else chip_s * 1e6 / 3600.0 * price
+
+
+def per_token_work(model: str, L: int) -> dict:
+    """Cost-model work of one decode token at context L (batch 1, no MTP): matmul FLOPs, KV bytes."""
+    from dsref.reference.presets import load_config
+    from dsref.sim import costmodel as cm
+    ops = cm.decode_ops(load_config(model), QUANT, 1, L)
+    t = cm.totals(ops)
+    return {"flops": t["flops"], "kv_bytes": t["kv_bytes"],
+            "attn_flops": sum(o.flops * o.count for o in ops if o.kind == "attention")}
+
+
+def cost_table(contexts, price: float) -> list[dict]:
+    rows = []
+    (_, v3), (_, v32) = MODELS
+    for L in contexts:
+        p3, p32 = prefill_at(v3, L), prefill_at(v32, L)
+        d3, d32 = decode_at(v3, L), decode_at(v32, L)
+        row = {"context": L,
+               "prefill_v3": usd_per_million(p3["best"], price),
+               "prefill_v32": usd_per_million(p32["best"], price), "prefill_v32_form": p32["best_form"],
+               "prefill_v32_mqa": usd_per_million(p32["absorbed"], price),
+               "prefill_v32_masked_mha": usd_per_million(p32["naive"], price),
+               "decode_v3": usd_per_million(d3["chip_s_per_token"], price),
+               "decode_v32": usd_per_million(d32["chip_s_per_token"], price),
+               "decode_batch_v3": d3["batch_per_device"], "decode_batch_v32": d32["batch_per_device"]}
+        for ph in ("prefill", "decode"):
+            a, b = row[f"{ph}_v3"], row[f"{ph}_v32"]
+            row[f"{ph}_ratio"] = None if not a or b is None else b / a
+        rows.append(row)
+    return rows
+
+
+def crossover(phase: str, grid=CROSS_GRID) -> int | None:
+    """Smallest context on ``grid`` from which on V3.2 is cheaper than V3 for ``phase``."""
+    (_, v3), (_, v32) = MODELS
+    f = (lambda m, L: prefill_at(m, L)["best"]) if phase == "prefill" else (
+        lambda m, L: decode_at(m, L)["chip_s_per_token"])
+    last_dearer = None
+    for L in grid:
+        a, b = f(v3, L), f(v32, L)
+        if a is None or b is None:
+            continue
+        if b >= a:
+            last_dearer = L
+    if last_dearer is None:
+        return grid[0]
+    nxt = [L for L in grid if L > last_dearer]
+    return nxt[0] if nxt else None
+
+
+# ------------------------------------------------------------------ page
+def _plot(curves: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, ph, title in ((axes[0], "prefill", "(a) Prefill"), (axes[1], "decode", "(b) Decode")):
+        for (label, _), ls in zip(MODELS, ("-", "--")):
+            xs, ys = zip(*[(L, v) for L, v in curves[ph][label] if v is not None])
+            ax.plot([x / 1024 for x in xs], ys, ls=ls, marker="o", ms=3, label=label)
+        ax.set_xlabel("token position (K)")
+        ax.set_ylabel("USD per million tokens")
+        ax.set_title(title)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Simulated H800 serving cost by token position, day-6 shape, $2/GPU-hour", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:  # a killed run leaves the old plot, not half a PNG
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+
+
+def _f(v, d=3):
+    return "--" if v is None else f"{v:.{d}f}"
+
+
+def write_page(out_dir: Path, fast: bool = False) -> dict:
+    price = price_per_gpu_hour()
+    contexts = FAST_CONTEXTS if fast else CONTEXTS
+    rows = cost_table(contexts, price)
+    grid = tuple(range(1024, 16384 + 1, 1024)) if fast else CROSS_GRID
+    cross = {ph: crossover(ph, grid) for ph in ("prefill", "decode")}
+    plot_grid = FAST_CONTEXTS if fast else PLOT_GRID
+    curves = {"prefill": {}, "decode": {}}
+    for label, m in MODELS:
+        curves["prefill"][label] = [(L, usd_per_million(prefill_at(m, L)["best"], price)) for L in plot_grid]
+        curves["decode"][label] = [(L, usd_per_million(decode_at(m, L)["chip_s_per_token"], price)) for L in plot_grid]
+    _plot(curves, out_dir / "img" / "whatif_v32_cost.png")
+    work = {L: {m: per_token_work(m, L) for _, m in MODELS} for L in contexts}
+
+    from dsref.reference.presets import load_config
+    c32 = load_config(MODELS[1][1])
+    c3 = load_config(MODELS[0][1])
+    I, J, K = c32.index_n_heads, c32.index_head_dim, c32.index_topk
+    _, _, dec32, _ = _setup(MODELS[1][1])
+    L = ["# What if: DeepSeek Sparse Attention (V3.2) vs dense MLA (V3 / V3.1-Terminus), serving cost by context\n",
+         "Generated by `python -m dsref.experiments.whatif_v32 --out-dir docs` (experiments/whatif_v32.py); every "
+         "number below is computed by that script. V3.1-Terminus has V3's architecture, so `deepseek-v3` stands "
+         "for it; `deepseek-v3.2` adds the lightning indexer "
+         f"({I} heads x {J} dims, top-{K}) in every layer (the V3.2-Exp preset has the same shapes).\n",
+         "## Set-up\n",
+         f"- Deployment: the serving-cost what-if's conventions (docs/whatif-serving-cost.md): the day-6 instance "
+         f"shapes (prefill: one EP32 instance, 16K new tokens per device per step, two-micro-batch overlap; decode: "
+         f"one EP144 instance, MTP acceptance 0.85) on `{SYSTEM}` nodes with `{QUANT}` weights (bf16 KV cache, the "
+         f"quantisation's default), step times from sim.serve's step costs. Price: ${price:g} per GPU-hour "
+         "(`dsv3_tr_gpu_price`, the V3 report's rental price; DeepSeek's V3.2 figure uses the same).",
+         f"- Prefill at token position L: every sequence prefills the {PREFILL_CHUNK}-token chunk ending at L "
+         f"(the whole prompt when L <= {PREFILL_CHUNK}), as many sequences as the step's token budget and the "
+         "instance's KV capacity allow. V3 prefills in MLA's MHA (naive) form, as DeepSeek does. V3.2: the "
+         "cheaper of DSA in MLA's MQA (absorbed) form -- what the V3.2-Exp paper says DSA is built on (sec. 1, "
+         "'Instantiate DSA under MLA') and what `dsref sim serve` uses for V3.2 -- and the paper's 'masked MHA "
+         "mode' for short prefills (V3's MHA form with the selection as a mask, plus the indexer); the table "
+         "gives both.",
+         f"- Decode at context L: every sequence at context L; the batch per device is the largest (<= 256) whose "
+         f"KV cache fits ({c3.kv_cache_bytes_per_token(2):,.0f} B/token for V3, "
+         f"{c32.kv_cache_bytes_per_token(2):,.0f} B/token for V3.2 incl. the indexer keys) and that keeps >= "
+         f"{SLO_TOKENS_PER_S:.0f} tokens/s per request.",
+         "- Cost model of the indexer and of sparse MLA: docs/simulator.md ('DeepSeek-V3.2'). Nothing here is "
+         "fitted to DeepSeek's published V3.2 costs.\n",
+         "## Cost per million tokens (simulated)\n",
+         "| context | prefill V3 $ | prefill V3.2 $ (mode) | V3.2/V3 | V3.2 MQA-sparse $ | V3.2 masked-MHA $ | "
+         "decode V3 $ (batch/dev) | decode V3.2 $ (batch/dev) | V3.2/V3 |",
+         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        mode = "MQA" if r["prefill_v32_form"] == "absorbed" else "masked MHA"
+        L.append(f"| {r['context'] // 1024}K | {_f(r['prefill_v3'])} | {_f(r['prefill_v32'])} ({mode}) | "
+                 f"{_f(r['prefill_ratio'], 2)} | {_f(r['prefill_v32_mqa'])} | {_f(r['prefill_v32_masked_mha'])} | "
+                 f"{_f(r['decode_v3'])} ({r['decode_batch_v3']}) | {_f(r['decode_v32'])} ({r['decode_batch_v32']}) | "
+                 f"{_f(r['decode_ratio'], 2)} |")
+    cp, cd = cross["prefill"], cross["decode"]
+    step = grid[1] - grid[0]
+    L.append(f"\nCrossover (first context on a {step}-token grid from {grid[0]:,} to {grid[-1]:,} from which on "
+             f"V3.2 is cheaper): prefill {'none on the grid' if cp is None else f'{cp:,} tokens'}, decode "
+             f"{'none on the grid' if cd is None else f'{cd:,} tokens'}. Below it the indexer (its projections, "
+             f"its O(L^2) FP8 scores and top-k, and its {J}-element key per token and layer, which also shrinks "
+             "the decode batch that fits) costs more than the attention it saves: with at most "
+             f"{K} visible keys the selection is every key, so MLA's work is V3's exactly.\n")
+    L.append("![V3 vs V3.2 cost by position](img/whatif_v32_cost.png)\n")
+    L.append("Per decode token (batch 1, cost model, no MTP): forward FLOPs and KV-cache bytes read, V3.2/V3:\n")
+    L.append("| context | FLOPs V3 (G) | FLOPs V3.2 (G) | attention FLOPs V3.2/V3 | KV bytes V3 (MB) | "
+             "KV bytes V3.2 (MB) |")
+    L.append("|---:|---:|---:|---:|---:|---:|")
+    for ctx in contexts:
+        a, b = work[ctx][MODELS[0][1]], work[ctx][MODELS[1][1]]
+        L.append(f"| {ctx // 1024}K | {a['flops'] / 1e9:,.1f} | {b['flops'] / 1e9:,.1f} | "
+                 f"{b['attn_flops'] / a['attn_flops']:.2f} | {a['kv_bytes'] / 1e6:,.1f} | {b['kv_bytes'] / 1e6:,.1f} |")
+    L.append("\n## What DeepSeek published (compared, not fitted)\n")
+    L.append(f"- {FIGURE}: cost per million tokens vs token position (0-128K) on H800 at $2 per GPU-hour, "
+             "'estimated from benchmarking the actual service', for (a) prefilling and (b) decoding. The text gives "
+             "no numbers, so none are read off the plot here; its shape: V3.1-Terminus rises linearly with position "
+             "in both panels (decode to near the top of its 0-2.4$ axis at 128K, prefill to near the top of its "
+             "0-0.7$ axis); V3.2-Exp is nearly flat past a few thousand tokens, far below Terminus at 128K; at "
+             "the shortest positions the two curves start close together, V3.2-Exp slightly above in decode. The "
+             "caption notes the masked-MHA mode for short prefills.")
+    L.append("- The V3.2-Exp release (DeepSeek API news, 2025-09-29) cut API prices by '50%+', effective "
+             "immediately (as reported, with the announcement cited, by https://skywork.ai/blog/?p=10736; the "
+             "official notice itself was not retrieved here). That is a price over DeepSeek's whole traffic mix and "
+             "includes cache-hit pricing and margins, so it is not a per-position cost; it is consistent in "
+             "direction with the ratios above at the contexts where most of that traffic's tokens sit.")
+    r0, r1 = rows[0], rows[-1]
+    L.append(f"\nReading: the simulator reproduces the figure's shape -- V3's cost grows linearly with position, "
+             f"V3.2's nearly flat -- from first principles. At {r1['context'] // 1024}K our V3.2/V3 ratio is "
+             f"{_f(r1['prefill_ratio'], 2)} for prefill and {_f(r1['decode_ratio'], 2)} for decode. Absolute dollars "
+             "are lower than the figure's (the simulator's step times are faster than DeepSeek's production, as in "
+             "docs/validation.md for V3), so compare ratios and shapes, not dollars.\n")
+    L.append("## Uncertain\n")
+    L.append("- Sparse-MLA latent reads are counted as min(top-k, S) rows per sequence and step (exact for one "
+             "query per sequence; for a prefill chunk it assumes the chunk's queries' selections overlap and their "
+             "gathers hit in cache -- prefill is compute-bound, so this matters little).")
+    L.append("- The indexer's score product runs at the device's FP8 rate with the attention efficiency; its "
+             "top-k is counted as 4 operations per score (a radix select); neither is a measured kernel time.")
+    L.append(f"- KV cache in bf16 for both models (the `fp8` quantisation's default). DeepSeek's V3.2 inference "
+             f"code keeps the indexer keys in FP8 ({c32.index_cache_bytes_per_token(None):,.0f} B/token over all "
+             f"layers instead of {c32.index_cache_bytes_per_token(2):,.0f}); FP8 latents would raise both models' "
+             "decode batches at long context.")
+    L.append("- Decode steps are costed at the batch's mean context (as in `sim serve`); every sequence here has "
+             "the same context, so this is exact on this page.\n")
+    atomic_write_text(out_dir / "whatif-v32-sparse-attention.md", "\n".join(L) + "\n")
+    return {"rows": rows, "crossover": cross, "price": price, "decode_tps": dec32.tps}
+
+
+def main(out_dir: str = "docs", fast: bool = False) -> dict:
+    out = Path(out_dir)
+    (out / "img").mkdir(parents=True, exist_ok=True)
+    res = write_page(out, fast)
+    print(f"wrote {out}/whatif-v32-sparse-attention.md, {out}/img/whatif_v32_cost.png", file=sys.stderr)
+    return res
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out-dir", default="docs")
+    ap.add_argument("--fast", action="store_true", help="two contexts and a coarse crossover grid (tests)")
+    a = ap.parse_args()
+    main(a.out_dir, a.fast)
