@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import json
 
-MODEL_HELP = ("a preset name (deepseek-v3, deepseek-r1, deepseek-v2-lite, qwen2.5-72b, tiny-v3, ...; all: "
-              "`dsref info nonexistent`) or a checkpoint directory with config.json")
+MODEL_HELP = ("a preset name (deepseek-v3, deepseek-r1, deepseek-v2-lite, qwen2.5-72b, tiny-v3, deepseek-v4-flash, "
+              "...; all: `dsref info nonexistent`) or a checkpoint directory with config.json")
 
 
 def load_model(name: str, option: str = "MODEL"):
-    """The ModelConfig of a preset name, a checkpoint directory or a config.json file. Anything else
+    """The ModelConfig (ModelConfigV4 for DeepSeek-V4) of a preset name, a checkpoint directory or a
+    config.json file. Anything else
     (empty, a binary file, a directory without config.json, an unknown name) raises ConfigError in
     one line naming ``option`` and the value, and saying what it may be."""
     from pathlib import Path
 
     from dsref.reference.config import ConfigError
-    from dsref.reference.presets import get_preset, load_config, preset_names
+    from dsref.reference.presets import all_preset_names, get_preset, load_config
     if not str(name).strip():
         raise ConfigError(f"{option}: empty; {option} is {MODEL_HELP}")
     p = Path(name)
@@ -40,7 +41,7 @@ def load_model(name: str, option: str = "MODEL"):
             return get_preset(name)
         except ConfigError:
             raise ConfigError(f"{option} {name!r}: no such preset, file or directory; {option} is a preset name "
-                              f"(known: {', '.join(preset_names())}) or a checkpoint directory with "
+                              f"(known: {', '.join(all_preset_names())}) or a checkpoint directory with "
                               "config.json") from None
     try:
         return load_config(name)
@@ -107,6 +108,8 @@ def self_check(cfg, seed: int = 0) -> dict:
 
 
 def info_dict(cfg) -> dict:
+    if cfg.arch == "deepseek_v4":
+        return info_dict_v4(cfg)
     pc = cfg.param_counts()
     d = {"name": cfg.name, "arch": cfg.arch, **pc, "num_layers": cfg.num_hidden_layers,
          "kv_cache_bytes_per_token": int(cfg.kv_cache_bytes_per_token(2.0)),
@@ -129,6 +132,68 @@ def info_dict(cfg) -> dict:
     return d
 
 
+def info_dict_v4(cfg) -> dict:
+    """DeepSeek-V4: parameters from reference/params_v4.py; KV cache per layer type (bf16)."""
+    from dsref.reference.config_v4 import CSA, HCA, SLIDING
+    pc = cfg.param_counts()
+    counts = cfg.layer_counts()
+    per = cfg.kv_bytes_per_token_by_type(2.0)
+    return {
+        "name": cfg.name, "arch": cfg.arch, "config_spelling": cfg.spelling, **pc,
+        "num_layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
+        "num_attention_heads": cfg.num_attention_heads, "head_dim": cfg.head_dim,
+        "qk_rope_head_dim": cfg.qk_rope_head_dim, "q_lora_rank": cfg.q_lora_rank, "o_groups": cfg.o_groups,
+        "o_lora_rank": cfg.o_lora_rank, "sliding_window": cfg.sliding_window,
+        "num_layers_by_type": counts, "mtp_layer_types": list(cfg.mtp_layer_types),
+        "compress_rate_csa": cfg.compress_rate_csa, "compress_rate_hca": cfg.compress_rate_hca,
+        "index_n_heads": cfg.index_n_heads, "index_head_dim": cfg.index_head_dim, "index_topk": cfg.index_topk,
+        # one layer of each type: what one more token of context adds to its cache
+        "kv_cache_bytes_per_token_by_layer_type": {t: per[t] for t in (SLIDING, CSA, HCA)},
+        "index_cache_bytes_per_token_per_csa_layer": cfg.index_head_dim * 2.0 / cfg.compress_rate_csa,
+        "kv_cache_bytes_per_token": cfg.kv_cache_bytes_per_token(2.0),
+        "index_cache_bytes_per_token": cfg.index_cache_bytes_per_token(2.0),
+        "kv_window_bytes_per_sequence": int(cfg.kv_window_bytes(2.0)),
+        "n_routed_experts": cfg.n_routed_experts, "n_shared_experts": cfg.n_shared_experts,
+        "num_experts_per_tok": cfg.num_experts_per_tok, "num_hash_layers": cfg.num_hash_layers,
+        "scoring_func": cfg.scoring_func, "routed_scaling_factor": cfg.routed_scaling_factor,
+        "swiglu_limit": cfg.swiglu_limit, "hc_mult": cfg.hc_mult, "hc_sinkhorn_iters": cfg.hc_sinkhorn_iters,
+        "rope_theta": cfg.rope_theta, "compress_rope_theta": cfg.compress_rope_theta,
+        "yarn_factor": None if cfg.rope_scaling is None else cfg.rope_scaling.factor,
+        "num_nextn_predict_layers": cfg.num_nextn_predict_layers,
+    }
+
+
+def _print_info_v4(cfg, d: dict) -> None:
+    from dsref.reference.config_v4 import CSA, HCA, SLIDING
+    n = d["num_layers_by_type"]
+    per = d["kv_cache_bytes_per_token_by_layer_type"]
+    print(f"{cfg.name}  (DeepSeek-V4: sliding/CSA/HCA attention + hash/top-k MoE + hyper-connections; "
+          f"config spelling: {cfg.spelling})")
+    print(f"  parameters        {_fmt_count(d['total_params'])} total, {_fmt_count(d['activated_params'])} "
+          f"activated per token (LM head in, input embedding out)")
+    if d["mtp_params"]:
+        print(f"  MTP module        {_fmt_count(d['mtp_params'])} ({', '.join(cfg.mtp_layer_types)}; "
+              f"{_fmt_count(d['checkpoint_params'])} with it, no embedding/head copies)")
+    print(f"  layers            {cfg.num_hidden_layers} ({n[SLIDING]} sliding-only + {n[CSA]} CSA + {n[HCA]} HCA; "
+          f"{cfg.num_hash_layers} hash-routed)")
+    print(f"  attention         {cfg.num_attention_heads} heads x {cfg.head_dim}, one shared K=V head, RoPE on the "
+          f"last {cfg.qk_rope_head_dim} dims, q_lora={cfg.q_lora_rank}, output {cfg.o_groups} groups x "
+          f"{cfg.o_lora_rank}")
+    print(f"  compression       window {cfg.sliding_window} in every layer; CSA 1/{cfg.compress_rate_csa} + indexer "
+          f"{cfg.index_n_heads} heads x {cfg.index_head_dim} keeping top {cfg.index_topk:,}; HCA 1/"
+          f"{cfg.compress_rate_hca}")
+    print(f"  KV cache (bf16)   per token and layer: sliding 0, CSA {per[CSA]:,.0f} (of it indexer "
+          f"{d['index_cache_bytes_per_token_per_csa_layer']:,.0f}), HCA {per[HCA]:,.0f}; all layers "
+          f"{d['kv_cache_bytes_per_token']:,.0f} B/token + windows {d['kv_window_bytes_per_sequence']:,} B/sequence")
+    print(f"  MoE               {cfg.n_routed_experts} routed + {cfg.n_shared_experts} shared, top-"
+          f"{cfg.num_experts_per_tok}, {cfg.scoring_func} router, scale {cfg.routed_scaling_factor}, SwiGLU clamp "
+          f"{cfg.swiglu_limit:g}")
+    print(f"  hyper-connections {cfg.hc_mult} streams, {cfg.hc_sinkhorn_iters} Sinkhorn iterations")
+    rs = cfg.rope_scaling
+    print(f"  rope              theta {cfg.rope_theta:g} (sliding), {cfg.compress_rope_theta:g} (compressed" + (
+        f", YaRN x{rs.factor:g} from {rs.original_max_position_embeddings})" if rs else ")"))
+
+
 def cmd_info(args) -> int:
     cfg = load_model(args.model)
     d = info_dict(cfg)
@@ -140,6 +205,12 @@ def cmd_info(args) -> int:
         d["self_check"] = self_check(cfg)
     if args.json:
         print(json.dumps(d, indent=2))
+        return 0
+    if cfg.arch == "deepseek_v4":  # no self-check: the V4 forward pass is not implemented yet
+        _print_info_v4(cfg, d)
+        if "checkpoint" in d:
+            ck = d["checkpoint"]
+            print(f"  checkpoint        {json.dumps({k: v for k, v in ck.items() if not isinstance(v, (list, dict))})}")
         return 0
     kind = "MLA + DeepSeekMoE" if cfg.arch == "deepseek" else ("GQA + MoE" if cfg.is_moe else "dense GQA")
     print(f"{cfg.name}  ({kind})")
@@ -197,10 +268,12 @@ RoPE scaling, then a quick self-check (a scaled-down model of the same structure
 in float64 NumPy, which must agree).
 
 MODEL is a preset name (deepseek-v3, deepseek-r1, deepseek-v2, deepseek-v2-lite,
-moonlight-16b-a3b, kimi-k2, qwen2.5-72b, llama-3.1-405b, tiny-v3, ...) or a checkpoint directory
-with config.json. Activated parameters count what one token computes with (k of E routed
-experts and the LM head, not the input embedding table). The KV cache of MLA models is the
-compressed latent (bf16).""",
+moonlight-16b-a3b, kimi-k2, qwen2.5-72b, llama-3.1-405b, tiny-v3, deepseek-v4-flash,
+deepseek-v4-pro, ...) or a checkpoint directory with config.json. Activated parameters count what
+one token computes with (k of E routed experts and the LM head, not the input embedding table).
+The KV cache of MLA models is the compressed latent (bf16). DeepSeek-V4 models list their cache
+per layer type (sliding window, CSA and HCA compressed entries, the indexer's keys) and which
+config.json spelling was read; they have no self-check yet.""",
         epilog="example:\n  dsref info deepseek-v3", formatter_class=HelpFormatter)
     pi.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     pi.add_argument("--json", action="store_true", help="print one JSON object")

@@ -30,11 +30,25 @@ beta 32/1, mscale 1). Its Hugging Face config.json was not found in a stored cop
 only that file carries (rms_norm_eps, max_position_embeddings, num_nextn_predict_layers,
 mscale_all_dim) are taken equal to V3.2's (assumption, medium confidence: every field the two
 sources both carry agrees, and both models load in transformers as the same DeepseekV32 class).
+
+DeepSeek-V4 (reference/config_v4.py, docs/models.md "DeepSeek-V4"): ModelConfigV4 presets, kept
+out of preset_names() (whose every entry is a ModelConfig; all_preset_names() lists both).
+  * deepseek-v4-pro: deepseek-ai/DeepSeek-V4-Pro config.json as dumped with the checkpoint's tensor
+    list in a public model report (code-search index id 62968290951: "DeepSeek-V4-Pro" config.json,
+    64 safetensors files, 145,116 tensors, 861,608,274,846 stored values; tests/test_config_v4.py
+    reproduces both counts from the tensor table). High confidence: every field below is in it.
+  * deepseek-v4-flash: deepseek-ai/DeepSeek-V4-Flash config.json. The stored copies found are of the
+    -0731 re-release (code-search index id 59258988294, "OFFICIAL_CONFIG", with DSpark fields) and a
+    test that states the base release differs from it only by those fields and by 44 rather than 46
+    compress_ratios (id 58039819897); a vLLM test's copy (id 66905242583) agrees field by field.
+    Medium-high confidence; no tensor dump of Flash was found to check against.
+  * tiny-v4: ours, adversarial (see the entry).
 """
 
 from __future__ import annotations
 
 from dsref.reference.config import ConfigError, ModelConfig, RopeScaling
+from dsref.reference.config_v4 import CSA, HASH_MOE, HCA, MOE, SLIDING, ModelConfigV4
 
 _V3_YARN = RopeScaling(factor=40.0, original_max_position_embeddings=4096, beta_fast=32.0,
                        beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)
@@ -227,15 +241,82 @@ _ALIASES = {"deepseek-r1": "deepseek-v3", "deepseek-v3-0324": "deepseek-v3",
             "deepseek-r1-distill-qwen-14b": "qwen2.5-14b", "kimi-k2-instruct": "kimi-k2",
             "moonlight": "moonlight-16b-a3b"}
 
+_V4_YARN = RopeScaling(factor=16.0, original_max_position_embeddings=65536, beta_fast=32.0, beta_slow=1.0,
+                       mscale=1.0, mscale_all_dim=0.0, attention_factor=1.0)
+
+
+def _v4(**kw) -> ModelConfigV4:
+    """Fields both released V4 config.json files share: vocab 129280, head_dim 512 with 64 rotated
+    dims, one K=V head, sliding window 128, CSA 4 / HCA 128, indexer 64 x 128, 3 hash layers, 1
+    shared expert, top-6, sqrtsoftplus router (noaux_tc: biased selection), swiglu_limit 10, n_hc 4
+    with 20 Sinkhorn iterations and eps 1e-6, rms_norm_eps 1e-6, rope_theta 1e4, compress_rope_theta
+    1.6e5 with YaRN x16 from 65536 (beta 32/1), 1,048,576 positions, 1 MTP module (compress_ratios'
+    entry after the main layers is 0: sliding)."""
+    base = dict(vocab_size=129280, num_key_value_heads=1, head_dim=512, qk_rope_head_dim=64, sliding_window=128,
+                compress_rate_csa=4, compress_rate_hca=128, index_n_heads=64, index_head_dim=128,
+                n_shared_experts=1, num_experts_per_tok=6, scoring_func="sqrtsoftplus", norm_topk_prob=True,
+                swiglu_limit=10.0, hidden_act="silu", hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6,
+                rms_norm_eps=1e-6, rope_theta=10000.0, compress_rope_theta=160000.0, rope_scaling=_V4_YARN,
+                max_position_embeddings=1048576, num_nextn_predict_layers=1, mtp_layer_types=(SLIDING,),
+                tie_word_embeddings=False)
+    base.update(kw)
+    L = base["num_hidden_layers"]
+    base.setdefault("mlp_layer_types", (HASH_MOE,) * 3 + (MOE,) * (L - 3))
+    cfg = ModelConfigV4(**base)
+    cfg.validate(f"preset {cfg.name}")
+    return cfg
+
+
+_PRESETS_V4 = {
+    # compress_ratios [0, 0] + [4, 128] x 20 + [4] (+ 0 for MTP): 2 sliding, 21 CSA, 20 HCA
+    "deepseek-v4-flash": lambda: _v4(
+        name="deepseek-v4-flash", hidden_size=4096, num_hidden_layers=43, num_attention_heads=64,
+        q_lora_rank=1024, o_groups=8, o_lora_rank=1024, moe_intermediate_size=2048, n_routed_experts=256,
+        index_topk=512, routed_scaling_factor=1.5, layer_types=(SLIDING, SLIDING) + (CSA, HCA) * 20 + (CSA,)),
+    # compress_ratios [128, 128] + [4, 128] x 29 + [4] (+ 0 for MTP): 31 HCA, 30 CSA, no sliding-only layer
+    "deepseek-v4-pro": lambda: _v4(
+        name="deepseek-v4-pro", hidden_size=7168, num_hidden_layers=61, num_attention_heads=128,
+        q_lora_rank=1536, o_groups=16, o_lora_rank=1024, moe_intermediate_size=3072, n_routed_experts=384,
+        index_topk=1024, routed_scaling_factor=2.5, layer_types=(HCA, HCA) + (CSA, HCA) * 29 + (CSA,)),
+    # V4 in miniature, adversarial for the next step's parity tests: every layer type, a hash layer
+    # that is CSA (layer 1), the MTP block HCA (the releases' is sliding, so only this exercises
+    # compression in MTP); HCA rate 8 and sliding window 6 (not a multiple of 4 or 8) so short
+    # sequences cross window and compression boundaries; index_topk 3 below the compressed entries
+    # of a 32-token test (the top-k really drops entries); hc_mult 3 and 7 Sinkhorn iterations (not
+    # the released 4 and 20: catches hard-coded values); rms_norm_eps 1e-5 (catches eps that ignore
+    # the config); qk_rope_head_dim 8 of head_dim 32 (partial RoPE) and index_head_dim 16 > 8;
+    # o_lora_rank 12 < H*d/g = 64 (a real low rank); top-3 of 8 experts; swiglu_limit 0.5 so random
+    # weights hit the clamp; compress_rope_theta 4e4 != rope_theta; YaRN x4 from 32 positions.
+    "tiny-v4": lambda: _v4(
+        name="tiny-v4", vocab_size=256, hidden_size=64, num_hidden_layers=6, num_attention_heads=4,
+        head_dim=32, qk_rope_head_dim=8, q_lora_rank=24, o_groups=2, o_lora_rank=12, sliding_window=6,
+        layer_types=(SLIDING, CSA, HCA, CSA, HCA, SLIDING), compress_rate_hca=8, mtp_layer_types=(HCA,),
+        index_n_heads=2, index_head_dim=16, index_topk=3, moe_intermediate_size=24, n_routed_experts=8,
+        num_experts_per_tok=3, mlp_layer_types=(HASH_MOE, HASH_MOE, MOE, MOE, MOE, MOE),
+        routed_scaling_factor=1.7, swiglu_limit=0.5, hc_mult=3, hc_sinkhorn_iters=7, rms_norm_eps=1e-5,
+        compress_rope_theta=40000.0,
+        rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=32, beta_fast=32.0, beta_slow=1.0,
+                                 mscale=1.0, mscale_all_dim=0.0, attention_factor=1.0),
+        max_position_embeddings=256),
+}
+
 
 def preset_names() -> list[str]:
+    """The ModelConfig (V3/V2-family and GQA) presets and aliases."""
     return sorted(_PRESETS) + sorted(_ALIASES)
 
 
-def get_preset(name: str) -> ModelConfig:
+def all_preset_names() -> list[str]:
+    """Every preset, DeepSeek-V4 (ModelConfigV4) ones included."""
+    return sorted(_PRESETS) + sorted(_PRESETS_V4) + sorted(_ALIASES)
+
+
+def get_preset(name: str) -> ModelConfig | ModelConfigV4:
     key = _ALIASES.get(name.lower(), name.lower())
+    if key in _PRESETS_V4:
+        return _PRESETS_V4[key]()
     if key not in _PRESETS:
-        raise ConfigError(f"unknown model preset {name!r}; known: {', '.join(preset_names())}")
+        raise ConfigError(f"unknown model preset {name!r}; known: {', '.join(all_preset_names())}")
     cfg = _PRESETS[key]()
     if name.lower() != key:
         cfg = cfg.replace(name=name.lower())
@@ -243,10 +324,16 @@ def get_preset(name: str) -> ModelConfig:
     return cfg
 
 
-def load_config(name_or_path: str) -> ModelConfig:
-    """A preset name, a config.json path, or a checkpoint directory."""
+def load_config(name_or_path: str) -> ModelConfig | ModelConfigV4:
+    """A preset name, a config.json path, or a checkpoint directory. A DeepSeek-V4 config.json (any
+    of its three spellings, reference/config_v4.py) gives a ModelConfigV4, everything else a
+    ModelConfig exactly as before."""
     from pathlib import Path
+
+    from dsref.reference.config_v4 import is_v4_json
     p = Path(name_or_path)
     if p.exists():
+        if is_v4_json(p):
+            return ModelConfigV4.from_json(p)
         return ModelConfig.from_json(p)
     return get_preset(name_or_path)
