@@ -165,3 +165,14 @@ def test_bad_head_dim_is_named():
         off.index_scores_official(q, k, hw)
     with pytest.raises(ValueError, match="head dim"):
         off.index_scores_official(q, np.ones((1, 3, 8)), hw)
+
+
+def test_the_studys_row_metrics_on_a_hand_made_swap():
+    """experiments/dsa_topk_agreement.compare_rows: exact [6..1], the other form swaps ranks 2 and 3
+    (scores 4 and 3) across the k = 3 boundary: |A xor B| = 2, boundary 3.5, rank distance 0.5."""
+    from dsref.experiments.dsa_topk_agreement import compare_rows
+    exact = np.array([[[6.0, 5, 4, 3, 2, 1], [6.0, 5, 4, 3, 2, 1]]])
+    other = np.array([[[6.0, 5, 3, 4, 2, 1], [6.0, 5, 4, 3.5, 2, 1]]])
+    r = compare_rows(exact, other, 3)
+    assert r["differ"].tolist() == [True, False] and np.allclose(r["symdiff"], [2 / 3, 0])
+    assert np.allclose(r["gap"], [0.5 / 6, 0]) and np.allclose(r["depth"], [0.5 / 3, 0])
