@@ -297,7 +297,7 @@ _PRESETS_V4 = {
         compress_rope_theta=40000.0,
         rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=32, beta_fast=32.0, beta_slow=1.0,
                                  mscale=1.0, mscale_all_dim=0.0, attention_factor=1.0),
-        max_position_embeddings=256),
+        max_position_embeddings=128),
 }
 
 
