@@ -322,8 +322,9 @@ def _validate(c: ModelConfigV4, source: str, names: dict[str, str]) -> None:
         err("qk_rope_head_dim", f"= {r} must be even (rotary pairs) and in [2, head_dim={c.head_dim}]")
     if int(c.head_dim * (r / c.head_dim)) != r:  # transformers recomputes r from partial_rotary_factor
         err("qk_rope_head_dim", f"= {r}: head_dim * ({r}/{c.head_dim}) does not round back to {r} in floating point")
-    if (c.num_attention_heads * c.head_dim) % c.o_groups or c.num_attention_heads % c.o_groups:
-        err("o_groups", f"= {c.o_groups} must divide num_attention_heads = {c.num_attention_heads} (whole heads per group)")
+    if (c.num_attention_heads * c.head_dim) % c.o_groups:
+        err("o_groups", f"= {c.o_groups} must divide num_attention_heads * head_dim = "
+            f"{c.num_attention_heads * c.head_dim} (the grouped output projection splits it evenly)")
     L = c.num_hidden_layers
     for fld, types, allowed, n in (("layer_types", c.layer_types, LAYER_TYPES, L),
                                    ("mlp_layer_types", c.mlp_layer_types, MLP_TYPES, L),
@@ -613,6 +614,9 @@ def _parse(d: dict[str, Any], source: str, name: str | None) -> ModelConfigV4:
         for f in ("index_n_heads", "index_head_dim", "index_topk"):
             if f not in kw:
                 raise ConfigError(f"{source}: required field '{f}' is missing (CSA layers have a lightning indexer)")
+    for key in ("attention_bias", "mlp_bias"):  # transformers would add bias tensors no release has
+        if d.get(key) not in (None, False):
+            raise ConfigError(f"{source}: field '{key}' must be false (V4 has no biases), got {d[key]!r}")
     kw["spelling"] = _spelling(d, nested)
     kw["name"] = name or d.get("_dsref_name") or "custom"
     consumed = set(_INTS | _FLOATS | _BOOLS | _STRS) | set(_ALIASES.values()) | set(_SCHEDULE_KEYS)

@@ -203,6 +203,7 @@ BAD = [
     ({"index_head_dim": 4}, "'index_head_dim' = 4 must be even and >= qk_rope_head_dim"),
     ({"swiglu_limit": None}, "required field 'swiglu_limit' is missing"),
     ({"n_hash_layers": None}, "required field 'mlp_layer_types'"),
+    ({"attention_bias": True}, "'attention_bias' must be false"),
 ]
 
 
