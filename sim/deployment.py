@@ -34,8 +34,11 @@ from dsref.sim.stepcost import OpTable, StepCost
 # with logits of the last position only, decode in the absorbed form (DeepSeek's choice).
 SERVE_PHASES = (("prefill", "naive", "last"), ("decode", "absorbed", "all"))
 # DeepSeek-V3.2 runs DSA in MLA's MQA (absorbed) mode for prefill too (DeepSeek-V3.2-Exp paper,
-# sec. 1 "Instantiate DSA under MLA"); its masked-MHA mode for short prefills is not modelled here.
-SPARSE_SERVE_PHASES = (("prefill", "absorbed", "last"), ("decode", "absorbed", "all"))
+# sec. 1 "Instantiate DSA under MLA"); for short prefills it "specially implement[s] a masked MHA
+# mode to simulate DSA" (Figure 3's caption): V3's naive form with the selection as a mask, plus
+# the indexer. Both are fitted ('prefill', 'prefill_mha'); a prefill step runs the cheaper one.
+SPARSE_SERVE_PHASES = (("prefill", "absorbed", "last"), ("decode", "absorbed", "all"),
+                       ("prefill_mha", "naive", "last"))
 
 
 def serve_phases(cfg: ModelConfig) -> tuple:
@@ -69,7 +72,7 @@ class Deployment:
 
     def step_costs(self, role: str) -> dict[str, StepCost]:
         """{'prefill', 'decode', 'mtp'} step costs of a serving role (the MTP module = the last
-        layer + head in the decode form), fitted once per deployment."""
+        layer + head in the decode form), fitted once per deployment; V3.2 adds 'prefill_mha'."""
         if role not in self._costs:
             par, c = self.par[role], {}
             r = self.sc.instance(role)
@@ -79,9 +82,10 @@ class Deployment:
                 if (phase, form) not in self._tables:
                     self._tables[(phase, form)] = OpTable.build(self.cfg, self.quant, self.device, mla_form=form,
                                                                 logits=logits)
+                kind = phase.split("_")[0]  # prefill_mha: a prefill step
                 c[phase] = StepCost(self.cfg, self.quant, self.device, par, mla_form=form, logits=logits,
                                     node=self.link_node, latency_s=self.latency_s, table=self._tables[(phase, form)],
-                                    phase=phase, cuda_graph=uses_cuda_graph(r.cuda_graph, phase),
+                                    phase=kind, cuda_graph=uses_cuda_graph(r.cuda_graph, kind),
                                     routing_shares=shares, kernel_floors=self.sc.kernel_floors)
             L = self.cfg.num_hidden_layers
             c["mtp"] = StepCost(self.cfg, self.quant, self.device, par, mla_form="absorbed", logits="all",

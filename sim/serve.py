@@ -224,7 +224,13 @@ class Instance:
         if fixed is not None:
             t = fixed(x)
             return t, t
-        tot, comp, _ = self.sim.cost[self.role]["prefill"].prefill(x, two_microbatch=self.two_mb)
+        cost = self.sim.cost[self.role]
+        tot, comp, _ = cost["prefill"].prefill(x, two_microbatch=self.two_mb)
+        mha = cost.get("prefill_mha")  # V3.2: the masked-MHA mode when it is cheaper (short prompts)
+        if mha is not None:
+            t2, c2, _ = mha.prefill(x, two_microbatch=self.two_mb)
+            if t2 < tot:
+                tot, comp = t2, c2
         return tot, comp
 
     def decode_time(self, n: int, ctx_sum: float) -> tuple[float, float]:
