@@ -197,6 +197,15 @@ def _plot(curves: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def half(rows) -> str:
+    """Where each simulated V3.2/V3 ratio first drops to 0.5 or below, as text."""
+    out = []
+    for key, lab in (("prefill_ratio", "prefill"), ("decode_ratio", "decode"), ("decode_kv8_ratio", "decode, FP8 KV")):
+        hit = [r["context"] for r in rows if r[key] is not None and r[key] <= 0.5]
+        out.append(f"{lab} {hit[0] // 1024}K" if hit else f"{lab} not up to {rows[-1]['context'] // 1024}K")
+    return ", ".join(out)
+
+
 def _f(v, d=3):
     return "--" if v is None else f"{v:.{d}f}"
 
@@ -304,9 +313,8 @@ def write_page(out_dir: Path, fast: bool = False) -> dict:
              "official notice itself was not retrieved here). A price is not a cost: it covers DeepSeek's whole "
              "traffic mix, cache hits and margins. For scale: at the day-6 traffic's mean KV length per output "
              f"token ({MEAN_KV:,} tokens, docs/whatif-serving-cost.md) the simulated V3.2/V3 ratio is "
-             f"{d6['prefill']:.2f} for prefill and {d6['decode']:.2f} for decode -- the simulator does not "
-             "explain a halving at that context; it does at long contexts (table above).")
-    r0, r1 = rows[0], rows[-1]
+             f"{d6['prefill']:.2f} for prefill and {d6['decode']:.2f} for decode: the simulator does not "
+             f"explain a halving at that context. Ratio <= 0.5 first at: {half(rows)}.")
     r1 = rows[-1]
     L.append(f"\nReading: from first principles the simulator gives the figure's shape -- V3's cost grows linearly "
              f"with position, V3.2's slowly -- and at {r1['context'] // 1024}K a V3.2/V3 ratio of "
