@@ -112,6 +112,30 @@ def decode_at(model: str, L: int, quant: str = QUANT) -> dict:
             "chip_s_per_token": dec.par.devices / best[2]}
 
 
+def decode_attributed_at(model: str, L: int) -> float:
+    """Decode chip-seconds for a token at position L in a day-6 batch: every DP rank runs the batch that
+    decode_at finds at the day-6 mean KV length (MEAN_KV); the token costs the batch's average plus the
+    difference its own context makes: the step with one of its sequences at L instead of at MEAN_KV,
+    charged to that sequence's tokens. This is how a mixed production batch would split its cost by
+    position; decode_at instead puts every sequence at L, so KV capacity limits the batch."""
+    from dsref.sim.stepcost import uniform
+    sim, _, dec, _ = _setup(model, QUANT)
+    base = decode_at(model, MEAN_KV)
+    b, T, k = base["batch_per_device"], 1.0 + dec.mtp_depth, sim.topk
+    rest = uniform(b - 1, T, MEAN_KV, k)
+
+    def step(ctx):
+        x = rest + uniform(1, T, ctx, k)
+        t = sim.cost["decode"]["decode"].decode(x, two_microbatch=dec.two_mb)[0]
+        if dec.mtp:  # drafting: the MTP module runs mtp_depth times on one token per sequence
+            t += dec.mtp_depth * sim.cost["decode"]["mtp"].decode_compute_s(
+                uniform(b - 1, 1.0, MEAN_KV, k) + uniform(1, 1.0, ctx, k))
+        return t
+
+    extra = (step(L) - step(MEAN_KV)) * dec.par.devices / (dec.par.dp * dec.tps)  # one sequence per rank
+    return base["chip_s_per_token"] + extra
+
+
 def usd_per_million(chip_s: float | None, price: float) -> float | None:
     return None if chip_s is None else chip_s * 1e6 / 3600.0 * price
 
@@ -145,7 +169,9 @@ def cost_table(contexts, price: float) -> list[dict]:
         row.update(decode_kv8_v3=usd_per_million(e3["chip_s_per_token"], price),
                    decode_kv8_v32=usd_per_million(e32["chip_s_per_token"], price),
                    decode_kv8_batch_v3=e3["batch_per_device"], decode_kv8_batch_v32=e32["batch_per_device"])
-        for ph in ("prefill", "decode", "decode_kv8"):
+        row.update(decode_attr_v3=usd_per_million(decode_attributed_at(v3, L), price),
+                   decode_attr_v32=usd_per_million(decode_attributed_at(v32, L), price))
+        for ph in ("prefill", "decode", "decode_kv8", "decode_attr"):
             a, b = row[f"{ph}_v3"], row[f"{ph}_v32"]
             row[f"{ph}_ratio"] = None if not a or b is None else b / a
         rows.append(row)
@@ -157,8 +183,8 @@ def crossover(phase: str, grid=CROSS_GRID) -> int | None:
     ('prefill', 'decode' or 'decode_kv8')."""
     (_, v3), (_, v32) = MODELS
     quant = QUANT_KV8 if phase == "decode_kv8" else QUANT
-    f = (lambda m, L: prefill_at(m, L)["best"]) if phase == "prefill" else (
-        lambda m, L: decode_at(m, L, quant)["chip_s_per_token"])
+    f = ((lambda m, L: prefill_at(m, L)["best"]) if phase == "prefill" else decode_attributed_at
+         if phase == "decode_attr" else (lambda m, L: decode_at(m, L, quant)["chip_s_per_token"]))
     last_dearer = None
     for L in grid:
         a, b = f(v3, L), f(v32, L)
@@ -177,8 +203,9 @@ def _plot(curves: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, ph, title in ((axes[0], "prefill", "(a) Prefill"), (axes[1], "decode", "(b) Decode")):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, ph, title in ((axes[0], "prefill", "(a) Prefill"), (axes[1], "decode", "(b) Decode, every sequence at L"),
+                          (axes[2], "decode_attr", "(c) Decode, one sequence at L in a day-6 batch")):
         for (label, pts), (ls, c, lw) in zip(curves[ph].items(), (("-", "tab:blue", 1.5), ("-", "tab:blue", 0.8),
                                                                    ("--", "tab:orange", 1.5), ("--", "tab:orange", 0.8))
                                               if ph == "decode" else (("-", "tab:blue", 1.5), ("--", "tab:orange", 1.5))):
@@ -200,7 +227,8 @@ def _plot(curves: dict, path: Path) -> None:
 def half(rows) -> str:
     """Where each simulated V3.2/V3 ratio first drops to 0.5 or below, as text."""
     out = []
-    for key, lab in (("prefill_ratio", "prefill"), ("decode_ratio", "decode"), ("decode_kv8_ratio", "decode, FP8 KV")):
+    for key, lab in (("prefill_ratio", "prefill"), ("decode_ratio", "decode"), ("decode_kv8_ratio", "decode, FP8 KV"),
+                     ("decode_attr_ratio", "decode in a day-6 batch")):
         hit = [r["context"] for r in rows if r[key] is not None and r[key] <= 0.5]
         out.append(f"{lab} {hit[0] // 1024}K" if hit else f"{lab} not up to {rows[-1]['context'] // 1024}K")
     return ", ".join(out)
@@ -215,12 +243,13 @@ def write_page(out_dir: Path, fast: bool = False) -> dict:
     contexts = FAST_CONTEXTS if fast else CONTEXTS
     rows = cost_table(contexts, price)
     grid = tuple(range(2048, 16384 + 1, 2048)) if fast else CROSS_GRID
-    cross = {ph: crossover(ph, grid) for ph in ("prefill", "decode", "decode_kv8")}
+    cross = {ph: crossover(ph, grid) for ph in ("prefill", "decode", "decode_kv8", "decode_attr")}
     plot_grid = FAST_CONTEXTS if fast else PLOT_GRID
-    curves = {"prefill": {}, "decode": {}}
+    curves = {"prefill": {}, "decode": {}, "decode_attr": {}}
     for label, m in MODELS:
         curves["prefill"][label] = [(L, usd_per_million(prefill_at(m, L)["best"], price)) for L in plot_grid]
         curves["decode"][label] = [(L, usd_per_million(decode_at(m, L)["chip_s_per_token"], price)) for L in plot_grid]
+        curves["decode_attr"][label] = [(L, usd_per_million(decode_attributed_at(m, L), price)) for L in plot_grid]
         curves["decode"][label + ", FP8 KV"] = [(L, usd_per_million(decode_at(m, L, QUANT_KV8)["chip_s_per_token"],
                                                                      price)) for L in plot_grid]
     _plot(curves, out_dir / "img" / "whatif_v32_cost.png")
@@ -274,11 +303,20 @@ def write_page(out_dir: Path, fast: bool = False) -> dict:
     for r in rows:
         L.append(f"| {r['context'] // 1024}K | {_f(r['decode_kv8_v3'])} ({r['decode_kv8_batch_v3']}) | "
                  f"{_f(r['decode_kv8_v32'])} ({r['decode_kv8_batch_v32']}) | {_f(r['decode_kv8_ratio'], 2)} |")
+    L.append(f"\nDecode, a token at position L in a day-6 batch (each DP rank runs the batch that fits at the "
+             f"day-6 mean KV length, {MEAN_KV:,} tokens; the token costs that batch's average plus the step-time "
+             "difference its own sequence makes at L instead of the mean -- how a mixed production batch would "
+             "split its cost by position; one reading of the figure's \"token position\", whose method is not described beyond \"benchmarking the actual service\"):\n")
+    L.append("| context | decode V3 $ | decode V3.2 $ | V3.2/V3 |")
+    L.append("|---:|---:|---:|---:|")
+    for r in rows:
+        L.append(f"| {r['context'] // 1024}K | {_f(r['decode_attr_v3'])} | {_f(r['decode_attr_v32'])} | "
+                 f"{_f(r['decode_attr_ratio'], 2)} |")
     step = grid[1] - grid[0]
     cx = lambda c: "none on the grid" if c is None else f"{c:,} tokens"  # noqa: E731
     L.append(f"\nCrossover (first context on a {step}-token grid from {grid[0]:,} to {grid[-1]:,} from which on "
              f"V3.2 is cheaper): prefill {cx(cross['prefill'])}, decode {cx(cross['decode'])} (FP8 KV cache: "
-             f"{cx(cross['decode_kv8'])}). Below it the indexer (its projections, its O(L^2) FP8 scores and top-k, "
+             f"{cx(cross['decode_kv8'])}; in a day-6 batch: {cx(cross['decode_attr'])}). Below it the indexer (its projections, its O(L^2) FP8 scores and top-k, "
              f"and its {J}-element key per token and layer, which also shrinks the decode batch that fits) costs "
              f"more than the attention it saves: with at most {K} visible keys the selection is every key, so "
              "MLA's work is V3's exactly. In prefill, sparse MLA in the MQA form also costs "
@@ -319,10 +357,12 @@ def write_page(out_dir: Path, fast: bool = False) -> dict:
     L.append(f"\nReading: from first principles the simulator gives the figure's shape -- V3's cost grows linearly "
              f"with position, V3.2's slowly -- and at {r1['context'] // 1024}K a V3.2/V3 ratio of "
              f"{_f(r1['prefill_ratio'], 2)} for prefill and {_f(r1['decode_ratio'], 2)} for decode "
-             f"({_f(r1['decode_kv8_ratio'], 2)} with an FP8 KV cache). Decode at long context is bounded by the "
-             "KV cache that fits per device (the batch column), for both models; V3.2's indexer keys make its "
-             "cache larger per token, which offsets part of the saving in reads. The figure's text gives no "
-             "numbers, so dollars are not compared.\n")
+             f"({_f(r1['decode_kv8_ratio'], 2)} with an FP8 KV cache, {_f(r1['decode_attr_ratio'], 2)} for a "
+             "token in a day-6 batch). With every sequence at L, decode at long context is bounded by the KV cache "
+             "that fits per device (the batch column) for both models, and V3.2's indexer keys make its cache "
+             "larger per token, so its cost still grows with L; attributed within a mixed batch (panel c), V3.2's "
+             "decode cost is nearly flat in L, V3's linear -- the shape of DeepSeek's decoding panel. The "
+             "figure's text gives no numbers, so dollars are not compared.\n")
     L.append("## Uncertain\n")
     L.append("- Sparse-MLA latent reads are counted as min(top-k, S) rows per sequence and step (exact for one "
              "query per sequence; for a prefill chunk it assumes the chunk's queries' selections overlap and their "
