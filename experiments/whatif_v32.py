@@ -227,8 +227,8 @@ def _plot(curves: dict, path: Path) -> None:
 def half(rows) -> str:
     """Where each simulated V3.2/V3 ratio first drops to 0.5 or below, as text."""
     out = []
-    for key, lab in (("prefill_ratio", "prefill"), ("decode_ratio", "decode"), ("decode_kv8_ratio", "decode, FP8 KV"),
-                     ("decode_attr_ratio", "decode in a day-6 batch")):
+    for key, lab in (("prefill_ratio", "prefill"), ("decode_ratio", "decode"),
+                     ("decode_kv8_ratio", "decode, FP8 KV"), ("decode_attr_ratio", "decode in a day-6 batch")):
         hit = [r["context"] for r in rows if r[key] is not None and r[key] <= 0.5]
         out.append(f"{lab} {hit[0] // 1024}K" if hit else f"{lab} not up to {rows[-1]['context'] // 1024}K")
     return ", ".join(out)
@@ -292,7 +292,8 @@ def write_page(out_dir: Path, fast: bool = False) -> dict:
         mode = "MQA" if r["prefill_v32_form"] == "absorbed" else "masked MHA"
         L.append(f"| {r['context'] // 1024}K | {_f(r['prefill_v3'])} | {_f(r['prefill_v32'])} ({mode}) | "
                  f"{_f(r['prefill_ratio'], 2)} | {_f(r['prefill_v32_mqa'])} | {_f(r['prefill_v32_masked_mha'])} | "
-                 f"{r['prefill_seqs_v3']}, {r['prefill_seqs_v32']} | {_f(r['decode_v3'])} ({r['decode_batch_v3']}) | {_f(r['decode_v32'])} ({r['decode_batch_v32']}) | "
+                 f"{r['prefill_seqs_v3']}, {r['prefill_seqs_v32']} | {_f(r['decode_v3'])} ({r['decode_batch_v3']}) | "
+                 f"{_f(r['decode_v32'])} ({r['decode_batch_v32']}) | "
                  f"{_f(r['decode_ratio'], 2)} |")
     L.append("\nPrefill sequences per step: the token budget's, fewer once their KV cache (prefix + chunk) no "
              "longer fits the prefill instance (rounded down to whole sequences per DP rank) -- smaller steps "
@@ -306,7 +307,8 @@ def write_page(out_dir: Path, fast: bool = False) -> dict:
     L.append(f"\nDecode, a token at position L in a day-6 batch (each DP rank runs the batch that fits at the "
              f"day-6 mean KV length, {MEAN_KV:,} tokens; the token costs that batch's average plus the step-time "
              "difference its own sequence makes at L instead of the mean -- how a mixed production batch would "
-             "split its cost by position; one reading of the figure's \"token position\", whose method is not described beyond \"benchmarking the actual service\"):\n")
+             "split its cost by position; one reading of the figure's \"token position\", whose method is not "
+             "described beyond \"benchmarking the actual service\"):\n")
     L.append("| context | decode V3 $ | decode V3.2 $ | V3.2/V3 |")
     L.append("|---:|---:|---:|---:|")
     for r in rows:
@@ -316,7 +318,8 @@ def write_page(out_dir: Path, fast: bool = False) -> dict:
     cx = lambda c: "none on the grid" if c is None else f"{c:,} tokens"  # noqa: E731
     L.append(f"\nCrossover (first context on a {step}-token grid from {grid[0]:,} to {grid[-1]:,} from which on "
              f"V3.2 is cheaper): prefill {cx(cross['prefill'])}, decode {cx(cross['decode'])} (FP8 KV cache: "
-             f"{cx(cross['decode_kv8'])}; in a day-6 batch: {cx(cross['decode_attr'])}). Below it the indexer (its projections, its O(L^2) FP8 scores and top-k, "
+             f"{cx(cross['decode_kv8'])}; in a day-6 batch: {cx(cross['decode_attr'])}). Below it the indexer "
+             "(its projections, its O(L^2) FP8 scores and top-k, "
              f"and its {J}-element key per token and layer, which also shrinks the decode batch that fits) costs "
              f"more than the attention it saves: with at most {K} visible keys the selection is every key, so "
              "MLA's work is V3's exactly. In prefill, sparse MLA in the MQA form also costs "
@@ -325,7 +328,7 @@ def write_page(out_dir: Path, fast: bool = False) -> dict:
              "V3's MHA form, so it pays off only once a query sees several times top-k keys; until then the "
              "masked-MHA mode (dense, plus the indexer) is the cheaper V3.2 prefill.\n")
     L.append("![V3 vs V3.2 cost by position](img/whatif_v32_cost.png)\n")
-    L.append("Per decode token (batch 1, cost model, no MTP): forward FLOPs and KV-cache bytes read, V3.2/V3:\n")
+    L.append("Per decode token (batch 1, cost model, no MTP): forward FLOPs and KV-cache bytes read:\n")
     L.append("| context | FLOPs V3 (G) | FLOPs V3.2 (G) | attention FLOPs V3.2/V3 | KV bytes V3 (MB) | "
              "KV bytes V3.2 (MB) |")
     L.append("|---:|---:|---:|---:|---:|---:|")
@@ -371,10 +374,12 @@ def write_page(out_dir: Path, fast: bool = False) -> dict:
              "top-k is counted as 4 operations per score (a radix select); neither is a measured kernel time.")
     L.append(f"- KV cache in bf16 for both models (the `fp8` quantisation's default). DeepSeek's V3.2 inference "
              f"code keeps the indexer keys in FP8 ({c32.index_cache_bytes_per_token(None):,.0f} B/token over all "
-             f"layers instead of {c32.index_cache_bytes_per_token(2):,.0f}); FP8 latents would raise both models' "
-             "decode batches at long context.")
-    L.append("- Decode steps are costed at the batch's mean context (as in `sim serve`); every sequence here has "
-             "the same context, so this is exact on this page.\n")
+             f"layers instead of {c32.index_cache_bytes_per_token(2):,.0f}); the FP8-KV table shows what a "
+             "smaller cache does to the long-context decode batches.")
+    L.append("- `sim serve` costs a decode step at its batch's mean context; this page builds each step's "
+             "features from its sequences' own contexts (exact sums), so that approximation is not used here.")
+    L.append("- How DeepSeek attributes cost to a 'token position' is not described; panels (b) and (c) are two "
+             "readings (every sequence at L; one sequence at L in a day-6 batch) and differ a lot for decode.\n")
     atomic_write_text(out_dir / "whatif-v32-sparse-attention.md", "\n".join(L) + "\n")
     return {"rows": rows, "crossover": cross, "price": price, "decode_tps": dec32.tps, "day6_ratio": d6}
 
