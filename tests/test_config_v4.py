@@ -271,3 +271,16 @@ def test_info_cli_v4(capsys, tmp_path):
     assert main(["info", str(p)]) == 0
     out = capsys.readouterr().out
     assert "config spelling: deepseek-inference" in out and "CSA 1/4" in out and "HCA 1/8" in out
+
+
+def test_other_commands_refuse_v4_in_one_line(capsys):
+    """Only `dsref info` takes a V4 model; every other command's loader refuses it cleanly (exit 2)
+    instead of failing inside code written for ModelConfig."""
+    from dsref.experiments.cli import main
+    from dsref.reference.cli import load_model
+    with pytest.raises(ConfigError, match=r"^--model deepseek-v4-pro: a DeepSeek-V4 model; only `dsref info`"):
+        load_model("deepseek-v4-pro", "--model")
+    assert load_model("deepseek-v4-pro", v4=True) == get_preset("deepseek-v4-pro")
+    assert main(["sim", "local", "--model", "tiny-v4", "--device", "h100", "--quant", "bf16"]) == 2
+    err = capsys.readouterr().err
+    assert "--model tiny-v4: a DeepSeek-V4 model" in err and err.count("\n") == 1
