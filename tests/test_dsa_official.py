@@ -176,3 +176,15 @@ def test_the_studys_row_metrics_on_a_hand_made_swap():
     r = compare_rows(exact, other, 3)
     assert r["differ"].tolist() == [True, False] and np.allclose(r["symdiff"], [2 / 3, 0])
     assert np.allclose(r["gap"], [0.5 / 6, 0]) and np.allclose(r["depth"], [0.5 / 3, 0])
+
+
+def test_e4m3_rounding_matches_torchs_float8_cast():
+    """ml_dtypes' float8_e4m3fn rounding is torch's ``.to(torch.float8_e4m3fn)`` (what the official
+    ``act_quant`` output dtype holds), over the whole range: subnormals, ties, up to 448."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.uniform(-448, 448, 20000), rng.normal(size=20000) * 2.0 ** -7,
+                        np.arange(-448, 448.5, 0.5), np.arange(0, 2.0 ** -5, 2.0 ** -12)])
+    got = x.astype(off.E4M3).astype(np.float64)
+    want = torch.from_numpy(x).to(torch.float32).to(torch.float8_e4m3fn).to(torch.float64).numpy()
+    assert np.array_equal(got, want)
