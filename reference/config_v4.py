@@ -427,6 +427,13 @@ def _typed(key: str, canon: str, v: Any, source: str):
     return v
 
 
+def _count(key: str, v: Any, source: str) -> int:
+    """An integer >= 0 that is not a ModelConfigV4 field itself (a schedule or rope key)."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ConfigError(f"{source}: field '{key}' must be an integer >= 0, got {v!r}")
+    return v
+
+
 def _one(found: dict[str, tuple[str, Any]], canon: str, key: str, v: Any, source: str) -> None:
     """Record canon = v read from ``key``; a second spelling of the same field must agree."""
     if canon in found and found[canon][1] != v:
@@ -567,7 +574,7 @@ def _parse(d: dict[str, Any], source: str, name: str | None) -> ModelConfigV4:
             _one(rates, t, "compress_rates", v, source)
     for t, key in ((CSA, "compress_rate_csa"), (HCA, "compress_rate_hca")):
         if d.get(key) is not None:
-            _one(rates, t, key, _typed(key, "hc_mult", d[key], source), source)  # an integer, like hc_mult
+            _one(rates, t, key, _count(key, d[key], source), source)
     if CSA in rates and "compress_ratios" in d and rates[CSA][1] != DEEPSEEK_CSA_RATIO:
         raise ConfigError(f"{source}: field '{rates[CSA][0]}' CSA rate {rates[CSA][1]} contradicts "
                           f"'compress_ratios' (ratio {DEEPSEEK_CSA_RATIO} is CSA in DeepSeek's spelling)")
@@ -578,9 +585,7 @@ def _parse(d: dict[str, Any], source: str, name: str | None) -> ModelConfigV4:
         _one(mlp, "mlp", "mlp_layer_types", _str_list("mlp_layer_types", d["mlp_layer_types"], source), source)
     for key in ("num_hash_layers", "n_hash_layers"):
         if d.get(key) is not None:
-            h = _typed(key, "hc_mult", d[key], source)
-            if h < 0:
-                raise ConfigError(f"{source}: field '{key}' must be >= 0, got {h}")
+            h = _count(key, d[key], source)
             _one(mlp, "mlp", key, (HASH_MOE,) * min(h, L) + (MOE,) * max(0, L - h), source)
     if "mlp" not in mlp:
         raise ConfigError(f"{source}: required field 'mlp_layer_types' (or 'num_hash_layers', 'n_hash_layers') "
@@ -594,7 +599,7 @@ def _parse(d: dict[str, Any], source: str, name: str | None) -> ModelConfigV4:
         key = "rope_parameters.compress" if nested else "rope_parameters"
         _one(yarn, "y", key, _yarn(key, comp, source), source)
     if d.get("original_seq_len") is not None:
-        osl = _typed("original_seq_len", "hc_mult", d["original_seq_len"], source)
+        osl = _count("original_seq_len", d["original_seq_len"], source)
         ds = None if osl == 0 else _yarn("rope_factor", {"type": "yarn", "factor": d.get("rope_factor", 40),
                                                          "original_max_position_embeddings": osl,
                                                          "beta_fast": d.get("beta_fast", 32),
