@@ -262,3 +262,12 @@ def release_stored_values(c: ModelConfigV4, mtp: bool = True) -> tuple[int, int]
     """(tensor count, stored elements) of the release layout: what a safetensors header lists."""
     rows = release_tensors(c, mtp)
     return len(rows), sum(math.prod(s) for _, s, _ in rows)
+
+
+#: Bytes per stored element of each release dtype (FP4 weights are counted as their int8 carrier).
+RELEASE_DTYPE_BYTES = {"float8_e4m3fn": 1, "float8_e8m0fnu": 1, "int8": 1, "bfloat16": 2, "float32": 4, "int64": 8}
+
+
+def release_bytes(c: ModelConfigV4, mtp: bool = True) -> int:
+    """Bytes of all tensors of the release layout (safetensors payload, headers excluded)."""
+    return sum(math.prod(s) * RELEASE_DTYPE_BYTES[d] for _, s, d in release_tensors(c, mtp))

@@ -8,8 +8,8 @@ import pytest
 
 from dsref.reference.config import ConfigError, ModelConfig
 from dsref.reference.config_v4 import CSA, HCA, SLIDING, ModelConfigV4
-from dsref.reference.params_v4 import (EMBED, INT64, ROUTED_EXPERT, param_counts, release_stored_values,
-                                       tensors)
+from dsref.reference.params_v4 import (EMBED, INT64, ROUTED_EXPERT, param_counts, release_bytes,
+                                       release_stored_values, tensors)
 from dsref.reference.presets import all_preset_names, get_preset, load_config, preset_names
 
 V4_PRESETS = ("deepseek-v4-flash", "deepseek-v4-pro", "tiny-v4")
@@ -78,6 +78,11 @@ def test_pro_release_layout_reproduces_the_checkpoint_dump():
     experts as int8 [out, in/2] with one scale per 32, bf16/fp32 rest, int64 tid2eid, MTP included.
     Reproducing both pins every shape of the table and the preset at once."""
     assert release_stored_values(get_preset("deepseek-v4-pro")) == (145_116, 861_608_274_846)
+    # the dump's "tensor bytes" 805.32 GB (binary units, two decimals)
+    assert round(release_bytes(get_preset("deepseek-v4-pro")) / 2**30, 2) == 805.32
+    # Flash: no tensor dump; a third-party test quotes the model repo's safetensors total as 160 GB
+    # (index id 58039819897, V4_BASE_PUBLISHED_BYTES = 160e9), a 2-digit figure: +-0.5 GB
+    assert abs(release_bytes(get_preset("deepseek-v4-flash")) - 160e9) <= 0.5e9
 
 
 # ------------------------------------------------------------------ the table vs transformers
