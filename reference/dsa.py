@@ -61,12 +61,16 @@ class Selection(NamedTuple):
       fewer keys are visible (the first rows of a sequence);
     mask [B, T, S]: True at the selected (and visible) keys: MLA's attention mask;
     tie [B, T]: the index_topk-th and next best visible scores are exactly equal;
-    scores [B, T, S]: the index scores (invisible keys included, unmasked)."""
+    scores [B, T, S]: the index scores (invisible keys included, unmasked);
+    tied [B, T, S]: in tie rows, the visible keys whose score equals the index_topk-th best: the
+      selection may take any of them (as many as it needs to fill index_topk) and be right.
+      Golden dumps store them (oracle.golden: index_tie_keys) so compare can excuse exactly that."""
 
     ids: object
     mask: object
     tie: object
     scores: object
+    tied: object
 
 
 # ======================================================================= float64 NumPy
@@ -133,8 +137,9 @@ def select_topk(scores, vis, topk: int) -> Selection:
     np.put_along_axis(mask, ids, ok, -1)
     n_vis = vis.sum(-1)
     tie = (n_vis > kk) & (best[..., kk - 1] == best[..., kk]) if kk < S else np.zeros(n_vis.shape, bool)
+    tied = tie[..., None] & vis & (s == best[..., kk - 1:kk])
     ids = np.sort(np.where(ok, ids, S), -1)
-    return Selection(np.where(ids == S, -1, ids), mask, tie, scores)
+    return Selection(np.where(ids == S, -1, ids), mask, tie, scores, tied)
 
 
 def boundary_gap(sel: Selection, vis, topk: int):
@@ -248,8 +253,9 @@ def select_topk_jax(scores, vis, topk: int) -> Selection:
     ok = jnp.take_along_axis(vis, ids, -1)
     mask = jnp.zeros((B, T, S), bool).at[jnp.arange(B)[:, None, None], jnp.arange(T)[None, :, None], ids].set(ok)
     tie = (vis.sum(-1) > kk) & (best[..., kk - 1] == best[..., -1]) if kk < S else jnp.zeros((B, T), bool)
+    tied = tie[..., None] & vis & (s == best[..., kk - 1:kk])
     ids = jnp.sort(jnp.where(ok, ids, S), -1)
-    return Selection(jnp.where(ids == S, -1, ids), mask, tie, scores)
+    return Selection(jnp.where(ids == S, -1, ids), mask, tie, scores, tied)
 
 
 def index_select_jax(q, hw, k, q_pos, k_pos, topk: int, k_valid=None) -> Selection:

@@ -577,7 +577,7 @@ def decoder_layer(w, cfg: ModelConfig, i: int, h, positions, cache=None, *, mla_
     of the cache; the chunk is still written into the cache.
     V3.2 (cfg.has_indexer): the indexer's keys are cached beside the latents (the caches' k_idx
     field) and MLA attends to its top-index_topk keys only (reference/dsa.py); capture also gets
-    index_ids and index_tie.
+    index_ids, index_tie and index_tied (dsa.Selection).
     """
     idx_cap: dict | None = {} if capture is not None else None
     with jax.named_scope(f"layer{i}_mla"):
@@ -631,10 +631,10 @@ def decoder_layer(w, cfg: ModelConfig, i: int, h, positions, cache=None, *, mla_
 
 def _index_mask(cfg: ModelConfig, q, hw, k, positions, k_pos, k_valid, capture: dict | None):
     """V3.2: MLA's mask, the indexer's selection of the keys k [B, S, J] at k_pos (always a subset of
-    the causal mask); capture gets index_ids (ascending, -1 padded) and index_tie."""
+    the causal mask); capture gets index_ids (ascending, -1 padded), index_tie and index_tied."""
     sel = dsa.index_select_jax(q, hw, k, positions, k_pos, cfg.index_topk, k_valid)
     if capture is not None:
-        capture.update(index_ids=sel.ids, index_tie=sel.tie)
+        capture.update(index_ids=sel.ids, index_tie=sel.tie, index_tied=sel.tied)
     return sel.mask
 
 

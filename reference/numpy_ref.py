@@ -136,7 +136,7 @@ def mla(x, w, cfg: ModelConfig, positions, prefix: str, capture: dict | None = N
     q = (RMSNorm(x W_dq)) W_uq  (or x W_q without q_lora)   [B, T, H, N+P]
     o = softmax(q.k * scale + causal) v,  out = o W_o
     V3.2 (cfg.has_indexer): ``causal`` becomes the lightning indexer's top-index_topk selection
-    (reference/dsa.py), a subset of it; capture gets index_ids and index_tie.
+    (reference/dsa.py), a subset of it; capture gets index_ids, index_tie and index_tied.
     """
     B, T, _ = x.shape
     H, N, P, A, R = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
@@ -164,7 +164,7 @@ def mla(x, w, cfg: ModelConfig, positions, prefix: str, capture: dict | None = N
         sel = dsa.indexer(x, w, cfg, positions, prefix)
         causal = ~sel.mask[:, None]  # [B, 1, T, T]: keys the indexer did not select
         if capture is not None:
-            capture.update(index_ids=sel.ids, index_tie=sel.tie)
+            capture.update(index_ids=sel.ids, index_tie=sel.tie, index_tied=sel.tied)
     scores = np.where(causal, -np.inf, scores)
     p = np.exp(scores - scores.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)

@@ -51,6 +51,14 @@ FAULTS = {
     "fp8_block_128_assumed": "FP8 block size hard-coded to 128x128 (config's weight_block_size ignored)",
     "mtp_concat_order": "MTP input concatenated [hnorm(h); enorm(emb)] (hidden first)",
     "mtp_prenorm_hidden": "MTP fed the main model's hidden state before its final norm",
+    "index_rope_interleaved": "V3.2 indexer RoPE on interleaved pairs (DeepSeek's code before 2025-11-17)",
+    "index_no_relu": "V3.2 indexer scores without the relu: sum_h w_h (q_h . k)",
+    "index_heads_unweighted": "V3.2 indexer heads summed without their weights_proj weights",
+    "index_not_causal": "V3.2 indexer top-k over every key, future ones included (MLA's own mask then drops them)",
+    "index_dense_off_by_one": "V3.2 indexer keeps index_topk + 1 keys (an off-by-one in the top-k size)",
+    "index_weights_bf16": "V3.2 indexer head weights (x W_w) computed in bf16",
+    "index_chunk_mask_from_zero": "V3.2 chunked prefill: the indexer's causal mask built as if the chunk "
+                                  "started at position 0",
 }
 # The case each fault must fail (cases that require it fail too, explained by it).
 FAULT_CASE = {f: c.name for c in CASES for f in c.faults}
@@ -153,9 +161,12 @@ def _masked_mla(pad_positions: dict):
     """numpy_ref.mla with keys at token ids 0/1 masked out (except each query's own position)."""
     from dsref.reference import numpy_ref
     from dsref.reference.config import MLA_NORM_EPS
-    rms_norm, linear = numpy_ref.rms_norm, numpy_ref.linear
+    rms_norm, linear, orig_mla = numpy_ref.rms_norm, numpy_ref.linear, numpy_ref.mla
 
-    def mla(x, w, cfg, positions, prefix):
+    def mla(x, w, cfg, positions, prefix, capture=None):
+        pad = pad_positions["pad"]  # [B, T] True where the token is 0 or 1
+        if not pad.any():  # nothing to mask: the reference's own MLA (V3.2's indexer included)
+            return orig_mla(x, w, cfg, positions, prefix, capture)
         B, T, _ = x.shape
         H, N, P, A, R = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                          cfg.v_head_dim, cfg.kv_lora_rank)
@@ -174,7 +185,6 @@ def _masked_mla(pad_positions: dict):
         kvb = linear(c_kv, g("kv_b_proj.weight")).reshape(B, T, H, N + A)
         s = (np.einsum("bthn,bshn->bhts", q[..., :N], kvb[..., :N])
              + np.einsum("bthp,bsp->bhts", q_pe, k_pe)) * cfg.softmax_scale
-        pad = pad_positions["pad"]  # [B, T] True where the token is 0 or 1
         pad = pad[:, pad.shape[1] - T:]  # the MTP module's T-1 positions take tokens 1..T-1
         masked = np.triu(np.ones((T, T), bool), k=1)[None, None] | (pad[:, None, None, :] & ~np.eye(T, dtype=bool))
         s = np.where(masked, -np.inf, s)
@@ -184,9 +194,41 @@ def _masked_mla(pad_positions: dict):
     return mla
 
 
+def _index_fault(patch, fault: str, prefill_chunk: int | None) -> None:
+    """The V3.2 indexer faults, as patches of reference/dsa.py's steps (numpy_ref.mla calls dsa.indexer)."""
+    from dsref.reference import dsa
+    if fault == "index_rope_interleaved":
+        orig = dsa.indexer
+        patch(dsa, "indexer", lambda x, w, cfg, positions, prefix, interleaved=False:
+              orig(x, w, cfg, positions, prefix, True))
+    elif fault == "index_no_relu":
+        patch(dsa, "index_scores", lambda q, k, hw: np.einsum("bth,bthj,bsj->bts", hw, q, k))
+    elif fault == "index_heads_unweighted":
+        patch(dsa, "index_head_weights", lambda x, w, cfg, prefix: np.full(
+            (*x.shape[:-1], cfg.index_n_heads), cfg.index_n_heads ** -0.5 * cfg.index_softmax_scale))
+    elif fault == "index_not_causal":
+        orig_vis = dsa.visible
+        patch(dsa, "visible", lambda q_pos, k_pos, k_valid=None: np.ones_like(orig_vis(q_pos, k_pos, k_valid)))
+    elif fault == "index_dense_off_by_one":
+        orig_sel = dsa.select_topk
+        patch(dsa, "select_topk", lambda scores, vis, topk: orig_sel(scores, vis, topk + 1))
+    elif fault == "index_weights_bf16":
+        from dsref.reference.numpy_ref import linear
+        patch(dsa, "index_head_weights", lambda x, w, cfg, prefix: _bf16(
+            linear(x, w[prefix + "indexer.weights_proj.weight"])) * (cfg.index_n_heads ** -0.5 * cfg.index_softmax_scale))
+    elif fault == "index_chunk_mask_from_zero" and prefill_chunk:
+        orig_vis, C = dsa.visible, prefill_chunk
+        # a chunk's queries compared by their index within the chunk (q_pos - chunk start) with the
+        # cache's absolute key slots: what a top-k mask that assumes position 0 does
+        patch(dsa, "visible", lambda q_pos, k_pos, k_valid=None:
+              orig_vis(np.asarray(q_pos) % C, k_pos, k_valid))
+
+
 @contextlib.contextmanager
-def inject(fault: str, tokens: np.ndarray | None = None):
-    """Context manager: the NumPy reference (and checkpoint reading) with one mistake, restored on exit."""
+def inject(fault: str, tokens: np.ndarray | None = None, prefill_chunk: int | None = None):
+    """Context manager: the NumPy reference (and checkpoint reading) with one mistake, restored on exit.
+    prefill_chunk: the engine was asked to prefill in chunks of that many tokens (the float64 reference
+    has no cache: a full forward, equal to a correct chunked prefill; only a chunking fault uses it)."""
     from dsref.reference import checkpoint as ckpt
     from dsref.reference import numpy_ref
     from dsref.reference.params import FINAL_NORM
@@ -206,9 +248,9 @@ def inject(fault: str, tokens: np.ndarray | None = None):
             m_holder: dict[str, float] = {}
             orig_rope, orig_mla = numpy_ref.apply_rope_interleaved, numpy_ref.mla
 
-            def mla(x, w, cfg, positions, prefix):
+            def mla(x, w, cfg, positions, prefix, capture=None):
                 m_holder["m2"] = orig_scale.fget(cfg) / unscaled(cfg)
-                return orig_mla(x, w, cfg, positions, prefix)
+                return orig_mla(x, w, cfg, positions, prefix, capture)
             patch(numpy_ref, "mla", mla)
             patch(numpy_ref, "apply_rope_interleaved",
                   lambda x, cos, sin: orig_rope(x, cos, sin) * np.sqrt(m_holder.get("m2", 1.0)))
@@ -234,10 +276,10 @@ def inject(fault: str, tokens: np.ndarray | None = None):
         elif fault == "q_lora_assumed":
             orig_mla = numpy_ref.mla
 
-            def mla(x, w, cfg, positions, prefix):
+            def mla(x, w, cfg, positions, prefix, capture=None):
                 if cfg.q_lora_rank is None:  # what an engine that builds q_a_proj unconditionally hits
                     raise KeyError(f"{prefix}q_a_proj.weight: missing from the checkpoint")
-                return orig_mla(x, w, cfg, positions, prefix)
+                return orig_mla(x, w, cfg, positions, prefix, capture)
             patch(numpy_ref, "mla", mla)
         elif fault == "norm_eps_hardcoded":
             orig_norm = numpy_ref.rms_norm
@@ -245,9 +287,9 @@ def inject(fault: str, tokens: np.ndarray | None = None):
         elif fault == "mla_norm_config_eps":
             orig_mla = numpy_ref.mla
 
-            def mla(x, w, cfg, positions, prefix):
+            def mla(x, w, cfg, positions, prefix, capture=None):
                 with mock.patch.object(numpy_ref, "MLA_NORM_EPS", cfg.rms_norm_eps):
-                    return orig_mla(x, w, cfg, positions, prefix)
+                    return orig_mla(x, w, cfg, positions, prefix, capture)
             patch(numpy_ref, "mla", mla)
         elif fault == "pad_ids_masked":
             patch(numpy_ref, "mla", _masked_mla({"pad": np.isin(np.asarray(tokens), (0, 1))}))
@@ -269,6 +311,8 @@ def inject(fault: str, tokens: np.ndarray | None = None):
                 # RMSNorm is scale-invariant per token, so hnorm(h_prenorm) == hnorm(hn / final_norm.weight)
                 return orig_mtp(tokens_, h / np.asarray(w[FINAL_NORM], np.float64), w, cfg, depth)
             patch(numpy_ref, "mtp_forward", mtp)
+        elif fault.startswith("index_"):
+            _index_fault(patch, fault, prefill_chunk)
         yield
 
 
@@ -276,14 +320,15 @@ class BrokenReference:
     """Engine: the float64 NumPy reference with one injected mistake (see FAULTS, inject)."""
 
     dtype = "float64"
+    chunked_prefill = True  # takes prefill_chunk (see inject)
 
     def __init__(self, fault: str):
         if fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}; known: {', '.join(FAULTS)}")
         self.fault, self.name = fault, f"broken[{fault}]"
 
-    def __call__(self, checkpoint: Path, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        with inject(self.fault, tokens):
+    def __call__(self, checkpoint: Path, tokens: np.ndarray, prefill_chunk: int | None = None) -> dict[str, np.ndarray]:
+        with inject(self.fault, tokens, prefill_chunk):
             cfg = read_config(checkpoint)
             mtp = cfg.num_nextn_predict_layers > 0
             w = {k: np.asarray(v, np.float64) for k, v in read_tensors(checkpoint, cfg, with_mtp=mtp)}

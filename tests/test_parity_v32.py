@@ -197,3 +197,21 @@ def test_a_sequence_up_to_index_topk_is_dense_mla_exactly(v32_runs):
     assert np.array_equal(numpy_ref.forward(tokens[:, :k], w, cfg), numpy_ref.forward(tokens[:, :k], w, dense))
     assert not np.allclose(numpy_ref.forward(tokens[:, :k + 1], w, cfg)[:, k],
                            numpy_ref.forward(tokens[:, :k + 1], w, dense)[:, k], rtol=1e-6, atol=0)
+
+
+def test_greedy_decode_matches_transformers_generate_token_for_token(v32_runs):
+    """dsref's generate (prefill, then absorbed decode reading the latent and indexer caches) against
+    transformers' generate (its own caches) with greedy decoding: a prompt longer than index_topk (5)
+    and a prompt shorter than it that decoding grows past it. Same tokens, every one."""
+    from dsref.reference.decode import generate
+    cfg, _, tokens, _, _, model = v32_runs["v32-8-heads-yarn"]
+    hf = make_hf_model(cfg, CASES["v32-8-heads-yarn"][1])
+    n = 16
+    for prompt in (tokens[0].tolist(), tokens[1, :3].tolist()):
+        assert (len(prompt) > cfg.index_topk) == (len(prompt) == T)
+        with torch.no_grad():
+            ref = hf.generate(torch.as_tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        got = generate(model, [prompt], n).tokens[0]
+        assert got == ref, (len(prompt), got, ref)
+        assert len(set(got)) > 3  # not a degenerate constant sequence

@@ -60,13 +60,16 @@ def build_case(case: Case, out: str | Path) -> Path:
     missing = [n for n in case.dump_tensors if n not in golden]
     assert not missing, f"{case.name}: the reference dump lacks {missing}"
     write_dump(golden, out / "golden.safetensors", golden_metadata(stored, tokens, "float64", case=case.name))
-    margins = routing_margins(golden, stored, dict(read_tensors(ck, stored)))
+    stored_w = dict(read_tensors(ck, stored))
+    margins = routing_margins(golden, stored, stored_w)
+    imargins = index_margins(golden, stored, stored_w, tokens)
     meta = {"name": case.name, "letter": case.letter, "factor": case.factor, "targets": case.targets,
             "requires": list(case.all_requires), "faults": list(case.faults), "seed": case.seed,
             "config_hash": config_hash(stored), "tokens_shape": list(tokens.shape),
             "checkpoint_dtype": "fp8" if case.fp8_block else "float32",
             "fp8_block": list(case.fp8_block) if case.fp8_block else None,
             "dump_tensors": list(case.dump_tensors), "tolerances": TOLERANCES, "routing_margin": margins,
+            "index_margin": imargins, "prefill_chunk": case.prefill_chunk,
             "grading": "compare.compare_dumps(golden, candidate, engine dtype): every tensor within the "
                        "engine dtype's tolerance"}
     atomic_write_text(out / "case.json", json.dumps(meta, indent=2) + "\n")
@@ -104,6 +107,32 @@ def routing_margins(golden: dict[str, np.ndarray], cfg: ModelConfig, w: dict[str
         if k < E and np.isfinite(srt[:, k]).all():
             gaps.append(srt[:, k - 1] - srt[:, k])
         out[f"layers.{i}"] = float(min(g.min() for g in gaps)) if gaps else float("inf")
+    return out
+
+
+def index_margins(golden: dict[str, np.ndarray], cfg: ModelConfig, w: dict[str, np.ndarray],
+                  tokens: np.ndarray) -> dict[str, float]:
+    """V3.2: per layer, the smallest relative gap (float64) between the index_topk-th and next best
+    visible index score over the rows that are neither dense (<= index_topk keys) nor exact ties
+    (dsa.boundary_gap). A float32 engine's rounding must stay well below it to select the same keys.
+    Layer i's input is the golden's layers.{i-1}.hidden (the embedding for layer 0)."""
+    if not cfg.has_indexer:
+        return {}
+    from dsref.reference import dsa
+    from dsref.reference.numpy_ref import rms_norm
+    from dsref.reference.params import EMBED
+    f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    B, T = tokens.shape
+    pos = np.broadcast_to(np.arange(T), (B, T))
+    out = {}
+    for i in range(cfg.num_hidden_layers):
+        h = f64(w[EMBED])[tokens] if i == 0 else f64(golden[f"layers.{i - 1}.hidden"])
+        pre = f"model.layers.{i}."
+        lw = {k: f64(v) for k, v in w.items() if k.startswith(pre)}
+        x = rms_norm(h, lw[pre + "input_layernorm.weight"], cfg.rms_norm_eps)
+        sel = dsa.indexer(x, lw, cfg, pos, pre + "self_attn.")
+        gap = dsa.boundary_gap(sel, dsa.visible(pos, pos), cfg.index_topk)[~sel.tie]
+        out[f"layers.{i}"] = float(gap.min()) if gap.size else float("inf")
     return out
 
 
@@ -159,9 +188,11 @@ class ReferenceEngine:
         self.dtype = {"bfloat16": "bf16"}.get(dtype, dtype)
         self._run_dtype = {"bf16": "bfloat16"}.get(self.dtype, self.dtype)
         self.name = f"dsref-{self._run_dtype}"
+        # the JAX model prefills chunk by chunk into its caches; the NumPy one has no cache
+        self.chunked_prefill = self.dtype != "float64"
 
-    def __call__(self, checkpoint: Path, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        return run_reference(checkpoint, tokens, self._run_dtype)
+    def __call__(self, checkpoint: Path, tokens: np.ndarray, prefill_chunk: int | None = None) -> dict[str, np.ndarray]:
+        return run_reference(checkpoint, tokens, self._run_dtype, prefill_chunk=prefill_chunk)
 
 
 # An engine command that exits with UNSUPPORTED_EXIT and writes a line starting "unsupported:" to
@@ -179,7 +210,8 @@ def _command_name(template: str) -> str:
 
 class CommandEngine:
     """An external engine run as a command; the template names {checkpoint}, {tokens} and {out}
-    (a .safetensors dump to write). Exit 0: the dump is graded (its ``dtype`` and ``engine``
+    (a .safetensors dump to write), and {prefill_chunk} if the engine can prefill in chunks of that
+    many tokens (0: all at once; without it the chunked-prefill case is UNSUPPORTED). Exit 0: the dump is graded (its ``dtype`` and ``engine``
     metadata are used); exit UNSUPPORTED_EXIT with an ``unsupported: <reason>`` line on stderr:
     UNSUPPORTED; any other non-zero exit: ERROR, with the last line of stderr (an adapter's summary)."""
 
@@ -193,15 +225,16 @@ class CommandEngine:
             raise OracleError(f"--engine-cmd: cannot split {template!r} ({e})") from None
         self.template, self.dtype, self.timeout = template, dtype, timeout
         self.name, self._named = name or derived, name is not None
+        self.chunked_prefill = "{prefill_chunk}" in template
         self.save_dir: Path | None = None  # set by grade_kit(save_dir=...): dumps are copied there unchanged
 
-    def __call__(self, checkpoint: Path, tokens: np.ndarray):
+    def __call__(self, checkpoint: Path, tokens: np.ndarray, prefill_chunk: int | None = None):
         import tempfile
         with tempfile.TemporaryDirectory() as td:
             tok, out = Path(td) / "tokens.npy", Path(td) / "out.safetensors"
             np.save(tok, tokens)
             cmd = self.template.format(checkpoint=shlex.quote(str(checkpoint)), tokens=shlex.quote(str(tok)),
-                                       out=shlex.quote(str(out)))
+                                       out=shlex.quote(str(out)), prefill_chunk=int(prefill_chunk or 0))
             p = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=self.timeout)
             lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
             if p.returncode == UNSUPPORTED_EXIT:
@@ -274,7 +307,12 @@ def grade_case(kit_dir: Path, name: str, engine: Callable, dtype: str | None = N
     tokens = np.load(d / "tokens.npy", allow_pickle=False)
     dump_meta: dict = {}
     try:
-        out = engine(d / "checkpoint", tokens)
+        chunk = meta.get("prefill_chunk")
+        if chunk and not getattr(engine, "chunked_prefill", False):
+            raise EngineUnsupported(f"this case prefills in chunks of {chunk} tokens and the engine cannot be "
+                                    "told to (a command needs {prefill_chunk}; an engine object the "
+                                    "attribute chunked_prefill and a prefill_chunk argument)")
+        out = engine(d / "checkpoint", tokens, prefill_chunk=chunk) if chunk else engine(d / "checkpoint", tokens)
         if isinstance(out, tuple):
             out, dump_meta = out
     except EngineUnsupported as e:
@@ -375,12 +413,18 @@ def grade_outputs(kit_dir: str | Path, candidate_dir: str | Path, dtype: str | N
     each dump's own dtype metadata picks its tolerances unless dtype is given."""
     cdir = Path(candidate_dir)
 
-    def from_files(checkpoint: Path, tokens: np.ndarray):
-        p = cdir / f"{checkpoint.parent.name}.safetensors"
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: no dump for this case")
-        return read_dump(p)
-    return grade_kit(kit_dir, from_files, dtype=dtype, overrides=overrides)
+    class FromFiles:
+        chunked_prefill = True  # whoever wrote a chunked case's dump was asked to prefill in chunks
+
+        def __call__(self, checkpoint: Path, tokens: np.ndarray, prefill_chunk: int | None = None):
+            p = cdir / f"{checkpoint.parent.name}.safetensors"
+            if not p.is_file() and prefill_chunk:
+                raise EngineUnsupported(f"{p}: no dump for this case (it asks for a prefill in chunks of "
+                                        f"{prefill_chunk} tokens)")
+            if not p.is_file():
+                raise FileNotFoundError(f"{p}: no dump for this case")
+            return read_dump(p)
+    return grade_kit(kit_dir, FromFiles(), dtype=dtype, overrides=overrides)
 
 
 def format_results(results: list[CaseResult], engine_name: str = "engine") -> str:

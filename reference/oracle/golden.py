@@ -8,10 +8,17 @@ A *dump* is one safetensors file holding, for one batch of token ids [B, T]:
     layers.{i}.router_logits [B, T, E]   MoE layers: x W_gate (before sigmoid/softmax)
     layers.{i}.topk_ids      [B, T, k]   MoE layers: selected experts, sorted by expert id per token
     layers.{i}.topk_weights  [B, T, k]   MoE layers: their gate weights, in the same (sorted) order
+    layers.{i}.index_ids     [B, T, k']  V3.2: the keys the lightning indexer selected for each query,
+                                         ascending, -1 padded (k' = min(index_topk, T); a row with
+                                         fewer visible keys selects them all)
+    layers.{i}.index_tie     [B, T]      V3.2, reference only: the row's index_topk-th and next best
+                                         scores are exactly equal (its selection is implementation-defined)
+    layers.{i}.index_tie_keys [n, 3]     V3.2, reference only: (b, t, s) of every key tied at the
+                                         boundary of a tie row: any of them may fill the selection
 
-Sorting the top-k by expert id makes dumps comparable across engines (the order
-top-k kernels return is arbitrary). ``write_golden`` writes the reference's dump;
-``oracle.compare`` grades a candidate dump against it (see docs/oracle.md).
+Sorting the top-k by expert id (and the index ids by position) makes dumps comparable across
+engines (the order top-k kernels return is arbitrary). ``write_golden`` writes the reference's
+dump; ``oracle.compare`` grades a candidate dump against it (see docs/oracle.md).
 """
 
 from __future__ import annotations
@@ -95,10 +102,19 @@ def check_tokens(tokens: np.ndarray, cfg: ModelConfig, source: str = "tokens") -
 
 # ------------------------------------------------------------------ running the reference
 def canonicalize(outputs: dict[str, Any]) -> dict[str, np.ndarray]:
-    """numpy arrays; topk_ids/topk_weights sorted per token by expert id (ids int32)."""
+    """numpy arrays; topk_ids/topk_weights sorted per token by expert id (ids int32); index_ids
+    ascending with the -1 padding last (int32); a captured index_tied mask [B, T, S] turned into
+    its index_tie_keys list [n, 3] (the dump stays small: ties are rare)."""
     out = {k: np.asarray(v) for k, v in outputs.items()}
     for name in list(out):
         m = _LAYER_RE.match(name)
+        if m is not None and m.group(2) == "index_ids":
+            ids = out[name].astype(np.int64)
+            big = np.iinfo(np.int64).max
+            ids = np.sort(np.where(ids < 0, big, ids), -1)
+            out[name] = np.where(ids == big, -1, ids).astype(np.int32)
+        if m is not None and m.group(2) == "index_tied" and out[name].ndim == 3:
+            out[f"layers.{m.group(1)}.index_tie_keys"] = np.argwhere(out.pop(name)).astype(np.int32).reshape(-1, 3)
         if m is None or m.group(2) != "topk_ids":
             continue
         ids = out[name]
@@ -166,21 +182,53 @@ def jax_outputs(model, tokens: np.ndarray, mesh=None) -> dict[str, np.ndarray]:
     out = {"logits": fetch(logits)[:B].astype(np.float32)}
     for k, v in cap.items():
         v = fetch(v)[:B]
-        out[k] = v if v.dtype.kind in "iu" else v.astype(np.float32)
+        out[k] = v if v.dtype.kind in "iub" else v.astype(np.float32)
     return canonicalize(out)
 
 
+def jax_outputs_chunked(model, tokens: np.ndarray, chunk: int) -> dict[str, np.ndarray]:
+    """``jax_outputs`` computed as an engine serving a long prompt does: prefilled ``chunk`` tokens at a
+    time into the model's caches (absorbed MLA; each chunk attends to every cached key by position),
+    the per-layer captures of the chunks concatenated along the sequence. No MTP logits."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dsref.reference.decode import init_cache
+    from dsref.reference.model import forward
+    B, T = tokens.shape
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def step(state, tok, pos, cache):
+        cap: dict[str, Any] = {}
+        out = forward(nnx.merge(graphdef, state), tok, pos, cache, capture=cap)
+        return out.logits, out.cache, cap
+    cache = init_cache(model, B, T)
+    parts: list[dict[str, np.ndarray]] = []
+    for a in range(0, T, chunk):
+        b = min(a + chunk, T)
+        pos = jnp.broadcast_to(jnp.arange(a, b), (B, b - a))
+        logits, cache, cap = step(state, jnp.asarray(tokens[:, a:b]), pos, cache)
+        parts.append({"logits": np.asarray(logits), **{k: np.asarray(v) for k, v in cap.items()}})
+    out = {k: np.concatenate([p[k] for p in parts], axis=1) for k in parts[0]}
+    return canonicalize({k: v if v.dtype.kind in "iub" else v.astype(np.float32) for k, v in out.items()})
+
+
 def run_reference(checkpoint: str | Path, tokens: np.ndarray, dtype: str = "float32",
-                  mesh=None) -> dict[str, np.ndarray]:
+                  mesh=None, prefill_chunk: int | None = None) -> dict[str, np.ndarray]:
     """Dump of the reference on a checkpoint dir: float64 (NumPy) or float32/bfloat16 (JAX); the MTP
     module's logits too when the checkpoint has its weights. mesh (JAX dtypes only): the model is
-    loaded shard by shard onto it (reference/sharded_load.py) and runs over it."""
+    loaded shard by shard onto it (reference/sharded_load.py) and runs over it. prefill_chunk (JAX
+    dtypes only): run the prompt through the caches that many tokens at a time (jax_outputs_chunked)."""
     checkpoint = Path(checkpoint)
     cfg = read_config(checkpoint)
     check_tokens(tokens, cfg)
     mtp = wants_mtp(checkpoint, cfg, tokens)
     if mesh is not None and dtype == "float64":
         raise OracleError("--mesh runs the JAX reference (float32); float64 is the NumPy reference on one CPU")
+    if prefill_chunk and (dtype == "float64" or mesh is not None):
+        raise OracleError("a chunked prefill runs the JAX reference (float32 or bfloat16) on one device")
     if dtype == "float64":
         w = {k: np.asarray(v, np.float64) for k, v in read_tensors(checkpoint, cfg, with_mtp=mtp)}
         return numpy_outputs(w, cfg, tokens)
@@ -194,7 +242,9 @@ def run_reference(checkpoint: str | Path, tokens: np.ndarray, dtype: str = "floa
         from dsref.reference.sharded_load import load_sharded
         _, model = load_sharded(checkpoint, mesh, dtype=jdt, with_mtp=mtp)
     else:
-        _, model = load_checkpoint(checkpoint, dtype=jdt, with_mtp=mtp)
+        _, model = load_checkpoint(checkpoint, dtype=jdt, with_mtp=mtp and not prefill_chunk)
+    if prefill_chunk:
+        return jax_outputs_chunked(model, tokens, int(prefill_chunk))
     return jax_outputs(model, tokens, mesh)
 
 

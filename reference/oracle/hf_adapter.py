@@ -11,6 +11,8 @@ and the dump names (oracle.golden) are taken with forward hooks:
                              the (router_logits, topk_weights, topk_indices) that
                              ``model.model.layers[i].mlp.gate`` returns in transformers 5
                              (DeepseekV3TopkRouter / DeepseekV2TopkRouter)
+    layers.{i}.index_ids     V3.2: the top-k key slots ``self_attn.indexer`` returns, future
+                             (masked) slots of short rows replaced by -1
     logits                   the model's output logits
 
 What transformers cannot do is told apart from what it gets wrong:
@@ -100,6 +102,12 @@ def dump(model, tokens: np.ndarray) -> dict[str, np.ndarray]:
             lambda m, a, out, i=i: got.__setitem__(f"layers.{i}.attn_out", arr(first(out)))))
         hooks.append(layer.register_forward_hook(
             lambda m, a, out, i=i: got.__setitem__(f"layers.{i}.hidden", arr(first(out)))))
+        indexer = getattr(layer.self_attn, "indexer", None)
+        if indexer is not None:  # V3.2: [B, T, k] top-k key slots, masked (future) ones included
+            def on_index(m, a, out, i=i):
+                ids = arr(first(out)).astype(np.int64)
+                got[f"layers.{i}.index_ids"] = np.where(ids <= np.arange(T)[None, :, None], ids, -1).astype(np.int32)
+            hooks.append(indexer.register_forward_hook(on_index))
         gate = getattr(layer.mlp, "gate", None)
         if gate is not None and hasattr(gate, "top_k"):  # a router, not a dense MLP's gate_proj
             def on_gate(m, a, out, i=i):

@@ -47,6 +47,10 @@ _YARN_BASE = dict(qk_rope_head_dim=8, rope_theta=100.0, max_position_embeddings=
 _YARN_TOKENS = (2, 48)  # positions 16..47 lie past original_max_position_embeddings
 
 
+# V3.2 sparse attention: P = 8 (so half-split and interleaved RoPE differ), top-8 of up to 24 keys.
+_SPARSE = dict(qk_rope_head_dim=8, rope_theta=100.0, index_n_heads=4, index_head_dim=16, index_topk=8)
+
+
 def _yarn(mscale: float, mscale_all_dim: float) -> dict:
     return {**_YARN_BASE, "rope_scaling": RopeScaling(**_YARN, mscale=mscale, mscale_all_dim=mscale_all_dim)}
 
@@ -68,6 +72,8 @@ class Case:
     gate_std: float = 0.3
     fp8_block: tuple[int, int] | None = None
     dump_tensors: tuple[str, ...] = ()  # tensors only this factor adds to the dump (absent -> UNSUPPORTED)
+    index_weights: str = "random"  # random | cancelling (V3.2 head weights: large opposite pairs)
+    prefill_chunk: int | None = None  # the engine prefills in chunks of this many tokens (None: at once)
 
     def config(self) -> ModelConfig:
         return ModelConfig(**{**_BASE, "name": f"kit-{self.name}", **self.overrides})
@@ -165,6 +171,24 @@ CASES: tuple[Case, ...] = (
          "-> head, where h_t is the main model's final hidden state after its norm; embedding first",
          dict(num_nextn_predict_layers=1), ("mtp_concat_order", "mtp_prenorm_hidden"), 23,
          dump_tensors=("mtp.0.logits",)),
+    Case("sparse-attention", "x", "V3.2 lightning indexer: 4 index heads of 16 dims, top-8 of up to 24 keys",
+         "MLA attends only to the indexer's top-8 keys: score = sum_h w_h relu(q_h . k) with per-head weights "
+         "(weights_proj, x I^-1/2 J^-1/2), keys LayerNorm(x W_k) with weight and bias, half-split (not "
+         "interleaved) RoPE on the indexer's first P dims while MLA keeps interleaved pairs, a causal mask. "
+         "Rows 0-7 see at most 8 keys (dense attention, exactly); row 8 is the first to drop one",
+         _SPARSE, ("index_rope_interleaved", "index_no_relu", "index_heads_unweighted", "index_not_causal",
+                   "index_dense_off_by_one"), 24, requires=("rope-pair-layout",), tokens=(2, 24)),
+    Case("sparse-attention-weights-float32", "y", "indexer head weights as large opposite pairs",
+         "the per-head weights (x W_w) kept in float32: heads 0/1 and 2/3 share their queries and get "
+         "weights ~ +3 and ~ -3 whose sums ~1e-2 decide the ranking; rounded to bf16 (spacing 2^-6 at 3) "
+         "those sums scramble the top-8", _SPARSE, ("index_weights_bf16",), 25, requires=("sparse-attention",),
+         tokens=(2, 24), index_weights="cancelling"),
+    Case("sparse-attention-chunked", "z", "prefill in chunks of 8 tokens (positions 8 and 16 start chunks)",
+         "the engine prefills 8 tokens at a time into its caches; each chunk's indexer selects among every "
+         "cached key by absolute position (a top-k mask built as if the chunk started at position 0 sees only "
+         "the first keys). An engine that cannot be told to prefill in chunks is UNSUPPORTED here",
+         _SPARSE, ("index_chunk_mask_from_zero",), 26, requires=("sparse-attention",), tokens=(2, 24),
+         prefill_chunk=8),
 )
 CASE_BY_NAME = {c.name: c for c in CASES}
 
@@ -205,10 +229,36 @@ def case_weights(case: Case, cfg: ModelConfig) -> dict[str, np.ndarray]:
             a = _router(case, s, rng)
         elif n.endswith("embed_tokens.weight"):
             a = rng.standard_normal(s)
+        elif n.endswith("indexer.weights_proj.weight") and case.index_weights == "cancelling":
+            a = _cancelling_head_weights(s, rng)
         else:
             a = 0.15 * rng.standard_normal(s) * min(1.0, (32 / s[-1]) ** 0.5)  # keep x W ~ O(1) at any width
         w[n] = np.asarray(a, np.float32)
+    if case.index_weights == "cancelling":
+        _pair_queries(w, cfg)
     return w
+
+
+def _cancelling_head_weights(shape, rng) -> np.ndarray:
+    """weights_proj [I, D] as opposite pairs: rows 2h and 2h+1 are +c + delta_h and -c, c = 0.75 on the
+    first half of the dims (x.c ~ +-3, the same for both), delta_h small multiples of 2^-12 on the
+    second half (x.delta ~ 1e-2). Every entry is bf16-exact; only a float32 product keeps each pair's
+    sum x.delta_h (see _pair_queries: a pair shares its queries, so only the sum matters)."""
+    I, D = shape
+    h = D // 2
+    a = np.zeros(shape)
+    a[0::2, :h], a[1::2, :h] = 0.75, -0.75
+    a[0::2, h:] = rng.integers(-24, 25, (I // 2, D - h)) * 2.0 ** -12
+    return a
+
+
+def _pair_queries(w: dict, cfg: ModelConfig) -> None:
+    """Index heads 2h+1 get head 2h's rows of wq_b: each pair scores keys alike (cancelling weights)."""
+    J = cfg.index_head_dim
+    for name in [n for n in w if n.endswith("indexer.wq_b.weight")]:
+        q = w[name].reshape(cfg.index_n_heads, J, -1).copy()
+        q[1::2] = q[0::2]
+        w[name] = q.reshape(w[name].shape)
 
 
 def _bias(kind: str, E: int, rng) -> np.ndarray:
