@@ -309,7 +309,9 @@ def main(*, as_json: bool = False, out_dir: str | None = None, closed_loop: bool
     data = write_outputs(records, Path(out_dir), cl) if out_dir else {**to_json(records), "closed_loop": cl}
     if whatif:
         from dsref.experiments import whatif as wi
+        from dsref.experiments import whatif_v32
         wi.main(out_dir=out_dir, fast=fast)
+        whatif_v32.main(out_dir=out_dir, fast=fast)  # V3 vs V3.2 as context grows
     if as_json:
         print(json.dumps({**data, "closed_loop_origin": origin}, indent=1, default=float))
         return 0

@@ -127,7 +127,10 @@ def apply_rope_half(x, cos, sin):
 
 
 # ------------------------------------------------------------------------- MLA
-def mla(x, w, cfg: ModelConfig, positions, prefix: str, capture: dict | None = None):
+NUMERICS = ("exact", "deepseek-fp8")  # the oracle; DeepSeek-V3.2's deployed FP8 indexer and KV cache
+
+
+def mla(x, w, cfg: ModelConfig, positions, prefix: str, capture: dict | None = None, numerics: str = "exact"):
     """Multi-head Latent Attention, naive form (keys/values expanded per head).
 
     c_kv = RMSNorm(x W_dkv)            latent   [B, T, R]   (what the cache stores)
@@ -137,6 +140,8 @@ def mla(x, w, cfg: ModelConfig, positions, prefix: str, capture: dict | None = N
     o = softmax(q.k * scale + causal) v,  out = o W_o
     V3.2 (cfg.has_indexer): ``causal`` becomes the lightning indexer's top-index_topk selection
     (reference/dsa.py), a subset of it; capture gets index_ids, index_tie and index_tied.
+    numerics "deepseek-fp8" (V3.2 only; an option, not the oracle): DeepSeek's inference code's
+    FP8 + Hadamard indexer and its FP8 rounding of the latent c_kv (reference/dsa_official.py).
     """
     B, T, _ = x.shape
     H, N, P, A, R = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
@@ -151,6 +156,9 @@ def mla(x, w, cfg: ModelConfig, positions, prefix: str, capture: dict | None = N
     q_nope, q_pe = q[..., :N], q[..., N:]
     kv = linear(x, g("kv_a_proj_with_mqa.weight"))
     c_kv = rms_norm(kv[..., :R], g("kv_a_layernorm.weight"), MLA_NORM_EPS)
+    if numerics == "deepseek-fp8":  # what the FP8 KV cache holds, used by prefill and decode alike
+        from dsref.reference.dsa_official import round_kv_fp8
+        c_kv = round_kv_fp8(c_kv)
     cos, sin = rope_cos_sin(cfg, positions)
     q_pe = apply_rope_interleaved(q_pe, cos, sin)
     k_pe = apply_rope_interleaved(kv[..., R:], cos, sin)  # [B, T, P], one head shared by all
@@ -161,7 +169,11 @@ def mla(x, w, cfg: ModelConfig, positions, prefix: str, capture: dict | None = N
     causal = np.triu(np.ones((T, T), bool), k=1)
     if cfg.has_indexer:
         from dsref.reference import dsa  # dsa builds on this module's rope and norms
-        sel = dsa.indexer(x, w, cfg, positions, prefix)
+        if numerics == "deepseek-fp8":
+            from dsref.reference.dsa_official import indexer_official
+            sel = indexer_official(x, w, cfg, positions, prefix)
+        else:
+            sel = dsa.indexer(x, w, cfg, positions, prefix)
         causal = ~sel.mask[:, None]  # [B, 1, T, T]: keys the indexer did not select
         if capture is not None:
             capture.update(index_ids=sel.ids, index_tie=sel.tie, index_tied=sel.tied)
@@ -286,15 +298,25 @@ def moe(x, w, cfg: ModelConfig, prefix: str, capture: dict | None = None):
 
 
 # --------------------------------------------------------------------- model
+def check_numerics(cfg: ModelConfig, numerics: str) -> None:
+    """ValueError naming the option unless ``numerics`` is one of NUMERICS and fits the model."""
+    if numerics not in NUMERICS:
+        raise ValueError(f"numerics must be one of {', '.join(NUMERICS)}, got {numerics!r}")
+    if numerics != "exact" and not cfg.has_indexer:
+        raise ValueError(f"numerics {numerics!r} is DeepSeek-V3.2's (its FP8 indexer and KV cache); "
+                         f"{cfg.name} has no indexer")
+
+
 def decoder_layer(h, w, cfg: ModelConfig, i: int, positions, capture: dict | None = None,
-                  prefix: str | None = None):
+                  prefix: str | None = None, numerics: str = "exact"):
     p = f"model.layers.{i}." if prefix is None else prefix
     layer_cap: dict | None = {} if capture is not None else None
     x = rms_norm(h, w[p + "input_layernorm.weight"], cfg.rms_norm_eps)
     if cfg.arch != "deepseek":
         a = gqa(x, w, cfg, positions, p + "self_attn.")
     elif cfg.has_indexer:  # capture by keyword for V3.2 only: fault injections replace mla with the 5-argument form
-        a = mla(x, w, cfg, positions, p + "self_attn.", capture=layer_cap)
+        a = mla(x, w, cfg, positions, p + "self_attn.", capture=layer_cap,
+                **({"numerics": numerics} if numerics != "exact" else {}))
     else:
         a = mla(x, w, cfg, positions, p + "self_attn.")
     h = h + a
@@ -311,26 +333,28 @@ def decoder_layer(h, w, cfg: ModelConfig, i: int, positions, capture: dict | Non
     return h
 
 
-def forward(tokens, w, cfg: ModelConfig, capture: dict | None = None, return_hidden: bool = False):
-    """Logits [B, T, V] (float64) for token ids [B, T] (causal, positions 0..T-1)."""
+def forward(tokens, w, cfg: ModelConfig, capture: dict | None = None, return_hidden: bool = False,
+            numerics: str = "exact"):
+    """Logits [B, T, V] (float64) for token ids [B, T] (causal, positions 0..T-1). numerics: see mla."""
+    check_numerics(cfg, numerics)
     tokens = np.asarray(tokens)
     B, T = tokens.shape
     positions = np.broadcast_to(np.arange(T), (B, T))
     h = np.asarray(w[EMBED], f64)[tokens]
     for i in range(cfg.num_hidden_layers):
-        h = decoder_layer(h, w, cfg, i, positions, capture)
+        h = decoder_layer(h, w, cfg, i, positions, capture, numerics=numerics)
     hn = rms_norm(h, w[FINAL_NORM], cfg.rms_norm_eps)
     head = w[head_name(cfg)]
     logits = linear(hn, head)
     return (logits, hn) if return_hidden else logits
 
 
-def mtp_forward(tokens, h_main, w, cfg: ModelConfig, depth: int = 0):
+def mtp_forward(tokens, h_main, w, cfg: ModelConfig, depth: int = 0, numerics: str = "exact"):
     """DeepSeek-V3 multi-token prediction module `depth`: logits [B, T-1, V] (see mtp_hidden)."""
-    return linear(mtp_hidden(tokens, h_main, w, cfg, depth), w[head_name(cfg)])
+    return linear(mtp_hidden(tokens, h_main, w, cfg, depth, numerics), w[head_name(cfg)])
 
 
-def mtp_hidden(tokens, h_main, w, cfg: ModelConfig, depth: int = 0):
+def mtp_hidden(tokens, h_main, w, cfg: ModelConfig, depth: int = 0, numerics: str = "exact"):
     """DeepSeek-V3 multi-token prediction module `depth` (predicts token t+2 at position t), up
     to its shared_head norm (the streaming golden applies the head in vocabulary chunks).
 
@@ -348,5 +372,5 @@ def mtp_hidden(tokens, h_main, w, cfg: ModelConfig, depth: int = 0):
     x = linear(x, w[p + "eh_proj.weight"])
     B, T1, _ = x.shape
     positions = np.broadcast_to(np.arange(T1), (B, T1))
-    x = decoder_layer(x, w, cfg, i, positions, prefix=p)
+    x = decoder_layer(x, w, cfg, i, positions, prefix=p, numerics=numerics)
     return rms_norm(x, w[p + "shared_head.norm.weight"], cfg.rms_norm_eps)

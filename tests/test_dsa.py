@@ -372,3 +372,39 @@ def test_info_reports_the_indexer_and_its_cache_only_for_v32():
     assert d["kv_cache_bytes_per_token"] == 85_888 and d["index_cache_bytes_per_token"] == 128 * 2 * 61
     assert d["index_cache_bytes_per_token_official_fp8"] == (128 + 4) * 61
     assert not any(k.startswith("index_") for k in info_dict(get_preset("deepseek-v3")))
+
+
+def test_deepseek_fp8_numerics_are_an_option_of_the_golden_not_the_oracle(tmp_path, capsys):
+    """`dsref golden --numerics deepseek-fp8` (float64): DeepSeek's FP8 + Hadamard indexer and FP8
+    latent cache (reference/dsa_official.py) instead of the exact oracle: recorded in the metadata, and
+    it changes the dump (selections and values); refused for other dtypes and for models without
+    an indexer, with the option named."""
+    from dsref.experiments.cli import main
+    from dsref.reference import numpy_ref
+    from dsref.reference.checkpoint import save_checkpoint
+    from dsref.reference.oracle import golden
+    rng = np.random.default_rng(6)
+    sd = {t.name: rng.normal(0, 0.2, t.shape).astype(np.float32) for t in tensors(CFG)}
+    sd.update({n: 1 + 0 * v for n, v in sd.items() if n.endswith("norm.weight")})
+    save_checkpoint(sd, CFG, tmp_path / "ck", dtype="float32")
+    tok = tmp_path / "tok.npy"
+    np.save(tok, rng.integers(0, CFG.vocab_size, (2, 24)).astype(np.int32))
+    outs = {}
+    for num in ("exact", "deepseek-fp8"):
+        out = tmp_path / f"{num}.safetensors"
+        assert main(["golden", "--checkpoint", str(tmp_path / "ck"), "--tokens", str(tok), "--out", str(out),
+                     "--dtype", "float64", "--numerics", num]) == 0
+        outs[num] = golden.read_dump(out)
+    (ex, _), (fp, meta) = outs["exact"], outs["deepseek-fp8"]
+    assert meta["numerics"] == "deepseek-fp8" and "numerics" not in outs["exact"][1]
+    rel = np.abs(fp["logits"] - ex["logits"]).max() / np.abs(ex["logits"]).max()
+    assert rel > 1e-4 and np.isfinite(fp["logits"]).all()  # other selections: O(1) on random tiny weights
+    assert any(not np.array_equal(fp[f"layers.{i}.index_ids"], ex[f"layers.{i}.index_ids"]) for i in range(3))
+    capsys.readouterr()
+    assert main(["golden", "--checkpoint", str(tmp_path / "ck"), "--tokens", str(tok), "--out",
+                 str(tmp_path / "x.safetensors"), "--numerics", "deepseek-fp8"]) == 2
+    assert "--numerics deepseek-fp8" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no indexer"):
+        numpy_ref.forward(np.zeros((1, 2), int), {}, get_preset("tiny-v3"), numerics="deepseek-fp8")
+    with pytest.raises(ValueError, match="numerics must be one of"):
+        numpy_ref.forward(np.zeros((1, 2), int), {}, CFG, numerics="fp8")

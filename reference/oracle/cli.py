@@ -123,13 +123,21 @@ def cmd_golden(args) -> int:
                               "--mesh holds the model on the mesh's devices)")
         from dsref.reference.mesh import make_mesh
         mesh = make_mesh(args.mesh)
+    numerics = getattr(args, "numerics", "exact")
+    if numerics != "exact":
+        if args.dtype != "float64" or mesh is not None or getattr(args, "stream", False):
+            raise OracleError(f"--numerics {numerics} runs the float64 NumPy reference in memory: use --dtype "
+                              "float64 without --mesh or --stream")
+        if not cfg.has_indexer:
+            raise OracleError(f"--numerics {numerics}: DeepSeek-V3.2's FP8 indexer and KV cache; "
+                              f"{args.checkpoint} ({cfg.name}) has no indexer")
     from dsref.reference.cli_common import compile_cache
     with compile_cache():  # the float32 path compiles the model: keep it for the next run
         if getattr(args, "stream", False):  # layer by layer: checkpoints larger than memory
             from dsref.reference.oracle import stream
             out = stream.write_stream_golden(args.checkpoint, tokens, args.out, args.dtype, progress=True)
         else:
-            out = golden.write_golden(args.checkpoint, tokens, args.out, args.dtype, mesh)
+            out = golden.write_golden(args.checkpoint, tokens, args.out, args.dtype, mesh, numerics=numerics)
     if mesh is not None:
         import jax
         if jax.process_index() != 0:  # several hosts: all compute, process 0 writes
@@ -227,6 +235,11 @@ example:
                    "model's max_position_embeddings")
     p.add_argument("--out", required=True, help="output .safetensors")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="precision of the reference")
+    p.add_argument("--numerics", choices=("exact", "deepseek-fp8"), default="exact",
+                   help="exact: the oracle. deepseek-fp8 (V3.2, with --dtype float64): DeepSeek's inference "
+                        "code's numerics instead, its FP8 + Hadamard lightning indexer and FP8-rounded latent "
+                        "KV cache, for an engine that follows them (it selects other keys on many rows: "
+                        "docs/dsa-precision.md)")
     p.add_argument("--mesh", type=mesh_arg, metavar="AXIS=SIZE,...",
                    help="run the float32 reference over a device mesh (data=, expert=, tensor=; e.g. "
                         "expert=8 for 8 GPUs): each device loads only its shards; same dump as one device "

@@ -126,14 +126,17 @@ def canonicalize(outputs: dict[str, Any]) -> dict[str, np.ndarray]:
     return out
 
 
-def numpy_outputs(weights: dict[str, np.ndarray], cfg: ModelConfig, tokens: np.ndarray) -> dict[str, np.ndarray]:
+def numpy_outputs(weights: dict[str, np.ndarray], cfg: ModelConfig, tokens: np.ndarray,
+                  numerics: str = "exact") -> dict[str, np.ndarray]:
     """float64 NumPy reference with capture (weights: {our_name: array}); with the MTP module's
-    logits ``mtp.0.logits`` [B, T-1, V] when the config has one and its weights are given."""
+    logits ``mtp.0.logits`` [B, T-1, V] when the config has one and its weights are given.
+    numerics: numpy_ref.mla's ('exact', the oracle, or V3.2's 'deepseek-fp8')."""
     from dsref.reference import numpy_ref
     cap: dict[str, Any] = {}
-    logits, hn = numpy_ref.forward(tokens, weights, cfg, capture=cap, return_hidden=True)
+    kw = {} if numerics == "exact" else {"numerics": numerics}  # fault injections patch the plain form
+    logits, hn = numpy_ref.forward(tokens, weights, cfg, capture=cap, return_hidden=True, **kw)
     if _has_mtp(cfg, weights.__contains__, tokens):
-        cap[MTP_LOGITS] = numpy_ref.mtp_forward(tokens, hn, weights, cfg)
+        cap[MTP_LOGITS] = numpy_ref.mtp_forward(tokens, hn, weights, cfg, **kw)
     return canonicalize({"logits": logits, **cap})
 
 
@@ -216,11 +219,12 @@ def jax_outputs_chunked(model, tokens: np.ndarray, chunk: int) -> dict[str, np.n
 
 
 def run_reference(checkpoint: str | Path, tokens: np.ndarray, dtype: str = "float32",
-                  mesh=None, prefill_chunk: int | None = None) -> dict[str, np.ndarray]:
+                  mesh=None, prefill_chunk: int | None = None, numerics: str = "exact") -> dict[str, np.ndarray]:
     """Dump of the reference on a checkpoint dir: float64 (NumPy) or float32/bfloat16 (JAX); the MTP
     module's logits too when the checkpoint has its weights. mesh (JAX dtypes only): the model is
     loaded shard by shard onto it (reference/sharded_load.py) and runs over it. prefill_chunk (JAX
-    dtypes only): run the prompt through the caches that many tokens at a time (jax_outputs_chunked)."""
+    dtypes only): run the prompt through the caches that many tokens at a time (jax_outputs_chunked).
+    numerics (float64 only): 'exact' (the oracle) or V3.2's 'deepseek-fp8' (numpy_ref.mla)."""
     checkpoint = Path(checkpoint)
     cfg = read_config(checkpoint)
     check_tokens(tokens, cfg)
@@ -229,9 +233,16 @@ def run_reference(checkpoint: str | Path, tokens: np.ndarray, dtype: str = "floa
         raise OracleError("--mesh runs the JAX reference (float32); float64 is the NumPy reference on one CPU")
     if prefill_chunk and (dtype == "float64" or mesh is not None):
         raise OracleError("a chunked prefill runs the JAX reference (float32 or bfloat16) on one device")
+    if numerics != "exact" and dtype != "float64":
+        raise OracleError(f"numerics {numerics!r} runs the float64 NumPy reference: use dtype float64")
     if dtype == "float64":
+        from dsref.reference.numpy_ref import check_numerics
+        try:
+            check_numerics(cfg, numerics)
+        except ValueError as e:
+            raise OracleError(f"{checkpoint}: {e}") from None
         w = {k: np.asarray(v, np.float64) for k, v in read_tensors(checkpoint, cfg, with_mtp=mtp)}
-        return numpy_outputs(w, cfg, tokens)
+        return numpy_outputs(w, cfg, tokens, numerics)
     import jax.numpy as jnp
 
     from dsref.reference.checkpoint import load_checkpoint
@@ -294,14 +305,17 @@ def golden_metadata(cfg: ModelConfig, tokens: np.ndarray, dtype: str, **extra) -
 
 
 def write_golden(checkpoint: str | Path, tokens: np.ndarray, out: str | Path, dtype: str = "float32",
-                 mesh=None) -> Path:
+                 mesh=None, numerics: str = "exact") -> Path:
     """Run the reference and write its dump (see module docstring) with metadata; mesh: see
-    ``run_reference`` (in a multi-process run every process computes, process 0 writes)."""
+    ``run_reference`` (in a multi-process run every process computes, process 0 writes); numerics
+    other than 'exact' is recorded in the metadata."""
     if dtype not in ("float32", "float64"):
         raise OracleError(f"golden dtype must be float32 or float64, got {dtype!r}")
     cfg = read_config(checkpoint)
-    outputs = run_reference(checkpoint, tokens, dtype, mesh)
+    outputs = run_reference(checkpoint, tokens, dtype, mesh, numerics=numerics)
     extra = {} if mesh is None else {"mesh": ",".join(f"{a}={n}" for a, n in mesh.shape.items())}
+    if numerics != "exact":
+        extra["numerics"] = numerics
     import jax
     if mesh is not None and jax.process_index() != 0:
         return Path(out)
