@@ -33,6 +33,7 @@ def _tokens(cfg, seed: int, shape=(2, 7)) -> np.ndarray:
 # hidden 160 = one full 128-wide FP8 block + a partial one, in rows and columns of most Linears;
 # 2 layers (dense, MoE): the float32 test compiles the whole JAX model once, its cost is compile time
 V3_160 = dataclasses.replace(get_preset("tiny-v3"), name="tiny-v3-160", hidden_size=160, num_hidden_layers=2)
+V32 = get_preset("tiny-v32").replace(index_topk=3)  # 7 tokens: rows past 3 are sparse
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +52,12 @@ def ckpts(tmp_path_factory):
                                               expert_layout="fused", max_shard_bytes=60_000), v3),
         # a GQA Qwen3-MoE (float64 only: the JAX model is DeepSeek's)
         "qwen3-moe": (save_checkpoint(_weights(qwen, 4), qwen, d / "d", dtype="bfloat16"), qwen),
+        # V3.2 (the lightning indexer: index_ids, index_tie, index_tie_keys in the dump), FP8 16x16 blocks
+        "v32-fp8": (save_checkpoint(_weights(V32, 5), V32, d / "e", dtype="fp8", fp8_block_size=(16, 16)), V32),
     }
 
 
-@pytest.mark.parametrize("name", ["fp8-mtp-sharded", "bf16-no-mtp", "f32-fused-sharded", "qwen3-moe"])
+@pytest.mark.parametrize("name", ["fp8-mtp-sharded", "bf16-no-mtp", "f32-fused-sharded", "qwen3-moe", "v32-fp8"])
 def test_stream_float64_is_bit_identical(ckpts, name):
     ck, cfg = ckpts[name]
     if name == "fp8-mtp-sharded":
@@ -63,11 +66,14 @@ def test_stream_float64_is_bit_identical(ckpts, name):
     ref = golden.run_reference(ck, tok, "float64")
     got, times = stream.run_stream(ck, tok, "float64")
     assert sorted(got) == sorted(ref)
-    assert (golden.MTP_LOGITS in got) == (name in ("fp8-mtp-sharded", "f32-fused-sharded"))
+    assert (golden.MTP_LOGITS in got) == (name in ("fp8-mtp-sharded", "f32-fused-sharded", "v32-fp8"))
     for k in ref:
         assert got[k].dtype == ref[k].dtype and got[k].shape == ref[k].shape, k
         assert np.array_equal(got[k], ref[k]), f"{k}: max diff {np.abs(got[k] - ref[k]).max()}"
     assert [s for s, _ in times][:cfg.num_hidden_layers] == [f"layer {i}" for i in range(cfg.num_hidden_layers)]
+    if name == "v32-fp8":
+        assert {f"layers.{i}.{k}" for i in range(3) for k in ("index_ids", "index_tie", "index_tie_keys")} <= set(got)
+        assert got["layers.0.index_tie"].dtype == bool and (got["layers.0.index_ids"][:, 3:] >= 0).all()
 
 
 @pytest.mark.slow  # ~18 s on an idle 2-vCPU VM, nearly all of it compiling the in-memory JAX model

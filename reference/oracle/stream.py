@@ -263,7 +263,7 @@ def run_stream(checkpoint: str | Path, tokens: np.ndarray, dtype: str = "float64
         prog.close()
         reader.release()
     if dtype == "float32":
-        out = {k: v if v.dtype.kind in "iu" else v.astype(np.float32) for k, v in
+        out = {k: v if v.dtype.kind in "iub" else v.astype(np.float32) for k, v in
                ((k, np.asarray(v)) for k, v in out.items())}
     return golden.canonicalize(out), prog.times
 
