@@ -113,9 +113,15 @@ def compress(x, w, cfg: ModelConfigV4, prefix: str, m: int, width: int, overlap:
         gate = np.concatenate([prev_z, cb_z], axis=2)
     pooled = (kv * softmax(gate, axis=2)).sum(axis=2)   # [B, n, width]
     c = rms_norm(pooled, w[prefix + "kv_norm.weight"], cfg.rms_norm_eps)
-    pos = np.broadcast_to(np.arange(n) * m, (B, n))
-    cos, sin = rope_cos_sin(cfg, pos, compressed=True)
+    cos, sin = rope_cos_sin(cfg, np.broadcast_to(entry_positions(n, m), (B, n)), compressed=True)
     return rope_tail(c, cos, sin, cfg.qk_rope_head_dim)
+
+
+def entry_positions(n: int, m: int):
+    """RoPE position of compressed entry w: w*m, its block's first token (DeepSeek
+    ``freqs_cis[:cutoff:ratio]`` in prefill, ``freqs_cis[start_pos + 1 - ratio]`` when decode closes
+    a block; transformers ``positions * compress_rate + first_window_position``)."""
+    return np.arange(n) * m
 
 
 def complete_blocks(positions, m: int):
@@ -203,6 +209,14 @@ def attend_with_sink(logits, sinks):
     return softmax(np.concatenate([logits, sk], axis=-1))[..., :-1]
 
 
+def derotate(o, cos, sin, r: int):
+    """Rotate o's last r dims back by the QUERY's angle: the values are the keys, so each value
+    carried its own position's rotation into o; undoing the query's leaves a function of the
+    relative distance (DeepSeek ``apply_rotary_emb(o[..., -rd:], freqs_cis, True)``, transformers
+    ``apply_rotary_pos_emb(o, cos, -sin)``)."""
+    return rope_tail(o, cos, -sin, r)
+
+
 def grouped_output(o, w, cfg: ModelConfigV4, prefix: str):
     """o [B, T, H, d] -> g groups of H/g consecutive heads, group j projected by its own block
     W_oa[j] = o_a_proj.weight[j*d_g:(j+1)*d_g] ([d_g, H*d/g]), concatenated, then W_ob  ->  [B, T, D]."""
@@ -249,5 +263,5 @@ def attention(x, w, cfg: ModelConfigV4, i: int, positions, capture: dict | None 
         values = np.concatenate([kv, c], axis=1)
     p = attend_with_sink(logits, g("sinks"))
     o = np.einsum("bhts,bsd->bthd", p, values)
-    o = rope_tail(o, cos, -sin, r)  # undo the rotation the values (= keys) carried
+    o = derotate(o, cos, sin, r)
     return grouped_output(o, w, cfg, prefix)
