@@ -204,7 +204,7 @@ def test_greedy_decode_matches_transformers_generate_token_for_token(v32_runs):
     transformers' generate (its own caches) with greedy decoding: a prompt longer than index_topk (5)
     and a prompt shorter than it that decoding grows past it. Same tokens, every one."""
     from dsref.reference.decode import generate
-    cfg, _, tokens, _, _, model = v32_runs["v32-8-heads-yarn"]
+    cfg, w, tokens, _, _, model = v32_runs["v32-8-heads-yarn"]
     hf = make_hf_model(cfg, CASES["v32-8-heads-yarn"][1])
     n = 16
     for prompt in (tokens[0].tolist(), tokens[1, :3].tolist()):
@@ -215,3 +215,8 @@ def test_greedy_decode_matches_transformers_generate_token_for_token(v32_runs):
         got = generate(model, [prompt], n).tokens[0]
         assert got == ref, (len(prompt), got, ref)
         assert len(set(got)) > 3  # not a degenerate constant sequence
+    # self-speculative decoding with the MTP module (a V3.2 layer with its own indexer cache): a draft
+    # is only kept when the main model agrees, so the greedy tokens are the same
+    spec = DeepseekModel(cfg, rngs=nnx.Rngs(1), with_mtp=True)  # a random MTP module, the main weights
+    spec.load_hf({**spec.state_dict(), **{k: v.astype(np.float32) for k, v in w.items()}})
+    assert len(spec.mtp) and generate(spec, [prompt], n, use_mtp=True).tokens[0] == got
