@@ -214,6 +214,8 @@ def test_greedy_decode_matches_transformers_generate_token_for_token(v32_runs):
                               eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
         got = generate(model, [prompt], n).tokens[0]
         assert got == ref, (len(prompt), got, ref)
+        if len(prompt) == T:  # the expanded cache (per-head keys and values, plus the indexer keys)
+            assert generate(model, [prompt], n, form="naive").tokens[0] == ref
         assert len(set(got)) > 3  # not a degenerate constant sequence
     # self-speculative decoding with the MTP module (a V3.2 layer with its own indexer cache): a draft
     # is only kept when the main model agrees, so the greedy tokens are the same
