@@ -203,6 +203,20 @@ def test_indexer_selections_identical(v4_cases, name):
         assert (theirs == ours).all(), f"{name} layer {i}"
 
 
+@pytest.mark.parametrize("t", [3, 4, 8])
+def test_short_sequences(v4_cases, t):
+    """No complete block yet (t < 4), exactly one CSA block (t = 4), the first HCA block (t = 8):
+    empty and single-entry compressed sets behave as in transformers."""
+    c = v4_cases["tiny-v4"]
+    hooks = tiebreak_hooks(c["model"])
+    try:
+        theirs, _ = run_hf(c["model"], c["tokens"][:, :t])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert rel(nv4.forward(c["tokens"][:, :t], c["w"], c["cfg"]), theirs) <= TOL
+
+
 def test_untied_rows_agree_without_tiebreak(v4_cases):
     """transformers untouched (no tie-break hook): in the first CSA layer (same input on both
     sides: everything before it is sliding), rows without an exact tie select the same entries;
@@ -234,8 +248,10 @@ def test_block_boundary_visibility(v4_cases):
 
 # --------------------------------------------------------------------------------- gotchas
 def _yarn_everywhere(orig):
-    return lambda cfg, compressed, yarn=True: orig(cfg if compressed else cfg.replace(compress_rope_theta=cfg.rope_theta),
-                                                   True, yarn)
+    """Sliding layers get YaRN too (with their own theta)."""
+    def inv_freq(cfg, compressed, yarn=True):
+        return orig(cfg if compressed else cfg.replace(compress_rope_theta=cfg.rope_theta), True, yarn)
+    return inv_freq
 
 
 def _yarn_amplitude(orig):
@@ -260,6 +276,17 @@ def _swap_overlap_halves(orig):
                 w[prefix + n] = sw
         return orig(x, w, cfg, prefix, m, width, overlap)
     return compress
+
+
+def _router_bias_weighs(orig):
+    def router(x, w, cfg, i, tokens):
+        logits, ids, wts = orig(x, w, cfg, i, tokens)
+        if not cfg.is_hash_layer(i):
+            s = nv4.score(logits, cfg.scoring_func) + w[f"model.layers.{i}.mlp.gate.e_score_correction_bias"]
+            wts = np.take_along_axis(s, ids, -1)
+            wts = wts / wts.sum(-1, keepdims=True) * cfg.routed_scaling_factor
+        return logits, ids, wts
+    return router
 
 
 def _router_hash_by_topk(orig):
@@ -304,6 +331,8 @@ GOTCHAS = {
     # sinks are raw logits, not scaled by 1/sqrt(d), and they do take mass
     "sink_scaled": ("tiny-v4", na, "attend_with_sink", lambda o: lambda lg, s: o(lg, np.asarray(s) * 32 ** -0.5)),
     "no_sink": ("tiny-v4", na, "attend_with_sink", lambda o: lambda lg, s: o(lg, np.full_like(s, -np.inf))),
+    # the correction bias chooses the experts but does not weigh them
+    "router_bias_in_weights": ("tiny-v4", nv4, "router", _router_bias_weighs),
     # hash layers route by tid2eid, not by score
     "hash_layers_by_topk": ("tiny-v4", nv4, "router", _router_hash_by_topk),
 }
