@@ -32,7 +32,7 @@ transformers = pytest.importorskip("transformers")
 from dsref.reference import numpy_v4 as nv4  # noqa: E402
 from dsref.reference import numpy_v4_attention as na  # noqa: E402
 from dsref.reference.config import RopeScaling  # noqa: E402
-from dsref.reference.config_v4 import CSA, HASH_MOE, HCA, MOE, SLIDING  # noqa: E402
+from dsref.reference.config_v4 import CSA, HASH_MOE, HCA, MOE, SLIDING, ModelConfigV4  # noqa: E402
 from dsref.reference.presets import get_preset  # noqa: E402
 from tests.conftest import randomize_hf  # noqa: E402
 
@@ -321,6 +321,9 @@ GOTCHAS = {
     "yarn_on_sliding_layers_too": ("tiny-v4", na, "rope_inv_freq", _yarn_everywhere),
     "yarn_nowhere": ("tiny-v4", na, "rope_inv_freq", lambda o: lambda cfg, comp, yarn=True: o(cfg, comp, False)),
     "yarn_amplitude_factor": ("tiny-v4", na, "rope_cos_sin", _yarn_amplitude),
+    # V3's YaRN temperature (softmax scale * mscale^2) does not carry over: V4 uses head_dim^-1/2
+    "v3_softmax_mscale": ("tiny-v4", ModelConfigV4, "softmax_scale", lambda o: property(
+        lambda c: c.head_dim ** -0.5 * (0.1 * math.log(c.rope_scaling.factor) + 1.0) ** 2)),
     # compressor boundaries: an entry is visible from its block's last token, RoPE'd at its first
     "entry_visible_one_token_late": ("tiny-v4", na, "complete_blocks",
                                      lambda o: lambda pos, m: np.asarray(pos) // m),
