@@ -176,6 +176,9 @@ def forward(tokens, w, cfg: ModelConfigV4, capture: dict | None = None, return_h
     collapses them, the final RMSNorm and the LM head follow. return_hidden: also the normed
     final hidden state [B, T, D]."""
     tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or tokens.size == 0 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"tokens: expected a non-empty integer array [B, T], got shape {tokens.shape} "
+                         f"dtype {tokens.dtype}")
     B, T = tokens.shape
     if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
         raise ValueError(f"tokens: ids must lie in [0, vocab_size={cfg.vocab_size}), got "

@@ -371,5 +371,6 @@ def test_sinkhorn_is_doubly_stochastic_after_enough_iterations():
 
 def test_bad_tokens_one_line_error(v4_cases):
     c = v4_cases["tiny-v4"]
-    with pytest.raises(ValueError, match="tokens"):
-        nv4.forward(np.array([[0, c["cfg"].vocab_size]]), c["w"], c["cfg"])
+    for bad in (np.array([[0, c["cfg"].vocab_size]]), np.array([1, 2, 3]), np.array([[0.5, 1.0]])):
+        with pytest.raises(ValueError, match="^tokens: "):
+            nv4.forward(bad, c["w"], c["cfg"])
