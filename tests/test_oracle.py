@@ -426,3 +426,17 @@ def test_index_ties_excused_only_among_the_tied_keys(kit):
     # without the reference's tie annotations nothing is excused
     bare = {k: v for k, v in ref.items() if compare.tensor_kind(k) not in compare.REFERENCE_ONLY}
     assert not compare.compare_dumps(bare, candidate([s for s in row if s != swap_in] + out_tied[:1])).ok
+
+
+def test_engine_cmd_is_told_the_prefill_chunk(kit, tmp_path):
+    """{prefill_chunk} in --engine-cmd: the chunked case's 8, 0 for the others; without it the
+    chunked case is UNSUPPORTED (never graded on a one-shot prefill). The 'engine' copies the golden."""
+    log = tmp_path / "chunks.txt"
+    cmd = f"test -f {{tokens}} && cp {{checkpoint}}/../golden.safetensors {{out}} && echo {{prefill_chunk}} >> {log}"
+    res = conformance.grade_kit(kit, conformance.CommandEngine(cmd, dtype="float64"), ["sparse-attention-chunked"])
+    assert [r.case for r in res] == ["baseline", "rope-pair-layout", "sparse-attention", "sparse-attention-chunked"]
+    assert all(r.status == "pass" for r in res) and log.read_text().split() == ["0", "0", "0", "8"]
+    plain = "test -f {tokens} && cp {checkpoint}/../golden.safetensors {out}"
+    res = conformance.grade_kit(kit, conformance.CommandEngine(plain, dtype="float64"), ["z"])
+    assert [r.status for r in res] == ["pass", "pass", "pass", "unsupported"]
+    assert "{prefill_chunk}" in res[-1].detail
