@@ -353,6 +353,9 @@ def grade_case(kit_dir: Path, name: str, engine: Callable, dtype: str | None = N
     else:
         worst = max((r.max_rel or 0.0) for r in rep.tensors)
         res.detail = f"{len(rep.tensors)} tensors, worst rel {worst:.1e}"
+        ties = sum(r.excused_ties or 0 for r in rep.tensors)
+        if ties:
+            res.detail += f"; {ties} exact index ties broken another way (allowed)"
     if note:
         res.detail += f" ({note})"
     return res
