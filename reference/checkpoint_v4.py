@@ -82,7 +82,7 @@ def ue8m0_to_float(s) -> np.ndarray:
     if s.dtype == np.float32:
         return s
     b = s.view(np.uint8).astype(np.int32)
-    out = np.ldexp(np.float32(1.0), b - 127).astype(np.float32)
+    out = np.ldexp(np.float32(1.0), np.minimum(b, 254) - 127).astype(np.float32)
     return np.where(b == 255, np.float32(np.nan), out)
 
 
@@ -370,21 +370,18 @@ def _plan(path: Path, cfg: ModelConfigV4 | None, mtp: bool | None):
     return files, cfg, block, names, plan
 
 
-def iter_tensors_v4(path: str | Path, cfg: ModelConfigV4 | None = None, *,
-                    mtp: bool | None = None) -> Iterator[tuple[str, np.ndarray, str]]:
-    """(transformers name, array, stored format) in the table's order, one tensor at a time.
+class V4Stream:
+    """The tensors of a checked checkpoint, read one at a time: iterate for (transformers name,
+    array, stored format); ``names`` and ``cfg`` are known before the first read."""
 
-    Every name, dtype and shape is checked from the headers before the first tensor is read.
-    mtp: None reads the MTP modules the checkpoint holds, True requires them, False skips them.
-    Experts are combined as the table says (w1 | w3 stacked into gate_up_proj, w2 into down_proj).
-    """
-    files, cfg, block, names, plan = _plan(Path(path), cfg, mtp)
+    def __init__(self, path: Path, cfg: ModelConfigV4 | None, mtp: bool | None):
+        self._files, self.cfg, self._block, self.names, self._plan = _plan(path, cfg, mtp)
 
-    def gen():
-        E = cfg.n_routed_experts
-        for row, srcs in plan:
-            parts = [_load(files, s, block) for s in srcs]
-            if names == "transformers" or row.combine == SAME:  # transformers' names: combined already
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray, str]]:
+        files, E = self._files, self.cfg.n_routed_experts
+        for row, srcs in self._plan:
+            parts = [_load(files, s, self._block) for s in srcs]
+            if self.names == "transformers" or row.combine == SAME:  # transformers' names: combined already
                 a = parts[0]
             elif row.combine == STACK_CONCAT:  # sources alternate w1_e, w3_e
                 a = np.concatenate([np.stack(parts[0::2]), np.stack(parts[1::2])], axis=1)
@@ -395,20 +392,29 @@ def iter_tensors_v4(path: str | Path, cfg: ModelConfigV4 | None = None, *,
                 if a.size and (a.min() < 0 or a.max() >= E):
                     raise CheckpointError(f"{where}: expert ids must lie in [0, {E}), found {a.min()}..{a.max()}")
             elif not np.isfinite(a).all():
-                raise CheckpointError(f"{where}: non-finite values after dequantisation (NaN/Inf or a UE8M0 "
-                                      "scale of 255 / overflow)")
+                raise CheckpointError(f"{where}: non-finite values after dequantisation (NaN/Inf, a UE8M0 "
+                                      "scale byte of 255, or overflow)")
             yield row.name, a, srcs[0].fmt
-    return gen()
+
+
+def iter_tensors_v4(path: str | Path, cfg: ModelConfigV4 | None = None, *, mtp: bool | None = None) -> V4Stream:
+    """(transformers name, array, stored format) in the table's order, one tensor at a time.
+
+    Every name, dtype and shape is checked from the headers before this returns. cfg: default the
+    directory's config.json (any spelling config_v4 reads). mtp: None reads the MTP modules the
+    checkpoint holds, True requires them, False skips them. Experts are combined as the table says
+    (per expert w1 and w3 stacked, then concatenated into gate_up_proj; w2 stacked into down_proj).
+    """
+    return V4Stream(Path(path), cfg, mtp)
 
 
 def read_tensors_v4(path: str | Path, cfg: ModelConfigV4 | None = None, *, mtp: bool | None = None) -> V4Tensors:
     """All tensors as {transformers name: float32 array (tid2eid int64)}; see iter_tensors_v4.
     The result's ``names`` says which name set the checkpoint used, ``formats`` how each was stored."""
-    path = Path(path)
-    files, cfg_, _, names, _ = _plan(path, cfg, mtp)
+    stream = iter_tensors_v4(path, cfg, mtp=mtp)
     out = V4Tensors()
-    out.names, out.formats, out.cfg = names, {}, cfg_
-    for name, a, fmt in iter_tensors_v4(path, cfg_, mtp=mtp):
+    out.names, out.formats, out.cfg = stream.names, {}, stream.cfg
+    for name, a, fmt in stream:
         out[name] = a
         out.formats[name] = fmt
     return out
