@@ -236,7 +236,7 @@ class _Src:
 
 class V4Tensors(dict):
     """{transformers name: array} (float32; tid2eid int64) with what the checkpoint held:
-    ``names`` ("deepseek" or "transformers"), ``formats`` {name: "fp8"|"fp4"|"float"|"int"}, ``cfg``."""
+    ``names`` (one of READ_NAME_SETS), ``formats`` {name: "fp8"|"fp4"|"float"|"int"}, ``cfg``."""
 
     names: str
     formats: dict[str, str]
@@ -249,8 +249,32 @@ def _scale_names(name: str) -> tuple[str, str]:
     return name.removesuffix(".weight") + ".scale", name + "_scale_inv"
 
 
+#: Name sets the reader recognises. "transformers-saved": what transformers 5.24's save_pretrained
+#: writes for DeepseekV4ForCausalLM (it runs conversion_mapping "deepseek_v4" backwards, which does
+#: not invert exactly: see _saved_name); the writer produces only the first two.
+READ_NAME_SETS = NAME_SETS + ("transformers-saved",)
+_SAVED_GLOBALS = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+                  "hc_head_fn": "model.hc_head.hc_fn", "hc_head_base": "model.hc_head.hc_base",
+                  "hc_head_scale": "model.hc_head.hc_scale"}
+
+
+def _saved_name(ds: str) -> str:
+    """DeepSeek's name -> transformers' save_pretrained name (observed on tiny-v4, transformers 5.24):
+    the reversed renames leave the ``model.`` prefix, so ``^embed`` / ``^hc_head_*`` never fire
+    and ``layers.*`` keep it, while ``head.weight`` loses ``lm_``; ``attn.kv_norm`` comes out as
+    ``attn.norm`` (the reverse of the compressors' ``.norm.`` -> ``.kv_norm.``). No MTP is saved."""
+    if ds in _SAVED_GLOBALS:
+        return _SAVED_GLOBALS[ds]
+    if ds.startswith("layers."):
+        return "model." + re.sub(r"\.attn\.kv_norm\.", ".attn.norm.", ds)
+    return ds
+
+
 def _sources(row: TensorV4, names: str, E: int) -> list[tuple[str, tuple[int, ...]]]:
-    return row.deepseek_tensors(E) if names == "deepseek" else [(row.name, row.shape)]
+    if names == "transformers":
+        return [(row.name, row.shape)]
+    out = row.deepseek_tensors(E)
+    return out if names == "deepseek" else [(_saved_name(n), s) for n, s in out]
 
 
 def _fp8_block(cfg: ModelConfigV4, source: str) -> tuple[int, int]:
@@ -271,21 +295,22 @@ def _fp8_block(cfg: ModelConfigV4, source: str) -> tuple[int, int]:
 
 
 def _detect_names(infos: Mapping[str, TensorInfo], rows: list[TensorV4], E: int, where) -> str:
-    """Which name set the checkpoint uses, from names unique to one set (MTP extras share names)."""
-    sets = {"deepseek": set(), "transformers": set()}
+    """Which name set the checkpoint uses, from the names unique to one set (several names are the
+    same in two sets: the MTP extras, ``head.weight``, ``model.norm.weight``, ...)."""
+    sets = {n: set() for n in READ_NAME_SETS}
     for r in rows:
-        for n in ("deepseek", "transformers"):
+        for n in READ_NAME_SETS:
             for s, _ in _sources(r, n, E):
                 sets[n].update((s, *_scale_names(s)))
-    only = {n: sorted(k for k in infos if k in sets[n] and k not in sets[o])
-            for n, o in (("deepseek", "transformers"), ("transformers", "deepseek"))}
-    if only["deepseek"] and only["transformers"]:
-        raise CheckpointError(f"{where}: mixes DeepSeek's tensor names ('{only['deepseek'][0]}') and transformers' "
-                              f"('{only['transformers'][0]}')")
-    if not only["deepseek"] and not only["transformers"]:
+    only = {n: sorted(k for k in infos if k in sets[n] and not any(k in sets[o] for o in sets if o != n))
+            for n in READ_NAME_SETS}
+    found = [n for n in READ_NAME_SETS if only[n]]
+    if len(found) > 1:
+        raise CheckpointError(f"{where}: mixes name sets: " + ", ".join(f"{n} ('{only[n][0]}')" for n in found))
+    if not found:
         first = next(iter(infos), None)
         raise CheckpointError(f"{where}: no DeepSeek-V4 tensor names found (first tensor: {first!r})")
-    return "deepseek" if only["deepseek"] else "transformers"
+    return found[0]
 
 
 def _classify(files: _Files, row: TensorV4, name: str, shape: tuple[int, ...], block) -> _Src:

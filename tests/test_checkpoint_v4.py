@@ -195,8 +195,9 @@ def test_fp8_experts_and_streaming(release, tmp_path):
     stream = ck.iter_tensors_v4(d)
     assert stream.names == "deepseek"
     got = {n: (a, f) for n, a, f in stream}
-    a, fmt = got["model.layers.2.mlp.experts.down_proj"]
-    assert fmt == "fp8" and np.array_equal(a, ck.dequantize_fp8(*ck.quantize_fp8_ue8m0(w["model.layers.2.mlp.experts.down_proj"])))
+    dn = "model.layers.2.mlp.experts.down_proj"
+    a, fmt = got[dn]
+    assert fmt == "fp8" and np.array_equal(a, ck.dequantize_fp8(*ck.quantize_fp8_ue8m0(w[dn])))
     assert got["model.layers.3.mlp.experts.down_proj"][1] == "fp4"
 
 
@@ -250,7 +251,8 @@ def test_missing_extra_wrong_shape_mixed_nonfinite_named(release, tmp_path):
     fails(lambda t: t.update({"layers.2.ffn.experts.0.w2.weight": t["layers.2.ffn.experts.0.w2.weight"][:, :8]}),
           "'layers.2.ffn.experts.0.w2.weight'", "[64, 16]")
     fails(lambda t: t.update({"layers.9.attn.wq_a.weight": np.ones(2, np.float32)}), "unexpected", "layers.9")
-    fails(lambda t: t.update({"model.norm.weight": np.ones(64, np.float32)}), "mixes", "model.norm.weight")
+    fails(lambda t: t.update({"model.layers.0.self_attn.sinks": np.ones(4, np.float32)}), "mixes",
+          "model.layers.0.self_attn.sinks")
     fails(lambda t: t.update({"layers.4.ffn.gate.bias": np.ones((8, 1), np.float32)}), "'layers.4.ffn.gate.bias'")
     bad = np.array(base["layers.0.attn.wkv.scale"]).view(np.uint8).copy()
     bad[0, 0] = 255  # UE8M0 NaN
@@ -296,3 +298,9 @@ def test_transformers_loads_our_bf16_output_with_equal_logits(tmp_path):
         assert not info["missing_keys"] and not info["unexpected_keys"], (names, info)
         with torch.no_grad():
             assert torch.equal(m2.eval()(tok).logits, want), names
+    # and what transformers' own save_pretrained writes (its third naming) reads back as the state_dict
+    model.save_pretrained(tmp_path / "saved")
+    got = ck.read_tensors_v4(tmp_path / "saved")
+    assert got.names == "transformers-saved" and list(got) == [t.name for t in tensors(cfg)]
+    for n, p in model.state_dict().items():
+        assert np.array_equal(got[n], p.numpy()), n
