@@ -304,3 +304,23 @@ def test_transformers_loads_our_bf16_output_with_equal_logits(tmp_path):
     assert got.names == "transformers-saved" and list(got) == [t.name for t in tensors(cfg)]
     for n, p in model.state_dict().items():
         assert np.array_equal(got[n], p.numpy()), n
+
+
+def test_transformers_dequantizes_our_release_output_identically(release):
+    """transformers' own FP8/FP4 dequantizer (FineGrainedFP8Config(dequantize=True): `.scale` renamed to
+    weight_scale_inv, `_unpack_fp4`, per-expert dequantize before stacking) on our DeepSeek-named
+    release write gives every tensor bit-equal to our reader: an independent check of the nibble
+    order, the scale grids and the expert combine."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg, _, root = release
+    qc = transformers.FineGrainedFP8Config(dequantize=True, weight_block_size=[128, 128], scale_fmt="ue8m0",
+                                           expert_dtype="fp4")
+    m, info = transformers.DeepseekV4ForCausalLM.from_pretrained(
+        root / "ds", dtype=torch.float32, quantization_config=qc, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"], info
+    ours = ck.read_tensors_v4(root / "ds", mtp=False)
+    theirs = m.state_dict()
+    assert list(ours) == list(theirs)
+    for n, a in ours.items():
+        assert np.array_equal(theirs[n].numpy(), a), n
