@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -204,6 +205,9 @@ class _Files:
 
     def __init__(self, path: Path):
         self.dir, files, wm, self.where = _find_files(path)  # refuses pickles, checks the index
+        # open before reading headers: a rewrite swapping the folder (reference/atomic.py) meanwhile
+        # cannot hand us the new file's bytes at the old header's offsets (the handles pin the inodes)
+        self._fh = {f: open(f, "rb") for f in files}  # noqa: SIM115 - held for the reader's life
         self.infos: dict[str, TensorInfo] = {}
         for f in files:
             for name, info in read_header_v4(f).items():
@@ -215,12 +219,20 @@ class _Files:
         for name in wm or {}:
             if name not in self.infos:
                 raise CheckpointError(f"{self.dir / wm[name]}: tensor '{name}' listed in {self.where} is not there")
+        for f, fh in self._fh.items():
+            if os.fstat(fh.fileno()).st_ino != os.stat(f).st_ino:
+                raise CheckpointError(f"{f}: replaced while being read (a checkpoint write finished meanwhile); "
+                                      "load again")
         self._maps: dict[Path, np.memmap] = {}
+
+    def __del__(self):
+        for fh in getattr(self, "_fh", {}).values():
+            fh.close()
 
     def array(self, name: str) -> np.ndarray:
         i = self.infos[name]
         if i.file not in self._maps:
-            self._maps[i.file] = np.memmap(i.file, dtype=np.uint8, mode="r")
+            self._maps[i.file] = np.memmap(self._fh[i.file], dtype=np.uint8, mode="r")
         return self._maps[i.file][i.start:i.end].view(_ST_DTYPES[i.dtype]).reshape(i.shape)
 
 
