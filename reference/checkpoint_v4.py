@@ -7,10 +7,11 @@ moves bytes to and from it. Storage formats (the release: deepseek-ai/DeepSeek-V
 * FP8 (``params_v4.FP8``): W float8_e4m3fn [out, in] plus ``<base>.scale`` float8_e8m0fnu (UE8M0)
   [ceil(out/b0), ceil(in/b1)], b = quantization_config.weight_block_size (128 x 128 in the
   release); W = W_fp8 * scale[block], the last block row/column may be partial. Same shapes as
-  DeepSeek's inference ``Linear`` for float8_e4m3fn (seen in several vendored copies of
-  inference/model.py, e.g. sglang's dsv4 torch reference ``Linear``: ``(out + B - 1) // B``,
-  ``dtype=torch.float8_e8m0fnu``). transformers reads the same tensors under
-  ``<base>.weight_scale_inv`` (quantizer_finegrained_fp8.py line 188 renames ``.scale``).
+  DeepSeek's inference ``Linear`` for float8_e4m3fn (read in several public copies of V4's
+  inference/model.py found with the code index's find_string, repositories not named by it:
+  ``(out_features + block_size - 1) // block_size``, ``dtype=torch.float8_e8m0fnu``; for
+  float4_e2m1fn_x2 ``[out, in // 2]`` and scale ``[out, in // fp4_block_size]``). transformers
+  reads the same tensors under ``<base>.weight_scale_inv`` (quantizer_finegrained_fp8.py line 188 renames ``.scale``).
 * FP4 (``params_v4.FP4``, routed experts): int8 [out, in/2], two e2m1 codes per byte, the LOW
   nibble holding element 2j and the HIGH nibble element 2j+1 (transformers 5.24
   integrations/finegrained_fp8.py lines 1119-1127, ``_unpack_fp4``: ``low = u8 & 0xF``,
