@@ -38,10 +38,8 @@ does not know F8_E8M0 (the release's scale dtype). Ours is the same parser with 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -50,7 +48,8 @@ import ml_dtypes
 import numpy as np
 
 from dsref.reference.atomic import AtomicWriteError, atomic_dir
-from dsref.reference.checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError, TensorInfo, _find_files
+from dsref.reference.checkpoint import (INDEX_FILE, SINGLE_FILE, CheckpointError, TensorInfo, _find_files,
+                                        read_safetensors_header)
 from dsref.reference.config_v4 import ModelConfigV4
 from dsref.reference.params_v4 import FP4, FP8, FP32, INT64, SAME, STACK_CONCAT, TensorV4, tensors
 
@@ -74,7 +73,6 @@ _ST_DTYPES: dict[str, np.dtype] = {
 }
 _FLOATS = ("F64", "F32", "F16", "BF16")
 _SCALES = ("F8_E8M0", "F32")
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
 # ------------------------------------------------------------------ number formats
@@ -160,45 +158,14 @@ def dequantize_fp4(packed, scale) -> np.ndarray:
 
 # ------------------------------------------------------------------ safetensors headers
 def read_header_v4(file: str | Path) -> dict[str, TensorInfo]:
-    """``checkpoint.read_safetensors_header`` with F8_E8M0 known: parse, check offsets, read no data."""
-    file = Path(file)
-    size = file.stat().st_size
-    if size < 8:
-        raise CheckpointError(f"{file}: truncated safetensors file ({size} bytes; no header)")
-    with open(file, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        if n > size - 8 or n > _MAX_HEADER_BYTES:
-            raise CheckpointError(f"{file}: corrupt safetensors header (claims {n} bytes, file has {size})")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{file}: corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{file}: corrupt safetensors header (not a JSON object)")
-    header.pop("__metadata__", None)
-    base, out = 8 + n, {}
-    for name, e in header.items():
-        where = f"{file}: tensor '{name}'"
-        if not isinstance(e, dict):
-            raise CheckpointError(f"{where}: header entry is not an object")
-        dt, shape, offs = e.get("dtype"), e.get("shape"), e.get("data_offsets")
-        if dt not in _ST_DTYPES:
-            raise CheckpointError(f"{where}: dtype {dt!r} is not one a V4 checkpoint uses ({sorted(_ST_DTYPES)})")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                                  for d in shape):
-            raise CheckpointError(f"{where}: bad shape {shape!r}")
-        if (not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) for o in offs)
-                or not 0 <= offs[0] <= offs[1]):
-            raise CheckpointError(f"{where}: bad data_offsets {offs!r}")
-        nbytes = math.prod(shape) * _ST_DTYPES[dt].itemsize
-        if offs[1] - offs[0] != nbytes:
-            raise CheckpointError(f"{where}: data_offsets {offs} hold {offs[1] - offs[0]} bytes, {dt}{shape} "
-                                  f"needs {nbytes}")
-        if base + offs[1] > size:
-            raise CheckpointError(f"{where}: truncated file: data ends at byte {base + offs[1]}, file has {size}")
-        out[name] = TensorInfo(name, file, dt, tuple(shape), base + offs[0], base + offs[1])
-    return out
+    """``checkpoint.read_safetensors_header`` (parse, check offsets, read no data), limited to the
+    dtypes a V4 checkpoint uses."""
+    infos = read_safetensors_header(file)
+    for name, info in infos.items():
+        if info.dtype not in _ST_DTYPES:
+            raise CheckpointError(f"{file}: tensor '{name}': dtype {info.dtype!r} is not one a V4 checkpoint "
+                                  f"uses ({sorted(_ST_DTYPES)})")
+    return infos
 
 
 class _Files:
