@@ -251,6 +251,9 @@ def release_tensors(c: ModelConfigV4, mtp: bool = True) -> list[tuple[str, tuple
                         (name.removesuffix(".weight") + ".scale", (-(-o // 128), -(-i // 128)), "float8_e8m0fnu")]
             elif t.stored == FP4:
                 o, i = shape
+                if i % 32:  # one UE8M0 scale per 32 inputs, two e2m1 per byte: no partial block exists
+                    raise ValueError(f"{c.name}: FP4 expert weight {name} has {i} inputs, not a multiple of 32 "
+                                     "(hidden_size and moe_intermediate_size must be, for the release layout)")
                 out += [(name, (o, i // 2), "int8"),
                         (name.removesuffix(".weight") + ".scale", (o, i // 32), "float8_e8m0fnu")]
             else:
