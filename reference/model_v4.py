@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsref.reference.config_v4 import CSA, ModelConfigV4
-from dsref.reference.model import linear, rms_norm
-from dsref.reference.model_v4_attention import F32, HIGHEST, attention, canonical_zero, f32_linear, mm32, \
-    unweighted_rms
+from dsref.reference.model import rms_norm
+from dsref.reference.model_v4_attention import F32, HIGHEST, attention, canonical_zero, f32_linear, linear, \
+    linear32, mm32, unweighted_rms
 from dsref.reference.params_v4 import EMBED, FINAL_NORM, FP32, HEAD, INT64, tensors
 
 BF16 = jnp.bfloat16
@@ -128,14 +128,13 @@ def hc_pre(h, w, cfg: ModelConfigV4, prefix: str):
     pre = jax.nn.sigmoid(a[..., :n] * s[0] + b[:n]) + cfg.hc_eps
     post = 2.0 * jax.nn.sigmoid(a[..., n:2 * n] * s[1] + b[n:2 * n])
     comb = sinkhorn((a[..., 2 * n:] * s[2] + b[2 * n:]).reshape(B, T, n, n), cfg.hc_sinkhorn_iters, cfg.hc_eps)
-    x = jnp.einsum("btn,btnd->btd", pre, hf, precision=HIGHEST)
-    return x.astype(h.dtype), post, comb
+    return (pre[..., None] * hf).sum(2).astype(h.dtype), post, comb
 
 
 def hc_post(f, h, post, comb):
     """h'_k = post_k f + sum_j comb[j, k] h_j in float32, stored in h's dtype."""
-    y = post[..., None] * f.astype(F32)[:, :, None, :] + jnp.einsum("btjk,btjd->btkd", comb, h.astype(F32),
-                                                                    precision=HIGHEST)
+    mixed = jax.lax.dot_general(comb, h.astype(F32), (((2,), (2,)), ((0, 1), (0, 1))), precision=HIGHEST)
+    y = post[..., None] * f.astype(F32)[:, :, None, :] + mixed                 # [b, t, k, d]
     return y.astype(h.dtype)
 
 
@@ -145,7 +144,7 @@ def hc_head(h, w, cfg: ModelConfigV4, prefix: str = "model.hc_head."):
     hf = h.astype(F32)
     a = f32_linear(unweighted_rms(hf.reshape(B, T, n * D), cfg.rms_norm_eps), w[prefix + "hc_fn"])
     pre = jax.nn.sigmoid(a * w[prefix + "hc_scale"].astype(F32) + w[prefix + "hc_base"].astype(F32)) + cfg.hc_eps
-    return jnp.einsum("btn,btnd->btd", pre, hf, precision=HIGHEST).astype(h.dtype)
+    return (pre[..., None] * hf).sum(2).astype(h.dtype)
 
 
 # ------------------------------------------------------------------------------------- MoE
@@ -185,7 +184,7 @@ def clipped_swiglu(gate, up, limit: float | None):
 def expert(x, gate_w, up_w, down_w, limit: float | None, prec):
     """One SwiGLU expert (the shared one): the activation in float32 (DeepSeek's Expert: w1(x).float(),
     w3(x).float()), rounded to x's dtype before W_down."""
-    a = clipped_swiglu(mm32("...i,oi->...o", x, gate_w, prec), mm32("...i,oi->...o", x, up_w, prec), limit)
+    a = clipped_swiglu(linear32(x, gate_w, prec), linear32(x, up_w, prec), limit)
     return linear(a.astype(x.dtype), down_w, prec)
 
 
@@ -196,11 +195,9 @@ def routed_dense(x, gate_up, down, ids, wts, limit: float | None, prec):
     E/k times the routed work: tiny configs only (module docstring)."""
     M, E, F = x.shape[0], gate_up.shape[0], gate_up.shape[1] // 2
     combine = jnp.zeros((M, E), F32).at[jnp.arange(M)[:, None], ids].add(wts)
-    gu = gate_up if gate_up.dtype == F32 else gate_up.astype(x.dtype)
-    g = mm32("md,efd->mef", x, gu, prec)
+    g = mm32("md,efd->mef", x, gate_up, prec)
     a = clipped_swiglu(g[..., :F], g[..., F:], limit).astype(x.dtype)
-    dn = down if down.dtype == F32 else down.astype(x.dtype)
-    y = mm32("mef,edf->med", a, dn, prec)
+    y = mm32("mef,edf->med", a, down, prec)
     return jnp.einsum("me,med->md", combine, y, precision=HIGHEST)
 
 
@@ -278,24 +275,29 @@ def forward_v4(weights: dict, cfg: ModelConfigV4, tokens, capture: dict | None =
         h = decoder_layer(h, weights, cfg, i, tokens, positions, prec, capture, shared_expert_clamp, pinned)
     with jax.named_scope("head"):
         hn = rms_norm(hc_head(h, weights, cfg), weights[FINAL_NORM], cfg.rms_norm_eps)
-        logits = mm32("btd,vd->btv", hn, weights[HEAD], prec)
+        logits = linear32(hn, weights[HEAD], prec)
     return (logits, hn) if return_hidden else logits
 
 
 @lru_cache(maxsize=16)
-def _compiled(cfg: ModelConfigV4, dtype: str, with_capture: bool, shared_expert_clamp: bool):
+def _compiled(cfg: ModelConfigV4, dtype: str, with_capture: bool, shared_expert_clamp: bool, options: tuple):
     def run(weights, tokens, pinned):
         cap = {} if with_capture else None
         logits = forward_v4(weights, cfg, tokens, cap, dtype=jnp.dtype(dtype), shared_expert_clamp=shared_expert_clamp,
                             pinned=pinned)
         return logits, cap
-    return jax.jit(run)
+    return jax.jit(run, compiler_options=dict(options) or None)
 
 
 def jit_forward_v4(weights: dict, cfg: ModelConfigV4, tokens, dtype=F32, capture: bool = False,
-                   shared_expert_clamp: bool = True, pinned: dict | None = None):
-    """Compiled forward_v4 (one compile per config, dtype, flags and set of pinned keys):
-    (logits, capture dict or None)."""
+                   shared_expert_clamp: bool = True, pinned: dict | None = None,
+                   compiler_options: dict | None = None):
+    """Compiled forward_v4 (one compile per config, dtype, flags, compiler options and set of pinned
+    keys): (logits, capture dict or None). compiler_options: XLA's (jax.jit's argument), e.g. the
+    tests' {"xla_backend_optimization_level": 0}: XLA:CPU then compiles the tiny models about twice as
+    fast (less LLVM optimisation; IEEE semantics are kept, no fast-math)."""
     _check_inputs(weights, cfg, tokens)
     pinned = None if pinned is None else {k: jnp.asarray(np.asarray(v).astype(np.int32)) for k, v in pinned.items()}
-    return _compiled(cfg, jnp.dtype(dtype).name, capture, shared_expert_clamp)(weights, jnp.asarray(tokens), pinned)
+    options = tuple(sorted((compiler_options or {}).items()))
+    return _compiled(cfg, jnp.dtype(dtype).name, capture, shared_expert_clamp, options)(weights, jnp.asarray(tokens),
+                                                                                         pinned)

@@ -5,7 +5,7 @@ the grouped output projection (equations: numpy_v4_attention's docstring, docs/v
 Weights: the flat dict of transformers' names (reference/params_v4.py), as in the NumPy reference.
 
 Precision: matmul operands in the activation dtype (float32 or bfloat16) with float32
-accumulation where the backend has it (reference.model.einsum); RMSNorms, RoPE, the compressor's
+accumulation where the backend has it (``_acc``); RMSNorms, RoPE, the compressor's
 gated pooling, the index scores and the attention softmax (sinks included) in float32, as both
 DeepSeek's inference code and transformers do them; what is stored between steps (q, kv, the
 compressed entries, the attention output) in the activation dtype.
@@ -22,24 +22,50 @@ import jax.numpy as jnp
 from dsref.reference import dsa
 from dsref.reference import numpy_v4_attention as na
 from dsref.reference.config_v4 import CSA, HCA, SLIDING, ModelConfigV4
-from dsref.reference.model import apply_rope, einsum, linear, rms_norm
+from dsref.reference.model import apply_rope, rms_norm
 
 F32 = jnp.float32
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
+def _operands(a, b):
+    """Both in a's dtype, unless one is float32 (a float32-stored weight, or float32 math): then both
+    float32, bf16 values multiplied exactly (as reference.model.einsum)."""
+    if a.dtype != b.dtype and F32 in (a.dtype, b.dtype):
+        return a.astype(F32), b.astype(F32)
+    return a, b.astype(a.dtype)
+
+
+def _acc(dtype):
+    """float32 accumulation, except bf16 on XLA:CPU (no bf16 x bf16 -> f32 dot there; it
+    accumulates bf16 dots in float32 internally: reference.model.einsum)."""
+    return F32 if (dtype == F32 or jax.default_backend() != "cpu") else None
+
+
 def mm32(spec, a, b, prec):
-    """einsum with a float32 result: operands in a's dtype (a float32 b widens a), accumulation in
-    float32 where the backend has it (reference.model.einsum). The float32 result is not rounded
-    back to a bf16 activation dtype: the callers (scores, gated pooling, logits) keep it."""
-    b = b if b.dtype == F32 else b.astype(a.dtype)
-    return einsum(spec, a, b, prec).astype(F32)
+    """einsum with a float32 result: operands as ``_operands``, accumulation as ``_acc``; the float32
+    result is not rounded back to a bf16 activation dtype (scores, pooling and logits keep it)."""
+    a, b = _operands(a, b)
+    return jnp.einsum(spec, a, b, precision=prec, preferred_element_type=_acc(a.dtype)).astype(F32)
+
+
+def linear32(x, w, prec):
+    """x @ w.T (w [out, in], the checkpoint layout) with a float32 result. lax.dot_general rather
+    than einsum: the same product, several times cheaper to trace (Flash's 43 layers, eval_shape)."""
+    x, w = _operands(x, w)
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), precision=prec,
+                               preferred_element_type=_acc(x.dtype)).astype(F32)
+
+
+def linear(x, w, prec):
+    """x @ w.T, result in x's dtype."""
+    return linear32(x, w, prec).astype(x.dtype)
 
 
 def f32_linear(x, w):
     """x @ w.T entirely in float32 (router, hyper-connection mixers, index head weights: float32
     in both codes whatever the model dtype)."""
-    return jnp.einsum("...i,oi->...o", x.astype(F32), w.astype(F32), precision=HIGHEST)
+    return linear32(x.astype(F32), w.astype(F32), HIGHEST)
 
 
 def unweighted_rms(x, eps):
@@ -97,8 +123,8 @@ def compress(x, w, cfg: ModelConfigV4, prefix: str, m: int, width: int, overlap:
     if n == 0:
         return jnp.zeros((B, 0, width), x.dtype)
     xs = x[:, :n * m]
-    kv = mm32("...i,oi->...o", xs, w[prefix + "kv_proj.weight"], prec).reshape(B, n, m, -1)
-    gate = mm32("...i,oi->...o", xs, w[prefix + "gate_proj.weight"], prec).reshape(B, n, m, -1)
+    kv = linear32(xs, w[prefix + "kv_proj.weight"], prec).reshape(B, n, m, -1)
+    gate = linear32(xs, w[prefix + "gate_proj.weight"], prec).reshape(B, n, m, -1)
     gate = gate + w[prefix + "position_bias"].astype(F32)
     if overlap:
         ca_k, cb_k = kv[..., :width], kv[..., width:]
@@ -152,9 +178,8 @@ def grouped_output(o, w, cfg: ModelConfigV4, prefix: str, prec):
     concatenated, then W_ob -> [B, T, D]."""
     B, T = o.shape[:2]
     g, dg = cfg.o_groups, cfg.o_lora_rank
-    wa = w[prefix + "o_a_proj.weight"]
-    wa = (wa if wa.dtype == F32 else wa.astype(o.dtype)).reshape(g, dg, -1)
-    y = einsum("btgk,grk->btgr", o.reshape(B, T, g, -1), wa, prec).astype(o.dtype).reshape(B, T, g * dg)
+    wa = w[prefix + "o_a_proj.weight"].reshape(g, dg, -1)
+    y = mm32("btgk,grk->btgr", o.reshape(B, T, g, -1), wa, prec).astype(o.dtype).reshape(B, T, g * dg)
     return linear(y, w[prefix + "o_b_proj.weight"], prec)
 
 
@@ -203,7 +228,7 @@ def attention(x, w, cfg: ModelConfigV4, i: int, positions, prec, capture: dict |
             logits = jnp.concatenate([logits, jnp.where(visible[:, None], lc, -jnp.inf)], axis=-1)
             values = jnp.concatenate([kv, c], axis=1)
     p = attend_with_sink(logits, w[prefix + "sinks"])
-    o = einsum("bhts,bsd->bthd", p.astype(values.dtype), values, prec).astype(x.dtype)
+    o = mm32("bhts,bsd->bthd", p.astype(values.dtype), values, prec).astype(x.dtype)
     o = derotate(o, cos, sin, r)
     return grouped_output(o, w, cfg, prefix, prec)
 
