@@ -295,7 +295,8 @@ def jit_forward_v4(weights: dict, cfg: ModelConfigV4, tokens, dtype=F32, capture
     """Compiled forward_v4 (one compile per config, dtype, flags, compiler options and set of pinned
     keys): (logits, capture dict or None). compiler_options: XLA's (jax.jit's argument), e.g. the
     tests' {"xla_backend_optimization_level": 0}: XLA:CPU then compiles the tiny models about twice as
-    fast (less LLVM optimisation; IEEE semantics are kept, no fast-math)."""
+    fast (less LLVM optimisation: the same program, results differing in the last bits, measured
+    float32 logits 2.0e-6 from float64 vs 1.6e-6 at the default level)."""
     _check_inputs(weights, cfg, tokens)
     pinned = None if pinned is None else {k: jnp.asarray(np.asarray(v).astype(np.int32)) for k, v in pinned.items()}
     options = tuple(sorted((compiler_options or {}).items()))
