@@ -31,7 +31,7 @@ import numpy as np
 
 from dsref.reference.config_v4 import CSA, ModelConfigV4
 from dsref.reference.model import rms_norm
-from dsref.reference.model_v4_attention import F32, HIGHEST, attention, canonical_zero, f32_linear, linear, \
+from dsref.reference.model_v4_attention import F32, HIGHEST, attention, f32_linear, linear, \
     linear32, mm32, unweighted_rms
 from dsref.reference.params_v4 import EMBED, FINAL_NORM, FP32, HEAD, INT64, tensors
 
@@ -168,8 +168,7 @@ def router(x, w, cfg: ModelConfigV4, i: int, tokens, ids=None):
     elif cfg.is_hash_layer(i):
         ids = w[p + "tid2eid"][tokens].astype(jnp.int32)
     else:
-        ids = jax.lax.top_k(canonical_zero(s + w[p + "e_score_correction_bias"].astype(F32)),
-                            cfg.num_experts_per_tok)[1]
+        ids = jax.lax.top_k(s + w[p + "e_score_correction_bias"].astype(F32), cfg.num_experts_per_tok)[1]
     wts = jnp.take_along_axis(s, ids, axis=-1)
     return logits, ids, wts / wts.sum(-1, keepdims=True) * cfg.routed_scaling_factor
 

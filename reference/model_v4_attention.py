@@ -74,9 +74,12 @@ def unweighted_rms(x, eps):
 
 
 def canonical_zero(s):
-    """-0.0 -> +0.0. lax.top_k orders floats totally (-0.0 below +0.0, measured on XLA:CPU), while
-    the NumPy reference's stable sort and torch.topk treat them as equal: an exact-zero index score
-    (relu zeroes every head, then a negative head weight signs it) must tie with +0.0."""
+    """-0.0 -> +0.0 before lax.top_k, which orders floats totally (-0.0 below +0.0, measured on
+    XLA:CPU) where the NumPy reference's stable sort and torch.topk treat them as equal. A guard: an
+    index score is exactly zero when relu zeroes every head, and then its sign is that of the token's
+    head weights, the same for every entry of the row, so the tests' tied rows never mix the two
+    (checked: they select the same entries without it); a cache or decode path that fills or
+    assembles scores differently could."""
     return jnp.where(s == 0, jnp.zeros_like(s), s)
 
 
