@@ -42,11 +42,13 @@ def cmd_local(args) -> int:
     from dsref.reference.cli import load_model
     from dsref.sim.local import estimate
     for opt, v in (("--device", args.device), ("--quant", args.quant)):
-        if not v.strip():
+        if v is not None and not v.strip():
             raise ValueError(f"{opt}: empty value")
     from dsref.sim.local import check_sizes, resolve_target
     check_sizes(args.context, args.batch, args.prompt_tokens, ("--context", "--batch", "--prompt-tokens"))
-    cfg = load_model(args.model, "--model")
+    cfg = load_model(args.model, "--model", v4=True)
+    if args.quant is None:  # V4 is costed at its release's FP8/FP4 storage; the others default to bf16
+        args.quant = "fp8" if cfg.arch == "deepseek_v4" else "bf16"
     from dsref.sim.quant import get_quant
     for opt, v, check in (("--device", args.device, resolve_target), ("--quant", args.quant, get_quant)):
         try:
@@ -112,8 +114,9 @@ def register_local(sub) -> None:
                        formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="preset name or checkpoint directory")
     p.add_argument("--device", required=True, help="device id, 'host', or node preset")
-    p.add_argument("--quant", default="bf16",
-                   help="weight format: fp32, bf16, fp8, int8, nvfp4, nvfp4_v2, mxfp4, q2_k, q3_k_s, q3_k_m, "
+    p.add_argument("--quant", default=None,
+                   help="weight format (default bf16; DeepSeek-V4: fp8, its release's FP8 + FP4-expert storage, "
+                        "the only one accepted): fp32, bf16, fp8, int8, nvfp4, nvfp4_v2, mxfp4, q2_k, q3_k_s, q3_k_m, "
                         "q4_k_s, q4_k_m, q5_k_m, q6_k, q8_0, iq1_s; append +kv-<dtype> for the KV-cache type "
                         "(bf16, fp16, fp8, fp32; llama.cpp formats: bf16, fp16, fp32, q8_0), e.g. nvfp4+kv-fp8")
     p.add_argument("--context", type=positive_int, default=4096, help="tokens in the KV cache while decoding (>= 1)")

@@ -295,6 +295,10 @@ def estimate(model: str | ModelConfig, device: str, quant: str = "bf16", *, cont
     if offload not in OFFLOADS:
         raise ValueError(f"offload must be one of {', '.join(OFFLOADS)}, got {offload!r}")
     cfg = load_config(model) if isinstance(model, str) else model
+    if cfg.arch == "deepseek_v4":
+        if offload != "layers":
+            raise ValueError(f"offload {offload!r}: host offload is not modelled for DeepSeek-V4")
+        return estimate_v4(cfg, device, quant, context=context, batch=batch, prompt_tokens=prompt_tokens)
     quant = get_quant(quant)
     tgt = resolve_target(device)
     if cfg.arch != "deepseek":
@@ -344,4 +348,84 @@ def estimate(model: str | ModelConfig, device: str, quant: str = "bf16", *, cont
         memory_margin_bytes=mem["memory_available_bytes"] - mem["memory_required_bytes"],
         message=(f"fits: {mem['memory_required_bytes'] / gb:.1f} GB of {mem['memory_available_bytes'] / gb:.1f} GB"
                  + (f"; {mem['gpu_layers']}/{n} layers on {tgt.device.id}" if tgt.host is not None else "")))
+    return out
+
+
+# ------------------------------------------------------------------------ DeepSeek-V4
+#: Quantisations a V4 estimate accepts: the weights are always costed at the release's own storage
+#: (FP8 + FP4 experts, sim/costmodel_v4.py); the name only chooses activation / KV element sizes and
+#: the GEMM rate, so only DeepSeek's FP8 recipe (optionally with another KV type) describes it.
+V4_QUANTS = ("fp8",)
+
+
+def v4_quant(quant: Quant | str) -> Quant:
+    """The Quant of a V4 estimate; anything but fp8[+kv-<dtype>] is refused in one line."""
+    q = get_quant(quant) if isinstance(quant, str) else quant
+    if q.weight_format not in V4_QUANTS:
+        raise ValueError(f"quant {q.name}: DeepSeek-V4 is costed at its release's storage (FP8 weights, FP4 "
+                         "experts); use fp8, optionally fp8+kv-<dtype>")
+    return q
+
+
+def v4_memory(cfg, quant: Quant, context: int, batch: int, prompt_tokens: int) -> dict:
+    """Weights (release bytes, hash tables included, no MTP) + cache of ``batch`` sequences at
+    ``context`` (windows + compressed entries + indexer keys) + the largest prefill op's activations
+    and the fp32 logits."""
+    from dsref.sim import costmodel_v4
+    wb = costmodel_v4.weight_bytes(cfg)
+    kv = costmodel_v4.kv_cache_bytes(cfg, quant.kv_bytes, context) * batch
+    ops = costmodel_v4.prefill_ops(cfg, quant, batch, prompt_tokens)
+    act = max(op.act_bytes_read + op.act_bytes_written for op in ops) + batch * cfg.vocab_size * LOGITS_BYTES
+    return {"weights_bytes": wb["total"], "weights_bits_per_weight": wb["bits_per_weight"], "kv_cache_bytes": kv,
+            "activation_bytes": act, "memory_required_bytes": wb["total"] + kv + act}
+
+
+def estimate_v4(cfg, device: str, quant: Quant | str = "fp8", *, context: int = 4096, batch: int = 1,
+                prompt_tokens: int = 512) -> dict:
+    """``estimate`` for a DeepSeek-V4 model (sim/costmodel_v4.py op lists) on a device or an
+    accelerator node (tensor-parallel, as for other models). Host offload is not modelled for V4."""
+    from dsref.sim import costmodel_v4
+    check_sizes(context, batch, prompt_tokens)
+    quant = v4_quant(quant)
+    tgt = resolve_target(device)
+    if tgt.host is not None:
+        raise ValueError(f"device {tgt.name}: a host + accelerator node; offload is not modelled for DeepSeek-V4 "
+                         "(give a device id or an accelerator node)")
+    mem = v4_memory(cfg, quant, context, batch, prompt_tokens)
+    dev_mem = tgt.device.require("memory_bytes") * tgt.n_devices
+    mem.update(memory_available_bytes=dev_mem, device_memory_bytes=dev_mem, host_memory_bytes=None,
+               fits=mem["memory_required_bytes"] <= dev_mem, gpu_layers=cfg.num_hidden_layers, head_on_device=True)
+    out = {"model": cfg.name, "device": tgt.name, "quant": quant.name, "context": context, "batch": batch,
+           "prompt_tokens": prompt_tokens, "mla_form": None, "offload": None, **mem,
+           "kv_cache_bytes_per_token": cfg.kv_cache_bytes_per_token(quant.kv_bytes),
+           "kv_window_bytes_per_sequence": cfg.kv_window_bytes(quant.kv_bytes)}
+    gb = 1e9
+    if not mem["fits"]:
+        out.update(decode_tokens_per_s=None, prefill_tokens_per_s=None, decode_step_s=None,
+                   message=(f"{cfg.name} ({quant.name}) does not fit on {tgt.name}: needs "
+                            f"{mem['memory_required_bytes'] / gb:.1f} GB (weights {mem['weights_bytes'] / gb:.1f} GB"
+                            f" + KV cache {mem['kv_cache_bytes'] / gb:.2f} GB + activations "
+                            f"{mem['activation_bytes'] / gb:.2f} GB), available {dev_mem / gb:.1f} GB"))
+        return out
+    n = cfg.num_hidden_layers
+    fl = framework_floors(quant, tgt)
+    dec = costmodel_v4.decode_ops(cfg, quant, batch, context)
+    d_dev, _ = _split_time(dec, tgt, n, True, n, batch, quant.act_bytes, cfg.hidden_size, cfg, batch,
+                           fl["decode_kernel_s"])
+    t_dec = d_dev.time_s + fl["decode_host_s"]
+    pre = costmodel_v4.prefill_ops(cfg, quant, batch, prompt_tokens)
+    p_dev, _ = _split_time(pre, tgt, n, True, n, batch * prompt_tokens, quant.act_bytes, cfg.hidden_size, cfg,
+                           batch, fl["prefill_kernel_s"])
+    t_pre = p_dev.time_s + fl["prefill_host_s"]
+    tot = costmodel.totals(dec)
+    out.update(
+        decode_step_s=t_dec, decode_tokens_per_s=batch / t_dec, prefill_s=t_pre,
+        prefill_tokens_per_s=batch * prompt_tokens / t_pre,
+        decode_flops_per_step=tot["flops"], decode_bytes_per_step=tot["bytes"],
+        decode_weight_bytes_per_step=tot["weight_bytes"], decode_kv_bytes_per_step=tot["kv_bytes"],
+        decode_breakdown=_merge_kinds(d_dev), prefill_breakdown=_merge_kinds(p_dev),
+        decode_comm_s=d_dev.comm_time_s, decode_host_s=0.0, graph_nodes=None, decode_overhead_s=0.0,
+        overhead_source="not a llama.cpp plan", framework_floors=fl,
+        memory_margin_bytes=dev_mem - mem["memory_required_bytes"],
+        message=f"fits: {mem['memory_required_bytes'] / gb:.1f} GB of {dev_mem / gb:.1f} GB")
     return out
