@@ -312,6 +312,8 @@ def main(*, as_json: bool = False, out_dir: str | None = None, closed_loop: bool
         from dsref.experiments import whatif_v32
         wi.main(out_dir=out_dir, fast=fast)
         whatif_v32.main(out_dir=out_dir, fast=fast)  # V3 vs V3.2 as context grows
+        from dsref.experiments import whatif_v4
+        whatif_v4.main(out_dir=out_dir, fast=fast)  # V3, V3.2, V4-Flash, V4-Pro: KV and decode cost by context
     if as_json:
         print(json.dumps({**data, "closed_loop_origin": origin}, indent=1, default=float))
         return 0

@@ -153,3 +153,14 @@ def test_cli_sim_local_v4_json():
     assert out.returncode == 0, out.stderr
     d = json.loads(out.stdout)
     assert d["quant"] == "fp8" and d["fits"] and d["decode_tokens_per_s"] > 0
+
+
+def test_whatif_v4_decode_cells():
+    from dsref.experiments import whatif_v4 as w
+    r = w.decode_at("deepseek-v4-flash", "h800-node", 8192)
+    assert 1 <= r["batch_per_device"] <= w.MAX_BATCH_PER_DEVICE
+    assert r["chip_s_per_token"] == pytest.approx(r["step_s"] / r["batch_per_device"])
+    assert r["step_s"] <= 1 / w.SLO_TOKENS_PER_S
+    # V3 supports 160K tokens: no 1M cell; V4's cache per sequence is the config's, windows included
+    assert w.decode_at("deepseek-v3", "h800-node", 1 << 20)["chip_s_per_token"] is None
+    assert w.kv_per_sequence("deepseek-v4-pro", 1 << 20) == c4.kv_cache_bytes(get_preset("deepseek-v4-pro"), 2.0, 1 << 20)
