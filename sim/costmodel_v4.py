@@ -53,7 +53,7 @@ import math
 from dsref.reference.config_v4 import CSA, HCA, SLIDING, ModelConfigV4
 from dsref.reference.dispatch import expert_window_rows
 from dsref.reference.params_v4 import (BF16, EMBED, FINAL_NORM, FP4, FP8, FP32, HEAD, INT64, ROUTED_EXPERT,
-                                       ROUTER, TensorV4, tensors)
+                                       TensorV4, tensors)
 from dsref.sim import moe_stats
 from dsref.sim.costmodel import (COMBINE_FLOPS_PER_ELEM, INDEX_EPILOGUE_FLOPS_PER_ELEM, INDEX_ID_BYTES,
                                  INDEX_QUANT_FLOPS_PER_ELEM, INDEX_SCORE_BYTES, RMSNORM_FLOPS_PER_ELEM,
@@ -167,6 +167,16 @@ def entry_pairs(prefix: int, tokens: int, m: int, topk: int | None = None) -> fl
     return Hs(prefix + tokens) - Hs(prefix)
 
 
+def cache_entry_bytes(cfg: ModelConfigV4, kv_bytes: float) -> tuple[float, float, float]:
+    """(window entry, compressed entry, indexer key) bytes, derived from ModelConfigV4's cache
+    figures (kv_window_bytes, kv_bytes_per_token_by_type: the code `dsref info` prints) so the op
+    lists and `dsref info` share one source."""
+    per = cfg.kv_bytes_per_token_by_type(kv_bytes)
+    window = cfg.kv_window_bytes(kv_bytes) / (cfg.num_hidden_layers * cfg.sliding_window)
+    entry = per[HCA] * cfg.compress_rate_hca            # one d-wide entry per m' tokens
+    return window, entry, per[CSA] * cfg.compress_rate_csa - entry   # CSA: entry + indexer key per m
+
+
 # ---------------------------------------------------------------------------- the ops
 def _prec(stored: str, gp: str) -> str:
     return "bf16" if stored in (BF16, FP32) else gp
@@ -197,8 +207,9 @@ def _hc_post(cfg: ModelConfigV4, name: str, i, M: float, ab: float) -> Op:
               M * n * D * ab, precision="fp32")
 
 
-def _compressor_ops(cfg, name, i, w, st, sh: StepShape, width, coff, m, ab, gp, kvb, prefix) -> list[Op]:
-    """Projections, pooling, norm and RoPE of a compressor of ``width`` at rate m (module docstring)."""
+def _compressor_ops(cfg, name, i, w, st, sh: StepShape, width, coff, m, ab, gp, entry_bytes, prefix) -> list[Op]:
+    """Projections, pooling, norm and RoPE of a compressor of ``width`` at rate m (module docstring);
+    each closed entry is written to the cache (``entry_bytes``)."""
     M, D, r = sh.m, cfg.hidden_size, cfg.qk_rope_head_dim
     closed = M / m   # entries the step closes, expected
     return [_gemm(f"{name}_kv_proj", i, M, D, coff * width, w[prefix + "kv_proj.weight"], ab,
@@ -207,7 +218,7 @@ def _compressor_ops(cfg, name, i, w, st, sh: StepShape, width, coff, m, ab, gp, 
                   _prec(st[prefix + "gate_proj.weight"], gp)),
             _elem(f"{name}_pool", i, M * coff * width, POOL_FLOPS_PER_ELEM, ab, wbytes=w[prefix + "position_bias"]),
             Op(f"{name}_norm_rope", i, "norm", closed * (width * RMSNORM_FLOPS_PER_ELEM + r * ROPE_FLOPS_PER_ELEM),
-               w[prefix + "kv_norm.weight"], closed * width * ab, 0.0, 0.0, closed * width * kvb, precision="fp32")]
+               w[prefix + "kv_norm.weight"], closed * width * ab, 0.0, 0.0, closed * entry_bytes, precision="fp32")]
 
 
 def _attention_ops(cfg: ModelConfigV4, quant: Quant, W_: _WeightsV4, i: int, sh: StepShape) -> list[Op]:
@@ -227,17 +238,18 @@ def _attention_ops(cfg: ModelConfigV4, quant: Quant, W_: _WeightsV4, i: int, sh:
            _elem("kv_norm", i, M * d, RMSNORM_FLOPS_PER_ELEM, ab, "norm", w[a + "kv_norm.weight"]),
            _elem("rope", i, M * (H + 1) * r, ROPE_FLOPS_PER_ELEM, ab)]
     # keys each query reads, summed over the step's queries, and cache entries read per sequence
+    win_b, entry_b, key_b = cache_entry_bytes(cfg, kvb)
     pairs = B * window_pairs(P, T, Wn)
-    kv_read = B * min(Wn, S) * d * kvb
-    kv_write = M * d * kvb
+    kv_read = B * min(Wn, S) * win_b
+    kv_write = M * win_b
     if kind != SLIDING:
         m = cfg.compress_rate(kind)
         n_all = S // m                                    # entries of each sequence after the step
         coff = 2 if kind == CSA else 1
-        ops += _compressor_ops(cfg, "compressor", i, w, st, sh, d, coff, m, ab, gp, kvb, a + "compressor.")
+        ops += _compressor_ops(cfg, "compressor", i, w, st, sh, d, coff, m, ab, gp, entry_b, a + "compressor.")
         if kind == CSA:
             K, I, J = cfg.index_topk, cfg.index_n_heads, cfg.index_head_dim
-            ops += _compressor_ops(cfg, "index_compressor", i, w, st, sh, J, 2, m, ab, gp, kvb,
+            ops += _compressor_ops(cfg, "index_compressor", i, w, st, sh, J, 2, m, ab, gp, key_b,
                                    a + "compressor.indexer.")
             ix = a + "compressor.indexer."
             ipairs = B * entry_pairs(P, T, m)             # (query, compressed key) index scores
@@ -249,16 +261,16 @@ def _attention_ops(cfg: ModelConfigV4, quant: Quant, W_: _WeightsV4, i: int, sh:
                 _elem("index_rope", i, M * I * r, ROPE_FLOPS_PER_ELEM, ab),
                 _elem("index_rotate_quant", i, (M * I + M / m) * J, (J - 1).bit_length() + INDEX_QUANT_FLOPS_PER_ELEM, ab),
                 Op("index_scores", i, "attention", 2.0 * ipairs * I * J, 0.0, M * I * (J * INDEX_QK_BYTES_V4 + 4),
-                   ipairs * INDEX_SCORE_BYTES, B * n_all * J * kvb, 0.0, precision=INDEX_SCORE_PRECISION_V4),
+                   ipairs * INDEX_SCORE_BYTES, B * n_all * key_b, 0.0, precision=INDEX_SCORE_PRECISION_V4),
                 Op("index_relu_sum", i, "elementwise", float(ipairs * I * INDEX_EPILOGUE_FLOPS_PER_ELEM), precision="fp32"),
                 Op("index_topk", i, "elementwise", float(ipairs * TOPK_FLOPS_PER_SCORE), 0.0, ipairs * INDEX_SCORE_BYTES,
                    sel * INDEX_ID_BYTES, precision="fp32")]
             pairs += sel
             # decode reads the selected entries; a prefill's many queries together read them all
-            kv_read += B * (min(K, n_all) if T == 1 else n_all) * d * kvb
+            kv_read += B * (min(K, n_all) if T == 1 else n_all) * entry_b
         else:
             pairs += B * entry_pairs(P, T, m)
-            kv_read += B * n_all * d * kvb
+            kv_read += B * n_all * entry_b
     scores = H * pairs
     ops += [Op("attention", i, "attention", 2.0 * scores * d * 2, 0.0, M * H * d * ab, M * H * d * ab, kv_read,
                kv_write, precision=quant.attn_precision),
@@ -345,8 +357,7 @@ def kv_cache_bytes(cfg: ModelConfigV4, kv_bytes: float, context: int) -> float:
     compressed entries and indexer keys (ModelConfigV4's per-type figures, as `dsref info`)."""
     per = cfg.kv_bytes_per_token_by_type(kv_bytes)
     counts = cfg.layer_counts()
-    W = cfg.sliding_window
-    window = cfg.num_hidden_layers * min(W, context) * cfg.head_dim * kv_bytes
+    window = cfg.num_hidden_layers * min(cfg.sliding_window, context) * cache_entry_bytes(cfg, kv_bytes)[0]
     comp = sum(counts[t] * per[t] * cfg.compress_rate(t) * (context // cfg.compress_rate(t)) for t in (CSA, HCA))
     return window + comp
 
@@ -354,9 +365,10 @@ def kv_cache_bytes(cfg: ModelConfigV4, kv_bytes: float, context: int) -> float:
 def decode_kv_read_by_type(cfg: ModelConfigV4, kv_bytes: float, context: int) -> dict[str, float]:
     """Cache bytes ONE layer of each type reads per sequence in a decode step at ``context``
     cached tokens (the new token at position ``context``): window + entries read + indexer keys."""
-    S, W, d = context + 1, cfg.sliding_window, cfg.head_dim
-    out = {SLIDING: min(W, S) * d * kv_bytes}
+    S = context + 1
+    win_b, entry_b, key_b = cache_entry_bytes(cfg, kv_bytes)
+    out = {SLIDING: min(cfg.sliding_window, S) * win_b}
     nc = S // cfg.compress_rate_csa
-    out[CSA] = out[SLIDING] + (min(cfg.index_topk, nc) * d + nc * cfg.index_head_dim) * kv_bytes
-    out[HCA] = out[SLIDING] + (S // cfg.compress_rate_hca) * d * kv_bytes
+    out[CSA] = out[SLIDING] + min(cfg.index_topk, nc) * entry_b + nc * key_b
+    out[HCA] = out[SLIDING] + (S // cfg.compress_rate_hca) * entry_b
     return out
