@@ -94,7 +94,7 @@ def release_row_bytes(t: TensorV4, n_experts: int) -> float:
         for name, (o, i) in t.deepseek_tensors(n_experts)[:1]:
             if i % FP4_GROUP:
                 raise ValueError(f"FP4 expert weight {name} has {i} inputs, not a multiple of {FP4_GROUP}: no release "
-                                 "layout (hidden_size and moe_intermediate_size must be multiples of 32)")
+                                 "layout (fields hidden_size and moe_intermediate_size must be multiples of 32)")
         return sum(o * i * _ELEM_BYTES[FP4] + o * (i // FP4_GROUP) * SCALE_BYTES
                    for _, (o, i) in t.deepseek_tensors(n_experts))
     return t.numel * _ELEM_BYTES[t.stored]
@@ -108,7 +108,10 @@ class _WeightsV4:
         self._s: dict = {}
         self._g: dict = {}
         for t in tensors(cfg):
-            b = release_row_bytes(t, cfg.n_routed_experts)
+            try:
+                b = release_row_bytes(t, cfg.n_routed_experts)
+            except ValueError as e:
+                raise ValueError(f"model {cfg.name}: {e}") from None
             self._b.setdefault(t.layer, {})[t.rel] = b
             self._s.setdefault(t.layer, {})[t.rel] = t.stored
             if t.is_weight:
