@@ -307,6 +307,16 @@ def write_page(out_dir: Path, fast: bool = False) -> dict:
              "expert groups), so each token's k experts may sit on k different nodes; V3 / V3.2 send to at most "
              "4 nodes. These cells depend on the communication model more than on the attention design.\n")
     L.append("\n![decode cost](img/whatif_v4_cost.png)\n")
+    L.append("Per-token decode cost at 128K relative to V3.2 (with communication / without):\n")
+    for dev, _ in DEVICES:
+        parts = []
+        for label in ("V4-Flash", "V4-Pro"):
+            r = [res[key][(dev, label)][131072]["chip_s_per_token"] / res[key][(dev, "V3.2")][131072]["chip_s_per_token"]
+                 for key in ("cost", "cost_no_comm")]
+            res.setdefault("rel_128k", {})[(dev, label)] = r
+            parts.append(f"{label} {r[0]:.0%} / {r[1]:.0%}")
+        L.append(f"- {dev}: " + ", ".join(parts))
+    L.append("")
     L.append("Prices: " + "; ".join(f"{d}: " + (f"${p:.2f}/h, {s}" if p else s) for d, (p, s) in price.items())
              + ". Where there is none, USD = chip-hours x the price you pay.\n")
     L.append("## Against DeepSeek's published V4 efficiency\n")
