@@ -338,17 +338,21 @@ def write_page(out_dir: Path, fast: bool = False) -> dict:
           "inference code stores the V3.2 indexer keys in FP8 and rounds V4's indexer q/keys to FP4; an FP8 cache "
           "would roughly halve every KV figure and move the batch limits.",
           "- **FP4 experts' compute rate.** V4's FP4 expert GEMMs are costed at the FP8 rate (FP8 activations x "
-          "FP4 weights); decode is memory-bound, so this matters little here. The indexer's score product is "
+          "FP4 weights); decode here is bound by memory traffic or communication, so this matters little. The indexer's score product is "
           "costed at the fp4 rate (H800, H20 and 910C fall back to their next wider format).",
           "- **Hyper-connections.** The n=4 residual streams are moved at the activation size (bf16) three reads "
           "and one write per sub-layer; the mixing matmul and Sinkhorn (20 iterations) are costed in FP32. Fused "
           "kernels could move less.",
           "- **CSA at prefill** reads every compressed entry (the union of many queries' top-k); at decode only "
-          "the top-k. Compressor state for partial blocks is not counted (at most 2 x 4 tokens per layer).",
+          "the top-k. The compressors' pending state (projections of an unfinished block: up to 2 x 4 tokens in a "
+          "CSA layer, 127 in an HCA layer, per sequence) is neither counted in memory nor read back when a block "
+          "closes.",
           "- **Instance shape.** The same 144-device EP instance for every model and device is a convention, not "
           "DeepSeek's V4 deployment (unpublished); redundant experts, MTP and prefill are left out, and "
           "communication is assumed fully overlapped (max of compute and communication).",
           "- **Hash-routed layers** are costed with uniform expert load, like the learned ones.",
+          "- **Published ratios** are quoted from secondary coverage of DeepSeek's model card / technical report; "
+          "the primary text was not available here, and those quotes do not say what its FLOPs count.",
           "- **V3 / V3.2 at 1M** exceed their 160K context: shown for the KV/FLOPs comparison only; no decode cost.",
           ]
     atomic_write_text(out_dir / "whatif-v4-generations.md", "\n".join(L) + "\n")
