@@ -279,13 +279,13 @@ def test_info_cli_v4(capsys, tmp_path):
 
 
 def test_other_commands_refuse_v4_in_one_line(capsys):
-    """Only `dsref info` takes a V4 model; every other command's loader refuses it cleanly (exit 2)
-    instead of failing inside code written for ModelConfig."""
+    """Only `dsref info` and `dsref sim local` take a V4 model; every other command's loader refuses it
+    cleanly (exit 2) instead of failing inside code written for ModelConfig."""
     from dsref.experiments.cli import main
     from dsref.reference.cli import load_model
     with pytest.raises(ConfigError, match=r"^--model deepseek-v4-pro: a DeepSeek-V4 model; only `dsref info`"):
         load_model("deepseek-v4-pro", "--model")
     assert load_model("deepseek-v4-pro", v4=True) == get_preset("deepseek-v4-pro")
-    assert main(["sim", "local", "--model", "tiny-v4", "--device", "h100", "--quant", "bf16"]) == 2
+    assert main(["plan", "--model", "tiny-v4", "--system", "h800-node"]) == 2
     err = capsys.readouterr().err
     assert "--model tiny-v4: a DeepSeek-V4 model" in err and err.count("\n") == 1
