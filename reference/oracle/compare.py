@@ -186,7 +186,7 @@ def _tie_excused(ref_ids: np.ndarray, cand_ids: np.ndarray, tie_keys: np.ndarray
 def _token_mask(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
     """A [B, T] token mask flattened for a tensor of ``shape`` [B, T, ...] (or the MTP logits'
     [B, T-1, ...], position t of which reads the main model's token t); None if it does not fit."""
-    if mask is None or len(shape) < 3:
+    if mask is None or mask.ndim != 2 or len(shape) < 3:
         return None
     B, T = mask.shape
     if shape[:2] == (B, T):
