@@ -93,7 +93,6 @@ def load_tokens_checked(path: str, vocab_size: int):
 
 
 def cmd_golden(args) -> int:
-    from dsref.reference.checkpoint import read_config
     from dsref.reference.oracle import golden
     from dsref.reference.oracle.golden import OracleError
     out_path = Path(args.out)
@@ -107,7 +106,15 @@ def cmd_golden(args) -> int:
     if not str(args.checkpoint).strip() or not ck.is_dir():
         raise OracleError(f"--checkpoint {args.checkpoint}: not a directory; give a checkpoint directory "
                           "(config.json + safetensors)")
-    cfg = read_config(args.checkpoint)
+    cfg = golden.read_any_config(args.checkpoint)  # ModelConfigV4 for a DeepSeek-V4 config.json
+    if golden.is_v4_checkpoint(args.checkpoint):
+        # V4 runs numpy_v4 / model_v4 in memory on one device (golden.run_reference_v4)
+        for opt, given in (("--mesh", getattr(args, "mesh", None) is not None),
+                           ("--stream", getattr(args, "stream", False)),
+                           ("--numerics", getattr(args, "numerics", "exact") != "exact")):
+            if given:
+                raise OracleError(f"{opt}: not supported for DeepSeek-V4 checkpoints ({args.checkpoint}); "
+                                  "V4 goldens run in memory on one device with exact numerics")
     tokens = load_tokens_checked(args.tokens, cfg.vocab_size)
     golden.check_tokens(tokens, cfg, f"--tokens {args.tokens}")  # ids and length <= max_position_embeddings
     mesh = None

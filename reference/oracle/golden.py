@@ -226,6 +226,8 @@ def run_reference(checkpoint: str | Path, tokens: np.ndarray, dtype: str = "floa
     dtypes only): run the prompt through the caches that many tokens at a time (jax_outputs_chunked).
     numerics (float64 only): 'exact' (the oracle) or V3.2's 'deepseek-fp8' (numpy_ref.mla)."""
     checkpoint = Path(checkpoint)
+    if is_v4_checkpoint(checkpoint):
+        return run_reference_v4(checkpoint, tokens, dtype, mesh, prefill_chunk, numerics)
     cfg = read_config(checkpoint)
     check_tokens(tokens, cfg)
     mtp = wants_mtp(checkpoint, cfg, tokens)
@@ -279,6 +281,82 @@ def _stores_mtp(checkpoint: Path, cfg: ModelConfig) -> bool:
     return single.is_file() and name in read_safetensors_header(single)
 
 
+# ------------------------------------------------------------------ DeepSeek-V4
+# What ``layers.{i}.hidden`` is on V4. A V4 layer's output is not one [B, T, D] vector but hc_mult
+# residual streams [B, T, n, D] (manifold-constrained hyper-connections). We dump all n streams,
+# flattened stream-major to [B, T, n*D] (stream j is columns j*D..(j+1)*D, i.e. a plain reshape of
+# the [B, T, n, D] tensor every V4 engine holds between layers), not a collapse of them: a mean or
+# a pre-weighted sum would need the next layer's hc_pre weights (not what the engine stores) and
+# would hide a bug that mixes the streams wrongly (e.g. comb read untransposed) when the streams
+# still average the same. Rank 3 keeps the [B, T, ...] layout compare's token masks rely on.
+V4_HIDDEN_LAYOUT = "hc_mult residual streams, [B, T, n, D] flattened stream-major to [B, T, n*D]"
+# Capture keys of numpy_v4 / model_v4 left out of the dump: the MoE block's output before hc_post
+# is an intermediate no other dump format has (attn_out's sibling); attn_out and the streams after
+# it bracket it already.
+_V4_NOT_DUMPED = ("mlp_out",)
+
+
+def is_v4_checkpoint(checkpoint: str | Path) -> bool:
+    from dsref.reference.config_v4 import is_v4_json
+    return Path(checkpoint).is_dir() and is_v4_json(checkpoint)
+
+
+def read_any_config(checkpoint: str | Path):
+    """The checkpoint's config: ModelConfigV4 for a DeepSeek-V4 config.json (any of its spellings),
+    else checkpoint.read_config's ModelConfig. Both have the fields check_tokens, config_hash and
+    golden_metadata read (vocab_size, max_position_embeddings, name, to_hf_dict)."""
+    if is_v4_checkpoint(checkpoint):
+        from dsref.reference.config_v4 import ModelConfigV4
+        return ModelConfigV4.from_json(checkpoint)
+    return read_config(checkpoint)
+
+
+def v4_dump(logits, capture: dict[str, Any], float_dtype) -> dict[str, np.ndarray]:
+    """Dump tensors from a V4 forward's logits and capture (numpy_v4 / model_v4 keys): the hidden
+    streams flattened (V4_HIDDEN_LAYOUT), floats in ``float_dtype``, ids and tie masks as they are,
+    then canonicalize (expert ids sorted per token, index_tied -> index_tie_keys)."""
+    out: dict[str, np.ndarray] = {"logits": np.asarray(logits).astype(float_dtype)}
+    for k, v in capture.items():
+        m = _LAYER_RE.match(k)
+        if m is None or m.group(2) in _V4_NOT_DUMPED:
+            continue
+        v = np.asarray(v)
+        if m.group(2) == "hidden":
+            v = v.reshape(*v.shape[:2], -1)
+        out[k] = v if v.dtype.kind in "iub" else v.astype(float_dtype)
+    return canonicalize(out)
+
+
+def run_reference_v4(checkpoint: Path, tokens: np.ndarray, dtype: str = "float32", mesh=None,
+                     prefill_chunk: int | None = None, numerics: str = "exact") -> dict[str, np.ndarray]:
+    """run_reference for a DeepSeek-V4 checkpoint: float64 is numpy_v4.forward, float32/bfloat16
+    model_v4 under jit, both on read_tensors_v4's weights (FP8/FP4 dequantized, any name set). No
+    MTP logits (neither reference runs V4's MTP modules; their weights are not read)."""
+    from dsref.reference.checkpoint_v4 import read_tensors_v4
+    if mesh is not None or prefill_chunk:
+        raise OracleError(f"{checkpoint}: DeepSeek-V4 runs on one device in one prefill (no --mesh, no chunked "
+                          "prefill for V4 yet)")
+    if numerics != "exact":
+        raise OracleError(f"{checkpoint}: numerics {numerics!r} is DeepSeek-V3.2's; V4 has only 'exact'")
+    if dtype not in ("float64", "float32", "bfloat16", "bf16"):
+        raise OracleError(f"dtype must be float64, float32 or bfloat16, got {dtype!r}")
+    cfg = read_any_config(checkpoint)
+    check_tokens(tokens, cfg)
+    weights = read_tensors_v4(checkpoint, cfg, mtp=False)
+    if dtype == "float64":
+        from dsref.reference import numpy_v4
+        w = {k: v if v.dtype.kind in "iu" else np.asarray(v, np.float64) for k, v in weights.items()}
+        cap: dict[str, Any] = {}
+        logits = numpy_v4.forward(tokens, w, cfg, capture=cap)
+        return v4_dump(logits, cap, np.float64)
+    import jax.numpy as jnp
+
+    from dsref.reference.model_v4 import cast_weights, jit_forward_v4
+    jdt = jnp.float32 if dtype == "float32" else jnp.bfloat16
+    logits, cap = jit_forward_v4(cast_weights(weights, cfg, jdt), cfg, tokens, dtype=jdt, capture=True)
+    return v4_dump(logits, {k: np.asarray(v) for k, v in cap.items()}, np.float32)
+
+
 # ------------------------------------------------------------------ dump files
 def write_dump(outputs: dict[str, np.ndarray], path: str | Path, metadata: dict[str, Any]) -> Path:
     from safetensors.numpy import save_file
@@ -311,9 +389,11 @@ def write_golden(checkpoint: str | Path, tokens: np.ndarray, out: str | Path, dt
     other than 'exact' is recorded in the metadata."""
     if dtype not in ("float32", "float64"):
         raise OracleError(f"golden dtype must be float32 or float64, got {dtype!r}")
-    cfg = read_config(checkpoint)
+    cfg = read_any_config(checkpoint)
     outputs = run_reference(checkpoint, tokens, dtype, mesh, numerics=numerics)
     extra = {} if mesh is None else {"mesh": ",".join(f"{a}={n}" for a, n in mesh.shape.items())}
+    if is_v4_checkpoint(checkpoint):
+        extra["hidden_layout"] = V4_HIDDEN_LAYOUT
     if numerics != "exact":
         extra["numerics"] = numerics
     import jax
