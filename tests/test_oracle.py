@@ -80,7 +80,7 @@ def test_kit_layout(kit):
         # engine must reproduce them
         assert all(1e-6 < m for m in meta["routing_margin"].values()), (n, meta["routing_margin"])
         assert all(1e-4 < m for m in meta["index_margin"].values()), (n, meta["index_margin"])
-        assert bool(meta["index_margin"]) == n.startswith("sparse-attention")
+        assert bool(meta["index_margin"]) == (n.startswith("sparse-attention") or n == "index-weights-float32")
         assert meta["prefill_chunk"] == (8 if n == "sparse-attention-chunked" else None)
     tok = {n: np.load(kit / n / "tokens.npy") for n in names}
     assert all(t.min() >= 2 for n, t in tok.items() if n != "token-ids-0-1")  # ids 0/1 only in their own case

@@ -178,7 +178,7 @@ CASES: tuple[Case, ...] = (
          "Rows 0-7 see at most 8 keys (dense attention, exactly); row 8 is the first to drop one",
          _SPARSE, ("index_rope_interleaved", "index_no_relu", "index_heads_unweighted", "index_not_causal",
                    "index_dense_off_by_one"), 24, requires=("rope-pair-layout",), tokens=(2, 24)),
-    Case("sparse-attention-weights-float32", "y", "indexer head weights as large opposite pairs",
+    Case("index-weights-float32", "y", "indexer head weights as large opposite pairs",
          "the per-head weights (x W_w) kept in float32: heads 0/1 and 2/3 share their queries and get "
          "weights ~ +3 and ~ -3 whose sums ~1e-2 decide the ranking; rounded to bf16 (spacing 2^-6 at 3) "
          "those sums scramble the top-8", _SPARSE, ("index_weights_bf16",), 25, requires=("sparse-attention",),
