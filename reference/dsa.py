@@ -247,7 +247,8 @@ def select_topk_jax(scores, vis, topk: int) -> Selection:
     """``select_topk`` with lax.top_k (lower index first among equal values)."""
     B, T, S = scores.shape
     kk = min(topk, S)
-    s = jnp.where(vis, scores, -jnp.inf)
+    # lax.top_k orders -0.0 below +0.0 (NumPy and torch call them equal): make every zero +0.0
+    s = jnp.where(vis, jnp.where(scores == 0, 0.0, scores), -jnp.inf)
     best, order = jax.lax.top_k(s, min(kk + 1, S))
     ids = order[..., :kk]
     ok = jnp.take_along_axis(vis, ids, -1)

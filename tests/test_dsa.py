@@ -408,3 +408,16 @@ def test_deepseek_fp8_numerics_are_an_option_of_the_golden_not_the_oracle(tmp_pa
         numpy_ref.forward(np.zeros((1, 2), int), {}, get_preset("tiny-v3"), numerics="deepseek-fp8")
     with pytest.raises(ValueError, match="numerics must be one of"):
         numpy_ref.forward(np.zeros((1, 2), int), {}, CFG, numerics="fp8")
+
+
+def test_signed_zero_scores_are_one_tie_in_both_top_ks():
+    """A key whose every head term relu zeroes scores sum_h w_h * 0: -0.0 when the weights are
+    negative. NumPy (and torch) call -0.0 and +0.0 equal; lax.top_k alone would rank -0.0 lower.
+    Both top-ks must see one tie and keep the lower positions."""
+    scores = np.array([[[0.5, -0.0, 0.0, -0.0, 0.25, 0.0]]])
+    vis = np.ones_like(scores, bool)
+    a = dsa.select_topk(scores, vis, 3)
+    b = dsa.select_topk_jax(jnp.asarray(scores, jnp.float32), jnp.asarray(vis), 3)
+    assert a.ids.tolist() == [[[0, 1, 4]]] and np.asarray(b.ids).tolist() == a.ids.tolist()
+    assert a.tie.all() and np.asarray(b.tie).all()
+    assert np.array_equal(np.asarray(b.tied), a.tied) and a.tied.sum() == 4  # the four zeros
