@@ -46,7 +46,8 @@ _LAYER_RE = re.compile(r"^layers\.(\d+)\.(\w+)$")  # layers.{i}.{kind}
 
 # ------------------------------------------------------------------ metadata
 def config_hash(cfg: ModelConfig) -> str:
-    """sha256 of the canonical config JSON (HF field names, sorted keys; name and storage dtype left out)."""
+    """sha256 of the canonical config JSON (HF field names, sorted keys; name and storage dtype left out).
+    A ModelConfigV4 hashes the same way (its to_hf_dict: transformers' DeepseekV4Config spelling)."""
     d = cfg.to_hf_dict()
     for k in ("_dsref_name", "dtype", "torch_dtype"):
         d.pop(k, None)
