@@ -27,6 +27,23 @@ class ConfigError(ValueError):
     """A config.json that the model cannot run: names the field and the file."""
 
 
+def read_config_json(path: str | Path) -> tuple[dict[str, Any], Path]:
+    """(the JSON object, its file) of config.json: a file, or a checkpoint directory holding one;
+    ConfigError naming the file when it is missing, not UTF-8 JSON, or not an object."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.exists():
+        raise ConfigError(f"{p}: no config.json found")
+    try:
+        d = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{p}: top level must be a JSON object")
+    return d, p
+
+
 _TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 _SCORING = ("sigmoid", "softmax")
 _ARCH = ("deepseek", "dense")
@@ -277,17 +294,7 @@ class ModelConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelConfig":
         """Read config.json (a file, or a checkpoint directory holding one)."""
-        p = Path(path)
-        if p.is_dir():
-            p = p / "config.json"
-        if not p.exists():
-            raise ConfigError(f"{p}: no config.json found")
-        try:
-            d = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{p}: not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{p}: top level must be a JSON object")
+        d, p = read_config_json(path)
         return _from_hf_dict(d, str(p), name=d.get("_dsref_name") or p.parent.name)
 
     def validate(self, source: str = "<config>") -> None:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsref.reference.config import ConfigError, RopeScaling
+from dsref.reference.config import ConfigError, RopeScaling, read_config_json
 
 SLIDING = "sliding_attention"
 CSA = "compressed_sparse_attention"
@@ -202,17 +202,7 @@ class ModelConfigV4:
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelConfigV4":
         """Read config.json (a file, or a checkpoint directory holding one), any spelling."""
-        p = Path(path)
-        if p.is_dir():
-            p = p / "config.json"
-        if not p.exists():
-            raise ConfigError(f"{p}: no config.json found")
-        try:
-            d = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{p}: not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{p}: top level must be a JSON object")
+        d, p = read_config_json(path)
         return cls.from_hf_dict(d, str(p), name=d.get("_dsref_name") or p.parent.name)
 
     def save(self, path: str | Path) -> None:
