@@ -281,6 +281,14 @@ def runtime_overhead(cfg: ModelConfig, quant: Quant, tgt: Target) -> dict:
             "source": f"{fig.source} (confidence {fig.confidence})"}
 
 
+
+def _no_fit_message(cfg, quant, tgt, mem: dict, available: float) -> str:
+    """Why a model does not fit a target: what it needs, part by part, against what is available."""
+    gb = 1e9
+    return (f"{cfg.name} ({quant.name}) does not fit on {tgt.name}: needs {mem['memory_required_bytes'] / gb:.1f} GB "
+            f"(weights {mem['weights_bytes'] / gb:.1f} GB + KV cache {mem['kv_cache_bytes'] / gb:.2f} GB + "
+            f"activations {mem['activation_bytes'] / gb:.2f} GB), available {available / gb:.1f} GB")
+
 def estimate(model: str | ModelConfig, device: str, quant: str = "bf16", *, context: int = 4096, batch: int = 1,
              prompt_tokens: int = 512, mla_form: str = "absorbed", offload: str = "layers") -> dict:
     """Decode and prefill throughput and the memory budget of ``model`` on ``device``.
@@ -312,11 +320,7 @@ def estimate(model: str | ModelConfig, device: str, quant: str = "bf16", *, cont
     gb = 1e9
     if not mem["fits"]:
         out.update(decode_tokens_per_s=None, prefill_tokens_per_s=None, decode_step_s=None,
-                   message=(f"{cfg.name} ({quant.name}) does not fit on {tgt.name}: needs "
-                            f"{mem['memory_required_bytes'] / gb:.1f} GB (weights {mem['weights_bytes'] / gb:.1f} GB"
-                            f" + KV cache {mem['kv_cache_bytes'] / gb:.2f} GB + activations "
-                            f"{mem['activation_bytes'] / gb:.2f} GB), available "
-                            f"{mem['memory_available_bytes'] / gb:.1f} GB"))
+                   message=_no_fit_message(cfg, quant, tgt, mem, mem["memory_available_bytes"]))
         return out
     n = cfg.num_hidden_layers
     ovh = runtime_overhead(cfg, quant, tgt)
@@ -402,10 +406,7 @@ def estimate_v4(cfg, device: str, quant: Quant | str = "fp8", *, context: int = 
     gb = 1e9
     if not mem["fits"]:
         out.update(decode_tokens_per_s=None, prefill_tokens_per_s=None, decode_step_s=None,
-                   message=(f"{cfg.name} ({quant.name}) does not fit on {tgt.name}: needs "
-                            f"{mem['memory_required_bytes'] / gb:.1f} GB (weights {mem['weights_bytes'] / gb:.1f} GB"
-                            f" + KV cache {mem['kv_cache_bytes'] / gb:.2f} GB + activations "
-                            f"{mem['activation_bytes'] / gb:.2f} GB), available {dev_mem / gb:.1f} GB"))
+                   message=_no_fit_message(cfg, quant, tgt, mem, dev_mem))
         return out
     n = cfg.num_hidden_layers
     fl = framework_floors(quant, tgt)
