@@ -29,7 +29,8 @@ class ConfigError(ValueError):
 
 def read_config_json(path: str | Path) -> tuple[dict[str, Any], Path]:
     """(the JSON object, its file) of config.json: a file, or a checkpoint directory holding one;
-    ConfigError naming the file when it is missing, not UTF-8 JSON, or not an object."""
+    ConfigError naming the file when it is missing, not JSON, or not an object. A file that is not
+    UTF-8 raises UnicodeDecodeError, which the CLI reports as a binary file (reference/cli.py)."""
     p = Path(path)
     if p.is_dir():
         p = p / "config.json"
@@ -37,7 +38,7 @@ def read_config_json(path: str | Path) -> tuple[dict[str, Any], Path]:
         raise ConfigError(f"{p}: no config.json found")
     try:
         d = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except json.JSONDecodeError as e:
         raise ConfigError(f"{p}: not valid JSON ({e})") from None
     if not isinstance(d, dict):
         raise ConfigError(f"{p}: top level must be a JSON object")
