@@ -440,3 +440,12 @@ def test_engine_cmd_is_told_the_prefill_chunk(kit, tmp_path):
     res = conformance.grade_kit(kit, conformance.CommandEngine(plain, dtype="float64"), ["z"])
     assert [r.status for r in res] == ["pass", "pass", "pass", "unsupported"]
     assert "{prefill_chunk}" in res[-1].detail
+
+
+@pytest.mark.parametrize("extra, says", [("{foo}", "{foo} is not a placeholder"), ("{", "bad braces"),
+                                         ("{}", "a positional {} is not a placeholder")])
+def test_engine_cmd_with_an_unknown_placeholder_is_refused_up_front(extra, says):
+    with pytest.raises(golden.OracleError, match="--engine-cmd: ") as e:
+        conformance.CommandEngine(f"tool {{checkpoint}} {{tokens}} {{out}} {extra}")
+    assert says in str(e.value) and "\n" not in str(e.value)
+    assert conformance.CommandEngine("awk '{{print}}' {checkpoint} {tokens} {out}").template  # literal braces

@@ -219,6 +219,13 @@ class CommandEngine:
         for key in ("{checkpoint}", "{tokens}", "{out}"):
             if key not in template:
                 raise OracleError(f"--engine-cmd must contain {key}: {template!r}")
+        try:  # an unknown {name} or a lone brace would fail every case at run time: refuse it now
+            template.format(checkpoint="", tokens="", out="", prefill_chunk=0)
+        except (KeyError, IndexError, ValueError) as e:
+            what = (f"{{{e.args[0]}}} is not a placeholder" if isinstance(e, KeyError) else
+                    "a positional {} is not a placeholder" if isinstance(e, IndexError) else f"bad braces ({e})")
+            raise OracleError(f"--engine-cmd: {what}; the placeholders are {{checkpoint}}, {{tokens}}, {{out}}, "
+                              f"{{prefill_chunk}} (a literal brace is {{{{ or }}}}): {template!r}") from None
         try:
             derived = _command_name(template)
         except ValueError as e:
