@@ -706,8 +706,10 @@ def _carried(name: str) -> bool:
 _SHARD_RE = re.compile(r"^model-\d+-of-\d+\.safetensors$")
 
 
-def _write_staged(out: Path, shards, last: dict, cfg: ModelConfig, dtype: str, block) -> None:
-    """The shards, the index (when sharded) and config.json of save_checkpoint, into ``out``."""
+def write_shards(out: Path, shards) -> None:
+    """Each shard (a list of (name, produce) whose produce() returns {tensor name: array}) into one
+    safetensors file in ``out`` (model.safetensors, or model-0000k-of-n with the index), one shard's
+    arrays in memory at a time. Shared by save_checkpoint and checkpoint_v4.save_checkpoint_v4."""
     from safetensors.numpy import save_file
 
     names = ([SINGLE_FILE] if len(shards) == 1 else
@@ -721,10 +723,15 @@ def _write_staged(out: Path, shards, last: dict, cfg: ModelConfig, dtype: str, b
         weight_map.update({k: fname for k in data})
         total += sum(a.nbytes for a in data.values())
         del data
-    last.clear()
     if len(shards) > 1:
         (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
                                                   "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+
+
+def _write_staged(out: Path, shards, last: dict, cfg: ModelConfig, dtype: str, block) -> None:
+    """The shards, the index (when sharded) and config.json of save_checkpoint, into ``out``."""
+    write_shards(out, shards)
+    last.clear()
     d = cfg.to_hf_dict()
     for k in ("quantization_config", "torch_dtype"):
         d.pop(k, None)

@@ -49,7 +49,7 @@ import numpy as np
 
 from dsref.reference.atomic import AtomicWriteError, atomic_dir
 from dsref.reference.checkpoint import (INDEX_FILE, SINGLE_FILE, CheckpointError, TensorInfo, _find_files,
-                                        read_safetensors_header)
+                                        read_safetensors_header, write_shards)
 from dsref.reference.config_v4 import ModelConfigV4
 from dsref.reference.params_v4 import FP4, FP8, FP32, INT64, SAME, STACK_CONCAT, TensorV4, tensors
 
@@ -535,21 +535,7 @@ def _carried(name: str) -> bool:
 
 
 def _write(out: Path, shards, cfg: ModelConfigV4, dtype: str) -> None:
-    from safetensors.numpy import save_file
-
-    fnames = ([SINGLE_FILE] if len(shards) == 1 else
-              [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
-    weight_map, total = {}, 0
-    for fname, shard in zip(fnames, shards):
-        data: dict[str, np.ndarray] = {}
-        for _, produce in shard:
-            data.update(produce())
-        save_file(data, str(out / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in data})
-        total += sum(a.nbytes for a in data.values())
-    if len(shards) > 1:
-        (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
-                                                  "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+    write_shards(out, shards)
     # transformers' spelling for both name sets: config_v4 and transformers both read it (transformers
     # then renames DeepSeek's tensor names itself: conversion_mapping.py "deepseek_v4")
     d = cfg.to_hf_dict()
