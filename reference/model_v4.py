@@ -33,7 +33,8 @@ from dsref.reference.config_v4 import CSA, ModelConfigV4
 from dsref.reference.model import rms_norm
 from dsref.reference.model_v4_attention import F32, HIGHEST, attention, f32_linear, linear, \
     linear32, mm32, unweighted_rms
-from dsref.reference.params_v4 import EMBED, FINAL_NORM, FP32, HEAD, INT64, tensors
+from dsref.reference.params import MTP
+from dsref.reference.params_v4 import EMBED, FINAL_NORM, FP32, HEAD, INT64, layer_tensors, tensors
 
 BF16 = jnp.bfloat16
 
@@ -48,11 +49,18 @@ def storage_dtype(stored: str, dtype):
     return F32 if stored == FP32 else dtype
 
 
-def cast_weights(weights: dict, cfg: ModelConfigV4, dtype=F32) -> dict:
+def cast_weights(weights: dict, cfg: ModelConfigV4, dtype=F32, mtp: bool = False) -> dict:
     """{name: jnp array} in the run's storage dtypes (``storage_dtype``) from any {name: array}
-    (e.g. the NumPy reference's float64 dict); only the table's tensors, each checked by shape."""
+    (e.g. the NumPy reference's float64 dict); only the table's tensors, each checked by shape.
+    mtp: also the MTP modules that ``weights`` has (``mtp.{k}.e_proj.weight`` present), each in full
+    (a checkpoint may keep fewer modules than num_nextn_predict_layers: the golden dumps module 0)."""
     out = {}
-    for t in tensors(cfg):
+    L = cfg.num_hidden_layers
+    rows = tensors(cfg)
+    if mtp:
+        rows += [t for k in range(cfg.num_nextn_predict_layers) if f"mtp.{k}.e_proj.weight" in weights
+                 for t in layer_tensors(cfg, L + k)]
+    for t in rows:
         if t.name not in weights:
             raise ValueError(f"weights: tensor {t.name} missing (reference/params_v4.py table, config {cfg.name})")
         a = np.asarray(weights[t.name])
@@ -234,7 +242,8 @@ def decoder_layer(h, w, cfg: ModelConfigV4, i: int, tokens, positions, prec, cap
         a = attention(rms_norm(x, w[p + "input_layernorm.weight"], cfg.rms_norm_eps), w, cfg, i, positions, prec,
                       cap, pinned.get(f"layers.{i}.index_ids"))
         h = hc_post(a, h, post, comb)
-    with jax.named_scope(f"layer{i}_{cfg.mlp_layer_types[i]}"):
+    # MTP blocks (i >= num_hidden_layers) have no mlp_layer_types entry: learned routing always
+    with jax.named_scope(f"layer{i}_{cfg.mlp_layer_types[i] if i < cfg.num_hidden_layers else 'mtp_moe'}"):
         x, post, comb = hc_pre(h, w, cfg, p + "ffn_hc.")
         f = moe(rms_norm(x, w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps), w, cfg, i, tokens, prec,
                 cap, shared_expert_clamp, pinned.get(f"layers.{i}.topk_ids"))
@@ -301,3 +310,79 @@ def jit_forward_v4(weights: dict, cfg: ModelConfigV4, tokens, dtype=F32, capture
     options = tuple(sorted((compiler_options or {}).items()))
     return _compiled(cfg, jnp.dtype(dtype).name, capture, shared_expert_clamp, options)(weights, jnp.asarray(tokens),
                                                                                          pinned)
+
+
+# ------------------------------------------------------------------- multi-token prediction
+def mtp_block_weights(weights: dict, cfg: ModelConfigV4, depth: int) -> dict:
+    """numpy_v4.mtp_block_weights: module ``depth``'s block under ``model.layers.{L+depth}.`` names."""
+    i = cfg.num_hidden_layers + depth
+    out = {}
+    for r in layer_tensors(cfg, i):
+        if r.group == MTP:
+            continue
+        if r.name not in weights:
+            raise ValueError(f"weights: MTP tensor {r.name} missing (reference/params_v4.py table, config {cfg.name}; "
+                             "cast_weights(..., mtp=True) keeps them)")
+        out[f"model.layers.{i}." + r.rel] = weights[r.name]
+    return out
+
+
+def mtp_v4(weights: dict, cfg: ModelConfigV4, tokens, h_streams, depth: int = 0, precision=None, dtype=F32,
+           shared_expert_clamp: bool = True):
+    """numpy_v4.mtp in JAX: logits [B, T-1, V] float32 of MTP module ``depth`` (row t predicts token
+    t+2) from tokens [B, T] and the main model's streams after its last layer h_streams [B, T, n, D]
+    (forward_v4's capture ``layers.{L-1}.hidden``). Equation and source (DeepSeek's
+    inference/model.py ``MTPBlock.forward``) in numpy_v4.mtp. Dtypes as DeepSeek's code: enorm/hnorm
+    computed in float32 and rounded to ``dtype``, e_proj/h_proj and their sum in ``dtype``, then the
+    decoder block, hc_head, norm and head as forward_v4 has them. Shapes are checked here (static);
+    token values by the caller (``jit_mtp_v4``)."""
+    dtype = jnp.dtype(dtype)
+    prec = precision if precision is not None else (HIGHEST if dtype == F32 else jax.lax.Precision.DEFAULT)
+    L, n, D = cfg.num_hidden_layers, cfg.hc_mult, cfg.hidden_size
+    if not 0 <= depth < cfg.num_nextn_predict_layers:
+        raise ValueError(f"depth: {depth} is not an MTP module of {cfg.name} "
+                         f"(num_nextn_predict_layers = {cfg.num_nextn_predict_layers})")
+    B, T = tokens.shape
+    if T < 2:
+        raise ValueError(f"tokens: MTP needs T >= 2 tokens per sequence, got shape {tuple(tokens.shape)}")
+    if tuple(h_streams.shape) != (B, T, n, D):
+        raise ValueError(f"h_streams: expected the main model's streams [B, T, n, D] = {[B, T, n, D]}, "
+                         f"got {list(h_streams.shape)}")
+    p, eps = f"mtp.{depth}.", cfg.rms_norm_eps
+    for r in layer_tensors(cfg, L + depth):
+        if r.group == MTP and r.name not in weights:
+            raise ValueError(f"weights: MTP tensor {r.name} missing (reference/params_v4.py table, config {cfg.name})")
+    nxt = tokens[:, 1:]
+    with jax.named_scope(f"mtp{depth}_combine"):
+        e = linear(rms_norm(weights[EMBED][nxt].astype(dtype), weights[p + "enorm.weight"], eps),
+                   weights[p + "e_proj.weight"], prec)
+        hs = rms_norm(h_streams[:, :-1].astype(dtype), weights[p + "hnorm.weight"], eps)
+        x = e[:, :, None, :] + linear(hs, weights[p + "h_proj.weight"], prec)
+    positions = jnp.broadcast_to(jnp.arange(T - 1), (B, T - 1))
+    x = decoder_layer(x, mtp_block_weights(weights, cfg, depth), cfg, L + depth, nxt, positions, prec, None,
+                      shared_expert_clamp)
+    with jax.named_scope(f"mtp{depth}_head"):
+        hn = rms_norm(hc_head(x, weights, cfg, p + "hc_head."), weights[p + "norm.weight"], eps)
+        return linear32(hn, weights[HEAD], prec)
+
+
+@lru_cache(maxsize=16)
+def _compiled_mtp(cfg: ModelConfigV4, dtype: str, depth: int, shared_expert_clamp: bool, options: tuple):
+    def run(weights, tokens, h_streams):
+        return mtp_v4(weights, cfg, tokens, h_streams, depth, dtype=jnp.dtype(dtype),
+                      shared_expert_clamp=shared_expert_clamp)
+    return jax.jit(run, compiler_options=dict(options) or None)
+
+
+def jit_mtp_v4(weights: dict, cfg: ModelConfigV4, tokens, h_streams, depth: int = 0, dtype=F32,
+               shared_expert_clamp: bool = True, compiler_options: dict | None = None):
+    """Compiled mtp_v4 (one compile per config, dtype, depth, flag and compiler options): logits
+    [B, T-1, V] float32. weights: ``cast_weights(..., mtp=True)``; tokens checked as forward_v4's."""
+    t = np.asarray(tokens)
+    if t.ndim != 2 or t.size == 0 or not np.issubdtype(t.dtype, np.integer):
+        raise ValueError(f"tokens: expected a non-empty integer array [B, T], got shape {t.shape} dtype {t.dtype}")
+    if t.min() < 0 or t.max() >= cfg.vocab_size:
+        raise ValueError(f"tokens: ids must lie in [0, vocab_size={cfg.vocab_size}), got [{t.min()}, {t.max()}]")
+    options = tuple(sorted((compiler_options or {}).items()))
+    return _compiled_mtp(cfg, jnp.dtype(dtype).name, depth, shared_expert_clamp, options)(
+        weights, jnp.asarray(t), jnp.asarray(h_streams))

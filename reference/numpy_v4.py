@@ -21,7 +21,8 @@ import numpy as np
 from dsref.reference.config_v4 import ModelConfigV4
 from dsref.reference.numpy_ref import linear, rms_norm, silu
 from dsref.reference.numpy_v4_attention import attention, softmax
-from dsref.reference.params_v4 import EMBED, FINAL_NORM, HEAD
+from dsref.reference.params import MTP
+from dsref.reference.params_v4 import EMBED, FINAL_NORM, HEAD, layer_tensors
 
 f64 = np.float64
 
@@ -191,3 +192,82 @@ def forward(tokens, w, cfg: ModelConfigV4, capture: dict | None = None, return_h
     hn = rms_norm(hc_head(h, w, cfg), w[FINAL_NORM], cfg.rms_norm_eps)
     logits = linear(hn, w[HEAD])
     return (logits, hn) if return_hidden else logits
+
+
+# ------------------------------------------------------------------- multi-token prediction
+def mtp_block_weights(w, cfg: ModelConfigV4, depth: int) -> dict:
+    """The decoder block of MTP module ``depth`` under the names ``decoder_layer`` reads for layer
+    i = num_hidden_layers + depth: ``mtp.{depth}.<rel>`` -> ``model.layers.{i}.<rel>`` (the arrays
+    themselves, not copies). Why a renamed view: the block is a plain decoder layer (DeepSeek's
+    ``MTPBlock`` subclasses ``Block``), so the main model's layer code runs it unchanged."""
+    i = cfg.num_hidden_layers + depth
+    rows = [r for r in layer_tensors(cfg, i) if r.group != MTP]
+    missing = [r.name for r in rows if r.name not in w]
+    if missing:
+        raise ValueError(f"weights: MTP tensor {missing[0]} missing (reference/params_v4.py table, config "
+                         f"{cfg.name}; {len(missing)} such)")
+    return {f"model.layers.{i}." + r.rel: w[r.name] for r in rows}
+
+
+def mtp_combine(emb, h_streams, w, cfg: ModelConfigV4, prefix: str):
+    """The MTP block's input streams [B, T', n, D] from the next tokens' embeddings emb [B, T', D] and
+    the main model's streams h_streams [B, T', n, D]:
+
+      x_k = e_proj(enorm(emb)) + h_proj(hnorm(h_k))   for every stream k
+    (DeepSeek's inference/model.py ``MTPBlock.forward``: ``e = self.enorm(self.embed(input_ids));
+    x = self.hnorm(x); x = self.e_proj(e).unsqueeze(2) + self.h_proj(x)``): hnorm normalises each
+    stream over D on its own, h_proj maps each stream, and one projected embedding is added to all n."""
+    eps = cfg.rms_norm_eps
+    e = linear(rms_norm(emb, w[prefix + "enorm.weight"], eps), w[prefix + "e_proj.weight"])
+    return e[:, :, None, :] + linear(rms_norm(h_streams, w[prefix + "hnorm.weight"], eps), w[prefix + "h_proj.weight"])
+
+
+def mtp(tokens, h_streams, w, cfg: ModelConfigV4, depth: int = 0, shared_expert_clamp: bool = True,
+        return_streams: bool = False):
+    """Logits [B, T-1, V] (float64) of MTP module ``depth``: row t predicts token t+2 from the main
+    model's streams at t and the embedding of token t+1 (golden's ``mtp.0.logits``, V3's layout).
+
+    tokens [B, T] (T >= 2): the sequence the main model ran on; h_streams [B, T, n, D]: the main
+    model's hyper-connection streams after its last layer, BEFORE hc_head and the final norm
+    (``forward``'s capture ``layers.{L-1}.hidden``). DeepSeek's V4 inference code,
+    deepseek-ai/DeepSeek-V4-Flash ``inference/model.py`` (read in public copies found with the code
+    index; the HF repository itself cannot be fetched here), ``MTPBlock.forward(x, start_pos,
+    input_ids)`` with x the [b, s, hc, d] streams, then ``Transformer.__init__`` (``m.embed =
+    self.embed; m.head = self.head``):
+
+      x_k    = e_proj(enorm(Emb(tok_{t+1}))) + h_proj(hnorm(h_{t,k}))        (mtp_combine)
+      x      = Block_{L+depth}(x)   positions 0..T-2, attention mtp_layer_types[depth], MoE learned-routed
+      logits = head(norm_mtp(hc_head_mtp(x)))
+
+    Block: the main model's decoder layer (hc_pre/hc_post around attention and MoE) with the module's
+    own weights; hc_head_mtp and norm_mtp are the module's own (``hc_head_fn/base/scale``, ``norm``);
+    Emb and head are the main model's (the release stores no MTP copies). Positions restart at 0 over
+    the T-1 rows, as ``MTPBlock.forward(h, 0, ids)`` in DeepSeek's own self-test; row t sits at
+    position t, the main model's position of h_t. DeepSeek's code defines one module and no chaining;
+    depth > 0 runs module ``depth`` on the h_streams it is given (whatever the caller chains in).
+    return_streams: also the block's output streams [B, T-1, n, D]."""
+    tokens = np.asarray(tokens)
+    L, n, D = cfg.num_hidden_layers, cfg.hc_mult, cfg.hidden_size
+    if not 0 <= depth < cfg.num_nextn_predict_layers:
+        raise ValueError(f"depth: {depth} is not an MTP module of {cfg.name} "
+                         f"(num_nextn_predict_layers = {cfg.num_nextn_predict_layers})")
+    if tokens.ndim != 2 or tokens.shape[1] < 2 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"tokens: expected an integer array [B, T] with T >= 2, got shape {tokens.shape} "
+                         f"dtype {tokens.dtype}")
+    if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
+        raise ValueError(f"tokens: ids must lie in [0, vocab_size={cfg.vocab_size}), got "
+                         f"[{tokens.min()}, {tokens.max()}]")
+    B, T = tokens.shape
+    if np.shape(h_streams) != (B, T, n, D):
+        raise ValueError(f"h_streams: expected the main model's streams [B, T, n, D] = {[B, T, n, D]}, "
+                         f"got {list(np.shape(h_streams))}")
+    p = f"mtp.{depth}."
+    nxt = tokens[:, 1:]
+    x = mtp_combine(np.asarray(w[EMBED], f64)[nxt], np.asarray(h_streams, f64)[:, :-1], w, cfg, p)
+    positions = np.broadcast_to(np.arange(T - 1), (B, T - 1))
+    # The block's MoE gets the shifted ids (DeepSeek passes input_ids on); they only matter to hash
+    # routing, which an MTP module never uses (config_v4.is_hash_layer).
+    x = decoder_layer(x, mtp_block_weights(w, cfg, depth), cfg, L + depth, nxt, positions, None,
+                      shared_expert_clamp)
+    logits = linear(rms_norm(hc_head(x, w, cfg, p + "hc_head."), w[p + "norm.weight"], cfg.rms_norm_eps), w[HEAD])
+    return (logits, x) if return_streams else logits

@@ -318,6 +318,9 @@ def v4_dump(logits, capture: dict[str, Any], float_dtype) -> dict[str, np.ndarra
     then canonicalize (expert ids sorted per token, index_tied -> index_tie_keys)."""
     out: dict[str, np.ndarray] = {"logits": np.asarray(logits).astype(float_dtype)}
     for k, v in capture.items():
+        if k == MTP_LOGITS:  # the MTP module's logits [B, T-1, V] (run_reference_v4)
+            out[k] = np.asarray(v).astype(float_dtype)
+            continue
         m = _LAYER_RE.match(k)
         if m is None or m.group(2) in _V4_NOT_DUMPED:
             continue
@@ -331,8 +334,10 @@ def v4_dump(logits, capture: dict[str, Any], float_dtype) -> dict[str, np.ndarra
 def run_reference_v4(checkpoint: Path, tokens: np.ndarray, dtype: str = "float32", mesh=None,
                      prefill_chunk: int | None = None, numerics: str = "exact") -> dict[str, np.ndarray]:
     """run_reference for a DeepSeek-V4 checkpoint: float64 is numpy_v4.forward, float32/bfloat16
-    model_v4 under jit, both on read_tensors_v4's weights (FP8/FP4 dequantized, any name set). No
-    MTP logits (neither reference runs V4's MTP modules; their weights are not read)."""
+    model_v4 under jit, both on read_tensors_v4's weights (FP8/FP4 dequantized, any name set). With
+    ``mtp.0.logits`` [B, T-1, V] (row t predicts token t+2: numpy_v4.mtp / model_v4.mtp_v4 on the
+    streams after the last layer) when the config has an MTP module, T >= 2 and the checkpoint
+    stores module 0's weights (in either name set; many conversions drop them), as V3's wants_mtp."""
     from dsref.reference.checkpoint_v4 import read_tensors_v4
     if mesh is not None or prefill_chunk:
         raise OracleError(f"{checkpoint}: DeepSeek-V4 runs on one device in one prefill (no --mesh, no chunked "
@@ -343,19 +348,32 @@ def run_reference_v4(checkpoint: Path, tokens: np.ndarray, dtype: str = "float32
         raise OracleError(f"dtype must be float64, float32 or bfloat16, got {dtype!r}")
     cfg = read_any_config(checkpoint)
     check_tokens(tokens, cfg)
-    weights = read_tensors_v4(checkpoint, cfg, mtp=False)
+    # mtp=None: read the MTP modules the checkpoint holds (checked like every tensor), none if absent
+    maybe_mtp = cfg.num_nextn_predict_layers > 0 and np.shape(tokens)[1] >= 2
+    weights = read_tensors_v4(checkpoint, cfg, mtp=None if maybe_mtp else False)
+    mtp = maybe_mtp and V4_MTP_PROBE in weights
+    last = f"layers.{cfg.num_hidden_layers - 1}.hidden"  # the streams hc_head collapses: MTP's input
     if dtype == "float64":
         from dsref.reference import numpy_v4
         w = {k: v if v.dtype.kind in "iu" else np.asarray(v, np.float64) for k, v in weights.items()}
         cap: dict[str, Any] = {}
         logits = numpy_v4.forward(tokens, w, cfg, capture=cap)
+        if mtp:
+            cap[MTP_LOGITS] = numpy_v4.mtp(tokens, cap[last], w, cfg)
         return v4_dump(logits, cap, np.float64)
     import jax.numpy as jnp
 
-    from dsref.reference.model_v4 import cast_weights, jit_forward_v4
+    from dsref.reference.model_v4 import cast_weights, jit_forward_v4, jit_mtp_v4
     jdt = jnp.float32 if dtype == "float32" else jnp.bfloat16
-    logits, cap = jit_forward_v4(cast_weights(weights, cfg, jdt), cfg, tokens, dtype=jdt, capture=True)
+    jw = cast_weights(weights, cfg, jdt, mtp=mtp)
+    logits, cap = jit_forward_v4(jw, cfg, tokens, dtype=jdt, capture=True)
+    if mtp:
+        cap[MTP_LOGITS] = jit_mtp_v4(jw, cfg, tokens, cap[last], dtype=jdt)
     return v4_dump(logits, {k: np.asarray(v) for k, v in cap.items()}, np.float32)
+
+
+#: A tensor every V4 MTP module 0 has (our name for it, whichever name set the checkpoint uses).
+V4_MTP_PROBE = "mtp.0.e_proj.weight"
 
 
 # ------------------------------------------------------------------ dump files
