@@ -1,7 +1,8 @@
 """The DeepSeek-V4 forward pass in JAX: reference/numpy_v4.py function for function, jit-able.
 
 Manifold-constrained hyper-connections (Sinkhorn-Knopp), hash- and sqrtsoftplus-routed MoE with
-clipped SwiGLU, the final hyper-connection head; attention in reference/model_v4_attention.py.
+clipped SwiGLU, the final hyper-connection head; attention in reference/model_v4_attention.py;
+the multi-token-prediction module (``mtp_v4``, numpy_v4.mtp's equation).
 Proven equal to the float64 NumPy reference (and to transformers) in tests/test_model_v4.py.
 
 Weights: a plain dict {transformers' name: array} (reference/params_v4.py), the NumPy reference's

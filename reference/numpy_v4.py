@@ -3,6 +3,8 @@
 A sibling of reference/numpy_ref.py (V3) with V4's pieces: manifold-constrained hyper-connections
 (hc_mult residual streams, Sinkhorn-Knopp), hash-routed and sqrtsoftplus-routed MoE with clipped
 SwiGLU, the final hyper-connection head; attention lives in reference/numpy_v4_attention.py.
+``mtp`` is the multi-token-prediction module as DeepSeek's inference code defines it (transformers
+has none; docs/v4-reference.md "Multi-token prediction").
 Checked against transformers 5.24 ``DeepseekV4ForCausalLM`` (tests/test_numpy_v4.py); every
 place transformers and DeepSeek's inference code (deepseek-ai/DeepSeek-V4-Flash
 ``inference/model.py``) differ is listed in docs/v4-reference.md with the choice made here.

@@ -25,7 +25,11 @@ when it loads a release; the test replays it on these names):
     q_a_norm``.
 MTP modules: DeepSeek's ``mtp.{k}.*``; transformers ignores them (``_keys_to_ignore_on_load_unexpected``),
 so their "HF" names here are ours: ``mtp.{k}.`` + the decoder-layer names above, plus ``e_proj``,
-``h_proj``, ``enorm``, ``hnorm``, ``norm`` and ``hc_head.hc_fn/hc_base/hc_scale``.
+``h_proj``, ``enorm``, ``hnorm``, ``norm`` and ``hc_head.hc_fn/hc_base/hc_scale``. Checked against
+DeepSeek's inference/model.py ``MTPBlock.__init__`` (a ``Block`` plus ``e_proj``/``h_proj``
+``Linear(dim, dim)``, ``enorm``/``hnorm``/``norm`` ``RMSNorm(dim)``, float32 ``hc_head_fn`` [hc, hc*dim],
+``hc_head_base`` [hc], ``hc_head_scale`` [1]; no embedding or head of its own: docs/v4-reference.md
+"Multi-token prediction").
 """
 
 from __future__ import annotations
