@@ -146,6 +146,16 @@ def weight_bytes(cfg: ModelConfigV4) -> dict:
             "bits_per_weight": total * 8 / cfg.param_counts()["total_params"]}
 
 
+def weight_split(cfg: ModelConfigV4) -> dict:
+    """``weight_bytes``'s total split as a parallel layout places it: routed experts (FP4 + scales,
+    split over EP), globals (embedding, head, final norm, head hyper-connection), non_expert (the
+    rest of every layer: attention, compressors, indexer, shared expert, router, hash table)."""
+    w = _weights(cfg)
+    wb = weight_bytes(cfg)
+    experts = sum(w.group(i, ROUTED_EXPERT) for i in range(cfg.num_hidden_layers))
+    return {"experts": experts, "globals": wb["globals"], "non_expert": wb["total"] - experts - wb["globals"]}
+
+
 # ------------------------------------------------------------------ closed-form pair counts
 def window_pairs(prefix: int, tokens: int, W: int) -> float:
     """sum over positions p = prefix .. prefix+tokens-1 of min(W, p+1): window keys per query."""

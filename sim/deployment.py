@@ -23,7 +23,7 @@ from dsref.hwmodels.catalog import CatalogError
 from dsref.hwmodels.systems import Cluster, load_system
 from dsref.reference.config import ConfigError, ModelConfig
 from dsref.reference.presets import load_config
-from dsref.sim.local import activation_bytes
+from dsref.sim.local import activation_bytes, v4_memory, v4_quant
 from dsref.sim.moe_stats import zipf_shares
 from dsref.sim.parallel import Parallelism
 from dsref.sim.quant import Quant, get_quant
@@ -41,8 +41,18 @@ SPARSE_SERVE_PHASES = (("prefill", "absorbed", "last"), ("decode", "absorbed", "
                        ("prefill_mha", "naive", "last"))
 
 
+# DeepSeek-V4 has no MLA forms (costmodel_v4 costs one attention); the form is a table key only.
+V4_SERVE_PHASES = (("prefill", "v4", "last"), ("decode", "v4", "all"))
+
+
+def is_v4(cfg) -> bool:
+    return cfg.arch == "deepseek_v4"
+
+
 def serve_phases(cfg: ModelConfig) -> tuple:
     """(phase, MLA form, logits) of the serving step costs of ``cfg``."""
+    if is_v4(cfg):
+        return V4_SERVE_PHASES
     return SPARSE_SERVE_PHASES if cfg.has_indexer else SERVE_PHASES
 
 
@@ -72,7 +82,8 @@ class Deployment:
 
     def step_costs(self, role: str) -> dict[str, StepCost]:
         """{'prefill', 'decode', 'mtp'} step costs of a serving role (the MTP module = the last
-        layer + head in the decode form), fitted once per deployment; V3.2 adds 'prefill_mha'."""
+        layer + head in the decode form), fitted once per deployment; V3.2 adds 'prefill_mha';
+        DeepSeek-V4 has no 'mtp'."""
         if role not in self._costs:
             par, c = self.par[role], {}
             r = self.sc.instance(role)
@@ -88,6 +99,9 @@ class Deployment:
                                     phase=kind, cuda_graph=uses_cuda_graph(r.cuda_graph, kind),
                                     routing_shares=shares, kernel_floors=self.sc.kernel_floors)
             L = self.cfg.num_hidden_layers
+            if is_v4(self.cfg):  # V4's MTP is not costed: _check_instance refuses MTP for it
+                self._costs[role] = c
+                return c
             c["mtp"] = StepCost(self.cfg, self.quant, self.device, par, mla_form="absorbed", logits="all",
                                 node=self.link_node, latency_s=self.latency_s, layers=(L - 1, L),
                                 table=self._tables[("decode", "absorbed")],
@@ -155,6 +169,14 @@ def _quant(sc: Scenario) -> Quant:
     return q
 
 
+def _v4_quant(sc: Scenario, q: Quant) -> Quant:
+    """V4 is costed at its release storage (FP8 + FP4 experts): sim.local.v4_quant's rule, naming the field."""
+    try:
+        return v4_quant(q)
+    except ValueError as e:
+        raise _err(sc.source, "quant", f"model {sc.model}: {e}") from None
+
+
 def _system(sc: Scenario):
     """(node, cluster or None, device) with device_split applied."""
     try:
@@ -196,6 +218,11 @@ def _latency_s(cluster) -> dict:
 def _base(sc: Scenario) -> Deployment:
     cfg = _model(sc)
     quant = _quant(sc)
+    if is_v4(cfg):
+        if sc.kind != "serve":
+            raise _err(sc.source, "model", f"{cfg.name}: training step costs of a DeepSeek-V4 model are not "
+                       "modelled (`dsref sim serve` and `sim local` take V4)")
+        quant = _v4_quant(sc, quant)
     node, cluster, dev = _system(sc)
     return Deployment(sc, cfg, quant, node, cluster, dev, _latency_s(cluster))
 
@@ -230,9 +257,12 @@ def _check_instance(dep: Deployment, role: str) -> None:
     if len(depth) > 8 or any(not 0.0 < a <= 1.0 for a in depth):
         raise _err(s, f"{role}.mtp_acceptance_per_depth",
                    f"must list 1 to 8 acceptance rates in (0, 1], got {list(depth)}")
+    fld = "mtp_acceptance_per_depth" if depth else "mtp_acceptance"
     if mtp_depths(r) and cfg.num_nextn_predict_layers < 1:
-        fld = "mtp_acceptance_per_depth" if depth else "mtp_acceptance"
         raise _err(s, f"{role}.{fld}", f"model {cfg.name} has no MTP module")
+    if mtp_depths(r) and is_v4(cfg):
+        raise _err(s, f"{role}.{fld}", f"model {cfg.name}: DeepSeek-V4's MTP module is not costed "
+                   "(sim/costmodel_v4.py counts the main layers); set it to 0 / [] for V4")
     if r.cuda_graph not in CUDA_GRAPH_MODES:
         raise _err(s, f"{role}.cuda_graph", f"must be one of {', '.join(CUDA_GRAPH_MODES)}, got {r.cuda_graph!r}")
     if r.routing_zipf < 0 or r.routing_zipf > 4:
@@ -258,6 +288,10 @@ def _check_instance(dep: Deployment, role: str) -> None:
     if cfg.is_moe and cfg.moe_intermediate_size % moe_tp:
         raise _err(s, f"{role}.moe_tp", f"moe_tp {moe_tp} does not divide the experts' width "
                    f"{cfg.moe_intermediate_size}")
+    if is_v4(cfg) and pp > 1:
+        # the V4 weights per device are split by layer ranges nowhere yet, and stepcost's PP
+        # model is unused by serving (the full layer range is costed on every device)
+        raise _err(s, f"{role}.pp", f"pipeline stages are not modelled for DeepSeek-V4 serving ({cfg.name}); use pp = 1")
     par = dep.par[role] = Parallelism(
         devices=n, dp=dp, tp=tp, ep=ep, pp=pp,
         expert_slots=(cfg.n_routed_experts + r.redundant_experts) if cfg.is_moe else 0,
@@ -271,17 +305,42 @@ def _check_instance(dep: Deployment, role: str) -> None:
 
 
 def _kv_capacity(dep: Deployment, role: str, par: Parallelism) -> dict:
-    """KV-cache tokens per device = (memory - weights under the layout - activation reserve) / KV bytes per token."""
+    """KV-cache tokens per device = (memory - weights under the layout - activation reserve) / KV bytes per token.
+
+    DeepSeek-V4: a sequence of c tokens holds the sliding windows (min(W, c) entries per layer)
+    plus floor(c / m) compressed entries per compressed layer (costmodel_v4.kv_cache_bytes). The
+    simulator books KV in tokens, linearly, so a V4 request is booked as c + ``kv_fixed_tokens``
+    tokens of kv_bytes_per_token (ModelConfigV4.kv_cache_bytes_per_token, the compressed part)
+    where kv_fixed_tokens = the full windows' bytes / kv_bytes_per_token: never below its real
+    cache (min(W, c) <= W, floor(c / m) m <= c), above it by less than the window below W tokens
+    and one block per compressed layer (tests/test_sim_v4.py)."""
     cfg, q, r = dep.cfg, dep.quant, dep.sc.instance(role)
-    w = par.weight_bytes_per_device(cfg, q)["total"]
+    if is_v4(cfg):
+        w = v4_weight_bytes_per_device(cfg, par)["total"]
+    else:
+        w = par.weight_bytes_per_device(cfg, q)["total"]
     reserve = r.activation_reserve_bytes
     if reserve < 0:
-        reserve = activation_bytes(cfg, q, 1, r.token_budget_per_device)
+        reserve = (v4_memory(cfg, q, 1, 1, r.token_budget_per_device)["activation_bytes"] if is_v4(cfg)
+                   else activation_bytes(cfg, q, 1, r.token_budget_per_device))
     per_tok = cfg.kv_cache_bytes_per_token(q.kv_bytes) / par.pp
+    fixed = cfg.kv_window_bytes(q.kv_bytes) / par.pp / per_tok if is_v4(cfg) else 0.0
     free = dep.device.require("memory_bytes") - w - reserve
     return {"weight_bytes_per_device": w, "activation_reserve_bytes": reserve,
-            "kv_bytes_per_token": per_tok, "kv_tokens_per_device": max(0.0, free) // per_tok,
+            "kv_bytes_per_token": per_tok, "kv_fixed_tokens": fixed, "kv_tokens_per_device": max(0.0, free) // per_tok,
             "kv_tokens_per_instance": max(0.0, free) // per_tok * par.dp}
+
+
+def v4_weight_bytes_per_device(cfg, par: Parallelism) -> dict[str, float]:
+    """Parallelism.weight_bytes_per_device for DeepSeek-V4, from the release bytes of
+    costmodel_v4.weight_split (FP8 + FP4 experts, scales and hash tables included): routed experts
+    split over the expert slots / ep and moe_tp, everything else divided by TP (pp = 1)."""
+    from dsref.sim.costmodel_v4 import weight_split
+    b = weight_split(cfg)
+    E = cfg.n_routed_experts
+    expert = b["experts"] / E * par.slots(cfg) / max(par.ep, 1) / max(par.moe_tp, 1)
+    other, glob = b["non_expert"] / par.tp, b["globals"] / par.tp
+    return {"experts": expert, "non_expert": other, "globals": glob, "total": expert + other + glob}
 
 
 # ------------------------------------------------------------------ training

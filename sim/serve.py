@@ -20,7 +20,9 @@ Model
     sequence (2 tokens through the model, plus one extra layer + head for the MTP
     module) and yields 1 + acceptance tokens per step on average.
   * KV cache: capacity per instance = (device memory - weights per device -
-    activation reserve) / latent KV bytes per token x DP ranks (sim.scenario).
+    activation reserve) / latent KV bytes per token x DP ranks (sim.deployment).
+    DeepSeek-V4: bytes per token of its compressed entries, and every request also
+    books ``kv_fixed_tokens`` for its sliding windows (sim.deployment._kv_capacity).
     A decode instance admits a request only when its prompt fits; generation
     grows the cache; when it overflows the newest requests are preempted
     (recompute: back to the prefill queue with prompt + generated tokens).
@@ -56,7 +58,7 @@ from dsref.sim.comm import CommOp, kv_transfer_bytes
 from dsref.sim.scenario import Scenario, ScenarioError
 from dsref.sim.deployment import Deployment, mtp_depths, mtp_tokens_per_step, resolve
 from dsref.sim.serve_workload import Workload, make_workload, read_trace  # noqa: F401 (re-exported)
-from dsref.sim.stepcost import RequestTable, StepFeatures, request, uniform
+from dsref.sim.stepcost import RequestTable, StepFeatures, feature_key, request, uniform, zero
 
 PROGRESS_MIN_WALL_S = 2.0  # show a progress bar only for runs expected to take longer
 MAX_TRACE_EVENTS = 200_000
@@ -192,6 +194,7 @@ class Instance:
         self.compute_s = 0.0
         self.steps = 0
         self.kv_cap = sim.capacity[role]["kv_tokens_per_instance"]
+        self.kv_fixed = sim.capacity[role]["kv_fixed_tokens"]  # booked per running request (V4: windows)
         self.budget = r.token_budget_per_device * self.par.dp
         self.max_req = r.max_requests_per_step or 10**12
         self.max_batch = r.max_batch_per_device * self.par.dp
@@ -265,21 +268,22 @@ class Instance:
         """
         sh = self.sim.sh
         retries: list = []
-        x = StepFeatures()
+        x = zero(self.sim.topk)
+        fx = self.sim.capacity[self.role]["kv_fixed_tokens"]
         used = 0.0
         while sh.retry and len(retries) < self.max_req:
             rid, prompt, cached, gen = sh.retry[0]
             new = prompt - cached
             if retries and used + new > budget:
                 break
-            if kv_free is not None and prompt > kv_free:
+            if kv_free is not None and prompt + fx > kv_free:
                 break
             sh.retry.popleft()
             retries.append((rid, prompt, cached, gen))
             x = x + request(new, cached, self.sim.topk)
             used += new
             if kv_free is not None:
-                kv_free -= prompt
+                kv_free -= prompt + fx
         a = b = sh.head
         b_max = sh.arrived()
         if a < b_max and len(retries) < self.max_req and (used < budget or not retries):
@@ -287,7 +291,7 @@ class Instance:
             b = int(cum.searchsorted(cum[a] + (budget - used), "right")) - 1
             b = min(max(b, a + (0 if retries else 1)), b_max, a + self.max_req - len(retries))
             if kv_free is not None and b > a:  # aggregated: the prompts must fit in the KV cache
-                csum = np.cumsum(self.sim.wl.prompt[a:b])
+                csum = np.cumsum(self.sim.wl.prompt[a:b] + fx if fx else self.sim.wl.prompt[a:b])
                 b = a + int(np.searchsorted(csum, kv_free, side="right"))
             if b > a:
                 span = sh.features.span(a, b)
@@ -457,7 +461,8 @@ class Instance:
         tps, step = self.tps, self.step_idx
         n = self.n_run
         s0 = self.s0
-        room = self.kv_cap - (s0 + n * tps * step)  # KV tokens still free
+        fx = self.kv_fixed
+        room = self.kv_cap - (s0 + n * tps * step) - n * fx  # KV tokens still free
         slots = self.max_batch - n
         tps_step = tps * step
         sh = self.sim.sh
@@ -475,10 +480,10 @@ class Instance:
             # Only the float chains s0 and room are still walked request by request (the same
             # operations in the same order); the finish buckets are added later, in join order
             # (_flush, np.add.at), which gives every bucket the same sequential sum.
-            if self.fast_admission and room - sum(part) >= 1.0 + 1e-6 * abs(room):
+            if self.fast_admission and room - sum(part) - len(part) * fx >= 1.0 + 1e-6 * abs(room):
                 for ctx in part:
                     s0 += ctx - tps_step
-                    room -= ctx
+                    room -= ctx + fx
                 i = stop
                 self._pend_c.append(cn)  # contexts: _flush subtracts tps * step, as here
                 self._pend_f.append(ch.fin[lo:i])
@@ -494,7 +499,7 @@ class Instance:
                 ctxs, fins = ch.ctx.tolist(), ch.fin.tolist()
                 while i < stop:  # one request: the same float operations, in the same order, as ever
                     ctx = ctxs[i]
-                    if ctx + 1 > room:
+                    if ctx + fx + 1 > room:
                         if n + joined + i - lo == 0:  # can never fit on this instance
                             sh.rejected += 1
                             self.pending -= 1
@@ -508,7 +513,7 @@ class Instance:
                     fin_n[f] += 1
                     fin_c[f] += c
                     s0 += c
-                    room -= ctx
+                    room -= ctx + fx
                     i += 1
                 if i > lo:
                     ids = ch.ids[lo:i]
@@ -555,7 +560,8 @@ class Instance:
 
     def _preempt_if_full(self):
         tps, step = self.tps, self.step_idx
-        used = self.s0 + self.n_run * (tps * step + 1.0)  # + the tokens the next step writes
+        fx = self.kv_fixed
+        used = self.s0 + self.n_run * (tps * step + 1.0 + fx)  # + the tokens the next step writes
         sh, wl, order = self.sim.sh, self.sim.wl, self.order
         self._flush()
         while self.n_run > 1 and used > self.kv_cap:
@@ -576,7 +582,7 @@ class Instance:
             self._fin_c[fs & self._mask] -= c
             g = math.floor(gen + tps * (step - join))
             self.s0 -= c
-            used -= ctx + tps * (step - join) + 1.0
+            used -= ctx + tps * (step - join) + 1.0 + fx
             self.n_run -= 1
             sh.preemptions += 1
             sh.join_inst[rid] = -1  # this join will not finish (a rejoin records anew)
@@ -628,7 +634,7 @@ class Instance:
         self._start_decoding()
         env, sh = self.sim.env, self.sim.sh
         rec = self.sim.rec
-        tps, kv_cap = self.tps, self.kv_cap
+        tps, kv_cap, fx = self.tps, self.kv_cap, self.kv_fixed
         timeout, decode_time, admit = env.timeout, self.decode_time, self._admit
         dcache_get, dp, q = self._dcache.get, self.par.dp, self.sim.ctx_quantum
         step_end = self.step_end
@@ -675,7 +681,7 @@ class Instance:
                 fin_c[j] = 0.0
             if len(self.order) > self._prune_at:
                 self._prune(step)
-            if self.s0 + self.n_run * (tps * step + 1.0) > kv_cap:
+            if self.s0 + self.n_run * (tps * step + 1.0 + fx) > kv_cap:
                 self._preempt_if_full()
 
     def run_aggregated(self):
@@ -689,7 +695,7 @@ class Instance:
             retries, (a, b) = [], (sh.head, sh.head)
             x = None
             if budget > 0:
-                retries, (a, b), x, _ = self.take_prefill(budget, self.kv_cap - used - n)
+                retries, (a, b), x, _ = self.take_prefill(budget, self.kv_cap - used - n * (1.0 + self.kv_fixed))
             n_pre = len(retries) + b - a
             if n == 0 and n_pre == 0:
                 if sh.head < sh.arrived():  # the head prompt exceeds an empty instance's KV cache
@@ -790,13 +796,17 @@ class ServeSim:
         self.decode_caches: dict = {}  # role -> Instance._dcache
         dep = self.dep
         self.cfg, self.quant, self.node, self.device = dep.cfg, dep.quant, dep.node, dep.device
-        self.topk = self.cfg.index_topk if self.cfg.has_indexer else None  # V3.2: step features past top-k
+        # V3.2: step features past the top-k; V4: its own features (sim.stepcost.V4Features)
+        self.topk = feature_key(self.cfg)
         link_node, lat = dep.link_node, dep.latency_s
         self.ctx_quantum = sc.ctx_quantum_tokens
         self.capacity = dep.capacity
         self.cost = {r: dep.step_costs(r) for r in dep.roles}
         # KV transfer link: seconds per prompt token and per-transfer latency (sim.comm + sim.roofline)
-        per_tok = kv_transfer_bytes(self.cfg, 1, self.quant.kv_bytes)
+        # V4: the compressed entries per token, and the windows (kv_fixed_tokens of them) per transfer
+        v4 = self.cfg.arch == "deepseek_v4"
+        per_tok = (self.cfg.kv_cache_bytes_per_token(self.quant.kv_bytes) if v4 else
+                   kv_transfer_bytes(self.cfg, 1, self.quant.kv_bytes))
         big = 1e6
         t_big = roofline.comm_time(CommOp("kv_transfer", per_tok * big, "inter", "p2p"), self.device,
                                    node=link_node, latency_s=lat)
@@ -804,6 +814,8 @@ class ServeSim:
                                    node=link_node, latency_s=lat)
         self.kv_s_per_token = (t_big - t_one) / (big - 1)
         self.kv_latency_s = t_one - self.kv_s_per_token
+        if v4:
+            self.kv_latency_s += self.cfg.kv_window_bytes(self.quant.kv_bytes) / per_tok * self.kv_s_per_token
         if sc.mode == "aggregated":
             self.kv_s_per_token = self.kv_latency_s = 0.0
 

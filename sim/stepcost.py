@@ -21,6 +21,12 @@ ops, ~6 ms for DeepSeek-V3) each time. Nothing here is a new cost formula:
    not split by TP), EP (routed-expert rows = all tokens of the EP group * k /
    ep per device, balanced as with DeepSeek's EPLB; expert weight bytes = the
    local expert replicas a step touches, uniform routing), PP (layer ranges).
+4. DeepSeek-V4 (reference/config_v4.ModelConfigV4, ops from sim/costmodel_v4.py): its attention is
+   not affine in the prefix (the sliding window saturates at W, compressed entries are
+   floor(S/m), the CSA indexer keeps min(K, visible) entries, and a decode step reads only the
+   selected entries), so it has its own features, ``V4Features``: the closed-form pair and entry
+   counts of costmodel_v4 per sequence, summed over requests. Every op of
+   ``costmodel_v4.forward_ops`` is linear in them (the fit checks it, as above).
 """
 
 from __future__ import annotations
@@ -31,8 +37,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from types import SimpleNamespace
+
 from dsref.reference.config import ModelConfig
-from dsref.sim import costmodel, roofline
+from dsref.sim import costmodel, costmodel_v4, roofline
 from dsref.sim.comm import CommOp, ep_comm, grouped_time, tp_comm
 from dsref.sim.costmodel import StepShape
 from dsref.sim.moe_stats import expected_distinct_uniform, expected_max_rank_load
@@ -46,6 +54,16 @@ _FIT_SHAPES = ((1, 1, 0), (2, 3, 5), (3, 7, 11), (1, 16, 100), (4, 2, 50), (5, 9
 _TRAIN_FIT_SHAPES = ((1, 1, 0), (2, 3, 0), (3, 7, 0), (1, 16, 0), (4, 2, 0), (5, 9, 0), (2, 33, 0), (7, 5, 0))
 # Extra shapes for a top-k (V3.2) model, prefix given relative to index_topk: past it, straddling it.
 _SPARSE_FIT_SHAPES = ((1, 1, 7), (2, 3, 500), (1, 40, -20), (3, 9, 1000), (2, 1, -1), (1, 17, 3))
+# DeepSeek-V4 shapes (batch, new tokens, prefix) beyond _FIT_SHAPES, as functions of the geometry
+# (W window, mc CSA rate, K top-k, mh HCA rate): prefixes below, at and past the window, across
+# HCA blocks, up to and past the CSA top-k's saturation (K * mc), single-token and longer steps.
+def _v4_fit_shapes(g: "V4Geometry") -> tuple:
+    W, cut, mh = g.window, g.topk * g.csa_rate, g.hca_rate
+    return ((1, 1, W + 3), (2, 5, W - 2), (1, 1, 3 * mh + 5), (3, 2, 2 * mh - 1), (1, 40, cut - 20),
+            (2, 1, cut + 7), (1, 1, 2 * cut), (3, 9, cut + 1000), (1, 17, mh - 3), (2, 1, 5 * g.csa_rate + 1),
+            (1, 300, 2 * mh + 1), (2, 1, 10 * mh), (1, 2 * W, cut - W), (4, 1, W // 2))
+
+
 _FIT_RTOL = 1e-7
 MOE_KIND = "moe_gemm"
 GEMM_ROW_KINDS = ("gemm", "head")  # dense GEMMs whose rows are the step's tokens (kernel-table curves)
@@ -96,9 +114,12 @@ def _excess(tokens, prefix, topk):
     return costmodel.causal_excess(tokens, prefix, topk), max(0.0, prefix + tokens - topk)
 
 
-def uniform(batch: float, tokens: float, prefix: float, topk: int | None = None) -> StepFeatures:
+def uniform(batch: float, tokens: float, prefix: float, topk=None):
     """B sequences of T new tokens after ``prefix`` cached ones (flash attention: S_eff = prefix + (T+1)/2);
-    topk: the model's index_topk (DeepSeek-V3.2), None for dense attention."""
+    topk: the model's index_topk (DeepSeek-V3.2), a V4Geometry (DeepSeek-V4: V4Features), None for
+    dense attention."""
+    if isinstance(topk, V4Geometry):
+        return _v4(tokens, prefix, topk, batch)
     m = batch * tokens
     if topk is None:
         return StepFeatures(m, batch, m * (prefix + (tokens + 1) / 2.0), batch * (prefix + tokens))
@@ -106,8 +127,10 @@ def uniform(batch: float, tokens: float, prefix: float, topk: int | None = None)
     return StepFeatures(m, batch, m * (prefix + (tokens + 1) / 2.0), batch * (prefix + tokens), batch * pe, batch * ke)
 
 
-def request(tokens: float, prefix: float, topk: int | None = None) -> StepFeatures:
+def request(tokens: float, prefix: float, topk=None):
     """One request of ``tokens`` new tokens after ``prefix`` cached ones."""
+    if isinstance(topk, V4Geometry):
+        return _v4(tokens, prefix, topk)
     t, p = float(tokens), float(prefix)
     if topk is None:
         return StepFeatures(t, 1.0, t * (p + (t + 1) / 2.0), p + t)
@@ -118,21 +141,117 @@ class RequestTable:
     """The features of a list of requests as prefix sums: any contiguous run's sum in O(1)
     (the serving simulator's prefill batches are runs of the arrival-ordered queue)."""
 
-    def __init__(self, tokens: np.ndarray, prefix: np.ndarray, topk: int | None = None):
+    def __init__(self, tokens: np.ndarray, prefix: np.ndarray, topk=None):
         t = np.asarray(tokens, float)
         p = np.asarray(prefix, float)
+        self._cls = V4Features if isinstance(topk, V4Geometry) else StepFeatures
         cols = [t, np.ones_like(t), t * (p + (t + 1) / 2.0), p + t]
-        if topk is None:
+        if self._cls is V4Features:
+            cols = _v4_columns(t, p, topk)
+        elif topk is None:
             cols += [np.zeros_like(t)] * 2
         else:
             cols += [np.asarray(costmodel.causal_excess(t, p, topk), float) * np.ones_like(t),
                      np.maximum(0.0, p + t - topk)]
         rows = np.stack(cols, axis=-1)
-        self._cum = np.vstack([np.zeros(len(StepFeatures._fields)), np.cumsum(rows, axis=0)])
+        self._cum = np.vstack([np.zeros(len(self._cls._fields)), np.cumsum(rows, axis=0)])
 
-    def span(self, a: int, b: int) -> StepFeatures:
+    def span(self, a: int, b: int):
         """Features of requests a .. b-1."""
-        return StepFeatures(*(self._cum[b] - self._cum[a]).tolist())
+        return self._cls(*(self._cum[b] - self._cum[a]).tolist())
+
+
+@dataclass(frozen=True)
+class V4Geometry:
+    """What a DeepSeek-V4 model's step features depend on: window W, CSA rate mc and top-k K, HCA
+    rate mh. Passed where a V3.2 model passes its top-k (``uniform``, ``request``, ``RequestTable``)."""
+
+    window: int
+    csa_rate: int
+    topk: int
+    hca_rate: int
+
+
+def feature_key(cfg) -> "int | V4Geometry | None":
+    """The ``topk`` argument of the feature constructors for ``cfg``: a V4Geometry (DeepSeek-V4),
+    index_topk (DeepSeek-V3.2), None (dense attention)."""
+    if cfg.arch == "deepseek_v4":
+        return V4Geometry(cfg.sliding_window, cfg.compress_rate_csa, cfg.index_topk, cfg.compress_rate_hca)
+    return cfg.index_topk if cfg.has_indexer else None
+
+
+class V4Features(NamedTuple):
+    """A DeepSeek-V4 step's features, summable over sequences like StepFeatures. Per sequence of T
+    new tokens after P cached ones (S = P + T), with costmodel_v4's closed forms:
+    win_pairs: window_pairs(P, T, W); win_keys: min(W, S); csa_pairs / hca_pairs: entry_pairs at
+    the CSA / HCA rate (all visible entries: index scores, HCA attention); csa_sel: entry_pairs with
+    the top-k (the entries CSA attends); csa_entries / hca_entries: S // m (entries held; the
+    indexer keys read); csa_read: CSA entries the attention reads (min(K, S // mc) at T = 1, else
+    all S // mc: a prefill's queries together read every entry)."""
+
+    tokens: float = 0.0
+    seqs: float = 0.0
+    win_pairs: float = 0.0
+    win_keys: float = 0.0
+    csa_pairs: float = 0.0
+    csa_sel: float = 0.0
+    csa_entries: float = 0.0
+    csa_read: float = 0.0
+    hca_pairs: float = 0.0
+    hca_entries: float = 0.0
+
+    def __add__(self, o: "V4Features") -> "V4Features":  # a sum of batches, not tuple concatenation
+        return V4Features(*(a + b for a, b in zip(self, o)))
+
+    def scaled(self, f: float) -> "V4Features":
+        return V4Features(*(a * f for a in self))
+
+    def vector(self) -> np.ndarray:
+        """x = [1, features...]: the order of the fitted coefficients (OpTable)."""
+        return np.array((1.0,) + tuple(self))
+
+
+def _visible_sum(N, m):
+    """costmodel_v4.visible_sum on arrays (the same operations)."""
+    q = np.floor_divide(N, m)
+    return m * q * (q - 1) / 2 + q * (N - q * m + 1)
+
+
+def _entry_pairs(P, T, m, topk=None):
+    """costmodel_v4.entry_pairs on arrays (P, T: float arrays of integers)."""
+    def Hs(N):
+        if topk is None:
+            return _visible_sum(N, m)
+        cut = topk * m - 1
+        return _visible_sum(np.minimum(N, cut), m) + topk * np.maximum(0.0, N - cut)
+    return Hs(P + T) - Hs(P)
+
+
+def _window_pairs(P, T, W):
+    """costmodel_v4.window_pairs on arrays: sum_p min(W, p + 1) as G(P + T) - G(P)."""
+    def G(N):
+        c = np.minimum(N, W)
+        return c * (c + 1) / 2 + (N - c) * W
+    return G(P + T) - G(P)
+
+
+def _v4_columns(tokens, prefix, g: V4Geometry) -> list:
+    """The V4Features columns of sequences with ``tokens`` new after ``prefix`` (float arrays)."""
+    t, p = np.asarray(tokens, float), np.asarray(prefix, float)
+    S = p + t
+    nc, nh = np.floor_divide(S, g.csa_rate), np.floor_divide(S, g.hca_rate)
+    return [t, np.ones_like(t), _window_pairs(p, t, g.window), np.minimum(float(g.window), S),
+            _entry_pairs(p, t, g.csa_rate), _entry_pairs(p, t, g.csa_rate, g.topk), nc,
+            np.where(t == 1, np.minimum(float(g.topk), nc), nc), _entry_pairs(p, t, g.hca_rate), nh]
+
+
+def _v4(tokens, prefix, g: V4Geometry, batch=1.0) -> V4Features:
+    return V4Features(*(float(c) * batch for c in _v4_columns(tokens, prefix, g)))
+
+
+def zero(topk=None):
+    """The features of an empty batch (StepFeatures or V4Features, as ``topk`` says)."""
+    return V4Features() if isinstance(topk, V4Geometry) else StepFeatures()
 
 
 @dataclass(frozen=True)
@@ -168,19 +287,31 @@ class OpTable:
         quant = get_quant(quant) if isinstance(quant, str) else quant
         X, runs = [], []
         shapes = _TRAIN_FIT_SHAPES if training else _FIT_SHAPES
-        topk = cfg.index_topk if cfg.has_indexer else None
-        if topk is not None and not training:
+        topk = feature_key(cfg)
+        v4 = isinstance(topk, V4Geometry)
+        if v4 and training:
+            raise ValueError(f"{cfg.name}: training step costs of a DeepSeek-V4 model are not modelled")
+        if v4:
+            shapes = shapes + _v4_fit_shapes(topk)
+        elif topk is not None and not training:
             # V3.2: the sparse features are zero while no sequence holds more than topk keys, so
             # shapes past the top-k (and straddling it) are needed to determine their coefficients
             shapes = shapes + tuple((b, t, p + topk) for b, t, p in _SPARSE_FIT_SHAPES)
         for b, t, p in shapes:
-            X.append(uniform(b, t, p).vector() if topk is None else uniform(b, t, p, topk).sparse_vector())
-            if training:
+            X.append(uniform(b, t, p).vector() if topk is None else
+                     uniform(b, t, p, topk).vector() if v4 else uniform(b, t, p, topk).sparse_vector())
+            if v4:
+                runs.append(costmodel_v4.forward_ops(cfg, quant, StepShape(b, t, p, logits=logits)))
+            elif training:
                 runs.append(costmodel.training_ops(cfg, quant, b, t, recompute="none", mla_form=mla_form,
                                                    include_optimizer=False))
             else:
                 runs.append(costmodel.forward_ops(cfg, quant, StepShape(b, t, p, logits=logits, mla_form=mla_form)))
         X = np.array(X)
+        if v4 and np.linalg.matrix_rank(X) < X.shape[1]:
+            # an underdetermined fit could put a coefficient on a feature that only coincides with
+            # another at the sampled shapes (e.g. a model whose window exceeds every sampled prefix)
+            raise ValueError(f"{cfg.name}: the fit shapes do not determine every V4 feature's coefficient")
         ops0 = runs[0]
         n = len(ops0)
         if any(len(r) != n for r in runs):
@@ -267,8 +398,8 @@ class StepCost:
         self.cfg, self.device, self.par, self.node = cfg, device, par, node
         self.phase = phase
         # the model's top-k (V3.2): features carry the sparse columns and callers build them with it
-        self.topk = cfg.index_topk if cfg.has_indexer else None
-        self._vec = (lambda f: f.vector()) if self.topk is None else (lambda f: f.sparse_vector())
+        self.topk = feature_key(cfg)
+        self._vec = (lambda f: f.sparse_vector()) if isinstance(self.topk, int) else (lambda f: f.vector())
         self.profile = device_kernel_profile(device) if kernel_floors else None
         self.routing_shares = routing_shares
         self.quant = get_quant(quant) if isinstance(quant, str) else quant
@@ -285,8 +416,9 @@ class StepCost:
         if rows is not None:
             keep &= rows
         sc = np.ones(len(t.names)) if scale is None else np.asarray(scale, float)
-        self.moe_layer_fraction = (sum(cfg.is_moe_layer(i) for i in range(lo, hi)) / cfg.num_moe_layers
-                                   if cfg.num_moe_layers else 0.0)
+        ccfg = self._comm_cfg = comm_view(cfg)
+        self.moe_layer_fraction = (sum(ccfg.is_moe_layer(i) for i in range(lo, hi)) / ccfg.num_moe_layers
+                                   if ccfg.num_moe_layers else 0.0)
         tp = par.tp
         # GQA: KV heads split over TP ranks, replicated once TP exceeds them; MLA's latent is not split
         kv_div = min(tp, max(cfg.num_key_value_heads, 1)) if cfg.arch == "dense" else 1
@@ -331,7 +463,7 @@ class StepCost:
         self._n_moe_kernels = float(sum(cm)) if len(cm) else 0.0
         self.layer_fraction = (hi - lo) / L
         self._rank_cache: dict[float, float] = {}
-        self._n_moe_layers = cfg.num_moe_layers
+        self._n_moe_layers = ccfg.num_moe_layers
         self.slots = par.slots(cfg)
         self.local_slots = self.slots / max(par.ep, 1)
 
@@ -426,11 +558,11 @@ class StepCost:
     # -------------------------------------------------------------------- comm
     def _comm_exact(self, tokens: float) -> tuple[float, float]:
         """(EP, TP) seconds of one forward pass over all layers (no layer-range fractions)."""
-        ops: list[CommOp] = ep_comm(self.cfg, tokens, self.par)
+        ops: list[CommOp] = ep_comm(self._comm_cfg, tokens, self.par)
         ep_t = grouped_time(ops, lambda c: roofline.comm_time(c, self.device, node=self.node,
                                                               latency_s=self.latency_s))
         tp_t = sum(roofline.comm_time(c, self.device, node=self.node, latency_s=self.latency_s)
-                   for c in tp_comm(self.cfg, tokens, self.par, self.quant.act_bytes))
+                   for c in tp_comm(self._comm_cfg, tokens, self.par, self.quant.act_bytes))
         return ep_t, tp_t
 
     def comm_s(self, tokens_per_device: float) -> float:
@@ -517,6 +649,20 @@ class StepCost:
                 parts[k] = parts.get(k, 0.0) * scale
             parts["comm_s"] = exposed
         return parts
+
+
+def comm_view(cfg):
+    """What sim.comm and the layer fractions read of a model: ``cfg`` itself, or for DeepSeek-V4
+    (whose ModelConfigV4 has no MoE-layer fields: every layer is MoE) the same fields. V4's
+    sub-layers exchange D-wide activations (the hyper-connection streams are collapsed to D before
+    attention and the MoE, and expanded after): the TP all-reduce and the EP dispatch/combine
+    volumes are those of a D-wide model with the same layers and k."""
+    if cfg.arch != "deepseek_v4":
+        return cfg
+    L = cfg.num_hidden_layers
+    return SimpleNamespace(name=cfg.name, is_moe=True, num_moe_layers=L, is_moe_layer=lambda i: 0 <= i < L,
+                           num_hidden_layers=L, hidden_size=cfg.hidden_size, n_routed_experts=cfg.n_routed_experts,
+                           num_experts_per_tok=cfg.num_experts_per_tok)
 
 
 def _compress(f, b, spf, spb, count, flag):

@@ -164,3 +164,155 @@ def test_whatif_v4_decode_cells():
     # V3 supports 160K tokens: no 1M cell; V4's cache per sequence is the config's, windows included
     assert w.decode_at("deepseek-v3", "h800-node", 1 << 20)["chip_s_per_token"] is None
     assert w.kv_per_sequence("deepseek-v4-pro", 1 << 20) == c4.kv_cache_bytes(get_preset("deepseek-v4-pro"), 2.0, 1 << 20)
+
+
+# ---------------------------------------------------------------- `dsref sim serve` with V4
+def _small_flash():
+    """V4-Flash's geometry (window 128, CSA rate 4 with top-512, HCA rate 128, its experts) with four
+    layers, one of each kind and a hash layer: it fits one H800, so a serving run has no comm."""
+    return get_preset("deepseek-v4-flash").replace(
+        num_hidden_layers=4, layer_types=(SLIDING, CSA, HCA, CSA), mlp_layer_types=("hash_moe", "moe", "moe", "moe"))
+
+
+def test_stepcost_v4_fit_matches_forward_ops():
+    import numpy as np
+    from dsref.hwmodels.catalog import load_device
+    from dsref.sim import roofline
+    from dsref.sim.parallel import Parallelism
+    from dsref.sim.stepcost import OpTable, RequestTable, StepCost, feature_key, request, uniform
+    cfg, dev = _small_flash(), load_device("h800")
+    g = feature_key(cfg)
+    W, cut, mh = cfg.sliding_window, cfg.index_topk * cfg.compress_rate_csa, cfg.compress_rate_hca
+    rng = np.random.default_rng(7)
+    # prefixes below / at / past the window, on and around HCA block and CSA top-k boundaries
+    edges = [0, 1, W - 1, W, W + 1, mh - 1, mh, 5 * mh + 3, cut - 2, cut - 1, cut, cut + 1, 3 * cut + 17]
+    shapes = [(int(rng.integers(1, 6)), int(t), int(p)) for p in edges for t in (1, rng.integers(2, 700))]
+    shapes += [(int(rng.integers(1, 9)), int(rng.integers(1, 3000)), int(rng.integers(0, 60000))) for _ in range(6)]
+    for logits in ("last", "all"):
+        tab = OpTable.build(cfg, Q, dev, mla_form="absorbed", logits=logits)
+        sc = StepCost(cfg, Q, dev, Parallelism(), mla_form="absorbed", logits=logits, table=tab, kernel_floors=False)
+        for b, t, p in shapes:
+            ops = c4.forward_ops(cfg, Q, costmodel.StepShape(b, t, p, logits=logits))
+            x = uniform(b, t, p, g).vector()
+            for coef, get in ((tab.flops, lambda o: o.flops), (tab.act, lambda o: o.act_bytes_read + o.act_bytes_written),
+                              (tab.kv, lambda o: o.kv_bytes_read + o.kv_bytes_written)):
+                ref = sum(get(o) * o.count for o in ops)
+                assert float((coef @ x) @ tab.count) == pytest.approx(ref, rel=1e-9, abs=1e-6), (b, t, p, logits)
+            # the step time too (weights and routed experts included)
+            assert sc.compute_s(uniform(b, t, p, g), b * t) == pytest.approx(
+                roofline.step_time(ops, dev).time_s, rel=1e-9), (b, t, p, logits)
+    # per-request features sum (prefix sums over a queue), and the array forms equal the scalar ones
+    ts, ps = rng.integers(1, 3000, 50), rng.integers(0, 9000, 50)
+    table = RequestTable(ts, ps, g)
+    tot = request(ts[3], ps[3], g)
+    for t, p in zip(ts[4:20], ps[4:20]):
+        tot = tot + request(t, p, g)
+    assert np.allclose(table.span(3, 20), tot, rtol=1e-12)
+    for t, p in zip(ts[:10], ps[:10]):
+        f = request(t, p, g)
+        assert f.win_pairs == c4.window_pairs(p, t, W)
+        assert f.csa_sel == c4.entry_pairs(p, t, 4, cfg.index_topk) and f.hca_pairs == c4.entry_pairs(p, t, mh)
+
+
+def _serve_dict(model: str, trace: str, tp: int = 1) -> dict:
+    return {"kind": "serve", "model": model, "quant": "fp8", "system": "h800-node", "mode": "aggregated",
+            "duration_s": 30.0, "ctx_quantum_tokens": 0, "kernel_floors": False,
+            "workload": {"arrival": "trace", "trace": trace},
+            "aggregated": {"instances": 1, "devices": tp, "tp": tp, "token_budget_per_device": 16384}}
+
+
+def test_serve_v4_decode_tpot_is_the_roofline_of_decode_ops(tmp_path):
+    """B requests arrive together: one prefill step of B prompts, then decode steps of B sequences
+    at contexts prompt + i. TTFT and TPOT are the roofline times of costmodel_v4's op lists; with
+    TP 2 each device runs half of every FLOP, weight and activation byte (the single K=V head's
+    cache is not split) plus two all-reduces of [B, D] per layer, computed here by hand."""
+    from dataclasses import replace
+
+    import numpy as np
+    from dsref.hwmodels.catalog import load_device
+    from dsref.hwmodels.systems import load_system
+    from dsref.sim import roofline
+    from dsref.sim.comm import CommOp, ring_allreduce_bytes
+    from dsref.sim.scenario import from_dict
+    from dsref.sim.serve import ServeSim
+    cfg, dev, node = _small_flash(), load_device("h800"), load_system("h800-node")
+    cfg.save(tmp_path / "config.json")   # the config.json path of `--model`
+    B, prompt, out = 4, 3000, 6          # contexts past the window and past the CSA top-k (2048)
+    tr = tmp_path / "reqs.jsonl"
+    tr.write_text("".join(json.dumps({"t": 0.0, "prompt_tokens": prompt, "output_tokens": out}) + "\n"
+                          for _ in range(B)))
+
+    def split(ops, tp):
+        return [replace(o, flops=o.flops / tp, weight_bytes=o.weight_bytes / tp, act_bytes_read=o.act_bytes_read / tp,
+                        act_bytes_written=o.act_bytes_written / tp) for o in ops]
+
+    for tp in (1, 2):
+        r = ServeSim(from_dict(_serve_dict(str(tmp_path / "config.json"), str(tr), tp))).run()
+        assert r["requests_finished"] == B
+
+        def comm(tokens):
+            if tp == 1:
+                return 0.0
+            x = ring_allreduce_bytes(tokens * cfg.hidden_size * Q.act_bytes, tp)
+            return roofline.comm_time(CommOp("ar", x, "intra", "all_reduce", count=2 * cfg.num_hidden_layers,
+                                             participants=tp), dev, node=node)
+        pre = roofline.step_time(split(c4.prefill_ops(cfg, Q, B, prompt), tp), dev).time_s + comm(B * prompt)
+        tpot = np.mean([roofline.step_time(split(c4.decode_ops(cfg, Q, B, prompt + i), tp), dev).time_s + comm(B)
+                        for i in range(out - 1)])
+        assert r["ttft_p50_s"] == pytest.approx(pre, rel=1e-9)
+        assert r["tpot_p50_s"] == pytest.approx(tpot, rel=1e-9)
+
+
+def test_serve_v4_kv_booking_and_v3_ratio():
+    """A V4 request of c tokens is booked as (c + kv_fixed_tokens) x kv_bytes_per_token: never below
+    costmodel_v4.kv_cache_bytes, above it by less than the window below W and one block per
+    compressed layer; at 128K V4-Flash holds a small fraction of V3's latent cache per request."""
+    from dsref.sim.scenario import load
+    sc = load("sglang-h100", {"model": "deepseek-v4-flash"})
+    cfg, cap = sc._deployment.cfg, sc._deployment.capacity["decode"]
+    kvb = sc._deployment.quant.kv_bytes
+    per_tok = cfg.kv_cache_bytes_per_token(kvb)
+    assert cap["kv_bytes_per_token"] == per_tok
+    slack = cfg.kv_window_bytes(kvb) + sum(cfg.layer_counts()[t] * cfg.kv_bytes_per_token_by_type(kvb)[t]
+                                           * cfg.compress_rate(t) for t in (CSA, HCA))
+    for c in (1, 100, 128, 129, 4095, 131072, 131071, 1 << 20):
+        real = c4.kv_cache_bytes(cfg, kvb, c)
+        booked = (c + cap["kv_fixed_tokens"]) * per_tok
+        assert real <= booked * (1 + 1e-12) and booked - real <= slack
+    v3 = get_preset("deepseek-v3")
+    ratio = c4.kv_cache_bytes(cfg, kvb, 131072) / (v3.kv_cache_bytes_per_token(kvb) * 131072)
+    assert ratio < 0.15
+    # the deployment's tokens per instance follow: the same free bytes hold more V4 tokens
+    v3sc = load("sglang-h100")
+    assert cap["kv_tokens_per_instance"] > 5 * v3sc._deployment.capacity["decode"]["kv_tokens_per_instance"]
+
+
+def test_cli_sim_serve_v4_json(capsys):
+    from dsref.experiments.cli import main
+    assert main(["sim", "serve", "--scenario", "sglang-h100", "--model", "deepseek-v4-flash", "--duration", "30",
+                 "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["model"] == "deepseek-v4-flash" and r["requests_finished"] > 0
+    assert 0 < r["ttft_p50_s"] < 60 and 1e-4 < r["tpot_p50_s"] < 1.0
+    assert r["output_tokens_per_s"] > 0 and r["roles"]["decode"]["kv_tokens_per_instance"] > 0
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--scenario", "deepseek-day6"], "field 'decode.mtp_acceptance'"),     # V4's MTP is not costed
+    (["--scenario", "cloudmatrix-384"], "field 'quant'"),                   # int8: not V4's release storage
+])
+def test_cli_sim_serve_v4_refusals(capsys, args, field):
+    from dsref.experiments.cli import main
+    assert main(["sim", "serve", *args, "--model", "deepseek-v4-flash", "--duration", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert field in err and "V4" in err and len(err.splitlines()) == 1
+
+
+def test_serve_v4_refuses_pp_and_training():
+    from dsref.sim.scenario import ScenarioError, from_dict, load
+    d = {"kind": "serve", "model": "deepseek-v4-flash", "system": "h800-node", "mode": "aggregated",
+         "aggregated": {"nodes": 1, "pp": 2, "ep": 4}}
+    with pytest.raises(ScenarioError, match="field 'aggregated.pp'"):
+        from_dict(d)
+    with pytest.raises(ScenarioError, match="field 'model'.*training"):
+        load("deepseek-v3-pretrain", {"model": "deepseek-v4-flash"})
