@@ -288,10 +288,6 @@ def _check_instance(dep: Deployment, role: str) -> None:
     if cfg.is_moe and cfg.moe_intermediate_size % moe_tp:
         raise _err(s, f"{role}.moe_tp", f"moe_tp {moe_tp} does not divide the experts' width "
                    f"{cfg.moe_intermediate_size}")
-    if is_v4(cfg) and pp > 1:
-        # the V4 weights per device are split by layer ranges nowhere yet, and stepcost's PP
-        # model is unused by serving (the full layer range is costed on every device)
-        raise _err(s, f"{role}.pp", f"pipeline stages are not modelled for DeepSeek-V4 serving ({cfg.name}); use pp = 1")
     par = dep.par[role] = Parallelism(
         devices=n, dp=dp, tp=tp, ep=ep, pp=pp,
         expert_slots=(cfg.n_routed_experts + r.redundant_experts) if cfg.is_moe else 0,
@@ -334,12 +330,13 @@ def _kv_capacity(dep: Deployment, role: str, par: Parallelism) -> dict:
 def v4_weight_bytes_per_device(cfg, par: Parallelism) -> dict[str, float]:
     """Parallelism.weight_bytes_per_device for DeepSeek-V4, from the release bytes of
     costmodel_v4.weight_split (FP8 + FP4 experts, scales and hash tables included): routed experts
-    split over the expert slots / ep and moe_tp, everything else divided by TP (pp = 1)."""
+    split over the expert slots / ep and moe_tp, everything else divided by TP; the layers divided
+    by PP (the mean stage), the globals not (as Parallelism.weight_bytes_per_device)."""
     from dsref.sim.costmodel_v4 import weight_split
     b = weight_split(cfg)
     E = cfg.n_routed_experts
-    expert = b["experts"] / E * par.slots(cfg) / max(par.ep, 1) / max(par.moe_tp, 1)
-    other, glob = b["non_expert"] / par.tp, b["globals"] / par.tp
+    expert = b["experts"] / E * par.slots(cfg) / max(par.ep, 1) / max(par.moe_tp, 1) / par.pp
+    other, glob = b["non_expert"] / par.tp / par.pp, b["globals"] / par.tp
     return {"experts": expert, "non_expert": other, "globals": glob, "total": expert + other + glob}
 
 

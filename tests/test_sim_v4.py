@@ -263,6 +263,35 @@ def test_serve_v4_decode_tpot_is_the_roofline_of_decode_ops(tmp_path):
         assert r["tpot_p50_s"] == pytest.approx(tpot, rel=1e-9)
 
 
+def test_serve_v4_disaggregated_ttft_includes_the_v4_kv_transfer(tmp_path):
+    """One request, one prefill and one decode device: TTFT = prefill + the transfer of its cache,
+    whose bytes are V4's (windows + compressed entries, booked as (c + kv_fixed_tokens) tokens),
+    not a latent per token as for V3."""
+    from dsref.hwmodels.catalog import load_device
+    from dsref.hwmodels.systems import load_system
+    from dsref.sim import roofline
+    from dsref.sim.comm import CommOp
+    from dsref.sim.scenario import from_dict
+    from dsref.sim.serve import ServeSim
+    cfg, dev, node = _small_flash(), load_device("h800"), load_system("h800-node")
+    cfg.save(tmp_path / "config.json")
+    prompt = 5000
+    tr = tmp_path / "one.jsonl"
+    tr.write_text(json.dumps({"t": 0.0, "prompt_tokens": prompt, "output_tokens": 3}) + "\n")
+    d = _serve_dict(str(tmp_path / "config.json"), str(tr))
+    inst = d.pop("aggregated")
+    d.update(mode="disaggregated", prefill=inst, decode=inst)
+    sim = ServeSim(from_dict(d))
+    r = sim.run()
+    pre = roofline.step_time(c4.prefill_ops(cfg, Q, 1, prompt), dev).time_s
+    fixed = sim.capacity["decode"]["kv_fixed_tokens"]
+    booked = (prompt + fixed) * cfg.kv_cache_bytes_per_token(Q.kv_bytes)
+    kv = roofline.comm_time(CommOp("kv", booked, "inter", "p2p"), dev, node=node)
+    assert r["ttft_p50_s"] == pytest.approx(pre + kv, rel=1e-9)
+    real = roofline.comm_time(CommOp("kv", c4.kv_cache_bytes(cfg, Q.kv_bytes, prompt), "inter", "p2p"), dev, node=node)
+    assert real <= kv < real * 1.01
+
+
 def test_serve_v4_kv_booking_and_v3_ratio():
     """A V4 request of c tokens is booked as (c + kv_fixed_tokens) x kv_bytes_per_token: never below
     costmodel_v4.kv_cache_bytes, above it by less than the window below W and one block per
@@ -308,11 +337,22 @@ def test_cli_sim_serve_v4_refusals(capsys, args, field):
     assert field in err and "V4" in err and len(err.splitlines()) == 1
 
 
-def test_serve_v4_refuses_pp_and_training():
+def test_serve_v4_weights_per_device_and_training_refused():
+    """Release bytes (FP8 + FP4 experts) split as Parallelism splits V3's: experts over the slots / ep,
+    the rest / tp, layers / pp; every byte of weight_bytes is placed once over an EP x TP layout."""
+    from dsref.sim.deployment import v4_weight_bytes_per_device
+    from dsref.sim.parallel import Parallelism
     from dsref.sim.scenario import ScenarioError, from_dict, load
+    cfg = get_preset("deepseek-v4-flash")
+    total = c4.weight_bytes(cfg)["total"]
+    assert v4_weight_bytes_per_device(cfg, Parallelism())["total"] == pytest.approx(total, rel=1e-12)
+    split = c4.weight_split(cfg)
+    p = Parallelism(devices=8, dp=4, tp=2, ep=8, pp=1)
+    w = v4_weight_bytes_per_device(cfg, p)
+    assert w["experts"] * 8 == pytest.approx(split["experts"]) and w["non_expert"] * 2 == pytest.approx(split["non_expert"])
     d = {"kind": "serve", "model": "deepseek-v4-flash", "system": "h800-node", "mode": "aggregated",
          "aggregated": {"nodes": 1, "pp": 2, "ep": 4}}
-    with pytest.raises(ScenarioError, match="field 'aggregated.pp'"):
-        from_dict(d)
+    w2 = from_dict(d)._deployment.capacity["aggregated"]["weight_bytes_per_device"]
+    assert w2 == pytest.approx(v4_weight_bytes_per_device(cfg, Parallelism(devices=8, dp=4, pp=2, ep=4))["total"])
     with pytest.raises(ScenarioError, match="field 'model'.*training"):
         load("deepseek-v3-pretrain", {"model": "deepseek-v4-flash"})
