@@ -316,6 +316,23 @@ def test_serve_v4_kv_booking_and_v3_ratio():
     assert cap["kv_tokens_per_instance"] > 5 * v3sc._deployment.capacity["decode"]["kv_tokens_per_instance"]
 
 
+def test_simulator_doc_v4_example_is_current_output(capsys):
+    """docs/simulator.md's `sim serve --model deepseek-v4-flash` block is rerun and diffed (all but
+    the simulator's wall time)."""
+    import re
+    from pathlib import Path
+
+    from dsref.experiments.cli import main
+    text = (Path(__file__).resolve().parent.parent / "docs" / "simulator.md").read_text()
+    m = re.search(r"```text\n\$ dsref (sim serve [^\n]*deepseek-v4-flash[^\n]*)\n(.*?)```", text, re.S)
+    assert m, "docs/simulator.md lost its V4 `sim serve` example"
+    assert main(m.group(1).split()) == 0
+    got, want = capsys.readouterr().out.splitlines(), m.group(2).splitlines()
+    wall = re.compile(r"in [0-9.]+ s$")
+    assert [wall.sub("", x) for x in got] == [wall.sub("", x) for x in want], (
+        "docs/simulator.md: the V4 `sim serve` output changed; paste the new output")
+
+
 def test_cli_sim_serve_v4_json(capsys):
     from dsref.experiments.cli import main
     assert main(["sim", "serve", "--scenario", "sglang-h100", "--model", "deepseek-v4-flash", "--duration", "30",
