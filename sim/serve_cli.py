@@ -170,7 +170,8 @@ TPOT percentiles, utilisation, queues and cost.""",
                                                  "step and request"),
                    default=None, help=f"simulated seconds, > 0 and <= {MAX_DURATION_S:,.0f} (default: the scenario's)")
     p.add_argument("--model", default=None,
-                   help="model preset name or config.json, replacing the scenario's (e.g. deepseek-v3.2)")
+                   help="model preset name or config.json, replacing the scenario's (e.g. deepseek-v3.2, "
+                        "deepseek-v4-flash; V4 runs at its release's fp8 + FP4 storage, without MTP)")
     p.add_argument("--seed", type=nonneg_int, default=None, help="random seed >= 0 (default: the scenario's)")
     p.add_argument("--rate", type=number(0.0, low_open=True), default=None,
                    help="request rate per second, > 0 (overrides the scenario)")

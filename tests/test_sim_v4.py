@@ -314,6 +314,9 @@ def test_serve_v4_kv_booking_and_v3_ratio():
     # the deployment's tokens per instance follow: the same free bytes hold more V4 tokens
     v3sc = load("sglang-h100")
     assert cap["kv_tokens_per_instance"] > 5 * v3sc._deployment.capacity["decode"]["kv_tokens_per_instance"]
+    # V4-Pro resolves on a layout that fits it (its 850 GB of release weights over 128 decode H800)
+    pro = load("deepseek-profile", {"model": "deepseek-v4-pro"})._deployment
+    assert pro.capacity["decode"]["weight_bytes_per_device"] < 80e9 and pro.capacity["decode"]["kv_fixed_tokens"] > 0
 
 
 def test_simulator_doc_v4_example_is_current_output(capsys):
@@ -373,3 +376,35 @@ def test_serve_v4_weights_per_device_and_training_refused():
     assert w2 == pytest.approx(v4_weight_bytes_per_device(cfg, Parallelism(devices=8, dp=4, pp=2, ep=4))["total"])
     with pytest.raises(ScenarioError, match="field 'model'.*training"):
         load("deepseek-v3-pretrain", {"model": "deepseek-v4-flash"})
+
+
+def test_serve_v4_kv_pressure_books_windows(monkeypatch, tmp_path):
+    """Near a full cache every running V4 request holds at least prompt + kv_fixed_tokens booked
+    tokens, so at most cap // (prompt + kv_fixed_tokens) run at once (booking V3's way, tokens only,
+    13 of these run); the fast admission path equals one request at a time."""
+    from dsref.hwmodels.catalog import load_device
+    from dsref.sim import serve
+    from dsref.sim.scenario import from_dict
+    cfg = _small_flash()
+    cfg.save(tmp_path / "config.json")
+    prompt, out, want_cap = 2000, 400, 28_000
+    d = _serve_dict(str(tmp_path / "config.json"), "")
+    d["workload"] = {"arrival": "poisson", "rate_per_s": 50.0, "prompt_tokens": {"dist": "fixed", "mean": prompt},
+                     "output_tokens": {"dist": "fixed", "mean": out}}
+    d["duration_s"] = 10.0
+    probe = from_dict(d)._deployment.capacity["aggregated"]
+    free = load_device("h800").memory_bytes - probe["weight_bytes_per_device"]
+    d["aggregated"]["activation_reserve_bytes"] = free - want_cap * probe["kv_bytes_per_token"]
+    sc = from_dict(d)
+    cap = sc._deployment.capacity["aggregated"]
+    fx, kv = cap["kv_fixed_tokens"], cap["kv_tokens_per_instance"]
+    assert fx > 500 and abs(kv - want_cap) <= 1
+    sim = serve.ServeSim(sc)
+    fast = sim.run()
+    assert fast["preemptions"] > 0 and fast["kv_blocked_steps"] > 0
+    peak = max(s[3] for s in sim.samples)
+    assert kv // (prompt + fx) - 1 <= peak <= kv // (prompt + fx) < kv // (prompt + out)   # the cache binds
+    monkeypatch.setattr(serve.Instance, "fast_admission", False)
+    ref = serve.ServeSim(sc).run()
+    for k in ("preemptions", "kv_blocked_steps", "requests_finished", "tpot_p50_s", "ttft_p99_s", "output_tokens_per_s"):
+        assert fast[k] == ref[k], k
