@@ -26,7 +26,8 @@ Model
     A decode instance admits a request only when its prompt fits; generation
     grows the cache; when it overflows the newest requests are preempted
     (recompute: back to the prefill queue with prompt + generated tokens).
-  * Disaggregated: the prompt's KV (sim.comm.kv_transfer_bytes) crosses the
+  * Disaggregated: the prompt's KV (sim.comm.kv_transfer_bytes; V4: the booked
+    windows + compressed entries) crosses the
     network after prefill over the prefill instance's NICs, one FIFO lane per
     device (exactly a simpy.Resource(capacity=devices) with FIFO service,
     computed without a process per transfer); the request is assigned to the
