@@ -194,7 +194,8 @@ def test_stepcost_v4_fit_matches_forward_ops():
         for b, t, p in shapes:
             ops = c4.forward_ops(cfg, Q, costmodel.StepShape(b, t, p, logits=logits))
             x = uniform(b, t, p, g).vector()
-            for coef, get in ((tab.flops, lambda o: o.flops), (tab.act, lambda o: o.act_bytes_read + o.act_bytes_written),
+            for coef, get in ((tab.flops, lambda o: o.flops),
+                              (tab.act, lambda o: o.act_bytes_read + o.act_bytes_written),
                               (tab.kv, lambda o: o.kv_bytes_read + o.kv_bytes_written)):
                 ref = sum(get(o) * o.count for o in ops)
                 assert float((coef @ x) @ tab.count) == pytest.approx(ref, rel=1e-9, abs=1e-6), (b, t, p, logits)
@@ -369,7 +370,8 @@ def test_serve_v4_weights_per_device_and_training_refused():
     split = c4.weight_split(cfg)
     p = Parallelism(devices=8, dp=4, tp=2, ep=8, pp=1)
     w = v4_weight_bytes_per_device(cfg, p)
-    assert w["experts"] * 8 == pytest.approx(split["experts"]) and w["non_expert"] * 2 == pytest.approx(split["non_expert"])
+    assert w["experts"] * 8 == pytest.approx(split["experts"])
+    assert w["non_expert"] * 2 == pytest.approx(split["non_expert"])
     d = {"kind": "serve", "model": "deepseek-v4-flash", "system": "h800-node", "mode": "aggregated",
          "aggregated": {"nodes": 1, "pp": 2, "ep": 4}}
     w2 = from_dict(d)._deployment.capacity["aggregated"]["weight_bytes_per_device"]
@@ -406,5 +408,6 @@ def test_serve_v4_kv_pressure_books_windows(monkeypatch, tmp_path):
     assert kv // (prompt + fx) - 1 <= peak <= kv // (prompt + fx) < kv // (prompt + out)   # the cache binds
     monkeypatch.setattr(serve.Instance, "fast_admission", False)
     ref = serve.ServeSim(sc).run()
-    for k in ("preemptions", "kv_blocked_steps", "requests_finished", "tpot_p50_s", "ttft_p99_s", "output_tokens_per_s"):
+    for k in ("preemptions", "kv_blocked_steps", "requests_finished", "tpot_p50_s", "ttft_p99_s",
+              "output_tokens_per_s"):
         assert fast[k] == ref[k], k
