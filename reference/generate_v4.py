@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -71,17 +72,28 @@ def cache_bytes_per_token_v4(cfg: ModelConfigV4, dtype=F32) -> float:
     return (cache_bytes_v4(cache_shapes_v4(cfg, 2 * M, dtype)) - cache_bytes_v4(cache_shapes_v4(cfg, M, dtype))) / M
 
 
+@partial(jax.jit, static_argnames=("top_k",))
+def _pick(logits, key, temperature, top_k: int, top_p):
+    """(next token [B], next key) from a step's logits [B, T, V]: its last position through
+    decode.sample with a fresh subkey, split as the V3 loop splits. One jitted call, so the key
+    split and the slice are compiled ahead with it instead of inside the timed prefill."""
+    key, sub = jax.random.split(key)
+    return sample(logits[:, -1], sub, temperature, top_k, top_p), key
+
+
 def _compile_seconds(weights, cfg, toks, pos, cache, key, temperature, top_k, top_p) -> dict[str, float]:
-    """Compile the prefill, the sampler and the decode step for these shapes now: seconds each.
-    The jitted step is decode_v4's own (step_v4 calls it), so its calls that follow find them."""
+    """Compile the prefill, the sampler (for the prefill's and a decode step's logits) and the
+    decode step for these shapes now: seconds each. The jitted step is decode_v4's own (step_v4
+    calls it), so the calls that follow find them compiled."""
     from dsref.reference.decode import _compile_now
     from dsref.reference.decode_v4 import _compiled
     step = _compiled(cfg, tuple(sorted((COMPILER_OPTIONS or {}).items())))  # the one step_v4 calls
     out = {}
-    out["prefill"], _ = _compile_now(step, weights, toks, pos, cache)
-    out["sample"], _ = _compile_now(sample, jnp.zeros((1, cfg.vocab_size), F32), key, temperature, top_k, top_p)
+    out["prefill"], logits = _compile_now(step, weights, toks, pos, cache)
     one = jnp.zeros((1, 1), jnp.int32)  # the empty cache stands for the prefilled one (same shapes)
-    out["decode"], _ = _compile_now(step, weights, one, one, cache)
+    out["decode"], logits1 = _compile_now(step, weights, one, one, cache)
+    out["sample"] = sum(_compile_now(_pick, jnp.zeros(lg[0].shape, lg[0].dtype), key, temperature, top_k=top_k,
+                                     top_p=top_p)[0] for lg in (logits, logits1))
     return out
 
 
@@ -109,12 +121,12 @@ def generate_v4(weights: dict, cfg: ModelConfigV4, prompt: list[int], max_new_to
                 if measure_compile else None)
 
     def pick(logits, key):
-        key, sub = jax.random.split(key)
-        return int(sample(logits[:, -1], sub, temperature, top_k, top_p)[0]), key
+        nxt, key = _pick(logits, key, temperature, top_k=top_k, top_p=top_p)
+        return int(nxt[0]), key  # int(): waits for the step
 
     t0 = time.perf_counter()
     logits, cache = step_v4(weights, cfg, toks, pos, cache, compiler_options=COMPILER_OPTIONS)
-    nxt, key = pick(logits, key)  # int(): waits for the step
+    nxt, key = pick(logits, key)
     t1 = t_first = time.perf_counter()
     out: list[int] = []
     steps = 0
