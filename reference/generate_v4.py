@@ -72,19 +72,25 @@ def cache_bytes_per_token_v4(cfg: ModelConfigV4, dtype=F32) -> float:
     return (cache_bytes_v4(cache_shapes_v4(cfg, 2 * M, dtype)) - cache_bytes_v4(cache_shapes_v4(cfg, M, dtype))) / M
 
 
+@jax.jit
+def _last(logits):
+    """logits [B, T, V] -> [B, V] at the last position (jitted: compiled ahead, once per T)."""
+    return logits[:, -1]
+
+
 @partial(jax.jit, static_argnames=("top_k",))
-def _pick(logits, key, temperature, top_k: int, top_p):
-    """(next token [B], next key) from a step's logits [B, T, V]: its last position through
-    decode.sample with a fresh subkey, split as the V3 loop splits. One jitted call, so the key
-    split and the slice are compiled ahead with it instead of inside the timed prefill."""
+def _pick(last, key, temperature, top_k: int, top_p):
+    """(next token [B], next key) from the last position's logits [B, V]: decode.sample with a
+    fresh subkey, split as the V3 loop splits. One jitted call of one shape for the prefill and
+    every decode step (one compile, ahead of the clock)."""
     key, sub = jax.random.split(key)
-    return sample(logits[:, -1], sub, temperature, top_k, top_p), key
+    return sample(last, sub, temperature, top_k, top_p), key
 
 
 def _compile_seconds(weights, cfg, toks, pos, cache, key, temperature, top_k, top_p) -> dict[str, float]:
-    """Compile the prefill, the sampler (for the prefill's and a decode step's logits) and the
-    decode step for these shapes now: seconds each. The jitted step is decode_v4's own (step_v4
-    calls it), so the calls that follow find them compiled."""
+    """Compile the prefill, the sampler (and the last-position slices of the prefill's and a
+    decode step's logits) and the decode step for these shapes now: seconds each. The jitted step
+    is decode_v4's own (step_v4 calls it), so the calls that follow find them compiled."""
     from dsref.reference.decode import _compile_now
     from dsref.reference.decode_v4 import _compiled
     step = _compiled(cfg, tuple(sorted((COMPILER_OPTIONS or {}).items())))  # the one step_v4 calls
@@ -92,8 +98,10 @@ def _compile_seconds(weights, cfg, toks, pos, cache, key, temperature, top_k, to
     out["prefill"], logits = _compile_now(step, weights, toks, pos, cache)
     one = jnp.zeros((1, 1), jnp.int32)  # the empty cache stands for the prefilled one (same shapes)
     out["decode"], logits1 = _compile_now(step, weights, one, one, cache)
-    out["sample"] = sum(_compile_now(_pick, jnp.zeros(lg[0].shape, lg[0].dtype), key, temperature, top_k=top_k,
-                                     top_p=top_p)[0] for lg in (logits, logits1))
+    slices = [_compile_now(_last, jnp.zeros(lg[0].shape, lg[0].dtype)) for lg in (logits, logits1)]
+    picked, _ = _compile_now(_pick, jnp.zeros(slices[0][1].shape, slices[0][1].dtype), key, temperature,
+                             top_k=top_k, top_p=top_p)
+    out["sample"] = picked + sum(t for t, _ in slices)
     return out
 
 
@@ -121,7 +129,7 @@ def generate_v4(weights: dict, cfg: ModelConfigV4, prompt: list[int], max_new_to
                 if measure_compile else None)
 
     def pick(logits, key):
-        nxt, key = _pick(logits, key, temperature, top_k=top_k, top_p=top_p)
+        nxt, key = _pick(_last(logits), key, temperature, top_k=top_k, top_p=top_p)
         return int(nxt[0]), key  # int(): waits for the step
 
     t0 = time.perf_counter()
