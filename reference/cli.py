@@ -14,14 +14,13 @@ MODEL_HELP = ("a preset name (deepseek-v3, deepseek-r1, deepseek-v2-lite, qwen2.
 
 def load_model(name: str, option: str = "MODEL", v4: bool = False):
     """The ModelConfig of a preset name, a checkpoint directory or a config.json file; with v4=True
-    also a DeepSeek-V4 one (ModelConfigV4). Without it a V4 model is refused in one line: only
-    `dsref info` and `dsref sim local` take V4 so far, every other command expects a ModelConfig."""
+    also a DeepSeek-V4 one (ModelConfigV4). Without it a V4 model is refused in one line naming the
+    commands that take V4 (the others expect a ModelConfig)."""
     from dsref.reference.config import ConfigError
     cfg = _load_any(name, option)
     if cfg.arch == "deepseek_v4" and not v4:
-        raise ConfigError(f"{option} {name}: a DeepSeek-V4 model; only `dsref info` and `dsref sim local` "
-                          "support DeepSeek-V4 so far (its reference runs from Python: reference/numpy_v4.py, "
-                          "model_v4.py)")
+        raise ConfigError(f"{option} {name}: a DeepSeek-V4 model; this command does not take DeepSeek-V4 yet "
+                          "(these do: dsref info, golden, compare, generate, conformance, sim local, sim serve)")
     return cfg
 
 

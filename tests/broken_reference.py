@@ -20,7 +20,8 @@ import numpy as np
 from dsref.reference.checkpoint import read_config, read_tensors
 from dsref.reference.config import ModelConfig
 from dsref.reference.oracle.conformance import CASES
-from dsref.reference.oracle.golden import numpy_outputs
+from dsref.reference.oracle.golden import is_v4_checkpoint, numpy_outputs, run_reference_v4
+from tests.broken_reference_v4 import FAULTS_V4, patch_v4
 
 FAULTS = {
     "softmax_scale_latent": "absorbed MLA with the softmax scale from the latent width (kv_lora_rank + P)^-1/2",
@@ -59,6 +60,7 @@ FAULTS = {
     "index_weights_bf16": "V3.2 indexer head weights (x W_w) computed in bf16",
     "index_chunk_mask_from_zero": "V3.2 chunked prefill: the indexer's causal mask built as if the chunk "
                                   "started at position 0",
+    **FAULTS_V4,
 }
 # The case each fault must fail (cases that require it fail too, explained by it).
 FAULT_CASE = {f: c.name for c in CASES for f in c.faults}
@@ -313,6 +315,8 @@ def inject(fault: str, tokens: np.ndarray | None = None, prefill_chunk: int | No
             patch(numpy_ref, "mtp_forward", mtp)
         elif fault.startswith("index_"):
             _index_fault(patch, fault, prefill_chunk)
+        elif fault in FAULTS_V4:
+            patch_v4(patch, fault, tokens)
         yield
 
 
@@ -329,6 +333,8 @@ class BrokenReference:
 
     def __call__(self, checkpoint: Path, tokens: np.ndarray, prefill_chunk: int | None = None) -> dict[str, np.ndarray]:
         with inject(self.fault, tokens, prefill_chunk):
+            if is_v4_checkpoint(checkpoint):  # DeepSeek-V4: numpy_v4 on the dequantized weights
+                return run_reference_v4(Path(checkpoint), tokens, "float64")
             cfg = read_config(checkpoint)
             mtp = cfg.num_nextn_predict_layers > 0
             w = {k: np.asarray(v, np.float64) for k, v in read_tensors(checkpoint, cfg, with_mtp=mtp)}

@@ -279,11 +279,11 @@ def test_info_cli_v4(capsys, tmp_path):
 
 
 def test_other_commands_refuse_v4_in_one_line(capsys):
-    """Only `dsref info` and `dsref sim local` take a V4 model; every other command's loader refuses it
+    """Commands that do not take a V4 model (plan, train, ...) refuse it
     cleanly (exit 2) instead of failing inside code written for ModelConfig."""
     from dsref.experiments.cli import main
     from dsref.reference.cli import load_model
-    with pytest.raises(ConfigError, match=r"^--model deepseek-v4-pro: a DeepSeek-V4 model; only `dsref info`"):
+    with pytest.raises(ConfigError, match=r"^--model deepseek-v4-pro: a DeepSeek-V4 model; this command does not take DeepSeek-V4 yet"):
         load_model("deepseek-v4-pro", "--model")
     assert load_model("deepseek-v4-pro", v4=True) == get_preset("deepseek-v4-pro")
     assert main(["plan", "--model", "tiny-v4", "--system", "h800-node"]) == 2

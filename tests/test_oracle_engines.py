@@ -64,3 +64,22 @@ def test_command_exit_status_contract(kit, script, status):
     assert r.status == status, r
     if status == "unsupported":
         assert r.detail == "no FP8 here"
+
+
+@pytest.fixture(scope="module")
+def kit_v4(tmp_path_factory):
+    return conformance.write_kit(tmp_path_factory.mktemp("kit_v4"), ["v4-hca"])  # + v4-baseline
+
+
+def test_v4_cases_through_adapter_commands(kit_v4, capsys):
+    """DeepSeek-V4 cases: the transformers adapter (deepseek_v4) passes them as a command; an adapter
+    whose engine has no V4 model (torchtitan) answers UNSUPPORTED through the exit-3 contract."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    cmd = f"{PY} -m dsref.reference.oracle.hf_adapter --checkpoint {{checkpoint}} --tokens {{tokens}} --out {{out}}"
+    rc, js = _run_json(["conformance", "run", str(kit_v4), "--engine-cmd", cmd], capsys)
+    assert rc == 0 and [(c["case"], c["status"]) for c in js["cases"]] == [("v4-baseline", "pass"),
+                                                                          ("v4-hca", "pass")], js
+    tt = f"{PY} -m dsref.reference.oracle.adapters.torchtitan --checkpoint {{checkpoint}} --tokens {{tokens}} --out {{out}}"
+    (r,) = conformance.grade_kit(kit_v4, conformance.CommandEngine(tt), ["v4-baseline"])
+    assert r.status == "unsupported" and "DeepSeek-V4" in r.detail, r

@@ -32,13 +32,15 @@ from typing import Any, Callable
 import numpy as np
 
 from dsref.reference.atomic import atomic_dir, atomic_path, atomic_write_text
-from dsref.reference.checkpoint import read_config, read_tensors, save_checkpoint
+from dsref.reference.checkpoint import read_tensors, save_checkpoint
+from dsref.reference.checkpoint_v4 import read_tensors_v4, save_checkpoint_v4
 from dsref.reference.config import ModelConfig
 from dsref.reference.oracle.adapters.common import UNSUPPORTED_EXIT, EngineUnsupported
 from dsref.reference.oracle.compare import _DTYPE_ALIASES, TOLERANCES, compare_dumps, normalize_dtype
-from dsref.reference.oracle.golden import (OracleError, config_hash, golden_metadata, read_dump, run_reference,
-                                          tokens_hash, versions, write_dump)
+from dsref.reference.oracle.golden import (OracleError, config_hash, golden_metadata, read_any_config, read_dump,
+                                          run_reference, tokens_hash, versions, write_dump)
 from dsref.reference.oracle.kit_cases import CASE_BY_NAME, CASES, Case, case_tokens, case_weights, closure
+from dsref.reference.oracle.kit_cases_v4 import index_margins_v4, routing_margins_v4
 
 __all__ = ["CASES", "CASE_BY_NAME", "Case", "EngineUnsupported", "UNSUPPORTED_EXIT", "write_kit", "grade_kit",
            "grade_outputs", "attribute", "format_results", "results_json", "ReferenceEngine", "CommandEngine"]
@@ -51,22 +53,32 @@ def build_case(case: Case, out: str | Path) -> Path:
     cfg = case.config()
     w = case_weights(case, cfg)
     ck = out / "checkpoint"
-    save_checkpoint(w, cfg, ck, dtype="fp8" if case.fp8_block else "float32", fp8_block_size=case.fp8_block)
+    if case.family == "v4":  # DeepSeek's release names and layout (what its checkpoints ship)
+        save_checkpoint_v4(w, cfg, ck, names="deepseek", dtype=case.v4_storage)
+        ck_dtype = case.v4_storage
+    else:
+        save_checkpoint(w, cfg, ck, dtype="fp8" if case.fp8_block else "float32", fp8_block_size=case.fp8_block)
+        ck_dtype = "fp8" if case.fp8_block else "float32"
     tokens = case_tokens(case, cfg)
     with atomic_path(out / "tokens.npy") as tmp:
         np.save(tmp, tokens)
-    stored = read_config(ck)
-    golden = run_reference(ck, tokens, "float64")  # from the weights as stored (fp8 dequantized)
+    stored = read_any_config(ck)
+    golden = run_reference(ck, tokens, "float64")  # from the weights as stored (fp8 / fp4 dequantized)
     missing = [n for n in case.dump_tensors if n not in golden]
     assert not missing, f"{case.name}: the reference dump lacks {missing}"
     write_dump(golden, out / "golden.safetensors", golden_metadata(stored, tokens, "float64", case=case.name))
-    stored_w = dict(read_tensors(ck, stored))
-    margins = routing_margins(golden, stored, stored_w)
-    imargins = index_margins(golden, stored, stored_w, tokens)
+    if case.family == "v4":
+        stored_w = dict(read_tensors_v4(ck, stored, mtp=False))
+        margins = routing_margins_v4(golden, stored, stored_w)
+        imargins = index_margins_v4(golden, stored, stored_w, tokens)
+    else:
+        stored_w = dict(read_tensors(ck, stored))
+        margins = routing_margins(golden, stored, stored_w)
+        imargins = index_margins(golden, stored, stored_w, tokens)
     meta = {"name": case.name, "letter": case.letter, "factor": case.factor, "targets": case.targets,
             "requires": list(case.all_requires), "faults": list(case.faults), "seed": case.seed,
             "config_hash": config_hash(stored), "tokens_shape": list(tokens.shape),
-            "checkpoint_dtype": "fp8" if case.fp8_block else "float32",
+            "checkpoint_dtype": ck_dtype,
             "fp8_block": list(case.fp8_block) if case.fp8_block else None,
             "dump_tensors": list(case.dump_tensors), "tolerances": TOLERANCES, "routing_margin": margins,
             "index_margin": imargins, "prefill_chunk": case.prefill_chunk,

@@ -6,13 +6,15 @@ never needs them unless this adapter is used. The model is loaded with
 and the dump names (oracle.golden) are taken with forward hooks:
 
     layers.{i}.attn_out      output[0] of ``model.model.layers[i].self_attn`` (after o_proj)
-    layers.{i}.hidden        output of ``model.model.layers[i]`` (the decoder layer)
+    layers.{i}.hidden        output of ``model.model.layers[i]`` (the decoder layer; V4's hc_mult
+                             streams [B, T, n, D] flattened to [B, T, n*D], golden.V4_HIDDEN_LAYOUT)
     layers.{i}.router_logits / topk_weights / topk_ids
                              the (router_logits, topk_weights, topk_indices) that
                              ``model.model.layers[i].mlp.gate`` returns in transformers 5
                              (DeepseekV3TopkRouter / DeepseekV2TopkRouter)
     layers.{i}.index_ids     V3.2: the top-k key slots ``self_attn.indexer`` returns, future
-                             (masked) slots of short rows replaced by -1
+                             (masked) slots of short rows replaced by -1; V4: the compressed
+                             entries ``self_attn.compressor.indexer`` returns (-1: none visible)
     logits                   the model's output logits
 
 What transformers cannot do is told apart from what it gets wrong:
@@ -100,14 +102,19 @@ def dump(model, tokens: np.ndarray) -> dict[str, np.ndarray]:
     for i, layer in enumerate(model.model.layers):
         hooks.append(layer.self_attn.register_forward_hook(
             lambda m, a, out, i=i: got.__setitem__(f"layers.{i}.attn_out", arr(first(out)))))
+        # V4's layers return the hc_mult residual streams [B, T, n, D]: flattened as golden.V4_HIDDEN_LAYOUT
         hooks.append(layer.register_forward_hook(
-            lambda m, a, out, i=i: got.__setitem__(f"layers.{i}.hidden", arr(first(out)))))
+            lambda m, a, out, i=i: got.__setitem__(f"layers.{i}.hidden", arr(first(out)).reshape(B, T, -1))))
         indexer = getattr(layer.self_attn, "indexer", None)
         if indexer is not None:  # V3.2: [B, T, k] top-k key slots, masked (future) ones included
             def on_index(m, a, out, i=i):
                 ids = arr(first(out)).astype(np.int64)
                 got[f"layers.{i}.index_ids"] = np.where(ids <= np.arange(T)[None, :, None], ids, -1).astype(np.int32)
             hooks.append(indexer.register_forward_hook(on_index))
+        v4_indexer = getattr(getattr(layer.self_attn, "compressor", None), "indexer", None)
+        if v4_indexer is not None:  # V4 CSA: [B, T, k] compressed entries, -1 where none is visible
+            hooks.append(v4_indexer.register_forward_hook(
+                lambda m, a, out, i=i: got.__setitem__(f"layers.{i}.index_ids", arr(first(out)).astype(np.int32))))
         gate = getattr(layer.mlp, "gate", None)
         if gate is not None and hasattr(gate, "top_k"):  # a router, not a dense MLP's gate_proj
             def on_gate(m, a, out, i=i):
@@ -118,7 +125,7 @@ def dump(model, tokens: np.ndarray) -> dict[str, np.ndarray]:
             hooks.append(gate.register_forward_hook(on_gate))
     try:
         with torch.no_grad():
-            logits = model(torch.as_tensor(np.asarray(tokens, np.int64))).logits
+            logits = model(torch.as_tensor(np.asarray(tokens, np.int64)), use_cache=False).logits
     finally:
         for h in hooks:
             h.remove()
@@ -153,7 +160,7 @@ def _run(args, checkpoint: Path, tokens: np.ndarray, cfg):
 def main(argv=None) -> int:
     """``python -m dsref.reference.oracle.hf_adapter --checkpoint DIR --tokens T.npy --out D.safetensors``."""
     return adapter_main(
-        argv, prog="dsref.reference.oracle.hf_adapter", run=_run,
+        argv, prog="dsref.reference.oracle.hf_adapter", run=_run, v4=True,
         description="Run Hugging Face transformers (float32, eager attention, CPU) on token ids and write a "
                     "dump that `dsref compare` and the conformance kit grade.",
         example="dsref conformance run KIT --engine-cmd \"python -m dsref.reference.oracle.hf_adapter "

@@ -25,6 +25,8 @@ import ml_dtypes
 import numpy as np
 
 from dsref.reference.config import ModelConfig, RopeScaling
+from dsref.reference.config_v4 import CSA, HASH_MOE, HCA, SLIDING, MOE, ModelConfigV4
+from dsref.reference.oracle.kit_cases_v4 import BASE_V4, V4_BASELINE, case_weights_v4
 from dsref.reference.params import tensors
 
 BASELINE = "baseline"
@@ -74,13 +76,23 @@ class Case:
     dump_tensors: tuple[str, ...] = ()  # tensors only this factor adds to the dump (absent -> UNSUPPORTED)
     index_weights: str = "random"  # random | cancelling (V3.2 head weights: large opposite pairs)
     prefill_chunk: int | None = None  # the engine prefills in chunks of this many tokens (None: at once)
+    family: str = "v3"  # v3: a ModelConfig from _BASE | v4: a ModelConfigV4 from kit_cases_v4.BASE_V4
+    v4_storage: str = "float32"  # V4 checkpoint: float32 | release (FP8 + FP4 experts, UE8M0 scales)
+    comb_scale: float = 1.0  # V4: the hyper-connections' comb logits scaled up (kit_cases_v4.case_weights_v4)
 
-    def config(self) -> ModelConfig:
+    def config(self):
+        if self.family == "v4":
+            return ModelConfigV4(**{**BASE_V4, "name": f"kit-{self.name}", **self.overrides})
         return ModelConfig(**{**_BASE, "name": f"kit-{self.name}", **self.overrides})
 
     @property
+    def root(self) -> str:
+        """The baseline this case builds on: V3's for the V3 family, V4's for V4's."""
+        return V4_BASELINE if self.family == "v4" else BASELINE
+
+    @property
     def all_requires(self) -> tuple[str, ...]:
-        return self.requires if self.name == BASELINE else (BASELINE, *self.requires)
+        return self.requires if self.name == self.root else (self.root, *self.requires)
 
 
 CASES: tuple[Case, ...] = (
@@ -189,6 +201,55 @@ CASES: tuple[Case, ...] = (
          "the first keys). An engine that cannot be told to prefill in chunks is UNSUPPORTED here",
          _SPARSE, ("index_chunk_mask_from_zero",), 26, requires=("sparse-attention",), tokens=(2, 24),
          prefill_chunk=8),
+    # ---------------------------------------------------------------- DeepSeek-V4 (kit_cases_v4)
+    Case(V4_BASELINE, "A", "DeepSeek-V4: one sliding-window layer, every V4 feature at its simplest",
+         "shared K=V head with RoPE on the last 8 of 16 dims, window 4 (the query's own token included) over 12 "
+         "tokens, a learned sink logit per head, 2 output groups, 2 hyper-connection streams (Sinkhorn 20 "
+         "iterations, comb read transposed), sqrtsoftplus router choosing 2 of 8 (zero bias), weights "
+         "renormalised x 1.5, one shared expert. A failure here explains every later V4 failure",
+         {}, ("v4_no_sinks", "v4_window_off_by_one", "v4_comb_not_transposed", "v4_router_sigmoid"), 31,
+         family="v4"),
+    Case("v4-hca", "B", "a heavily compressed attention layer (rate 4) over 16 tokens",
+         "every 4 tokens pool into one entry (gated softmax over the block), RoPE'd at the block's FIRST token "
+         "and readable from its LAST token on (query t reads entries w < (t+1)//4): the compressor boundaries",
+         dict(layer_types=(HCA,)), ("v4_entry_visible_late", "v4_entry_visible_early", "v4_entry_rope_at_block_end"),
+         32, tokens=(2, 16), family="v4"),
+    Case("v4-csa", "C", "a compressed sparse attention layer (rate 4, overlapping), indexer top-2",
+         "CSA entries pool 8 slots (the previous block's first-half series, then the block's own second half); "
+         "the lightning indexer scores sum_h w_h relu(q_h . K_w) over the entries complete at the query and "
+         "keeps the top 2 (a causal mask: never an entry of a later block)",
+         dict(layer_types=(CSA,)), ("v4_index_not_causal", "v4_csa_overlap_swapped", "v4_index_no_relu"), 33,
+         requires=("v4-hca",), tokens=(2, 24), family="v4"),
+    Case("v4-hash-routing", "D", "a hash-routed MoE layer (tid2eid)",
+         "the experts of token x are tid2eid[x] (its token id, not its position, not a top-k of the scores); "
+         "their weights are the router's sqrtsoftplus scores of those experts, renormalised",
+         dict(mlp_layer_types=(HASH_MOE,)), ("v4_hash_by_topk", "v4_hash_by_position"), 35, family="v4"),
+    Case("v4-yarn-compressed", "E", "YaRN (factor 4, original 8) with a sliding and a compressed layer",
+         "YaRN blends the frequencies of the compressed layers (and their compressors) only, with NO amplitude "
+         "factor on cos/sin (V4 fixes attention_factor to 1; YaRN's default would be 0.1 ln 4 + 1 = 1.139); the "
+         "sliding layer keeps plain RoPE. Layer 0 routes by hash: a near-tie routing flip there (allowed in bf16) "
+         "would change a compressed entry every later query reads",
+         dict(num_hidden_layers=2, layer_types=(SLIDING, HCA), mlp_layer_types=(HASH_MOE, MOE), max_position_embeddings=32,
+              rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=8, beta_fast=32.0, beta_slow=1.0,
+                                       mscale=1.0, mscale_all_dim=0.0, attention_factor=1.0)),
+         ("v4_yarn_amplitude", "v4_yarn_on_sliding"), 34, requires=("v4-hca", "v4-hash-routing"), tokens=(2, 24), family="v4"),
+    Case("v4-sinkhorn", "F", "hc_sinkhorn_iters 1 and hc_eps 0.05, two layers, sharp comb logits",
+         "the hyper-connections' Sinkhorn-Knopp runs the config's iteration count and eps (eps also added to the "
+         "pre weights and inside each normalisation), not the released 20 and 1e-6. Layer 0 copies one embedding "
+         "into every stream, where comb's column sums (always normalised last) are all that matter; layer 1's "
+         "streams differ, and comb logits scaled x8 keep one iteration far from twenty",
+         dict(hc_sinkhorn_iters=1, hc_eps=0.05, num_hidden_layers=2, layer_types=(SLIDING, SLIDING),
+              mlp_layer_types=(MOE, MOE)), ("v4_sinkhorn_iters_fixed", "v4_hc_eps_fixed"), 36, family="v4",
+         comb_scale=8.0),
+    Case("v4-swiglu-clamp", "G", "swiglu_limit 1 (values this size reach it)",
+         "clipped SwiGLU: silu(min(gate, L)) * clip(up, -L, L) in the routed AND the shared experts (DeepSeek's "
+         "current code and transformers 5.24; the gate is clamped from above only)",
+         dict(swiglu_limit=1.0), ("v4_swiglu_no_clamp", "v4_swiglu_gate_both_sides", "v4_shared_expert_unclamped"),
+         37, family="v4"),
+    Case("v4-release-weights", "H", "the release's storage: FP8 e4m3 (128x128) and FP4 e2m1 experts (1x32), UE8M0",
+         "UE8M0 scales are 2^(byte - 127); FP4 packs two e2m1 values per byte, the LOW nibble first; every "
+         "matrix here is one partial FP8 block", {}, ("v4_ue8m0_bias_128", "v4_fp4_nibbles_swapped"), 38,
+         family="v4", v4_storage="release"),
 )
 CASE_BY_NAME = {c.name: c for c in CASES}
 
@@ -216,7 +277,10 @@ def case_tokens(case: Case, cfg: ModelConfig) -> np.ndarray:
 
 
 def case_weights(case: Case, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """Deterministic adversarial weights: random matrices, norms around 1, case-specific router and bias."""
+    """Deterministic adversarial weights: random matrices, norms around 1, case-specific router and bias
+    (V4 cases: kit_cases_v4.case_weights_v4)."""
+    if case.family == "v4":
+        return case_weights_v4(case.seed, cfg, case.comb_scale)
     rng = np.random.default_rng(1000 + case.seed)
     w = {}
     for t in tensors(cfg, mtp=True):

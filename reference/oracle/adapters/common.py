@@ -45,9 +45,12 @@ def adapter_main(argv, *, prog: str, description: str,
                  run: Callable[[argparse.Namespace, Path, np.ndarray, object], tuple],
                  add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
                  check_args: Callable[[argparse.Namespace], None] | None = None,
-                 dtype: str = "float32", example: str = "") -> int:
-    from dsref.reference.checkpoint import CheckpointError, read_config
-    from dsref.reference.oracle.golden import OracleError, check_tokens, golden_metadata, load_tokens, write_dump
+                 dtype: str = "float32", example: str = "", v4: bool = False) -> int:
+    """v4: the engine runs DeepSeek-V4 checkpoints too; otherwise a V4 checkpoint is UNSUPPORTED
+    (exit 3) before ``run`` is called, with cfg a ModelConfig."""
+    from dsref.reference.checkpoint import CheckpointError
+    from dsref.reference.oracle.golden import (OracleError, check_tokens, golden_metadata, load_tokens,
+                                              read_any_config, write_dump)
     p = argparse.ArgumentParser(
         prog=f"python -m {prog}", description=description,
         epilog=("exit 0 written, 1 engine error (last stderr line: the summary), 2 bad input, "
@@ -64,13 +67,16 @@ def adapter_main(argv, *, prog: str, description: str,
     try:
         if check_args is not None:  # the adapter's own options (AdapterInputError), before any file is read
             check_args(args)
-        cfg = read_config(args.checkpoint)
+        cfg = read_any_config(args.checkpoint)
         tokens = load_tokens(args.tokens)
         check_tokens(tokens, cfg, f"--tokens {args.tokens}")
     except (OracleError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
     try:
+        if cfg.arch == "deepseek_v4" and not v4:
+            raise EngineUnsupported(f"{name}: DeepSeek-V4 checkpoints (compressed attention, hyper-connections) "
+                                    "are not implemented by this engine")
         got = run(args, Path(args.checkpoint), tokens, cfg)
         out, engine_name = got[0], got[1]
         dtype = got[2] if len(got) > 2 else dtype

@@ -313,6 +313,9 @@ class TorchtitanEngine:
     def __call__(self, checkpoint: Path, tokens: np.ndarray) -> dict[str, np.ndarray]:
         from dsref.reference.checkpoint import read_config
         from dsref.reference.oracle import conformance
+        from dsref.reference.oracle.golden import is_v4_checkpoint
+        if is_v4_checkpoint(checkpoint):
+            raise conformance.EngineUnsupported("DeepSeek-V4 checkpoints: torchtitan 0.3.0 has no deepseek_v4 model")
         _quiet()
         try:
             model = load_model(Path(checkpoint), read_config(checkpoint), tokens.shape[1], self.as_shipped,
