@@ -383,23 +383,31 @@ class V4Stream:
         self._files, self.cfg, self._block, self.names, self._plan = _plan(path, cfg, mtp)
 
     def __iter__(self) -> Iterator[tuple[str, np.ndarray, str]]:
-        files, E = self._files, self.cfg.n_routed_experts
         for row, srcs in self._plan:
-            parts = [_load(files, s, self._block) for s in srcs]
-            if self.names == "transformers" or row.combine == SAME:  # transformers' names: combined already
-                a = parts[0]
-            elif row.combine == STACK_CONCAT:  # sources alternate w1_e, w3_e
-                a = np.concatenate([np.stack(parts[0::2]), np.stack(parts[1::2])], axis=1)
-            else:
-                a = np.stack(parts)
-            where = f"{files.infos[srcs[0].name].file}: tensor '{srcs[0].name}'"
-            if a.dtype == np.int64:
-                if a.size and (a.min() < 0 or a.max() >= E):
-                    raise CheckpointError(f"{where}: expert ids must lie in [0, {E}), found {a.min()}..{a.max()}")
-            elif not np.isfinite(a).all():
-                raise CheckpointError(f"{where}: non-finite values after dequantisation (NaN/Inf, a UE8M0 "
-                                      "scale byte of 255, or overflow)")
-            yield row.name, a, srcs[0].fmt
+            yield row.name, self._read(row, srcs), srcs[0].fmt
+
+    def _read(self, row: TensorV4, srcs: list[_Src]) -> np.ndarray:
+        """One table row's array: its stored tensor(s) dequantized, combined and checked."""
+        files = self._files
+        parts = [_load(files, s, self._block) for s in srcs]
+        if self.names == "transformers" or row.combine == SAME:  # transformers' names: combined already
+            a = parts[0]
+        elif row.combine == STACK_CONCAT:  # sources alternate w1_e, w3_e
+            a = np.concatenate([np.stack(parts[0::2]), np.stack(parts[1::2])], axis=1)
+        else:
+            a = np.stack(parts)
+        return self._checked(a, srcs[0])
+
+    def _checked(self, a: np.ndarray, src: _Src) -> np.ndarray:
+        where = f"{self._files.infos[src.name].file}: tensor '{src.name}'"
+        E = self.cfg.n_routed_experts
+        if a.dtype == np.int64:
+            if a.size and (a.min() < 0 or a.max() >= E):
+                raise CheckpointError(f"{where}: expert ids must lie in [0, {E}), found {a.min()}..{a.max()}")
+        elif not np.isfinite(a).all():
+            raise CheckpointError(f"{where}: non-finite values after dequantisation (NaN/Inf, a UE8M0 "
+                                  "scale byte of 255, or overflow)")
+        return a
 
 
 def iter_tensors_v4(path: str | Path, cfg: ModelConfigV4 | None = None, *, mtp: bool | None = None) -> V4Stream:
@@ -423,6 +431,78 @@ def read_tensors_v4(path: str | Path, cfg: ModelConfigV4 | None = None, *, mtp: 
         out[name] = a
         out.formats[name] = fmt
     return out
+
+
+# ------------------------------------------------------------------ reading one layer at a time
+def _load_expert(files: _Files, src: _Src, block, e: int) -> np.ndarray:
+    """Expert e of a stacked [E, ...] stored tensor (transformers' names) and of its scale: the
+    values ``_load`` gives for row e of the whole (dequantisation is elementwise per block)."""
+    a = files.array(src.name)[e]
+    if src.fmt == "float":
+        return np.array(a, np.float32)
+    s = files.array(src.scale)[e]
+    return dequantize_fp8(a, s, block) if src.fmt == "fp8" else dequantize_fp4(a, s)
+
+
+class V4ExpertStack:
+    """A routed-expert row [E, ...] of one layer left on disk: ``[e]`` reads expert e, float32, the
+    values of row e of read_tensors_v4's stacked array (numpy_v4.moe indexes per used expert, so
+    the experts no token chose are never read). ``shape`` is the whole row's."""
+
+    def __init__(self, reader: "V4LayerReader", row: TensorV4, srcs: list[_Src]):
+        self._reader, self._row, self._srcs, self.shape = reader, row, srcs, row.shape
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, e) -> np.ndarray:
+        e = int(e)  # numpy integers from np.unique
+        if not 0 <= e < len(self):
+            raise IndexError(f"{self._row.name}: expert {e} out of range [0, {len(self)})")
+        return self._reader._expert(self._row, self._srcs, e)
+
+
+class V4LayerReader(V4Stream):
+    """The checked checkpoint read by decoder layer, for runs that cannot hold every weight
+    (oracle/stream.py): ``layer(i)`` (MTP module k is layer num_hidden_layers + k), ``tensor(name)``,
+    ``rows(name, ids)``, each array the value read_tensors_v4 gives (float32; tid2eid int64) and
+    checked the same way when it is read. ``release()`` drops the memory maps (call it once a
+    layer's arrays are let go: their file pages then leave the resident set)."""
+
+    def __init__(self, path: str | Path, cfg: ModelConfigV4 | None = None, *, mtp: bool | None = None):
+        super().__init__(Path(path), cfg, mtp)
+        self._by_name = {row.name: (row, srcs) for row, srcs in self._plan}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
+    def layer(self, i: int) -> Iterator[tuple[str, Any]]:
+        """(transformers name, array) of layer i in the table's order, each read when reached;
+        routed experts as V4ExpertStack (read per expert when indexed)."""
+        for row, srcs in self._plan:
+            if row.layer == i:
+                yield row.name, V4ExpertStack(self, row, srcs) if row.combine != SAME else self._read(row, srcs)
+
+    def tensor(self, name: str) -> np.ndarray:
+        return self._read(*self._by_name[name])
+
+    def rows(self, name: str, ids) -> np.ndarray:
+        """Rows ``ids`` of a [rows, ...] tensor (the embedding: the ids a batch uses, not the table)."""
+        row, srcs = self._by_name[name]
+        if row.combine != SAME or srcs[0].fmt != "float":  # quantized: blocks span rows; read it whole
+            return self.tensor(name)[np.asarray(ids)]
+        return self._checked(np.array(self._files.array(srcs[0].name)[np.asarray(ids)], np.float32), srcs[0])
+
+    def release(self) -> None:
+        self._files._maps.clear()
+
+    def _expert(self, row: TensorV4, srcs: list[_Src], e: int) -> np.ndarray:
+        files, block = self._files, self._block
+        if self.names == "transformers":  # stored stacked already
+            return self._checked(_load_expert(files, srcs[0], block, e), srcs[0])
+        if row.combine == STACK_CONCAT:  # sources alternate w1_e, w3_e: gate rows then up rows
+            return np.concatenate([self._checked(_load(files, s, block), s) for s in srcs[2 * e:2 * e + 2]])
+        return self._checked(_load(files, srcs[e], block), srcs[e])
 
 
 # ------------------------------------------------------------------ writing

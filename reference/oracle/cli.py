@@ -108,13 +108,16 @@ def cmd_golden(args) -> int:
                           "(config.json + safetensors)")
     cfg = golden.read_any_config(args.checkpoint)  # ModelConfigV4 for a DeepSeek-V4 config.json
     if golden.is_v4_checkpoint(args.checkpoint):
-        # V4 runs numpy_v4 / model_v4 in memory on one device (golden.run_reference_v4)
+        # V4 runs numpy_v4 / model_v4 on one device (golden.run_reference_v4), or numpy_v4 layer by
+        # layer with --stream (oracle/stream.py: float64 only)
         for opt, given in (("--mesh", getattr(args, "mesh", None) is not None),
-                           ("--stream", getattr(args, "stream", False)),
                            ("--numerics", getattr(args, "numerics", "exact") != "exact")):
             if given:
                 raise OracleError(f"{opt}: not supported for DeepSeek-V4 checkpoints ({args.checkpoint}); "
-                                  "V4 goldens run in memory on one device with exact numerics")
+                                  "V4 goldens run on one device with exact numerics")
+        if getattr(args, "stream", False) and args.dtype != "float64":
+            raise OracleError(f"--stream: DeepSeek-V4 checkpoints ({args.checkpoint}) stream the float64 NumPy "
+                              f"reference only, not --dtype {args.dtype}: use --dtype float64, or drop --stream")
     tokens = load_tokens_checked(args.tokens, cfg.vocab_size)
     golden.check_tokens(tokens, cfg, f"--tokens {args.tokens}")  # ids and length <= max_position_embeddings
     mesh = None
@@ -258,7 +261,7 @@ example:
                    "files, with a progress bar per layer; same dump. float64 (bit-identical to the in-memory "
                    "dump) reads only the routed experts the tokens use, one at a time: for V3 about 10 GB "
                    "(the LM head in float64) plus 9.2 MB per token. float32 holds one whole layer in float32 "
-                   "(46 GB for a V3 MoE layer). Formula and measurements: docs/oracle.md")
+                   "(46 GB for a V3 MoE layer). DeepSeek-V4: float64 only. Formula and measurements: docs/oracle.md")
     p.set_defaults(func=cmd_golden)
 
     p = sub.add_parser("compare", help="compare a candidate dump with a reference dump",

@@ -19,6 +19,10 @@ token batch, its outputs are captured and its weights dropped before the next la
   experts stacked [E, ...] in float32, as the model wants them: one V3 MoE layer is 46 GB).
   It matches the in-memory float32 golden to float32 rounding (XLA compiles one layer at a
   time instead of the whole model); bit for bit is not guaranteed (it was on the benchmark).
+* DeepSeek-V4 (float64 only): checkpoint_v4.V4LayerReader reads by layer, numpy_v4's own functions
+  run on the n hyper-connection streams, routed experts read only when numpy_v4.moe indexes one;
+  bit-identical to golden.run_reference_v4's float64 dump (tests/test_stream_golden_v4.py). Not
+  float32 yet: a per-layer path (model_v4.decoder_layer jitted per layer, as _run32) is not written.
 """
 
 from __future__ import annotations
@@ -242,6 +246,97 @@ def _head32(reader: LayerReader, cfg: ModelConfig, final: dict[str, Any]) -> dic
     return out
 
 
+# ------------------------------------------------------------------ DeepSeek-V4 (float64)
+def _weights64_v4(reader, i: int) -> dict[str, Any]:
+    """Layer i (or MTP module i - L) of a V4 checkpoint as golden.run_reference_v4 holds it: floats
+    widened to float64 as each is read, tid2eid int64; routed experts stay on disk (_Experts64V4)."""
+    from dsref.reference.checkpoint_v4 import V4ExpertStack
+    return {k: _Experts64V4(v, reader) if isinstance(v, V4ExpertStack)
+            else v if v.dtype.kind in "iu" else np.asarray(v, np.float64) for k, v in reader.layer(i)}
+
+
+class _Experts64V4:
+    """A V4ExpertStack seen as float64: ``[e]`` reads expert e and widens it (numpy_v4.moe indexes
+    gate_up_proj[e] and down_proj[e] for each expert some token chose, one at a time)."""
+
+    def __init__(self, stack, reader):
+        self.stack, self.shape, self.reader = stack, stack.shape, reader
+
+    def __getitem__(self, e) -> np.ndarray:
+        a = np.asarray(self.stack[e], np.float64)
+        self.reader.release()  # as _Experts64: one expert's file pages mapped at a time
+        return a
+
+
+def _run64_v4(reader, cfg, tokens: np.ndarray, mtp: bool, prog: _Progress) -> dict[str, np.ndarray]:
+    """golden.run_reference_v4's float64 dump (numpy_v4.forward + numpy_v4.mtp), layer by layer:
+    numpy_v4's own functions on the same float64 values in the same order, so bit-identical."""
+    from dsref.reference import numpy_v4 as nv
+    from dsref.reference.params_v4 import EMBED as EMBED_V4
+    from dsref.reference.params_v4 import FINAL_NORM as NORM_V4
+    from dsref.reference.params_v4 import HEAD as HEAD_V4
+    f64, L = np.float64, cfg.num_hidden_layers
+    B, T = tokens.shape
+    positions = np.broadcast_to(np.arange(T), (B, T))
+    ids, inverse = np.unique(tokens, return_inverse=True)
+    table = np.asarray(reader.rows(EMBED_V4, ids), f64)  # widening is elementwise: rows of the widened table
+    local = inverse.reshape(tokens.shape)
+    h = np.repeat(table[local][:, :, None, :], cfg.hc_mult, axis=2)  # numpy_v4.forward's n streams
+    cap: dict[str, Any] = {}
+    for i in range(L):
+        w = _weights64_v4(reader, i)
+        h = nv.decoder_layer(h, w, cfg, i, tokens, positions, cap)  # the real ids: hash layers route by them
+        del w
+        reader.release()
+        prog.step(f"layer {i}")
+    glob = {k: np.asarray(reader.tensor(k), f64) for k in
+            (NORM_V4, "model.hc_head.hc_fn", "model.hc_head.hc_base", "model.hc_head.hc_scale")}
+    final = {"logits": nv.rms_norm(nv.hc_head(h, glob, cfg), glob[NORM_V4], cfg.rms_norm_eps)}
+    if mtp:
+        w = _weights64_v4(reader, L)
+        # numpy_v4.mtp gathers Emb(t+1) from w[EMBED] with the ids it is given: the renumbered ids
+        # into the rows read (they reach the block's router too, which never hashes in an MTP
+        # module: config_v4.is_hash_layer). Its LM head here has no rows: the module's output
+        # streams come back and the head is applied below, once read, as for the main logits
+        # (so the head and an MTP block are never held together).
+        w[EMBED_V4], w[HEAD_V4] = table, np.zeros((0, cfg.hidden_size), f64)
+        _, x = nv.mtp(local, cap[f"layers.{L - 1}.hidden"], w, cfg, return_streams=True)
+        p = "mtp.0."  # numpy_v4.mtp's last line, up to the head
+        final[golden.MTP_LOGITS] = nv.rms_norm(nv.hc_head(x, w, cfg, p + "hc_head."), w[p + "norm.weight"],
+                                               cfg.rms_norm_eps)
+        del w, x
+        reader.release()
+        prog.step("mtp")
+    # the head in one matmul, as numpy_v4.forward applies it (see _run64: chunks change the last bit)
+    head = np.asarray(reader.tensor(HEAD_V4), f64)
+    reader.release()
+    out = {k: nv.linear(x, head) for k, x in final.items()}
+    del head
+    prog.step("lm head")
+    logits = out.pop("logits")
+    return golden.v4_dump(logits, {**cap, **out}, f64)
+
+
+def _run_stream_v4(checkpoint: Path, tokens: np.ndarray, dtype: str, progress: bool):
+    from dsref.reference.checkpoint_v4 import V4LayerReader
+    if dtype != "float64":
+        raise golden.OracleError(f"--stream on a DeepSeek-V4 checkpoint ({checkpoint}) runs the float64 NumPy "
+                                 "reference only: use --dtype float64, or drop --stream")
+    cfg = golden.read_any_config(checkpoint)
+    golden.check_tokens(tokens, cfg)
+    # as run_reference_v4: MTP modules read when the config has one and T >= 2, used if module 0 is stored
+    maybe_mtp = cfg.num_nextn_predict_layers > 0 and np.shape(tokens)[1] >= 2
+    reader = V4LayerReader(checkpoint, cfg, mtp=None if maybe_mtp else False)  # every header checked first
+    mtp = maybe_mtp and golden.V4_MTP_PROBE in reader
+    prog = _Progress(cfg.num_hidden_layers + 1 + int(mtp), progress)
+    try:
+        out = _run64_v4(reader, cfg, tokens, mtp, prog)
+    finally:
+        prog.close()
+        reader.release()
+    return out, prog.times
+
+
 # ------------------------------------------------------------------ entry points
 def run_stream(checkpoint: str | Path, tokens: np.ndarray, dtype: str = "float64", *,
                progress: bool = False) -> tuple[dict[str, np.ndarray], list[tuple[str, float]]]:
@@ -249,6 +344,8 @@ def run_stream(checkpoint: str | Path, tokens: np.ndarray, dtype: str = "float64
     if dtype not in ("float32", "float64"):
         raise golden.OracleError(f"golden dtype must be float32 or float64, got {dtype!r}")
     checkpoint = Path(checkpoint)
+    if golden.is_v4_checkpoint(checkpoint):
+        return _run_stream_v4(checkpoint, tokens, dtype, progress)
     cfg = read_config(checkpoint)
     if cfg.arch != "deepseek" and dtype == "float32":
         raise golden.OracleError(f"{checkpoint}: {cfg.name} is not a DeepSeek MLA model; the float32 (JAX) "
@@ -284,9 +381,10 @@ def peak_rss_bytes() -> int:
 def write_stream_golden(checkpoint: str | Path, tokens: np.ndarray, out: str | Path, dtype: str = "float64", *,
                         progress: bool = False) -> Path:
     """write_golden's dump, computed layer by layer; metadata adds stream, peak RSS and step times."""
-    cfg = read_config(checkpoint)
+    cfg = golden.read_any_config(checkpoint)
     outputs, times = run_stream(checkpoint, tokens, dtype, progress=progress)
-    meta = golden.golden_metadata(cfg, tokens, dtype, checkpoint=str(Path(checkpoint).name), stream=True,
+    extra = {"hidden_layout": golden.V4_HIDDEN_LAYOUT} if golden.is_v4_checkpoint(checkpoint) else {}
+    meta = golden.golden_metadata(cfg, tokens, dtype, checkpoint=str(Path(checkpoint).name), **extra, stream=True,
                                   peak_rss_bytes=peak_rss_bytes(),
                                   step_seconds={k: round(v, 3) for k, v in times})
     return golden.write_dump(outputs, out, meta)
