@@ -202,3 +202,22 @@ def test_cli_golden_stream_v4(ckpts, tmp_path, capsys):
         assert opt in err and str(ck) in err and not bad.exists(), err
     with pytest.raises(golden.OracleError, match="float64"):
         stream.run_stream(ck, tokens(cfg, 7), "float32")
+
+
+def test_nan_in_a_used_expert_is_named(ckpts, tmp_path):
+    """Experts are checked when read, as read_tensors_v4 checks every tensor: a UE8M0 scale byte of
+    255 (NaN) in the experts of layer 1 fails the stream naming the tensor, as it fails in memory."""
+    import shutil
+
+    from dsref.reference.checkpoint import CheckpointError
+    cfg, cks = ckpts
+    ck = shutil.copytree(cks["deepseek-release"], tmp_path / "nan")
+    f = ck / "model.safetensors"
+    infos = checkpoint_v4.read_header_v4(f)
+    with open(f, "r+b") as fh:
+        for e in range(cfg.n_routed_experts):  # whichever experts the router picks
+            fh.seek(infos[f"layers.1.ffn.experts.{e}.w1.scale"].start)
+            fh.write(b"\xff")
+    for run in (golden.run_reference, stream.run_stream):
+        with pytest.raises(CheckpointError, match=r"layers\.1\.ffn\.experts\.\d+\.w1\.weight'?: non-finite"):
+            run(ck, tokens(cfg, 8), "float64")
