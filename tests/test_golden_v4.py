@@ -154,9 +154,11 @@ def test_missing_tensor_exit_2(dumps, capsys, tmp_path):
     assert str(broken) in err and name in err and "missing" in err
 
 
-def test_v4_refuses_stream(dumps, capsys):
+def test_v4_refuses_float32_stream(dumps, capsys):
+    """--stream on V4 runs the float64 reference only (tests/test_stream_golden_v4.py); float32 is refused."""
     _, ck, _, d = dumps
     rc = main(["golden", "--checkpoint", str(ck), "--tokens", str(d / "tokens.npy"),
-               "--out", str(d / "y.safetensors"), "--stream"])
+               "--out", str(d / "y.safetensors"), "--stream", "--dtype", "float32"])
     assert rc == 2
-    assert "--stream" in one_line_err(capsys)
+    err = one_line_err(capsys)
+    assert "--stream" in err and "float64" in err
