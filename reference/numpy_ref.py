@@ -358,10 +358,22 @@ def mtp_hidden(tokens, h_main, w, cfg: ModelConfig, depth: int = 0, numerics: st
     """DeepSeek-V3 multi-token prediction module `depth` (predicts token t+2 at position t), up
     to its shared_head norm (the streaming golden applies the head in vocabulary chunks).
 
-    h' = M [RMSNorm(h_t); RMSNorm(Emb(t_{t+1}))], then one decoder layer, then the
-    shared head. Inputs: tokens [B, T] and the main model's final hidden state
-    after its final norm [B, T, D] (see docs/oracle.md on MTP); position t uses h_t and the embedding of token t+1,
-    so the output covers positions 0..T-2.
+    What this code computes: x = eh_proj [enorm(Emb(t_{t+1})); hnorm(h_t)], embedding
+    FIRST, where h_t is the main model's hidden state AFTER its final norm (the `hn`
+    that forward(return_hidden=True) returns), then one decoder layer and this module's
+    shared_head.norm. Inputs: tokens [B, T] and that post-norm hidden state [B, T, D];
+    position t uses h_t and the embedding of token t+1, so the output covers positions
+    0..T-2.
+
+    Two conventions exist, and this follows the one the released weights are run with:
+    * order: the V3 report's eq. (21) writes M_k [RMSNorm(h); RMSNorm(Emb)] (hidden
+      first); vLLM's deepseek_mtp.py and SGLang's deepseek_nextn.py concatenate [enorm(emb); hnorm(h)]
+      to feed the released eh_proj.weight [D, 2D] (its shape cannot tell the order).
+    * pre/post final norm: DeepSeek never documented it (its V3 inference code has no
+      MTP); vLLM/SGLang feed the post-norm state, llama.cpp PR #24025 and torchtitan's
+      training code the pre-norm state. docs/oracle.md ("MTP") has the sources.
+    The conformance kit's case `mtp` (w) pins both: its faults mtp_concat_order and
+    mtp_prenorm_hidden (tests/broken_reference.py) must each fail it.
     """
     i = cfg.num_hidden_layers + depth
     p = f"model.layers.{i}."
