@@ -9,6 +9,12 @@ the installed package gives today.
 
 from __future__ import annotations
 
+import os
+
+# The notebook kernels inherit this process's environment: JAX on the CPU, as in the tests, so a
+# machine with an accelerator builds the same pages (and JAX prints no "no GPU found" notice).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 project = "deepseek-ref"
 author = "deepseek-ref contributors"
 copyright = "2026, deepseek-ref contributors"
@@ -30,6 +36,9 @@ nb_execution_mode = "force"
 nb_execution_raise_on_error = True  # a failing cell fails the build, not a red traceback on the page
 nb_execution_timeout = 120  # per cell; each chapter takes seconds, this only stops a hung kernel
 nb_execution_show_tb = True  # the traceback in the build log when a cell fails
+# Anything a cell writes to stderr (a library's DeprecationWarning, a JAX notice) becomes a build
+# warning, so under -W an unexpected message fails the build instead of sitting on a page.
+nb_output_stderr = "warn"
 # Cells print their tables as IPython Markdown; the default "commonmark" renderer has no pipe
 # tables, "myst" does (and the same math and roles as the prose).
 nb_render_markdown_format = "myst"

@@ -1,0 +1,112 @@
+"""The documentation site (docs/, issue 20) builds strictly, and its chapters show computed numbers.
+
+One strict build (warnings are errors, nitpicky, every notebook page executed) into a temporary
+directory; the tests then read the built HTML. A number is looked for in the pages' *cell
+outputs*, never anywhere on the page: the included source (``literalinclude``) and the prose may
+quote the same number, and finding it there would prove nothing about the computation.
+Skipped when the ``docs`` extra (sphinx, myst-nb, sphinx-book-theme, ipykernel) is not installed.
+"""
+from __future__ import annotations
+
+import html
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    pytest.importorskip("sphinx")
+    pytest.importorskip("myst_nb")
+    pytest.importorskip("sphinx_book_theme")
+    pytest.importorskip("ipykernel")
+    out = tmp_path_factory.mktemp("docs") / "html"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "sphinx", "-W", "--keep-going", "-n", "-q", "-b", "html",
+                           str(DOCS), str(out)], capture_output=True, text=True, env=env, timeout=600)
+    wall = time.perf_counter() - t0
+    # the kernel's "running over TCP without encryption" notice is ipykernel's, not Sphinx's
+    log = "\n".join(line for line in (proc.stdout + proc.stderr).splitlines() if "IPKernelApp" not in line)
+    assert proc.returncode == 0, f"strict docs build failed (exit {proc.returncode}) after {wall:.0f} s:\n{log[-6000:]}"
+    print(f"\ndocs site: strict build in {wall:.1f} s wall")
+    return out
+
+
+def cell_outputs(page: Path) -> str:
+    """The text of every cell output of a built page, tags stripped, whitespace collapsed."""
+    parts = re.split(r'<div class="cell_output docutils container">', page.read_text())[1:]
+    # each output block ends where the next cell or section starts; the following prose may be
+    # included in a part, so callers look only for strings that cells print
+    text = " ".join(re.sub(r"<[^>]+>", " ", p.split('<div class="cell docutils container"')[0].split("<section")[0])
+                    for p in parts)
+    return re.sub(r"\s+", " ", html.unescape(text))
+
+
+def page_text(page: Path) -> str:
+    """The whole page as text (highlighted source comes out token by token in <span>s)."""
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", "", page.read_text())))
+
+
+def test_every_page_is_built(site):
+    pages = sorted(p.stem for p in DOCS.glob("*.md")) + sorted(f"chapters/{p.stem}" for p in (DOCS / "chapters").glob("*.md"))
+    missing = [p for p in pages if not (site / f"{p}.html").is_file()]
+    assert not missing, f"docs pages without a built HTML page: {missing}"
+
+
+def test_mla_chapter_computes_the_v3_cache(site):
+    from dsref.reference.presets import get_preset
+    v3 = get_preset("deepseek-v3")
+    page = site / "chapters" / "mla.html"
+    out = cell_outputs(page)
+    per_token = (v3.kv_lora_rank + v3.qk_rope_head_dim) * v3.num_hidden_layers * 2
+    assert per_token == v3.kv_cache_bytes_per_token() == 70_272
+    assert f"{per_token:,}" in out  # "70,272" printed by a cell
+    assert f"{v3.kv_cache_bytes_per_token(absorbed=False):,.0f}" in out  # the MHA column
+    assert "max |naive - absorbed| / max |naive| =" in out
+    for name in ("deepseek-v2-lite",):
+        assert f"{get_preset(name).kv_cache_bytes_per_token():,.0f} bytes per token" in out
+    src = page_text(page)
+    assert "def mla_absorbed(" in src and "def mla_naive(" in src  # included from reference/model.py
+    assert "<table" in page.read_text()  # the cache table rendered as a table, not as text
+
+
+def test_roofline_chapter_computes_the_h800_ridge_and_draws_the_figure(site):
+    from dsref.hwmodels.catalog import load_device
+    from dsref.sim.roofline import ridge_point
+    page = site / "chapters" / "roofline.html"
+    out = cell_outputs(page)
+    h800 = load_device("h800")
+    assert f"{ridge_point(h800, 'fp8'):,.0f}" in out and f"{ridge_point(h800, 'bf16'):,.0f}" in out
+    assert f"{h800.peak('fp8') / h800.memory_bandwidth:,.0f}" in out  # ridge from the peaks alone
+    assert "compute-bound from batch" in out
+    imgs = re.findall(r'<img[^>]+src="\.\./(_images/[^"]+\.png)"', page.read_text())
+    assert imgs and all((site / i).stat().st_size > 10_000 for i in imgs), imgs  # the matplotlib figure
+
+
+def test_gate_chapter_routes_tokens(site):
+    page = site / "chapters" / "moe-gate.html"
+    out = cell_outputs(page)
+    assert "def gate(x, w, cfg: ModelConfig, prefix: str):" in page_text(page)  # from numpy_ref.py
+    assert "with bias +1.0 it is chosen by all 6 tokens" in out
+    assert "mask value 0.0: 6 of 6 tokens pick an expert from a dropped group" in out
+    assert "mask value -inf: 0 of 6 tokens" in out
+
+
+def test_prose_numbers_match_the_presets():
+    """The chapters' prose names a few of DeepSeek-V3's dimensions; they are the preset's."""
+    from dsref.reference.presets import get_preset
+    v3 = get_preset("deepseek-v3")
+    assert (v3.n_routed_experts, v3.num_experts_per_tok, v3.n_group, v3.topk_group) == (256, 8, 8, 4)
+    assert v3.num_experts_per_tok // v3.topk_group == 2  # "the top-2 sum" of the gate chapter
+    assert v3.num_attention_heads == 128 and v3.n_shared_experts == 1
+    assert (v3.kv_lora_rank, v3.qk_rope_head_dim, v3.num_hidden_layers) == (512, 64, 61)
+    text = (DOCS / "chapters" / "moe-gate.md").read_text()
+    assert "$E = 256$" in text and "$k = 8$" in text and "4 of 8" in text
