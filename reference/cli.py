@@ -122,7 +122,12 @@ def self_check(cfg, seed: int = 0) -> dict:
 def info_dict(cfg) -> dict:
     if cfg.arch == "deepseek_v4":
         return info_dict_v4(cfg)
-    pc = cfg.param_counts()
+    pc = dict(cfg.param_counts())
+    # Our activated count leaves the input embedding out (a token reads one row of it); DeepSeek's
+    # README_WEIGHTS.md counts it in ("36.7B, including 0.9B for Embedding and 0.9B for the output
+    # Head"), so both conventions are reported (docs/architecture.md, "Parameters").
+    pc["activated_params_with_input_embedding"] = pc["activated_params"] + (
+        0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
     d = {"name": cfg.name, "arch": cfg.arch, **pc, "num_layers": cfg.num_hidden_layers,
          "kv_cache_bytes_per_token": int(cfg.kv_cache_bytes_per_token(2.0)),
          "kv_cache_bytes_per_token_naive": int(cfg.kv_cache_bytes_per_token(2.0, absorbed=False)),
@@ -227,7 +232,8 @@ def cmd_info(args) -> int:
     kind = "MLA + DeepSeekMoE" if cfg.arch == "deepseek" else ("GQA + MoE" if cfg.is_moe else "dense GQA")
     print(f"{cfg.name}  ({kind})")
     print(f"  parameters        {_fmt_count(d['total_params'])} total, {_fmt_count(d['activated_params'])} "
-          f"activated per token (LM head in, input embedding out)")
+          f"activated per token (LM head in, input embedding out; "
+          f"{_fmt_count(d['activated_params_with_input_embedding'])} with it)")
     if d["mtp_params"]:
         print(f"  MTP module        {_fmt_count(d['mtp_params'])} (+ embedding/head copies: "
               f"{_fmt_count(d['checkpoint_params'])} in the published checkpoint)")

@@ -272,7 +272,9 @@ def param_counts(c: ModelConfig) -> dict[str, int]:
       experts it does not select (k of E count), plus the LM head; the input
       embedding table is excluded (a token reads one row of it). This convention
       reproduces the published 37B (V3: 36.6B), 21B (V2: 20.9B), 2.4B (V2-Lite:
-      2.45B) and 32B (Kimi-K2: 31.7B).
+      2.45B) and 32B (Kimi-K2: 31.7B). DeepSeek's README_WEIGHTS.md uses another one (V3:
+      36.7B including 0.9B embedding and 0.9B head); `dsref info` prints ours with the
+      embedding added too (V3: 37.55B) and docs/architecture.md compares the two.
     mtp_params: the MTP module(s) without the embedding/head copies;
     mtp_checkpoint_params: as stored in the published checkpoint (with copies).
     """
