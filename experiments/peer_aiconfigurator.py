@@ -141,7 +141,12 @@ LMSYS_H100 = "LMSYS blog 2025-05-05 (lm-sys.github.io blog/2025-05-05-large-scal
 # The GB200 claim (LMSYS, GB200 NVL72 Part II, 2025-09-25) states its own setup in public_claims.json:
 # decode on 48 GPUs (EP48), 2,000-token inputs, 100-token outputs, BF16 KV cache, "batch chosen to make
 # the KV cache roughly full" (no number given).
-DAY6 = "DeepSeek open-infra-index Day 6 (2025-03-01) + LMSYS 2025-05-05 Profile Results table (DeepSeek blog column: batch 128, KV 4,989)"
+# The decode batch of 128 sequences/GPU is not in DeepSeek's Day-6 post (which gives the per-node
+# throughput and the mean KV length 4,989): it is the SGLang team's entry in the 'DeepSeek Blog'
+# column of their Profile Results decode table (their derivation), so it is attributed to them.
+DAY6 = ("DeepSeek open-infra-index Day 6 (2025-03-01: per-node throughput, mean KV length 4,989) + the decode batch "
+        "of 128/GPU as the SGLang team derived it (LMSYS blog 2025-05-05, Profile Results decode table, "
+        "'DeepSeek Blog' column; not stated by DeepSeek)")
 
 # Day 6 workload as the deepseek-day6 scenario reads it: mean prompt 4,383 tokens, 56.3% of them
 # prefix-cache hits (the published daily totals); 16,384 new tokens per GPU per prefill step
@@ -174,7 +179,8 @@ def deployments() -> list[Deployment]:
                          f"(counted, as the claim); {D6_BATCH_PREFILL} requests/GPU = 16,384 new tokens/GPU")),
         Deployment("d6_decode_node_tps", "deepseek-day6", "day6_serving", aic=_D6_DECODE,
                    aic_standin=_D6_DECODE_EP64, sources=(DAY6,),
-                   note=f"decode unit EP144/DP144 (18 nodes), 128 seqs/GPU at KV {D6_KV}, MTP acceptance {D6_MTP_ACCEPT}"),
+                   note=(f"decode unit EP144/DP144 (18 nodes), 128 seqs/GPU (SGLang's derivation, LMSYS 2025-05-05; "
+                         f"DeepSeek states no batch) at KV {D6_KV}, MTP acceptance {D6_MTP_ACCEPT}")),
         Deployment("d6_output_speed", "deepseek-day6", "day6_serving", part="mid", published=21.0,
                    aic=replace(_D6_DECODE, metric="output_tps_per_user"),
                    aic_standin=replace(_D6_DECODE_EP64, metric="output_tps_per_user"), sources=(DAY6,),
