@@ -58,10 +58,12 @@ MISSES = """
   hides less than the 20-SM figure says; which kernel variant each deployment ran is not published,
   so no figure was changed. Uneven prompt lengths across DP ranks and scheduling gaps are not modelled.
   `d6_output_speed` is the speed of a running request at that saturation point.
-- **Ascend (`cloudmatrix_*` -10% to -18%, `asc_910c_60pct` +22%).** The 910C's kernel profile is an
-  assumption (no published CANN launch, HCCL latency or GEMM-by-rows figures); the decode floor uses
-  the DeepEP-Ascend low-latency table. The errors point in opposite directions for the 910C alone
-  vs the 910C relative to H100, i.e. the H100 side of `asc_910c_60pct` reads fast too (see above).
+- **Ascend (`cloudmatrix_*` -10% to -18%; `asc_910c_60pct` +22%, a context claim, not counted).** The
+  910C's kernel profile is an assumption (no published CANN launch, HCCL latency or GEMM-by-rows
+  figures); the decode floor uses the DeepEP-Ascend low-latency table. "910C ~ 60% of H100" is a
+  relayed social-media post with no workload, so it grades nothing: it is role `context` and stays
+  out of the statistics. Read with that caution, the errors point in opposite directions for the
+  910C alone vs the 910C relative to H100, i.e. the H100 side of the ratio may read fast too.
 - **Geerling edge claims (`geer_*`, now within 30%).** Three mechanisms, each from outside the claims
   (experiments/edge_devices.py): (1) llama.cpp's per-token fixed cost: one ggml graph per step (902 to
   5,025 nodes, sim/llama_cpp.py) with a barrier (CPU) or a host-recorded dispatch (Vulkan) per node;

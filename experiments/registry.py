@@ -23,6 +23,9 @@ validation apart)
   * ``input``        -- a scenario input (cluster size, parallel plan, token counts,
     prices ...), with ``"input_reason"``; ``INPUT_IDS`` is derived from the file and no
     experiment may return a record for them.
+  * ``context``      -- a figure that is shown next to a prediction but is too weak to
+    grade a model by (relayed second-hand, no stated workload or method), with
+    ``"context_reason"``. Its record is listed, never counted.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from importlib import resources
 from pathlib import Path
 
 STATUSES = ("predicted", "derived", "not_modelled")
-ROLES = ("validation", "calibration", "input")
+ROLES = ("validation", "calibration", "input", "context")
 
 #: The published claims (with their sources), shipped as package data of dsref.experiments.
 CLAIMS_RESOURCE = ("data", "public_claims.json")
@@ -76,6 +79,11 @@ def check_roles(rows, where: str) -> None:
                 raise ValueError(f"{where}: claim {cid!r}: role 'input' needs a non-empty 'input_reason'")
         elif "input_reason" in c:
             raise ValueError(f"{where}: claim {cid!r}: field 'input_reason' is only for role 'input'")
+        if role == "context":
+            if not (isinstance(c.get("context_reason"), str) and c["context_reason"].strip()):
+                raise ValueError(f"{where}: claim {cid!r}: role 'context' needs a non-empty 'context_reason'")
+        elif "context_reason" in c:
+            raise ValueError(f"{where}: claim {cid!r}: field 'context_reason' is only for role 'context'")
 
 
 @lru_cache(maxsize=1)
@@ -126,7 +134,7 @@ class Record:
     part: str = ""          # which entry of a multi-valued claim (e.g. 'total' of [total, active])
     reading: str = ""       # the interpretation taken for an ambiguous claim
     note: str = ""          # the mechanism, in one line
-    role: str = "validation"  # the claim's role: 'validation' (counted) or 'calibration' (in-sample, never counted)
+    role: str = "validation"  # 'validation' (counted), 'calibration' (in-sample) or 'context' (weak source): the last two never counted
 
     @property
     def counted(self) -> bool:
@@ -168,7 +176,7 @@ def record(claims: dict[str, dict], cid: str, predicted: float | None, *, part: 
     role = c.get("role")
     if role == "input":
         raise ValueError(f"claim {cid!r} is a scenario input ({c.get('input_reason', '')}), not a prediction")
-    if role not in ("validation", "calibration"):
+    if role not in ("validation", "calibration", "context"):
         raise ValueError(f"claim {cid!r}: field 'role' must be one of {ROLES}, got {role!r}")
     if status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, got {status!r}")

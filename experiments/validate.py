@@ -23,9 +23,10 @@ TARGET_MEDIAN = 0.10
 TARGET_MAX = 0.30
 BANDS = (0.10, 0.30)
 CAL_LABEL = "calibration, not counted"
+CTX_LABEL = "context, not counted"
 
 ROLES_TEXT = """
-## Roles of the claims: validation, calibration, input
+## Roles of the claims: validation, calibration, input, context
 
 Every claim in `experiments/data/public_claims.json` has a `role` (issue 17):
 
@@ -36,6 +37,8 @@ Every claim in `experiments/data/public_claims.json` has a `role` (issue 17):
   whether the stored number still solves its equations, not how good the model is.
 - **input**: what a scenario takes as given (cluster size, plan, load, prices), with its
   `input_reason`; no experiment may return a record for it (`registry.record` refuses).
+- **context**: a figure too weak to grade the model by (relayed second-hand, no stated workload
+  or method), with its `context_reason`: predicted and listed ("{ctx}"), never counted.
 
 The leak test (`tests/test_claims_roles.py`) walks every value of `hwmodels/data/**/*.toml` and
 `sim/scenarios/*.toml` -- numbers, and numbers written inside strings such as sources ("22,310",
@@ -48,7 +51,7 @@ runs on 96 H100 (its source quoted 22,310 tok/s per node), the measurement
 that are two different quantities by coincidence (a 14.75 TFLOP/s peak against a 14.76 ms TPOT)
 are listed one by one, with the reason, in the test's `ALLOWED`; a test writes a TOML file with a
 validation value into a temporary directory and checks that the checker reports it.
-""".format(cal=CAL_LABEL)
+""".format(cal=CAL_LABEL, ctx=CTX_LABEL)
 
 
 def run_all(*, progress: bool = True, fast: bool = False, only: list[str] | None = None) -> list[Record]:
@@ -131,12 +134,18 @@ def _err(e) -> str:
     return "--" if e is None else f"{e:+.1%}"
 
 
+def _status(r: Record) -> str:
+    """The status column: a context claim's record says it is not counted, whatever its status."""
+    role = role_of(r)
+    return CTX_LABEL if role == "context" else CAL_LABEL if role == "calibration" else r.status
+
+
 def table(records: list[Record]) -> str:
     """Validation records, then the calibration records under their own heading (one column layout)."""
     val, cal = split(records)
     rows = [("id", "predicted", "published", "unit", "error", "status")]
     for r in val:
-        rows.append((r.key, _fmt(r.predicted), _fmt(r.published), r.unit[:34], _err(r.error), r.status))
+        rows.append((r.key, _fmt(r.predicted), _fmt(r.published), r.unit[:34], _err(r.error), _status(r)))
     n_val = len(rows)
     for r in cal:
         rows.append((r.key, _fmt(r.predicted), _fmt(r.published), r.unit[:34], _err(r.error), CAL_LABEL))
@@ -224,7 +233,7 @@ def markdown(records: list[Record], closed_loop: dict | None = None) -> str:
     lines.append("| id | predicted | published | unit | error | status |\n|---|---:|---:|---|---:|---|")
     for r in val:
         lines.append(f"| `{r.key}` | {_fmt(r.predicted)} | {_fmt(r.published)} | {r.unit} | {_err(r.error)} | "
-                     f"{r.status} |")
+                     f"{_status(r)} |")
     lines.append(ROLES_TEXT)
     lines.append("### Calibration claims (in-sample; not counted)\n")
     lines.append("| id | predicted | published | unit | in-sample error | sets |\n|---|---:|---:|---|---:|---|")
@@ -238,7 +247,7 @@ def markdown(records: list[Record], closed_loop: dict | None = None) -> str:
     lines.append("## Readings and mechanisms\n")
     for r in records:
         note = r.note.rstrip()
-        txt = f"- **`{r.key}`** ({r.status if r.role == 'validation' else CAL_LABEL}). {note}" + ("" if not note or note.endswith(".") else ".")
+        txt = f"- **`{r.key}`** ({_status(r)}). {note}" + ("" if not note or note.endswith(".") else ".")
         if r.reading:
             txt += f" *Reading:* {r.reading}."
         lines.append(txt)

@@ -116,6 +116,7 @@ def test_every_claim_has_a_valid_role():
     for c in rows:
         assert ("calibrates" in c) == (c["role"] == "calibration"), c["id"]
         assert ("input_reason" in c) == (c["role"] == "input"), c["id"]
+        assert ("context_reason" in c) == (c["role"] == "context"), c["id"]
     assert registry.INPUT_IDS == {c["id"]: c["input_reason"] for c in rows if c["role"] == "input"}
 
 
@@ -152,6 +153,8 @@ def test_load_claims_rejects_bad_roles(tmp_path):
              ({**base, "role": "calibration"}, "'calibrates'"),
              ({**base, "role": "calibration", "calibrates": ["hwmodels/data/efficiency.toml"]}, "'calibrates'"),
              ({**base, "role": "input"}, "input_reason"),
+             ({**base, "role": "context"}, "context_reason"),
+             ({**base, "role": "validation", "context_reason": "weak"}, "only for role 'context'"),
              ({**base, "role": "validation", "calibrates": ["a.toml#k"]}, "only for role 'calibration'")]
     for i, (row, msg) in enumerate(cases):
         p = tmp_path / f"c{i}.json"
@@ -185,6 +188,18 @@ def test_summary_never_counts_a_calibration_claim():
     cid = next(iter(registry.claims_with_role("calibration")))
     sneaky = Record(cid, 1000.0, 1.0, "u", "s")
     assert sneaky.role == "validation" and validate.summary(val + [sneaky]) == {**s0, "n_calibration": 1}
+
+
+def test_context_claim_is_listed_never_counted():
+    """A context claim ("910C ~ 60% of H100": a relayed post with no workload) keeps its record and its
+    error in the table, labelled, but neither the count nor the statistics see it."""
+    ctx = registry.claims_with_role("context")
+    assert "asc_910c_60pct" in ctx
+    r = record(CLAIMS, "asc_910c_60pct", 2.0)
+    assert r.role == "context" and not r.counted
+    val = [Record("a", 110.0, 100.0, "u", "s"), Record("b", 95.0, 100.0, "u", "s")]
+    assert validate.summary(val + [r]) == validate.summary(val)
+    assert validate.CTX_LABEL in validate.table(val + [r])
 
 
 # ------------------------------------------------------------------ (b) the leak test
