@@ -46,9 +46,10 @@ nb_render_markdown_format = "myst"
 # Cross-references that do not resolve are warnings (and -W makes them errors).
 nitpicky = True
 
-# The existing reference pages (docs/*.md) are listed as they are. Pages that are only data or
-# images, and the build output, are not sources.
-exclude_patterns = ["_build", "**.ipynb_checkpoints", "*.json", "img/*.md"]
+# Every existing page (docs/*.md) builds strictly as it is; none is excluded. "_build": a build
+# into docs/_build (myst-nb also writes its executed notebooks next to the output folder) must
+# not be read back as sources.
+exclude_patterns = ["_build", "**.ipynb_checkpoints"]
 
 html_theme = "sphinx_book_theme"
 html_title = "deepseek-ref: DeepSeek-V3 from the equations"
