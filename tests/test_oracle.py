@@ -136,10 +136,10 @@ def test_each_case_differs_from_the_baseline_in_its_factor_only():
         assert changed or c.fp8_block or sum(other) == 1 + (c.name == "bias-float32"), c.name
 
 
-def test_our_models_pass_every_case(kit):
-    for dtype in ("float32", "bfloat16"):
-        res = conformance.grade_kit(kit, conformance.ReferenceEngine(dtype))
-        assert [r.status for r in res] == ["pass"] * len(res), conformance.format_results(res)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # two tests: pytest -n 2 runs them side by side
+def test_our_models_pass_every_case(kit, dtype):
+    res = conformance.grade_kit(kit, conformance.ReferenceEngine(dtype))
+    assert [r.status for r in res] == ["pass"] * len(res), conformance.format_results(res)
     js = conformance.results_json(res, "dsref")
     assert js["ok"] and js["causes"] == [] and len(js["cases"]) == len(conformance.CASES)
 
