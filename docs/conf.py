@@ -21,7 +21,10 @@ copyright = "2026, deepseek-ref contributors"
 
 # myst_nb brings the MyST Markdown parser with it; adding "myst_parser" too would register the
 # .md suffix twice (Sphinx refuses that).
-extensions = ["myst_nb"]
+# sphinx-mathjax-offline (its module name has hyphens) copies MathJax 3.2.2 into _static/mathjax and
+# points mathjax_path at it: the site shows math with no network, as the headless-Chromium check
+# (tests/test_docs_browser.py) and a reader behind a firewall need.
+extensions = ["myst_nb", "sphinx-mathjax-offline"]
 
 # Math: the MyST "$...$" / "$$...$$" syntax, rendered by MathJax (Sphinx's default for HTML).
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence"]
