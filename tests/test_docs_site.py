@@ -8,7 +8,7 @@ Skipped when the ``docs`` extra (sphinx, myst-nb, sphinx-book-theme, ipykernel) 
 """
 from __future__ import annotations
 
-import html
+import importlib
 import os
 import re
 import subprocess
@@ -18,7 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.docs_html import cell_outputs, page_text
+
 DOCS = Path(__file__).resolve().parent.parent / "docs"
+TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +30,8 @@ def site(tmp_path_factory):
     pytest.importorskip("myst_nb")
     pytest.importorskip("sphinx_book_theme")
     pytest.importorskip("ipykernel")
+    if os.environ.get("DSREF_DOCS_SITE"):  # an existing build, to check pages while writing them
+        return Path(os.environ["DSREF_DOCS_SITE"])
     out = tmp_path_factory.mktemp("docs") / "html"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     t0 = time.perf_counter()
@@ -38,21 +43,6 @@ def site(tmp_path_factory):
     assert proc.returncode == 0, f"strict docs build failed (exit {proc.returncode}) after {wall:.0f} s:\n{log[-6000:]}"
     print(f"\ndocs site: strict build in {wall:.1f} s wall")
     return out
-
-
-def cell_outputs(page: Path) -> str:
-    """The text of every cell output of a built page, tags stripped, whitespace collapsed."""
-    parts = re.split(r'<div class="cell_output docutils container">', page.read_text())[1:]
-    # each output block ends where the next cell or section starts; the following prose may be
-    # included in a part, so callers look only for strings that cells print
-    text = " ".join(re.sub(r"<[^>]+>", " ", p.split('<div class="cell docutils container"')[0].split("<section")[0])
-                    for p in parts)
-    return re.sub(r"\s+", " ", html.unescape(text))
-
-
-def page_text(page: Path) -> str:
-    """The whole page as text (highlighted source comes out token by token in <span>s)."""
-    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", "", page.read_text())))
 
 
 def test_every_page_is_built(site):
@@ -110,3 +100,18 @@ def test_prose_numbers_match_the_presets():
     assert (v3.kv_lora_rank, v3.qk_rope_head_dim, v3.num_hidden_layers) == (512, 64, 61)
     text = (DOCS / "chapters" / "moe-gate.md").read_text()
     assert "$E = 256$" in text and "$k = 8$" in text and "4 of 8" in text
+
+
+def _chapter_checks():
+    """Every ``check_*(site)`` function of tests/docs_checks_*.py: one chapter's checks per file,
+    run here so that the whole suite builds the site once (this module's fixture)."""
+    for path in sorted(TESTS.glob("docs_checks_*.py")):
+        module = importlib.import_module(f"tests.{path.stem}")
+        for name, fn in sorted(vars(module).items()):
+            if name.startswith("check_") and callable(fn):
+                yield pytest.param(fn, id=f"{path.stem[len('docs_checks_'):]}:{name[len('check_'):]}")
+
+
+@pytest.mark.parametrize("check", list(_chapter_checks()))
+def test_chapter(site, check):
+    check(site)
