@@ -16,8 +16,10 @@ in-sample error shown, never counted) or **input** (a scenario input; not predic
 tests/test_claims_roles.py fails if a validation claim's value appears in a data file.
 
 Status: **predicted** (out of the simulator / cost model; counted in the statistics), **derived**
-(arithmetic on published inputs only; listed, not counted), **not_modelled** (outside the model; no
-number is given).
+(arithmetic on published inputs only; listed, not counted), **identity** (arithmetic on the architecture
+alone, exact by construction: KV-cache bytes per token and parameter counts come out of the preset's
+dimensions, so their error says whether a convention matches, not whether the model predicts; listed,
+not counted), **not_modelled** (outside the model; no number is given).
 
 **{n} predicted validation figures: median |error| {med}, largest {mx} (`{mxid}`); {w10} within 10%,
 {w30} within 30%.** Targets: median <= 10%, none above 30%.

@@ -128,10 +128,11 @@ def run(claims: dict, *, fast: bool = False) -> list[Record]:
     pc = get_preset("deepseek-v3").param_counts()
     pub_total, pub_active = claims["dsv3_tr_params"]["value"]
     out.append(record(claims, "dsv3_tr_params", pc["total_params"] / 1e9, part="total", published=pub_total,
+                      status="identity",
                       unit="billion params", reading="main model without the 14B MTP module",
                       note="ModelConfig.param_counts() from the deepseek-v3 preset"))
     out.append(record(claims, "dsv3_tr_params", pc["activated_params"] / 1e9, part="active",
-                      published=pub_active, unit="billion params",
+                      published=pub_active, unit="billion params", status="identity",
                       note="embedding excluded, LM head, shared + 8 routed experts per token included"))
     acc = claims["dsv3_tr_mtp_accept"]["value"]
     out.append(record(claims, "dsv3_tr_mtp_accept", None, part="acceptance", status="not_modelled",

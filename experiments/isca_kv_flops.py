@@ -47,7 +47,7 @@ def run(claims: dict, *, fast: bool = False) -> list[Record]:
         kv = cfg.kv_cache_bytes_per_token(BF16) / KB
         mech = ("MLA latent (kv_lora_rank + rope dim) x layers x 2 B" if cfg.arch == "deepseek"
                 else "GQA K+V: 2 x kv_heads x head_dim x layers x 2 B")
-        out.append(record(claims, cid, kv, note=f"preset {model}: {mech}"))
+        out.append(record(claims, cid, kv, status="identity", note=f"preset {model}: {mech}"))
     for cid, model in _FLOPS:
         cfg = get_preset(model)
         f = training_flops_per_token(cfg, SEQ) / 1e9

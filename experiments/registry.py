@@ -38,7 +38,10 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-STATUSES = ("predicted", "derived", "not_modelled")
+# "identity": a figure the model reproduces exactly by construction, because it is arithmetic on the
+# architecture alone (KV-cache bytes per token, parameter counts): listed, never counted, so that
+# zeros that cannot be anything else do not flatter the error statistics (issue 20)
+STATUSES = ("predicted", "derived", "identity", "not_modelled")
 ROLES = ("validation", "calibration", "input", "context")
 
 #: The published claims (with their sources), shipped as package data of dsref.experiments.

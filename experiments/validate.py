@@ -3,8 +3,8 @@
 ``dsref validate`` (experiments/cli.py) and ``python -m dsref.experiments.validate`` call
 ``main``; files are written only under ``--out-dir`` (the repo's docs: ``dsref validate
 --out-dir docs``). Error statistics (median / max absolute signed error) cover records of
-role 'validation' with status 'predicted' only; 'derived' (arithmetic on inputs) and
-'not_modelled' records are listed but not counted, and records of calibration claims (the
+role 'validation' with status 'predicted' only; 'derived' (arithmetic on inputs), 'identity'
+(arithmetic on the architecture, exact by construction) and 'not_modelled' records are listed but not counted, and records of calibration claims (the
 measurements a data-file number was solved from, registry module docstring) are listed
 apart with their in-sample error, labelled "calibration, not counted".
 """
@@ -98,7 +98,9 @@ def summary(records: list[Record]) -> dict:
     errs = [abs(r.error) for r in pts]
     worst = max(pts, key=lambda r: abs(r.error), default=None)
     cal = split(records)[1]
-    return {"n_predicted": len(errs), "n_calibration": len(cal),
+    ident = [r for r in records if r.status == "identity" and r.error is not None]
+    return {"n_predicted": len(errs), "n_calibration": len(cal), "n_identity": len(ident),
+            "identity_max_abs_error": max((abs(r.error) for r in ident), default=None),
             "median_abs_error": statistics.median(errs) if errs else None,
             "max_abs_error": max(errs) if errs else None,
             "max_abs_error_id": worst.key if worst else None,
@@ -229,7 +231,9 @@ def markdown(records: list[Record], closed_loop: dict | None = None) -> str:
         mxid=s["max_abs_error_id"], w10=s["within_10pct"], w30=s["within_30pct"])]
     val, cal = split(records)
     lines.append(f"Statistics cover the {s['n_predicted']} *predicted* figures of **validation** claims only; "
-                 f"the {s['n_calibration']} calibration claims are listed apart below ({CAL_LABEL}).\n")
+                 f"the {s['n_calibration']} calibration claims are listed apart below ({CAL_LABEL}), and the "
+                 f"{s['n_identity']} identities (exact by construction, largest |error| "
+                 f"{_err(s['identity_max_abs_error']).lstrip('+')}) are listed but not counted.\n")
     lines.append("| id | predicted | published | unit | error | status |\n|---|---:|---:|---|---:|---|")
     for r in val:
         lines.append(f"| `{r.key}` | {_fmt(r.predicted)} | {_fmt(r.published)} | {r.unit} | {_err(r.error)} | "
@@ -329,7 +333,7 @@ def main(*, as_json: bool = False, out_dir: str | None = None, closed_loop: bool
     print(table(records))
     s = summary(records)
     print(f"\npredicted validation claims: {s['n_predicted']} (calibration claims listed, not counted: "
-          f"{s['n_calibration']}); median |error| {_err(s['median_abs_error']).lstrip('+')} "
+          f"{s['n_calibration']}; identities, exact by construction, not counted: {s['n_identity']}); median |error| {_err(s['median_abs_error']).lstrip('+')} "
           f"(target <= {TARGET_MEDIAN:.0%}); max |error| {_err(s['max_abs_error']).lstrip('+')} "
           f"({s['max_abs_error_id']}; target <= {TARGET_MAX:.0%})")
     if cl:

@@ -162,3 +162,16 @@ def test_closed_loop_tiny_runs(tmp_path):
     rd = cl["by_round"][0]["decode"]
     assert cl["decode"]["error"] == pytest.approx(
         (rd["predicted_tokens_per_s"] - rd["measured_tokens_per_s"]) / rd["measured_tokens_per_s"])
+
+
+def test_identities_are_listed_but_not_counted(validation_records):
+    """KV bytes per token and parameter counts are arithmetic on the preset, exact by construction
+    (issue 20): status 'identity', listed in validation.md, outside the error statistics."""
+    from dsref.experiments.validate import counted, markdown, summary
+    ids = {r.key for r in validation_records if r.status == "identity"}
+    assert {"isca_kv_v3", "isca_kv_qwen72b", "isca_kv_llama405b", "dsv3_tr_params:total",
+            "dsv3_tr_params:active"} <= ids
+    assert not ids & {r.key for r in counted(validation_records)}
+    s = summary(validation_records)
+    assert s["n_identity"] == len(ids) and s["n_predicted"] == len(counted(validation_records))
+    assert "| `isca_kv_v3` | 70.27 | 70.27 | KB/token (KB=1000 B) | +0.0% | identity |" in markdown(validation_records)
