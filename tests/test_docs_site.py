@@ -115,3 +115,40 @@ def _chapter_checks():
 @pytest.mark.parametrize("check", list(_chapter_checks()))
 def test_chapter(site, check):
     check(site)
+
+
+def _need_chromium():
+    from tests.docs_browser import chromium
+    if chromium() is None:
+        if os.environ.get("DSREF_REQUIRE_CHROMIUM"):  # .ci/run installs it: a missing browser fails there
+            pytest.fail("DSREF_REQUIRE_CHROMIUM is set but no Chromium is installed")
+        pytest.skip("no Chromium (Debian: apt-get install chromium)")
+
+
+def test_pages_render_in_chromium(site):
+    """Every chapter, and the reference pages with figures, in headless Chromium: the math is typeset
+    by the MathJax shipped with the site (no network), no LaTeX is left raw, every image loads."""
+    _need_chromium()
+    from tests.docs_browser import problems, render
+    chapters = sorted(f"chapters/{p.stem}.html" for p in (DOCS / "chapters").glob("*.md"))
+    pages = ["index.html", *chapters, "validation.html", "training-experiments.html"]
+    reports = render(site, pages)
+    bad = {p: problems(r) for p, r in reports.items() if problems(r)}
+    assert not bad, bad
+    for page in chapters:  # every chapter states its mechanism as equations
+        assert reports[page]["mathjax"] and reports[page]["math"] >= 3, (page, reports[page])
+    figures = {p: r["images"] for p, r in reports.items()}
+    assert figures["chapters/roofline.html"] >= 1 and figures["validation.html"] >= 2, figures
+
+
+def test_browser_check_sees_raw_latex_and_broken_images(tmp_path):
+    """The check above can fail: a page whose MathJax does not load and whose figure is missing."""
+    _need_chromium()
+    from tests.docs_browser import problems, render
+    (tmp_path / "index.html").write_text("<html><body><p>index</p></body></html>")
+    (tmp_path / "bad.html").write_text(
+        '<html><head><script defer src="_static/mathjax/absent.js"></script></head><body>'
+        '<p><span class="math notranslate nohighlight">\\(\\frac{a}{b}\\)</span></p>'
+        '<img src="_images/missing.png"></body></html>')
+    bad = problems(render(tmp_path, ["bad.html"], budget_ms=15_000)["bad.html"])
+    assert any("not typeset" in b for b in bad) and any("broken images" in b for b in bad), bad
