@@ -64,11 +64,11 @@ def check_node_limited_routing(site: Path) -> None:
     assert f"sum of the top k / topk_group = {k} / {M} = {k // M} biased scores" in out
     assert f"a token reaches at most M = topk_group = {M} of {G} nodes" in out
     # the nodes-per-token table: no token beyond M nodes with the limit, some without it
-    table = out.split("nodes plain top-k node-limited")[1].split("mean IB copies per token")[0]
+    table = out.split("nodes plain top-k node-limited")[1].split("mean nodes per token")[0]
     rows = [(int(n), float(a), float(b)) for n, a, b in re.findall(r"(\d+) ([\d.]+)% ([\d.]+)%", table)]
     assert [r[0] for r in rows] == list(range(1, k + 1))
     assert all(b == 0.0 for n, _, b in rows if n > M) and sum(a for n, a, _ in rows if n > M) > 50
-    free, limited = map(float, re.search(r"mean IB copies per token ([\d.]+) ([\d.]+)", out).groups())
+    free, limited = map(float, re.search(r"mean nodes per token \(bounds its IB copies\) ([\d.]+) ([\d.]+)", out).groups())
     assert limited <= M < free
     assert "topk_group = 3: a token reaches at most 3 nodes" in out  # exercise 4
     assert "<table" in _page(site).read_text()
