@@ -240,6 +240,12 @@ def check_fp8_training_study(site: Path) -> None:
         ratio = get_preset(name).param_counts()["total_params"] / st["params"]
         assert f"{name}: {ratio:,.0f} times as many parameters" in out
     assert "120 steps" in page_text(site / FP8_PAGE) and st["steps"] == 120
+    gaps = [[100 * (a / b - 1) for a, b in zip(s8["train_main"], s16["train_main"])]
+            for s8, s16 in zip(study["runs"]["fp8"]["seeds"], study["runs"]["bf16"]["seeds"])]
+    largest = max(abs(g) for row in gaps for g in row)
+    assert f"largest single-step gap: {largest:.1f}% (clipped to +-3% in the figure)" in out
+    # the prose: close agreement over the first steps, excursions much larger than the mean gap
+    assert max(abs(g) for row in gaps for g in row[:10]) < 0.5 and largest > 10 * abs(100 * tail["mean"])
     _images(site, FP8_PAGE)
 
 
