@@ -273,11 +273,15 @@ def rope_tables(cfg: ModelConfig, positions):
     return jnp.cos(ang) * att, jnp.sin(ang) * att
 
 
-def apply_rope(x, cos, sin):
-    """Interleaved-pair rotation, output kept interleaved (see numpy_ref.apply_rope_interleaved)."""
+def apply_rope(x, cos, sin, interleaved: bool = True):
+    """Interleaved-pair rotation (2i, 2i+1), output kept interleaved (numpy_ref.apply_rope_interleaved);
+    ``interleaved=False``: half-split pairs (i, i + P/2) (numpy_ref.apply_rope_half)."""
     while cos.ndim < x.ndim:
         cos, sin = cos[..., None, :], sin[..., None, :]
     xf = x.astype(F32)
+    if not interleaved:
+        x1, x2 = jnp.split(xf, 2, axis=-1)
+        return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
     x1, x2 = xf[..., 0::2], xf[..., 1::2]
     out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.reshape(x.shape).astype(x.dtype)
@@ -300,7 +304,8 @@ def mla_project(w, cfg: ModelConfig, x, positions, prec):
     kv = linear(x, w["kv_a_proj_with_mqa.weight"], prec)
     c_kv = rms_norm(kv[..., :R], w["kv_a_layernorm.weight"], MLA_NORM_EPS)
     cos, sin = rope_tables(cfg, positions)
-    return q[..., :N], apply_rope(q[..., N:], cos, sin), c_kv, apply_rope(kv[..., R:], cos, sin), qr
+    il = cfg.rope_interleave  # DeepSeek's checkpoints: True; transformers' switch for half-split pairs
+    return q[..., :N], apply_rope(q[..., N:], cos, sin, il), c_kv, apply_rope(kv[..., R:], cos, sin, il), qr
 
 
 def _softmax_attend(scores, mask):

@@ -160,8 +160,11 @@ def mla(x, w, cfg: ModelConfig, positions, prefix: str, capture: dict | None = N
         from dsref.reference.dsa_official import round_kv_fp8
         c_kv = round_kv_fp8(c_kv)
     cos, sin = rope_cos_sin(cfg, positions)
-    q_pe = apply_rope_interleaved(q_pe, cos, sin)
-    k_pe = apply_rope_interleaved(kv[..., R:], cos, sin)  # [B, T, P], one head shared by all
+    # DeepSeek's checkpoints rotate interleaved pairs (2i, 2i+1); a config.json with
+    # rope_interleave false (transformers' switch) rotates half-split pairs (i, i + P/2)
+    rope = apply_rope_interleaved if cfg.rope_interleave else apply_rope_half
+    q_pe = rope(q_pe, cos, sin)
+    k_pe = rope(kv[..., R:], cos, sin)  # [B, T, P], one head shared by all
     kvb = linear(c_kv, g("kv_b_proj.weight")).reshape(B, T, H, N + A)
     k_nope, v = kvb[..., :N], kvb[..., N:]
     scores = (np.einsum("bthn,bshn->bhts", q_nope, k_nope)

@@ -83,11 +83,19 @@ def check_rope_yarn_shows_why_mla_decouples_rope(site):
 
 
 def check_rope_yarn_prose_on_rope_interleave_matches_the_code(site):
-    """The chapter says ModelConfig reads ``rope_interleave`` but neither reference consults it. If a
-    reference starts to, this fails: update the chapter's "Interleaved or half-split pairs" section."""
+    """The chapter says both references honour ``rope_interleave`` (half-split pairs when false): the
+    NumPy MLA's rotary part changes with the flag, and the included lines are the ones that read it."""
+    from dsref.reference import numpy_ref
+    from dsref.reference.presets import get_preset
     for f in ("reference/numpy_ref.py", "reference/model.py"):
-        assert not re.search(r"\brope_interleave\b", (ROOT / f).read_text()), f"{f} now reads rope_interleave"
-    assert "neither reference consults it" in (DOCS / "chapters" / "rope-yarn.md").read_text()
+        assert re.search(r"\bcfg\.rope_interleave\b", (ROOT / f).read_text()), f"{f} no longer reads rope_interleave"
+    assert "so do both references here" in (DOCS / "chapters" / "rope-yarn.md").read_text()
+    assert "rope = apply_rope_interleaved if cfg.rope_interleave else apply_rope_half" in page_text(
+        site / "chapters" / "rope-yarn.html")
+    cfg = get_preset("tiny-v3")
+    x = np.random.default_rng(0).normal(size=(1, 3, cfg.qk_rope_head_dim))
+    cos, sin = numpy_ref.rope_cos_sin(cfg, np.arange(3)[None])
+    assert not np.allclose(numpy_ref.apply_rope_interleaved(x, cos, sin), numpy_ref.apply_rope_half(x, cos, sin))
 
 
 # ------------------------------------------------------------------ mtp

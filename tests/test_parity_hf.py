@@ -37,6 +37,8 @@ CASES = {
     "v2-lite-greedy-no-qlora": ("tiny-v2-lite", {}),
     # rms_norm_eps applies to the layer norms only: q_a/kv_a_layernorm keep the default 1e-6
     "v3-norm-eps-not-default": ("tiny-v3", dict(rms_norm_eps=0.1)),
+    # config.json's rope_interleave false: MLA's rotary part in half-split pairs (i, i + P/2)
+    "v3-rope-half-split-yarn": ("tiny-v3", dict(rope_interleave=False, rope_scaling=YARN)),
 }
 
 
