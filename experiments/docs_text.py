@@ -25,6 +25,9 @@ not counted), **not_modelled** (outside the model; no number is given).
 {w30} within 30%.** Targets: median <= 10%, none above 30%.
 """
 
+# MISSES is a template: {e[<claim id>]} is that record's signed error (whole percent), {e1[...]} the
+# same to 0.1%, {cloudmatrix} the range over the cloudmatrix_* records -- filled in by
+# validate.markdown, so the prose quotes the errors of the run that wrote the page
 MISSES = """
 ## Largest remaining gaps and why
 
@@ -46,8 +49,8 @@ MISSES = """
   tokens), the BF16 head's own GEMM efficiency (the catalog's gpu.gemm is FP8-derived), the MLA
   attention shapes (d_qk 192; the FA3 figures are head dim 128). Context extension also runs on a
   layout we had to assume (see the reading).
-- **Decode on NVIDIA reads fast: `sglang_h100_decode_node_tps` (+30%), `d6_decode_node_tps` (+24%),
-  `lmsys_gb200_p2_decode_gpu_tps` (+18%); prefill `d6_prefill_node_tps` (+10%).** Read as saturated
+- **Decode on NVIDIA reads fast: `sglang_h100_decode_node_tps` ({e[sglang_h100_decode_node_tps]}), `d6_decode_node_tps` ({e[d6_decode_node_tps]}),
+  `lmsys_gb200_p2_decode_gpu_tps` ({e[lmsys_gb200_p2_decode_gpu_tps]}); prefill `d6_prefill_node_tps` ({e[d6_prefill_node_tps]}).** Read as saturated
   capacity (the production figures are daily averages at the point DeepSeek autoscaled to). The step
   already charges, from kernel-level sources only: DeepGEMM's achieved compute and bandwidth by rows per
   expert, the busiest EP rank's expected load, DeepEP's low-latency kernel times as a decode floor,
@@ -60,7 +63,7 @@ MISSES = """
   hides less than the 20-SM figure says; which kernel variant each deployment ran is not published,
   so no figure was changed. Uneven prompt lengths across DP ranks and scheduling gaps are not modelled.
   `d6_output_speed` is the speed of a running request at that saturation point.
-- **Ascend (`cloudmatrix_*` -10% to -18%; `asc_910c_60pct` +22%, a context claim, not counted).** The
+- **Ascend (`cloudmatrix_*` {cloudmatrix}; `asc_910c_60pct` {e[asc_910c_60pct]}, a context claim, not counted).** The
   910C's kernel profile is an assumption (no published CANN launch, HCCL latency or GEMM-by-rows
   figures); the decode floor uses the DeepEP-Ascend low-latency table. "910C ~ 60% of H100" is a
   relayed social-media post with no workload, so it grades nothing: it is role `context` and stays
@@ -73,17 +76,15 @@ MISSES = """
   runs on the same hardware (the calibration claims `geer_cal_*`, listed apart below;
   hwmodels/data/llama_cpp_overhead.toml; AmpereOne's held-out 70B / 405B
   runs then come out +1% / +5%); (3) the expanded K/V cache llama.cpp kept for DeepSeek before its MLA
-  support (PR #12801, April 2025; ~5 MB per token). Remaining: the W7700 claim +18% (calibrated on
+  support (PR #12801, April 2025; ~5 MB per token). Remaining: the W7700 claim {e[geer_pi5_w7700_r1_14b]} (calibrated on
   Nov-Dec 2024 llama.cpp builds behind a Pi 5 8 GB, the claim ran a Jan-28 build; the Vulkan cost
-  may depend on compute nodes only, which the all-node count ignores) and the AmpereOne claim -19%
+  may depend on compute nodes only, which the all-node count ignores) and the AmpereOne claim {e[geer_ampereone_671b]}
   (mean KV length of R1's answer is assumed, 1,024; the per-node cost is measured on Llama graphs,
   whose node mix differs from DeepSeek's MoE graph).
-- **`isca_flops_qwen72b` (+13%).** The convention that reproduces V2 (+0.2%), V3 (+0.2%) and
-  LLaMA-405B (+1%) gives 445 for Qwen2.5-72B. Qwen-72B v1 / Qwen1.5-72B (MHA, F=24,576) give 442;
+- **`isca_flops_qwen72b` ({e[isca_flops_qwen72b]}).** The convention that reproduces V2 ({e1[isca_flops_v2]}), V3 ({e1[isca_flops_v3]}) and
+  LLaMA-405B ({e1[isca_flops_llama405b]}) gives 445 for Qwen2.5-72B. Qwen-72B v1 / Qwen1.5-72B (MHA, F=24,576) give 442;
   only a GQA-8 model with F=24,576 -- which no published Qwen has -- gives ~386. No preset was added;
   the paper's figure could not be reproduced from a real config.
-- **`dsv3_tr_mtp_accept:tps_speedup` (-9%).** Depends on the batch: 1.64x at one sequence per GPU
-  (the reading taken), 1.10x at 64 sequences per GPU. Acceptance itself is not modelled.
 """
 
 

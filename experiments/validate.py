@@ -259,7 +259,11 @@ def markdown(records: list[Record], closed_loop: dict | None = None) -> str:
     lines.append("These published figures are what the scenarios take as given; no experiment predicts them.\n")
     for cid, why in INPUT_IDS.items():
         lines.append(f"- `{cid}`: {why}")
-    lines.append(docs_text.MISSES)
+    errs = {r.key: r.error for r in records if r.error is not None}
+    cm = [e for k, e in errs.items() if k.startswith("cloudmatrix_")]
+    lines.append(docs_text.MISSES.format(
+        e={k: f"{v:+.0%}" for k, v in errs.items()}, e1={k: f"{v:+.1%}" for k, v in errs.items()},
+        cloudmatrix=f"{max(cm):+.0%} to {min(cm):+.0%}" if cm else "--"))
     lines.append(docs_text.closed_loop_section(closed_loop))
     return "\n".join(lines) + "\n"
 
