@@ -200,10 +200,16 @@ def check_capacity(site: Path) -> None:
     assert all(resolve_target(t).device.memory_bytes == 512e9 for t in targets[2:])  # "the two machines with 512 GB"
 
 
+def _mem_share(r: dict) -> float:
+    """Share of a sim.local decode step's roofline time spent in memory-bound operations."""
+    bd = r["decode_breakdown"].values()
+    return sum(d["memory_bound_time_s"] for d in bd) / sum(d["time_s"] for d in bd)
+
+
 def check_predictions_against_geerling(site: Path) -> None:
     """sim.local's prediction and its error for each of Geerling's validation measurements."""
     from dsref.experiments import edge_devices as ed
-    from dsref.sim.local import estimate
+    from dsref.sim.local import estimate, resolve_target
     c = _claims()
     out = cell_outputs(_home(site))
     for cid, model, target, ctx, form in ed.CASES:
@@ -211,7 +217,15 @@ def check_predictions_against_geerling(site: Path) -> None:
         r = estimate(model, target, ed.QUANT, context=ctx, prompt_tokens=ed.PROMPT, mla_form=form)
         pred, pub = r["decode_tokens_per_s"], float(c[cid]["value"])
         assert f"{pred:,.2f} {pub:,.2f} ( {cid} ) {pred / pub - 1:+.0%}" in out, cid
+        tgt = resolve_target(target).device
+        bound = tgt.efficiency("memory") * tgt.memory_bandwidth / r["decode_bytes_per_step"]
+        assert f"yes {_mem_share(r):.0%} {bound:,.2f} {pred:,.2f} {pub:,.2f}" in out, cid
         assert (f"{cid}: n tau = {r['decode_overhead_s'] * 1e3:.1f} ms of a {r['decode_step_s'] * 1e3:.1f} ms step") in out
+    # prose: "on every machine below ... almost all of the step is bound by memory"
+    for t in ("raspberry-pi-5", "raspberry-pi-5-w7700", "ampereone-server", "m3-ultra"):
+        for model in ("deepseek-r1", "qwen2.5-14b", "llama-3.1-8b"):
+            r = estimate(model, t, ed.QUANT, context=ed.R1_ANSWER_KV, prompt_tokens=ed.PROMPT)
+            assert not r["fits"] or _mem_share(r) > 0.9, (t, model)
     # the M3 Ultra has no measured per-node cost: its row is streaming only (prose: "optimistic")
     r = estimate("qwen2.5-14b", "m3-ultra", ed.QUANT, context=ed.R1_ANSWER_KV, prompt_tokens=ed.PROMPT)
     assert r["decode_overhead_s"] == 0.0 and "not measured" in out
