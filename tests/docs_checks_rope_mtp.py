@@ -108,7 +108,7 @@ def check_mtp_shows_both_conventions_on_the_numpy_reference(site):
         assert m and int(m.group(1)) >= 10, key
     m = re.search(r"the two choices differ by ([0-9.e+-]+) \(epsilon only\)", out)
     assert m and float(m.group(1)) < 1e-5
-    m = re.search(r"MTP logits ([0-9.e+-]+) \(max \|difference\| / max \|NumPy\|\)", out)
+    m = re.search(r"JAX float32 vs NumPy float64, MTP logits: max \|difference\| / max \|NumPy\| = ([0-9.e+-]+)", out)
     assert m and float(m.group(1)) < 1e-5  # JAX mtp_logits == numpy mtp_forward
     src = page_text(page)
     for fn in ("def mtp_hidden(", "def mtp_forward(", "def mtp_logits(", "def loss_fn(",
