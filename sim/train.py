@@ -273,7 +273,8 @@ class StageTimes:
 
 def balanced_ranges(costs, pp: int) -> list[tuple[int, int]]:
     """Contiguous ranges of ``len(costs)`` layers over ``pp`` stages (each >= 1 layer) that minimise
-    the most expensive stage (linear partition by dynamic programming; ties: the earliest split).
+    the most expensive stage (linear partition by dynamic programming; ties, to a relative 1e-9: the
+    earliest split).
     costs[i]: layer i's per-micro-batch compute, with the embedding folded into the first layer and
     the head (and MTP) into the last, so the stages holding them get fewer layers."""
     n = len(costs)
@@ -287,7 +288,10 @@ def balanced_ranges(costs, pp: int) -> list[tuple[int, int]]:
         for j in range(k, n - (pp - k) + 1):
             i = np.arange(k - 1, j)
             v = np.maximum(best[k - 1, i], pre[j] - pre[i])
-            a = int(np.argmin(v))
+            # identical layers make many splits equally good, and their costs then differ only in
+            # the rounding of the prefix sums (which a NumPy release may change): take the earliest
+            # split within a relative 1e-9 of the best, so the layout does not hang on the last bit
+            a = int(np.flatnonzero(v <= v.min() * (1 + 1e-9))[0])
             best[k, j], cut[k, j] = v[a], i[a]
     out, j = [], n
     for k in range(pp, 0, -1):
