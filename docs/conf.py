@@ -23,7 +23,7 @@ copyright = "2026, deepseek-ref contributors"
 # .md suffix twice (Sphinx refuses that).
 # sphinx-mathjax-offline (its module name has hyphens) copies MathJax 3.2.2 into _static/mathjax and
 # points mathjax_path at it: the site shows math with no network, as the headless-Chromium check
-# (tests/test_docs_browser.py) and a reader behind a firewall need.
+# (tests/docs_browser.py, run by tests/test_docs_site.py) and a reader behind a firewall need.
 extensions = ["myst_nb", "sphinx-mathjax-offline"]
 
 # Math: the MyST "$...$" / "$$...$$" syntax, rendered by MathJax (Sphinx's default for HTML).
