@@ -77,6 +77,12 @@ _IGNORABLE = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 _LINEAR = re.compile(r"((?<!weights)_proj|_proj_with_mqa|indexer\.wq_b|indexer\.wk)(\.weight)?$")
 
 
+def stored_in_fp8(name: str) -> bool:
+    """Whether an FP8 (block-scaled) checkpoint stores the tensor ``name`` as E4M3 with a
+    ``weight_scale_inv`` grid: the linear weights; norms, embeddings, the head... stay in bf16/f32."""
+    return bool(_LINEAR.search(name))
+
+
 # ------------------------------------------------------------------ FP8 blocks
 def _grid(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
     return (*shape[:-2], -(-shape[-2] // block[0]), -(-shape[-1] // block[1]))
@@ -635,7 +641,7 @@ def save_checkpoint(tensors_or_model, cfg: ModelConfig, out_dir: str | Path, *, 
     def conv(hf: str, a: np.ndarray) -> dict[str, np.ndarray]:
         if hf.endswith("e_score_correction_bias"):
             return {hf: np.ascontiguousarray(a, np.float32)}
-        if block is not None and _LINEAR.search(hf):
+        if block is not None and stored_in_fp8(hf):
             q, s = quantize_fp8_blockwise(a, block)
             return {hf: q, hf + "_scale_inv": s}
         return {hf: np.ascontiguousarray(a.astype(_OUT_DTYPES[dtype]))}
@@ -643,7 +649,7 @@ def save_checkpoint(tensors_or_model, cfg: ModelConfig, out_dir: str | Path, *, 
     def sizes(hf: str, shape: tuple[int, ...]) -> int:
         if hf.endswith("e_score_correction_bias"):
             return 4 * math.prod(shape)
-        if block is not None and _LINEAR.search(hf):
+        if block is not None and stored_in_fp8(hf):
             return math.prod(shape) + 4 * math.prod(_grid(shape, block))
         return _OUT_DTYPES[dtype].itemsize * math.prod(shape)
 

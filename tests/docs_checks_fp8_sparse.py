@@ -174,7 +174,7 @@ def check_fp8_partial_blocks(site: Path) -> None:
 
     out = _out(site, FP8_PAGE)
     v3 = get_preset("deepseek-v3")
-    linear = [t for t in tensors(v3) if checkpoint._LINEAR.search(t.name)]
+    linear = [t for t in tensors(v3) if checkpoint.stored_in_fp8(t.name)]
     assert f"{len(linear)} FP8-stored tensors in the deepseek-v3 preset" in out
     partial = Counter((t.name.split(".")[-2], t.shape[-2:]) for t in linear if any(d % 128 for d in t.shape[-2:]))
     assert [name for name, _ in partial] == ["kv_a_proj_with_mqa"]  # the prose names this one
@@ -233,7 +233,7 @@ def check_fp8_training_study(site: Path) -> None:
     # the seed spread is larger than the bound
     assert lo < 0 < 0.0025 < hi and 0.5 < tail["mean"] / 0.0025 < 2 and tail["std"] > 0.0025
     cfg = model_config(FULL)
-    inner = [t.shape[-1] for t in tensors(cfg) if checkpoint._LINEAR.search(t.name)]
+    inner = [t.shape[-1] for t in tensors(cfg) if checkpoint.stored_in_fp8(t.name)]
     assert f"{sum(k < 128 for k in inner)} of its {len(inner)} linear weight matrices" in out
     assert sum(k < 128 for k in inner) > 0
     for name in ("deepseek-v2-lite", "deepseek-v2"):
