@@ -7,10 +7,9 @@ tests/test_docs_site.py::test_chapter against the suite's one site build.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
-from tests.docs_html import cell_outputs, page_text
+from tests.docs_html import cell_outputs, page_images, page_text
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -22,10 +21,10 @@ def _page(site: Path, name: str) -> Path:
 
 
 def _figures(site: Path, page: Path, n: int) -> None:
-    imgs = re.findall(r'<img[^>]+src="\.\./(_images/[^"]+\.png)"', page.read_text())
+    imgs = page_images(page, site)
     assert len(imgs) >= n, f"{page.name}: {len(imgs)} figures, expected {n}"
     for i in imgs:
-        assert (site / i).stat().st_size > 10_000, f"{i}: too small for a matplotlib figure"
+        assert i.stat().st_size > 10_000, f"{i}: too small for a matplotlib figure"
 
 
 def _row(*cells) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tests.docs_html import cell_outputs, page_text
+from tests.docs_html import cell_outputs, page_images, page_text
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -38,10 +38,6 @@ def _home(site: Path) -> Path:
 
 def _src(name: str) -> str:
     return re.sub(r"\s+", " ", (DOCS / "chapters" / name).read_text())
-
-
-def _images(page: Path, site: Path) -> list[Path]:
-    return [site / i for i in re.findall(r'<img[^>]+src="\.\./(_images/[^"]+\.png)"', page.read_text())]
 
 
 def _claims():
@@ -141,7 +137,7 @@ def check_cost_figure_and_exercises(site: Path) -> None:
     from dsref.experiments.whatif import pretrain_check
     from dsref.hwmodels.catalog import load_device
     page = _cost(site)
-    imgs = _images(page, site)
+    imgs = page_images(page, site)
     assert imgs and all(i.stat().st_size > 10_000 for i in imgs), imgs
     c = _claims()
     pre, G, p = (float(c[k]["value"]) for k in ("dsv3_tr_pretrain_gpuh", "dsv3_tr_total_gpuh", "dsv3_tr_gpu_price"))
@@ -253,7 +249,7 @@ def check_home_figure_and_exercises(site: Path) -> None:
     from dsref.sim import costmodel
     from dsref.sim.quant import get_quant, model_weight_bytes
     page = _home(site)
-    imgs = _images(page, site)
+    imgs = page_images(page, site)
     assert imgs and all(i.stat().st_size > 10_000 for i in imgs), imgs
     v3, q4 = get_preset("deepseek-v3"), get_quant("q4_k_m")
     Q = costmodel.totals(costmodel.decode_ops(v3, q4, 1, 1024))["bytes"]

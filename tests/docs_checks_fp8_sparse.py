@@ -14,7 +14,7 @@ import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from tests.docs_html import cell_outputs, page_text
+from tests.docs_html import cell_outputs, page_images, page_text
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -51,8 +51,7 @@ def _out(site: Path, page: str) -> str:
 
 
 def _images(site: Path, page: str, min_bytes: int = 5_000) -> list[str]:
-    html = (site / page).read_text()
-    imgs = re.findall(r'<img[^>]+src="\.\./(_images/[^"]+\.png)"', html)
+    imgs = [str(p.relative_to(site)) for p in page_images(site / page, site)]
     assert imgs, f"{page}: no figure"
     small = [i for i in imgs if (site / i).stat().st_size < min_bytes]
     assert not small, f"{page}: figures below {min_bytes} bytes: {small}"

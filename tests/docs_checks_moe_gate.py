@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.docs_html import cell_outputs
+from tests.docs_html import cell_outputs, page_images
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -29,10 +29,6 @@ SIM_STEPS, SIM_T, SIM_SEED = 800, 512, 0
 
 def _page(site: Path) -> Path:
     return site / "chapters" / "moe-gate.html"
-
-
-def _images(page: Path, site: Path) -> list[Path]:
-    return [site / i for i in re.findall(r'<img[^>]+src="\.\./(_images/[^"]+\.png)"', page.read_text())]
 
 
 def check_rho_names_the_scaling_factor(site: Path) -> None:
@@ -113,7 +109,7 @@ def check_bias_update(site: Path) -> None:
     assert m and float(m.group(2)) < float(m.group(1))
     # exercise 3: n overloaded steps give -n gamma
     assert f"after 300 overloaded steps: b_0 = {-300 * gamma:+.3f} = -300 gamma" in out
-    imgs = _images(_page(site), site)
+    imgs = page_images(_page(site), site)
     assert len(imgs) >= 2 and all(i.stat().st_size > 10_000 for i in imgs), imgs
 
 
@@ -162,4 +158,4 @@ def check_training_study(site: Path) -> None:
     assert f"a bias moves by at most {V3_GAMMA * st['steps']:.2f}" in out
     t = study["analysis"]["table"]
     assert t["aux-free"]["maxvio_global"]["mean"] < t["none"]["maxvio_global"]["mean"]  # the page's reading
-    assert len(_images(_page(site), site)) >= 2
+    assert len(page_images(_page(site), site)) >= 2

@@ -15,14 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.docs_html import cell_outputs, page_text
+from tests.docs_html import cell_outputs, page_images, page_text
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-
-
-def _images(site: Path, page: Path) -> list[Path]:
-    return [site / i for i in re.findall(r'<img[^>]+src="\.\./(_images/[^"]+\.png)"', page.read_text())]
 
 
 def _regimes(cfg) -> dict[str, np.ndarray]:
@@ -64,7 +60,7 @@ def check_rope_yarn_computes_the_v3_ramp_pairs_and_scale(site):
         reg_c = _regimes(c)
         assert (", ".join(f"{k} {_span(v)}" for k, v in reg_c.items()) + f"; softmax_scale {c.softmax_scale:.5f}") in out
     assert len(_regimes(kimi)["ramp"]) == 0  # "the ramp is a step"
-    imgs = _images(site, page)
+    imgs = page_images(page, site)
     assert imgs and all(i.stat().st_size > 10_000 for i in imgs), imgs  # the per-pair figure
 
 
@@ -154,4 +150,4 @@ def check_mtp_reports_the_training_study_from_its_json(site):
     assert f"MTP 0.3 minus off: {res['diff']:+.3f} nats/token (Welch t = {res['welch_t']:.2f}, " \
            f"dof {res['dof']:.1f}, p = {res['p']:.2f};" in out
     assert f"distinguishable at the 5% level: {res['distinguishable']}" in out
-    assert any(i.name == "train_mtp.png" and i.stat().st_size > 10_000 for i in _images(site, page))
+    assert any(i.name == "train_mtp.png" and i.stat().st_size > 10_000 for i in page_images(page, site))

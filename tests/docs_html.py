@@ -22,3 +22,8 @@ def cell_outputs(page: Path) -> str:
 def page_text(page: Path) -> str:
     """The whole page as text (highlighted source comes out token by token in <span>s)."""
     return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", "", page.read_text())))
+
+
+def page_images(page: Path, site: Path) -> list[Path]:
+    """The PNG figures a built page shows (cell outputs are written to site/_images)."""
+    return [site / i for i in re.findall(r'<img[^>]+src="\.\./(_images/[^"]+\.png)"', page.read_text())]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import re
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.docs_html import cell_outputs, page_text
+from tests.docs_html import cell_outputs, page_images, page_text
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 TESTS = Path(__file__).resolve().parent
@@ -77,8 +76,8 @@ def test_roofline_chapter_computes_the_h800_ridge_and_draws_the_figure(site):
     assert f"{ridge_point(h800, 'fp8'):,.0f}" in out and f"{ridge_point(h800, 'bf16'):,.0f}" in out
     assert f"{h800.peak('fp8') / h800.memory_bandwidth:,.0f}" in out  # ridge from the peaks alone
     assert "compute-bound from batch" in out
-    imgs = re.findall(r'<img[^>]+src="\.\./(_images/[^"]+\.png)"', page.read_text())
-    assert imgs and all((site / i).stat().st_size > 10_000 for i in imgs), imgs  # the matplotlib figure
+    imgs = page_images(page, site)
+    assert imgs and all(i.stat().st_size > 10_000 for i in imgs), imgs  # the matplotlib figure
 
 
 def test_gate_chapter_routes_tokens(site):
